@@ -1,1 +1,16 @@
-pub fn _x(){}
+//! microcell's VMM: guest memory, vCPUs, devices and boot on KVM, built on the rust-vmm crates.
+//!
+//! Layout (Firecracker's `src/vmm` is the model): `arch/` (layout, boot protocols, CPU state),
+//! `vstate/` (VM, memory, vCPU threads, lifecycle), `devices/` (one bus, one device trait),
+//! `host` (what this host's KVM can run), `vmm` (config in, running VM out).
+
+pub mod arch;
+pub mod devices;
+pub mod error;
+pub mod host;
+pub mod vmm;
+pub mod vstate;
+
+pub use error::{Error, Result};
+pub use vmm::{Timings, Vm, VmConfig, DEFAULT_CMDLINE};
+pub use vstate::lifecycle::ExitReason;

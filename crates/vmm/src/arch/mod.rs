@@ -1,0 +1,2 @@
+pub mod x86_64;
+pub use self::x86_64::*;

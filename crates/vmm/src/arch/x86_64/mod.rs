@@ -1,0 +1,9 @@
+//! x86_64: memory layout, boot protocols and the architectural state of a fresh vCPU.
+
+pub mod boot;
+pub mod cpuid;
+pub mod interrupts;
+pub mod layout;
+pub mod mptable;
+pub mod msr;
+pub mod regs;

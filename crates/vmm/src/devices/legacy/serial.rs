@@ -1,0 +1,49 @@
+//! The 16550 UART at 0x3f8 (vm-superio), its interrupt delivered through an irqfd.
+
+use std::io::Write;
+
+use vm_superio::Trigger;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::bus::BusDevice;
+
+pub const COM1_PORT: u64 = 0x3f8;
+pub const COM1_PORT_LEN: u64 = 8;
+pub const COM1_IRQ: u32 = 4;
+
+/// Raises a guest interrupt by writing to an eventfd that KVM routes to a GSI.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+pub struct Serial(vm_superio::Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>);
+
+impl Serial {
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+        Serial(vm_superio::Serial::new(IrqTrigger(irq), out))
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let [byte] = data {
+            *byte = self.0.read(offset as u8);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let [byte] = data {
+            // A console that cannot be written (full disk, closed reader) must not stop the guest.
+            if let Err(e) = self.0.write(offset as u8, *byte) {
+                tracing::warn!("serial output dropped: {e:?}");
+            }
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! The VMM's one error type. Each variant has a stable code that crosses the napi boundary.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm ({0}): KVM is not available to this process; load the kvm module, or give this user access to /dev/kvm, or use the 'qemu' engine")]
+    NoKvm(#[source] kvm_ioctls::Error),
+    /// The configuration is not one the VMM can run.
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    #[error("kernel image {path} cannot be read: {source}")]
+    KernelNotFound { path: PathBuf, source: std::io::Error },
+    #[error("kernel image {path} is not a bootable x86_64 ELF (vmlinux) or bzImage: {reason}")]
+    KernelFormat { path: PathBuf, reason: String },
+    #[error("initrd {path} cannot be used: {reason}")]
+    Initrd { path: PathBuf, reason: String },
+    #[error("{0}")]
+    UnsupportedGuest(String),
+    #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
+    Memory { mib: u32, reason: String },
+    /// A KVM ioctl failed while building the VM.
+    #[error("KVM refused {what}: {source}")]
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(std::io::Error),
+}
+
+impl Error {
+    /// Stable, documented code for this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::NoKvm(_) => "E_NO_KVM",
+            Error::Config(_) => "E_CONFIG",
+            Error::KernelNotFound { .. } => "E_KERNEL_NOT_FOUND",
+            Error::KernelFormat { .. } => "E_KERNEL_FORMAT",
+            Error::Initrd { .. } => "E_INITRD",
+            Error::UnsupportedGuest(_) => "E_UNSUPPORTED_GUEST",
+            Error::Memory { .. } => "E_MEMORY",
+            Error::Kvm { .. } => "E_KVM",
+            Error::Thread(_) => "E_THREAD",
+        }
+    }
+
+    pub(crate) fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+        move |source| Error::Kvm { what, source }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

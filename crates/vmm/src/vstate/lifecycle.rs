@@ -1,0 +1,144 @@
+//! How a VM ends: the first exit reason wins, every vCPU thread is kicked out of KVM_RUN
+//! (signal + `immediate_exit`), and waiters wake when the last vCPU thread has stopped.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::Serialize;
+use vmm_sys_util::signal::Killable;
+
+use super::vcpu::kick_signal;
+
+/// Why a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", rename_all = "camelCase")]
+pub enum ExitReason {
+    /// The guest reset the machine (i8042 `0xfe`, Linux `reboot`): a clean end.
+    Reset,
+    /// The host asked it to stop.
+    Stopped,
+    /// The host killed it.
+    Killed,
+    /// The guest or KVM failed; `code` is stable (`E_GUEST_TRIPLE_FAULT`, `E_KVM_INTERNAL_ERROR`, ...).
+    Crashed { code: String, message: String },
+}
+
+impl ExitReason {
+    pub fn crashed(code: &str, message: impl Into<String>) -> Self {
+        ExitReason::Crashed { code: code.to_owned(), message: message.into() }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    reason: Option<ExitReason>,
+    running_vcpus: usize,
+    threads: Vec<JoinHandle<()>>,
+}
+
+pub struct Lifecycle {
+    state: Mutex<State>,
+    ended: Condvar,
+    exit_requested: AtomicBool,
+    first_exit_ns: AtomicU64,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock Node's `process.hrtime` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Lifecycle {
+    /// A lifecycle for `vcpus` vCPU threads, each of which must call `vcpu_stopped` once
+    /// (the starter calls it for threads it failed to spawn).
+    pub fn new(vcpus: usize) -> Self {
+        Lifecycle {
+            state: Mutex::new(State { running_vcpus: vcpus, ..State::default() }),
+            ended: Condvar::new(),
+            exit_requested: AtomicBool::new(false),
+            first_exit_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps the handle of a running vCPU thread so that `request_exit` can kick it.
+    pub fn add_vcpu_thread(&self, handle: JoinHandle<()>) {
+        let mut st = self.lock();
+        if self.exit_requested() {
+            let _ = handle.kill(kick_signal());
+        }
+        st.threads.push(handle);
+    }
+
+    pub fn exit_requested(&self) -> bool {
+        self.exit_requested.load(Ordering::SeqCst)
+    }
+
+    /// Ends the VM with `reason` unless it already has one; kicks every vCPU.
+    pub fn request_exit(&self, reason: ExitReason) {
+        let st = &mut *self.lock();
+        if st.reason.is_none() {
+            tracing::debug!(?reason, "VM exit requested");
+            st.reason = Some(reason);
+        }
+        self.exit_requested.store(true, Ordering::SeqCst);
+        for t in &st.threads {
+            // A thread that already returned ignores the signal; its handle is still valid.
+            let _ = t.kill(kick_signal());
+        }
+    }
+
+    pub fn vcpu_stopped(&self) {
+        let mut st = self.lock();
+        st.running_vcpus -= 1;
+        if st.running_vcpus == 0 {
+            // Every vCPU gone without a reason can only mean the VM ended with them.
+            st.reason.get_or_insert(ExitReason::Stopped);
+            self.ended.notify_all();
+        }
+    }
+
+    /// Blocks until every vCPU thread has stopped.
+    pub fn wait(&self) -> ExitReason {
+        let mut st = self.lock();
+        while st.running_vcpus > 0 || st.reason.is_none() {
+            st = self.ended.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.reason.clone().expect("loop exits only with a reason")
+    }
+
+    /// Like `wait`, but gives up after `timeout`.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitReason> {
+        let st = self.lock();
+        let (st, _) = self
+            .ended
+            .wait_timeout_while(st, timeout, |st| st.running_vcpus > 0 || st.reason.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        if st.running_vcpus == 0 { st.reason.clone() } else { None }
+    }
+
+    /// The reason, once the VM has fully ended.
+    pub fn try_exit(&self) -> Option<ExitReason> {
+        let st = self.lock();
+        if st.running_vcpus == 0 { st.reason.clone() } else { None }
+    }
+
+    /// Records the time of the guest's first I/O exit (its first port or MMIO access).
+    pub fn note_io_exit(&self) {
+        if self.first_exit_ns.load(Ordering::Relaxed) == 0 {
+            let _ = self.first_exit_ns.compare_exchange(0, monotonic_ns(), Ordering::SeqCst, Ordering::Relaxed);
+        }
+    }
+
+    pub fn first_exit_ns(&self) -> Option<u64> {
+        Some(self.first_exit_ns.load(Ordering::SeqCst)).filter(|t| *t != 0)
+    }
+}

@@ -1,0 +1,6 @@
+//! KVM state: the VM, its memory, its vCPUs.
+
+pub mod lifecycle;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

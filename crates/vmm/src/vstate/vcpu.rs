@@ -1,0 +1,178 @@
+//! One vCPU: its architectural set-up and the thread that runs `KVM_RUN`.
+//!
+//! Kicking: `Lifecycle::request_exit` sends `kick_signal()` to the thread; the handler sets
+//! `immediate_exit` in this thread's `kvm_run`, so a signal that lands just before `KVM_RUN`
+//! still makes it return at once (the loop then sees the exit request).
+
+use std::cell::Cell;
+use std::sync::{Arc, Once};
+
+use kvm_bindings::{kvm_run, CpuId};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use super::lifecycle::{ExitReason, Lifecycle};
+use crate::arch::{cpuid, interrupts, msr, regs};
+use crate::devices::Bus;
+use crate::error::{Error, Result};
+
+/// Offset of our kick signal above SIGRTMIN (glibc reserves none of these for itself).
+const KICK_SIGNAL_OFFSET: i32 = 2;
+
+pub fn kick_signal() -> i32 {
+    SIGRTMIN() + KICK_SIGNAL_OFFSET
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, while it runs a vCPU.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's kvm_run mapping, set by `run_loop` while it owns
+        // the VcpuFd and cleared before the VcpuFd is dropped; a volatile byte store is
+        // async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+fn install_kick_handler() -> Result<()> {
+    static INSTALL: Once = Once::new();
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        result = register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| Error::Thread(std::io::Error::from_raw_os_error(e.errno())));
+    });
+    result
+}
+
+/// Devices and memory the vCPU threads share while the VM runs.
+pub struct RunContext {
+    pub pio_bus: Bus,
+    pub mmio_bus: Bus,
+    pub lifecycle: Arc<Lifecycle>,
+    /// Keeps guest memory (and whatever else the VM owns) alive while any vCPU runs.
+    pub keep_alive: Box<dyn Send + Sync>,
+}
+
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` of `count` with its CPUID, MSRs, FPU and LAPIC LINTs set.
+    pub fn new(vm: &VmFd, index: u8, count: u8, supported_cpuid: &CpuId) -> Result<Vcpu> {
+        install_kick_handler()?;
+        let fd = vm.create_vcpu(u64::from(index)).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+        let mut cpuid = supported_cpuid.clone();
+        cpuid::filter(&mut cpuid, index, count);
+        fd.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
+        msr::setup_msrs(&fd)?;
+        regs::setup_fpu(&fd)?;
+        interrupts::set_lint(&fd)?;
+        Ok(Vcpu { index, fd })
+    }
+
+    /// Puts the boot vCPU at the kernel's entry point.
+    pub fn configure_boot(&self, mem: &GuestMemoryMmap, mode: regs::EntryMode) -> Result<()> {
+        regs::setup_sregs(&self.fd, mem, mode)?;
+        regs::setup_regs(&self.fd, mode)
+    }
+
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Runs until the VM ends. Always reports to the lifecycle, whatever happens.
+    pub fn run_loop(mut self, ctx: Arc<RunContext>) {
+        KVM_RUN.with(|p| p.set(self.fd.get_kvm_run()));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_until_exit(&ctx)));
+        KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+        match outcome {
+            Ok(Some(reason)) => ctx.lifecycle.request_exit(reason),
+            Ok(None) => {}
+            Err(_) => ctx.lifecycle.request_exit(ExitReason::crashed(
+                "E_VMM_PANIC",
+                format!("vCPU {} thread panicked; the VM was stopped", self.index),
+            )),
+        }
+        ctx.lifecycle.vcpu_stopped();
+    }
+
+    /// Returns the reason this vCPU ends the VM, or None when something else ended it.
+    fn run_until_exit(&mut self, ctx: &RunContext) -> Option<ExitReason> {
+        let index = self.index;
+        loop {
+            if ctx.lifecycle.exit_requested() {
+                return None;
+            }
+            let exit = match self.fd.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    continue;
+                }
+                Err(e) => return Some(ExitReason::crashed("E_KVM", format!("KVM_RUN failed on vCPU {index}: {e}"))),
+            };
+            match exit {
+                VcpuExit::IoOut(port, data) => {
+                    ctx.lifecycle.note_io_exit();
+                    ctx.pio_bus.write(u64::from(port), data);
+                }
+                VcpuExit::IoIn(port, data) => {
+                    ctx.lifecycle.note_io_exit();
+                    ctx.pio_bus.read(u64::from(port), data);
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    ctx.lifecycle.note_io_exit();
+                    ctx.mmio_bus.write(addr, data);
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    ctx.lifecycle.note_io_exit();
+                    ctx.mmio_bus.read(addr, data);
+                }
+                VcpuExit::Intr => {}
+                VcpuExit::Shutdown => {
+                    let rip = self.fd.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "?".into());
+                    return Some(ExitReason::crashed(
+                        "E_GUEST_TRIPLE_FAULT",
+                        format!("the guest triple-faulted on vCPU {index} (rip {rip}): it hit an exception it could not handle"),
+                    ));
+                }
+                VcpuExit::SystemEvent(kind, _) => {
+                    return Some(match kind {
+                        kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
+                        kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::Reset,
+                        other => ExitReason::crashed(
+                            "E_GUEST_CRASHED",
+                            format!("the guest reported system event {other} (crash) on vCPU {index}"),
+                        ),
+                    });
+                }
+                VcpuExit::FailEntry(reason, cpu) => {
+                    return Some(ExitReason::crashed(
+                        "E_KVM_FAIL_ENTRY",
+                        format!("KVM could not enter the guest on vCPU {index} (hardware reason {reason:#x}, cpu {cpu})"),
+                    ));
+                }
+                VcpuExit::InternalError => {
+                    let rip = self.fd.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "?".into());
+                    return Some(ExitReason::crashed(
+                        "E_KVM_INTERNAL_ERROR",
+                        format!("KVM hit an internal error emulating the guest on vCPU {index} (rip {rip}); on PVM hosts this is where a stock Linux kernel stops (see hostInfo())"),
+                    ));
+                }
+                other => {
+                    return Some(ExitReason::crashed(
+                        "E_UNKNOWN_EXIT",
+                        format!("unexpected KVM exit on vCPU {index}: {other:?}"),
+                    ));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! The KVM VM: memory slots first, then TSS, in-kernel irqchip and PIT (HOST.md: registering
+//! memory after the irqchip exists costs ~7.6 ms per 256 MiB slot on PVM hosts).
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::arch::layout::KVM_TSS_ADDR;
+use crate::error::{Error, Result};
+
+pub struct Vm {
+    fd: VmFd,
+}
+
+impl Vm {
+    pub fn new(kvm: &Kvm, memory: &GuestMemoryMmap) -> Result<Vm> {
+        let fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+        for (slot, region) in memory.iter().enumerate() {
+            let host = memory
+                .get_host_address(region.start_addr())
+                .map_err(|e| Error::Memory { mib: 0, reason: e.to_string() })?;
+            let mem_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping of `memory_size` bytes owned by the
+            // GuestMemoryMmap, which `VmResources` keeps alive (and drops after this VmFd).
+            unsafe { fd.set_user_memory_region(mem_region) }.map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        fd.set_tss_address(KVM_TSS_ADDR as usize).map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip().map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        fd.create_pit2(pit).map_err(Error::kvm("KVM_CREATE_PIT2"))?;
+        Ok(Vm { fd })
+    }
+
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+}
