@@ -1,0 +1,458 @@
+//! The messages of the control channel and their kinds.
+//!
+//! Every frame carries an `id`: the request or stream it belongs to. The host picks ids for
+//! its requests (`0` is reserved for the handshake); everything the guest sends about a
+//! request (a response, output chunks, the exit) carries the request's id.
+//!
+//! | kind | message | direction | answer |
+//! |---|---|---|---|
+//! | `0x0001` | [`Hello`] | host → guest | [`Ready`] or [`ErrorMsg`] |
+//! | `0x0002` | [`Ready`] | guest → host | |
+//! | `0x0003` | `Ping(u64)` | host → guest | `Pong` with the same nonce |
+//! | `0x0004` | `Pong(u64)` | guest → host | |
+//! | `0x0005` | [`ErrorMsg`] | both | the request with this id failed |
+//! | `0x0006` | `Ok` | guest → host | the request with this id succeeded |
+//! | `0x0007` | `Poweroff` | host → guest | `Ok`, then the VM ends |
+//! | `0x0100` | [`Exec`] | host → guest | [`Started`] or [`ErrorMsg`], later [`Exit`] |
+//! | `0x0101` | [`Started`] | guest → host | |
+//! | `0x0102` | `Stdin(Chunk)` | host → guest | |
+//! | `0x0103` | `Stdout(Chunk)` | guest → host | |
+//! | `0x0104` | `Stderr(Chunk)` | guest → host | |
+//! | `0x0105` | `CloseStdin` | host → guest | |
+//! | `0x0106` | [`Exit`] | guest → host | last frame of the exec |
+//! | `0x0107` | [`Signal`] | host → guest | |
+//! | `0x0108` | [`Credit`] | both | |
+//! | `0x0109` | [`Resize`] | host → guest | |
+//! | `0x0200` | [`ReadFile`] | host → guest | `FileData` chunks (last one `FLAG_FINAL`) or [`ErrorMsg`] |
+//! | `0x0201` | [`WriteFile`] | host → guest | host then sends `FileData` chunks (last `FLAG_FINAL`); `Ok` |
+//! | `0x0202` | [`Stat`] | host → guest | [`StatResult`] |
+//! | `0x0203` | [`ReadDir`] | host → guest | [`DirEntries`] |
+//! | `0x0204` | [`Mkdir`] | host → guest | `Ok` |
+//! | `0x0205` | [`Remove`] | host → guest | `Ok` |
+//! | `0x0206` | [`Rename`] | host → guest | `Ok` |
+//! | `0x0210` | `FileData(Chunk)` | both | |
+//! | `0x0211` | [`StatResult`] | guest → host | |
+//! | `0x0212` | [`DirEntries`] | guest → host | |
+//!
+//! Flow control: output streams (`Stdout`, `Stderr`, `FileData` from the guest) are sent
+//! only within the window the receiver granted: [`Exec::window`] bytes to start with, plus
+//! every [`Credit`] since. The exec and fs messages are defined here so that both sides
+//! agree on them; what the agent implements is listed in `docs/guest.md`.
+
+use crate::wire::{Chunk, Reader, Wire, WireResult};
+use crate::wire_struct;
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The oldest version this crate still speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// host → guest, id 0: the first frame on a fresh channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// The newest protocol version the host speaks.
+    pub version: u16,
+    /// The oldest protocol version the host speaks.
+    pub min_version: u16,
+    /// Who is talking, e.g. `microcell-sandbox 0.1.0`.
+    pub client: String,
+    /// The host's wall clock (ns since the Unix epoch); the guest sets its clock from it
+    /// (microVMs have no RTC). `0`: leave the clock alone.
+    pub realtime_ns: u64,
+}
+wire_struct!(Hello { version, min_version, client, realtime_ns });
+
+/// guest → host, id 0: the answer to [`Hello`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ready {
+    /// The version both sides will speak from now on.
+    pub version: u16,
+    /// e.g. `microcell-agent 0.1.0`.
+    pub agent: String,
+    /// `uname -r` of the guest.
+    pub kernel_release: String,
+    pub hostname: String,
+    /// CLOCK_BOOTTIME when the agent answered (ns since the guest kernel started).
+    pub boot_ns: u64,
+    /// CLOCK_BOOTTIME when the agent (PID 1) started.
+    pub agent_start_ns: u64,
+    /// Capability bits, see [`features`].
+    pub features: u64,
+}
+wire_struct!(Ready { version, agent, kernel_release, hostname, boot_ns, agent_start_ns, features });
+
+/// Bits of [`Ready::features`].
+pub mod features {
+    /// The agent runs as PID 1 of a VM (not a test process on a host).
+    pub const INIT: u64 = 1 << 0;
+    /// `Exec` and its streams are implemented.
+    pub const EXEC: u64 = 1 << 1;
+    /// The fs messages are implemented.
+    pub const FS: u64 = 1 << 2;
+}
+
+/// An error answer to the request with the frame's id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErrorMsg {
+    /// One of [`ErrorCode`]'s constants (kept as a number: a newer peer may send others).
+    pub code: ErrorCode,
+    /// The OS error number behind it, `0` if none.
+    pub errno: i32,
+    pub message: String,
+}
+wire_struct!(ErrorMsg { code, errno, message });
+
+/// Error codes of [`ErrorMsg`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ErrorCode(pub u16);
+
+impl ErrorCode {
+    /// The frame's kind is not one the receiver knows.
+    pub const UNKNOWN_KIND: ErrorCode = ErrorCode(1);
+    /// The frame's payload did not decode.
+    pub const MALFORMED: ErrorCode = ErrorCode(2);
+    /// Known, but not implemented by this agent.
+    pub const UNSUPPORTED: ErrorCode = ErrorCode(3);
+    /// No protocol version in common.
+    pub const VERSION: ErrorCode = ErrorCode(4);
+    /// An OS call failed (`errno` says which error).
+    pub const IO: ErrorCode = ErrorCode(5);
+    /// The request does not fit the state (e.g. no handshake yet, unknown stream id).
+    pub const BAD_STATE: ErrorCode = ErrorCode(6);
+    /// Something is larger than the receiver allows.
+    pub const TOO_LARGE: ErrorCode = ErrorCode(7);
+    /// A bug on the receiving side.
+    pub const INTERNAL: ErrorCode = ErrorCode(8);
+}
+
+impl Wire for ErrorCode {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.0.put(out)
+    }
+    fn get(r: &mut Reader<'_>) -> WireResult<Self> {
+        u16::get(r).map(ErrorCode)
+    }
+}
+
+/// Terminal size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
+}
+wire_struct!(TtySize { rows, cols });
+
+/// host → guest: run a process. The frame id names it for all later frames.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exec {
+    /// `argv[0]` is looked up in `PATH` when it has no `/`.
+    pub argv: Vec<String>,
+    /// Added to (or, with `clear_env`, replacing) the agent's environment.
+    pub env: Vec<(String, String)>,
+    pub clear_env: bool,
+    pub cwd: Option<String>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Run on a new pseudo-terminal of this size (stdout and stderr merge into `Stdout`).
+    pub tty: Option<TtySize>,
+    /// `false`: stdin is `/dev/null`.
+    pub stdin: bool,
+    /// Bytes of output the host accepts before its first [`Credit`], per output stream.
+    pub window: u32,
+}
+wire_struct!(Exec { argv, env, clear_env, cwd, uid, gid, tty, stdin, window });
+
+/// guest → host: the process of [`Exec`] runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Started {
+    pub pid: u32,
+}
+wire_struct!(Started { pid });
+
+/// guest → host: the process ended (after all its output frames).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exit {
+    /// Exit code, when it exited.
+    pub code: Option<i32>,
+    /// Signal number, when a signal killed it.
+    pub signal: Option<i32>,
+    /// CLOCK_MONOTONIC time from spawn to exit.
+    pub duration_ns: u64,
+}
+wire_struct!(Exit { code, signal, duration_ns });
+
+/// host → guest: send a signal to the process (group) of an exec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Signal {
+    pub signal: i32,
+    /// Signal the whole process group, not only the process.
+    pub group: bool,
+}
+wire_struct!(Signal { signal, group });
+
+/// Which stream of a request a [`Credit`] is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamKind {
+    Stdin,
+    Stdout,
+    Stderr,
+    File,
+}
+
+impl Wire for StreamKind {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.push(match self {
+            StreamKind::Stdin => 0,
+            StreamKind::Stdout => 1,
+            StreamKind::Stderr => 2,
+            StreamKind::File => 3,
+        })
+    }
+    fn get(r: &mut Reader<'_>) -> WireResult<Self> {
+        Ok(match r.byte()? {
+            0 => StreamKind::Stdin,
+            1 => StreamKind::Stdout,
+            2 => StreamKind::Stderr,
+            3 => StreamKind::File,
+            _ => return Err("unknown stream kind"),
+        })
+    }
+}
+
+/// The receiver of a stream grants the sender `bytes` more of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credit {
+    pub stream: StreamKind,
+    pub bytes: u32,
+}
+wire_struct!(Credit { stream, bytes });
+
+/// host → guest: the terminal of a tty exec changed size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resize {
+    pub size: TtySize,
+}
+wire_struct!(Resize { size });
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadFile {
+    pub path: String,
+    pub offset: u64,
+    /// At most this many bytes; `None`: to the end.
+    pub len: Option<u64>,
+    /// Bytes the host accepts before its first [`Credit`].
+    pub window: u32,
+}
+wire_struct!(ReadFile { path, offset, len, window });
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteFile {
+    pub path: String,
+    /// Permission bits for a new file.
+    pub mode: u32,
+    pub append: bool,
+    /// Create missing parent directories.
+    pub parents: bool,
+}
+wire_struct!(WriteFile { path, mode, append, parents });
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stat {
+    pub path: String,
+    /// Follow a final symlink.
+    pub follow: bool,
+}
+wire_struct!(Stat { path, follow });
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileType {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+impl Wire for FileType {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.push(match self {
+            FileType::File => 0,
+            FileType::Dir => 1,
+            FileType::Symlink => 2,
+            FileType::Other => 3,
+        })
+    }
+    fn get(r: &mut Reader<'_>) -> WireResult<Self> {
+        Ok(match r.byte()? {
+            0 => FileType::File,
+            1 => FileType::Dir,
+            2 => FileType::Symlink,
+            3 => FileType::Other,
+            _ => return Err("unknown file type"),
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatResult {
+    pub file_type: FileType,
+    pub size: u64,
+    /// `st_mode` (type and permission bits).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Modification time, ns since the Unix epoch.
+    pub mtime_ns: i64,
+}
+wire_struct!(StatResult { file_type, size, mode, uid, gid, mtime_ns });
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadDir {
+    pub path: String,
+}
+wire_struct!(ReadDir { path });
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: String,
+    pub file_type: FileType,
+}
+wire_struct!(DirEntry { name, file_type });
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntries {
+    pub entries: Vec<DirEntry>,
+}
+wire_struct!(DirEntries { entries });
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mkdir {
+    pub path: String,
+    pub mode: u32,
+    pub parents: bool,
+}
+wire_struct!(Mkdir { path, mode, parents });
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Remove {
+    pub path: String,
+    pub recursive: bool,
+}
+wire_struct!(Remove { path, recursive });
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rename {
+    pub from: String,
+    pub to: String,
+}
+wire_struct!(Rename { from, to });
+
+/// Why a payload did not become a [`Message`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MessageError {
+    UnknownKind(u16),
+    Malformed(&'static str),
+}
+
+macro_rules! messages {
+    ($( $kind:literal $konst:ident => $variant:ident($ty:ty) ),* $(,)?) => {
+        /// A decoded frame payload.
+        #[derive(Clone, Debug, PartialEq, Eq)]
+        pub enum Message {
+            $( $variant($ty), )*
+        }
+
+        /// The `kind` field of each message.
+        pub mod kind {
+            $( pub const $konst: u16 = $kind; )*
+            /// Every kind this crate knows.
+            pub const ALL: &[u16] = &[$($kind),*];
+        }
+
+        impl Message {
+            pub fn kind(&self) -> u16 {
+                match self {
+                    $( Message::$variant(_) => $kind, )*
+                }
+            }
+
+            /// A short name for logs.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $( Message::$variant(_) => stringify!($variant), )*
+                }
+            }
+
+            /// Appends the payload (not the header) to `out`.
+            pub fn encode_payload(&self, out: &mut Vec<u8>) {
+                match self {
+                    $( Message::$variant(m) => m.put(out), )*
+                }
+            }
+
+            /// Decodes the payload of a frame of kind `kind`; the payload must be consumed
+            /// exactly.
+            pub fn decode(kind: u16, payload: &[u8]) -> Result<Message, MessageError> {
+                let mut r = Reader::new(payload);
+                let msg = match kind {
+                    $( $kind => Message::$variant(<$ty>::get(&mut r).map_err(MessageError::Malformed)?), )*
+                    _ => return Err(MessageError::UnknownKind(kind)),
+                };
+                r.finish().map_err(MessageError::Malformed)?;
+                Ok(msg)
+            }
+        }
+    };
+}
+
+messages! {
+    0x0001 HELLO => Hello(Hello),
+    0x0002 READY => Ready(Ready),
+    0x0003 PING => Ping(u64),
+    0x0004 PONG => Pong(u64),
+    0x0005 ERROR => Error(ErrorMsg),
+    0x0006 OK => Ok(()),
+    0x0007 POWEROFF => Poweroff(()),
+    0x0100 EXEC => Exec(Exec),
+    0x0101 STARTED => Started(Started),
+    0x0102 STDIN => Stdin(Chunk),
+    0x0103 STDOUT => Stdout(Chunk),
+    0x0104 STDERR => Stderr(Chunk),
+    0x0105 CLOSE_STDIN => CloseStdin(()),
+    0x0106 EXIT => Exit(Exit),
+    0x0107 SIGNAL => Signal(Signal),
+    0x0108 CREDIT => Credit(Credit),
+    0x0109 RESIZE => Resize(Resize),
+    0x0200 READ_FILE => ReadFile(ReadFile),
+    0x0201 WRITE_FILE => WriteFile(WriteFile),
+    0x0202 STAT => Stat(Stat),
+    0x0203 READ_DIR => ReadDir(ReadDir),
+    0x0204 MKDIR => Mkdir(Mkdir),
+    0x0205 REMOVE => Remove(Remove),
+    0x0206 RENAME => Rename(Rename),
+    0x0210 FILE_DATA => FileData(Chunk),
+    0x0211 STAT_RESULT => StatResult(StatResult),
+    0x0212 DIR_ENTRIES => DirEntries(DirEntries),
+}
+
+impl Message {
+    /// An error answer.
+    pub fn error(code: ErrorCode, errno: i32, message: impl Into<String>) -> Message {
+        Message::Error(ErrorMsg { code, errno, message: message.into() })
+    }
+}
+
+/// The version to speak with a peer that sent `hello`, or why there is none.
+pub fn negotiate(hello: &Hello) -> Result<u16, ErrorMsg> {
+    let version = hello.version.min(PROTOCOL_VERSION);
+    if hello.min_version > hello.version || version < hello.min_version.max(MIN_PROTOCOL_VERSION) {
+        return Err(ErrorMsg {
+            code: ErrorCode::VERSION,
+            errno: 0,
+            message: format!(
+                "no common protocol version: host speaks {}..={}, agent speaks {}..={}",
+                hello.min_version, hello.version, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
+            ),
+        });
+    }
+    Ok(version)
+}
