@@ -14,6 +14,7 @@ fn main() {
         initrd: None,
         cmdline: args.get(4).cloned().unwrap_or_else(|| vmm::DEFAULT_CMDLINE.into()),
         allow_unsupported_host: std::env::var_os("MICROCELL_ALLOW_UNSUPPORTED").is_some(),
+        ..Default::default()
     };
     let vm = match vmm::Vm::start(&config, Box::new(std::io::stdout())) {
         Ok(vm) => vm,

@@ -5,12 +5,14 @@
 //! `host` (what this host's KVM can run), `vmm` (config in, running VM out).
 
 pub mod arch;
+pub mod device_manager;
 pub mod devices;
 pub mod error;
+pub mod event_loop;
 pub mod host;
 pub mod vmm;
 pub mod vstate;
 
 pub use error::{Error, Result};
-pub use vmm::{Timings, Vm, VmConfig, DEFAULT_CMDLINE};
+pub use vmm::{BlockDeviceConfig, Timings, Vm, VmConfig, CONTROL_PORT_NAME, DEFAULT_CMDLINE};
 pub use vstate::lifecycle::ExitReason;

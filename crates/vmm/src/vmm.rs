@@ -1,8 +1,10 @@
 //! The public face of the VMM: a config in, a running VM out.
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
@@ -13,7 +15,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::boot::{self, KernelKind};
 use crate::arch::mptable;
+use crate::device_manager::DeviceManager;
 use crate::devices::legacy::{i8042, serial, I8042, Serial};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::console::Console;
+use crate::event_loop::{EventLoop, EventLoopHandle};
 use crate::devices::Bus;
 use crate::error::{Error, Result};
 use crate::host;
@@ -25,18 +31,35 @@ use crate::vstate::{memory, vm};
 pub const DEFAULT_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
+/// The virtio-console port the guest agent looks for.
+pub const CONTROL_PORT_NAME: &str = "agent";
+
 /// Smallest guest the boot layout fits in (boot structures, kernel at 1 MiB, initrd).
 pub const MIN_MEMORY_MIB: u32 = 2;
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// A raw disk image the guest sees as `/dev/vda`, `/dev/vdb`, ... in this order.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BlockDeviceConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VmConfig {
     pub vcpus: u8,
     pub memory_mib: u32,
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
-    /// Used exactly as given.
+    /// Used as given, followed by one `virtio_mmio.device=` entry per virtio device.
     pub cmdline: String,
+    #[serde(default)]
+    pub block_devices: Vec<BlockDeviceConfig>,
+    /// Adds a virtio-console port named `agent`: the host end is `Vm::take_channel()`.
+    #[serde(default)]
+    pub control_channel: bool,
     /// Boot a Linux kernel even where `host::detect()` says it cannot run (to study how far it gets).
     #[serde(default)]
     pub allow_unsupported_host: bool,
@@ -69,14 +92,16 @@ pub struct Timings {
 /// Everything the VM owns; dropped on the last vCPU thread, off the caller's thread, because
 /// closing a VM with an irqchip sleeps in the kernel for 16-23 ms (HOST.md).
 struct VmResources {
-    // Field order is drop order: the VM goes before the memory its slots point at.
+    // Field order is drop order: the VM goes before the devices and the memory they use.
     _vm: vm::Vm,
+    _event_loop: EventLoopHandle,
     _memory: GuestMemoryMmap,
 }
 
 /// A running (or ended) VM. Dropping it kills the VM.
 pub struct Vm {
     lifecycle: Arc<Lifecycle>,
+    channel: Mutex<Option<UnixStream>>,
     start_ns: u64,
     running_ns: u64,
 }
@@ -134,13 +159,40 @@ impl Vm {
         pio_bus.insert(Arc::new(std::sync::Mutex::new(serial)), serial::COM1_PORT, serial::COM1_PORT_LEN).ok();
         pio_bus.insert(Arc::new(std::sync::Mutex::new(i8042)), i8042::I8042_PORT, i8042::I8042_PORT_LEN).ok();
 
+        let mut mmio_bus = Bus::default();
+        let mut event_loop = EventLoop::new().map_err(Error::Thread)?;
+        let mut devices = DeviceManager::default();
+        for (i, disk) in config.block_devices.iter().enumerate() {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(!disk.read_only)
+                .open(&disk.path)
+                .map_err(|e| Error::Config(format!("disk image {} cannot be opened: {e}", disk.path.display())))?;
+            let block = Block::new(file, disk.read_only, &format!("microcell-vd{i}")).map_err(Error::Thread)?;
+            devices.attach(vm.fd(), &memory, &mut mmio_bus, &mut event_loop, Box::new(block), None)?;
+        }
+        let channel = if config.control_channel {
+            let (host_end, device_end) = UnixStream::pair().map_err(Error::Thread)?;
+            let fd = device_end.as_raw_fd();
+            let console = Console::new(CONTROL_PORT_NAME, device_end, event_loop.interest(fd)).map_err(Error::Thread)?;
+            devices.attach(vm.fd(), &memory, &mut mmio_bus, &mut event_loop, Box::new(console), Some(fd))?;
+            Some(host_end)
+        } else {
+            None
+        };
+        let cmdline = std::iter::once(config.cmdline.as_str())
+            .chain(devices.cmdline_entries.iter().map(String::as_str))
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+
         let kernel = boot::load_kernel(&memory, &config.kernel)?;
         let initrd = match &config.initrd {
             Some(path) => Some(boot::load_initrd(&memory, mem_bytes, kernel.kernel_end, path)?),
             None => None,
         };
-        boot::write_cmdline(&memory, &config.cmdline)?;
-        boot::write_boot_info(&memory, mem_bytes, &kernel, &config.cmdline, initrd)?;
+        boot::write_cmdline(&memory, &cmdline)?;
+        boot::write_boot_info(&memory, mem_bytes, &kernel, &cmdline, initrd)?;
         mptable::write(&memory, config.vcpus)?;
 
         let cpuid = supported_cpuid(kvm)?;
@@ -149,11 +201,12 @@ impl Vm {
             .collect::<Result<Vec<_>>>()?;
         vcpus[0].configure_boot(&memory, kernel.entry)?;
 
+        let event_loop = event_loop.spawn("mc-events".into()).map_err(Error::Thread)?;
         let ctx = Arc::new(RunContext {
             pio_bus,
-            mmio_bus: Bus::default(),
+            mmio_bus,
             lifecycle: lifecycle.clone(),
-            keep_alive: Box::new(VmResources { _vm: vm, _memory: memory }),
+            keep_alive: Box::new(VmResources { _vm: vm, _event_loop: event_loop, _memory: memory }),
         });
         let total = vcpus.len();
         for (spawned, vcpu) in vcpus.into_iter().enumerate() {
@@ -171,7 +224,7 @@ impl Vm {
                 }
             }
         }
-        Ok(Vm { lifecycle, start_ns, running_ns: monotonic_ns() })
+        Ok(Vm { lifecycle, channel: Mutex::new(channel), start_ns, running_ns: monotonic_ns() })
     }
 
     /// Blocks until the VM has ended.
@@ -195,6 +248,11 @@ impl Vm {
     /// Ends the VM at once; `wait` then reports `Killed` (unless it had already ended).
     pub fn kill(&self) {
         self.lifecycle.request_exit(ExitReason::Killed);
+    }
+
+    /// The host end of the control channel (once; later calls return None).
+    pub fn take_channel(&self) -> Option<UnixStream> {
+        self.channel.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     pub fn timings(&self) -> Timings {

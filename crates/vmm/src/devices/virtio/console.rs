@@ -1,0 +1,443 @@
+//! virtio-console with MULTIPORT and one named port: the host⇄guest byte stream (control
+//! channel). The guest sees `/dev/vport0p0` with `/sys/class/virtio-ports/vport0p0/name`
+//! = the port name; the host end is a Unix stream socket.
+//!
+//! Flow control both ways, nothing buffered on the host: bytes move straight between the
+//! socket and guest buffers; with no guest receive buffers the socket is not read, and a
+//! socket that would block keeps the guest's transmit chain pending.
+
+use std::collections::VecDeque;
+use std::io::ErrorKind;
+use std::os::unix::net::UnixStream;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use super::{read_config_bytes, Activation, Interrupt, VirtioDevice, INT_USED_RING, TYPE_CONSOLE};
+use crate::event_loop::Interest;
+
+const F_MULTIPORT: u64 = 1 << 1;
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+const CTRL_RX: usize = 2;
+const CTRL_TX: usize = 3;
+
+// Control events (spec §5.3.6.2).
+const DEVICE_READY: u16 = 0;
+const DEVICE_ADD: u16 = 1;
+const PORT_READY: u16 = 3;
+const PORT_OPEN: u16 = 6;
+const PORT_NAME: u16 = 7;
+
+const PORT_ID: u32 = 0;
+
+fn control(id: u32, event: u16, value: u16, extra: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(8 + extra.len());
+    m.extend_from_slice(&id.to_le_bytes());
+    m.extend_from_slice(&event.to_le_bytes());
+    m.extend_from_slice(&value.to_le_bytes());
+    m.extend_from_slice(extra);
+    m
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    interrupt: Interrupt,
+}
+
+/// A guest transmit chain not yet fully written to the host socket.
+struct PendingTx {
+    head: u16,
+    segments: VecDeque<(u64, usize)>,
+}
+
+pub struct Console {
+    port_name: String,
+    host: UnixStream,
+    interest: Interest,
+    active: Option<Active>,
+    pending_control: VecDeque<Vec<u8>>,
+    pending_tx: Option<PendingTx>,
+    host_closed: bool,
+    config: [u8; 12],
+}
+
+impl Console {
+    /// `host` is the device's end of the byte stream; `interest` its registration with the
+    /// event loop (the device switches reading on and off).
+    pub fn new(port_name: &str, host: UnixStream, interest: Interest) -> std::io::Result<Self> {
+        host.set_nonblocking(true)?;
+        let mut config = [0u8; 12];
+        config[4..8].copy_from_slice(&1u32.to_le_bytes()); // max_nr_ports
+        Ok(Console {
+            port_name: port_name.to_owned(),
+            host,
+            interest,
+            active: None,
+            pending_control: VecDeque::new(),
+            pending_tx: None,
+            host_closed: false,
+            config,
+        })
+    }
+
+    fn update_interest(&self) {
+        let mut events = EventSet::empty();
+        let can_receive = self.active.is_some() && !self.host_closed;
+        if can_receive {
+            events |= EventSet::IN | EventSet::READ_HANG_UP;
+        }
+        if self.pending_tx.is_some() {
+            events |= EventSet::OUT;
+        }
+        self.interest.set(events);
+    }
+
+    fn notify(a: &mut Active, index: usize) {
+        if a.queues[index].needs_notification(&a.mem).unwrap_or(true) {
+            a.interrupt.signal(INT_USED_RING);
+        }
+    }
+
+    /// Moves socket bytes into guest receive buffers until one side runs dry.
+    fn host_to_guest(&mut self) {
+        let Some(a) = self.active.as_mut() else { return };
+        let mut used = false;
+        let mut guest_has_room = true;
+        while !self.host_closed {
+            let Some(chain) = a.queues[RX].pop_descriptor_chain(&a.mem) else {
+                guest_has_room = false;
+                break;
+            };
+            let head = chain.head_index();
+            let mut written = 0usize;
+            let mut would_block = false;
+            for desc in chain.filter(|d| d.is_write_only()) {
+                match a.mem.read_volatile_from(desc.addr(), &mut self.host, desc.len() as usize) {
+                    Ok(0) if desc.len() > 0 => {
+                        self.host_closed = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        written += n;
+                        if n < desc.len() as usize {
+                            break; // socket drained for now; hand over what we have
+                        }
+                    }
+                    Err(vm_memory::GuestMemoryError::IOError(e)) if e.kind() == ErrorKind::WouldBlock => {
+                        would_block = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!("virtio-console: receive into guest buffer failed: {e}");
+                        break;
+                    }
+                }
+            }
+            if written == 0 {
+                // Nothing arrived: give the buffer back for next time.
+                a.queues[RX].go_to_previous_position();
+                break;
+            }
+            if a.queues[RX].add_used(&a.mem, head, written as u32).is_err() {
+                break;
+            }
+            used = true;
+            if would_block {
+                break;
+            }
+        }
+        if used {
+            Self::notify(a, RX);
+        }
+        // No guest buffers: stop reading the socket until the guest posts some.
+        let can_receive = guest_has_room && !self.host_closed;
+        let mut events = if can_receive { EventSet::IN | EventSet::READ_HANG_UP } else { EventSet::empty() };
+        if self.pending_tx.is_some() {
+            events |= EventSet::OUT;
+        }
+        self.interest.set(events);
+    }
+
+    /// Writes guest transmit chains to the socket; stops (keeping the chain) when it would block.
+    fn guest_to_host(&mut self) {
+        let Some(a) = self.active.as_mut() else { return };
+        let mut used = false;
+        loop {
+            let pending = match self.pending_tx.take() {
+                Some(p) => p,
+                None => match a.queues[TX].pop_descriptor_chain(&a.mem) {
+                    Some(chain) => PendingTx {
+                        head: chain.head_index(),
+                        segments: chain.filter(|d| !d.is_write_only()).map(|d| (d.addr().0, d.len() as usize)).collect(),
+                    },
+                    None => break,
+                },
+            };
+            let mut p = pending;
+            while let Some((addr, len)) = p.segments.front().copied() {
+                if self.host_closed {
+                    p.segments.clear(); // nobody listens: drop the bytes, free the guest buffer
+                    break;
+                }
+                match a.mem.write_volatile_to(GuestAddress(addr), &mut self.host, len) {
+                    Ok(n) if n == len => {
+                        p.segments.pop_front();
+                    }
+                    Ok(n) => p.segments[0] = (addr + n as u64, len - n),
+                    Err(vm_memory::GuestMemoryError::IOError(e)) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(vm_memory::GuestMemoryError::IOError(e)) if e.kind() == ErrorKind::BrokenPipe => {
+                        self.host_closed = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!("virtio-console: bad transmit buffer: {e}");
+                        p.segments.pop_front();
+                    }
+                }
+            }
+            if !p.segments.is_empty() {
+                self.pending_tx = Some(p);
+                break;
+            }
+            if a.queues[TX].add_used(&a.mem, p.head, 0).is_ok() {
+                used = true;
+            }
+        }
+        if used {
+            Self::notify(a, TX);
+        }
+        self.update_interest();
+    }
+
+    fn flush_control(&mut self) {
+        let Some(a) = self.active.as_mut() else { return };
+        let mut used = false;
+        while let Some(msg) = self.pending_control.front() {
+            let Some(chain) = a.queues[CTRL_RX].pop_descriptor_chain(&a.mem) else { break };
+            let head = chain.head_index();
+            let mut off = 0usize;
+            for desc in chain.filter(|d| d.is_write_only()) {
+                let n = (desc.len() as usize).min(msg.len() - off);
+                if a.mem.write_slice(&msg[off..off + n], desc.addr()).is_err() {
+                    break;
+                }
+                off += n;
+                if off == msg.len() {
+                    break;
+                }
+            }
+            let _ = a.queues[CTRL_RX].add_used(&a.mem, head, off as u32);
+            used = true;
+            self.pending_control.pop_front();
+        }
+        if used {
+            Self::notify(a, CTRL_RX);
+        }
+    }
+
+    fn handle_control_from_driver(&mut self) {
+        let Some(a) = self.active.as_mut() else { return };
+        let mut msgs = Vec::new();
+        while let Some(chain) = a.queues[CTRL_TX].pop_descriptor_chain(&a.mem) {
+            let head = chain.head_index();
+            let mut buf = [0u8; 8];
+            if let Some(desc) = chain.clone().find(|d| !d.is_write_only() && d.len() >= 8) {
+                if a.mem.read_slice(&mut buf, desc.addr()).is_ok() {
+                    msgs.push(buf);
+                }
+            }
+            let _ = a.queues[CTRL_TX].add_used(&a.mem, head, 0);
+        }
+        Self::notify(a, CTRL_TX);
+        for m in msgs {
+            let id = u32::from_le_bytes(m[0..4].try_into().unwrap());
+            let event = u16::from_le_bytes([m[4], m[5]]);
+            let value = u16::from_le_bytes([m[6], m[7]]);
+            match event {
+                DEVICE_READY if value == 1 => self.pending_control.push_back(control(PORT_ID, DEVICE_ADD, 0, &[])),
+                PORT_READY if id == PORT_ID && value == 1 => {
+                    self.pending_control.push_back(control(PORT_ID, PORT_NAME, 1, self.port_name.as_bytes()));
+                    self.pending_control.push_back(control(PORT_ID, PORT_OPEN, 1, &[]));
+                }
+                PORT_OPEN => tracing::debug!("virtio-console: guest {} port {id}", if value == 1 { "opened" } else { "closed" }),
+                _ => tracing::debug!("virtio-console: control event {event} id {id} value {value} ignored"),
+            }
+        }
+        self.flush_control();
+    }
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        TYPE_CONSOLE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 4]
+    }
+
+    fn features(&self) -> u64 {
+        F_MULTIPORT
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, activation: Activation) {
+        if activation.acked_features & F_MULTIPORT == 0 {
+            tracing::warn!("virtio-console: driver did not accept MULTIPORT; the named port will not appear");
+        }
+        self.active = Some(Active { mem: activation.mem, queues: activation.queues, interrupt: activation.interrupt });
+        self.update_interest();
+    }
+
+    fn queue_notify(&mut self, index: usize) {
+        match index {
+            RX => self.host_to_guest(),
+            TX => self.guest_to_host(),
+            CTRL_RX => self.flush_control(),
+            CTRL_TX => self.handle_control_from_driver(),
+            _ => {}
+        }
+    }
+
+    fn host_event(&mut self, events: EventSet) {
+        if events.contains(EventSet::OUT) {
+            self.guest_to_host();
+        }
+        if events.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
+            self.host_to_guest();
+        }
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.pending_control.clear();
+        self.pending_tx = None;
+        self.update_interest();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event_loop::EventLoop;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    const WRITE: u16 = 2;
+    const BUF: u64 = 0x10000;
+
+    struct Rig<'a> {
+        mem: &'a GuestMemoryMmap,
+        queues: Vec<MockSplitQueue<'a, GuestMemoryMmap>>,
+        dev: Console,
+        host: UnixStream,
+        interrupt: Interrupt,
+        _loop: EventLoop,
+    }
+
+    fn rig(mem: &GuestMemoryMmap) -> Rig<'_> {
+        let (host, device_end) = UnixStream::pair().unwrap();
+        let mut el = EventLoop::new().unwrap();
+        let fd = device_end.as_raw_fd();
+        let mut dev = Console::new("agent", device_end, el.interest(fd)).unwrap();
+        el.add(fd, EventSet::empty(), Box::new(|_| {})).unwrap();
+        let queues: Vec<_> = (0..4).map(|i| MockSplitQueue::create(mem, GuestAddress(i * 0x1000), 16)).collect();
+        let interrupt = Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        dev.activate(Activation {
+            mem: mem.clone(),
+            queues: queues.iter().map(|q| q.create_queue::<Queue>().unwrap()).collect(),
+            interrupt: interrupt.clone(),
+            acked_features: F_MULTIPORT,
+        });
+        host.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        Rig { mem, queues, dev, host, interrupt, _loop: el }
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+    }
+
+    fn used(q: &MockSplitQueue<'_, GuestMemoryMmap>, i: usize) -> (u32, u32) {
+        let e = q.used().ring().ref_at(i).unwrap().load();
+        (e.id(), e.len())
+    }
+
+    #[test]
+    fn guest_bytes_reach_the_host_unchanged() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut r = rig(&mem);
+        let all: Vec<u8> = (0..=255u8).collect();
+        r.mem.write_slice(&all, GuestAddress(BUF)).unwrap();
+        r.queues[TX].add_desc_chains(&[desc(BUF, 256, 0)], 0).unwrap();
+        r.dev.queue_notify(TX);
+        let mut got = vec![0u8; 256];
+        r.host.read_exact(&mut got).unwrap();
+        assert_eq!(got, all);
+        assert_eq!(used(&r.queues[TX], 0), (0, 0));
+        assert_ne!(r.interrupt.status() & INT_USED_RING, 0);
+    }
+
+    #[test]
+    fn host_bytes_wait_for_guest_buffers() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut r = rig(&mem);
+        r.host.write_all(b"hello guest").unwrap();
+        // No receive buffers yet: the bytes stay in the socket.
+        r.dev.host_event(EventSet::IN);
+        r.queues[RX].add_desc_chains(&[desc(BUF, 4, WRITE)], 0).unwrap();
+        r.dev.queue_notify(RX);
+        assert_eq!(used(&r.queues[RX], 0), (0, 4));
+        r.queues[RX].add_desc_chains(&[desc(BUF + 0x100, 64, WRITE)], 1).unwrap();
+        r.dev.queue_notify(RX);
+        assert_eq!(used(&r.queues[RX], 1), (1, 7));
+        let mut a = [0u8; 4];
+        let mut b = [0u8; 7];
+        r.mem.read_slice(&mut a, GuestAddress(BUF)).unwrap();
+        r.mem.read_slice(&mut b, GuestAddress(BUF + 0x100)).unwrap();
+        assert_eq!((&a, &b), (b"hell", b"o guest"));
+    }
+
+    #[test]
+    fn control_handshake_names_the_port() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut r = rig(&mem);
+        // The driver posts three control receive buffers, then says DEVICE_READY and PORT_READY.
+        let rx: Vec<_> = (0..3).map(|i| desc(BUF + 0x100 * i, 64, WRITE)).collect();
+        r.queues[CTRL_RX].add_desc_chains(&rx, 0).unwrap();
+        r.mem.write_slice(&control(0, DEVICE_READY, 1, &[]), GuestAddress(BUF + 0x1000)).unwrap();
+        r.queues[CTRL_TX].add_desc_chains(&[desc(BUF + 0x1000, 8, 0)], 0).unwrap();
+        r.dev.queue_notify(CTRL_TX);
+        let mut m = [0u8; 8];
+        r.mem.read_slice(&mut m, GuestAddress(BUF)).unwrap();
+        assert_eq!(m.to_vec(), control(PORT_ID, DEVICE_ADD, 0, &[]));
+
+        r.mem.write_slice(&control(0, PORT_READY, 1, &[]), GuestAddress(BUF + 0x1100)).unwrap();
+        r.queues[CTRL_TX].add_desc_chains(&[desc(BUF + 0x1100, 8, 0)], 1).unwrap();
+        r.dev.queue_notify(CTRL_TX);
+        let mut name = [0u8; 13];
+        r.mem.read_slice(&mut name, GuestAddress(BUF + 0x100)).unwrap();
+        assert_eq!(name.to_vec(), control(PORT_ID, PORT_NAME, 1, b"agent"));
+        assert_eq!(used(&r.queues[CTRL_RX], 1), (1, 13));
+        r.mem.read_slice(&mut m, GuestAddress(BUF + 0x200)).unwrap();
+        assert_eq!(m.to_vec(), control(PORT_ID, PORT_OPEN, 1, &[]));
+    }
+
+    #[test]
+    fn a_closed_host_end_frees_guest_buffers() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut r = rig(&mem);
+        drop(std::mem::replace(&mut r.host, UnixStream::pair().unwrap().0));
+        r.queues[TX].add_desc_chains(&[desc(BUF, 16, 0)], 0).unwrap();
+        r.dev.queue_notify(TX);
+        assert_eq!(used(&r.queues[TX], 0), (0, 0), "transmit chain completed even with nobody listening");
+    }
+}

@@ -1,0 +1,94 @@
+//! virtio devices on the one transport we offer, virtio-mmio (spec 1.2 §4.2, "version 2").
+//!
+//! A device implements `VirtioDevice`; `MmioTransport` does the register file, feature and
+//! queue negotiation, and hands the device its queues when the driver sets DRIVER_OK.
+
+pub mod block;
+pub mod console;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use mmio::MmioTransport;
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_CONSOLE: u32 = 3;
+
+/// Interrupt status bits (InterruptStatus register).
+pub const INT_USED_RING: u32 = 1;
+pub const INT_CONFIG_CHANGE: u32 = 2;
+
+/// Raises the device's interrupt: sets the status bit the driver reads, then fires the irqfd.
+#[derive(Clone)]
+pub struct Interrupt {
+    status: Arc<AtomicU32>,
+    irqfd: Arc<EventFd>,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: EventFd) -> Self {
+        Interrupt { status: Arc::new(AtomicU32::new(0)), irqfd: Arc::new(irqfd) }
+    }
+
+    pub fn signal(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::warn!("cannot raise a virtio interrupt: {e}");
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+}
+
+/// What a device is activated with.
+pub struct Activation {
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<Queue>,
+    pub interrupt: Interrupt,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+}
+
+/// A virtio device model. All methods run with the transport's lock held, on a vCPU thread
+/// (register accesses) or the event loop thread (queue and host events).
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// One entry per queue: the largest size the device accepts.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features offered; `VIRTIO_F_VERSION_1` must be among them.
+    fn features(&self) -> u64;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver set DRIVER_OK: start using the queues.
+    fn activate(&mut self, activation: Activation);
+    /// The driver notified queue `index`.
+    fn queue_notify(&mut self, index: usize);
+    /// A host-side fd of the device is ready (only devices that register one).
+    fn host_event(&mut self, _events: vmm_sys_util::epoll::EventSet) {}
+    /// The driver reset the device: drop the queues, keep host resources.
+    fn reset(&mut self);
+}
+
+/// Reads `data.len()` bytes of a little-endian config space at `offset`; out of range reads 0.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    let start = offset as usize;
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = config.get(start + i).copied().unwrap_or(0);
+    }
+}
