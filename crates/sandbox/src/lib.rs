@@ -1,1 +1,27 @@
+//! microcell's host core: the launch configuration and its validation, the guest console, and
+//! running microVMs on the built-in VMM (`crates/vmm`).
+//!
+//! Nothing here knows about JavaScript: `crates/node` maps these types to JS one to one.
 
+pub mod config;
+pub mod console;
+mod error;
+pub mod vm;
+
+pub use config::{ConfigError, MicroVmConfig};
+pub use error::{Error, Result};
+pub use vm::{MicroVm, StartOptions};
+pub use vmm::{ExitReason, Timings};
+
+/// Parses and validates a configuration given as JSON and returns it normalised (defaults
+/// filled in, empty options left out): the JSON that `MicroVm.builder().build()` returns.
+pub fn validate_config_json(json: &str) -> std::result::Result<String, ConfigError> {
+    let config = MicroVmConfig::from_json(json)?;
+    config.validate()?;
+    Ok(config.to_json())
+}
+
+/// What this host's KVM is and what it can run.
+pub fn host_info() -> vmm::host::HostInfo {
+    vmm::host::detect()
+}

@@ -1,0 +1,188 @@
+//! A running microVM on the built-in VMM: start, wait (blocking or as a future), stop, kill,
+//! console, timings.
+//!
+//! One watcher thread per VM waits for its end, closes the console (so the console file is
+//! complete and readers see the end of the stream) and then publishes the exit reason. Waiting
+//! from the host is therefore never a blocked thread of the caller's: [`MicroVm::wait_async`]
+//! is a future woken by the watcher.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use crate::config::MicroVmConfig;
+use crate::console::{self, ConsoleHandle, ConsoleOptions, ConsoleReader, ConsoleStats};
+use crate::error::{Error, Result};
+use vmm::{ExitReason, Timings};
+
+/// How a microVM is started.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Keep console bytes for [`MicroVm::console`] to read.
+    pub console_stream: bool,
+    /// The reader's queue size in bytes (default [`console::DEFAULT_QUEUE_CAPACITY`]).
+    pub console_queue_bytes: Option<usize>,
+}
+
+/// A started microVM. Dropping it kills the VM if it still runs.
+pub struct MicroVm {
+    vm: Option<Arc<vmm::Vm>>,
+    exit: Arc<ExitSlot>,
+    console: ConsoleHandle,
+    reader: Option<ConsoleReader>,
+}
+
+impl MicroVm {
+    /// Validates the configuration and boots it; returns once the vCPUs run.
+    pub fn start(config: &MicroVmConfig, options: &StartOptions) -> Result<MicroVm> {
+        let vm_config = config.to_vm_config()?;
+        let console_options = ConsoleOptions {
+            file: config.console_output.clone(),
+            queue_capacity: options
+                .console_stream
+                .then(|| options.console_queue_bytes.unwrap_or(console::DEFAULT_QUEUE_CAPACITY)),
+        };
+        let (sink, console) = console::channel(&console_options).map_err(|source| Error::ConsoleOutput {
+            path: config.console_output.clone().unwrap_or_default(),
+            source,
+        })?;
+        let reader = console.reader();
+        let vm = Arc::new(vmm::Vm::start(&vm_config, Box::new(sink))?);
+        let exit = Arc::new(ExitSlot::default());
+
+        let watcher = {
+            let (vm, exit, console) = (vm.clone(), exit.clone(), console.clone());
+            std::thread::Builder::new().name("microcell-wait".into()).spawn(move || {
+                let reason = vm.wait();
+                console.close();
+                exit.set(reason);
+                // The last reference may be this one: tearing a VM down takes milliseconds,
+                // and this thread is the right place for it.
+                drop(vm);
+            })
+        };
+        if let Err(e) = watcher {
+            vm.kill();
+            let _ = vm.wait();
+            console.close();
+            return Err(Error::Thread(e));
+        }
+        Ok(MicroVm { vm: Some(vm), exit, console, reader })
+    }
+
+    fn vm(&self) -> &vmm::Vm {
+        self.vm.as_ref().expect("the VM is only taken in drop")
+    }
+
+    /// The exit reason, once the VM has ended (and its console is closed).
+    pub fn try_exit(&self) -> Option<ExitReason> {
+        self.exit.get()
+    }
+
+    /// Blocks until the VM has ended.
+    pub fn wait(&self) -> ExitReason {
+        self.exit.wait_blocking()
+    }
+
+    /// Resolves when the VM has ended; needs no thread of its own.
+    pub fn wait_async(&self) -> ExitFuture {
+        ExitFuture { slot: self.exit.clone() }
+    }
+
+    /// Asks the VM to end; [`Self::wait`] then returns [`ExitReason::Stopped`] (unless it had
+    /// already ended another way).
+    pub fn stop(&self) {
+        self.vm().stop();
+    }
+
+    /// Ends the VM at once; [`Self::wait`] then returns [`ExitReason::Killed`] (unless it had
+    /// already ended another way).
+    pub fn kill(&self) {
+        self.vm().kill();
+    }
+
+    /// The reader of the console queue, when started with `console_stream`.
+    pub fn console(&self) -> Option<&ConsoleReader> {
+        self.reader.as_ref()
+    }
+
+    pub fn console_stats(&self) -> ConsoleStats {
+        self.console.stats()
+    }
+
+    /// CLOCK_MONOTONIC nanoseconds: when the start began, and the first vCPU exit.
+    pub fn timings(&self) -> Timings {
+        self.vm().timings()
+    }
+}
+
+impl Drop for MicroVm {
+    fn drop(&mut self) {
+        // A VM nobody holds any more must not run on. The VMM tears it down on its own vCPU
+        // threads, never on this (possibly the JS) thread.
+        if let Some(vm) = self.vm.take() {
+            if self.exit.get().is_none() {
+                vm.kill();
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct ExitSlot {
+    state: Mutex<(Option<ExitReason>, Vec<Waker>)>,
+    ended: Condvar,
+}
+
+impl ExitSlot {
+    fn lock(&self) -> MutexGuard<'_, (Option<ExitReason>, Vec<Waker>)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, reason: ExitReason) {
+        let wakers = {
+            let mut s = self.lock();
+            s.0 = Some(reason);
+            self.ended.notify_all();
+            std::mem::take(&mut s.1)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    fn get(&self) -> Option<ExitReason> {
+        self.lock().0.clone()
+    }
+
+    fn wait_blocking(&self) -> ExitReason {
+        let mut s = self.lock();
+        loop {
+            if let Some(r) = &s.0 {
+                return r.clone();
+            }
+            s = self.ended.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// See [`MicroVm::wait_async`].
+pub struct ExitFuture {
+    slot: Arc<ExitSlot>,
+}
+
+impl Future for ExitFuture {
+    type Output = ExitReason;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<ExitReason> {
+        let mut s = self.slot.lock();
+        match &s.0 {
+            Some(r) => Poll::Ready(r.clone()),
+            None => {
+                if !s.1.iter().any(|w| w.will_wake(cx.waker())) {
+                    s.1.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
