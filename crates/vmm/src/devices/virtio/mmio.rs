@@ -214,3 +214,132 @@ impl BusDevice for MmioTransport {
 }
 
 pub type SharedTransport = Arc<Mutex<MmioTransport>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    struct Dummy {
+        activations: Arc<AtomicUsize>,
+        notified: Arc<AtomicUsize>,
+    }
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn features(&self) -> u64 {
+            1 << 3
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn activate(&mut self, a: Activation) {
+            assert_eq!(a.queues.len(), 2);
+            self.activations.fetch_add(1, Ordering::SeqCst);
+        }
+        fn queue_notify(&mut self, _index: usize) {
+            self.notified.fetch_add(1, Ordering::SeqCst);
+        }
+        fn reset(&mut self) {}
+    }
+
+    fn transport() -> (MmioTransport, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let (a, n) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let dev = Dummy { activations: a.clone(), notified: n.clone() };
+        (MmioTransport::new(Box::new(dev), mem, Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())), a, n)
+    }
+
+    fn rd(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn wr(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn negotiate(t: &mut MmioTransport, high_features: u32) {
+        wr(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        wr(t, 0x24, 0);
+        wr(t, 0x20, 1 << 3);
+        wr(t, 0x24, 1);
+        wr(t, 0x20, high_features);
+        wr(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+    }
+
+    #[test]
+    fn identifies_itself_and_offers_version_1() {
+        let (mut t, _, _) = transport();
+        assert_eq!((rd(&mut t, 0), rd(&mut t, 4), rd(&mut t, 8)), (MAGIC, 2, 42));
+        wr(&mut t, 0x14, 1);
+        assert_eq!(rd(&mut t, 0x10), 1, "VIRTIO_F_VERSION_1 is bit 32");
+        wr(&mut t, 0x14, 0);
+        assert_eq!(rd(&mut t, 0x10), 1 << 3);
+        wr(&mut t, 0x30, 1);
+        assert_eq!(rd(&mut t, 0x34), 16);
+        wr(&mut t, 0x30, 7);
+        assert_eq!(rd(&mut t, 0x34), 0, "no such queue");
+        let mut cfg = [0u8; 2];
+        t.read(0x104, &mut cfg);
+        assert_eq!(cfg, [4, 4]);
+    }
+
+    #[test]
+    fn legacy_drivers_are_refused() {
+        let (mut t, act, _) = transport();
+        negotiate(&mut t, 0);
+        assert_eq!(rd(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
+        wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        assert_eq!(act.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn driver_ok_activates_once_and_reset_starts_over() {
+        let (mut t, act, notified) = transport();
+        negotiate(&mut t, 1);
+        assert_ne!(rd(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
+        wr(&mut t, QUEUE_NOTIFY_OFFSET, 0);
+        assert_eq!(notified.load(Ordering::SeqCst), 0, "no notifications before activation");
+        for q in 0..2u32 {
+            wr(&mut t, 0x30, q);
+            wr(&mut t, 0x38, 16);
+            wr(&mut t, 0x80, 0x1000 * (q + 1));
+            wr(&mut t, 0x90, 0x1000 * (q + 1) + 0x100);
+            wr(&mut t, 0xa0, 0x1000 * (q + 1) + 0x200);
+            wr(&mut t, 0x44, 1);
+        }
+        wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        assert_eq!(act.load(Ordering::SeqCst), 1);
+        wr(&mut t, QUEUE_NOTIFY_OFFSET, 1);
+        assert_eq!(notified.load(Ordering::SeqCst), 1);
+        // Queue registers are frozen after DRIVER_OK.
+        wr(&mut t, 0x30, 0);
+        wr(&mut t, 0x44, 0);
+        assert_eq!(rd(&mut t, 0x44), 1);
+        wr(&mut t, 0x70, 0);
+        assert_eq!((rd(&mut t, 0x70), rd(&mut t, 0x44)), (0, 0));
+    }
+
+    #[test]
+    fn queue_outside_guest_memory_fails_activation() {
+        let (mut t, act, _) = transport();
+        negotiate(&mut t, 1);
+        wr(&mut t, 0x30, 0);
+        wr(&mut t, 0x38, 16);
+        wr(&mut t, 0x80, 0x4000_0000);
+        wr(&mut t, 0x44, 1);
+        wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        assert_ne!(rd(&mut t, 0x70) & STATUS_FAILED, 0);
+        assert_eq!(act.load(Ordering::SeqCst), 0);
+    }
+}
