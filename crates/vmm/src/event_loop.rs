@@ -60,6 +60,15 @@ impl EventLoop {
         Interest { epoll: self.epoll.clone(), fd, token: fd as u64 }
     }
 
+    /// Starts the loop thread; with nothing to watch no thread is started (it would only cost
+    /// start-up time).
+    pub fn spawn_if_needed(self, name: String) -> std::io::Result<Option<EventLoopHandle>> {
+        if self.handlers.is_empty() {
+            return Ok(None);
+        }
+        self.spawn(name).map(Some)
+    }
+
     pub fn spawn(mut self, name: String) -> std::io::Result<EventLoopHandle> {
         let stop = self.stop.try_clone()?;
         let thread = std::thread::Builder::new().name(name).spawn(move || self.run())?;

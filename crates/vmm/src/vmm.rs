@@ -94,7 +94,7 @@ pub struct Timings {
 struct VmResources {
     // Field order is drop order: the VM goes before the devices and the memory they use.
     _vm: vm::Vm,
-    _event_loop: EventLoopHandle,
+    _event_loop: Option<EventLoopHandle>,
     _memory: GuestMemoryMmap,
 }
 
@@ -201,7 +201,7 @@ impl Vm {
             .collect::<Result<Vec<_>>>()?;
         vcpus[0].configure_boot(&memory, kernel.entry)?;
 
-        let event_loop = event_loop.spawn("mc-events".into()).map_err(Error::Thread)?;
+        let event_loop = event_loop.spawn_if_needed("mc-events".into()).map_err(Error::Thread)?;
         let ctx = Arc::new(RunContext {
             pio_bus,
             mmio_bus,
