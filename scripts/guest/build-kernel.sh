@@ -10,7 +10,8 @@
 # Output: ${MICROCELL_CACHE:-$HOME/.cache/microcell}/kernel-<hash>/{vmlinux,bzImage,config,build.log,info}
 #         where <hash> = sha256(fragment, this script, linux-source package version);
 #         ${cache}/kernel-current -> kernel-<hash>.
-#         vmlinux is stripped and keeps its PVH note (XEN_ELFNOTE_PHYS32_ENTRY).
+#         vmlinux is stripped, its segments packed (compact-elf.py: 15 -> 10 MiB), and it
+#         keeps its PVH note (XEN_ELFNOTE_PHYS32_ENTRY).
 # Stage lines go to stderr; stdout gets one line, the path of vmlinux.
 # Environment: MICROCELL_JOBS (default: nproc), MICROCELL_FORCE=1 rebuilds even on a cache hit.
 set -euo pipefail
@@ -19,6 +20,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 fragment="$repo/guest/kernel.config"
 script="$here/build-kernel.sh"
+compactor="$here/compact-elf.py"
 cache=${MICROCELL_CACHE:-$HOME/.cache/microcell}
 pkg=linux-source-6.1
 jobs=${MICROCELL_JOBS:-$(nproc)}
@@ -49,7 +51,7 @@ if [ -z "$srcver" ]; then
   [ -n "$srcver" ] && [ "$srcver" != "(none)" ] || die "apt knows no $pkg"
 fi
 
-hash=$( { cat "$fragment" "$script"; echo "$pkg=$srcver"; } | sha256sum | cut -c1-16)
+hash=$( { cat "$fragment" "$script" "$compactor"; echo "$pkg=$srcver"; } | sha256sum | cut -c1-16)
 out="$cache/kernel-$hash"
 
 publish() {
@@ -78,10 +80,11 @@ need=()
 for p in "$pkg" gcc make bc bison flex libelf-dev xz-utils; do
   [ -n "$(pkg_version "$p")" ] || need+=("$p")
 done
+command -v python3 >/dev/null || need+=(python3-minimal)
 [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
 srcver=$(pkg_version "$pkg")
 # the hash must describe what is really built
-[ "$( { cat "$fragment" "$script"; echo "$pkg=$srcver"; } | sha256sum | cut -c1-16)" = "$hash" ] ||
+[ "$( { cat "$fragment" "$script" "$compactor"; echo "$pkg=$srcver"; } | sha256sum | cut -c1-16)" = "$hash" ] ||
   die "$pkg installed as $srcver, not the version the hash was computed for; run again"
 
 tarball=$(ls /usr/src/linux-source-6.1.tar.* 2>/dev/null | head -1)
@@ -145,7 +148,9 @@ say "built in $((SECONDS - tb)) s"
 # --- 5. collect ----------------------------------------------------------------------------
 tmp="$out.tmp.$$"
 rm -rf "$tmp" && mkdir -p "$tmp"
-strip --strip-all -o "$tmp/vmlinux" "$build/vmlinux"
+strip --strip-all -o "$tmp/vmlinux.stripped" "$build/vmlinux"
+python3 "$compactor" "$tmp/vmlinux.stripped" "$tmp/vmlinux"
+rm "$tmp/vmlinux.stripped"
 cp "$build/arch/x86/boot/bzImage" "$tmp/bzImage"
 cp "$build/.config" "$tmp/config"
 cp "$log" "$tmp/build.log"

@@ -77,7 +77,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A length or count: bounded by what is left, so no decode allocates more than its input.
-    pub fn len(&mut self) -> WireResult<usize> {
+    pub fn length_prefix(&mut self) -> WireResult<usize> {
         let n = self.varint()?;
         if n > self.buf.len() as u64 {
             return Err("length exceeds payload");
@@ -174,7 +174,7 @@ impl Wire for String {
         out.extend_from_slice(self.as_bytes());
     }
     fn get(r: &mut Reader<'_>) -> WireResult<Self> {
-        let n = r.len()?;
+        let n = r.length_prefix()?;
         let b = r.take(n)?;
         std::str::from_utf8(b).map(str::to_owned).map_err(|_| "string is not UTF-8")
     }
@@ -189,7 +189,7 @@ impl<T: Wire> Wire for Vec<T> {
     }
     fn get(r: &mut Reader<'_>) -> WireResult<Self> {
         // Every element takes at least one byte, except `()`: cap the count anyway.
-        let n = r.len()?;
+        let n = r.length_prefix()?;
         let mut v = Vec::with_capacity(n);
         for _ in 0..n {
             v.push(T::get(r)?);
