@@ -1,1 +1,143 @@
+//! The freestanding test guests of microcell, built from C/asm sources (`guest/`) by build.rs,
+//! and helpers to drive them: the `tg.*` command line they expect and a parser for their
+//! serial report. See README.md and docs/boot-contract.md.
 
+use std::path::PathBuf;
+
+/// Checks the boot contract, entered by PVH.
+pub const BOOTCHECK_PVH: &str = "bootcheck.pvh.elf";
+/// Checks the boot contract, entered by the Linux 64-bit boot protocol at the ELF's e_entry.
+pub const BOOTCHECK_ELF: &str = "bootcheck.elf";
+/// Checks the boot contract, entered by the Linux 64-bit boot protocol as a bzImage.
+pub const BOOTCHECK_BZIMAGE: &str = "bootcheck.bzimage";
+/// First instruction-level port access is a write to the UART THR, then a line and a reset.
+pub const HELLO: &str = "hello.pvh.elf";
+/// Prints `TG halt` and halts with interrupts off.
+pub const HALT: &str = "halt.pvh.elf";
+/// Prints `TG spin` and spins with interrupts off.
+pub const SPIN: &str = "spin.pvh.elf";
+/// Prints `TG triplefault` and triple faults.
+pub const TRIPLEFAULT: &str = "triplefault.pvh.elf";
+/// Writes a byte to each of `tg.pages=<n>` pages from 16 MiB, prints `TG touched <n>`, halts.
+pub const MEMTOUCH: &str = "memtouch.pvh.elf";
+
+/// Every guest image, by file name.
+pub const ALL: &[&str] = &[BOOTCHECK_PVH, BOOTCHECK_ELF, BOOTCHECK_BZIMAGE, HELLO, HALT, SPIN, TRIPLEFAULT, MEMTOUCH];
+
+/// The directory build.rs wrote the images to.
+pub const DIR: &str = env!("TESTGUEST_DIR");
+
+/// The path of a guest image. Panics on a name not in [`ALL`].
+pub fn path(name: &str) -> PathBuf {
+    assert!(ALL.contains(&name), "no test guest named {name:?} (have {ALL:?})");
+    PathBuf::from(DIR).join(name)
+}
+
+/// Whether a guest is entered by PVH (its ELF has the `XEN_ELFNOTE_PHYS32_ENTRY` note).
+pub fn is_pvh(name: &str) -> bool {
+    name.ends_with(".pvh.elf")
+}
+
+/// FNV-1a 32, as the guests compute it over the initrd.
+pub fn fnv1a32(data: &[u8]) -> u32 {
+    data.iter().fold(0x811c_9dc5u32, |h, &b| (h ^ b as u32).wrapping_mul(0x0100_0193))
+}
+
+/// The expectations bootcheck reads from its command line:
+/// `tg.mem=<MiB> tg.cpus=<n> tg.initrd=<size>:<fnv1a32, 8 hex digits>|none`.
+pub fn bootcheck_cmdline(mem_mib: u64, cpus: u32, initrd: Option<&[u8]>) -> String {
+    let initrd = match initrd {
+        Some(d) => format!("{}:{:08x}", d.len(), fnv1a32(d)),
+        None => "none".to_string(),
+    };
+    format!("tg.mem={mem_mib} tg.cpus={cpus} tg.initrd={initrd}")
+}
+
+/// A bootcheck report, parsed from the serial output.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// From `TG begin <guest> entry=<entry>`.
+    pub guest: Option<String>,
+    pub entry: Option<String>,
+    /// From `TG cmdline <...>`.
+    pub cmdline: Option<String>,
+    /// `TG ok <check>`, in order.
+    pub passed: Vec<String>,
+    /// `TG FAIL <check>: <detail>`, in order.
+    pub failed: Vec<(String, String)>,
+    /// From `TG done pass=<n> fail=<n>`.
+    pub done: Option<(u32, u32)>,
+    /// Lines that do not follow the format (there should be none).
+    pub malformed: Vec<String>,
+}
+
+impl Report {
+    pub fn parse(serial: &str) -> Report {
+        let mut r = Report::default();
+        for line in serial.lines() {
+            if let Some(rest) = line.strip_prefix("TG begin ") {
+                match rest.split_once(" entry=") {
+                    Some((g, e)) => (r.guest, r.entry) = (Some(g.into()), Some(e.into())),
+                    None => r.malformed.push(line.into()),
+                }
+            } else if let Some(rest) = line.strip_prefix("TG cmdline ") {
+                r.cmdline = Some(rest.into());
+            } else if line == "TG cmdline" {
+                r.cmdline = Some(String::new());
+            } else if let Some(check) = line.strip_prefix("TG ok ") {
+                r.passed.push(check.into());
+            } else if let Some(rest) = line.strip_prefix("TG FAIL ") {
+                match rest.split_once(": ") {
+                    Some((c, d)) => r.failed.push((c.into(), d.into())),
+                    None => r.malformed.push(line.into()),
+                }
+            } else if let Some(rest) = line.strip_prefix("TG done ") {
+                let n = |k: &str| rest.split(' ').find_map(|w| w.strip_prefix(k)?.parse().ok());
+                match (n("pass="), n("fail=")) {
+                    (Some(p), Some(f)) => r.done = Some((p, f)),
+                    _ => r.malformed.push(line.into()),
+                }
+            } else {
+                r.malformed.push(line.into());
+            }
+        }
+        r
+    }
+
+    /// Complete (begin and done seen, counts agree) with no failures and no stray lines.
+    pub fn all_passed(&self) -> bool {
+        self.guest.is_some()
+            && self.failed.is_empty()
+            && self.malformed.is_empty()
+            && self.done == Some((self.passed.len() as u32, 0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_and_cmdline() {
+        assert_eq!(fnv1a32(b""), 0x811c9dc5);
+        assert_eq!(fnv1a32(b"a"), 0xe40c292c);
+        assert_eq!(bootcheck_cmdline(256, 1, None), "tg.mem=256 tg.cpus=1 tg.initrd=none");
+        assert_eq!(bootcheck_cmdline(64, 2, Some(b"a")), "tg.mem=64 tg.cpus=2 tg.initrd=1:e40c292c");
+    }
+
+    #[test]
+    fn parse_report() {
+        let r = Report::parse(
+            "TG begin bootcheck entry=pvh\nTG cmdline tg.mem=256\nTG ok a\nTG FAIL b: got 0x1, want 0x2\nTG done pass=1 fail=1\n",
+        );
+        assert_eq!(r.guest.as_deref(), Some("bootcheck"));
+        assert_eq!(r.entry.as_deref(), Some("pvh"));
+        assert_eq!(r.cmdline.as_deref(), Some("tg.mem=256"));
+        assert_eq!(r.passed, ["a"]);
+        assert_eq!(r.failed, [("b".to_string(), "got 0x1, want 0x2".to_string())]);
+        assert_eq!(r.done, Some((1, 1)));
+        assert!(r.malformed.is_empty());
+        assert!(!r.all_passed());
+        assert!(Report::parse("TG begin x entry=pvh\nTG ok a\nTG done pass=1 fail=0\n").all_passed());
+    }
+}
