@@ -20,8 +20,9 @@ const MOUNTS: &[(&str, &str, &str, libc::c_ulong, &str)] = &[
     ("tmpfs", "/run", "tmpfs", NOSUID | NODEV, "mode=0755"),
 ];
 
-/// Mounts the API file systems and sets up the rest of a minimal Linux userland.
-pub fn setup(cmdline: &Cmdline) {
+/// Mounts the API file systems and sets up the rest of a minimal Linux userland; returns
+/// the kernel command line (readable once /proc is there).
+pub fn setup() -> Cmdline {
     for &(source, target, fstype, flags, data) in MOUNTS {
         let _ = std::fs::create_dir_all(target);
         match sys::mount(source, target, fstype, flags, data) {
@@ -33,6 +34,7 @@ pub fn setup(cmdline: &Cmdline) {
     for (link, to) in [("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"), ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")] {
         let _ = std::os::unix::fs::symlink(to, link);
     }
+    let cmdline = Cmdline::read();
     let hostname = cmdline
         .get("microcell.hostname")
         .map(str::to_owned)
@@ -44,6 +46,7 @@ pub fn setup(cmdline: &Cmdline) {
     }
     std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     std::env::set_var("HOME", "/root");
+    cmdline
 }
 
 /// The kernel command line, as `key=value` words.

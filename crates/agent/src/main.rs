@@ -113,12 +113,10 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args, start_ns: u64) -> io::Result<()> {
-    let cmdline = if args.init { init::Cmdline::read() } else { init::Cmdline::default() };
-    let sigfd = if args.init {
-        init::setup(&cmdline);
-        Some(sys::signalfd(&[libc::SIGCHLD])?)
+    let (cmdline, sigfd) = if args.init {
+        (init::setup(), Some(sys::signalfd(&[libc::SIGCHLD])?))
     } else {
-        None
+        (init::Cmdline::default(), None)
     };
     let mut chan = match &args.channel {
         ChannelArg::Discover => {
