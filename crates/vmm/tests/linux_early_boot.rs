@@ -6,33 +6,15 @@
 //! on PVM hosts it stops where PVM cannot emulate it (`E_KVM_INTERNAL_ERROR`, HOST.md). Both
 //! ends are expected; anything else fails. Needs the kernel from `scripts/guest/build-kernel.sh`.
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vmm::arch::layout::{low_ram_end, MMIO_GAP_START};
 use vmm::host::{self, KvmFlavour};
 use vmm::{ExitReason, Vm, VmConfig};
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Capture {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
+mod common;
+use common::{kvm_or_skip, Capture};
 
 fn kernel() -> Option<PathBuf> {
     let dir = std::env::var_os("MICROCELL_KERNEL_DIR").map(PathBuf::from).unwrap_or_else(|| {
@@ -46,8 +28,7 @@ fn kernel() -> Option<PathBuf> {
 
 /// Boots the kernel; with `to_the_end` false, stops it once the early lines are out.
 fn run(memory_mib: u32, to_the_end: bool) {
-    if !host::cached().kvm_device {
-        println!("SKIP linux_early_boot: /dev/kvm is not usable here ({})", host::cached().reason);
+    if !kvm_or_skip("linux_early_boot") {
         return;
     }
     let kernel = kernel().unwrap_or_else(|| {
@@ -112,6 +93,18 @@ fn run(memory_mib: u32, to_the_end: bool) {
         ),
         _ => assert_eq!(reason, ExitReason::Reset, "with panic=1 and no root disk the kernel resets; console:\n{out}"),
     }
+}
+
+#[test]
+fn a_linux_kernel_is_refused_where_it_cannot_boot() {
+    let (Some(kernel), false) = (kernel(), host::cached().can_boot_linux) else {
+        println!("SKIP a_linux_kernel_is_refused_where_it_cannot_boot: this host boots Linux, or the kernel is not built");
+        return;
+    };
+    let config = VmConfig { vcpus: 1, memory_mib: 128, kernel, cmdline: "console=ttyS0".into(), ..Default::default() };
+    let err = Vm::start(&config, Box::new(std::io::sink())).err().expect("refused");
+    assert_eq!(err.code(), "E_UNSUPPORTED_GUEST");
+    assert!(err.to_string().contains("qemu"), "the message says what to do instead: {err}");
 }
 
 #[test]

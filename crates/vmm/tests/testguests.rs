@@ -1,0 +1,186 @@
+//! T1: our VMM boots our test guests (crates/testguest) on /dev/kvm, PVM included, and every
+//! boot-contract check the guest makes passes.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{kvm_or_skip, Capture};
+use testguest::{bootcheck_cmdline, Report};
+use vmm::{ExitReason, Vm, VmConfig};
+
+fn config(guest: &str, memory_mib: u32, vcpus: u8, cmdline: &str) -> VmConfig {
+    VmConfig { vcpus, memory_mib, kernel: testguest::path(guest), cmdline: cmdline.into(), ..Default::default() }
+}
+
+fn run_to_end(config: &VmConfig) -> (ExitReason, String) {
+    let console = Capture::default();
+    let vm = Vm::start(config, Box::new(console.clone())).expect("VM starts");
+    let reason = vm.wait_timeout(Duration::from_secs(30)).unwrap_or_else(|| {
+        vm.kill();
+        panic!("guest did not end within 30 s; console:\n{}", console.text())
+    });
+    (reason, console.text())
+}
+
+fn initrd(len: usize, tag: &str) -> (PathBuf, Vec<u8>) {
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
+    let path = std::env::temp_dir().join(format!("mc-tg-initrd-{}-{tag}", std::process::id()));
+    std::fs::write(&path, &data).unwrap();
+    (path, data)
+}
+
+fn bootcheck(guest: &str, memory_mib: u32, vcpus: u8, initrd_len: Option<usize>) {
+    if !kvm_or_skip("bootcheck") {
+        return;
+    }
+    let rd = initrd_len.map(|n| initrd(n, &format!("{guest}-{memory_mib}-{vcpus}")));
+    let cmdline = bootcheck_cmdline(memory_mib.into(), vcpus.into(), rd.as_ref().map(|r| r.1.as_slice()));
+    let mut cfg = config(guest, memory_mib, vcpus, &cmdline);
+    cfg.initrd = rd.as_ref().map(|r| r.0.clone());
+    let (reason, out) = run_to_end(&cfg);
+    if let Some((path, _)) = rd {
+        std::fs::remove_file(path).ok();
+    }
+    let report = Report::parse(&out);
+    assert!(report.all_passed(), "{guest} {memory_mib} MiB {vcpus} vCPUs: {:?}\nconsole:\n{out}", report.failed);
+    assert!(report.passed.len() >= 30, "too few checks ran: {}", report.passed.len());
+    assert_eq!(report.cmdline.as_deref(), Some(cmdline.as_str()), "the guest read the command line exactly");
+    assert_eq!(reason, ExitReason::Reset);
+}
+
+#[test]
+fn bootcheck_pvh_all_layouts() {
+    bootcheck(testguest::BOOTCHECK_PVH, 256, 1, None);
+    bootcheck(testguest::BOOTCHECK_PVH, 64, 2, Some(100_001));
+    bootcheck(testguest::BOOTCHECK_PVH, 3600, 4, Some(4096));
+}
+
+#[test]
+fn bootcheck_elf_linux64_all_layouts() {
+    bootcheck(testguest::BOOTCHECK_ELF, 256, 1, None);
+    bootcheck(testguest::BOOTCHECK_ELF, 1536, 3, Some(100_001));
+    bootcheck(testguest::BOOTCHECK_ELF, 4096, 2, Some(12_345));
+}
+
+#[test]
+fn bootcheck_bzimage_all_layouts() {
+    bootcheck(testguest::BOOTCHECK_BZIMAGE, 128, 1, Some(1));
+    bootcheck(testguest::BOOTCHECK_BZIMAGE, 3400, 4, Some(65_536));
+}
+
+#[test]
+fn hello_prints_through_the_serial_port_and_resets() {
+    if !kvm_or_skip("hello") {
+        return;
+    }
+    let (reason, out) = run_to_end(&config(testguest::HELLO, 32, 1, "console=ttyS0"));
+    assert_eq!(out, "Hello from a microcell test guest\n");
+    assert_eq!(reason, ExitReason::Reset);
+}
+
+#[test]
+fn triple_fault_ends_the_vm_with_an_error() {
+    if !kvm_or_skip("triplefault") {
+        return;
+    }
+    let (reason, out) = run_to_end(&config(testguest::TRIPLEFAULT, 32, 1, ""));
+    assert_eq!(out, "TG triplefault\n");
+    match reason {
+        ExitReason::Crashed { code, message } => {
+            assert_eq!(code, "E_GUEST_TRIPLE_FAULT");
+            assert!(message.contains("triple-fault"), "{message}");
+        }
+        other => panic!("expected a crash, got {other:?}"),
+    }
+}
+
+/// Starts `guest`, waits for its banner, ends it with `end`, and checks it ended promptly.
+fn ends_promptly(guest: &str, banner: &str, end: fn(&Vm), expected: ExitReason) {
+    let console = Capture::default();
+    let vm = Vm::start(&config(guest, 32, 2, ""), Box::new(console.clone())).unwrap();
+    let t = Instant::now();
+    while !console.text().contains(banner) {
+        assert!(t.elapsed() < Duration::from_secs(10), "no banner; console: {}", console.text());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(vm.try_exit(), None, "still running");
+    let t = Instant::now();
+    end(&vm);
+    let reason = vm.wait_timeout(Duration::from_secs(5)).expect("VM ends within 5 s");
+    assert_eq!(reason, expected);
+    assert!(t.elapsed() < Duration::from_millis(500), "ending took {:?}", t.elapsed());
+}
+
+#[test]
+fn stop_and_kill_end_halted_and_spinning_guests() {
+    if !kvm_or_skip("stop/kill") {
+        return;
+    }
+    ends_promptly(testguest::HALT, "TG halt\n", Vm::stop, ExitReason::Stopped);
+    ends_promptly(testguest::SPIN, "TG spin\n", Vm::stop, ExitReason::Stopped);
+    ends_promptly(testguest::SPIN, "TG spin\n", Vm::kill, ExitReason::Killed);
+}
+
+#[test]
+fn dropping_a_running_vm_ends_it() {
+    if !kvm_or_skip("drop") {
+        return;
+    }
+    for _ in 0..5 {
+        let vm = Vm::start(&config(testguest::SPIN, 32, 1, ""), Box::new(std::io::sink())).unwrap();
+        drop(vm);
+    }
+    // The vCPU threads end on their own; nothing to join. Give them a moment and make sure
+    // the process can still start VMs (no leaked, spinning vCPUs holding locks).
+    let (reason, _) = run_to_end(&config(testguest::HELLO, 32, 1, ""));
+    assert_eq!(reason, ExitReason::Reset);
+}
+
+#[test]
+fn memtouch_writes_the_pages_it_is_asked_to() {
+    if !kvm_or_skip("memtouch") {
+        return;
+    }
+    let console = Capture::default();
+    let vm = Vm::start(&config(testguest::MEMTOUCH, 64, 1, "tg.pages=200"), Box::new(console.clone())).unwrap();
+    let t = Instant::now();
+    while !console.text().contains("TG touched 200") {
+        assert!(t.elapsed() < Duration::from_secs(10), "console: {}", console.text());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    vm.kill();
+    assert_eq!(vm.wait(), ExitReason::Killed);
+}
+
+#[test]
+fn bad_inputs_get_coded_errors_before_anything_runs() {
+    if !kvm_or_skip("bad inputs") {
+        return;
+    }
+    let start = |c: &VmConfig| Vm::start(c, Box::new(std::io::sink())).err().expect("refused").code();
+    let dir = std::env::temp_dir();
+    let garbage = dir.join(format!("mc-garbage-{}", std::process::id()));
+    std::fs::write(&garbage, b"this is not a kernel, just some bytes that are long enough to read a header from............").unwrap();
+    let mut c = config(testguest::HELLO, 32, 1, "");
+    c.kernel = garbage.clone();
+    assert_eq!(start(&c), "E_KERNEL_FORMAT");
+    c.kernel = dir.join("mc-no-such-kernel");
+    assert_eq!(start(&c), "E_KERNEL_NOT_FOUND");
+    let c = config(testguest::HELLO, 32, 0, "");
+    assert_eq!(start(&c), "E_CONFIG");
+    let c = config(testguest::HELLO, 1, 1, "");
+    assert_eq!(start(&c), "E_CONFIG");
+    let c = config(testguest::HELLO, 32, 1, &"x".repeat(5000));
+    assert_eq!(start(&c), "E_CONFIG");
+    let (big, _) = initrd(40 << 20, "too-big");
+    let mut c = config(testguest::HELLO, 32, 1, "");
+    c.initrd = Some(big.clone());
+    assert_eq!(start(&c), "E_INITRD");
+    let mut c = config(testguest::HELLO, 32, 1, "");
+    c.initrd = Some(dir.join("mc-no-such-initrd"));
+    assert_eq!(start(&c), "E_INITRD");
+    std::fs::remove_file(big).ok();
+    std::fs::remove_file(garbage).ok();
+}
