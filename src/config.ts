@@ -1,0 +1,87 @@
+/** Types of the launch configuration: the plain JSON that `MicroVm.builder().build()` returns. */
+
+export type LogLevel = 'off' | 'error' | 'warn' | 'info' | 'debug' | 'trace'
+
+/** The guest's root filesystem: one host directory, or overlay layers (lowest first). */
+export type Rootfs = { native: string } | { overlayfs: string[] }
+
+/**
+ * Which addresses the guest may talk to: `none`, `group` (its subnet; the default), `public`
+ * (non-private addresses), `any`.
+ */
+export type NetworkScope = 'none' | 'group' | 'public' | 'any'
+
+/** A validated configuration, defaults filled in (what `build()` returns). */
+export interface MicroVmConfig {
+  logLevel: LogLevel
+  rootfs?: Rootfs
+  /** 1..=32, default 1. */
+  numVcpus: number
+  /** Guest RAM in MiB, default 512, at most the host's RAM. */
+  memoryMib: number
+  /** `"host:guest"` or `"path"` (the same path on both sides). */
+  mappedDirs?: string[]
+  /** `"8080:80"` (host:guest) or `"3000"`. */
+  portMap?: string[]
+  scope: NetworkScope
+  /** IPv4 address of the guest, e.g. `"192.168.1.100"`. */
+  ip?: string
+  /** CIDR, e.g. `"192.168.1.0/24"`. */
+  subnet?: string
+  /** `"RLIMIT_NOFILE=1024:1024"` (soft:hard), `"RLIMIT_CORE=0"`, `unlimited` allowed. */
+  rlimits?: string[]
+  workdirPath?: string
+  execPath?: string
+  args?: string[]
+  /** `"KEY=VALUE"`. */
+  env?: string[]
+  /** Host file that receives the guest console (created, or truncated). */
+  consoleOutput?: string
+  /** Guest kernel: ELF vmlinux (with or without a PVH note) or bzImage. */
+  kernel?: string
+  initrd?: string
+  /** Kernel command line, used exactly as given (the VMM's default when absent). */
+  cmdline?: string
+  /** Start even where the host's KVM cannot run the guest well (e.g. Linux on PVM). */
+  allowUnsupportedHost: boolean
+}
+
+/** What `MicroVm.start()` accepts: a built config, or any part of one (defaults apply). */
+export type MicroVmConfigInput = Partial<MicroVmConfig>
+
+export interface StartOptions {
+  /** Keep the guest console for `vm.console` (a Node Readable). Default false. */
+  consoleStream?: boolean
+  /** Bytes the console keeps for a slow reader; the oldest are dropped beyond it (default 1 MiB). */
+  consoleQueueBytes?: number
+}
+
+export type ExitReason = 'reset' | 'stopped' | 'killed' | 'crashed'
+
+/** How a VM ended. `code`/`message` are set for `crashed` (e.g. `E_GUEST_TRIPLE_FAULT`). */
+export interface ExitStatus {
+  reason: ExitReason
+  code?: string
+  message?: string
+}
+
+/** CLOCK_MONOTONIC nanoseconds, the clock of `process.hrtime.bigint()`. */
+export interface Timings {
+  /** When the VMM began starting the VM. */
+  startNs: bigint
+  /** The first exit of a vCPU to the VMM (null until there has been one). */
+  firstExitNs: bigint | null
+  /** When the start returned with the vCPUs running. */
+  runningNs: bigint
+}
+
+export interface ConsoleStats {
+  /** Bytes the guest wrote to its console. */
+  totalBytes: number
+  /** Bytes dropped because the reader fell behind (the file still got them). */
+  droppedBytes: number
+  queuedBytes: number
+  closed: boolean
+  /** Why writing `consoleOutput` stopped, if it did. */
+  fileError?: string
+}

@@ -1,0 +1,28 @@
+/**
+ * microcell: microVM sandboxes for running untrusted code, from Node.js.
+ *
+ * ```ts
+ * import { MicroVm } from 'microcell'
+ * const vm = await MicroVm.builder().kernel('guest.elf').memoryMib(256).start({ consoleStream: true })
+ * vm.console.pipe(process.stdout)
+ * console.log(await vm.wait()) // { reason: 'reset' }
+ * ```
+ */
+export { MicroVm, MicroVmBuilder } from './microvm.js'
+export type { StopOptions } from './microvm.js'
+export { hostInfo } from './host.js'
+export type { HostInfo } from './host.js'
+export { MicrocellError, CONFIG_ERROR_CODES } from './errors.js'
+export type { ConfigErrorCode } from './errors.js'
+export type {
+  ConsoleStats,
+  ExitReason,
+  ExitStatus,
+  LogLevel,
+  MicroVmConfig,
+  MicroVmConfigInput,
+  NetworkScope,
+  Rootfs,
+  StartOptions,
+  Timings,
+} from './config.js'

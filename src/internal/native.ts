@@ -1,0 +1,137 @@
+/**
+ * The ONLY file that loads the native addon (`native/index.js`, the loader `napi build`
+ * generates). It loads it on first use, and turns every native error — whose message is
+ * `"<CODE>: <message>"` by the addon's convention — into a `MicrocellError` with that code.
+ */
+import type * as Binding from '../../native/index.js'
+
+import type { ConsoleStats, ExitReason, ExitStatus, Timings } from '../config.js'
+import { MicrocellError } from '../errors.js'
+
+type BindingModule = typeof Binding
+
+let loaded: BindingModule | undefined
+
+function binding(): BindingModule {
+  if (loaded === undefined) {
+    try {
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      loaded = require('../../native/index.js') as BindingModule
+    } catch (err) {
+      throw new MicrocellError(
+        'E_NATIVE_LOAD',
+        'the microcell native addon cannot be loaded: build it with `npm run build` ' +
+          '(or install the microcell-linux-x64-gnu package); only x86_64 Linux with glibc is supported. ' +
+          `Cause: ${err instanceof Error ? err.message : String(err)}`,
+        { cause: err },
+      )
+    }
+  }
+  return loaded
+}
+
+const CODED = /^(E_[A-Z0-9_]+): ([\s\S]*)$/
+
+/** Turns anything the addon throws into a MicrocellError. */
+export function toMicrocellError(err: unknown): MicrocellError {
+  if (err instanceof MicrocellError) return err
+  if (err instanceof Error) {
+    const m = CODED.exec(err.message)
+    if (m) return new MicrocellError(m[1]!, m[2]!, { cause: err })
+    // napi's own argument checks (a number where a string belongs, ...).
+    const napiCode = (err as { code?: unknown }).code
+    if (napiCode === 'InvalidArg' || napiCode === 'NumberExpected' || napiCode === 'StringExpected' || napiCode === 'ObjectExpected') {
+      return new MicrocellError('E_INVALID_ARGUMENT', err.message, { cause: err })
+    }
+    return new MicrocellError('E_INTERNAL', err.message, { cause: err })
+  }
+  return new MicrocellError('E_INTERNAL', String(err))
+}
+
+function call<T>(f: () => T): T {
+  try {
+    return f()
+  } catch (err) {
+    throw toMicrocellError(err)
+  }
+}
+
+async function callAsync<T>(f: () => Promise<T>): Promise<T> {
+  try {
+    return await f()
+  } catch (err) {
+    throw toMicrocellError(err)
+  }
+}
+
+function exitStatus(info: Binding.ExitInfo): ExitStatus {
+  const status: ExitStatus = { reason: info.reason as ExitReason }
+  if (info.code != null) status.code = info.code
+  if (info.message != null) status.message = info.message
+  return status
+}
+
+/** A running VM in the addon, with errors mapped. */
+export class NativeVmHandle {
+  readonly #vm: Binding.NativeVm
+
+  constructor(vm: Binding.NativeVm) {
+    this.#vm = vm
+  }
+
+  async wait(): Promise<ExitStatus> {
+    return exitStatus(await callAsync(() => this.#vm.wait()))
+  }
+
+  exitStatus(): ExitStatus | null {
+    const info = call(() => this.#vm.exitStatus())
+    return info == null ? null : exitStatus(info)
+  }
+
+  stop(): void {
+    call(() => this.#vm.stop())
+  }
+
+  kill(): void {
+    call(() => this.#vm.kill())
+  }
+
+  /** Next console bytes, or null at the end of the stream. */
+  readConsole(maxBytes?: number): Promise<Buffer | null> {
+    return callAsync(() => this.#vm.readConsole(maxBytes))
+  }
+
+  consoleStats(): ConsoleStats {
+    const s = call(() => this.#vm.consoleStats())
+    const stats: ConsoleStats = {
+      totalBytes: s.totalBytes,
+      droppedBytes: s.droppedBytes,
+      queuedBytes: s.queuedBytes,
+      closed: s.closed,
+    }
+    if (s.fileError != null) stats.fileError = s.fileError
+    return stats
+  }
+
+  timings(): Timings {
+    const t = call(() => this.#vm.timings())
+    return { startNs: t.startNs, firstExitNs: t.firstExitNs ?? null, runningNs: t.runningNs }
+  }
+}
+
+/** Validates a config JSON; returns it normalised (defaults filled in). */
+export function validateConfig(json: string): string {
+  return call(() => binding().validateConfig(json))
+}
+
+export function hostInfo(): Record<string, unknown> {
+  return call(() => binding().hostInfo())
+}
+
+export async function startVm(
+  json: string,
+  options: { consoleStream?: boolean; consoleQueueBytes?: number },
+): Promise<NativeVmHandle> {
+  const vm = await callAsync(() => binding().startVm(json, options))
+  return new NativeVmHandle(vm)
+}

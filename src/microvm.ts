@@ -1,0 +1,267 @@
+import { Readable } from 'node:stream'
+
+import type {
+  ConsoleStats,
+  ExitStatus,
+  LogLevel,
+  MicroVmConfig,
+  MicroVmConfigInput,
+  NetworkScope,
+  Rootfs,
+  StartOptions,
+  Timings,
+} from './config.js'
+import { MicrocellError } from './errors.js'
+import * as native from './internal/native.js'
+
+/** Options of `stop()`. */
+export interface StopOptions {
+  /** Kill the VM if it has not ended this many milliseconds after the stop request (default 10000). */
+  timeoutMs?: number
+}
+
+function toJson(config: MicroVmConfigInput): string {
+  try {
+    return JSON.stringify(config)
+  } catch (err) {
+    throw new MicrocellError('E_CONFIG_JSON', `the configuration cannot be written as JSON: ${String(err)}`, {
+      cause: err,
+    })
+  }
+}
+
+/** Chainable builder of a `MicroVmConfig`; `build()` validates it, `start()` boots it. */
+export class MicroVmBuilder {
+  readonly #config: MicroVmConfigInput = {}
+
+  #set<K extends keyof MicroVmConfigInput>(key: K, value: MicroVmConfigInput[K]): this {
+    this.#config[key] = value
+    return this
+  }
+
+  /** Logging verbosity of the VM: off (default), error, warn, info, debug, trace. */
+  logLevel(level: LogLevel): this {
+    return this.#set('logLevel', level)
+  }
+
+  /** Root filesystem: a host directory (`"/path"` or `{ native }`) or `{ overlayfs: [lower, ..., upper] }`. */
+  rootfs(rootfs: Rootfs | string): this {
+    return this.#set('rootfs', typeof rootfs === 'string' ? { native: rootfs } : rootfs)
+  }
+
+  /** Number of vCPUs, 1 to 32 (default 1). */
+  numVcpus(count: number): this {
+    return this.#set('numVcpus', count)
+  }
+
+  /** Guest memory in MiB (default 512), at most the host's RAM. */
+  memoryMib(mib: number): this {
+    return this.#set('memoryMib', mib)
+  }
+
+  /** Host directories shared with the guest: `"host:guest"` or `"path"`. Replaces earlier ones. */
+  mappedDirs(dirs: Iterable<string>): this {
+    return this.#set('mappedDirs', [...dirs])
+  }
+
+  /** Forwarded ports: `"8080:80"` (host:guest) or `"3000"`. Replaces earlier ones. */
+  portMap(ports: Iterable<string>): this {
+    return this.#set('portMap', [...ports])
+  }
+
+  /** Network scope: none, group (default), public, any. */
+  scope(scope: NetworkScope): this {
+    return this.#set('scope', scope)
+  }
+
+  /** IPv4 address of the guest. */
+  ip(ip: string): this {
+    return this.#set('ip', ip)
+  }
+
+  /** The guest's IPv4 subnet in CIDR notation, e.g. `"192.168.1.0/24"`. */
+  subnet(subnet: string): this {
+    return this.#set('subnet', subnet)
+  }
+
+  /** Resource limits, e.g. `"RLIMIT_NOFILE=1024:1024"`. Replaces earlier ones. */
+  rlimits(limits: Iterable<string>): this {
+    return this.#set('rlimits', [...limits])
+  }
+
+  /** Working directory of the guest process (absolute guest path). */
+  workdirPath(path: string): this {
+    return this.#set('workdirPath', path)
+  }
+
+  /** Program to run in the guest. */
+  execPath(path: string): this {
+    return this.#set('execPath', path)
+  }
+
+  /** Arguments of the program (argv[1..]). Replaces earlier ones. */
+  args(args: Iterable<string>): this {
+    return this.#set('args', [...args])
+  }
+
+  /** Environment: `["KEY=VALUE", ...]` or `{ KEY: 'VALUE' }`. Replaces earlier ones. */
+  env(env: Iterable<string> | Record<string, string>): this {
+    const list =
+      typeof (env as Iterable<string>)[Symbol.iterator] === 'function'
+        ? [...(env as Iterable<string>)]
+        : Object.entries(env).map(([k, v]) => `${k}=${v}`)
+    return this.#set('env', list)
+  }
+
+  /** Host file that receives the guest console (created, or truncated). */
+  consoleOutput(path: string): this {
+    return this.#set('consoleOutput', path)
+  }
+
+  /** Guest kernel: ELF vmlinux (PVH note or not) or bzImage. */
+  kernel(path: string): this {
+    return this.#set('kernel', path)
+  }
+
+  /** Initial ramdisk. */
+  initrd(path: string): this {
+    return this.#set('initrd', path)
+  }
+
+  /** Kernel command line, used exactly as given. */
+  cmdline(cmdline: string): this {
+    return this.#set('cmdline', cmdline)
+  }
+
+  /** Start even where this host's KVM cannot run the guest well (e.g. Linux on PVM). */
+  allowUnsupportedHost(allow = true): this {
+    return this.#set('allowUnsupportedHost', allow)
+  }
+
+  /**
+   * Validates the configuration and returns it as plain JSON (defaults filled in). Throws a
+   * `MicrocellError` with an `E_CONFIG_*` code.
+   */
+  build(): MicroVmConfig {
+    return MicroVm.validate(this.#config)
+  }
+
+  /** `MicroVm.start(this.build(), options)`. */
+  start(options: StartOptions = {}): Promise<MicroVm> {
+    return MicroVm.start(this.#config, options)
+  }
+}
+
+/** A running microVM. `await using vm = await MicroVm.start(...)` stops it at scope end. */
+export class MicroVm implements AsyncDisposable {
+  readonly #native: native.NativeVmHandle
+  readonly #consoleEnabled: boolean
+  #console: Readable | undefined
+  #exit: Promise<ExitStatus> | undefined
+
+  private constructor(handle: native.NativeVmHandle, consoleEnabled: boolean) {
+    this.#native = handle
+    this.#consoleEnabled = consoleEnabled
+  }
+
+  static builder(): MicroVmBuilder {
+    return new MicroVmBuilder()
+  }
+
+  /** Validates a configuration; returns it normalised (what `build()` returns). */
+  static validate(config: MicroVmConfigInput): MicroVmConfig {
+    return JSON.parse(native.validateConfig(toJson(config))) as MicroVmConfig
+  }
+
+  /** Validates and boots a configuration; resolves once the vCPUs run. */
+  static async start(config: MicroVmConfigInput, options: StartOptions = {}): Promise<MicroVm> {
+    const consoleStream = options.consoleStream === true
+    const nativeOptions: { consoleStream: boolean; consoleQueueBytes?: number } = { consoleStream }
+    if (options.consoleQueueBytes !== undefined) nativeOptions.consoleQueueBytes = options.consoleQueueBytes
+    const handle = await native.startVm(toJson(config), nativeOptions)
+    return new MicroVm(handle, consoleStream)
+  }
+
+  /** Resolves when the VM has ended (the console and `consoleOutput` are complete by then). */
+  wait(): Promise<ExitStatus> {
+    this.#exit ??= this.#native.wait()
+    return this.#exit
+  }
+
+  /** How the VM ended, or null while it runs. */
+  get exitStatus(): ExitStatus | null {
+    return this.#native.exitStatus()
+  }
+
+  /**
+   * Asks the VM to stop and resolves when it has ended; kills it if it has not ended within
+   * `timeoutMs` (default 10 s).
+   */
+  async stop(options: StopOptions = {}): Promise<ExitStatus> {
+    const done = this.wait()
+    if (this.#native.exitStatus() !== null) return done
+    this.#native.stop()
+    const timeoutMs = options.timeoutMs ?? 10_000
+    let timer: NodeJS.Timeout | undefined
+    const timedOut = new Promise<'timeout'>((resolve) => {
+      timer = setTimeout(() => resolve('timeout'), timeoutMs)
+      timer.unref()
+    })
+    try {
+      const first = await Promise.race([done, timedOut])
+      if (first !== 'timeout') return first
+    } finally {
+      clearTimeout(timer)
+    }
+    this.#native.kill()
+    return done
+  }
+
+  /** Ends the VM at once and resolves when it has ended. */
+  kill(): Promise<ExitStatus> {
+    const done = this.wait()
+    this.#native.kill()
+    return done
+  }
+
+  /**
+   * The guest console as a Node Readable (created on first access). Only for VMs started with
+   * `{ consoleStream: true }`; otherwise throws `E_CONSOLE_NOT_ENABLED`.
+   */
+  get console(): Readable {
+    if (!this.#consoleEnabled) {
+      throw new MicrocellError(
+        'E_CONSOLE_NOT_ENABLED',
+        'this VM keeps no console stream: start it with { consoleStream: true } (or use consoleOutput for a file)',
+      )
+    }
+    this.#console ??= consoleReadable(this.#native)
+    return this.#console
+  }
+
+  /** Counters of the console (bytes written, dropped for a slow reader, ...). */
+  get consoleStats(): ConsoleStats {
+    return this.#native.consoleStats()
+  }
+
+  /** CLOCK_MONOTONIC nanoseconds (compare with `process.hrtime.bigint()`). */
+  get timings(): Timings {
+    return this.#native.timings()
+  }
+
+  /** Stops the VM (see `stop()`); nothing to do when it has already ended. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.stop()
+  }
+}
+
+function consoleReadable(handle: native.NativeVmHandle): Readable {
+  return new Readable({
+    read(size: number) {
+      handle.readConsole(Math.max(size, 4096)).then(
+        (chunk) => this.push(chunk),
+        (err: unknown) => this.destroy(err as Error),
+      )
+    },
+  })
+}
