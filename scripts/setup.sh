@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a microcell checkout: system packages, npm packages, the native addon (release), the
 # TypeScript and the test guests. Idempotent: what is already in place is not done again (apt
-# installs only what is missing, npm ci runs only when package-lock.json changed, cargo and tsc
+# installs only what is missing, npm installs only when package-lock.json changed, cargo and tsc
 # rebuild only what changed). Needs: cargo, Node.js >= 20.17 with npm; root (or sudo) for apt.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -47,7 +47,10 @@ want="$(sha256sum package-lock.json | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "up to date (package-lock.json unchanged)"
 else
-  npm ci --no-audit --no-fund --loglevel=error </dev/null
+  # `npm install` from the lock rather than `npm ci`: a registry that lacks some other
+  # platforms' optional binaries (of @napi-rs/cli's helpers) leaves them out of the lock, and
+  # npm ci refuses such a lock. --no-save keeps package-lock.json as committed.
+  npm install --no-save --no-audit --no-fund --loglevel=error </dev/null
   echo "$want" >"$stamp"
 fi
 
