@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::layout::MMIO_GAP_START;
 use crate::devices::virtio::mmio::{MMIO_SIZE, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::persist::TransportState;
 use crate::devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
 use crate::devices::Bus;
 use crate::error::{Error, Result};
@@ -50,6 +51,7 @@ impl DeviceManager {
         event_loop: &mut EventLoop,
         device: Box<dyn VirtioDevice>,
         host_fd: Option<std::os::fd::RawFd>,
+        state: Option<&TransportState>,
     ) -> Result<Arc<Mutex<MmioTransport>>> {
         if self.next_gsi > LAST_GSI {
             return Err(Error::Config("too many virtio devices (no free interrupt line)".into()));
@@ -57,7 +59,12 @@ impl DeviceManager {
         let (base, gsi) = (self.next_slot, self.next_gsi);
         let irqfd = EventFd::new(EFD_NONBLOCK).map_err(io_error)?;
         vm.register_irqfd(&irqfd, gsi).map_err(Error::kvm("KVM_IRQFD"))?;
-        let transport = Arc::new(Mutex::new(MmioTransport::new(device, mem.clone(), Interrupt::new(irqfd))));
+        let interrupt = Interrupt::new(irqfd);
+        let transport = match state {
+            Some(s) => MmioTransport::restore(device, mem.clone(), interrupt, s).map_err(Error::Snapshot)?,
+            None => MmioTransport::new(device, mem.clone(), interrupt),
+        };
+        let transport = Arc::new(Mutex::new(transport));
         let queues = transport.lock().unwrap_or_else(|p| p.into_inner()).num_queues();
         for index in 0..queues {
             let evt = EventFd::new(EFD_NONBLOCK).map_err(io_error)?;

@@ -25,6 +25,18 @@ pub enum Error {
     Kvm { what: &'static str, source: kvm_ioctls::Error },
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error("snapshot {path} is damaged: {reason}; take the snapshot again")]
+    SnapshotCorrupt { path: PathBuf, reason: String },
+    #[error("snapshot {path} has format version {found}; this build reads version {supported}: take it again with this version")]
+    SnapshotVersion { path: PathBuf, found: u32, supported: u32 },
+    #[error("snapshot was taken on a different host CPU ({0}); restore it on the same kind of host")]
+    SnapshotHost(String),
+    #[error("cannot write or read snapshot file {path}: {source}")]
+    SnapshotIo { path: PathBuf, source: std::io::Error },
+    #[error("cannot restore the snapshot: {0}")]
+    Snapshot(String),
+    #[error("{0}")]
+    VmState(String),
 }
 
 impl Error {
@@ -40,6 +52,12 @@ impl Error {
             Error::Memory { .. } => "E_MEMORY",
             Error::Kvm { .. } => "E_KVM",
             Error::Thread(_) => "E_THREAD",
+            Error::SnapshotCorrupt { .. } => "E_SNAPSHOT_CORRUPT",
+            Error::SnapshotVersion { .. } => "E_SNAPSHOT_VERSION",
+            Error::SnapshotHost(_) => "E_SNAPSHOT_HOST",
+            Error::SnapshotIo { .. } => "E_SNAPSHOT_IO",
+            Error::Snapshot(_) => "E_SNAPSHOT",
+            Error::VmState(_) => "E_VM_STATE",
         }
     }
 

@@ -10,9 +10,10 @@ pub mod devices;
 pub mod error;
 pub mod event_loop;
 pub mod host;
+pub mod snapshot;
 pub mod vmm;
 pub mod vstate;
 
 pub use error::{Error, Result};
-pub use vmm::{BlockDeviceConfig, Timings, Vm, VmConfig, CONTROL_PORT_NAME, DEFAULT_CMDLINE};
+pub use vmm::{BlockDeviceConfig, LoadedSnapshot, RestoreOptions, Timings, Vm, VmConfig, CONTROL_PORT_NAME, DEFAULT_CMDLINE};
 pub use vstate::lifecycle::ExitReason;

@@ -3,26 +3,31 @@
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::boot::{self, KernelKind};
-use crate::arch::mptable;
+use crate::arch::{mptable, vcpu_state, vm_state};
 use crate::device_manager::DeviceManager;
+use crate::devices::legacy::serial::SerialState;
 use crate::devices::legacy::{i8042, serial, I8042, Serial};
+use crate::devices::virtio::persist::TransportState;
+use crate::devices::virtio::MmioTransport;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::console::Console;
 use crate::event_loop::{EventLoop, EventLoopHandle};
 use crate::devices::Bus;
 use crate::error::{Error, Result};
 use crate::host;
+use crate::snapshot::{self, MachineState};
 use crate::vstate::lifecycle::{monotonic_ns, ExitReason, Lifecycle};
 use crate::vstate::vcpu::{RunContext, Vcpu};
 use crate::vstate::{memory, vm};
@@ -89,18 +94,159 @@ pub struct Timings {
     pub running_ns: u64,
 }
 
-/// Everything the VM owns; dropped on the last vCPU thread, off the caller's thread, because
-/// closing a VM with an irqchip sleeps in the kernel for 16-23 ms (HOST.md).
-struct VmResources {
-    // Field order is drop order: the VM goes before the devices and the memory they use.
-    _vm: vm::Vm,
+/// Everything a VM owns, shared by its vCPU threads and its handle. Field order is drop
+/// order: vCPUs and the VM fd go before the devices and the memory they use. The last owner
+/// drops it off the caller's thread (closing a VM with an irqchip sleeps 16-23 ms, HOST.md).
+struct Machine {
+    vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    vm: vm::Vm,
+    /// Kept for its Drop, which stops the event thread.
     _event_loop: Option<EventLoopHandle>,
-    _memory: GuestMemoryMmap,
+    serial: Arc<Mutex<Serial>>,
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    memory: GuestMemoryMmap,
+    config: VmConfig,
+}
+
+/// The VM with its devices, before any vCPU exists: what `start` and `restore` share.
+struct Assembly {
+    vm: vm::Vm,
+    memory: GuestMemoryMmap,
+    lifecycle: Arc<Lifecycle>,
+    pio_bus: Bus,
+    mmio_bus: Bus,
+    event_loop: EventLoop,
+    serial: Arc<Mutex<Serial>>,
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    channel: Option<UnixStream>,
+    cmdline_entries: Vec<String>,
+}
+
+/// Device state to start from (a snapshot's), or None for fresh devices.
+struct DeviceStates<'a> {
+    serial: &'a SerialState,
+    virtio: &'a [TransportState],
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn assemble(
+    kvm: &Kvm,
+    config: &VmConfig,
+    memory: GuestMemoryMmap,
+    console: Box<dyn Write + Send>,
+    states: Option<DeviceStates<'_>>,
+) -> Result<Assembly> {
+    let vm = vm::Vm::new(kvm, &memory)?;
+    let lifecycle = Arc::new(Lifecycle::new(usize::from(config.vcpus)));
+
+    let mut pio_bus = Bus::default();
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::Thread)?;
+    vm.fd().register_irqfd(&serial_irq, serial::COM1_IRQ).map_err(Error::kvm("KVM_IRQFD"))?;
+    let serial = match &states {
+        Some(s) => Serial::from_state(s.serial, serial_irq, console).map_err(|e| Error::Snapshot(e.to_string()))?,
+        None => Serial::new(serial_irq, console),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    let weak = Arc::downgrade(&lifecycle);
+    let i8042 = I8042::new(Box::new(move || {
+        if let Some(l) = weak.upgrade() {
+            l.request_exit(ExitReason::Reset);
+        }
+    }));
+    // Fixed, disjoint port ranges: insertion cannot overlap.
+    pio_bus.insert(serial.clone(), serial::COM1_PORT, serial::COM1_PORT_LEN).ok();
+    pio_bus.insert(Arc::new(Mutex::new(i8042)), i8042::I8042_PORT, i8042::I8042_PORT_LEN).ok();
+
+    let mut mmio_bus = Bus::default();
+    let mut event_loop = EventLoop::new().map_err(Error::Thread)?;
+    let mut devices = DeviceManager::default();
+    let mut virtio = Vec::new();
+    let mut transport_states = states.as_ref().map(|s| s.virtio.iter());
+    let mut next_state = || transport_states.as_mut().and_then(Iterator::next);
+    for (i, disk) in config.block_devices.iter().enumerate() {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!disk.read_only)
+            .open(&disk.path)
+            .map_err(|e| Error::Config(format!("disk image {} cannot be opened: {e}", disk.path.display())))?;
+        let block = Block::new(file, disk.read_only, &format!("microcell-vd{i}")).map_err(Error::Thread)?;
+        let state = next_state();
+        virtio.push(devices.attach(vm.fd(), &memory, &mut mmio_bus, &mut event_loop, Box::new(block), None, state)?);
+    }
+    let channel = if config.control_channel {
+        let (host_end, device_end) = UnixStream::pair().map_err(Error::Thread)?;
+        let fd = device_end.as_raw_fd();
+        let console = Console::new(CONTROL_PORT_NAME, device_end, event_loop.interest(fd)).map_err(Error::Thread)?;
+        let state = next_state();
+        virtio.push(devices.attach(vm.fd(), &memory, &mut mmio_bus, &mut event_loop, Box::new(console), Some(fd), state)?);
+        Some(host_end)
+    } else {
+        None
+    };
+    if next_state().is_some() {
+        return Err(Error::Snapshot("the snapshot has more virtio devices than the configuration".into()));
+    }
+    Ok(Assembly {
+        vm,
+        memory,
+        lifecycle,
+        pio_bus,
+        mmio_bus,
+        event_loop,
+        serial,
+        virtio,
+        channel,
+        cmdline_entries: devices.cmdline_entries,
+    })
+}
+
+/// A snapshot read from disk and checked, ready to restore any number of times.
+pub struct LoadedSnapshot {
+    state: MachineState,
+    memory_path: PathBuf,
+}
+
+pub const SNAPSHOT_STATE_FILE: &str = "vm.state";
+pub const SNAPSHOT_MEMORY_FILE: &str = "vm.mem";
+
+impl LoadedSnapshot {
+    /// Reads `dir/vm.state` (magic, version, checksum, host CPU) and checks `dir/vm.mem` exists.
+    pub fn load(dir: &Path) -> Result<LoadedSnapshot> {
+        let state = snapshot::load_state(&dir.join(SNAPSHOT_STATE_FILE))?;
+        let memory_path = dir.join(SNAPSHOT_MEMORY_FILE);
+        let len = std::fs::metadata(&memory_path)
+            .map_err(|source| Error::SnapshotIo { path: memory_path.clone(), source })?
+            .len();
+        let needed: u64 = state.memory.iter().map(|r| r.file_offset + r.size).max().unwrap_or(0);
+        if len < needed {
+            return Err(Error::SnapshotCorrupt {
+                path: memory_path,
+                reason: format!("memory file is {len} bytes, the snapshot needs {needed}"),
+            });
+        }
+        Ok(LoadedSnapshot { state, memory_path })
+    }
+
+    /// The configuration the snapshot was taken with.
+    pub fn config(&self) -> &VmConfig {
+        &self.state.config
+    }
+}
+
+/// What the restored VM may differ in from the snapshotted one.
+#[derive(Default)]
+pub struct RestoreOptions {
+    /// Disk images to use instead of the snapshot's (e.g. per-clone copies), by index.
+    pub block_devices: Option<Vec<BlockDeviceConfig>>,
 }
 
 /// A running (or ended) VM. Dropping it kills the VM.
 pub struct Vm {
     lifecycle: Arc<Lifecycle>,
+    machine: Option<Arc<Machine>>,
     channel: Mutex<Option<UnixStream>>,
     start_ns: u64,
     running_ns: u64,
@@ -124,6 +270,15 @@ fn supported_cpuid(kvm: &Kvm) -> Result<&'static CpuId> {
     Ok(CPUID.get_or_init(|| c))
 }
 
+fn msr_indices(kvm: &Kvm) -> Result<&'static [u32]> {
+    static MSRS: OnceLock<Vec<u32>> = OnceLock::new();
+    if let Some(m) = MSRS.get() {
+        return Ok(m);
+    }
+    let m = vcpu_state::msrs_to_save(kvm)?;
+    Ok(MSRS.get_or_init(|| m))
+}
+
 impl Vm {
     /// Builds the VM, loads the kernel and starts the vCPUs. Returns once they run (~1 ms).
     pub fn start(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vm> {
@@ -141,72 +296,81 @@ impl Vm {
             }
         }
         let mem_bytes = u64::from(config.memory_mib) << 20;
-        let memory = memory::create(config.memory_mib)?;
-        let vm = vm::Vm::new(kvm, &memory)?;
-        let lifecycle = Arc::new(Lifecycle::new(usize::from(config.vcpus)));
-
-        let mut pio_bus = Bus::default();
-        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Thread(e.into()))?;
-        vm.fd().register_irqfd(&serial_irq, serial::COM1_IRQ).map_err(Error::kvm("KVM_IRQFD"))?;
-        let serial = Serial::new(serial_irq, console);
-        let weak = Arc::downgrade(&lifecycle);
-        let i8042 = I8042::new(Box::new(move || {
-            if let Some(l) = weak.upgrade() {
-                l.request_exit(ExitReason::Reset);
-            }
-        }));
-        // Fixed, disjoint port ranges: insertion cannot overlap.
-        pio_bus.insert(Arc::new(std::sync::Mutex::new(serial)), serial::COM1_PORT, serial::COM1_PORT_LEN).ok();
-        pio_bus.insert(Arc::new(std::sync::Mutex::new(i8042)), i8042::I8042_PORT, i8042::I8042_PORT_LEN).ok();
-
-        let mut mmio_bus = Bus::default();
-        let mut event_loop = EventLoop::new().map_err(Error::Thread)?;
-        let mut devices = DeviceManager::default();
-        for (i, disk) in config.block_devices.iter().enumerate() {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(!disk.read_only)
-                .open(&disk.path)
-                .map_err(|e| Error::Config(format!("disk image {} cannot be opened: {e}", disk.path.display())))?;
-            let block = Block::new(file, disk.read_only, &format!("microcell-vd{i}")).map_err(Error::Thread)?;
-            devices.attach(vm.fd(), &memory, &mut mmio_bus, &mut event_loop, Box::new(block), None)?;
-        }
-        let channel = if config.control_channel {
-            let (host_end, device_end) = UnixStream::pair().map_err(Error::Thread)?;
-            let fd = device_end.as_raw_fd();
-            let console = Console::new(CONTROL_PORT_NAME, device_end, event_loop.interest(fd)).map_err(Error::Thread)?;
-            devices.attach(vm.fd(), &memory, &mut mmio_bus, &mut event_loop, Box::new(console), Some(fd))?;
-            Some(host_end)
-        } else {
-            None
-        };
+        let a = assemble(kvm, config, memory::create(config.memory_mib)?, console, None)?;
         let cmdline = std::iter::once(config.cmdline.as_str())
-            .chain(devices.cmdline_entries.iter().map(String::as_str))
+            .chain(a.cmdline_entries.iter().map(String::as_str))
             .filter(|s| !s.is_empty())
             .collect::<Vec<_>>()
             .join(" ");
-
-        let kernel = boot::load_kernel(&memory, &config.kernel)?;
+        let kernel = boot::load_kernel(&a.memory, &config.kernel)?;
         let initrd = match &config.initrd {
-            Some(path) => Some(boot::load_initrd(&memory, mem_bytes, kernel.kernel_end, path)?),
+            Some(path) => Some(boot::load_initrd(&a.memory, mem_bytes, kernel.kernel_end, path)?),
             None => None,
         };
-        boot::write_cmdline(&memory, &cmdline)?;
-        boot::write_boot_info(&memory, mem_bytes, &kernel, &cmdline, initrd)?;
-        mptable::write(&memory, config.vcpus)?;
+        boot::write_cmdline(&a.memory, &cmdline)?;
+        boot::write_boot_info(&a.memory, mem_bytes, &kernel, &cmdline, initrd)?;
+        mptable::write(&a.memory, config.vcpus)?;
 
         let cpuid = supported_cpuid(kvm)?;
         let vcpus = (0..config.vcpus)
-            .map(|i| Vcpu::new(vm.fd(), i, config.vcpus, cpuid))
+            .map(|i| Vcpu::new(a.vm.fd(), i, config.vcpus, cpuid))
             .collect::<Result<Vec<_>>>()?;
-        vcpus[0].configure_boot(&memory, kernel.entry)?;
+        vcpus[0].configure_boot(&a.memory, kernel.entry)?;
+        Self::launch(a, vcpus, config.clone(), start_ns)
+    }
 
-        let event_loop = event_loop.spawn_if_needed("mc-events".into()).map_err(Error::Thread)?;
+    /// Builds a VM from a loaded snapshot and runs it from where the snapshot was taken.
+    /// Guest memory maps the snapshot's memory file privately: nothing is copied up front.
+    pub fn restore(snapshot: &LoadedSnapshot, console: Box<dyn Write + Send>, options: RestoreOptions) -> Result<Vm> {
+        let start_ns = monotonic_ns();
+        let kvm = kvm()?;
+        let state = &snapshot.state;
+        let mut config = state.config.clone();
+        if let Some(disks) = options.block_devices {
+            if disks.len() != config.block_devices.len() {
+                return Err(Error::Config(format!(
+                    "the snapshot has {} disks, {} were given",
+                    config.block_devices.len(),
+                    disks.len()
+                )));
+            }
+            config.block_devices = disks;
+        }
+        if state.vcpus.len() != usize::from(config.vcpus) {
+            return Err(Error::SnapshotCorrupt { path: snapshot.memory_path.clone(), reason: "vCPU count mismatch".into() });
+        }
+        let memory = snapshot::memory::map_private(&snapshot.memory_path, &state.memory)?;
+        let states = DeviceStates { serial: &state.serial, virtio: &state.virtio };
+        let a = assemble(kvm, &config, memory, console, Some(states))?;
+        vm_state::restore(a.vm.fd(), &state.vm)?;
+        let cpuid = supported_cpuid(kvm)?;
+        let vcpus = (0..config.vcpus)
+            .map(|i| Vcpu::new(a.vm.fd(), i, config.vcpus, cpuid))
+            .collect::<Result<Vec<_>>>()?;
+        for (vcpu, s) in vcpus.iter().zip(&state.vcpus) {
+            vcpu_state::restore(&lock(&vcpu.fd()), s)?;
+        }
+        Self::launch(a, vcpus, config, start_ns)
+    }
+
+    /// Starts the event loop and one thread per vCPU.
+    fn launch(a: Assembly, vcpus: Vec<Vcpu>, config: VmConfig, start_ns: u64) -> Result<Vm> {
+        let event_loop = a.event_loop.spawn_if_needed("mc-events".into()).map_err(Error::Thread)?;
+        let machine = Arc::new(Machine {
+            vcpus: vcpus.iter().map(Vcpu::fd).collect(),
+            vm: a.vm,
+            _event_loop: event_loop,
+            serial: a.serial,
+            virtio: a.virtio,
+            memory: a.memory,
+            config,
+        });
+        let lifecycle = a.lifecycle;
         let ctx = Arc::new(RunContext {
-            pio_bus,
-            mmio_bus,
+            pio_bus: a.pio_bus,
+            mmio_bus: a.mmio_bus,
             lifecycle: lifecycle.clone(),
-            keep_alive: Box::new(VmResources { _vm: vm, _event_loop: event_loop, _memory: memory }),
+            keep_alive: Box::new(machine.clone()),
         });
         let total = vcpus.len();
         for (spawned, vcpu) in vcpus.into_iter().enumerate() {
@@ -219,12 +383,21 @@ impl Vm {
                     for _ in spawned..total {
                         lifecycle.vcpu_stopped();
                     }
-                    drop(ctx);
                     return Err(Error::Thread(e));
                 }
             }
         }
-        Ok(Vm { lifecycle, channel: Mutex::new(channel), start_ns, running_ns: monotonic_ns() })
+        Ok(Vm {
+            lifecycle,
+            machine: Some(machine),
+            channel: Mutex::new(a.channel),
+            start_ns,
+            running_ns: monotonic_ns(),
+        })
+    }
+
+    fn machine(&self) -> &Machine {
+        self.machine.as_ref().expect("present until drop")
     }
 
     /// Blocks until the VM has ended.
@@ -250,9 +423,72 @@ impl Vm {
         self.lifecycle.request_exit(ExitReason::Killed);
     }
 
+    /// Stops every vCPU outside the guest; a paused VM uses no CPU.
+    pub fn pause(&self) -> Result<()> {
+        if self.lifecycle.pause(Duration::from_secs(5)) {
+            Ok(())
+        } else {
+            self.lifecycle.resume();
+            Err(Error::VmState("the VM has ended (or its vCPUs did not stop within 5 s); it cannot be paused".into()))
+        }
+    }
+
+    pub fn resume(&self) {
+        self.lifecycle.resume();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.lifecycle.pause_requested()
+    }
+
+    /// Writes `dir/vm.state` and `dir/vm.mem` (each atomically) and leaves the VM as it was
+    /// (a running VM is paused for the duration). Returns the bytes written to the memory file.
+    pub fn snapshot(&self, dir: &Path) -> Result<u64> {
+        let was_paused = self.is_paused();
+        if !was_paused {
+            self.pause()?;
+        }
+        let result = self.snapshot_paused(dir);
+        if !was_paused {
+            self.resume();
+        }
+        result
+    }
+
+    fn snapshot_paused(&self, dir: &Path) -> Result<u64> {
+        let m = self.machine();
+        let kvm = kvm()?;
+        std::fs::create_dir_all(dir).map_err(|source| Error::SnapshotIo { path: dir.to_owned(), source })?;
+        // Hold every device lock across state and memory, so the event thread cannot move a
+        // queue between the two.
+        let transports: Vec<_> = m.virtio.iter().map(|t| lock(t)).collect();
+        let vm = vm_state::save(m.vm.fd())?;
+        let indices = msr_indices(kvm)?;
+        let vcpus = m.vcpus.iter().map(|fd| vcpu_state::save(&lock(fd), indices)).collect::<Result<Vec<_>>>()?;
+        let serial = lock(&m.serial).state();
+        let virtio = transports.iter().map(|t| t.state()).collect();
+        let memory_path = dir.join(SNAPSHOT_MEMORY_FILE);
+        let mut layout = Vec::new();
+        snapshot::write_atomically(&memory_path, |f| {
+            layout = snapshot::memory::dump(&m.memory, f, &memory_path)?;
+            Ok(())
+        })?;
+        let state = MachineState {
+            config: m.config.clone(),
+            cpu: snapshot::CpuFingerprint::of_this_host(),
+            memory: layout,
+            vm,
+            vcpus,
+            serial,
+            virtio,
+        };
+        snapshot::save_state(&dir.join(SNAPSHOT_STATE_FILE), &state)?;
+        Ok(std::fs::metadata(&memory_path).map(|md| md.blocks() * 512).unwrap_or(0))
+    }
+
     /// The host end of the control channel (once; later calls return None).
     pub fn take_channel(&self) -> Option<UnixStream> {
-        self.channel.lock().unwrap_or_else(|p| p.into_inner()).take()
+        lock(&self.channel).take()
     }
 
     pub fn timings(&self) -> Timings {
@@ -263,5 +499,9 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.lifecycle.request_exit(ExitReason::Killed);
+        // Whoever holds the machine last closes the VM fd (slow): never this thread.
+        if let Some(machine) = self.machine.take() {
+            let _ = std::thread::Builder::new().name("mc-teardown".into()).spawn(move || drop(machine));
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! How a VM ends: the first exit reason wins, every vCPU thread is kicked out of KVM_RUN
-//! (signal + `immediate_exit`), and waiters wake when the last vCPU thread has stopped.
+//! How a VM pauses and ends. Both kick every vCPU thread out of KVM_RUN (signal +
+//! `immediate_exit`). Pausing parks each vCPU thread outside KVM_RUN until resumed; ending
+//! records the first exit reason, and waiters wake when the last vCPU thread has stopped.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -35,13 +36,17 @@ impl ExitReason {
 struct State {
     reason: Option<ExitReason>,
     running_vcpus: usize,
+    /// vCPU threads parked by a pause.
+    parked_vcpus: usize,
     threads: Vec<JoinHandle<()>>,
 }
 
 pub struct Lifecycle {
     state: Mutex<State>,
-    ended: Condvar,
+    /// Signalled whenever a vCPU parks, unparks or stops, and on resume.
+    changed: Condvar,
     exit_requested: AtomicBool,
+    pause_requested: AtomicBool,
     first_exit_ns: AtomicU64,
 }
 
@@ -59,8 +64,9 @@ impl Lifecycle {
     pub fn new(vcpus: usize) -> Self {
         Lifecycle {
             state: Mutex::new(State { running_vcpus: vcpus, ..State::default() }),
-            ended: Condvar::new(),
+            changed: Condvar::new(),
             exit_requested: AtomicBool::new(false),
+            pause_requested: AtomicBool::new(false),
             first_exit_ns: AtomicU64::new(0),
         }
     }
@@ -90,10 +96,51 @@ impl Lifecycle {
             st.reason = Some(reason);
         }
         self.exit_requested.store(true, Ordering::SeqCst);
+        Self::kick(st);
+        // Parked vCPUs wake up to see the exit.
+        self.changed.notify_all();
+    }
+
+    fn kick(st: &State) {
         for t in &st.threads {
             // A thread that already returned ignores the signal; its handle is still valid.
             let _ = t.kill(kick_signal());
         }
+    }
+
+    pub fn pause_requested(&self) -> bool {
+        self.pause_requested.load(Ordering::SeqCst)
+    }
+
+    /// Parks every vCPU outside KVM_RUN; returns false if the VM ended instead, or had not
+    /// parked within `timeout`.
+    pub fn pause(&self, timeout: Duration) -> bool {
+        let st = self.lock();
+        self.pause_requested.store(true, Ordering::SeqCst);
+        Self::kick(&st);
+        let (st, _) = self
+            .changed
+            .wait_timeout_while(st, timeout, |st| st.running_vcpus > 0 && st.parked_vcpus < st.running_vcpus)
+            .unwrap_or_else(|p| p.into_inner());
+        st.running_vcpus > 0 && st.parked_vcpus == st.running_vcpus
+    }
+
+    pub fn resume(&self) {
+        let _st = self.lock();
+        self.pause_requested.store(false, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    /// Called by a vCPU thread that saw a pause request: blocks until resumed or ended.
+    pub fn park(&self) {
+        let mut st = self.lock();
+        st.parked_vcpus += 1;
+        self.changed.notify_all();
+        while self.pause_requested() && !self.exit_requested() {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.parked_vcpus -= 1;
+        self.changed.notify_all();
     }
 
     pub fn vcpu_stopped(&self) {
@@ -102,7 +149,7 @@ impl Lifecycle {
         if st.running_vcpus == 0 {
             // Every vCPU gone without a reason can only mean the VM ended with them.
             st.reason.get_or_insert(ExitReason::Stopped);
-            self.ended.notify_all();
+            self.changed.notify_all();
         }
     }
 
@@ -110,7 +157,7 @@ impl Lifecycle {
     pub fn wait(&self) -> ExitReason {
         let mut st = self.lock();
         while st.running_vcpus > 0 || st.reason.is_none() {
-            st = self.ended.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         st.reason.clone().expect("loop exits only with a reason")
     }
@@ -119,7 +166,7 @@ impl Lifecycle {
     pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitReason> {
         let st = self.lock();
         let (st, _) = self
-            .ended
+            .changed
             .wait_timeout_while(st, timeout, |st| st.running_vcpus > 0 || st.reason.is_none())
             .unwrap_or_else(|p| p.into_inner());
         if st.running_vcpus == 0 { st.reason.clone() } else { None }

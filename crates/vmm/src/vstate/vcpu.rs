@@ -5,7 +5,7 @@
 //! still makes it return at once (the loop then sees the exit request).
 
 use std::cell::Cell;
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 
 use kvm_bindings::{kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
@@ -60,7 +60,9 @@ pub struct RunContext {
 
 pub struct Vcpu {
     index: u8,
-    fd: VcpuFd,
+    /// Locked by the vCPU thread around each KVM_RUN; a paused VM's state is read and written
+    /// through it from other threads.
+    fd: Arc<Mutex<VcpuFd>>,
 }
 
 impl Vcpu {
@@ -74,13 +76,19 @@ impl Vcpu {
         msr::setup_msrs(&fd)?;
         regs::setup_fpu(&fd)?;
         interrupts::set_lint(&fd)?;
-        Ok(Vcpu { index, fd })
+        Ok(Vcpu { index, fd: Arc::new(Mutex::new(fd)) })
     }
 
     /// Puts the boot vCPU at the kernel's entry point.
     pub fn configure_boot(&self, mem: &GuestMemoryMmap, mode: regs::EntryMode) -> Result<()> {
-        regs::setup_sregs(&self.fd, mem, mode)?;
-        regs::setup_regs(&self.fd, mode)
+        let fd = self.fd.lock().unwrap_or_else(|p| p.into_inner());
+        regs::setup_sregs(&fd, mem, mode)?;
+        regs::setup_regs(&fd, mode)
+    }
+
+    /// The shared vCPU fd, for reading and writing state while the VM is paused.
+    pub fn fd(&self) -> Arc<Mutex<VcpuFd>> {
+        self.fd.clone()
     }
 
     pub fn index(&self) -> u8 {
@@ -89,7 +97,9 @@ impl Vcpu {
 
     /// Runs until the VM ends. Always reports to the lifecycle, whatever happens.
     pub fn run_loop(mut self, ctx: Arc<RunContext>) {
-        KVM_RUN.with(|p| p.set(self.fd.get_kvm_run()));
+        // The kvm_run mapping lives as long as the VcpuFd, which this thread keeps alive.
+        let kvm_run = self.fd.lock().unwrap_or_else(|p| p.into_inner()).get_kvm_run() as *mut kvm_run;
+        KVM_RUN.with(|p| p.set(kvm_run));
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_until_exit(&ctx)));
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
         match outcome {
@@ -110,10 +120,15 @@ impl Vcpu {
             if ctx.lifecycle.exit_requested() {
                 return None;
             }
-            let exit = match self.fd.run() {
+            if ctx.lifecycle.pause_requested() {
+                ctx.lifecycle.park();
+                continue;
+            }
+            let mut fd = self.fd.lock().unwrap_or_else(|p| p.into_inner());
+            let exit = match fd.run() {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.fd.set_kvm_immediate_exit(0);
+                    fd.set_kvm_immediate_exit(0);
                     continue;
                 }
                 Err(e) => return Some(ExitReason::crashed("E_KVM", format!("KVM_RUN failed on vCPU {index}: {e}"))),
@@ -137,7 +152,7 @@ impl Vcpu {
                 }
                 VcpuExit::Intr => {}
                 VcpuExit::Shutdown => {
-                    let rip = self.fd.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "?".into());
+                    let rip = fd.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "?".into());
                     return Some(ExitReason::crashed(
                         "E_GUEST_TRIPLE_FAULT",
                         format!("the guest triple-faulted on vCPU {index} (rip {rip}): it hit an exception it could not handle"),
@@ -160,7 +175,7 @@ impl Vcpu {
                     ));
                 }
                 VcpuExit::InternalError => {
-                    let rip = self.fd.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "?".into());
+                    let rip = fd.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "?".into());
                     return Some(ExitReason::crashed(
                         "E_KVM_INTERNAL_ERROR",
                         format!("KVM hit an internal error emulating the guest on vCPU {index} (rip {rip}); on PVM hosts this is where a stock Linux kernel stops (see hostInfo())"),

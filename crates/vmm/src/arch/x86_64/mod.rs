@@ -7,3 +7,5 @@ pub mod layout;
 pub mod mptable;
 pub mod msr;
 pub mod regs;
+pub mod vcpu_state;
+pub mod vm_state;

@@ -2,6 +2,8 @@
 
 use std::io::Write;
 
+use serde::{Deserialize, Serialize};
+
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -23,9 +25,55 @@ impl Trigger for IrqTrigger {
 
 pub struct Serial(vm_superio::Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>);
 
+/// The UART registers and receive FIFO, as a snapshot keeps them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SerialState {
+    pub registers: [u8; 10],
+    pub in_buffer: Vec<u8>,
+}
+
 impl Serial {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         Serial(vm_superio::Serial::new(IrqTrigger(irq), out))
+    }
+
+    pub fn from_state(state: &SerialState, irq: EventFd, out: Box<dyn Write + Send>) -> std::io::Result<Self> {
+        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch, _] =
+            state.registers;
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        vm_superio::Serial::from_state(&s, IrqTrigger(irq), vm_superio::serial::NoEvents, out)
+            .map(Serial)
+            .map_err(|e| std::io::Error::other(format!("serial state: {e:?}")))
+    }
+
+    pub fn state(&self) -> SerialState {
+        let s = self.0.state();
+        SerialState {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+                0,
+            ],
+            in_buffer: s.in_buffer,
+        }
     }
 }
 

@@ -174,6 +174,10 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.active = None;
     }
+
+    fn active_queues(&self) -> Option<&[Queue]> {
+        self.active.as_ref().map(|(_, q, _)| std::slice::from_ref(q))
+    }
 }
 
 #[cfg(test)]

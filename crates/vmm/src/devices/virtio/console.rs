@@ -320,6 +320,33 @@ impl VirtioDevice for Console {
         self.pending_tx = None;
         self.update_interest();
     }
+
+    fn active_queues(&self) -> Option<&[Queue]> {
+        self.active.as_ref().map(|a| a.queues.as_slice())
+    }
+
+    fn save_state(&self) -> Vec<u8> {
+        let state = ConsoleState {
+            pending_control: self.pending_control.iter().cloned().collect(),
+            pending_tx: self.pending_tx.as_ref().map(|p| (p.head, p.segments.iter().copied().collect())),
+        };
+        bincode::serialize(&state).unwrap_or_default()
+    }
+
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let state: ConsoleState = bincode::deserialize(bytes).map_err(|e| format!("virtio-console state: {e}"))?;
+        self.pending_control = state.pending_control.into();
+        self.pending_tx = state.pending_tx.map(|(head, segments)| PendingTx { head, segments: segments.into() });
+        self.update_interest();
+        Ok(())
+    }
+}
+
+/// What a snapshot keeps of the console beyond its queues.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ConsoleState {
+    pending_control: Vec<Vec<u8>>,
+    pending_tx: Option<(u16, Vec<(u64, usize)>)>,
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use super::persist::{QueueSnapshot, TransportState};
 use super::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
 
@@ -56,6 +57,56 @@ impl MmioTransport {
             activated: false,
             config_generation: 0,
         }
+    }
+
+    pub fn state(&self) -> TransportState {
+        let live = self.device.active_queues().filter(|_| self.activated).unwrap_or(&self.queues);
+        TransportState {
+            device_type: self.device.device_type(),
+            queues: live.iter().map(QueueSnapshot::from).collect(),
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            acked_features: self.acked_features,
+            status: self.status,
+            activated: self.activated,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            device: self.device.save_state(),
+        }
+    }
+
+    /// Rebuilds a transport (and re-activates its device) from a snapshot.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt: Interrupt,
+        state: &TransportState,
+    ) -> Result<Self, String> {
+        let mut t = MmioTransport::new(device, mem, interrupt);
+        if state.device_type != t.device.device_type() || state.queues.len() != t.queues.len() {
+            return Err(format!("virtio device type {} in the snapshot does not match the configured device", state.device_type));
+        }
+        t.queues = state.queues.iter().map(QueueSnapshot::to_queue).collect::<Result<_, _>>().map_err(|e| format!("virtio queue: {e:?}"))?;
+        t.queue_select = state.queue_select;
+        t.device_features_select = state.device_features_select;
+        t.driver_features_select = state.driver_features_select;
+        t.acked_features = state.acked_features;
+        t.status = state.status;
+        t.config_generation = state.config_generation;
+        t.interrupt.set_status(state.interrupt_status);
+        if state.activated {
+            let queues = state.queues.iter().map(QueueSnapshot::to_queue).collect::<Result<_, _>>().map_err(|e| format!("virtio queue: {e:?}"))?;
+            t.device.activate(Activation {
+                mem: t.mem.clone(),
+                queues,
+                interrupt: t.interrupt.clone(),
+                acked_features: t.acked_features,
+            });
+            t.activated = true;
+            t.device.restore_state(&state.device)?;
+        }
+        Ok(t)
     }
 
     pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
@@ -248,6 +299,9 @@ mod tests {
             self.notified.fetch_add(1, Ordering::SeqCst);
         }
         fn reset(&mut self) {}
+        fn active_queues(&self) -> Option<&[Queue]> {
+            None
+        }
     }
 
     fn transport() -> (MmioTransport, Arc<AtomicUsize>, Arc<AtomicUsize>) {

@@ -6,6 +6,7 @@
 pub mod block;
 pub mod console;
 pub mod mmio;
+pub mod persist;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -47,6 +48,10 @@ impl Interrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    pub fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
@@ -83,6 +88,16 @@ pub trait VirtioDevice: Send {
     fn host_event(&mut self, _events: vmm_sys_util::epoll::EventSet) {}
     /// The driver reset the device: drop the queues, keep host resources.
     fn reset(&mut self);
+    /// The queues the device is using (after `activate`), for snapshots.
+    fn active_queues(&self) -> Option<&[Queue]>;
+    /// Device state beyond its queues, for snapshots.
+    fn save_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Restores `save_state`'s bytes; called after `activate` when the device was active.
+    fn restore_state(&mut self, _state: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Reads `data.len()` bytes of a little-endian config space at `offset`; out of range reads 0.

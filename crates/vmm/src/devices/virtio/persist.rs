@@ -1,0 +1,68 @@
+//! Snapshot state of a virtio-mmio transport and its queues. The device's own state
+//! (`VirtioDevice::save_state`) rides along as opaque bytes.
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState};
+
+/// `virtio_queue::QueueState`, serialisable.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<&Queue> for QueueSnapshot {
+    fn from(q: &Queue) -> Self {
+        let s = q.state();
+        QueueSnapshot {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+}
+
+impl QueueSnapshot {
+    pub fn to_queue(&self) -> Result<Queue, virtio_queue::Error> {
+        Queue::try_from(QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx_enabled,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    /// The live queues: the device's own copies once activated, else the registers' view.
+    pub queues: Vec<QueueSnapshot>,
+    pub queue_select: u32,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub acked_features: u64,
+    pub status: u32,
+    pub activated: bool,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub device: Vec<u8>,
+}

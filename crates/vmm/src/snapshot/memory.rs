@@ -1,0 +1,83 @@
+//! Guest RAM to and from the memory file. Saving writes only resident pages (the file is
+//! sparse); restoring maps the file `MAP_PRIVATE`, so pages load on first touch from the shared
+//! page cache and each clone's writes stay its own (copy-on-write).
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::path::Path;
+use std::sync::Arc;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
+
+use super::MemoryRegionState;
+use crate::error::{Error, Result};
+
+const PAGE: usize = 4096;
+
+/// Which pages of `[host, host + len)` are resident; None if the kernel cannot say.
+fn resident_pages(host: *mut u8, len: usize) -> Option<Vec<u8>> {
+    let mut vec = vec![0u8; len.div_ceil(PAGE)];
+    // SAFETY: `host..host+len` is one live mapping owned by the guest memory; `vec` has one
+    // byte per page of it, as mincore(2) requires.
+    let rc = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
+    (rc == 0).then_some(vec)
+}
+
+/// Writes guest RAM to `file` (region after region) and returns the layout.
+pub fn dump(mem: &GuestMemoryMmap, file: &mut File, path: &Path) -> Result<Vec<MemoryRegionState>> {
+    let io = |source| Error::SnapshotIo { path: path.to_owned(), source };
+    let mut layout = Vec::new();
+    let mut offset = 0u64;
+    for region in mem.iter() {
+        let (start, size) = (region.start_addr(), region.len());
+        let host = mem.get_host_address(start).map_err(|e| Error::Snapshot(e.to_string()))?;
+        let resident = resident_pages(host, size as usize).unwrap_or_else(|| vec![1; (size as usize).div_ceil(PAGE)]);
+        // Copy runs of resident pages; the holes stay sparse (they read as zeros).
+        let mut page = 0usize;
+        while page < resident.len() {
+            if resident[page] & 1 == 0 {
+                page += 1;
+                continue;
+            }
+            let run_start = page;
+            while page < resident.len() && resident[page] & 1 == 1 {
+                page += 1;
+            }
+            let (from, len) = ((run_start * PAGE) as u64, ((page - run_start) * PAGE).min(size as usize - run_start * PAGE));
+            file.seek(SeekFrom::Start(offset + from)).map_err(io)?;
+            mem.write_all_volatile_to(GuestAddress(start.0 + from), file, len)
+                .map_err(|e| Error::Snapshot(format!("cannot write guest memory: {e}")))?;
+        }
+        layout.push(MemoryRegionState { guest_addr: start.0, size, file_offset: offset });
+        offset += size;
+    }
+    file.set_len(offset).map_err(io)?;
+    Ok(layout)
+}
+
+/// Maps the memory file privately at the recorded guest addresses.
+pub fn map_private(path: &Path, layout: &[MemoryRegionState]) -> Result<GuestMemoryMmap> {
+    let file = Arc::new(File::open(path).map_err(|source| Error::SnapshotIo { path: path.to_owned(), source })?);
+    let file_len = file.metadata().map_err(|source| Error::SnapshotIo { path: path.to_owned(), source })?.len();
+    let mut regions = Vec::with_capacity(layout.len());
+    for r in layout {
+        // A mapping past the end of the file would SIGBUS on first touch: refuse it up front.
+        if r.file_offset.checked_add(r.size).is_none_or(|end| end > file_len) {
+            return Err(Error::SnapshotCorrupt {
+                path: path.to_owned(),
+                reason: format!("memory file is {file_len} bytes, the snapshot needs {}", r.file_offset + r.size),
+            });
+        }
+        let mapping = MmapRegionBuilder::new(r.size as usize)
+            .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| Error::Memory { mib: (r.size >> 20) as u32, reason: e.to_string() })?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
+            .ok_or_else(|| Error::Snapshot("memory region address overflows".into()))?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Snapshot(format!("memory layout: {e}")))
+}

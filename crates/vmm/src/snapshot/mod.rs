@@ -1,0 +1,140 @@
+//! Snapshots: a state file (everything but guest RAM) and a memory file (guest RAM, sparse).
+//!
+//! State file: `MAGIC` (8) | format version (u32 LE) | body length (u64 LE) | body (bincode of
+//! `MachineState`) | CRC32 of everything before it (u32 LE). It is written to a temporary
+//! file, synced and renamed, so a failed snapshot (disk full) leaves the previous one intact.
+
+pub mod memory;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::vcpu_state::VcpuState;
+use crate::arch::vm_state::VmState;
+use crate::devices::legacy::serial::SerialState;
+use crate::devices::virtio::persist::TransportState;
+use crate::error::{Error, Result};
+use crate::vmm::VmConfig;
+
+pub const MAGIC: &[u8; 8] = b"MCELLSNP";
+pub const FORMAT_VERSION: u32 = 1;
+const HEADER_LEN: usize = 8 + 4 + 8;
+/// No state file is this big; a larger length field means a damaged file.
+const MAX_BODY: u64 = 64 << 20;
+
+/// Enough of the host CPU to refuse a restore that KVM would reject or run wrongly.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuFingerprint {
+    pub vendor: String,
+    pub family_model_stepping: u32,
+}
+
+impl CpuFingerprint {
+    pub fn of_this_host() -> Self {
+        let (l0, l1) = (std::arch::x86_64::__cpuid(0), std::arch::x86_64::__cpuid(1));
+        let mut vendor = Vec::with_capacity(12);
+        for r in [l0.ebx, l0.edx, l0.ecx] {
+            vendor.extend_from_slice(&r.to_le_bytes());
+        }
+        CpuFingerprint { vendor: String::from_utf8_lossy(&vendor).into_owned(), family_model_stepping: l1.eax }
+    }
+}
+
+/// Where each RAM region sits in the memory file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemoryRegionState {
+    pub guest_addr: u64,
+    pub size: u64,
+    pub file_offset: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MachineState {
+    pub config: VmConfig,
+    pub cpu: CpuFingerprint,
+    pub memory: Vec<MemoryRegionState>,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub serial: SerialState,
+    pub virtio: Vec<TransportState>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::SnapshotIo { path: path.to_owned(), source }
+}
+
+/// Writes `path` atomically: a temporary file beside it, fsync, rename.
+pub fn write_atomically(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
+    let tmp = tmp_path(path);
+    let result = (|| {
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        write(&mut f)?;
+        f.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, path).map_err(io(path))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp-{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+pub fn save_state(path: &Path, state: &MachineState) -> Result<()> {
+    let body = bincode::serialize(state).map_err(|e| Error::Snapshot(format!("cannot encode the state: {e}")))?;
+    let mut bytes = Vec::with_capacity(HEADER_LEN + body.len() + 4);
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&body);
+    let crc = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    write_atomically(path, |f| f.write_all(&bytes).map_err(io(path)))
+}
+
+/// Reads and checks a state file: magic, version, length, checksum, then the host CPU.
+pub fn load_state(path: &Path) -> Result<MachineState> {
+    let corrupt = |reason: &str| Error::SnapshotCorrupt { path: path.to_owned(), reason: reason.to_owned() };
+    let mut f = File::open(path).map_err(io(path))?;
+    let mut header = [0u8; HEADER_LEN];
+    f.read_exact(&mut header).map_err(|_| corrupt("shorter than its header"))?;
+    if &header[..8] != MAGIC {
+        return Err(corrupt("not a microcell snapshot state file (bad magic)"));
+    }
+    let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
+    if version != FORMAT_VERSION {
+        return Err(Error::SnapshotVersion { path: path.to_owned(), found: version, supported: FORMAT_VERSION });
+    }
+    let len = u64::from_le_bytes(header[12..20].try_into().unwrap());
+    if len > MAX_BODY {
+        return Err(corrupt("implausible length"));
+    }
+    let mut rest = Vec::with_capacity(len as usize + 4);
+    f.read_to_end(&mut rest).map_err(io(path))?;
+    if rest.len() as u64 != len + 4 {
+        return Err(corrupt("truncated or padded"));
+    }
+    let (body, crc) = rest.split_at(len as usize);
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&header);
+    hasher.update(body);
+    if hasher.finalize() != u32::from_le_bytes(crc.try_into().unwrap()) {
+        return Err(corrupt("checksum mismatch"));
+    }
+    let state: MachineState = bincode::deserialize(body).map_err(|e| corrupt(&format!("undecodable state ({e})")))?;
+    let here = CpuFingerprint::of_this_host();
+    if state.cpu != here {
+        return Err(Error::SnapshotHost(format!(
+            "snapshot: {} {:#x}, this host: {} {:#x}",
+            state.cpu.vendor, state.cpu.family_model_stepping, here.vendor, here.family_model_stepping
+        )));
+    }
+    Ok(state)
+}
