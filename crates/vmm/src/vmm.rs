@@ -108,9 +108,8 @@ struct Machine {
     config: VmConfig,
 }
 
-/// The VM with its devices, before any vCPU exists: what `start` and `restore` share.
+/// A VM's devices, before any vCPU runs: what `start` and `restore` share.
 struct Assembly {
-    vm: vm::Vm,
     memory: GuestMemoryMmap,
     lifecycle: Arc<Lifecycle>,
     pio_bus: Bus,
@@ -133,13 +132,12 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn assemble(
-    kvm: &Kvm,
+    vm: &vm::Vm,
     config: &VmConfig,
     memory: GuestMemoryMmap,
     console: Box<dyn Write + Send>,
     states: Option<DeviceStates<'_>>,
 ) -> Result<Assembly> {
-    let vm = vm::Vm::new(kvm, &memory)?;
     let lifecycle = Arc::new(Lifecycle::new(usize::from(config.vcpus)));
 
     let mut pio_bus = Bus::default();
@@ -190,7 +188,6 @@ fn assemble(
         return Err(Error::Snapshot("the snapshot has more virtio devices than the configuration".into()));
     }
     Ok(Assembly {
-        vm,
         memory,
         lifecycle,
         pio_bus,
@@ -207,6 +204,7 @@ fn assemble(
 pub struct LoadedSnapshot {
     state: MachineState,
     memory_path: PathBuf,
+    memory_file: std::fs::File,
 }
 
 pub const SNAPSHOT_STATE_FILE: &str = "vm.state";
@@ -217,9 +215,9 @@ impl LoadedSnapshot {
     pub fn load(dir: &Path) -> Result<LoadedSnapshot> {
         let state = snapshot::load_state(&dir.join(SNAPSHOT_STATE_FILE))?;
         let memory_path = dir.join(SNAPSHOT_MEMORY_FILE);
-        let len = std::fs::metadata(&memory_path)
-            .map_err(|source| Error::SnapshotIo { path: memory_path.clone(), source })?
-            .len();
+        let io = |source| Error::SnapshotIo { path: memory_path.clone(), source };
+        let memory_file = std::fs::File::open(&memory_path).map_err(io)?;
+        let len = memory_file.metadata().map_err(io)?.len();
         let needed: u64 = state.memory.iter().map(|r| r.file_offset + r.size).max().unwrap_or(0);
         if len < needed {
             return Err(Error::SnapshotCorrupt {
@@ -227,12 +225,40 @@ impl LoadedSnapshot {
                 reason: format!("memory file is {len} bytes, the snapshot needs {needed}"),
             });
         }
-        Ok(LoadedSnapshot { state, memory_path })
+        Ok(LoadedSnapshot { state, memory_path, memory_file })
     }
 
     /// The configuration the snapshot was taken with.
     pub fn config(&self) -> &VmConfig {
         &self.state.config
+    }
+
+    /// An empty VM shaped for this snapshot, to restore into later (see `VmShell`).
+    pub fn shell(&self) -> Result<VmShell> {
+        VmShell::new(self.state.config.memory_mib, self.state.config.vcpus)
+    }
+}
+
+/// A VM with its memory slots, irqchip, PIT and vCPUs created but nothing loaded: the slow,
+/// snapshot-independent part of building a VM, done ahead of time (`RestorePool`). Its RAM is
+/// reserved, untouched anonymous memory that a restore maps the snapshot's memory file over.
+pub struct VmShell {
+    vm: vm::Vm,
+    memory: GuestMemoryMmap,
+    vcpus: Vec<Vcpu>,
+    memory_mib: u32,
+}
+
+impl VmShell {
+    pub fn new(memory_mib: u32, vcpus: u8) -> Result<VmShell> {
+        let probe = VmConfig { vcpus, memory_mib, ..Default::default() };
+        probe.check()?;
+        let kvm = kvm()?;
+        let memory = memory::create(memory_mib)?;
+        let vm = vm::Vm::new(kvm, &memory)?;
+        let cpuid = supported_cpuid(kvm)?;
+        let vcpus = (0..vcpus).map(|i| Vcpu::new(vm.fd(), i, vcpus, cpuid)).collect::<Result<Vec<_>>>()?;
+        Ok(VmShell { vm, memory, vcpus, memory_mib })
     }
 }
 
@@ -284,7 +310,6 @@ impl Vm {
     pub fn start(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vm> {
         let start_ns = monotonic_ns();
         config.check()?;
-        let kvm = kvm()?;
         if boot::kernel_kind(&config.kernel)? == KernelKind::Linux && !config.allow_unsupported_host {
             let host = host::cached();
             if !host.can_boot_linux {
@@ -296,7 +321,8 @@ impl Vm {
             }
         }
         let mem_bytes = u64::from(config.memory_mib) << 20;
-        let a = assemble(kvm, config, memory::create(config.memory_mib)?, console, None)?;
+        let shell = VmShell::new(config.memory_mib, config.vcpus)?;
+        let a = assemble(&shell.vm, config, shell.memory, console, None)?;
         let cmdline = std::iter::once(config.cmdline.as_str())
             .chain(a.cmdline_entries.iter().map(String::as_str))
             .filter(|s| !s.is_empty())
@@ -311,19 +337,29 @@ impl Vm {
         boot::write_boot_info(&a.memory, mem_bytes, &kernel, &cmdline, initrd)?;
         mptable::write(&a.memory, config.vcpus)?;
 
-        let cpuid = supported_cpuid(kvm)?;
-        let vcpus = (0..config.vcpus)
-            .map(|i| Vcpu::new(a.vm.fd(), i, config.vcpus, cpuid))
-            .collect::<Result<Vec<_>>>()?;
-        vcpus[0].configure_boot(&a.memory, kernel.entry)?;
-        Self::launch(a, vcpus, config.clone(), start_ns)
+        shell.vcpus[0].configure_boot(&a.memory, kernel.entry)?;
+        Self::launch(shell.vm, a, shell.vcpus, config.clone(), start_ns)
     }
 
     /// Builds a VM from a loaded snapshot and runs it from where the snapshot was taken.
     /// Guest memory maps the snapshot's memory file privately: nothing is copied up front.
     pub fn restore(snapshot: &LoadedSnapshot, console: Box<dyn Write + Send>, options: RestoreOptions) -> Result<Vm> {
         let start_ns = monotonic_ns();
-        let kvm = kvm()?;
+        Self::restore_into(snapshot.shell()?, snapshot, console, options, start_ns)
+    }
+
+    /// `restore` into a shell made earlier (`LoadedSnapshot::shell`): the fast path.
+    pub fn restore_in(shell: VmShell, snapshot: &LoadedSnapshot, console: Box<dyn Write + Send>, options: RestoreOptions) -> Result<Vm> {
+        Self::restore_into(shell, snapshot, console, options, monotonic_ns())
+    }
+
+    fn restore_into(
+        shell: VmShell,
+        snapshot: &LoadedSnapshot,
+        console: Box<dyn Write + Send>,
+        options: RestoreOptions,
+        start_ns: u64,
+    ) -> Result<Vm> {
         let state = &snapshot.state;
         let mut config = state.config.clone();
         if let Some(disks) = options.block_devices {
@@ -336,29 +372,28 @@ impl Vm {
             }
             config.block_devices = disks;
         }
+        if shell.memory_mib != config.memory_mib || shell.vcpus.len() != usize::from(config.vcpus) {
+            return Err(Error::Config("the VM shell was made for a different memory size or vCPU count".into()));
+        }
         if state.vcpus.len() != usize::from(config.vcpus) {
             return Err(Error::SnapshotCorrupt { path: snapshot.memory_path.clone(), reason: "vCPU count mismatch".into() });
         }
-        let memory = snapshot::memory::map_private(&snapshot.memory_path, &state.memory)?;
+        snapshot::memory::map_over(&shell.memory, &snapshot.memory_file, &snapshot.memory_path, &state.memory)?;
         let states = DeviceStates { serial: &state.serial, virtio: &state.virtio };
-        let a = assemble(kvm, &config, memory, console, Some(states))?;
-        vm_state::restore(a.vm.fd(), &state.vm)?;
-        let cpuid = supported_cpuid(kvm)?;
-        let vcpus = (0..config.vcpus)
-            .map(|i| Vcpu::new(a.vm.fd(), i, config.vcpus, cpuid))
-            .collect::<Result<Vec<_>>>()?;
-        for (vcpu, s) in vcpus.iter().zip(&state.vcpus) {
+        let a = assemble(&shell.vm, &config, shell.memory, console, Some(states))?;
+        vm_state::restore(shell.vm.fd(), &state.vm)?;
+        for (vcpu, s) in shell.vcpus.iter().zip(&state.vcpus) {
             vcpu_state::restore(&lock(&vcpu.fd()), s)?;
         }
-        Self::launch(a, vcpus, config, start_ns)
+        Self::launch(shell.vm, a, shell.vcpus, config, start_ns)
     }
 
     /// Starts the event loop and one thread per vCPU.
-    fn launch(a: Assembly, vcpus: Vec<Vcpu>, config: VmConfig, start_ns: u64) -> Result<Vm> {
+    fn launch(vm: vm::Vm, a: Assembly, vcpus: Vec<Vcpu>, config: VmConfig, start_ns: u64) -> Result<Vm> {
         let event_loop = a.event_loop.spawn_if_needed("mc-events".into()).map_err(Error::Thread)?;
         let machine = Arc::new(Machine {
             vcpus: vcpus.iter().map(Vcpu::fd).collect(),
-            vm: a.vm,
+            vm,
             _event_loop: event_loop,
             serial: a.serial,
             virtio: a.virtio,

@@ -1,14 +1,13 @@
 //! Guest RAM to and from the memory file. Saving writes only resident pages (the file is
-//! sparse); restoring maps the file `MAP_PRIVATE`, so pages load on first touch from the shared
-//! page cache and each clone's writes stay its own (copy-on-write).
+//! sparse); restoring maps the file `MAP_PRIVATE` over the VM's RAM, so pages load on first
+//! touch from the shared page cache and each clone's writes stay its own (copy-on-write).
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::path::Path;
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
 
-use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::MemoryRegionState;
 use crate::error::{Error, Result};
@@ -56,12 +55,18 @@ pub fn dump(mem: &GuestMemoryMmap, file: &mut File, path: &Path) -> Result<Vec<M
     Ok(layout)
 }
 
-/// Maps the memory file privately at the recorded guest addresses.
-pub fn map_private(path: &Path, layout: &[MemoryRegionState]) -> Result<GuestMemoryMmap> {
-    let file = Arc::new(File::open(path).map_err(|source| Error::SnapshotIo { path: path.to_owned(), source })?);
+/// Maps the memory file privately over guest RAM that already exists (a shell's reserved,
+/// never-touched anonymous memory), at the same host addresses: KVM's memory slots stay valid.
+pub fn map_over(mem: &GuestMemoryMmap, file: &File, path: &Path, layout: &[MemoryRegionState]) -> Result<()> {
     let file_len = file.metadata().map_err(|source| Error::SnapshotIo { path: path.to_owned(), source })?.len();
-    let mut regions = Vec::with_capacity(layout.len());
-    for r in layout {
+    let regions: Vec<_> = mem.iter().collect();
+    if regions.len() != layout.len() {
+        return Err(Error::Snapshot("the VM's memory layout differs from the snapshot's".into()));
+    }
+    for (region, r) in regions.iter().zip(layout) {
+        if region.start_addr().0 != r.guest_addr || region.len() != r.size {
+            return Err(Error::Snapshot("the VM's memory layout differs from the snapshot's".into()));
+        }
         // A mapping past the end of the file would SIGBUS on first touch: refuse it up front.
         if r.file_offset.checked_add(r.size).is_none_or(|end| end > file_len) {
             return Err(Error::SnapshotCorrupt {
@@ -69,15 +74,23 @@ pub fn map_private(path: &Path, layout: &[MemoryRegionState]) -> Result<GuestMem
                 reason: format!("memory file is {file_len} bytes, the snapshot needs {}", r.file_offset + r.size),
             });
         }
-        let mapping = MmapRegionBuilder::new(r.size as usize)
-            .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| Error::Memory { mib: (r.size >> 20) as u32, reason: e.to_string() })?;
-        let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
-            .ok_or_else(|| Error::Snapshot("memory region address overflows".into()))?;
-        regions.push(region);
+        let host = mem.get_host_address(region.start_addr()).map_err(|e| Error::Snapshot(e.to_string()))?;
+        // SAFETY: `host..host+size` is exactly one region of `mem`, which owns the mapping and
+        // keeps it alive; nothing has run in the guest or holds references into it yet, so
+        // replacing its pages (MAP_FIXED) cannot invalidate live borrows.
+        let mapped = unsafe {
+            libc::mmap(
+                host.cast(),
+                r.size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                r.file_offset as libc::off_t,
+            )
+        };
+        if mapped != host.cast() {
+            return Err(Error::SnapshotIo { path: path.to_owned(), source: std::io::Error::last_os_error() });
+        }
     }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Snapshot(format!("memory layout: {e}")))
+    Ok(())
 }
