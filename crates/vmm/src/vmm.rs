@@ -106,6 +106,28 @@ struct Machine {
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     memory: GuestMemoryMmap,
     config: VmConfig,
+    /// Per-VM files (a clone's disk copies), removed with the machine.
+    scratch: Mutex<Option<ScratchDir>>,
+}
+
+/// A private temporary directory, removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new() -> Result<ScratchDir> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("microcell-vm-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|source| Error::SnapshotIo { path: dir.clone(), source })?;
+        Ok(ScratchDir(dir))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A VM's devices, before any vCPU runs: what `start` and `restore` share.
@@ -362,6 +384,17 @@ impl Vm {
     ) -> Result<Vm> {
         let state = &snapshot.state;
         let mut config = state.config.clone();
+        let mut scratch = None;
+        if options.block_devices.is_none() && config.block_devices.iter().any(|d| !d.read_only) {
+            // Each clone writes to its own copy of the snapshot's writable disks.
+            let dir = ScratchDir::new()?;
+            for (i, disk) in config.block_devices.iter_mut().enumerate().filter(|(_, d)| !d.read_only) {
+                let copy = dir.0.join(format!("disk{i}.img"));
+                snapshot::disk::clone_file(&disk.path, &copy).map_err(|source| Error::SnapshotIo { path: copy.clone(), source })?;
+                disk.path = copy;
+            }
+            scratch = Some(dir);
+        }
         if let Some(disks) = options.block_devices {
             if disks.len() != config.block_devices.len() {
                 return Err(Error::Config(format!(
@@ -385,7 +418,11 @@ impl Vm {
         for (vcpu, s) in shell.vcpus.iter().zip(&state.vcpus) {
             vcpu_state::restore(&lock(&vcpu.fd()), s)?;
         }
-        Self::launch(shell.vm, a, shell.vcpus, config, start_ns)
+        let vm = Self::launch(shell.vm, a, shell.vcpus, config, start_ns)?;
+        if let Some(dir) = scratch {
+            lock(&vm.machine().scratch).replace(dir);
+        }
+        Ok(vm)
     }
 
     /// Starts the event loop and one thread per vCPU.
@@ -399,6 +436,7 @@ impl Vm {
             virtio: a.virtio,
             memory: a.memory,
             config,
+            scratch: Mutex::new(None),
         });
         let lifecycle = a.lifecycle;
         let ctx = Arc::new(RunContext {
@@ -508,8 +546,18 @@ impl Vm {
             layout = snapshot::memory::dump(&m.memory, f, &memory_path)?;
             Ok(())
         })?;
+        // Writable disks are copied (copy-on-write where possible) while the VM cannot write.
+        let mut config = m.config.clone();
+        for (i, disk) in config.block_devices.iter_mut().filter(|d| !d.read_only).enumerate() {
+            let copy = dir.join(format!("disk{i}.img"));
+            let tmp = dir.join(format!("disk{i}.img.tmp-{}", std::process::id()));
+            snapshot::disk::clone_file(&disk.path, &tmp)
+                .and_then(|_| std::fs::rename(&tmp, &copy))
+                .map_err(|source| Error::SnapshotIo { path: copy.clone(), source })?;
+            disk.path = copy;
+        }
         let state = MachineState {
-            config: m.config.clone(),
+            config,
             cpu: snapshot::CpuFingerprint::of_this_host(),
             memory: layout,
             vm,

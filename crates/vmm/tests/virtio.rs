@@ -104,6 +104,7 @@ fn virtio_guest_drives_blk_and_console_with_interrupts() {
 
     let out = console.text();
     let report = Report::parse(&out);
+    if std::env::var_os("TG_SHOW").is_some() { println!("{out}"); }
     println!("virtio guest ran in {elapsed:?}, {} checks passed", report.passed.len());
     for info in &report.info {
         println!("  {info}");

@@ -4,6 +4,7 @@
 //! `MachineState`) | CRC32 of everything before it (u32 LE). It is written to a temporary
 //! file, synced and renamed, so a failed snapshot (disk full) leaves the previous one intact.
 
+pub mod disk;
 pub mod memory;
 
 use std::fs::File;
