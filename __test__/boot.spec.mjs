@@ -191,6 +191,13 @@ kvm('pending wait() and readConsole() hold no libuv threadpool thread', async (t
   t.true(vms.every((vm) => vm.exitStatus.reason === 'killed'))
 })
 
+;(skipReason ? test : test.skip)('without a usable /dev/kvm, start() rejects with E_NO_KVM', async (t) => {
+  const err = await t.throwsAsync(MicroVm.builder().kernel(guest('hello.pvh.elf')).memoryMib(64).start(), {
+    instanceOf: MicrocellError,
+  })
+  t.is(err.code, 'E_NO_KVM', err.message)
+})
+
 kvm('VMM errors reach JS with their codes', async (t) => {
   const notAKernel = path.join(dir, 'not-a-kernel')
   fs.writeFileSync(notAKernel, 'this is not an ELF or a bzImage'.repeat(100))

@@ -27,7 +27,10 @@ fn panic_error(payload: Box<dyn std::any::Any + Send>) -> Error {
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into());
-    coded("E_INTERNAL", format!("microcell hit an internal error ({what}); please report it"))
+    coded(
+        "E_INTERNAL",
+        format!("microcell hit an internal error ({what}); please report it"),
+    )
 }
 
 /// Runs a synchronous binding body, turning a panic into an `E_INTERNAL` error.
@@ -67,14 +70,20 @@ pub struct ExitInfo {
 }
 
 fn exit_info(reason: ExitReason) -> ExitInfo {
-    let plain = |r: &str| ExitInfo { reason: r.into(), code: None, message: None };
+    let plain = |r: &str| ExitInfo {
+        reason: r.into(),
+        code: None,
+        message: None,
+    };
     match reason {
         ExitReason::Reset => plain("reset"),
         ExitReason::Stopped => plain("stopped"),
         ExitReason::Killed => plain("killed"),
-        ExitReason::Crashed { code, message } => {
-            ExitInfo { reason: "crashed".into(), code: Some(code.to_string()), message: Some(message) }
-        }
+        ExitReason::Crashed { code, message } => ExitInfo {
+            reason: "crashed".into(),
+            code: Some(code.to_string()),
+            message: Some(message),
+        },
     }
 }
 
@@ -102,8 +111,14 @@ pub struct ConsoleStats {
 #[napi]
 pub async fn start_vm(config_json: String, options: Option<StartVmOptions>) -> Result<NativeVm> {
     let options = StartOptions {
-        console_stream: options.as_ref().and_then(|o| o.console_stream).unwrap_or(false),
-        console_queue_bytes: options.as_ref().and_then(|o| o.console_queue_bytes).map(|n| n as usize),
+        console_stream: options
+            .as_ref()
+            .and_then(|o| o.console_stream)
+            .unwrap_or(false),
+        console_queue_bytes: options
+            .as_ref()
+            .and_then(|o| o.console_queue_bytes)
+            .map(|n| n as usize),
     };
     let started = spawn_blocking(move || {
         catch_unwind(AssertUnwindSafe(|| {
@@ -114,7 +129,9 @@ pub async fn start_vm(config_json: String, options: Option<StartVmOptions>) -> R
     })
     .await
     .map_err(|e| coded("E_INTERNAL", format!("the start task failed: {e}")))??;
-    Ok(NativeVm { vm: Arc::new(started) })
+    Ok(NativeVm {
+        vm: Arc::new(started),
+    })
 }
 
 /// A running (or ended) microVM. Made by `startVm`; dropping it (GC) kills the VM.
@@ -160,7 +177,10 @@ impl NativeVm {
     #[napi]
     pub async fn read_console(&self, max_bytes: Option<u32>) -> Result<Option<Buffer>> {
         let reader = self.vm.console().cloned().ok_or_else(|| {
-            coded("E_CONSOLE_NOT_ENABLED", "this VM keeps no console stream: start it with { consoleStream: true }")
+            coded(
+                "E_CONSOLE_NOT_ENABLED",
+                "this VM keeps no console stream: start it with { consoleStream: true }",
+            )
         })?;
         let max = max_bytes.map_or(sandbox::console::DEFAULT_READ_SIZE, |n| n as usize);
         Ok(reader.read(max).await.map(Buffer::from))

@@ -14,7 +14,10 @@ pub enum Error {
     Vmm(#[from] vmm::Error),
     /// The console output file cannot be created.
     #[error("cannot create consoleOutput file {path:?}: {source}; give a path in a directory this process may write to")]
-    ConsoleOutput { path: PathBuf, source: std::io::Error },
+    ConsoleOutput {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// No thread could be started to watch the VM.
     #[error("cannot start the thread that waits for the VM: {0}; the process may have hit its thread limit")]
     Thread(std::io::Error),

@@ -39,28 +39,33 @@ impl MicroVm {
         let vm_config = config.to_vm_config()?;
         let console_options = ConsoleOptions {
             file: config.console_output.clone(),
-            queue_capacity: options
-                .console_stream
-                .then(|| options.console_queue_bytes.unwrap_or(console::DEFAULT_QUEUE_CAPACITY)),
+            queue_capacity: options.console_stream.then(|| {
+                options
+                    .console_queue_bytes
+                    .unwrap_or(console::DEFAULT_QUEUE_CAPACITY)
+            }),
         };
-        let (sink, console) = console::channel(&console_options).map_err(|source| Error::ConsoleOutput {
-            path: config.console_output.clone().unwrap_or_default(),
-            source,
-        })?;
+        let (sink, console) =
+            console::channel(&console_options).map_err(|source| Error::ConsoleOutput {
+                path: config.console_output.clone().unwrap_or_default(),
+                source,
+            })?;
         let reader = console.reader();
         let vm = Arc::new(vmm::Vm::start(&vm_config, Box::new(sink))?);
         let exit = Arc::new(ExitSlot::default());
 
         let watcher = {
             let (vm, exit, console) = (vm.clone(), exit.clone(), console.clone());
-            std::thread::Builder::new().name("microcell-wait".into()).spawn(move || {
-                let reason = vm.wait();
-                console.close();
-                exit.set(reason);
-                // The last reference may be this one: tearing a VM down takes milliseconds,
-                // and this thread is the right place for it.
-                drop(vm);
-            })
+            std::thread::Builder::new()
+                .name("microcell-wait".into())
+                .spawn(move || {
+                    let reason = vm.wait();
+                    console.close();
+                    exit.set(reason);
+                    // The last reference may be this one: tearing a VM down takes milliseconds,
+                    // and this thread is the right place for it.
+                    drop(vm);
+                })
         };
         if let Err(e) = watcher {
             vm.kill();
@@ -68,7 +73,12 @@ impl MicroVm {
             console.close();
             return Err(Error::Thread(e));
         }
-        Ok(MicroVm { vm: Some(vm), exit, console, reader })
+        Ok(MicroVm {
+            vm: Some(vm),
+            exit,
+            console,
+            reader,
+        })
     }
 
     fn vm(&self) -> &vmm::Vm {
@@ -87,7 +97,9 @@ impl MicroVm {
 
     /// Resolves when the VM has ended; needs no thread of its own.
     pub fn wait_async(&self) -> ExitFuture {
-        ExitFuture { slot: self.exit.clone() }
+        ExitFuture {
+            slot: self.exit.clone(),
+        }
     }
 
     /// Asks the VM to end; [`Self::wait`] then returns [`ExitReason::Stopped`] (unless it had

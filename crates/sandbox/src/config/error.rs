@@ -25,15 +25,26 @@ pub enum ConfigError {
 
     /// A required option is missing.
     #[error("{what} is required: {hint}")]
-    Missing { what: &'static str, hint: &'static str },
+    Missing {
+        what: &'static str,
+        hint: &'static str,
+    },
 
     /// A host path does not exist.
     #[error("{what} {path:?} does not exist on the host: fix the path (relative paths are resolved against the current directory {cwd:?})")]
-    PathNotFound { what: String, path: String, cwd: String },
+    PathNotFound {
+        what: String,
+        path: String,
+        cwd: String,
+    },
 
     /// A host path exists but is the wrong kind of file.
     #[error("{what} {path:?} is not {expected}: give the path of {expected}")]
-    PathKind { what: String, path: String, expected: &'static str },
+    PathKind {
+        what: String,
+        path: String,
+        expected: &'static str,
+    },
 
     /// A string that must be printable ASCII is not (exec path, args, working directory, host paths).
     #[error("{what} {value:?} contains characters that are not allowed: use printable ASCII only (0x20 space to 0x7e '~'; no NUL, newline, tab, other control characters or non-ASCII)")]
@@ -41,7 +52,11 @@ pub enum ConfigError {
 
     /// A guest path is relative or leaves the root.
     #[error("{what} {path:?} is not a usable guest path: {reason}")]
-    GuestPath { what: String, path: String, reason: &'static str },
+    GuestPath {
+        what: String,
+        path: String,
+        reason: &'static str,
+    },
 
     /// Two mapped directories would be mounted at the same place or one inside the other.
     #[error("mappedDirs: guest paths {first:?} and {second:?} conflict (the same path, or one inside the other, after normalisation): mount each directory at its own, separate guest path")]
@@ -49,7 +64,11 @@ pub enum ConfigError {
 
     /// A `host:guest` pair has the wrong shape.
     #[error("{what} entry {value:?} is malformed: write {expected}")]
-    Pair { what: &'static str, value: String, expected: &'static str },
+    Pair {
+        what: &'static str,
+        value: String,
+        expected: &'static str,
+    },
 
     /// A port number is out of range or repeated.
     #[error("portMap entry {value:?}: {reason}")]
