@@ -248,6 +248,13 @@ test('start() reports a console file it cannot create as E_CONSOLE_OUTPUT', asyn
   t.is(err.code, 'E_CONSOLE_OUTPUT')
 })
 
+test('start() refuses a console queue size that is not 1 byte to 1 GiB', async (t) => {
+  for (const consoleQueueBytes of [0, -1, 1.5, 2 ** 31]) {
+    const err = await t.throwsAsync(base().start({ consoleStream: true, consoleQueueBytes }), { instanceOf: MicrocellError })
+    t.is(err.code, 'E_INVALID_ARGUMENT')
+  }
+})
+
 test.after.always('every configuration error code was exercised', (t) => {
   t.deepEqual([...seen].sort(), [...CONFIG_ERROR_CODES].sort())
 })

@@ -177,7 +177,16 @@ export class MicroVm implements AsyncDisposable {
   static async start(config: MicroVmConfigInput, options: StartOptions = {}): Promise<MicroVm> {
     const consoleStream = options.consoleStream === true
     const nativeOptions: { consoleStream: boolean; consoleQueueBytes?: number } = { consoleStream }
-    if (options.consoleQueueBytes !== undefined) nativeOptions.consoleQueueBytes = options.consoleQueueBytes
+    const queue = options.consoleQueueBytes
+    if (queue !== undefined) {
+      if (!Number.isInteger(queue) || queue < 1 || queue > 2 ** 30) {
+        throw new MicrocellError(
+          'E_INVALID_ARGUMENT',
+          `consoleQueueBytes is ${String(queue)}: give a whole number of bytes from 1 to 1073741824 (default 1 MiB)`,
+        )
+      }
+      nativeOptions.consoleQueueBytes = queue
+    }
     const handle = await native.startVm(toJson(config), nativeOptions)
     return new MicroVm(handle, consoleStream)
   }
