@@ -13,8 +13,18 @@ const SETUP_SECTS: u32 = 1;
 const BOOT_VERSION: u32 = 0x020c; // 2.12: xloadflags (XLF_KERNEL_64), init_size
 const LOAD_ADDR: u64 = 0x100000;
 
-const SOURCES: &[&str] =
-    &["guest.ld", "tg.h", "entry.S", "pvh_note.S", "tiny.S", "setup.S", "rt.c", "bootcheck.c", "memtouch.c"];
+const SOURCES: &[&str] = &[
+    "guest.ld",
+    "tg.h",
+    "entry.S",
+    "pvh_note.S",
+    "tiny.S",
+    "setup.S",
+    "rt.c",
+    "bootcheck.c",
+    "memtouch.c",
+    "virtio.c",
+];
 
 const CFLAGS: &[&str] = &[
     "-std=gnu11",
@@ -82,12 +92,14 @@ fn main() {
     let rt = cc("rt.c", "rt.o", &[]);
     let bootcheck = cc("bootcheck.c", "bootcheck.o", &[]);
     let memtouch = cc("memtouch.c", "memtouch.o", &[]);
+    let virtio = cc("virtio.c", "virtio.o", &[]);
 
     // bootcheck: the same program three times. e_entry is the Linux 64-bit entry in both ELFs;
     // the PVH note (pvh_note.o) is what makes a VMM take the 32-bit PVH entry instead.
     let elf = ld("bootcheck.elf", "linux64_entry", &[&entry, &rt, &bootcheck]);
     ld("bootcheck.pvh.elf", "linux64_entry", &[&entry, &rt, &bootcheck, &note]);
     ld("memtouch.pvh.elf", "pvh_entry", &[&entry, &rt, &memtouch, &note]);
+    ld("virtio.pvh.elf", "pvh_entry", &[&entry, &rt, &virtio, &note]);
     for (name, def) in
         [("hello", "-DTG_HELLO"), ("halt", "-DTG_HALT"), ("spin", "-DTG_SPIN"), ("triplefault", "-DTG_TRIPLEFAULT")]
     {

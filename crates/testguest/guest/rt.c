@@ -160,19 +160,24 @@ void map_above_1g(uint64_t *pdpt)
 extern char exc_stubs[];
 static uint64_t idt[32][2];
 
-void install_idt(void)
+void idt_set_gate(uint64_t (*table)[2], unsigned vector, uint64_t handler)
 {
     uint16_t cs;
     __asm__ volatile("mov %%cs, %0" : "=r"(cs));
-    for (int v = 0; v < 32; v++) {
-        uint64_t h = (uint64_t)(uintptr_t)exc_stubs + 16 * (uint64_t)v;
-        idt[v][0] = (h & 0xffff) | ((uint64_t)cs << 16) | (0x8eULL << 40) /* present int gate */
-                    | ((h >> 16 & 0xffff) << 48);
-        idt[v][1] = h >> 32;
-    }
-    struct dtr d = {sizeof(idt) - 1, (uint64_t)(uintptr_t)idt};
+    table[vector][0] = (handler & 0xffff) | ((uint64_t)cs << 16) | (0x8eULL << 40) /* present int gate */
+                       | ((handler >> 16 & 0xffff) << 48);
+    table[vector][1] = handler >> 32;
+}
+
+void install_idt_table(uint64_t (*table)[2], unsigned entries)
+{
+    for (unsigned v = 0; v < 32; v++)
+        idt_set_gate(table, v, (uint64_t)(uintptr_t)exc_stubs + 16 * (uint64_t)v);
+    struct dtr d = {(uint16_t)(16 * entries - 1), (uint64_t)(uintptr_t)table};
     __asm__ volatile("lidt %0" : : "m"(d));
 }
+
+void install_idt(void) { install_idt_table(idt, 32); }
 
 void tg_exception(const uint64_t *f)
 {

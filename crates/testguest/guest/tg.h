@@ -77,6 +77,10 @@ int parse_u64(const char *s, uint64_t *out, const char **end);  /* decimal or 0x
 void map_above_1g(uint64_t *pdpt); /* point pdpt[1..3] at pt_pd[1..3]: [1, 4) GiB identity */
 uint32_t fnv1a32(const uint8_t *p, uint64_t n);
 void install_idt(void);               /* report CPU exceptions (rt.c) instead of triple faulting */
+/* The same with a caller's table of `entries` (>= 32) gates, for guests that take interrupts: the
+ * exception gates 0..31 are filled in and the table loaded; set the others with idt_set_gate. */
+void install_idt_table(uint64_t (*table)[2], unsigned entries);
+void idt_set_gate(uint64_t (*table)[2], unsigned vector, uint64_t handler); /* 64-bit interrupt gate */
 void tg_exception(const uint64_t *frame);
 
 /* Physical memory is identity-mapped: the address as a pointer (laundered through asm so that gcc

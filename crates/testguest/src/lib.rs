@@ -20,9 +20,13 @@ pub const SPIN: &str = "spin.pvh.elf";
 pub const TRIPLEFAULT: &str = "triplefault.pvh.elf";
 /// Writes a byte to each of `tg.pages=<n>` pages from 16 MiB, prints `TG touched <n>`, halts.
 pub const MEMTOUCH: &str = "memtouch.pvh.elf";
+/// Drives every `virtio_mmio.device=` of its command line with an interrupt-driven driver
+/// (virtio-blk, virtio-console), expectations from [`virtio_cmdline`]; reports like bootcheck.
+pub const VIRTIO: &str = "virtio.pvh.elf";
 
 /// Every guest image, by file name.
-pub const ALL: &[&str] = &[BOOTCHECK_PVH, BOOTCHECK_ELF, BOOTCHECK_BZIMAGE, HELLO, HALT, SPIN, TRIPLEFAULT, MEMTOUCH];
+pub const ALL: &[&str] =
+    &[BOOTCHECK_PVH, BOOTCHECK_ELF, BOOTCHECK_BZIMAGE, HELLO, HALT, SPIN, TRIPLEFAULT, MEMTOUCH, VIRTIO];
 
 /// The directory build.rs wrote the images to.
 pub const DIR: &str = env!("TESTGUEST_DIR");
@@ -53,6 +57,35 @@ pub fn bootcheck_cmdline(mem_mib: u64, cpus: u32, initrd: Option<&[u8]>) -> Stri
     format!("tg.mem={mem_mib} tg.cpus={cpus} tg.initrd={initrd}")
 }
 
+/// What the virtio guest expects, in MMIO order of the block devices: `disks` are (image
+/// content, read-only); `consoles` is how many virtio-console devices there are. Gives
+/// `tg.nblk=<n> tg.ncon=<n>` and per disk `tg.blk<i>=<sectors>:<fnv1a32 of the first 8 sectors>`
+/// (and `tg.blk<i>ro=1`). Images must be multiples of 512 bytes, at least 12 sectors.
+pub fn virtio_cmdline(disks: &[(&[u8], bool)], consoles: u32) -> String {
+    let mut s = format!("tg.nblk={} tg.ncon={consoles}", disks.len());
+    for (i, (data, ro)) in disks.iter().enumerate() {
+        let head = &data[..data.len().min(VIRTIO_CHECKED_SECTORS * 512)];
+        s += &format!(" tg.blk{i}={}:{:08x}", data.len() / 512, fnv1a32(head));
+        if *ro {
+            s += &format!(" tg.blk{i}ro=1");
+        }
+    }
+    s
+}
+
+/// Sectors at the start of each disk whose checksum the virtio guest compares.
+pub const VIRTIO_CHECKED_SECTORS: usize = 8;
+/// The virtio guest writes [`virtio_blk_pattern`] to this many sectors at the end of each
+/// writable disk.
+pub const VIRTIO_WRITTEN_SECTORS: usize = 4;
+/// What the virtio guest echoes through the console expects the host to do to every byte.
+pub const VIRTIO_ECHO_XOR: u8 = 0x5a;
+
+/// Byte `offset` of `sector` as the virtio guest writes it (guest/virtio.c `blk_pattern`).
+pub fn virtio_blk_pattern(sector: u64, offset: usize) -> u8 {
+    ((offset as u64 * 7) ^ (sector * 29) ^ 0xc3) as u8
+}
+
 /// A bootcheck report, parsed from the serial output.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
@@ -67,6 +100,8 @@ pub struct Report {
     pub failed: Vec<(String, String)>,
     /// From `TG done pass=<n> fail=<n>`.
     pub done: Option<(u32, u32)>,
+    /// `TG info <text>`: measurements, not checks (the virtio guest's interrupt counts).
+    pub info: Vec<String>,
     /// Lines that do not follow the format (there should be none).
     pub malformed: Vec<String>,
 }
@@ -84,6 +119,8 @@ impl Report {
                 r.cmdline = Some(rest.into());
             } else if line == "TG cmdline" {
                 r.cmdline = Some(String::new());
+            } else if let Some(text) = line.strip_prefix("TG info ") {
+                r.info.push(text.into());
             } else if let Some(check) = line.strip_prefix("TG ok ") {
                 r.passed.push(check.into());
             } else if let Some(rest) = line.strip_prefix("TG FAIL ") {
@@ -139,5 +176,18 @@ mod tests {
         assert!(r.malformed.is_empty());
         assert!(!r.all_passed());
         assert!(Report::parse("TG begin x entry=pvh\nTG ok a\nTG done pass=1 fail=0\n").all_passed());
+        let r = Report::parse("TG begin x entry=pvh\nTG info irq blk0 count=3\nTG ok a\nTG done pass=1 fail=0\n");
+        assert_eq!(r.info, ["irq blk0 count=3"]);
+        assert!(r.all_passed());
+    }
+
+    #[test]
+    fn virtio_expectations() {
+        let disk = vec![0u8; 16 * 512];
+        let cmdline = virtio_cmdline(&[(&disk, false), (&disk[..12 * 512], true)], 1);
+        let fnv = fnv1a32(&disk[..8 * 512]);
+        assert_eq!(cmdline, format!("tg.nblk=2 tg.ncon=1 tg.blk0=16:{fnv:08x} tg.blk1=12:{fnv:08x} tg.blk1ro=1"));
+        assert_eq!(virtio_blk_pattern(0, 0), 0xc3);
+        assert_eq!(virtio_blk_pattern(1, 1), 0xc3 ^ 29 ^ 7);
     }
 }

@@ -1,0 +1,1263 @@
+/*
+ * virtio: a minimal interrupt-driven virtio-mmio driver (virtio 1.2 §2.7 split virtqueues, §4.2
+ * MMIO transport) that drives every device named by a `virtio_mmio.device=` entry of the command
+ * line and checks what it gets back. Entered by PVH (entry.S maps [0, 4 GiB), the MMIO gap
+ * uncached).
+ *
+ * Interrupts: its own IDT (exceptions as in rt.c, one gate per IOAPIC pin at VEC_BASE + gsi, the
+ * LAPIC timer, the spurious vector), the 8259 PICs and LVT LINT0 masked, the LAPIC enabled, one
+ * IOAPIC redirection entry per device GSI (edge, fixed, physical destination APIC id 0). The
+ * handler reads InterruptStatus, writes InterruptACK, records how far each of the device's used
+ * rings had got (the driver consumes used entries only up to there, as a driver that runs off
+ * its interrupt would) and writes EOI. Waits are `cli; check; sti; hlt` loops woken by the device
+ * or the LAPIC timer (10 ms), bounded by WAIT_MS: a lost interrupt FAILs a check, never hangs.
+ *
+ * Expectations from the command line (see README.md):
+ *   tg.nblk=<n> tg.ncon=<n>                 how many block / console devices to expect
+ *   tg.blk<i>=<sectors>:<fnv1a32 of the first 8 sectors, hex>   per block device, in MMIO order
+ *   tg.blk<i>ro=1                           block device <i> is read-only
+ */
+#include "tg.h"
+
+/* ---- platform ---- */
+#define LAPIC_ADDR 0xfee00000ULL
+#define LAPIC_ID 0x20
+#define LAPIC_TPR 0x80
+#define LAPIC_EOI 0xb0
+#define LAPIC_SVR 0xf0
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_LVT_LINT0 0x350
+#define LAPIC_TIMER_INIT 0x380
+#define LAPIC_TIMER_DIV 0x3e0
+#define IOAPIC_ADDR 0xfec00000ULL
+#define IOAPIC_PINS 24
+
+#define VEC_BASE 0x30 /* device on IOAPIC pin g: vector VEC_BASE + g */
+#define VEC_TIMER 0x4e
+#define VEC_SPURIOUS 0x4f
+#define IDT_ENTRIES 0x50
+#define TIMER_COUNT 10000000 /* KVM's LAPIC counts at 1 GHz: 10 ms with divide-by-1 */
+#define WAIT_MS 5000      /* for a completion */
+#define WAIT_MS_LOST 200  /* once an interrupt was lost: report, do not crawl */
+
+/* ---- virtio-mmio registers (§4.2.2) ---- */
+#define R_MAGIC 0x000
+#define R_VERSION 0x004
+#define R_DEVICE_ID 0x008
+#define R_DEVICE_FEATURES 0x010
+#define R_DEVICE_FEATURES_SEL 0x014
+#define R_DRIVER_FEATURES 0x020
+#define R_DRIVER_FEATURES_SEL 0x024
+#define R_QUEUE_SEL 0x030
+#define R_QUEUE_NUM_MAX 0x034
+#define R_QUEUE_NUM 0x038
+#define R_QUEUE_READY 0x044
+#define R_QUEUE_NOTIFY 0x050
+#define R_INTERRUPT_STATUS 0x060
+#define R_INTERRUPT_ACK 0x064
+#define R_STATUS 0x070
+#define R_QUEUE_DESC 0x080
+#define R_QUEUE_DRIVER 0x090
+#define R_QUEUE_DEVICE 0x0a0
+#define R_CONFIG_GENERATION 0x0fc
+#define R_CONFIG 0x100
+
+#define S_ACKNOWLEDGE 1
+#define S_DRIVER 2
+#define S_DRIVER_OK 4
+#define S_FEATURES_OK 8
+#define S_FAILED 0x80
+
+#define F_VERSION_1 (1ULL << 32)
+#define INT_USED_RING 1
+
+#define TYPE_BLOCK 2
+#define TYPE_CONSOLE 3
+
+#define BLK_F_RO (1ULL << 5)
+#define BLK_F_FLUSH (1ULL << 9)
+#define BLK_T_IN 0
+#define BLK_T_OUT 1
+#define BLK_T_FLUSH 4
+#define BLK_T_GET_ID 8
+#define BLK_S_OK 0
+#define BLK_S_IOERR 1
+#define BLK_ID_BYTES 20
+#define BLK_CHECK_SECTORS 8 /* tg.blk<i>'s checksum covers these */
+#define BLK_WRITE_SECTORS 4 /* the pattern goes to the last ones of a writable disk */
+
+#define CON_F_MULTIPORT (1ULL << 1)
+#define CON_DEVICE_READY 0
+#define CON_DEVICE_ADD 1
+#define CON_PORT_READY 3
+#define CON_PORT_OPEN 6
+#define CON_PORT_NAME 7
+#define CON_Q_RX 0
+#define CON_Q_TX 1
+#define CON_Q_CTRL_RX 2
+#define CON_Q_CTRL_TX 3
+#define CON_CTRL_BUFS 4
+#define CON_CTRL_BUF 64
+#define CON_RX_BUFS 8
+#define CON_RX_BUF 512
+#define CON_XOR 0x5a        /* what the host test's echo does to every byte */
+#define CON_ROUND2_LEN 6000 /* more than all CON_RX_BUFS buffers: the device must wait for reposts */
+
+/* ---- split virtqueues (§2.7) ---- */
+#define QSZ 16
+#define D_NEXT 1
+#define D_WRITE 2
+
+struct desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags, next;
+};
+struct avail {
+    uint16_t flags, idx, ring[QSZ], used_event;
+};
+struct used_elem {
+    uint32_t id, len;
+};
+struct used {
+    uint16_t flags, idx;
+    struct used_elem ring[QSZ];
+    uint16_t avail_event;
+};
+
+struct vq {
+    unsigned index;
+    volatile struct desc *desc;
+    volatile struct avail *avail;
+    volatile struct used *used;
+    uint16_t avail_idx;     /* published to the device */
+    uint16_t last_used;     /* consumed by the driver */
+    volatile uint16_t seen; /* used->idx as the interrupt handler last read it */
+};
+
+#define MAX_DEVICES 8
+#define MAX_QUEUES 4
+
+struct vdev {
+    char name[8]; /* blk0, con0 */
+    uint64_t base;
+    unsigned gsi, type, index; /* index: among devices of its type */
+    uint64_t offered;
+    int nq;
+    struct vq q[MAX_QUEUES];
+    const char *broken; /* the check after which nothing more is tried */
+    /* Interrupt accounting (the handler writes these). */
+    volatile uint32_t irqs, irqs_used, irqs_empty;
+    uint32_t lost;      /* completions only found after WAIT_MS, with no interrupt for them */
+    uint32_t completions;
+};
+
+static struct vdev devs[MAX_DEVICES];
+static int ndevs;
+static struct vdev *by_gsi[IOAPIC_PINS];
+static volatile uint32_t ticks, stray_irqs;
+static int timer_ok;
+static int lost_any; /* an interrupt was lost: the path is broken, wait WAIT_MS_LOST from now on */
+static uint64_t heap; /* bump allocator of zeroed pages above the image */
+static char name_buf[48];
+
+extern char __image_end[];
+
+/* ---- small helpers ---- */
+static inline void cli(void) { __asm__ volatile("cli" ::: "memory"); }
+static inline void sti(void) { __asm__ volatile("sti" ::: "memory"); }
+static inline void sti_hlt(void) { __asm__ volatile("sti; hlt" ::: "memory"); }
+static inline void pause(void) { __asm__ volatile("pause" ::: "memory"); }
+static inline void mb(void) { __asm__ volatile("mfence" ::: "memory"); }
+static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
+static inline uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return (uint64_t)hi << 32 | lo;
+}
+static void zero(uint64_t addr, uint64_t n)
+{
+    void *p = phys(addr);
+    __asm__ volatile("rep stosb" : "+D"(p), "+c"(n) : "a"(0) : "memory");
+}
+static void copy(uint64_t dst, uint64_t src, uint64_t n)
+{
+    void *d = phys(dst), *s = phys(src);
+    __asm__ volatile("rep movsb" : "+D"(d), "+S"(s), "+c"(n) : : "memory");
+}
+static uint64_t alloc_pages(uint64_t n)
+{
+    uint64_t a = heap;
+    heap += n * 4096;
+    zero(a, n * 4096);
+    return a;
+}
+
+static inline uint32_t lapic_rd(unsigned r) { return *(volatile uint32_t *)phys(LAPIC_ADDR + r); }
+static inline void lapic_wr(unsigned r, uint32_t v) { *(volatile uint32_t *)phys(LAPIC_ADDR + r) = v; }
+static uint32_t ioapic_rd(unsigned r)
+{
+    *(volatile uint32_t *)phys(IOAPIC_ADDR) = r;
+    return *(volatile uint32_t *)phys(IOAPIC_ADDR + 0x10);
+}
+static void ioapic_wr(unsigned r, uint32_t v)
+{
+    *(volatile uint32_t *)phys(IOAPIC_ADDR) = r;
+    *(volatile uint32_t *)phys(IOAPIC_ADDR + 0x10) = v;
+}
+
+static inline uint32_t rd(const struct vdev *d, unsigned off) { return *(volatile uint32_t *)phys(d->base + off); }
+static inline void wr(const struct vdev *d, unsigned off, uint32_t v) { *(volatile uint32_t *)phys(d->base + off) = v; }
+
+/* "<dev>.<what>" in a static buffer: check names are printed before the next one is made. */
+static const char *cname(const struct vdev *d, const char *what)
+{
+    char *p = name_buf;
+    for (const char *s = d->name; *s;)
+        *p++ = *s++;
+    *p++ = '.';
+    while (*what && p < name_buf + sizeof(name_buf) - 1)
+        *p++ = *what++;
+    *p = 0;
+    return name_buf;
+}
+
+static void fail_val2(const char *check, const char *what, uint64_t got, uint64_t want)
+{
+    fail_begin(check);
+    puts_serial(what);
+    puts_serial(" = ");
+    put_hex(got);
+    puts_serial(", want ");
+    put_hex(want);
+    fail_end();
+}
+
+/* A device check that cannot run because an earlier one left the device unusable. */
+static int skipped(struct vdev *d, const char *what)
+{
+    if (!d->broken)
+        return 0;
+    fail_begin(cname(d, what));
+    puts_serial("not run: ");
+    puts_serial(d->broken);
+    puts_serial(" failed");
+    fail_end();
+    return 1;
+}
+
+/* ---- interrupts ---- */
+struct interrupt_frame;
+
+static void device_irq(unsigned gsi)
+{
+    struct vdev *d = by_gsi[gsi];
+    if (!d) {
+        stray_irqs++;
+    } else {
+        uint32_t st = rd(d, R_INTERRUPT_STATUS);
+        if (st)
+            wr(d, R_INTERRUPT_ACK, st);
+        d->irqs++;
+        if (st & INT_USED_RING)
+            d->irqs_used++;
+        if (!st)
+            d->irqs_empty++;
+        /* After the ACK: a completion the device adds after this read raises a new interrupt. */
+        mb();
+        for (int i = 0; i < d->nq; i++)
+            if (d->q[i].used)
+                d->q[i].seen = d->q[i].used->idx;
+    }
+    lapic_wr(LAPIC_EOI, 0);
+}
+
+#define IRQ_HANDLER(g)                                                                             \
+    __attribute__((interrupt)) static void irq_##g(struct interrupt_frame *f)                      \
+    {                                                                                              \
+        (void)f;                                                                                   \
+        device_irq(g);                                                                             \
+    }
+IRQ_HANDLER(0) IRQ_HANDLER(1) IRQ_HANDLER(2) IRQ_HANDLER(3) IRQ_HANDLER(4) IRQ_HANDLER(5)
+IRQ_HANDLER(6) IRQ_HANDLER(7) IRQ_HANDLER(8) IRQ_HANDLER(9) IRQ_HANDLER(10) IRQ_HANDLER(11)
+IRQ_HANDLER(12) IRQ_HANDLER(13) IRQ_HANDLER(14) IRQ_HANDLER(15) IRQ_HANDLER(16) IRQ_HANDLER(17)
+IRQ_HANDLER(18) IRQ_HANDLER(19) IRQ_HANDLER(20) IRQ_HANDLER(21) IRQ_HANDLER(22) IRQ_HANDLER(23)
+
+static void (*const irq_handlers[IOAPIC_PINS])(struct interrupt_frame *) = {
+    irq_0,  irq_1,  irq_2,  irq_3,  irq_4,  irq_5,  irq_6,  irq_7,  irq_8,  irq_9,  irq_10, irq_11,
+    irq_12, irq_13, irq_14, irq_15, irq_16, irq_17, irq_18, irq_19, irq_20, irq_21, irq_22, irq_23};
+
+__attribute__((interrupt)) static void irq_timer(struct interrupt_frame *f)
+{
+    (void)f;
+    ticks++;
+    lapic_wr(LAPIC_EOI, 0);
+}
+
+__attribute__((interrupt)) static void irq_spurious(struct interrupt_frame *f)
+{
+    (void)f; /* no EOI for the spurious vector */
+}
+
+static uint64_t idt[IDT_ENTRIES][2];
+
+static void setup_interrupts(void)
+{
+    install_idt_table(idt, IDT_ENTRIES);
+    for (unsigned g = 0; g < IOAPIC_PINS; g++)
+        idt_set_gate(idt, VEC_BASE + g, (uint64_t)(uintptr_t)irq_handlers[g]);
+    idt_set_gate(idt, VEC_TIMER, (uint64_t)(uintptr_t)irq_timer);
+    idt_set_gate(idt, VEC_SPURIOUS, (uint64_t)(uintptr_t)irq_spurious);
+
+    /* The 8259s: KVM resets them unmasked and LINT0 is ExtINT (the contract), so a device GSI
+     * below 16 would also arrive through them, at vector 0 + irq. Mask both, and LINT0. */
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
+
+    uint32_t id = lapic_rd(LAPIC_ID) >> 24;
+    lapic_wr(LAPIC_TPR, 0);
+    lapic_wr(LAPIC_LVT_LINT0, 0x10700); /* masked ExtINT */
+    lapic_wr(LAPIC_SVR, 0x100 | VEC_SPURIOUS);
+    if (id != 0)
+        fail_val2("lapic.enable", "APIC id", id, 0);
+    else if ((lapic_rd(LAPIC_SVR) & 0x1ff) != (0x100 | VEC_SPURIOUS))
+        fail_val2("lapic.enable", "SVR", lapic_rd(LAPIC_SVR), 0x100 | VEC_SPURIOUS);
+    else
+        ok("lapic.enable");
+
+    /* IOAPIC: version register (index 1) bits 23:16 = last redirection entry. */
+    uint32_t ver = ioapic_rd(1);
+    if (((ver >> 16) & 0xff) != IOAPIC_PINS - 1)
+        fail_val2("ioapic.version", "max redirection entry", (ver >> 16) & 0xff, IOAPIC_PINS - 1);
+    else
+        ok("ioapic.version");
+
+    /* Periodic LAPIC timer: wakes the waits below, so that their time bound holds even when a
+     * device interrupt never comes. Check it ticks before relying on it (bounded by the TSC). */
+    lapic_wr(LAPIC_TIMER_DIV, 0xb); /* divide by 1 */
+    lapic_wr(LAPIC_LVT_TIMER, (1u << 17) | VEC_TIMER);
+    lapic_wr(LAPIC_TIMER_INIT, TIMER_COUNT);
+    sti();
+    uint64_t t0 = rdtsc();
+    while (ticks < 2 && rdtsc() - t0 < 20000000000ULL)
+        pause();
+    timer_ok = ticks >= 2;
+    if (timer_ok)
+        ok("lapic.timer");
+    else
+        fail("lapic.timer", "the LAPIC timer did not tick twice in 2e10 TSC cycles; waits poll");
+}
+
+/* Routes device d's GSI to VEC_BASE + gsi on APIC id 0: edge, active high, fixed, unmasked. */
+static void route_irq(struct vdev *d)
+{
+    unsigned r = 0x10 + 2 * d->gsi;
+    uint32_t lo = VEC_BASE + d->gsi;
+    ioapic_wr(r + 1, 0u << 24); /* destination APIC id 0 */
+    ioapic_wr(r, lo);
+    uint32_t back = ioapic_rd(r) & 0x1ffff & ~(1u << 12); /* not the delivery status bit */
+    if (back != lo)
+        fail_val2(cname(d, "ioapic_route"), "redirection entry", back, lo);
+    else
+        ok(cname(d, "ioapic_route"));
+}
+
+static int expired(uint64_t t0, uint32_t k0, uint32_t ms)
+{
+    if (timer_ok)
+        return ticks - k0 > ms / 10;
+    return rdtsc() - t0 > (uint64_t)ms * 4000000; /* ~4 GHz at most */
+}
+
+/* Waits until the interrupt handler has seen a used entry of q that the driver has not consumed.
+ * 0: it has; otherwise why not. A completion that is only found when the time is up (its
+ * interrupt never came) is counted in d->lost and handed over anyway. */
+static const char *wait_used(struct vdev *d, struct vq *q)
+{
+    uint64_t t0 = rdtsc();
+    uint32_t k0 = ticks;
+    for (;;) {
+        cli();
+        if (q->seen != q->last_used) {
+            sti();
+            return 0;
+        }
+        if (expired(t0, k0, lost_any ? WAIT_MS_LOST : WAIT_MS)) {
+            uint16_t idx = q->used->idx;
+            if (idx != q->last_used) {
+                d->lost++;
+                lost_any = 1;
+                q->seen = idx;
+                sti();
+                return 0;
+            }
+            sti();
+            return lost_any ? "no completion (after a lost interrupt)" : "no completion within 5 s";
+        }
+        if (timer_ok)
+            sti_hlt(); /* sti's one-instruction shadow: no interrupt slips in before the hlt */
+        else
+            sti(), pause();
+    }
+}
+
+/* Takes the next used entry the interrupt handler has seen. */
+static int pop_used(struct vdev *d, struct vq *q, uint32_t *id, uint32_t *len)
+{
+    if (q->seen == q->last_used)
+        return 0;
+    barrier();
+    volatile struct used_elem *e = &q->used->ring[q->last_used % QSZ];
+    *id = e->id;
+    *len = e->len;
+    q->last_used++;
+    d->completions++;
+    return 1;
+}
+
+static void set_desc(struct vq *q, unsigned i, uint64_t addr, uint32_t len, uint16_t flags, uint16_t next)
+{
+    q->desc[i].addr = addr;
+    q->desc[i].len = len;
+    q->desc[i].flags = flags;
+    q->desc[i].next = next;
+}
+
+/* Makes chain `head` available (without notifying). */
+static void submit(struct vq *q, uint16_t head)
+{
+    q->avail->ring[q->avail_idx % QSZ] = head;
+    barrier();
+    q->avail->idx = ++q->avail_idx;
+}
+
+static void notify(struct vdev *d, struct vq *q)
+{
+    mb(); /* ring writes before the notification (virtio_wmb) */
+    wr(d, R_QUEUE_NOTIFY, q->index);
+}
+
+/* ---- device initialization (§3.1.1) ---- */
+
+/* Resets d, negotiates features (VERSION_1 plus `wanted` where offered) and sets up nq queues of
+ * QSZ entries. Returns the accepted features; sets d->broken on a failure. */
+static uint64_t init_device(struct vdev *d, unsigned want_type, uint64_t wanted, int nq)
+{
+    const char *check = cname(d, "transport");
+    uint32_t magic = rd(d, R_MAGIC), version = rd(d, R_VERSION), type = rd(d, R_DEVICE_ID);
+    if (magic != 0x74726976)
+        fail_val2(check, "MagicValue", magic, 0x74726976);
+    else if (version != 2)
+        fail_val2(check, "Version", version, 2);
+    else if (type != want_type)
+        fail_val2(check, "DeviceID", type, want_type);
+    else
+        ok(check);
+    if (magic != 0x74726976 || version != 2 || type != want_type) {
+        d->broken = "transport";
+        return 0;
+    }
+
+    wr(d, R_STATUS, 0);
+    if (rd(d, R_STATUS) != 0) {
+        fail_val2(cname(d, "reset"), "Status after writing 0", rd(d, R_STATUS), 0);
+        d->broken = "reset";
+        return 0;
+    }
+    ok(cname(d, "reset"));
+    wr(d, R_STATUS, S_ACKNOWLEDGE);
+    wr(d, R_STATUS, S_ACKNOWLEDGE | S_DRIVER);
+    wr(d, R_DEVICE_FEATURES_SEL, 0);
+    uint64_t offered = rd(d, R_DEVICE_FEATURES);
+    wr(d, R_DEVICE_FEATURES_SEL, 1);
+    offered |= (uint64_t)rd(d, R_DEVICE_FEATURES) << 32;
+    d->offered = offered;
+    uint64_t accept = offered & (F_VERSION_1 | wanted);
+    wr(d, R_DRIVER_FEATURES_SEL, 0);
+    wr(d, R_DRIVER_FEATURES, (uint32_t)accept);
+    wr(d, R_DRIVER_FEATURES_SEL, 1);
+    wr(d, R_DRIVER_FEATURES, (uint32_t)(accept >> 32));
+    if (!(offered & F_VERSION_1)) {
+        fail_val2(cname(d, "features"), "device features", offered, offered | F_VERSION_1);
+        d->broken = "features";
+        return 0;
+    }
+    ok(cname(d, "version_1"));
+    wr(d, R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+    uint32_t st = rd(d, R_STATUS);
+    if (!(st & S_FEATURES_OK)) {
+        fail_val2(cname(d, "features_ok"), "Status after FEATURES_OK", st, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+        d->broken = "features_ok";
+        return 0;
+    }
+    ok(cname(d, "features_ok"));
+
+    const char *qerr = 0;
+    uint64_t qerr_val = 0;
+    for (int i = 0; i < nq && !qerr; i++) {
+        struct vq *q = &d->q[i];
+        uint64_t page = alloc_pages(1);
+        q->index = (unsigned)i;
+        q->desc = phys(page);
+        q->avail = phys(page + 0x800);
+        q->used = phys(page + 0xc00);
+        wr(d, R_QUEUE_SEL, (uint32_t)i);
+        uint32_t max = rd(d, R_QUEUE_NUM_MAX);
+        if (rd(d, R_QUEUE_READY) != 0)
+            qerr = "QueueReady before setup is not 0 on queue ", qerr_val = (uint64_t)i;
+        else if (max < QSZ)
+            qerr = "QueueNumMax too small on queue ", qerr_val = (uint64_t)i;
+        if (qerr)
+            break;
+        wr(d, R_QUEUE_NUM, QSZ);
+        wr(d, R_QUEUE_DESC, (uint32_t)page);
+        wr(d, R_QUEUE_DESC + 4, (uint32_t)(page >> 32));
+        wr(d, R_QUEUE_DRIVER, (uint32_t)(page + 0x800));
+        wr(d, R_QUEUE_DRIVER + 4, (uint32_t)((page + 0x800) >> 32));
+        wr(d, R_QUEUE_DEVICE, (uint32_t)(page + 0xc00));
+        wr(d, R_QUEUE_DEVICE + 4, (uint32_t)((page + 0xc00) >> 32));
+        wr(d, R_QUEUE_READY, 1);
+        if (rd(d, R_QUEUE_READY) != 1)
+            qerr = "QueueReady does not read back 1 on queue ", qerr_val = (uint64_t)i;
+        d->nq = i + 1;
+    }
+    /* The queue after the last one the device has must not exist (QueueNumMax 0). */
+    wr(d, R_QUEUE_SEL, (uint32_t)nq);
+    if (!qerr && rd(d, R_QUEUE_NUM_MAX) != 0)
+        qerr = "QueueNumMax is not 0 for the queue after the last, queue ", qerr_val = (uint64_t)nq;
+    if (qerr) {
+        fail_begin(cname(d, "queues"));
+        puts_serial(qerr);
+        put_dec(qerr_val);
+        fail_end();
+        d->broken = "queues";
+        return 0;
+    }
+    ok(cname(d, "queues"));
+
+    wr(d, R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    st = rd(d, R_STATUS);
+    if (st != (S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK)) {
+        fail_val2(cname(d, "driver_ok"), "Status", st, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+        d->broken = "driver_ok";
+        return 0;
+    }
+    ok(cname(d, "driver_ok"));
+    return accept;
+}
+
+/* Reads a config field of 4 or 8 bytes at `off`, 32 bits at a time, consistent across the
+ * generation counter (§4.2.2.2). */
+static uint64_t config_rd(struct vdev *d, unsigned off, int bytes)
+{
+    uint32_t gen;
+    uint64_t v;
+    do {
+        gen = rd(d, R_CONFIG_GENERATION);
+        v = rd(d, R_CONFIG + off);
+        if (bytes == 8)
+            v |= (uint64_t)rd(d, R_CONFIG + off + 4) << 32;
+    } while (gen != rd(d, R_CONFIG_GENERATION));
+    return v;
+}
+
+/* ---- command line ---- */
+static const char *cmdline;
+
+/* `tg.<key><n><suffix>=` value, e.g. tg.blk0, tg.blk1ro. */
+static const char *param_n(const char *key, unsigned n, const char *suffix)
+{
+    char k[32], *p = k;
+    for (const char *s = "tg."; *s;)
+        *p++ = *s++;
+    while (*key)
+        *p++ = *key++;
+    *p++ = (char)('0' + n % 10);
+    while (*suffix)
+        *p++ = *suffix++;
+    *p = 0;
+    return cmdline_param(cmdline, k);
+}
+
+static int parse_hex32(const char *s, uint32_t *out)
+{
+    uint32_t v = 0;
+    int n = 0;
+    for (; n < 8; n++, s++) {
+        int d;
+        if (*s >= '0' && *s <= '9')
+            d = *s - '0';
+        else if (*s >= 'a' && *s <= 'f')
+            d = *s - 'a' + 10;
+        else
+            return 0;
+        v = v << 4 | (uint32_t)d;
+    }
+    *out = v;
+    return *s == 0 || *s == ' ';
+}
+
+/* Every `virtio_mmio.device=<size>[KMG]@<base>:<irq>` word, in order (Linux's format). */
+static void find_devices(void)
+{
+    static const char key[] = "virtio_mmio.device=";
+    const char *s = cmdline;
+    int bad = 0;
+    while (*s) {
+        while (*s == ' ')
+            s++;
+        const char *k = key, *w = s;
+        while (*k && *w == *k)
+            k++, w++;
+        if (!*k) {
+            uint64_t size, base, gsi;
+            const char *e;
+            int good = parse_u64(w, &size, &e);
+            if (good && (*e == 'K' || *e == 'k'))
+                size <<= 10, e++;
+            else if (good && (*e == 'M' || *e == 'm'))
+                size <<= 20, e++;
+            good = good && *e == '@' && parse_u64(e + 1, &base, &e) && *e == ':' && parse_u64(e + 1, &gsi, &e) &&
+                   (*e == ' ' || *e == 0) && size >= 0x200 && gsi < IOAPIC_PINS && ndevs < MAX_DEVICES;
+            if (good) {
+                struct vdev *d = &devs[ndevs++];
+                d->base = base, d->gsi = (unsigned)gsi;
+            } else {
+                bad = 1;
+            }
+        }
+        while (*s && *s != ' ')
+            s++;
+    }
+    if (bad)
+        fail("virtio.cmdline", "a virtio_mmio.device entry is malformed, or more than 8");
+    else if (ndevs == 0)
+        fail("virtio.cmdline", "no virtio_mmio.device entries");
+    else
+        ok("virtio.cmdline");
+}
+
+/* ---- virtio-blk ---- */
+struct blk {
+    uint64_t hdr;  /* request header (16 bytes) + status byte at +16 */
+    uint64_t data; /* 2 pages */
+    int ro;
+};
+
+static uint8_t blk_pattern(uint64_t sector, unsigned i)
+{
+    /* Also in src/lib.rs (blk_pattern): the host test looks for it in the image. */
+    return (uint8_t)((i * 7) ^ (sector * 29) ^ 0xc3);
+}
+
+/* One request: header, `len` bytes of data at blk->data in `nsplit` descriptors, status. Returns
+ * the status byte (or -1 when the device did not complete it: d->broken is set), the used length
+ * in *used_len. */
+static int blk_request(struct vdev *d, struct blk *b, const char *what, uint32_t type, uint64_t sector,
+                       uint32_t len, unsigned nsplit, uint32_t *used_len)
+{
+    struct vq *q = &d->q[0];
+    *(volatile uint32_t *)phys(b->hdr) = type;
+    *(volatile uint32_t *)phys(b->hdr + 4) = 0;
+    *(volatile uint64_t *)phys(b->hdr + 8) = sector;
+    *(volatile uint8_t *)phys(b->hdr + 16) = 0xff;
+    uint16_t dir = (type == BLK_T_OUT) ? 0 : D_WRITE;
+    unsigned n = 0;
+    set_desc(q, n, b->hdr, 16, D_NEXT, (uint16_t)(n + 1)), n++;
+    for (unsigned i = 0; len && i < nsplit; i++)
+        set_desc(q, n, b->data + i * (len / nsplit), len / nsplit, dir | D_NEXT, (uint16_t)(n + 1)), n++;
+    set_desc(q, n, b->hdr + 16, 1, D_WRITE, 0);
+    submit(q, 0);
+    notify(d, q);
+    const char *err = wait_used(d, q);
+    uint32_t id = 0;
+    if (!err && !pop_used(d, q, &id, used_len))
+        err = "used ring empty";
+    if (err) {
+        fail(cname(d, what), err);
+        d->broken = what;
+        return -1;
+    }
+    if (id != 0) {
+        fail_val2(cname(d, what), "used id", id, 0);
+        d->broken = what;
+        return -1;
+    }
+    return *(volatile uint8_t *)phys(b->hdr + 16);
+}
+
+/* A request whose status must be `want`; prints the FAIL if not. */
+static int blk_expect(struct vdev *d, struct blk *b, const char *what, uint32_t type, uint64_t sector,
+                      uint32_t len, unsigned nsplit, int want, uint32_t want_used)
+{
+    uint32_t used = 0;
+    int st = blk_request(d, b, what, type, sector, len, nsplit, &used);
+    if (st < 0)
+        return 0;
+    if (st != want) {
+        fail_val2(cname(d, what), "status", (uint64_t)st, (uint64_t)want);
+        return 0;
+    }
+    if (used != want_used) {
+        fail_val2(cname(d, what), "used length", used, want_used);
+        return 0;
+    }
+    return 1;
+}
+
+/* Resets the live device, checks the reset took (Status, QueueReady, InterruptStatus read 0), sets
+ * it up again on a fresh queue and reads the first sectors once more: what a driver that is
+ * reloaded (or a kexec'd kernel) does. */
+static void blk_reinit(struct vdev *d, struct blk *b, int have, uint32_t want_fnv)
+{
+    const char *check = cname(d, "reinit");
+    struct vq *q = &d->q[0];
+    wr(d, R_STATUS, 0);
+    wr(d, R_QUEUE_SEL, 0);
+    uint32_t st = rd(d, R_STATUS), ready = rd(d, R_QUEUE_READY), isr = rd(d, R_INTERRUPT_STATUS);
+    if (st != 0 || ready != 0 || isr != 0) {
+        fail_begin(check);
+        puts_serial("after reset: Status ");
+        put_hex(st);
+        puts_serial(" QueueReady ");
+        put_hex(ready);
+        puts_serial(" InterruptStatus ");
+        put_hex(isr);
+        puts_serial(", want all 0");
+        fail_end();
+        d->broken = "reinit";
+        return;
+    }
+    wr(d, R_STATUS, S_ACKNOWLEDGE | S_DRIVER);
+    wr(d, R_DRIVER_FEATURES_SEL, 0);
+    wr(d, R_DRIVER_FEATURES, (uint32_t)(d->offered & (BLK_F_RO | BLK_F_FLUSH)));
+    wr(d, R_DRIVER_FEATURES_SEL, 1);
+    wr(d, R_DRIVER_FEATURES, (uint32_t)(F_VERSION_1 >> 32));
+    wr(d, R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+    uint64_t page = alloc_pages(1);
+    cli(); /* the interrupt handler reads q */
+    q->desc = phys(page);
+    q->avail = phys(page + 0x800);
+    q->used = phys(page + 0xc00);
+    q->avail_idx = q->last_used = q->seen = 0;
+    sti();
+    wr(d, R_QUEUE_NUM, QSZ);
+    wr(d, R_QUEUE_DESC, (uint32_t)page);
+    wr(d, R_QUEUE_DESC + 4, (uint32_t)(page >> 32));
+    wr(d, R_QUEUE_DRIVER, (uint32_t)(page + 0x800));
+    wr(d, R_QUEUE_DRIVER + 4, (uint32_t)((page + 0x800) >> 32));
+    wr(d, R_QUEUE_DEVICE, (uint32_t)(page + 0xc00));
+    wr(d, R_QUEUE_DEVICE + 4, (uint32_t)((page + 0xc00) >> 32));
+    wr(d, R_QUEUE_READY, 1);
+    wr(d, R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    st = rd(d, R_STATUS);
+    if (st != (S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK)) {
+        fail_val2(check, "Status after setting up again", st, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+        d->broken = "reinit";
+        return;
+    }
+    const uint32_t len = BLK_CHECK_SECTORS * 512;
+    zero(b->data, len);
+    if (blk_expect(d, b, "reinit", BLK_T_IN, 0, len, 1, BLK_S_OK, len + 1)) {
+        uint32_t h = fnv1a32(phys(b->data), len);
+        if (have && h != want_fnv)
+            fail_val2(cname(d, "reinit"), "FNV-1a of the first 8 sectors", h, want_fnv);
+        else
+            ok(cname(d, "reinit"));
+    }
+}
+
+static void blk_checks(struct vdev *d)
+{
+    struct blk b = {alloc_pages(1), alloc_pages(2), 0};
+    uint64_t accepted = init_device(d, TYPE_BLOCK, BLK_F_RO | BLK_F_FLUSH, 1);
+
+    /* Expectations: tg.blk<i>=<sectors>:<fnv>, tg.blk<i>ro=1. */
+    uint64_t want_sectors = 0;
+    uint32_t want_fnv = 0;
+    const char *e, *v = param_n("blk", d->index, "");
+    int have = v && parse_u64(v, &want_sectors, &e) && *e == ':' && parse_hex32(e + 1, &want_fnv);
+    const char *ro = param_n("blk", d->index, "ro");
+    b.ro = ro && ro[0] == '1';
+
+    if (!skipped(d, "features")) {
+        if (!(d->offered & BLK_F_FLUSH))
+            fail_val2(cname(d, "features"), "VIRTIO_BLK_F_FLUSH offered", 0, 1);
+        else if (!!(d->offered & BLK_F_RO) != b.ro)
+            fail_val2(cname(d, "features"), "VIRTIO_BLK_F_RO offered", !!(d->offered & BLK_F_RO), (uint64_t)b.ro);
+        else if (!!(accepted & BLK_F_RO) != b.ro)
+            fail_val2(cname(d, "features"), "VIRTIO_BLK_F_RO accepted", !!(accepted & BLK_F_RO), (uint64_t)b.ro);
+        else
+            ok(cname(d, "features"));
+    }
+
+    uint64_t cap = 0;
+    if (!skipped(d, "capacity")) {
+        cap = config_rd(d, 0, 8);
+        if (!have)
+            fail(cname(d, "capacity"), "no tg.blk<i>=<sectors>:<fnv1a32> on the command line");
+        else if (cap != want_sectors)
+            fail_val2(cname(d, "capacity"), "capacity (sectors)", cap, want_sectors);
+        else
+            ok(cname(d, "capacity"));
+    }
+
+    /* The first sectors, in two data descriptors, against the host's checksum. */
+    const uint32_t check_len = BLK_CHECK_SECTORS * 512;
+    if (!skipped(d, "read")) {
+        zero(b.data, check_len);
+        if (blk_expect(d, &b, "read", BLK_T_IN, 0, check_len, 2, BLK_S_OK, check_len + 1)) {
+            uint32_t h = fnv1a32(phys(b.data), check_len);
+            if (!have)
+                fail(cname(d, "read"), "no tg.blk<i>=<sectors>:<fnv1a32> on the command line");
+            else if (h != want_fnv)
+                fail_val2(cname(d, "read"), "FNV-1a of the first 8 sectors", h, want_fnv);
+            else
+                ok(cname(d, "read"));
+        }
+    }
+
+    if (!b.ro) {
+        /* The last BLK_WRITE_SECTORS sectors: write, flush, read back. */
+        const uint32_t wlen = BLK_WRITE_SECTORS * 512;
+        uint64_t first = cap - BLK_WRITE_SECTORS;
+        if (!skipped(d, "write")) {
+            for (unsigned s = 0; s < BLK_WRITE_SECTORS; s++)
+                for (unsigned i = 0; i < 512; i++)
+                    *(uint8_t *)phys(b.data + s * 512 + i) = blk_pattern(first + s, i);
+            if (cap < BLK_CHECK_SECTORS + BLK_WRITE_SECTORS)
+                fail_val2(cname(d, "write"), "capacity", cap, BLK_CHECK_SECTORS + BLK_WRITE_SECTORS),
+                    d->broken = "write";
+            else if (blk_expect(d, &b, "write", BLK_T_OUT, first, wlen, 1, BLK_S_OK, 1))
+                ok(cname(d, "write"));
+        }
+        if (!skipped(d, "flush") && blk_expect(d, &b, "flush", BLK_T_FLUSH, 0, 0, 0, BLK_S_OK, 1))
+            ok(cname(d, "flush"));
+        if (!skipped(d, "readback")) {
+            zero(b.data, wlen);
+            if (blk_expect(d, &b, "readback", BLK_T_IN, first, wlen, 4, BLK_S_OK, wlen + 1)) {
+                uint64_t bad = ~0ULL;
+                for (unsigned s = 0; s < BLK_WRITE_SECTORS && bad == ~0ULL; s++)
+                    for (unsigned i = 0; i < 512; i++)
+                        if (*(uint8_t *)phys(b.data + s * 512 + i) != blk_pattern(first + s, i)) {
+                            bad = s * 512 + i;
+                            break;
+                        }
+                if (bad != ~0ULL)
+                    fail_val2(cname(d, "readback"), "first differing byte", bad, ~0ULL);
+                else
+                    ok(cname(d, "readback"));
+            }
+        }
+    } else {
+        /* A write to a read-only disk fails, and changes nothing. */
+        if (!skipped(d, "ro_write")) {
+            for (unsigned i = 0; i < 512; i++)
+                *(uint8_t *)phys(b.data + i) = (uint8_t)~i;
+            if (blk_expect(d, &b, "ro_write", BLK_T_OUT, 0, 512, 1, BLK_S_IOERR, 1))
+                ok(cname(d, "ro_write"));
+        }
+        if (!skipped(d, "ro_unchanged")) {
+            zero(b.data, check_len);
+            if (blk_expect(d, &b, "ro_unchanged", BLK_T_IN, 0, check_len, 1, BLK_S_OK, check_len + 1)) {
+                uint32_t h = fnv1a32(phys(b.data), check_len);
+                if (have && h != want_fnv)
+                    fail_val2(cname(d, "ro_unchanged"), "FNV-1a of the first 8 sectors", h, want_fnv);
+                else
+                    ok(cname(d, "ro_unchanged"));
+            }
+        }
+    }
+
+    if (!skipped(d, "get_id")) {
+        zero(b.data, 64);
+        if (blk_expect(d, &b, "get_id", BLK_T_GET_ID, 0, BLK_ID_BYTES, 1, BLK_S_OK, BLK_ID_BYTES + 1)) {
+            char want[BLK_ID_BYTES] = "microcell-vd";
+            want[12] = (char)('0' + d->index);
+            const char *got = phys(b.data);
+            int same = 1;
+            for (int i = 0; i < BLK_ID_BYTES; i++)
+                same &= got[i] == want[i];
+            if (same) {
+                ok(cname(d, "get_id"));
+            } else {
+                fail_begin(cname(d, "get_id"));
+                puts_serial("got \"");
+                for (int i = 0; i < BLK_ID_BYTES && got[i]; i++)
+                    putc_serial(got[i] >= ' ' && got[i] < 127 ? got[i] : '?');
+                puts_serial("\", want \"");
+                puts_serial(want);
+                puts_serial("\"");
+                fail_end();
+            }
+        }
+    }
+
+    /* Past the end: one sector at `capacity`, and two straddling it. */
+    if (!skipped(d, "read_past_end")) {
+        if (blk_expect(d, &b, "read_past_end", BLK_T_IN, cap, 512, 1, BLK_S_IOERR, 1) &&
+            blk_expect(d, &b, "read_past_end", BLK_T_IN, cap - 1, 1024, 1, BLK_S_IOERR, 1))
+            ok(cname(d, "read_past_end"));
+    }
+
+    if (!skipped(d, "reinit"))
+        blk_reinit(d, &b, have, want_fnv);
+}
+
+/* ---- virtio-console ---- */
+struct con {
+    uint64_t ctrl_rx; /* CON_CTRL_BUFS x CON_CTRL_BUF */
+    uint64_t ctrl_tx;
+    uint64_t rx;      /* CON_RX_BUFS x CON_RX_BUF */
+    uint64_t tx;      /* 2 pages */
+    uint64_t got;     /* reassembly, 2 pages */
+};
+
+static const char *con_send_ctrl(struct vdev *d, struct con *c, uint32_t id, uint16_t event, uint16_t value)
+{
+    struct vq *q = &d->q[CON_Q_CTRL_TX];
+    *(volatile uint32_t *)phys(c->ctrl_tx) = id;
+    *(volatile uint16_t *)phys(c->ctrl_tx + 4) = event;
+    *(volatile uint16_t *)phys(c->ctrl_tx + 6) = value;
+    set_desc(q, 0, c->ctrl_tx, 8, 0, 0);
+    submit(q, 0);
+    notify(d, q);
+    uint32_t uid, len;
+    const char *err = wait_used(d, q);
+    if (!err && !pop_used(d, q, &uid, &len))
+        err = "control transmit not completed";
+    return err;
+}
+
+/* The next control message from the device: copied to msg (<= CON_CTRL_BUF), its buffer
+ * posted again. */
+static const char *con_recv_ctrl(struct vdev *d, struct con *c, uint8_t *msg, uint32_t *len)
+{
+    struct vq *q = &d->q[CON_Q_CTRL_RX];
+    uint32_t id;
+    const char *err = wait_used(d, q);
+    if (err)
+        return err;
+    if (!pop_used(d, q, &id, len))
+        return "control receive ring empty";
+    if (id >= CON_CTRL_BUFS || *len > CON_CTRL_BUF || *len < 8)
+        return "bad control receive completion (id or length)";
+    copy((uint64_t)(uintptr_t)msg, c->ctrl_rx + id * CON_CTRL_BUF, *len);
+    submit(q, (uint16_t)id);
+    notify(d, q);
+    return 0;
+}
+
+static uint32_t le32(const uint8_t *p) { return p[0] | p[1] << 8 | p[2] << 16 | (uint32_t)p[3] << 24; }
+static uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+
+/* Expects the control message (id 0, event, value); extra (if any) must follow. */
+static int con_expect_ctrl(struct vdev *d, struct con *c, const char *what, uint16_t event, uint16_t value,
+                           const char *extra)
+{
+    uint8_t msg[CON_CTRL_BUF];
+    uint32_t len = 0;
+    const char *err = con_recv_ctrl(d, c, msg, &len);
+    const char *check = cname(d, what);
+    if (err) {
+        fail(check, err);
+        d->broken = what;
+        return 0;
+    }
+    uint32_t n = 0;
+    while (extra && extra[n])
+        n++;
+    int same = len == 8 + n;
+    for (uint32_t i = 0; same && i < n; i++)
+        same = msg[8 + i] == (uint8_t)extra[i];
+    if (le16(msg + 4) != event)
+        fail_val2(check, "event", le16(msg + 4), event);
+    else if (le32(msg) != 0)
+        fail_val2(check, "port id", le32(msg), 0);
+    else if (le16(msg + 6) != value)
+        fail_val2(check, "value", le16(msg + 6), value);
+    else if (!same)
+        fail_val2(check, "message length (or name differs)", len, 8 + n);
+    else
+        return ok(check), 1;
+    d->broken = what;
+    return 0;
+}
+
+/* One echo round on port 0: sends `len` bytes (from c->tx, as `nsplit` descriptors), receives
+ * them back XOR CON_XOR into c->got, reposting receive buffers as it goes. */
+static void con_echo(struct vdev *d, struct con *c, const char *what, uint32_t len, unsigned nsplit,
+                     unsigned min_bufs)
+{
+    const char *check = cname(d, what);
+    struct vq *tx = &d->q[CON_Q_TX], *rx = &d->q[CON_Q_RX];
+    uint32_t part = len / nsplit;
+    for (unsigned i = 0; i < nsplit; i++)
+        set_desc(tx, i, c->tx + i * part, i + 1 < nsplit ? part : len - i * part, i + 1 < nsplit ? D_NEXT : 0,
+                 (uint16_t)(i + 1));
+    submit(tx, 0);
+    notify(d, tx);
+    uint32_t id, n;
+    const char *err = wait_used(d, tx);
+    if (!err && !pop_used(d, tx, &id, &n))
+        err = "transmit not completed";
+    if (err) {
+        fail_begin(check);
+        puts_serial("transmit: ");
+        puts_serial(err);
+        fail_end();
+        d->broken = what;
+        return;
+    }
+    uint32_t got = 0, bufs = 0;
+    zero(c->got, 8192);
+    while (got < len && !err) {
+        err = wait_used(d, rx);
+        int reposted = 0;
+        while (!err && pop_used(d, rx, &id, &n)) {
+            bufs++;
+            if (id >= CON_RX_BUFS || n > CON_RX_BUF || n == 0)
+                err = "bad receive completion (id or length)";
+            else if (got + n > len)
+                err = "more bytes than were sent";
+            else
+                copy(c->got + got, c->rx + id * CON_RX_BUF, n), got += n;
+            submit(rx, (uint16_t)id);
+            reposted = 1;
+        }
+        if (reposted)
+            notify(d, rx);
+    }
+    if (err) {
+        fail_begin(check);
+        puts_serial("receive: ");
+        puts_serial(err);
+        puts_serial(" after ");
+        put_dec(got);
+        puts_serial(" of ");
+        put_dec(len);
+        puts_serial(" bytes");
+        fail_end();
+        d->broken = what;
+        return;
+    }
+    for (uint32_t i = 0; i < len; i++) {
+        uint8_t want = *(uint8_t *)phys(c->tx + i) ^ CON_XOR, b = *(uint8_t *)phys(c->got + i);
+        if (b != want) {
+            fail_begin(check);
+            puts_serial("byte ");
+            put_dec(i);
+            puts_serial(" = ");
+            put_hex(b);
+            puts_serial(", want ");
+            put_hex(want);
+            fail_end();
+            return;
+        }
+    }
+    if (bufs < min_bufs) {
+        fail_val2(check, "receive buffers used", bufs, min_bufs);
+        return;
+    }
+    puts_serial("TG info ");
+    puts_serial(check);
+    puts_serial(" bytes=");
+    put_dec(len);
+    puts_serial(" rx_buffers=");
+    put_dec(bufs);
+    putc_serial('\n');
+    ok(check);
+}
+
+static void con_checks(struct vdev *d)
+{
+    struct con c = {alloc_pages(1), alloc_pages(1), alloc_pages(1), alloc_pages(2), alloc_pages(2)};
+    uint64_t accepted = init_device(d, TYPE_CONSOLE, CON_F_MULTIPORT, 4);
+    if (!skipped(d, "features")) {
+        if (!(accepted & CON_F_MULTIPORT))
+            fail_val2(cname(d, "features"), "VIRTIO_CONSOLE_F_MULTIPORT offered", 0, 1);
+        else
+            ok(cname(d, "features"));
+    }
+    if (!skipped(d, "config")) {
+        uint64_t ports = config_rd(d, 4, 4);
+        if (ports != 1)
+            fail_val2(cname(d, "config"), "max_nr_ports", ports, 1);
+        else
+            ok(cname(d, "config"));
+    }
+
+    /* Control: receive buffers first, then DEVICE_READY (§5.3.6.1). Linux sends it with the id
+     * VIRTIO_CONSOLE_BAD_ID. */
+    if (!skipped(d, "device_add")) {
+        struct vq *q = &d->q[CON_Q_CTRL_RX];
+        for (unsigned i = 0; i < CON_CTRL_BUFS; i++) {
+            set_desc(q, i, c.ctrl_rx + i * CON_CTRL_BUF, CON_CTRL_BUF, D_WRITE, 0);
+            submit(q, (uint16_t)i);
+        }
+        notify(d, q);
+        const char *err = con_send_ctrl(d, &c, 0xffffffff, CON_DEVICE_READY, 1);
+        if (err) {
+            fail_begin(cname(d, "device_add"));
+            puts_serial("DEVICE_READY: ");
+            puts_serial(err);
+            fail_end();
+            d->broken = "device_add";
+        } else {
+            con_expect_ctrl(d, &c, "device_add", CON_DEVICE_ADD, 0, 0);
+        }
+    }
+
+    /* The port: its receive buffers, PORT_READY; the device names it and opens it. */
+    if (!skipped(d, "port_name")) {
+        struct vq *q = &d->q[CON_Q_RX];
+        for (unsigned i = 0; i < CON_RX_BUFS; i++) {
+            set_desc(q, i, c.rx + i * CON_RX_BUF, CON_RX_BUF, D_WRITE, 0);
+            submit(q, (uint16_t)i);
+        }
+        notify(d, q);
+        const char *err = con_send_ctrl(d, &c, 0, CON_PORT_READY, 1);
+        if (err) {
+            fail_begin(cname(d, "port_name"));
+            puts_serial("PORT_READY: ");
+            puts_serial(err);
+            fail_end();
+            d->broken = "port_name";
+        } else {
+            con_expect_ctrl(d, &c, "port_name", CON_PORT_NAME, 1, "agent");
+        }
+    }
+    if (!skipped(d, "port_open"))
+        con_expect_ctrl(d, &c, "port_open", CON_PORT_OPEN, 1, 0);
+    if (!skipped(d, "guest_open")) {
+        /* As Linux does when a program opens the port. */
+        const char *err = con_send_ctrl(d, &c, 0, CON_PORT_OPEN, 1);
+        if (err) {
+            fail_begin(cname(d, "guest_open"));
+            puts_serial("PORT_OPEN: ");
+            puts_serial(err);
+            fail_end();
+            d->broken = "guest_open";
+        } else {
+            ok(cname(d, "guest_open"));
+        }
+    }
+
+    /* Round 1: every byte value and "ping\n" (fits one receive buffer). */
+    if (!skipped(d, "echo")) {
+        for (unsigned i = 0; i < 256; i++)
+            *(uint8_t *)phys(c.tx + i) = (uint8_t)i;
+        copy(c.tx + 256, (uint64_t)(uintptr_t) "ping\n", 5);
+        con_echo(d, &c, "echo", 261, 1, 1);
+    }
+    /* Round 2: larger than one receive buffer, and than all of them together (the device stops
+     * reading the host socket until buffers come back), sent as two descriptors. */
+    if (!skipped(d, "echo_multi")) {
+        for (unsigned i = 0; i < CON_ROUND2_LEN; i++)
+            *(uint8_t *)phys(c.tx + i) = (uint8_t)(i * 131 + (i >> 8) + 1);
+        con_echo(d, &c, "echo_multi", CON_ROUND2_LEN, 2, (CON_ROUND2_LEN + CON_RX_BUF - 1) / CON_RX_BUF);
+    }
+}
+
+/* ---- main ---- */
+static void report_interrupts(struct vdev *d)
+{
+    puts_serial("TG info irq ");
+    puts_serial(d->name);
+    puts_serial(" gsi=");
+    put_dec(d->gsi);
+    puts_serial(" vector=");
+    put_hex(VEC_BASE + d->gsi);
+    puts_serial(" count=");
+    put_dec(d->irqs);
+    puts_serial(" used_ring=");
+    put_dec(d->irqs_used);
+    puts_serial(" empty=");
+    put_dec(d->irqs_empty);
+    puts_serial(" completions=");
+    put_dec(d->completions);
+    puts_serial(" lost=");
+    put_dec(d->lost);
+    putc_serial('\n');
+    const char *check = cname(d, "interrupts");
+    if (d->lost) {
+        fail_begin(check);
+        put_dec(d->lost);
+        puts_serial(" completions came without an interrupt (found after 5 s)");
+        fail_end();
+    } else if (d->completions && !d->irqs_used) {
+        fail(check, "no interrupt with the used-ring bit in InterruptStatus");
+    } else {
+        ok(check);
+    }
+}
+
+void tg_main(void)
+{
+    install_idt();
+    puts_serial("TG begin virtio entry=");
+    puts_serial(boot_state.kind == ENTRY_PVH ? "pvh" : "linux64");
+    putc_serial('\n');
+    heap = ((uint64_t)(uintptr_t)__image_end + 0xfff) & ~0xfffULL;
+
+    /* PVH: hvm_start_info (ebx) .cmdline_paddr; the Linux entries: the contract's address. */
+    uint64_t cl = 0x20000;
+    if (boot_state.kind == ENTRY_PVH)
+        cl = *(volatile uint64_t *)phys(boot_state.gpr[RBX] + 24);
+    cmdline = phys(cl);
+    puts_serial("TG cmdline ");
+    puts_serial(cmdline);
+    putc_serial('\n');
+
+    setup_interrupts();
+    find_devices();
+
+    /* Identify the devices and check them against tg.nblk / tg.ncon. */
+    unsigned nblk = 0, ncon = 0, nother = 0;
+    for (int i = 0; i < ndevs; i++) {
+        struct vdev *d = &devs[i];
+        d->type = rd(d, R_DEVICE_ID);
+        const char *prefix = d->type == TYPE_BLOCK ? "blk" : d->type == TYPE_CONSOLE ? "con" : "dev";
+        d->index = d->type == TYPE_BLOCK ? nblk++ : d->type == TYPE_CONSOLE ? ncon++ : nother++;
+        for (int k = 0; k < 3; k++)
+            d->name[k] = prefix[k];
+        d->name[3] = (char)('0' + d->index);
+        by_gsi[d->gsi] = d;
+    }
+    uint64_t want_blk = 0, want_con = 0;
+    const char *vb = cmdline_param(cmdline, "tg.nblk"), *vc = cmdline_param(cmdline, "tg.ncon");
+    if (!vb || !vc || !parse_u64(vb, &want_blk, 0) || !parse_u64(vc, &want_con, 0))
+        fail("virtio.devices", "no tg.nblk=<n> tg.ncon=<n> on the command line");
+    else if (nblk != want_blk)
+        fail_val2("virtio.devices", "block devices", nblk, want_blk);
+    else if (ncon != want_con)
+        fail_val2("virtio.devices", "console devices", ncon, want_con);
+    else if (nother)
+        fail_val2("virtio.devices", "devices of other types", nother, 0);
+    else
+        ok("virtio.devices");
+
+    for (int i = 0; i < ndevs; i++)
+        route_irq(&devs[i]);
+    for (int i = 0; i < ndevs; i++) {
+        struct vdev *d = &devs[i];
+        if (d->type == TYPE_BLOCK)
+            blk_checks(d);
+        else if (d->type == TYPE_CONSOLE)
+            con_checks(d);
+    }
+    for (int i = 0; i < ndevs; i++)
+        if (devs[i].type == TYPE_BLOCK || devs[i].type == TYPE_CONSOLE)
+            report_interrupts(&devs[i]);
+    puts_serial("TG info timer ticks=");
+    put_dec(ticks);
+    putc_serial('\n');
+    if (stray_irqs)
+        fail_val2("interrupts.stray", "interrupts on pins without a device", stray_irqs, 0);
+    else
+        ok("interrupts.stray");
+    cli();
+    report_done();
+    reset();
+}
