@@ -80,6 +80,9 @@ pub const VIRTIO_CHECKED_SECTORS: usize = 8;
 pub const VIRTIO_WRITTEN_SECTORS: usize = 4;
 /// What the virtio guest echoes through the console expects the host to do to every byte.
 pub const VIRTIO_ECHO_XOR: u8 = 0x5a;
+/// What the virtio guest expects to receive on the console port first, before it sends anything
+/// (the host writes it as soon as the VM starts; guest/virtio.c `CON_GREETING`).
+pub const VIRTIO_GREETING: &[u8] = b"microcell host says hello\n";
 
 /// Byte `offset` of `sector` as the virtio guest writes it (guest/virtio.c `blk_pattern`).
 pub fn virtio_blk_pattern(sector: u64, offset: usize) -> u8 {

@@ -1,7 +1,8 @@
 //! T1 for the virtio devices: the virtio test guest (crates/testguest, guest/virtio.c) drives
 //! our virtio-mmio transport, virtio-blk and virtio-console with its own interrupt-driven driver
-//! (IOAPIC, LAPIC, used rings) on /dev/kvm, PVM included. The host side checks what the guest
-//! cannot: what landed in the disk images, and what crossed the control channel.
+//! (IOAPIC, LAPIC, used rings) on /dev/kvm, PVM included. The host side writes a greeting on the
+//! control channel at once, echoes what the guest sends (XOR 0x5a), and checks what the guest
+//! cannot: what landed in the disk images, and what crossed the channel.
 
 mod common;
 
@@ -12,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{kvm_or_skip, Capture};
-use testguest::{virtio_blk_pattern, virtio_cmdline, Report, VIRTIO_ECHO_XOR, VIRTIO_WRITTEN_SECTORS};
+use testguest::{virtio_blk_pattern, virtio_cmdline, Report, VIRTIO_ECHO_XOR, VIRTIO_GREETING, VIRTIO_WRITTEN_SECTORS};
 use vmm::{BlockDeviceConfig, ExitReason, Vm, VmConfig};
 
 /// Deterministic, non-repeating-looking content (an LCG), `sectors` * 512 bytes.
@@ -87,7 +88,9 @@ fn virtio_guest_drives_blk_and_console_with_interrupts() {
     let t = Instant::now();
     let console = Capture::default();
     let vm = Vm::start(&config, Box::new(console.clone())).expect("VM starts");
-    let channel = vm.take_channel().expect("control channel");
+    let mut channel = vm.take_channel().expect("control channel");
+    // Before the guest has a driver, let alone receive buffers: the device must hold it back.
+    channel.write_all(VIRTIO_GREETING).unwrap();
     let received = Arc::new(Mutex::new(Vec::new()));
     let echo_thread = {
         let received = received.clone();
@@ -123,6 +126,7 @@ fn virtio_guest_drives_blk_and_console_with_interrupts() {
         "lapic.timer",
         "virtio.devices",
         "blk0.read",
+        "blk0.batch",
         "blk0.write",
         "blk0.flush",
         "blk0.readback",
@@ -139,6 +143,7 @@ fn virtio_guest_drives_blk_and_console_with_interrupts() {
         "con0.device_add",
         "con0.port_name",
         "con0.port_open",
+        "con0.host_first",
         "con0.echo",
         "con0.echo_multi",
         "con0.interrupts",
