@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestRam;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -46,7 +46,7 @@ impl DeviceManager {
     pub fn attach(
         &mut self,
         vm: &VmFd,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         mmio_bus: &mut Bus,
         event_loop: &mut EventLoop,
         device: Box<dyn VirtioDevice>,

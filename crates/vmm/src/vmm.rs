@@ -11,7 +11,7 @@ use std::time::Duration;
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestRam;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::boot::{self, KernelKind};
@@ -68,6 +68,9 @@ pub struct VmConfig {
     /// Boot a Linux kernel even where `host::detect()` says it cannot run (to study how far it gets).
     #[serde(default)]
     pub allow_unsupported_host: bool,
+    /// Log the pages the guest writes, so that a snapshot after the first writes only those.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 impl VmConfig {
@@ -104,10 +107,13 @@ struct Machine {
     _event_loop: Option<EventLoopHandle>,
     serial: Arc<Mutex<Serial>>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     config: VmConfig,
     /// Per-VM files (a clone's disk copies), removed with the machine.
     scratch: Mutex<Option<ScratchDir>>,
+    /// The memory file of the last snapshot taken (or restored from): an incremental snapshot
+    /// copies it and writes the pages dirtied since.
+    base_memory: Mutex<Option<PathBuf>>,
 }
 
 /// A private temporary directory, removed on drop.
@@ -132,7 +138,7 @@ impl Drop for ScratchDir {
 
 /// A VM's devices, before any vCPU runs: what `start` and `restore` share.
 struct Assembly {
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     lifecycle: Arc<Lifecycle>,
     pio_bus: Bus,
     mmio_bus: Bus,
@@ -156,7 +162,7 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn assemble(
     vm: &vm::Vm,
     config: &VmConfig,
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     console: Box<dyn Write + Send>,
     states: Option<DeviceStates<'_>>,
 ) -> Result<Assembly> {
@@ -257,7 +263,7 @@ impl LoadedSnapshot {
 
     /// An empty VM shaped for this snapshot, to restore into later (see `VmShell`).
     pub fn shell(&self) -> Result<VmShell> {
-        VmShell::new(self.state.config.memory_mib, self.state.config.vcpus)
+        VmShell::new(&self.state.config)
     }
 }
 
@@ -266,21 +272,23 @@ impl LoadedSnapshot {
 /// reserved, untouched anonymous memory that a restore maps the snapshot's memory file over.
 pub struct VmShell {
     vm: vm::Vm,
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     vcpus: Vec<Vcpu>,
     memory_mib: u32,
+    track_dirty: bool,
 }
 
 impl VmShell {
-    pub fn new(memory_mib: u32, vcpus: u8) -> Result<VmShell> {
-        let probe = VmConfig { vcpus, memory_mib, ..Default::default() };
-        probe.check()?;
+    /// A shell for VMs of `config`'s size (memory, vCPUs, dirty tracking).
+    pub fn new(config: &VmConfig) -> Result<VmShell> {
+        config.check()?;
+        let (memory_mib, vcpus) = (config.memory_mib, config.vcpus);
         let kvm = kvm()?;
         let memory = memory::create(memory_mib)?;
-        let vm = vm::Vm::new(kvm, &memory)?;
+        let vm = vm::Vm::new(kvm, &memory, config.track_dirty_pages)?;
         let cpuid = supported_cpuid(kvm)?;
         let vcpus = (0..vcpus).map(|i| Vcpu::new(vm.fd(), i, vcpus, cpuid)).collect::<Result<Vec<_>>>()?;
-        Ok(VmShell { vm, memory, vcpus, memory_mib })
+        Ok(VmShell { vm, memory, vcpus, memory_mib, track_dirty: config.track_dirty_pages })
     }
 }
 
@@ -343,7 +351,7 @@ impl Vm {
             }
         }
         let mem_bytes = u64::from(config.memory_mib) << 20;
-        let shell = VmShell::new(config.memory_mib, config.vcpus)?;
+        let shell = VmShell::new(config)?;
         let a = assemble(&shell.vm, config, shell.memory, console, None)?;
         let cmdline = std::iter::once(config.cmdline.as_str())
             .chain(a.cmdline_entries.iter().map(String::as_str))
@@ -405,8 +413,11 @@ impl Vm {
             }
             config.block_devices = disks;
         }
-        if shell.memory_mib != config.memory_mib || shell.vcpus.len() != usize::from(config.vcpus) {
-            return Err(Error::Config("the VM shell was made for a different memory size or vCPU count".into()));
+        if shell.memory_mib != config.memory_mib
+            || shell.vcpus.len() != usize::from(config.vcpus)
+            || shell.track_dirty != config.track_dirty_pages
+        {
+            return Err(Error::Config("the VM shell was made for a different memory size, vCPU count or dirty tracking".into()));
         }
         if state.vcpus.len() != usize::from(config.vcpus) {
             return Err(Error::SnapshotCorrupt { path: snapshot.memory_path.clone(), reason: "vCPU count mismatch".into() });
@@ -422,6 +433,8 @@ impl Vm {
         if let Some(dir) = scratch {
             lock(&vm.machine().scratch).replace(dir);
         }
+        // The restored memory is the snapshot's: an incremental snapshot can build on it.
+        lock(&vm.machine().base_memory).replace(snapshot.memory_path.clone());
         Ok(vm)
     }
 
@@ -437,6 +450,7 @@ impl Vm {
             memory: a.memory,
             config,
             scratch: Mutex::new(None),
+            base_memory: Mutex::new(None),
         });
         let lifecycle = a.lifecycle;
         let ctx = Arc::new(RunContext {
@@ -515,20 +529,24 @@ impl Vm {
     }
 
     /// Writes `dir/vm.state` and `dir/vm.mem` (each atomically) and leaves the VM as it was
-    /// (a running VM is paused for the duration). Returns the bytes written to the memory file.
-    pub fn snapshot(&self, dir: &Path) -> Result<u64> {
+    /// (a running VM is paused for the duration). Returns the memory bytes written.
+    ///
+    /// `incremental` (needs `track_dirty_pages` and an earlier snapshot of, or restore into,
+    /// this VM): the memory file starts as a copy of the earlier one and only the pages written
+    /// since are written; the result is a complete, mappable snapshot all the same.
+    pub fn snapshot(&self, dir: &Path, incremental: bool) -> Result<u64> {
         let was_paused = self.is_paused();
         if !was_paused {
             self.pause()?;
         }
-        let result = self.snapshot_paused(dir);
+        let result = self.snapshot_paused(dir, incremental);
         if !was_paused {
             self.resume();
         }
         result
     }
 
-    fn snapshot_paused(&self, dir: &Path) -> Result<u64> {
+    fn snapshot_paused(&self, dir: &Path, incremental: bool) -> Result<u64> {
         let m = self.machine();
         let kvm = kvm()?;
         std::fs::create_dir_all(dir).map_err(|source| Error::SnapshotIo { path: dir.to_owned(), source })?;
@@ -541,11 +559,41 @@ impl Vm {
         let serial = lock(&m.serial).state();
         let virtio = transports.iter().map(|t| t.state()).collect();
         let memory_path = dir.join(SNAPSHOT_MEMORY_FILE);
+        let base = lock(&m.base_memory).clone();
+        let mut written = 0;
         let mut layout = Vec::new();
-        snapshot::write_atomically(&memory_path, |f| {
-            layout = snapshot::memory::dump(&m.memory, f, &memory_path)?;
-            Ok(())
-        })?;
+        if incremental {
+            let Some(base) = base.filter(|_| m.config.track_dirty_pages) else {
+                return Err(Error::VmState(
+                    "an incremental snapshot needs track_dirty_pages and an earlier snapshot of this VM".into(),
+                ));
+            };
+            let guest = m.vm.take_dirty_log()?;
+            let vmm = snapshot::memory::take_vmm_dirty(&m.memory);
+            let dirty: Vec<Vec<u64>> = guest
+                .iter()
+                .zip(&vmm)
+                .map(|(g, v)| (0..g.len().max(v.len())).map(|i| g.get(i).unwrap_or(&0) | v.get(i).unwrap_or(&0)).collect())
+                .collect();
+            snapshot::write_atomically(&memory_path, |f| {
+                // Start from the earlier memory (instant with reflinks), then overwrite.
+                snapshot::disk::clone_into(&base, f).map_err(|source| Error::SnapshotIo { path: base.clone(), source })?;
+                written = snapshot::memory::dump_dirty(&m.memory, &dirty, f, &memory_path)?;
+                Ok(())
+            })?;
+            layout = snapshot::memory::layout(&m.memory);
+        } else {
+            snapshot::write_atomically(&memory_path, |f| {
+                layout = snapshot::memory::dump(&m.memory, f, &memory_path)?;
+                Ok(())
+            })?;
+            written = std::fs::metadata(&memory_path).map(|md| md.blocks() * 512).unwrap_or(0);
+            if m.config.track_dirty_pages {
+                // Start the next incremental snapshot's log from here.
+                m.vm.take_dirty_log()?;
+                snapshot::memory::take_vmm_dirty(&m.memory);
+            }
+        }
         // Writable disks are copied (copy-on-write where possible) while the VM cannot write.
         let mut config = m.config.clone();
         for (i, disk) in config.block_devices.iter_mut().filter(|d| !d.read_only).enumerate() {
@@ -566,7 +614,8 @@ impl Vm {
             virtio,
         };
         snapshot::save_state(&dir.join(SNAPSHOT_STATE_FILE), &state)?;
-        Ok(std::fs::metadata(&memory_path).map(|md| md.blocks() * 512).unwrap_or(0))
+        lock(&m.base_memory).replace(memory_path);
+        Ok(written)
     }
 
     /// The host end of the control channel (once; later calls return None).

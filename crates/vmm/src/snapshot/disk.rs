@@ -10,9 +10,14 @@ use std::path::Path;
 const FICLONE: libc::c_ulong = 0x4004_9409;
 
 pub fn clone_file(src: &Path, dst: &Path) -> std::io::Result<u64> {
+    let mut to = OpenOptions::new().write(true).create(true).truncate(true).open(dst)?;
+    clone_into(src, &mut to)
+}
+
+/// `clone_file` into an open, empty file.
+pub fn clone_into(src: &Path, to: &mut File) -> std::io::Result<u64> {
     let mut from = File::open(src)?;
     let len = from.metadata()?.len();
-    let mut to = OpenOptions::new().write(true).create(true).truncate(true).open(dst)?;
     // SAFETY: both fds are open for the duration of the call; FICLONE only reads the int arg.
     if unsafe { libc::ioctl(to.as_raw_fd(), FICLONE, from.as_raw_fd()) } == 0 {
         return Ok(len);
@@ -30,7 +35,7 @@ pub fn clone_file(src: &Path, dst: &Path) -> std::io::Result<u64> {
         let end = if hole < 0 { len as i64 } else { hole };
         from.seek(SeekFrom::Start(data as u64))?;
         to.seek(SeekFrom::Start(data as u64))?;
-        std::io::copy(&mut (&mut from).take((end - data) as u64), &mut to)?;
+        std::io::copy(&mut (&mut from).take((end - data) as u64), to)?;
         pos = end;
     }
     to.sync_all()?;

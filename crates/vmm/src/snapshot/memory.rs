@@ -7,7 +7,8 @@ use std::io::{Seek, SeekFrom};
 use std::path::Path;
 use std::os::fd::AsRawFd;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use crate::vstate::memory::GuestRam;
 
 use super::MemoryRegionState;
 use crate::error::{Error, Result};
@@ -23,8 +24,20 @@ fn resident_pages(host: *mut u8, len: usize) -> Option<Vec<u8>> {
     (rc == 0).then_some(vec)
 }
 
+/// Where each region sits in a memory file: region after region.
+pub fn layout(mem: &GuestRam) -> Vec<MemoryRegionState> {
+    let mut offset = 0;
+    mem.iter()
+        .map(|r| {
+            let s = MemoryRegionState { guest_addr: r.start_addr().0, size: r.len(), file_offset: offset };
+            offset += r.len();
+            s
+        })
+        .collect()
+}
+
 /// Writes guest RAM to `file` (region after region) and returns the layout.
-pub fn dump(mem: &GuestMemoryMmap, file: &mut File, path: &Path) -> Result<Vec<MemoryRegionState>> {
+pub fn dump(mem: &GuestRam, file: &mut File, path: &Path) -> Result<Vec<MemoryRegionState>> {
     let io = |source| Error::SnapshotIo { path: path.to_owned(), source };
     let mut layout = Vec::new();
     let mut offset = 0u64;
@@ -55,9 +68,47 @@ pub fn dump(mem: &GuestMemoryMmap, file: &mut File, path: &Path) -> Result<Vec<M
     Ok(layout)
 }
 
+/// Writes the pages set in `dirty` (per region, one bit per page) into `file`, which already
+/// holds the previous snapshot's memory (a copy of it). Returns the bytes written.
+pub fn dump_dirty(mem: &GuestRam, dirty: &[Vec<u64>], file: &mut File, path: &Path) -> Result<u64> {
+    let io = |source| Error::SnapshotIo { path: path.to_owned(), source };
+    let mut offset = 0u64;
+    let mut written = 0u64;
+    for (region, bits) in mem.iter().zip(dirty) {
+        let (start, size) = (region.start_addr(), region.len());
+        let pages = (size as usize).div_ceil(PAGE);
+        let is_dirty = |p: usize| bits.get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0);
+        let mut page = 0usize;
+        while page < pages {
+            if !is_dirty(page) {
+                page += 1;
+                continue;
+            }
+            let run_start = page;
+            while page < pages && is_dirty(page) {
+                page += 1;
+            }
+            let from = (run_start * PAGE) as u64;
+            let len = ((page - run_start) * PAGE).min(size as usize - run_start * PAGE);
+            file.seek(SeekFrom::Start(offset + from)).map_err(io)?;
+            mem.write_all_volatile_to(GuestAddress(start.0 + from), file, len)
+                .map_err(|e| Error::Snapshot(format!("cannot write guest memory: {e}")))?;
+            written += len as u64;
+        }
+        offset += size;
+    }
+    Ok(written)
+}
+
+/// Takes (and clears) the bitmap of pages the VMM wrote, per region.
+pub fn take_vmm_dirty(mem: &GuestRam) -> Vec<Vec<u64>> {
+    // The region derefs to its MmapRegion, whose bitmap() is the whole AtomicBitmap.
+    mem.iter().map(|region| std::ops::Deref::deref(region).bitmap().get_and_reset()).collect()
+}
+
 /// Maps the memory file privately over guest RAM that already exists (a shell's reserved,
 /// never-touched anonymous memory), at the same host addresses: KVM's memory slots stay valid.
-pub fn map_over(mem: &GuestMemoryMmap, file: &File, path: &Path, layout: &[MemoryRegionState]) -> Result<()> {
+pub fn map_over(mem: &GuestRam, file: &File, path: &Path, layout: &[MemoryRegionState]) -> Result<()> {
     let file_len = file.metadata().map_err(|source| Error::SnapshotIo { path: path.to_owned(), source })?.len();
     let regions: Vec<_> = mem.iter().collect();
     if regions.len() != layout.len() {

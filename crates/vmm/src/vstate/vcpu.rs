@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, Once};
 
 use kvm_bindings::{kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestRam;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::lifecycle::{ExitReason, Lifecycle};
@@ -80,7 +80,7 @@ impl Vcpu {
     }
 
     /// Puts the boot vCPU at the kernel's entry point.
-    pub fn configure_boot(&self, mem: &GuestMemoryMmap, mode: regs::EntryMode) -> Result<()> {
+    pub fn configure_boot(&self, mem: &GuestRam, mode: regs::EntryMode) -> Result<()> {
         let fd = self.fd.lock().unwrap_or_else(|p| p.into_inner());
         regs::setup_sregs(&fd, mem, mode)?;
         regs::setup_regs(&fd, mode)

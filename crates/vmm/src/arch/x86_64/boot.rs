@@ -8,7 +8,8 @@ use std::path::Path;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{BzImage, Elf, KernelLoader, KernelLoaderResult};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::vstate::memory::GuestRam;
 
 use super::layout::*;
 use super::regs::EntryMode;
@@ -99,7 +100,7 @@ fn elf_has_linux_note(f: &mut File, ehdr: &[u8; 64]) -> std::io::Result<bool> {
 }
 
 /// Loads the kernel into guest memory at the addresses its image asks for.
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
+pub fn load_kernel(mem: &GuestRam, path: &Path) -> Result<LoadedKernel> {
     let mut f = open(path)?;
     let highmem = Some(GuestAddress(HIMEM_START));
     let elf = Elf::load(mem, None, &mut f, highmem);
@@ -132,7 +133,7 @@ pub struct Initrd {
 }
 
 /// Places the initrd page-aligned at the top of the RAM below the MMIO gap.
-pub fn load_initrd(mem: &GuestMemoryMmap, mem_bytes: u64, kernel_end: u64, path: &Path) -> Result<Initrd> {
+pub fn load_initrd(mem: &GuestRam, mem_bytes: u64, kernel_end: u64, path: &Path) -> Result<Initrd> {
     let err = |reason: String| Error::Initrd { path: path.to_owned(), reason };
     let mut f = File::open(path).map_err(|e| err(format!("cannot open it: {e}")))?;
     let size = f.metadata().map_err(|e| err(e.to_string()))?.len();
@@ -148,7 +149,7 @@ pub fn load_initrd(mem: &GuestMemoryMmap, mem_bytes: u64, kernel_end: u64, path:
 }
 
 /// Writes the NUL-terminated command line at `CMDLINE_ADDR`.
-pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<()> {
+pub fn write_cmdline(mem: &GuestRam, cmdline: &str) -> Result<()> {
     if cmdline.len() + 1 > CMDLINE_MAX_SIZE || cmdline.as_bytes().contains(&0) {
         return Err(Error::Config(format!(
             "the kernel command line must be at most {} bytes with no NUL",
@@ -161,14 +162,14 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<()> {
         .map_err(|e| Error::Config(format!("cannot write the command line: {e}")))
 }
 
-fn guest_write(mem: &GuestMemoryMmap, bytes: &[u8], addr: u64) -> Result<()> {
+fn guest_write(mem: &GuestRam, bytes: &[u8], addr: u64) -> Result<()> {
     mem.write_slice(bytes, GuestAddress(addr))
         .map_err(|e| Error::Config(format!("guest memory too small for boot structures: {e}")))
 }
 
 /// Writes what the entry protocol promises: the zero page, or PVH start info + memmap + modules.
 pub fn write_boot_info(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     mem_bytes: u64,
     kernel: &LoadedKernel,
     cmdline: &str,

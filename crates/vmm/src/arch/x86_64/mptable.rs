@@ -1,6 +1,7 @@
 //! Intel MultiProcessor Specification 1.4 table: how an SMP guest finds its CPUs and IOAPIC.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::vstate::memory::GuestRam;
 
 use super::layout::{EBDA_START, IOAPIC_ADDR, LAPIC_ADDR};
 use crate::error::{Error, Result};
@@ -72,7 +73,7 @@ pub fn build(num_cpus: u8) -> Vec<u8> {
     fp
 }
 
-pub fn write(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<()> {
+pub fn write(mem: &GuestRam, num_cpus: u8) -> Result<()> {
     let bytes = build(num_cpus);
     if bytes.len() > MAX_TABLE_SIZE {
         return Err(Error::Config(format!("{num_cpus} vCPUs do not fit in the MP table")));

@@ -2,7 +2,8 @@
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::vstate::memory::GuestRam;
 
 use super::layout::*;
 use crate::error::{Error, Result};
@@ -54,7 +55,7 @@ fn segment(descriptor: u64, index: u16) -> kvm_segment {
     }
 }
 
-fn write_u64s(mem: &GuestMemoryMmap, addr: u64, values: &[u64]) -> Result<()> {
+fn write_u64s(mem: &GuestRam, addr: u64, values: &[u64]) -> Result<()> {
     for (i, v) in values.iter().enumerate() {
         mem.write_obj(*v, GuestAddress(addr + 8 * i as u64))
             .map_err(|e| Error::Config(format!("guest memory too small for boot structures: {e}")))?;
@@ -63,7 +64,7 @@ fn write_u64s(mem: &GuestMemoryMmap, addr: u64, values: &[u64]) -> Result<()> {
 }
 
 /// Identity map of the first GiB with 2 MiB pages, as the Linux 64-bit entry requires.
-fn write_page_tables(mem: &GuestMemoryMmap) -> Result<()> {
+fn write_page_tables(mem: &GuestRam) -> Result<()> {
     write_u64s(mem, PML4_ADDR, &[PDPT_ADDR | 0x03])?;
     write_u64s(mem, PDPT_ADDR, &[PD_ADDR | 0x03])?;
     let pd: Vec<u64> = (0..512u64).map(|i| (i << 21) | 0x83).collect();
@@ -71,7 +72,7 @@ fn write_page_tables(mem: &GuestMemoryMmap) -> Result<()> {
 }
 
 /// Sets sregs (and writes the GDT, IDT and page tables they point at) for `mode`.
-pub fn setup_sregs(vcpu: &VcpuFd, mem: &GuestMemoryMmap, mode: EntryMode) -> Result<()> {
+pub fn setup_sregs(vcpu: &VcpuFd, mem: &GuestRam, mode: EntryMode) -> Result<()> {
     let code = match mode {
         EntryMode::Linux64 { .. } => GDT_CODE64,
         EntryMode::Pvh { .. } => GDT_CODE32,

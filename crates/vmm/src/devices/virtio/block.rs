@@ -5,7 +5,8 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::vstate::memory::GuestRam;
 
 use super::{read_config_bytes, Activation, Interrupt, VirtioDevice, INT_USED_RING, TYPE_BLOCK};
 
@@ -29,7 +30,7 @@ pub struct Block {
     read_only: bool,
     capacity: u64,
     id: [u8; ID_BYTES],
-    active: Option<(GuestMemoryMmap, Queue, Interrupt)>,
+    active: Option<(GuestRam, Queue, Interrupt)>,
 }
 
 struct Request {
@@ -39,7 +40,7 @@ struct Request {
     status_addr: u64,
 }
 
-fn parse(chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>, mem: &GuestMemoryMmap) -> Option<Request> {
+fn parse(chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>, mem: &GuestRam) -> Option<Request> {
     let descs: Vec<_> = chain.collect();
     let (header, rest) = descs.split_first()?;
     let (status, data) = rest.split_last()?;
@@ -66,7 +67,7 @@ impl Block {
     }
 
     /// Executes one request; returns (status, bytes written into guest buffers).
-    fn execute(&mut self, mem: &GuestMemoryMmap, req: &Request) -> (u8, u32) {
+    fn execute(&mut self, mem: &GuestRam, req: &Request) -> (u8, u32) {
         let total: u64 = req.data.iter().map(|d| u64::from(d.1)).sum();
         let in_bounds = |total: u64| {
             req.sector.checked_mul(SECTOR_SIZE).and_then(|s| s.checked_add(total)).is_some_and(|end| end <= self.capacity * SECTOR_SIZE)
@@ -207,7 +208,7 @@ mod tests {
     }
 
     /// Runs one request chain through a fresh device; returns (status byte, used len).
-    fn run(dev: &mut Block, mem: &GuestMemoryMmap, kind: u32, sector: u64, chain: &[RawDescriptor]) -> (u8, u32) {
+    fn run(dev: &mut Block, mem: &GuestRam, kind: u32, sector: u64, chain: &[RawDescriptor]) -> (u8, u32) {
         mem.write_obj(kind, GuestAddress(HDR)).unwrap();
         mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
         mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
@@ -222,8 +223,8 @@ mod tests {
         (mem.read_obj(GuestAddress(STATUS)).unwrap(), used.len())
     }
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    fn mem() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
     }
 
     fn request(data_flags: u16, data_len: u32) -> Vec<RawDescriptor> {

@@ -11,7 +11,8 @@ use std::io::ErrorKind;
 use std::os::unix::net::UnixStream;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::vstate::memory::GuestRam;
 use vmm_sys_util::epoll::EventSet;
 
 use super::{read_config_bytes, Activation, Interrupt, VirtioDevice, INT_USED_RING, TYPE_CONSOLE};
@@ -43,7 +44,7 @@ fn control(id: u32, event: u16, value: u16, extra: &[u8]) -> Vec<u8> {
 }
 
 struct Active {
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     queues: Vec<Queue>,
     interrupt: Interrupt,
 }
@@ -363,15 +364,15 @@ mod tests {
     const BUF: u64 = 0x10000;
 
     struct Rig<'a> {
-        mem: &'a GuestMemoryMmap,
-        queues: Vec<MockSplitQueue<'a, GuestMemoryMmap>>,
+        mem: &'a GuestRam,
+        queues: Vec<MockSplitQueue<'a, GuestRam>>,
         dev: Console,
         host: UnixStream,
         interrupt: Interrupt,
         _loop: EventLoop,
     }
 
-    fn rig(mem: &GuestMemoryMmap) -> Rig<'_> {
+    fn rig(mem: &GuestRam) -> Rig<'_> {
         let (host, device_end) = UnixStream::pair().unwrap();
         let mut el = EventLoop::new().unwrap();
         let fd = device_end.as_raw_fd();
@@ -393,14 +394,14 @@ mod tests {
         RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
     }
 
-    fn used(q: &MockSplitQueue<'_, GuestMemoryMmap>, i: usize) -> (u32, u32) {
+    fn used(q: &MockSplitQueue<'_, GuestRam>, i: usize) -> (u32, u32) {
         let e = q.used().ring().ref_at(i).unwrap().load();
         (e.id(), e.len())
     }
 
     #[test]
     fn guest_bytes_reach_the_host_unchanged() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut r = rig(&mem);
         let all: Vec<u8> = (0..=255u8).collect();
         r.mem.write_slice(&all, GuestAddress(BUF)).unwrap();
@@ -415,7 +416,7 @@ mod tests {
 
     #[test]
     fn host_bytes_wait_for_guest_buffers() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut r = rig(&mem);
         r.host.write_all(b"hello guest").unwrap();
         // No receive buffers yet: the bytes stay in the socket.
@@ -435,7 +436,7 @@ mod tests {
 
     #[test]
     fn control_handshake_names_the_port() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut r = rig(&mem);
         // The driver posts three control receive buffers, then says DEVICE_READY and PORT_READY.
         let rx: Vec<_> = (0..3).map(|i| desc(BUF + 0x100 * i, 64, WRITE)).collect();
@@ -460,7 +461,7 @@ mod tests {
 
     #[test]
     fn a_closed_host_end_frees_guest_buffers() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut r = rig(&mem);
         drop(std::mem::replace(&mut r.host, UnixStream::pair().unwrap().0));
         r.queues[TX].add_desc_chains(&[desc(BUF, 16, 0)], 0).unwrap();

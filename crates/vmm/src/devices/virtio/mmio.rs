@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestRam;
 
 use super::persist::{QueueSnapshot, TransportState};
 use super::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -25,7 +25,7 @@ const STATUS_FAILED: u32 = 0x80;
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     interrupt: Interrupt,
     queues: Vec<Queue>,
     queue_select: u32,
@@ -38,7 +38,7 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, interrupt: Interrupt) -> Self {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestRam, interrupt: Interrupt) -> Self {
         let queues = device
             .queue_max_sizes()
             .iter()
@@ -79,7 +79,7 @@ impl MmioTransport {
     /// Rebuilds a transport (and re-activates its device) from a snapshot.
     pub fn restore(
         device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
+        mem: GuestRam,
         interrupt: Interrupt,
         state: &TransportState,
     ) -> Result<Self, String> {
@@ -305,7 +305,7 @@ mod tests {
     }
 
     fn transport() -> (MmioTransport, Arc<AtomicUsize>, Arc<AtomicUsize>) {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let (a, n) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let dev = Dummy { activations: a.clone(), notified: n.clone() };
         (MmioTransport::new(Box::new(dev), mem, Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())), a, n)

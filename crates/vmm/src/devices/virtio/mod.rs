@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestRam;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::MmioTransport;
@@ -63,7 +63,7 @@ impl Interrupt {
 
 /// What a device is activated with.
 pub struct Activation {
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRam,
     pub queues: Vec<Queue>,
     pub interrupt: Interrupt,
     /// Features the driver accepted.
