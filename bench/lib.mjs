@@ -1,0 +1,89 @@
+// Shared by the benchmarks: percentiles, host facts, and the one result format
+// {"benchmark", "date", "host", "results": [{system, case, metric, unit, p50, p90, n}]},
+// written to bench/results/<name>.json with a markdown table beside it.
+import { execFileSync } from 'node:child_process'
+import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
+import { fileURLToPath } from 'node:url'
+
+import { hostInfo } from 'microcell'
+
+export const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..')
+export const guest = (name) => path.join(root, 'target', 'testguests', name)
+
+export function percentile(values, q) {
+  const s = [...values].sort((a, b) => a - b)
+  return s[Math.min(s.length - 1, Math.floor(q * s.length))]
+}
+
+export function summary(system, kase, metric, unit, values, extra = {}) {
+  const round = (v) => Math.round(v * 1000) / 1000
+  return { system, case: kase, metric, unit, p50: round(percentile(values, 0.5)), p90: round(percentile(values, 0.9)), n: values.length, ...extra }
+}
+
+export function qemuBinary() {
+  const candidate = process.env.MICROCELL_QEMU ?? 'qemu-system-x86_64'
+  try {
+    const version = execFileSync(candidate, ['--version'], { encoding: 'utf8' }).split('\n')[0]
+    return { path: candidate, version }
+  } catch {
+    return null
+  }
+}
+
+export function host() {
+  const info = hostInfo()
+  const cpu = os.cpus()[0]?.model ?? 'unknown'
+  return {
+    cpu,
+    cores: os.cpus().length,
+    memoryMib: Math.round(os.totalmem() / 2 ** 20),
+    kernel: os.release(),
+    kvm: info.kvmFlavour,
+    node: process.version,
+    qemu: qemuBinary()?.version ?? null,
+  }
+}
+
+/** RSS (KiB) of a process's mappings, split into guest-RAM-sized mappings and the rest. */
+export function rssSplit(pid, guestBytes) {
+  const smaps = fs.readFileSync(`/proc/${pid}/smaps`, 'utf8').split('\n')
+  let size = 0
+  let guest = 0
+  let other = 0
+  for (const line of smaps) {
+    const m = /^([0-9a-f]+)-([0-9a-f]+) /.exec(line)
+    if (m) {
+      size = Number(BigInt('0x' + m[2]) - BigInt('0x' + m[1]))
+      continue
+    }
+    const r = /^Rss:\s+(\d+) kB/.exec(line)
+    if (r) {
+      if (size >= guestBytes) guest += Number(r[1])
+      else other += Number(r[1])
+    }
+  }
+  return { guestKib: guest, otherKib: other }
+}
+
+export function write(name, results, notes = []) {
+  const doc = { benchmark: name, date: new Date().toISOString(), host: host(), results }
+  const dir = path.join(root, 'bench', 'results')
+  fs.mkdirSync(dir, { recursive: true })
+  fs.writeFileSync(path.join(dir, `${name}.json`), JSON.stringify(doc, null, 2) + '\n')
+  const h = doc.host
+  const lines = [
+    `# ${name}`,
+    '',
+    `${doc.date} on ${h.cpu}, ${h.cores} cores, ${h.memoryMib} MiB, Linux ${h.kernel}, KVM: ${h.kvm}, Node ${h.node}, ${h.qemu ?? 'no QEMU'}`,
+    '',
+    '| system | case | metric | p50 | p90 | unit | n |',
+    '|---|---|---|---:|---:|---|---:|',
+    ...results.map((r) => `| ${r.system} | ${r.case} | ${r.metric} | ${r.p50} | ${r.p90} | ${r.unit} | ${r.n} |`),
+    '',
+    ...notes,
+  ]
+  fs.writeFileSync(path.join(dir, `${name}.md`), lines.join('\n') + '\n')
+  console.log(lines.join('\n'))
+}

@@ -1,0 +1,116 @@
+// `npm run bench:start`: builder → VM running → the guest's first instruction (its first port
+// write), and VMM memory per VM excluding guest RAM; QEMU (microvm, same PVH guest) in the same
+// run. Not a test: numbers go to bench/results/start.{json,md}.
+import { spawn } from 'node:child_process'
+import { setTimeout as sleep } from 'node:timers/promises'
+
+import { MicroVm } from 'microcell'
+
+import { guest, qemuBinary, rssSplit, summary, write } from './lib.mjs'
+
+const RUNS = Number(process.env.BENCH_RUNS ?? 50)
+const QEMU_RUNS = Number(process.env.BENCH_QEMU_RUNS ?? 20)
+const DENSITY = Number(process.env.BENCH_DENSITY ?? 20)
+const MIB = 256
+const ms = (ns) => Number(ns) / 1e6
+
+async function microcellStart() {
+  const first = []
+  const running = []
+  for (let i = -3; i < RUNS; i++) {
+    const t0 = process.hrtime.bigint()
+    const config = MicroVm.builder().kernel(guest('hello.pvh.elf')).memoryMib(MIB).build()
+    const vm = await MicroVm.start(config)
+    const t1 = process.hrtime.bigint()
+    await vm.wait()
+    if (i < 0) continue // warm-up: first use of /dev/kvm, page cache
+    running.push(ms(t1 - t0))
+    first.push(ms(vm.timings.firstExitNs - t0))
+  }
+  return [
+    summary('microcell', `${MIB}MiB`, 'builder_to_first_instruction', 'ms', first),
+    summary('microcell', `${MIB}MiB`, 'builder_to_running', 'ms', running),
+  ]
+}
+
+async function microcellDensity() {
+  const before = rssSplit(process.pid, MIB << 20)
+  const vms = []
+  for (let i = 0; i < DENSITY; i++) {
+    const vm = await MicroVm.start(MicroVm.builder().kernel(guest('halt.pvh.elf')).memoryMib(MIB).build())
+    vms.push(vm)
+  }
+  await sleep(200) // every guest has printed and halted
+  const after = rssSplit(process.pid, MIB << 20)
+  await Promise.all(vms.map((vm) => vm.kill()))
+  const perVm = (after.otherKib - before.otherKib) / DENSITY / 1024
+  const guestPerVm = (after.guestKib - before.guestKib) / DENSITY / 1024
+  return [
+    summary('microcell', `${MIB}MiB x${DENSITY}`, 'vmm_rss_per_vm_excl_guest_ram', 'MiB', [perVm]),
+    summary('microcell', `${MIB}MiB x${DENSITY}`, 'guest_ram_rss_per_vm', 'MiB', [guestPerVm]),
+  ]
+}
+
+function qemuArgs(kernel) {
+  return [
+    '-M', 'microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off',
+    '-enable-kvm', '-m', String(MIB), '-smp', '1',
+    '-kernel', kernel, '-append', 'console=ttyS0',
+    '-nodefaults', '-no-user-config', '-nographic', '-serial', 'stdio', '-monitor', 'none', '-no-reboot',
+  ]
+}
+
+/** Spawns QEMU and resolves when its serial output contains `marker`. */
+function qemuUntil(bin, kernel, marker) {
+  return new Promise((resolve, reject) => {
+    const t0 = process.hrtime.bigint()
+    const child = spawn(bin, qemuArgs(kernel), { stdio: ['ignore', 'pipe', 'pipe'] })
+    let out = ''
+    let firstByte = null
+    const timer = setTimeout(() => { child.kill('SIGKILL'); reject(new Error(`QEMU printed no ${JSON.stringify(marker)} in 20 s: ${out}`)) }, 20000)
+    child.stdout.on('data', (d) => {
+      firstByte ??= process.hrtime.bigint()
+      out += d
+      if (out.includes(marker)) {
+        clearTimeout(timer)
+        resolve({ child, firstMs: ms(firstByte - t0) })
+      }
+    })
+    child.on('error', reject)
+  })
+}
+
+async function qemu() {
+  const q = qemuBinary()
+  if (!q) return { results: [], note: 'QEMU: not installed (apt-get install qemu-system-x86); its rows are missing.' }
+  const first = []
+  for (let i = -1; i < QEMU_RUNS; i++) {
+    const { child, firstMs } = await qemuUntil(q.path, guest('hello.pvh.elf'), 'Hello')
+    child.kill('SIGKILL')
+    await new Promise((r) => child.on('exit', r))
+    if (i >= 0) first.push(firstMs)
+  }
+  const { child } = await qemuUntil(q.path, guest('halt.pvh.elf'), 'TG halt')
+  await sleep(200)
+  const rss = rssSplit(child.pid, MIB << 20)
+  child.kill('SIGKILL')
+  return {
+    results: [
+      summary('qemu', `${MIB}MiB`, 'spawn_to_first_serial_byte', 'ms', first),
+      summary('qemu', `${MIB}MiB`, 'vmm_rss_per_vm_excl_guest_ram', 'MiB', [rss.otherKib / 1024]),
+    ],
+    note: `QEMU: ${q.version}, -M microvm -enable-kvm, the same hello/halt PVH guests; time from spawn to the first byte on its serial stdout (includes process start and pipe latency).`,
+  }
+}
+
+const results = [...(await microcellStart()), ...(await microcellDensity())]
+const q = await qemu()
+results.push(...q.results)
+const mc = results.find((r) => r.metric === 'builder_to_first_instruction')
+const qr = q.results.find((r) => r.metric === 'spawn_to_first_serial_byte')
+write('start', results, [
+  'microcell: time from `MicroVm.builder()` to the hello guest\'s first port write (KVM exit timestamp, same clock as `process.hrtime`),',
+  'in one Node process, 3 warm-up runs dropped. RSS: process RSS outside guest-RAM mappings, per VM, with ' + DENSITY + ' halted VMs alive.',
+  q.note,
+  qr ? `Ratio (p50): QEMU / microcell = ${(qr.p50 / mc.p50).toFixed(1)}x.` : '',
+])
