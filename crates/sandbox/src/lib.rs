@@ -3,14 +3,19 @@
 //!
 //! Nothing here knows about JavaScript: `crates/node` maps these types to JS one to one.
 
+pub mod agent_client;
 pub mod config;
 pub mod console;
+pub mod engine;
 mod error;
+pub mod sandbox;
 pub mod vm;
 
 pub use config::{ConfigError, MicroVmConfig};
 pub use error::{Error, Result};
 pub use vm::{MicroVm, StartOptions};
+pub use engine::{EngineChoice, EngineKind, VmExit};
+pub use sandbox::{validate_sandbox_config_json, ReadyInfo, Sandbox, SandboxConfig, SandboxError};
 pub use vmm::{ExitReason, Timings};
 
 /// Parses and validates a configuration given as JSON and returns it normalised (defaults

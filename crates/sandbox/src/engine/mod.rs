@@ -1,0 +1,652 @@
+//! Engines: what runs the guest (kernel + root disk + agent as PID 1).
+//!
+//! One interface, two implementations:
+//! - [`kvm::KvmEngine`]: the built-in VMM (`crates/vmm`), in this process. Needs a host where a
+//!   stock Linux kernel boots on KVM (hardware KVM; `vmm::host::cached().can_boot_linux`).
+//! - [`qemu::QemuEngine`]: `qemu-system-x86_64 -M microvm` as a child process, with KVM
+//!   acceleration on hardware-KVM hosts and TCG (software emulation) elsewhere.
+//!
+//! Either way a booted VM is a [`RunningVm`]: the control channel as one `UnixStream` (the
+//! virtio-console port named `agent`), the guest console (a file and/or a queue, plus a tail kept
+//! for error messages), `wait`, `try_wait`, `kill`. [`select`] implements `engine: auto`.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::{self, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::console::{ConsoleReader, ConsoleStats};
+use crate::sandbox::{Result, SandboxError};
+
+pub mod kvm;
+pub mod qemu;
+mod spawn;
+
+/// The `engine` option: which engine boots the sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineChoice {
+    /// `kvm` where the built-in VMM can boot Linux (hardware KVM), else `qemu`.
+    #[default]
+    Auto,
+    Kvm,
+    Qemu,
+}
+
+/// An engine that actually runs a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// The built-in VMM.
+    Kvm,
+    /// `qemu-system-x86_64 -M microvm`.
+    Qemu,
+}
+
+impl EngineKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Kvm => "kvm",
+            EngineKind::Qemu => "qemu",
+        }
+    }
+}
+
+impl fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The engine chosen for a sandbox, and why (shown in the sandbox info and logged).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineSelection {
+    pub kind: EngineKind,
+    pub reason: String,
+}
+
+/// Resolves `engine: auto | kvm | qemu` on this host ([`vmm::host::cached`]).
+pub fn select(choice: EngineChoice) -> Result<EngineSelection> {
+    select_for(choice, vmm::host::cached())
+}
+
+/// [`select`] for a given host description.
+pub fn select_for(choice: EngineChoice, host: &vmm::host::HostInfo) -> Result<EngineSelection> {
+    let selection = match choice {
+        EngineChoice::Kvm if !host.kvm_device => {
+            return Err(SandboxError::NoKvm {
+                reason: "is missing or cannot be opened by this process".into(),
+            })
+        }
+        EngineChoice::Kvm if !host.can_boot_linux => {
+            return Err(SandboxError::EngineUnavailable {
+                engine: EngineKind::Kvm,
+                reason: host.reason.clone(),
+            })
+        }
+        EngineChoice::Kvm => EngineSelection {
+            kind: EngineKind::Kvm,
+            reason: format!("asked for; {}", host.reason),
+        },
+        EngineChoice::Qemu => EngineSelection {
+            kind: EngineKind::Qemu,
+            reason: "asked for".into(),
+        },
+        EngineChoice::Auto if host.can_boot_linux => EngineSelection {
+            kind: EngineKind::Kvm,
+            reason: format!("auto: {}", host.reason),
+        },
+        EngineChoice::Auto => EngineSelection {
+            kind: EngineKind::Qemu,
+            reason: format!(
+                "auto: the built-in VMM cannot boot Linux here ({})",
+                host.reason
+            ),
+        },
+    };
+    Ok(selection)
+}
+
+/// Makes the engine of that kind (for QEMU: finds the binary, picks the accelerator).
+pub fn engine(kind: EngineKind) -> Result<Box<dyn Engine>> {
+    Ok(match kind {
+        EngineKind::Kvm => Box::new(kvm::KvmEngine::new()),
+        EngineKind::Qemu => Box::new(qemu::QemuEngine::locate()?),
+    })
+}
+
+/// What to boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootSpec {
+    /// The guest kernel (ELF vmlinux with a PVH note; QEMU and the VMM both boot it).
+    pub kernel: PathBuf,
+    /// The raw root disk image (ext4), the guest's `/dev/vda`. Never written: each VM writes to
+    /// its own throwaway copy (QEMU `snapshot=on`; the VMM a copy-on-write clone).
+    pub rootfs: PathBuf,
+    pub memory_mib: u32,
+    pub vcpus: u8,
+    /// Appended to the engine's kernel command line (last one wins for repeated options).
+    pub extra_cmdline: String,
+    /// Host file that receives the console (created or truncated).
+    pub console_file: Option<PathBuf>,
+    /// Keep up to this many console bytes for [`RunningVm::console`] to read.
+    pub console_queue_bytes: Option<usize>,
+}
+
+impl BootSpec {
+    /// A spec with 512 MiB, 1 vCPU, no extra command line and no console file.
+    pub fn new(kernel: impl Into<PathBuf>, rootfs: impl Into<PathBuf>) -> BootSpec {
+        BootSpec {
+            kernel: kernel.into(),
+            rootfs: rootfs.into(),
+            memory_mib: 512,
+            vcpus: 1,
+            extra_cmdline: String::new(),
+            console_file: None,
+            console_queue_bytes: None,
+        }
+    }
+}
+
+/// Boots guests.
+pub trait Engine: Send + Sync {
+    fn kind(&self) -> EngineKind;
+    /// One line for logs and the sandbox info, e.g. `/usr/bin/qemu-system-x86_64, accel tcg`.
+    fn describe(&self) -> String;
+    /// Starts a VM; returns as soon as it runs (not when the agent is ready).
+    fn boot(&self, spec: &BootSpec) -> Result<Box<dyn RunningVm>>;
+}
+
+/// A VM an engine started. Dropping it kills the VM (and, for QEMU, reaps the process) and
+/// removes its per-VM files.
+pub trait RunningVm: Send + Sync {
+    fn engine(&self) -> EngineKind;
+    /// The QEMU process id; `None` for the in-process VMM.
+    fn pid(&self) -> Option<u32>;
+    /// The host end of the control channel (once; later calls return `None`).
+    fn take_channel(&self) -> Option<UnixStream>;
+    /// How the VM ended, once it has (and its console is complete).
+    fn try_wait(&self) -> Option<VmExit>;
+    /// Blocks until the VM has ended.
+    fn wait(&self) -> VmExit;
+    /// [`RunningVm::wait`] with a limit; `None` when it still runs.
+    fn wait_timeout(&self, timeout: Duration) -> Option<VmExit>;
+    /// Ends the VM at once (SIGKILL to QEMU's process group; the VMM's kill). Idempotent.
+    fn kill(&self);
+    /// The reader of the console queue, when the spec asked for one.
+    fn console(&self) -> Option<ConsoleReader>;
+    fn console_stats(&self) -> ConsoleStats;
+    /// The last lines of the console (and of QEMU's stderr), for error messages.
+    fn console_tail(&self) -> String;
+}
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", rename_all = "camelCase")]
+pub enum VmExit {
+    /// The guest reset the machine: the agent's poweroff, a reboot, or a kernel panic with
+    /// `panic=1` (QEMU exited 0 under `-no-reboot`; the VMM saw the reset).
+    GuestReset,
+    /// The host stopped the VM (the VMM's `stop`).
+    Stopped,
+    /// The host killed it.
+    Killed,
+    /// The engine or the guest failed: `code` is stable (`E_QEMU_EXIT`, `E_GUEST_TRIPLE_FAULT`,
+    /// `E_KVM_INTERNAL_ERROR`, ...).
+    Crashed { code: String, message: String },
+}
+
+impl fmt::Display for VmExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmExit::GuestReset => {
+                f.write_str("the guest reset the machine (poweroff, reboot or kernel panic)")
+            }
+            VmExit::Stopped => f.write_str("stopped by the host"),
+            VmExit::Killed => f.write_str("killed by the host"),
+            VmExit::Crashed { code, message } => write!(f, "{code}: {message}"),
+        }
+    }
+}
+
+impl From<vmm::ExitReason> for VmExit {
+    fn from(r: vmm::ExitReason) -> VmExit {
+        match r {
+            vmm::ExitReason::Reset => VmExit::GuestReset,
+            vmm::ExitReason::Stopped => VmExit::Stopped,
+            vmm::ExitReason::Killed => VmExit::Killed,
+            vmm::ExitReason::Crashed { code, message } => VmExit::Crashed { code, message },
+        }
+    }
+}
+
+/// Where a VM's end is published: set once, waited on by any number of threads.
+#[derive(Default)]
+pub(crate) struct ExitSlot {
+    exit: Mutex<Option<VmExit>>,
+    ended: Condvar,
+}
+
+impl ExitSlot {
+    fn lock(&self) -> MutexGuard<'_, Option<VmExit>> {
+        self.exit.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set(&self, exit: VmExit) {
+        let mut e = self.lock();
+        if e.is_none() {
+            *e = Some(exit);
+        }
+        self.ended.notify_all();
+    }
+
+    pub(crate) fn get(&self) -> Option<VmExit> {
+        self.lock().clone()
+    }
+
+    pub(crate) fn wait(&self) -> VmExit {
+        let mut e = self.lock();
+        loop {
+            if let Some(x) = &*e {
+                return x.clone();
+            }
+            e = self.ended.wait(e).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    pub(crate) fn wait_timeout(&self, timeout: Duration) -> Option<VmExit> {
+        let deadline = Instant::now() + timeout;
+        let mut e = self.lock();
+        loop {
+            if let Some(x) = &*e {
+                return Some(x.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            e = self
+                .ended
+                .wait_timeout(e, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// The last bytes of a byte stream (console, QEMU's stderr), for error messages.
+#[derive(Clone)]
+pub(crate) struct Tail {
+    bytes: Arc<Mutex<VecDeque<u8>>>,
+    capacity: usize,
+}
+
+impl Tail {
+    pub(crate) fn new(capacity: usize) -> Tail {
+        Tail {
+            bytes: Arc::new(Mutex::new(VecDeque::with_capacity(capacity))),
+            capacity,
+        }
+    }
+
+    pub(crate) fn push(&self, buf: &[u8]) {
+        let mut q = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        let buf = &buf[buf.len().saturating_sub(self.capacity)..];
+        let over = (q.len() + buf.len()).saturating_sub(self.capacity);
+        q.drain(..over);
+        q.extend(buf);
+    }
+
+    /// The last `lines` lines (lossy UTF-8, control characters but newlines and tabs removed).
+    pub(crate) fn text(&self, lines: usize) -> String {
+        let q = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        let (a, b) = q.as_slices();
+        let s = String::from_utf8_lossy(&[a, b].concat()).replace("\r\n", "\n");
+        let s: String = s
+            .chars()
+            .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
+            .collect();
+        let all: Vec<&str> = s.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+/// A `Write` that keeps a [`Tail`] of what passes through it.
+pub(crate) struct TailWriter<W: Write> {
+    pub(crate) inner: W,
+    pub(crate) tail: Tail,
+}
+
+impl<W: Write> Write for TailWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.tail.push(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Console bytes kept for error messages.
+pub(crate) const CONSOLE_TAIL_BYTES: usize = 8 << 10;
+/// Console lines shown in error messages.
+pub(crate) const CONSOLE_TAIL_LINES: usize = 30;
+
+/// A per-VM directory under the temporary directory, `microcell-<pid>-<n>-<tag>`, removed
+/// (with everything in it) on drop.
+pub(crate) struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    pub(crate) fn create(tag: &str) -> io::Result<RunDir> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        use std::os::unix::fs::DirBuilderExt;
+        let base = std::env::temp_dir();
+        loop {
+            let n = SEQ.fetch_add(1, Ordering::Relaxed);
+            let path = base.join(format!("{}{n}-{tag}", run_dir_prefix()));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(RunDir { path }),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot remove a sandbox's run directory");
+        }
+    }
+}
+
+/// The name prefix of this process's per-VM directories under `std::env::temp_dir()`
+/// (`microcell-<pid>-`): tests look for leftovers with it.
+pub fn run_dir_prefix() -> String {
+    format!("microcell-{}-", std::process::id())
+}
+
+/// Gives `dst` the contents of `src` as cheaply as the file system allows: a reflink
+/// (`FICLONE`: btrfs, XFS, bcachefs — instant, shares blocks until written), else a sparse copy
+/// of the data extents only (`SEEK_DATA`/`SEEK_HOLE` + `copy_file_range`). `dst` must not
+/// exist. Returns whether it was a reflink.
+pub fn clone_image(src: &Path, dst: &Path) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let from = std::fs::File::open(src)?;
+    let to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dst)?;
+    const FICLONE: libc::c_ulong = 0x4004_9409;
+    // SAFETY: both fds are open; FICLONE reads an int (the source fd) by value.
+    if unsafe { libc::ioctl(to.as_raw_fd(), FICLONE as _, from.as_raw_fd()) } == 0 {
+        return Ok(true);
+    }
+    let len = from.metadata()?.len();
+    to.set_len(len)?;
+    let (sfd, dfd) = (from.as_raw_fd(), to.as_raw_fd());
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: plain lseek on an open fd.
+        let data = unsafe { libc::lseek(sfd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ENXIO) => break, // only a hole is left
+                Some(libc::EINVAL) => {
+                    // No SEEK_DATA here: copy everything from `pos`.
+                    copy_range(sfd, dfd, pos, len as i64 - pos)?;
+                    break;
+                }
+                _ => return Err(e),
+            }
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(sfd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { len as i64 } else { hole };
+        copy_range(sfd, dfd, data, end - data)?;
+        pos = end;
+    }
+    Ok(false)
+}
+
+/// Copies `len` bytes at offset `off` from `sfd` to the same offset in `dfd`.
+fn copy_range(sfd: i32, dfd: i32, off: i64, len: i64) -> io::Result<()> {
+    let (mut o_in, mut o_out, mut left) = (off, off, len);
+    while left > 0 {
+        // SAFETY: valid fds and offsets owned by this frame.
+        let n = unsafe { libc::copy_file_range(sfd, &mut o_in, dfd, &mut o_out, left as usize, 0) };
+        if n > 0 {
+            left -= n as i64;
+            continue;
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the source image shrank while it was copied",
+            ));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
+                return copy_range_rw(sfd, dfd, o_in, left);
+            }
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn copy_range_rw(sfd: i32, dfd: i32, mut off: i64, mut left: i64) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        // SAFETY: `buf` is valid for `want` bytes.
+        let n = unsafe { libc::pread(sfd, buf.as_mut_ptr().cast(), want, off) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the source image shrank while it was copied",
+            ));
+        }
+        let mut done = 0usize;
+        while done < n as usize {
+            // SAFETY: `buf[done..n]` is initialised.
+            let w = unsafe {
+                libc::pwrite(
+                    dfd,
+                    buf[done..].as_ptr().cast(),
+                    n as usize - done,
+                    off + done as i64,
+                )
+            };
+            if w < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            done += w as usize;
+        }
+        off += n as i64;
+        left -= n as i64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    fn host(kvm_device: bool, can_boot_linux: bool) -> vmm::host::HostInfo {
+        vmm::host::HostInfo {
+            kvm_flavour: if !kvm_device {
+                vmm::host::KvmFlavour::None
+            } else if can_boot_linux {
+                vmm::host::KvmFlavour::Hardware
+            } else {
+                vmm::host::KvmFlavour::Pvm
+            },
+            cpu_virtualization: None,
+            kvm_device,
+            api_version: None,
+            capabilities: Vec::new(),
+            max_vcpus: None,
+            can_boot_linux,
+            reason: "REASON".into(),
+            host_memory_mib: 1024,
+            host_cpus: 2,
+        }
+    }
+
+    #[test]
+    fn auto_picks_kvm_only_where_linux_boots_and_says_why() {
+        let s = select_for(EngineChoice::Auto, &host(true, true)).unwrap();
+        assert_eq!(s.kind, EngineKind::Kvm);
+        assert!(s.reason.contains("REASON"));
+        for h in [host(true, false), host(false, false)] {
+            let s = select_for(EngineChoice::Auto, &h).unwrap();
+            assert_eq!(s.kind, EngineKind::Qemu);
+            assert!(
+                s.reason.contains("cannot boot Linux") && s.reason.contains("REASON"),
+                "{}",
+                s.reason
+            );
+        }
+    }
+
+    #[test]
+    fn kvm_where_it_cannot_boot_linux_is_a_coded_error() {
+        let e = select_for(EngineChoice::Kvm, &host(true, false)).unwrap_err();
+        assert_eq!(e.code(), "E_ENGINE_UNAVAILABLE");
+        assert!(
+            e.to_string().contains("REASON") && e.to_string().contains("'qemu'"),
+            "{e}"
+        );
+        let e = select_for(EngineChoice::Kvm, &host(false, false)).unwrap_err();
+        assert_eq!(e.code(), "E_NO_KVM");
+        assert_eq!(
+            select_for(EngineChoice::Kvm, &host(true, true))
+                .unwrap()
+                .kind,
+            EngineKind::Kvm
+        );
+        assert_eq!(
+            select_for(EngineChoice::Qemu, &host(true, true))
+                .unwrap()
+                .kind,
+            EngineKind::Qemu
+        );
+    }
+
+    #[test]
+    fn engine_names_round_trip_through_json() {
+        for (c, s) in [
+            (EngineChoice::Auto, "\"auto\""),
+            (EngineChoice::Kvm, "\"kvm\""),
+            (EngineChoice::Qemu, "\"qemu\""),
+        ] {
+            assert_eq!(serde_json::to_string(&c).unwrap(), s);
+            assert_eq!(serde_json::from_str::<EngineChoice>(s).unwrap(), c);
+        }
+        assert!(serde_json::from_str::<EngineChoice>("\"firecracker\"").is_err());
+    }
+
+    #[test]
+    fn the_tail_keeps_the_last_lines() {
+        let t = Tail::new(16);
+        t.push(b"first line\nsecond\r\nthird\x1b[0m\n");
+        assert_eq!(
+            t.text(2),
+            "cond\nthird[0m",
+            "the last 16 bytes, then the last 2 lines"
+        );
+        let t = Tail::new(64);
+        t.push(b"first line\nsecond\r\nthird\n");
+        assert_eq!(t.text(2), "second\nthird");
+        t.push(&[b'x'; 100]);
+        assert_eq!(t.text(5), "x".repeat(64));
+    }
+
+    #[test]
+    fn exit_slot_wakes_waiters_and_keeps_the_first_exit() {
+        let slot = Arc::new(ExitSlot::default());
+        assert_eq!(slot.wait_timeout(Duration::from_millis(5)), None);
+        let s = slot.clone();
+        let t = std::thread::spawn(move || s.wait());
+        std::thread::sleep(Duration::from_millis(10));
+        slot.set(VmExit::Killed);
+        slot.set(VmExit::GuestReset);
+        assert_eq!(t.join().unwrap(), VmExit::Killed);
+        assert_eq!(slot.get(), Some(VmExit::Killed));
+    }
+
+    #[test]
+    fn run_dirs_are_removed_on_drop() {
+        let d = RunDir::create("unit").unwrap();
+        let p = d.path().to_path_buf();
+        assert!(p
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with(&run_dir_prefix()));
+        std::fs::write(p.join("f"), b"x").unwrap();
+        drop(d);
+        assert!(!p.exists());
+    }
+
+    #[test]
+    fn clone_image_copies_data_and_keeps_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.img");
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(b"superblock", 1024).unwrap();
+        f.write_all_at(&[7u8; 300_000], 20 << 20).unwrap();
+        f.write_all_at(b"end", (64 << 20) - 3).unwrap();
+        drop(f);
+        let dst = dir.path().join("dst.img");
+        let reflink = clone_image(&src, &dst).unwrap();
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        if !reflink {
+            // 512-byte blocks: the data plus file-system rounding, far below 64 MiB.
+            assert!(
+                std::fs::metadata(&dst).unwrap().blocks() * 512 < 4 << 20,
+                "the copy is not sparse"
+            );
+        }
+        assert_eq!(
+            clone_image(&src, &dst).unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+    }
+}

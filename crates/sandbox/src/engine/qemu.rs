@@ -1,0 +1,707 @@
+//! The QEMU engine: `qemu-system-x86_64 -M microvm` as a child process.
+//!
+//! - Machine `microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off`: with `acpi=off` QEMU puts
+//!   the `virtio_mmio.device=` entries on the kernel command line itself; `rtc=on` saves ~1 s of
+//!   RTC polling under TCG (docs/guest.md).
+//! - Accelerator: `-enable-kvm -cpu host` on hardware KVM, `-accel tcg` elsewhere (on PVM
+//!   `-cpu host` fails and a stock kernel does not boot under KVM). `MICROCELL_QEMU_ACCEL=kvm|tcg`
+//!   overrides.
+//! - Root disk: `-drive if=none,...,format=raw,snapshot=on` + `virtio-blk-device`: the guest
+//!   writes to a throwaway overlay (QEMU makes and unlinks it at once); the image is never
+//!   written, so many sandboxes share one cached image.
+//! - Control channel: `virtio-serial-device` + a port named `agent` whose chardev is one end of a
+//!   socketpair, passed to QEMU as fd 3 (`-chardev socket,fd=3`). No socket files, no connect
+//!   polling: the other end is the channel the engine hands back at once.
+//! - Console: the serial port on QEMU's stdout (`-chardev stdio`), read by a thread into the
+//!   console sink (file and/or queue) and a tail; QEMU's stderr is kept for error messages.
+//! - No orphans, ever: QEMU runs in its own process group, gets SIGKILL when this process dies
+//!   (`PR_SET_PDEATHSIG`, set from a long-lived spawner thread), and `kill()`/drop send SIGKILL
+//!   to the group and reap it. The process is reaped only by the monitor thread and only after
+//!   `kill()` can no longer signal it (`waitid(WNOWAIT)` first), so a recycled pid is never hit.
+//! - `-no-reboot`: a guest reset (the agent's poweroff, `reboot=t`) ends QEMU with status 0.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::{
+    spawn, BootSpec, Engine, EngineKind, ExitSlot, RunningVm, Tail, TailWriter, VmExit,
+    CONSOLE_TAIL_BYTES, CONSOLE_TAIL_LINES,
+};
+use crate::console::{
+    self, ConsoleHandle, ConsoleOptions, ConsoleReader, ConsoleSink, ConsoleStats,
+};
+use crate::sandbox::{Result, SandboxError};
+
+/// The QEMU binary looked for on `PATH`.
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+/// The machine type and its options.
+pub const MACHINE: &str = "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off";
+/// The kernel command line before the spec's extra arguments. `reboot=t`: the microvm machine
+/// has no i8042, and `reboot=k` would spend ~1.2 s in fallbacks before the triple fault.
+pub const BASE_CMDLINE: &str = "console=ttyS0 root=/dev/vda rw reboot=t panic=1";
+/// The fd number QEMU finds the control channel's socket at.
+const CHANNEL_FD: RawFd = 3;
+
+/// How QEMU executes the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualization through /dev/kvm (`-enable-kvm -cpu host`).
+    Kvm,
+    /// Software emulation (TCG): works everywhere, ~1 s to boot the guest here.
+    Tcg,
+}
+
+impl Accel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+
+    /// KVM on hardware-KVM hosts, TCG elsewhere; `MICROCELL_QEMU_ACCEL` overrides.
+    pub fn for_host(host: &vmm::host::HostInfo) -> (Accel, String) {
+        match std::env::var("MICROCELL_QEMU_ACCEL").as_deref() {
+            Ok("kvm") => return (Accel::Kvm, "MICROCELL_QEMU_ACCEL=kvm".into()),
+            Ok("tcg") => return (Accel::Tcg, "MICROCELL_QEMU_ACCEL=tcg".into()),
+            _ => {}
+        }
+        if host.kvm_device && host.kvm_flavour == vmm::host::KvmFlavour::Hardware {
+            (Accel::Kvm, "hardware KVM".into())
+        } else {
+            (
+                Accel::Tcg,
+                format!("no hardware KVM ({:?})", host.kvm_flavour).to_lowercase(),
+            )
+        }
+    }
+}
+
+/// Finds QEMU: `MICROCELL_QEMU` (a path), else `qemu-system-x86_64` on `PATH`.
+pub fn find_qemu() -> Result<PathBuf> {
+    let install =
+        "install it with `apt-get install qemu-system-x86` (Debian/Ubuntu) or your distribution's \
+                   qemu-system-x86 package, or set MICROCELL_QEMU to the binary";
+    if let Some(p) = std::env::var_os("MICROCELL_QEMU").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        return if is_executable(&p) {
+            Ok(p)
+        } else {
+            Err(SandboxError::QemuNotFound(format!(
+                "MICROCELL_QEMU={} is not an executable file: {install}",
+                p.display()
+            )))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(QEMU_BINARY))
+        .find(|p| is_executable(p))
+        .ok_or_else(|| {
+            SandboxError::QemuNotFound(format!(
+                "{QEMU_BINARY} was not found on PATH, and the QEMU engine needs it: {install}"
+            ))
+        })
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Escapes a value for QEMU's `key=value,...` option syntax (a comma is written twice).
+fn qemu_opt_value(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+/// The QEMU engine.
+#[derive(Debug, Clone)]
+pub struct QemuEngine {
+    binary: PathBuf,
+    accel: Accel,
+    accel_reason: String,
+}
+
+impl QemuEngine {
+    /// Finds QEMU ([`find_qemu`]) and picks the accelerator for this host ([`Accel::for_host`]).
+    pub fn locate() -> Result<QemuEngine> {
+        let binary = find_qemu()?;
+        let (accel, accel_reason) = Accel::for_host(vmm::host::cached());
+        Ok(QemuEngine {
+            binary,
+            accel,
+            accel_reason,
+        })
+    }
+
+    /// A given binary and accelerator.
+    pub fn new(binary: impl Into<PathBuf>, accel: Accel) -> QemuEngine {
+        QemuEngine {
+            binary: binary.into(),
+            accel,
+            accel_reason: "given".into(),
+        }
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// The kernel command line for a spec.
+    pub fn cmdline(spec: &BootSpec) -> String {
+        let extra = spec.extra_cmdline.trim();
+        if extra.is_empty() {
+            BASE_CMDLINE.to_owned()
+        } else {
+            format!("{BASE_CMDLINE} {extra}")
+        }
+    }
+
+    /// QEMU's arguments for a spec (the control channel is fd 3).
+    pub fn args(&self, spec: &BootSpec) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut push = |s: &str| a.push(s.into());
+        push("-M");
+        push(MACHINE);
+        match self.accel {
+            Accel::Kvm => ["-enable-kvm", "-cpu", "host"].iter().for_each(|s| push(s)),
+            Accel::Tcg => ["-accel", "tcg"].iter().for_each(|s| push(s)),
+        }
+        push("-m");
+        push(&spec.memory_mib.to_string());
+        push("-smp");
+        push(&spec.vcpus.to_string());
+        push("-kernel");
+        a.push(spec.kernel.clone().into_os_string());
+        let mut push = |s: &str| a.push(s.into());
+        push("-append");
+        push(&Self::cmdline(spec));
+        push("-drive");
+        push(&format!(
+            "if=none,id=root,file={},format=raw,snapshot=on",
+            qemu_opt_value(&spec.rootfs)
+        ));
+        for s in [
+            "-device",
+            "virtio-blk-device,drive=root",
+            "-device",
+            "virtio-serial-device",
+            "-chardev",
+            &format!("socket,id=agent,fd={CHANNEL_FD}"),
+            "-device",
+            "virtserialport,chardev=agent,name=agent",
+            "-chardev",
+            "stdio,id=console,signal=off",
+            "-serial",
+            "chardev:console",
+            "-display",
+            "none",
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+        ] {
+            push(s);
+        }
+        a
+    }
+}
+
+impl Engine for QemuEngine {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Qemu
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{}, accel {} ({})",
+            self.binary.display(),
+            self.accel.name(),
+            self.accel_reason
+        )
+    }
+
+    fn boot(&self, spec: &BootSpec) -> Result<Box<dyn RunningVm>> {
+        let start_err = |what: &str, e: std::io::Error| SandboxError::EngineStart {
+            engine: EngineKind::Qemu,
+            message: format!("{what}: {e}"),
+        };
+        let (host_end, guest_end) =
+            UnixStream::pair().map_err(|e| start_err("cannot create the control socketpair", e))?;
+        let (sink, console) = console::channel(&ConsoleOptions {
+            file: spec.console_file.clone(),
+            queue_capacity: spec.console_queue_bytes,
+        })
+        .map_err(|source| SandboxError::ConsoleOutput {
+            path: spec.console_file.clone().unwrap_or_default(),
+            source,
+        })?;
+        let reader = console.reader();
+
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(self.args(spec))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.process_group(0);
+        let parent = std::process::id();
+        let fd = guest_end.as_raw_fd();
+        // SAFETY: only async-signal-safe calls (prctl, getppid, dup2, fcntl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent died before prctl took effect: nobody would ever kill this QEMU.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::other("the parent process ended"));
+                }
+                if fd == CHANNEL_FD {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, CHANNEL_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = spawn::spawn(cmd).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                SandboxError::QemuNotFound(format!(
+                    "{} cannot be executed ({e}): install it with `apt-get install qemu-system-x86` or set MICROCELL_QEMU",
+                    self.binary.display()
+                ))
+            } else {
+                start_err(&format!("cannot start {}", self.binary.display()), e)
+            }
+        })?;
+        drop(guest_end);
+        let pid = child.id();
+        tracing::debug!(pid, accel = self.accel.name(), "qemu started");
+
+        let proc = Arc::new(Proc {
+            pid,
+            reaped: Mutex::new(false),
+            killed: AtomicBool::new(false),
+        });
+        let exit = Arc::new(ExitSlot::default());
+        let tail = Tail::new(CONSOLE_TAIL_BYTES);
+        let stderr_tail = Tail::new(4 << 10);
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        let monitor = {
+            let (proc, exit, console, tail, stderr_tail) = (
+                proc.clone(),
+                exit.clone(),
+                console.clone(),
+                tail.clone(),
+                stderr_tail.clone(),
+            );
+            let sink = TailWriter { inner: sink, tail };
+            std::thread::Builder::new()
+                .name(format!("mc-qemu-{pid}"))
+                .spawn(move || {
+                    monitor(
+                        child,
+                        stdout,
+                        stderr,
+                        sink,
+                        stderr_tail,
+                        proc,
+                        console,
+                        exit,
+                    )
+                })
+        };
+        let monitor = match monitor {
+            Ok(h) => h,
+            Err(e) => {
+                // The child was moved into the failed closure and dropped: kill the group and
+                // reap it here.
+                // SAFETY: the child has not been reaped (nobody waited for it).
+                unsafe {
+                    libc::kill(-(pid as i32), libc::SIGKILL);
+                    libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
+                }
+                return Err(SandboxError::Thread {
+                    what: "QEMU monitor",
+                    source: e,
+                });
+            }
+        };
+        Ok(Box::new(QemuVm {
+            proc,
+            exit,
+            channel: Mutex::new(Some(host_end)),
+            console,
+            reader,
+            tail,
+            stderr_tail,
+            monitor: Mutex::new(Some(monitor)),
+        }))
+    }
+}
+
+struct Proc {
+    pid: u32,
+    /// Set (under this lock) just before the pid is released by reaping.
+    reaped: Mutex<bool>,
+    killed: AtomicBool,
+}
+
+impl Proc {
+    fn kill(&self) {
+        self.killed.store(true, Ordering::SeqCst);
+        let reaped = self.reaped.lock().unwrap_or_else(|e| e.into_inner());
+        if !*reaped {
+            // SAFETY: the pid (and so the group, whose leader it is) is not reaped yet: it
+            // cannot have been reused.
+            unsafe {
+                libc::kill(-(self.pid as i32), libc::SIGKILL);
+                libc::kill(self.pid as i32, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Pumps QEMU's stdout into the console and its stderr into a tail until both end, then reaps
+/// QEMU and publishes how it ended (after the console is complete).
+#[allow(clippy::too_many_arguments)]
+fn monitor(
+    mut child: Child,
+    mut stdout: std::process::ChildStdout,
+    mut stderr: std::process::ChildStderr,
+    mut sink: TailWriter<ConsoleSink>,
+    stderr_tail: Tail,
+    proc: Arc<Proc>,
+    console: ConsoleHandle,
+    exit: Arc<ExitSlot>,
+) {
+    let mut buf = vec![0u8; 16 << 10];
+    let (mut out_open, mut err_open) = (true, true);
+    while out_open || err_open {
+        let mut fds = [
+            libc::pollfd {
+                fd: if out_open { stdout.as_raw_fd() } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if err_open { stderr.as_raw_fd() } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        if out_open && fds[0].revents != 0 {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => out_open = false,
+                Ok(n) => {
+                    let _ = sink.write_all(&buf[..n]);
+                }
+            }
+        }
+        if err_open && fds[1].revents != 0 {
+            match stderr.read(&mut buf) {
+                Ok(0) | Err(_) => err_open = false,
+                Ok(n) => {
+                    stderr_tail.push(&buf[..n]);
+                    tracing::debug!(
+                        pid = proc.pid,
+                        "qemu stderr: {}",
+                        String::from_utf8_lossy(&buf[..n]).trim_end()
+                    );
+                }
+            }
+        }
+    }
+    // Wait without reaping, so that `kill()` never signals a recycled pid; then reap under the
+    // lock that `kill()` takes.
+    // SAFETY: a zeroed siginfo_t is a valid out-parameter.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        while libc::waitid(
+            libc::P_PID,
+            proc.pid,
+            &mut info,
+            libc::WEXITED | libc::WNOWAIT,
+        ) < 0
+            && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+        {}
+    }
+    let status = {
+        let mut reaped = proc.reaped.lock().unwrap_or_else(|e| e.into_inner());
+        let status = child.wait();
+        *reaped = true;
+        status
+    };
+    drop(sink);
+    console.close();
+    let stderr_text = stderr_tail.text(10);
+    let vm_exit = match status {
+        Ok(s) if s.success() => VmExit::GuestReset,
+        Ok(s) if s.signal() == Some(libc::SIGKILL) && proc.killed.load(Ordering::SeqCst) => {
+            VmExit::Killed
+        }
+        Ok(s) => VmExit::Crashed {
+            code: "E_QEMU_EXIT".into(),
+            message: match (s.code(), s.signal()) {
+                (Some(c), _) => format!("QEMU exited with status {c}: {stderr_text}"),
+                (_, Some(sig)) => format!("QEMU was killed by signal {sig}: {stderr_text}"),
+                _ => format!("QEMU ended ({s}): {stderr_text}"),
+            },
+        },
+        Err(e) => VmExit::Crashed {
+            code: "E_QEMU_EXIT".into(),
+            message: format!("cannot wait for QEMU: {e}"),
+        },
+    };
+    tracing::debug!(pid = proc.pid, exit = %vm_exit, "qemu ended");
+    exit.set(vm_exit);
+}
+
+/// A running QEMU.
+struct QemuVm {
+    proc: Arc<Proc>,
+    exit: Arc<ExitSlot>,
+    channel: Mutex<Option<UnixStream>>,
+    console: ConsoleHandle,
+    reader: Option<ConsoleReader>,
+    tail: Tail,
+    stderr_tail: Tail,
+    monitor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl RunningVm for QemuVm {
+    fn engine(&self) -> EngineKind {
+        EngineKind::Qemu
+    }
+
+    fn pid(&self) -> Option<u32> {
+        Some(self.proc.pid)
+    }
+
+    fn take_channel(&self) -> Option<UnixStream> {
+        self.channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    fn try_wait(&self) -> Option<VmExit> {
+        self.exit.get()
+    }
+
+    fn wait(&self) -> VmExit {
+        self.exit.wait()
+    }
+
+    fn wait_timeout(&self, timeout: Duration) -> Option<VmExit> {
+        self.exit.wait_timeout(timeout)
+    }
+
+    fn kill(&self) {
+        if self.exit.get().is_none() {
+            self.proc.kill();
+        }
+    }
+
+    fn console(&self) -> Option<ConsoleReader> {
+        self.reader.clone()
+    }
+
+    fn console_stats(&self) -> ConsoleStats {
+        self.console.stats()
+    }
+
+    fn console_tail(&self) -> String {
+        let mut s = self.tail.text(CONSOLE_TAIL_LINES);
+        let err = self.stderr_tail.text(10);
+        if !err.trim().is_empty() {
+            s.push_str("\n[qemu stderr]\n");
+            s.push_str(&err);
+        }
+        s
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        self.kill();
+        // SIGKILL cannot be ignored: QEMU is gone within milliseconds. Wait for the reap, so
+        // that no process outlives its handle.
+        if self.exit.wait_timeout(Duration::from_secs(10)).is_some() {
+            if let Some(h) = self
+                .monitor
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+            {
+                let _ = h.join();
+            }
+        } else {
+            tracing::warn!(
+                pid = self.proc.pid,
+                "QEMU did not end within 10 s of SIGKILL"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_follow_the_documented_command_line() {
+        let mut spec = BootSpec::new("/k/vmlinux", "/img,with,commas/rootfs.ext4");
+        spec.memory_mib = 256;
+        spec.vcpus = 2;
+        spec.extra_cmdline = " init=/bin/sh ".into();
+        let tcg = QemuEngine::new("/usr/bin/qemu-system-x86_64", Accel::Tcg).args(&spec);
+        let s: Vec<String> = tcg
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = s.join(" ");
+        assert!(joined.starts_with("-M microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off -accel tcg -m 256 -smp 2 -kernel /k/vmlinux"), "{joined}");
+        assert!(
+            s.contains(&"console=ttyS0 root=/dev/vda rw reboot=t panic=1 init=/bin/sh".to_string()),
+            "{s:?}"
+        );
+        assert!(s.contains(
+            &"if=none,id=root,file=/img,,with,,commas/rootfs.ext4,format=raw,snapshot=on"
+                .to_string()
+        ));
+        assert!(joined.contains(
+            "-chardev socket,id=agent,fd=3 -device virtserialport,chardev=agent,name=agent"
+        ));
+        assert!(joined.ends_with("-display none -nodefaults -no-user-config -no-reboot"));
+        assert!(!joined.contains("-cpu host"));
+        let kvm = QemuEngine::new("q", Accel::Kvm).args(&spec);
+        let joined = kvm
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(joined.contains("-enable-kvm -cpu host -m 256"), "{joined}");
+    }
+
+    #[test]
+    fn a_missing_binary_is_e_qemu_not_found() {
+        let spec = BootSpec::new("/nonexistent/vmlinux", "/nonexistent/rootfs");
+        let e = QemuEngine::new("/nonexistent/qemu-system-x86_64", Accel::Tcg)
+            .boot(&spec)
+            .err()
+            .unwrap();
+        assert_eq!(e.code(), "E_QEMU_NOT_FOUND");
+        assert!(
+            e.to_string().contains("apt-get install qemu-system-x86"),
+            "{e}"
+        );
+    }
+
+    /// A fake "QEMU" (a shell script) shows the process plumbing without a VM: the console pipe,
+    /// stderr in the tail, the exit status, fd 3, kill of the whole group and reaping.
+    #[test]
+    fn process_plumbing_with_a_fake_qemu() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("fake-qemu");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\necho 'console line 1'\necho 'qemu: warning' >&2\n\
+             case \"$*\" in *fail*) echo 'qemu: fatal' >&2; exit 3;; *sleep*) sleep 600 & sleep 600;; esac\n\
+             cat <&3 >&3 &\nwait\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let engine = QemuEngine::new(&fake, Accel::Tcg);
+
+        // Echo over fd 3, then a clean end when the host closes its side.
+        let mut spec = BootSpec::new("/k", "/r");
+        spec.console_queue_bytes = Some(1024);
+        let vm = engine.boot(&spec).unwrap();
+        let mut ch = vm.take_channel().unwrap();
+        assert!(vm.take_channel().is_none());
+        ch.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        ch.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+        drop(ch);
+        assert_eq!(
+            vm.wait_timeout(Duration::from_secs(10)),
+            Some(VmExit::GuestReset)
+        );
+        assert_eq!(
+            vm.console().unwrap().try_read(100),
+            console::TryRead::Data(b"console line 1\n".to_vec())
+        );
+        assert!(
+            vm.console_tail()
+                .contains("console line 1\n[qemu stderr]\nqemu: warning"),
+            "{}",
+            vm.console_tail()
+        );
+
+        // A failing QEMU: Crashed with its stderr.
+        spec.extra_cmdline = "fail".into();
+        let vm = engine.boot(&spec).unwrap();
+        match vm.wait_timeout(Duration::from_secs(10)) {
+            Some(VmExit::Crashed { code, message }) => {
+                assert_eq!(code, "E_QEMU_EXIT");
+                assert!(
+                    message.contains("status 3") && message.contains("qemu: fatal"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // kill() ends the whole process group, the background child included.
+        spec.extra_cmdline = "sleep".into();
+        let vm = engine.boot(&spec).unwrap();
+        let pid = vm.pid().unwrap() as i32;
+        std::thread::sleep(Duration::from_millis(100));
+        vm.kill();
+        assert_eq!(
+            vm.wait_timeout(Duration::from_secs(10)),
+            Some(VmExit::Killed)
+        );
+        // The background `sleep` was reparented; its zombie is reaped by init soon after.
+        let t = std::time::Instant::now();
+        // SAFETY: probing a process group with signal 0.
+        while unsafe { libc::kill(-pid, 0) } == 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "a process of the group survived"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        vm.kill(); // idempotent after the end
+        drop(vm);
+    }
+}

@@ -1,0 +1,446 @@
+//! `SandboxConfig`: what `Sandbox::create` takes — exactly the JSON the TypeScript builder
+//! produces (camelCase keys) — and its validation.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{Result, SandboxError};
+use crate::config::types::normalize_guest_path;
+use crate::engine::EngineChoice;
+
+/// Guest memory when none is given, in MiB.
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+/// The least memory the guest kernel and agent are given, in MiB.
+pub const MIN_MEMORY_MIB: u32 = 64;
+/// vCPUs when none are given.
+pub const DEFAULT_CPUS: u32 = 1;
+/// Most vCPUs (the VMM's MP table limit).
+pub const MAX_CPUS: u32 = 32;
+/// How long `create` waits for the agent when no `bootTimeoutMs` is given (TCG boots in ~1 s
+/// here; a loaded host with 2 cores can be several times slower).
+pub const DEFAULT_BOOT_TIMEOUT_MS: u32 = 30_000;
+pub const MIN_BOOT_TIMEOUT_MS: u32 = 100;
+pub const MAX_BOOT_TIMEOUT_MS: u32 = 600_000;
+/// Longest `kernelArgs`.
+pub const MAX_KERNEL_ARGS_LEN: usize = 1024;
+
+/// The configuration of one sandbox (camelCase JSON; unknown keys are refused).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// A name for logs and errors; also the guest's hostname. 1-63 letters, digits and '-',
+    /// not starting or ending with '-'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u32,
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    /// Environment for processes run in the sandbox (kept for exec; the agent does not run
+    /// processes yet).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory for processes run in the sandbox (absolute guest path; kept for exec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    #[serde(default)]
+    pub engine: EngineChoice,
+    /// The guest kernel; default: `MICROCELL_KERNEL`, else `<cache>/kernel-current/vmlinux`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    /// The root disk image; default: `MICROCELL_ROOTFS`, else `<cache>/rootfs-current/rootfs.ext4`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<PathBuf>,
+    #[serde(default = "default_boot_timeout")]
+    pub boot_timeout_ms: u32,
+    /// Host file that receives the guest console (created or truncated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_output: Option<PathBuf>,
+    /// Extra kernel command line, appended to the engine's (for debugging, e.g. `loglevel=8`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_args: Option<String>,
+}
+
+fn default_memory() -> u32 {
+    DEFAULT_MEMORY_MIB
+}
+fn default_cpus() -> u32 {
+    DEFAULT_CPUS
+}
+fn default_boot_timeout() -> u32 {
+    DEFAULT_BOOT_TIMEOUT_MS
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            name: None,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            cpus: DEFAULT_CPUS,
+            env: BTreeMap::new(),
+            workdir: None,
+            engine: EngineChoice::Auto,
+            kernel: None,
+            rootfs: None,
+            boot_timeout_ms: DEFAULT_BOOT_TIMEOUT_MS,
+            console_output: None,
+            kernel_args: None,
+        }
+    }
+}
+
+/// The guest images a configuration resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestImages {
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+/// The guest image cache: `MICROCELL_CACHE`, else `$HOME/.cache/microcell` (where
+/// `scripts/guest/build-*.sh` put their outputs).
+pub fn guest_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("MICROCELL_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/microcell")
+}
+
+/// The default kernel: `MICROCELL_KERNEL`, else `<cache>/kernel-current/vmlinux`.
+pub fn default_kernel() -> PathBuf {
+    std::env::var_os("MICROCELL_KERNEL")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| guest_cache_dir().join("kernel-current/vmlinux"))
+}
+
+/// The default root disk: `MICROCELL_ROOTFS`, else `<cache>/rootfs-current/rootfs.ext4`.
+pub fn default_rootfs() -> PathBuf {
+    std::env::var_os("MICROCELL_ROOTFS")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| guest_cache_dir().join("rootfs-current/rootfs.ext4"))
+}
+
+impl SandboxConfig {
+    /// Parses the JSON the TypeScript builder produces. Numbers that are not whole numbers in
+    /// range get the code of their option; anything else that does not fit is `E_CONFIG_JSON`.
+    pub fn from_json(json: &str) -> Result<SandboxConfig> {
+        let value: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| json_error(e.to_string()))?;
+        let Some(object) = value.as_object() else {
+            return Err(json_error("expected a JSON object".into()));
+        };
+        for (key, code) in [
+            ("memoryMib", "E_CONFIG_MEMORY"),
+            ("cpus", "E_CONFIG_VCPUS"),
+            ("bootTimeoutMs", "E_CONFIG_TIMEOUT"),
+        ] {
+            if let Some(v) = object.get(key) {
+                let whole = matches!(v.as_u64(), Some(n) if n <= u32::MAX as u64);
+                if !whole {
+                    return Err(SandboxError::config(
+                        code,
+                        format!("{key} is {v}: give a whole number"),
+                    ));
+                }
+            }
+        }
+        serde_json::from_value(value).map_err(|e| json_error(e.to_string()))
+    }
+
+    /// The configuration as JSON (defaults filled in, empty options left out).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("SandboxConfig always serialises")
+    }
+
+    /// Checks every option except the guest images (see [`Self::guest_images`]); returns the
+    /// configuration normalised (`workdir` made canonical).
+    pub fn validate(&self) -> Result<SandboxConfig> {
+        let mut c = self.clone();
+        if let Some(name) = &c.name {
+            validate_name(name)?;
+        }
+        if c.memory_mib < MIN_MEMORY_MIB {
+            return Err(SandboxError::config(
+                "E_CONFIG_MEMORY",
+                format!("memoryMib is {}: give at least {MIN_MEMORY_MIB} MiB (default {DEFAULT_MEMORY_MIB})", c.memory_mib),
+            ));
+        }
+        if let Some(host) = crate::config::host_memory_mib() {
+            if u64::from(c.memory_mib) > host {
+                return Err(SandboxError::config(
+                    "E_CONFIG_MEMORY",
+                    format!("memoryMib is {} but this host has only {host} MiB of RAM: give at most {host} MiB", c.memory_mib),
+                ));
+            }
+        }
+        if c.cpus == 0 || c.cpus > MAX_CPUS {
+            return Err(SandboxError::config(
+                "E_CONFIG_VCPUS",
+                format!(
+                    "cpus is {}: give a whole number of vCPUs from 1 to {MAX_CPUS}",
+                    c.cpus
+                ),
+            ));
+        }
+        for (key, value) in &c.env {
+            validate_env(key, value)?;
+        }
+        if let Some(w) = &c.workdir {
+            c.workdir = Some(
+                normalize_guest_path("workdir", w)
+                    .map_err(|e| SandboxError::config("E_CONFIG_GUEST_PATH", e.to_string()))?,
+            );
+        }
+        if !(MIN_BOOT_TIMEOUT_MS..=MAX_BOOT_TIMEOUT_MS).contains(&c.boot_timeout_ms) {
+            return Err(SandboxError::config(
+                "E_CONFIG_TIMEOUT",
+                format!(
+                    "bootTimeoutMs is {}: give {MIN_BOOT_TIMEOUT_MS} to {MAX_BOOT_TIMEOUT_MS} ms (default {DEFAULT_BOOT_TIMEOUT_MS})",
+                    c.boot_timeout_ms
+                ),
+            ));
+        }
+        if let Some(args) = &c.kernel_args {
+            if args.len() > MAX_KERNEL_ARGS_LEN || !args.bytes().all(|b| (0x20..=0x7e).contains(&b))
+            {
+                return Err(SandboxError::config(
+                    "E_CONFIG_CMDLINE",
+                    format!("kernelArgs must be at most {MAX_KERNEL_ARGS_LEN} printable ASCII characters (no newlines or control characters), got {args:?}"),
+                ));
+            }
+        }
+        for (what, path) in [
+            ("kernel", &c.kernel),
+            ("rootfs", &c.rootfs),
+            ("consoleOutput", &c.console_output),
+        ] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(SandboxError::config(
+                    "E_CONFIG_JSON",
+                    format!("{what} is an empty path: give a path or leave it out"),
+                ));
+            }
+        }
+        Ok(c)
+    }
+
+    /// The kernel and root disk to boot: the configured paths, else the defaults. Each must be
+    /// an existing file (`E_GUEST_IMAGE_MISSING` says how to get it).
+    pub fn guest_images(&self) -> Result<GuestImages> {
+        let kernel = check_image(
+            "kernel",
+            self.kernel.clone(),
+            default_kernel(),
+            "scripts/guest/build-kernel.sh",
+        )?;
+        let rootfs = check_image(
+            "root disk",
+            self.rootfs.clone(),
+            default_rootfs(),
+            "scripts/guest/build-rootfs.sh",
+        )?;
+        Ok(GuestImages { kernel, rootfs })
+    }
+
+    /// The guest kernel command line this configuration adds to the engine's.
+    pub fn extra_cmdline(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(name) = &self.name {
+            parts.push(format!("microcell.hostname={name}"));
+        }
+        if let Some(args) = &self.kernel_args {
+            parts.push(args.trim().to_owned());
+        }
+        parts.retain(|p| !p.is_empty());
+        parts.join(" ")
+    }
+}
+
+/// Parses, validates and normalises a configuration given as JSON (what the napi layer's
+/// `validateSandboxConfig` returns). Guest images are not checked here.
+pub fn validate_sandbox_config_json(json: &str) -> Result<String> {
+    Ok(SandboxConfig::from_json(json)?.validate()?.to_json())
+}
+
+fn json_error(detail: String) -> SandboxError {
+    SandboxError::config(
+        "E_CONFIG_JSON",
+        format!("the configuration is not a valid SandboxConfig: {detail}; build it with the Sandbox builder or pass the JSON it produces"),
+    )
+}
+
+fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(SandboxError::config(
+            "E_CONFIG_NAME",
+            format!("name {name:?} is not usable: give 1 to 63 letters, digits and '-', not starting or ending with '-' (it becomes the guest's hostname)"),
+        ))
+    }
+}
+
+fn validate_env(key: &str, value: &str) -> Result<()> {
+    let key_ok = key
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !key_ok {
+        return Err(SandboxError::config(
+            "E_CONFIG_ENV",
+            format!("env name {key:?} is not usable: use letters, digits and '_', not starting with a digit"),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(SandboxError::config(
+            "E_CONFIG_ENV",
+            format!("env {key}: the value contains a NUL byte, which no process can receive"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_image(
+    what: &'static str,
+    given: Option<PathBuf>,
+    default: PathBuf,
+    script: &str,
+) -> Result<PathBuf> {
+    let (path, hint) = match given {
+        Some(p) => (p, format!("fix the {what} path, or leave it out to use the one scripts/setup.sh builds")),
+        None => (
+            default,
+            format!("the guest images are not built yet: run scripts/setup.sh (or {script}), which puts them in {}", guest_cache_dir().display()),
+        ),
+    };
+    if is_file(&path) {
+        Ok(path)
+    } else {
+        Err(SandboxError::GuestImageMissing { what, path, hint })
+    }
+}
+
+fn is_file(p: &Path) -> bool {
+    std::fs::metadata(p).is_ok_and(|m| m.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_in_and_round_trip() {
+        let c = SandboxConfig::from_json("{}").unwrap();
+        assert_eq!(c, SandboxConfig::default());
+        assert_eq!(
+            c.to_json(),
+            r#"{"memoryMib":512,"cpus":1,"engine":"auto","bootTimeoutMs":30000}"#
+        );
+        let json = r#"{"name":"box-1","memoryMib":256,"cpus":2,"env":{"A":"1","B_2":"x y"},"workdir":"/srv//app/","engine":"qemu","kernel":"/k","rootfs":"/r","bootTimeoutMs":5000,"consoleOutput":"/tmp/c.log","kernelArgs":"loglevel=8"}"#;
+        let c = SandboxConfig::from_json(json).unwrap();
+        assert_eq!(c.engine, EngineChoice::Qemu);
+        let v = c.validate().unwrap();
+        assert_eq!(v.workdir.as_deref(), Some("/srv/app"));
+        assert_eq!(SandboxConfig::from_json(&v.to_json()).unwrap(), v);
+        assert_eq!(v.extra_cmdline(), "microcell.hostname=box-1 loglevel=8");
+    }
+
+    fn code(json: &str) -> &'static str {
+        match SandboxConfig::from_json(json).and_then(|c| c.validate()) {
+            Ok(_) => "OK",
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.len() > 20, "{msg}");
+                e.code()
+            }
+        }
+    }
+
+    #[test]
+    fn each_bad_option_has_its_code() {
+        assert_eq!(code("[]"), "E_CONFIG_JSON");
+        assert_eq!(code("{"), "E_CONFIG_JSON");
+        assert_eq!(code(r#"{"memory":1}"#), "E_CONFIG_JSON");
+        assert_eq!(code(r#"{"engine":"firecracker"}"#), "E_CONFIG_JSON");
+        assert_eq!(code(r#"{"memoryMib":1.5}"#), "E_CONFIG_MEMORY");
+        assert_eq!(code(r#"{"memoryMib":-1}"#), "E_CONFIG_MEMORY");
+        assert_eq!(code(r#"{"memoryMib":16}"#), "E_CONFIG_MEMORY");
+        assert_eq!(code(r#"{"memoryMib":4000000000}"#), "E_CONFIG_MEMORY");
+        assert_eq!(code(r#"{"cpus":0}"#), "E_CONFIG_VCPUS");
+        assert_eq!(code(r#"{"cpus":33}"#), "E_CONFIG_VCPUS");
+        assert_eq!(code(r#"{"cpus":"2"}"#), "E_CONFIG_VCPUS");
+        assert_eq!(code(r#"{"name":""}"#), "E_CONFIG_NAME");
+        assert_eq!(code(r#"{"name":"a_b"}"#), "E_CONFIG_NAME");
+        assert_eq!(code(r#"{"name":"-a"}"#), "E_CONFIG_NAME");
+        assert_eq!(
+            code(&format!(r#"{{"name":"{}"}}"#, "a".repeat(64))),
+            "E_CONFIG_NAME"
+        );
+        assert_eq!(code(&format!(r#"{{"name":"{}"}}"#, "a".repeat(63))), "OK");
+        assert_eq!(code(r#"{"env":{"1A":"x"}}"#), "E_CONFIG_ENV");
+        assert_eq!(code(r#"{"env":{"A-B":"x"}}"#), "E_CONFIG_ENV");
+        assert_eq!(code(r#"{"env":{"A":"x\u0000"}}"#), "E_CONFIG_ENV");
+        assert_eq!(code(r#"{"env":{"_A":""}}"#), "OK");
+        assert_eq!(code(r#"{"workdir":"rel"}"#), "E_CONFIG_GUEST_PATH");
+        assert_eq!(code(r#"{"workdir":"/../x"}"#), "E_CONFIG_GUEST_PATH");
+        assert_eq!(code(r#"{"bootTimeoutMs":10}"#), "E_CONFIG_TIMEOUT");
+        assert_eq!(code(r#"{"bootTimeoutMs":600001}"#), "E_CONFIG_TIMEOUT");
+        assert_eq!(code(r#"{"bootTimeoutMs":"1"}"#), "E_CONFIG_TIMEOUT");
+        assert_eq!(code(r#"{"kernelArgs":"a\nb"}"#), "E_CONFIG_CMDLINE");
+        assert_eq!(code(r#"{"kernel":""}"#), "E_CONFIG_JSON");
+        for c in [
+            "E_CONFIG_JSON",
+            "E_CONFIG_MEMORY",
+            "E_CONFIG_VCPUS",
+            "E_CONFIG_NAME",
+            "E_CONFIG_ENV",
+            "E_CONFIG_GUEST_PATH",
+            "E_CONFIG_TIMEOUT",
+            "E_CONFIG_CMDLINE",
+        ] {
+            assert!(SandboxError::CODES.contains(&c), "{c}");
+        }
+    }
+
+    #[test]
+    fn missing_images_say_what_to_run() {
+        let c = SandboxConfig {
+            kernel: Some("/nonexistent/vmlinux".into()),
+            ..Default::default()
+        };
+        let e = c.guest_images().unwrap_err();
+        assert_eq!(e.code(), "E_GUEST_IMAGE_MISSING");
+        assert!(e.to_string().contains("/nonexistent/vmlinux"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let e = check_image(
+            "kernel",
+            None,
+            dir.path().join("kernel-current/vmlinux"),
+            "scripts/guest/build-kernel.sh",
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), "E_GUEST_IMAGE_MISSING");
+        assert!(e.to_string().contains("scripts/setup.sh"), "{e}");
+        // A directory is not an image.
+        let e = check_image("kernel", Some(dir.path().into()), PathBuf::new(), "x").unwrap_err();
+        assert_eq!(e.code(), "E_GUEST_IMAGE_MISSING");
+        let f = dir.path().join("vmlinux");
+        std::fs::write(&f, b"x").unwrap();
+        assert_eq!(
+            check_image("kernel", Some(f.clone()), PathBuf::new(), "x").unwrap(),
+            f
+        );
+    }
+}

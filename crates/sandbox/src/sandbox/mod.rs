@@ -1,0 +1,299 @@
+//! A sandbox: a microVM booted on an engine, with the guest agent ready on its control channel.
+//!
+//! `Sandbox::create` validates the configuration, resolves the guest images, picks the engine
+//! (`auto` | `kvm` | `qemu`, the choice and its reason logged and kept in [`ReadyInfo`]), boots,
+//! sends `Hello` and returns once the agent answered `Ready` — or fails with a coded error in
+//! bounded time: `E_BOOT_TIMEOUT` when the agent stays silent past `bootTimeoutMs`,
+//! `E_AGENT_EXITED` (with the console tail) when the VM ends first, `E_PROTOCOL` when the
+//! channel carries something else. Every failure path kills the VM before returning.
+
+mod config;
+mod error;
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+pub use config::{
+    default_kernel, default_rootfs, guest_cache_dir, validate_sandbox_config_json, GuestImages,
+    SandboxConfig, DEFAULT_BOOT_TIMEOUT_MS, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, MAX_BOOT_TIMEOUT_MS,
+    MAX_CPUS, MIN_BOOT_TIMEOUT_MS, MIN_MEMORY_MIB,
+};
+pub use error::{Result, SandboxError};
+
+use crate::agent_client::{ready_from, AgentClient};
+use crate::console::{ConsoleReader, ConsoleStats};
+use crate::engine::{self, BootSpec, Engine, EngineKind, EngineSelection, RunningVm, VmExit};
+
+/// Console bytes a sandbox keeps for [`Sandbox::console`] (the oldest are dropped beyond it).
+pub const CONSOLE_QUEUE_BYTES: usize = 64 << 10;
+/// How often the boot wait looks at whether the VM has ended (only while the agent is silent).
+const BOOT_POLL: Duration = Duration::from_millis(20);
+
+/// What a sandbox is running and how it came up.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadyInfo {
+    pub name: Option<String>,
+    pub engine: EngineKind,
+    /// Why this engine (`auto: ...`, `asked for`).
+    pub engine_reason: String,
+    /// The engine in one line (QEMU binary and accelerator, or the built-in VMM).
+    pub engine_detail: String,
+    /// The QEMU process; `None` on the built-in VMM (in this process).
+    pub pid: Option<u32>,
+    pub kernel: std::path::PathBuf,
+    pub rootfs: std::path::PathBuf,
+    /// `uname -r` of the guest, e.g. `6.1.192`.
+    pub kernel_release: String,
+    /// The agent's name and version.
+    pub agent: String,
+    pub hostname: String,
+    pub protocol_version: u16,
+    /// `protocol::features` bits.
+    pub features: u64,
+    /// Host wall time from the start of `create` to `Ready`, in milliseconds.
+    pub boot_ms: f64,
+    /// The guest's CLOCK_BOOTTIME at `Ready` and when the agent started (ns).
+    pub guest_boot_ns: u64,
+    pub agent_start_ns: u64,
+}
+
+/// A running sandbox. Dropping it kills the VM (and reaps QEMU) if it still runs.
+pub struct Sandbox {
+    config: SandboxConfig,
+    info: ReadyInfo,
+    agent: AgentClient,
+    vm: Box<dyn RunningVm>,
+}
+
+impl Sandbox {
+    /// Validates `config`, boots it on the engine it asks for and returns once the agent is
+    /// ready. Blocks for the boot (~1 s under TCG here; call it off any event loop thread).
+    pub fn create(config: SandboxConfig) -> Result<Sandbox> {
+        let config = config.validate()?;
+        let selection = engine::select(config.engine)?;
+        let engine = engine::engine(selection.kind).map_err(|e| match e {
+            SandboxError::QemuNotFound(m) => {
+                SandboxError::QemuNotFound(format!("{m} (engine qemu: {})", selection.reason))
+            }
+            e => e,
+        })?;
+        Self::create_on(config, engine.as_ref(), selection)
+    }
+
+    /// [`Sandbox::create`] on a given engine (tests; callers that keep an engine around).
+    pub fn create_on(
+        config: SandboxConfig,
+        engine: &dyn Engine,
+        selection: EngineSelection,
+    ) -> Result<Sandbox> {
+        let t0 = Instant::now();
+        let config = config.validate()?;
+        let images = config.guest_images()?;
+        let name = config.name.as_deref().unwrap_or("-");
+        let detail = engine.describe();
+        tracing::info!(sandbox = name, engine = %selection.kind, reason = %selection.reason, detail = %detail, "booting a sandbox");
+        let spec = BootSpec {
+            kernel: images.kernel.clone(),
+            rootfs: images.rootfs.clone(),
+            memory_mib: config.memory_mib,
+            vcpus: config.cpus as u8,
+            extra_cmdline: config.extra_cmdline(),
+            console_file: config.console_output.clone(),
+            console_queue_bytes: Some(CONSOLE_QUEUE_BYTES),
+        };
+        let vm = engine.boot(&spec)?;
+        let timeout = Duration::from_millis(u64::from(config.boot_timeout_ms));
+        let agent = match connect(vm.as_ref(), &detail, t0 + timeout, timeout) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::info!(sandbox = name, code = e.code(), "sandbox boot failed");
+                return Err(e);
+            }
+        };
+        let (agent, ready) = agent;
+        let boot_ms = t0.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(sandbox = name, engine = %selection.kind, boot_ms, kernel = %ready.kernel_release, "sandbox ready");
+        let info = ReadyInfo {
+            name: config.name.clone(),
+            engine: selection.kind,
+            engine_reason: selection.reason,
+            engine_detail: detail,
+            pid: vm.pid(),
+            kernel: images.kernel,
+            rootfs: images.rootfs,
+            kernel_release: ready.kernel_release,
+            agent: ready.agent,
+            hostname: ready.hostname,
+            protocol_version: ready.version,
+            features: ready.features,
+            boot_ms,
+            guest_boot_ns: ready.boot_ns,
+            agent_start_ns: ready.agent_start_ns,
+        };
+        Ok(Sandbox {
+            config,
+            info,
+            agent,
+            vm,
+        })
+    }
+
+    /// How the sandbox came up (engine and why, kernel release, boot time, ...).
+    pub fn info(&self) -> &ReadyInfo {
+        &self.info
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> &SandboxConfig {
+        &self.config
+    }
+
+    /// The agent client, for requests beyond the lifecycle.
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// One round trip to the agent.
+    pub fn ping(&self, timeout: Duration) -> Result<Duration> {
+        self.agent.ping(timeout)
+    }
+
+    /// Powers the guest off gracefully (the agent syncs and resets the VM) and waits for the VM
+    /// to end; kills it when that has not happened within `timeout`. Returns how it ended:
+    /// [`VmExit::GuestReset`] when graceful, [`VmExit::Killed`] after the timeout.
+    pub fn stop(&self, timeout: Duration) -> VmExit {
+        if let Some(exit) = self.vm.try_wait() {
+            return exit;
+        }
+        let deadline = Instant::now() + timeout;
+        if let Err(e) = self.agent.poweroff(timeout) {
+            tracing::debug!(code = e.code(), "poweroff not acknowledged: {e}");
+        }
+        if let Some(exit) = self
+            .vm
+            .wait_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            return exit;
+        }
+        tracing::warn!(
+            sandbox = self.config.name.as_deref().unwrap_or("-"),
+            ?timeout,
+            "the guest did not power off in time: killing it"
+        );
+        self.vm.kill();
+        self.vm.wait()
+    }
+
+    /// Ends the VM at once. Idempotent.
+    pub fn kill(&self) {
+        self.vm.kill();
+    }
+
+    /// Blocks until the VM has ended.
+    pub fn wait(&self) -> VmExit {
+        self.vm.wait()
+    }
+
+    /// [`Sandbox::wait`] with a limit; `None` when it still runs.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<VmExit> {
+        self.vm.wait_timeout(timeout)
+    }
+
+    /// How the VM ended, if it has.
+    pub fn try_wait(&self) -> Option<VmExit> {
+        self.vm.try_wait()
+    }
+
+    /// The guest console (the last [`CONSOLE_QUEUE_BYTES`] not yet read).
+    pub fn console(&self) -> Option<ConsoleReader> {
+        self.vm.console()
+    }
+
+    pub fn console_stats(&self) -> ConsoleStats {
+        self.vm.console_stats()
+    }
+
+    /// The last console lines (and QEMU's stderr), as in error messages.
+    pub fn console_tail(&self) -> String {
+        self.vm.console_tail()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.agent.close();
+        self.vm.kill();
+        // The VM's own drop (after this) waits for QEMU to be reaped and removes its files.
+    }
+}
+
+/// Takes the channel and does the handshake; kills the VM on any failure.
+fn connect(
+    vm: &dyn RunningVm,
+    detail: &str,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(AgentClient, protocol::Ready)> {
+    let result = (|| {
+        let channel = vm.take_channel().ok_or_else(|| SandboxError::EngineStart {
+            engine: vm.engine(),
+            message: "the engine handed back no control channel".into(),
+        })?;
+        let agent = AgentClient::new(channel)?;
+        let ready = wait_ready(vm, &agent, detail, deadline, timeout)?;
+        Ok((agent, ready))
+    })();
+    if result.is_err() {
+        vm.kill();
+        if vm.wait_timeout(Duration::from_secs(10)).is_none() {
+            tracing::warn!(engine = %vm.engine(), "the VM did not end within 10 s of kill");
+        }
+    }
+    result
+}
+
+fn wait_ready(
+    vm: &dyn RunningVm,
+    agent: &AgentClient,
+    detail: &str,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<protocol::Ready> {
+    let pending = agent.hello()?;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            vm.kill();
+            let _ = vm.wait_timeout(Duration::from_secs(5));
+            return Err(SandboxError::BootTimeout {
+                timeout_ms: timeout.as_millis() as u64,
+                engine: vm.engine(),
+                accel: format!(" ({detail})"),
+                console_tail: vm.console_tail(),
+            });
+        }
+        match pending.wait_timeout(left.min(BOOT_POLL)) {
+            Ok(Some(frame)) => return ready_from(frame),
+            Ok(None) => {
+                if let Some(exit) = vm.try_wait() {
+                    return Err(SandboxError::AgentExited {
+                        exit,
+                        console_tail: vm.console_tail(),
+                    });
+                }
+            }
+            Err(SandboxError::ChannelClosed(why)) => {
+                // The VM's end closes the channel; give the engine a moment to report it.
+                return match vm.wait_timeout(left.min(Duration::from_secs(2))) {
+                    Some(exit) => Err(SandboxError::AgentExited { exit, console_tail: vm.console_tail() }),
+                    None => Err(SandboxError::Protocol(format!(
+                        "the control channel closed before the agent was ready ({why}) while the VM still runs"
+                    ))),
+                };
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
