@@ -23,11 +23,14 @@ node -e '
   }'
 echo "cargo $(cargo --version | cut -d' ' -f2), node $(node --version), npm $(npm --version 2>/dev/null)"
 
-step "system packages (gcc, binutils, libc6-dev)"
+step "system packages (gcc, binutils, libc6-dev, qemu-system-x86)"
 missing=()
 command -v gcc >/dev/null || missing+=(gcc)
 command -v ld >/dev/null || missing+=(binutils)
 dpkg-query -W -f='${Status}' libc6-dev 2>/dev/null | grep -q "install ok installed" || missing+=(libc6-dev)
+# QEMU: the engine for Linux guests where our VMM cannot boot them (PVM or no KVM), and the
+# peer the benchmarks compare against.
+command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 if [ ${#missing[@]} -eq 0 ]; then
   echo "all present"
 elif command -v apt-get >/dev/null; then
@@ -62,6 +65,14 @@ npm run --silent build:ts </dev/null
 
 step "test guests (crates/testguest -> target/testguests/)"
 cargo run -q -p microcell-testguest --bin testguest-export -- target/testguests </dev/null | sed 's/^/  /'
+
+step "guest kernel (scripts/guest/build-kernel.sh; cached by the hash of its inputs)"
+kernel="$(./scripts/guest/build-kernel.sh </dev/null)"
+echo "  $kernel"
+
+step "guest root disk with the agent (scripts/guest/build-rootfs.sh; cached likewise)"
+rootfs="$(./scripts/guest/build-rootfs.sh </dev/null)"
+echo "  $rootfs"
 
 step "ready"
 node -e '
