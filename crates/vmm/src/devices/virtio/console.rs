@@ -63,6 +63,8 @@ pub struct Console {
     pending_control: VecDeque<Vec<u8>>,
     pending_tx: Option<PendingTx>,
     host_closed: bool,
+    /// The fd is registered for nothing but a one-shot hang-up report (see `set_interest`).
+    parked: bool,
     config: [u8; 12],
 }
 
@@ -81,20 +83,38 @@ impl Console {
             pending_control: VecDeque::new(),
             pending_tx: None,
             host_closed: false,
+            parked: false,
             config,
         })
     }
 
-    fn update_interest(&self) {
+    fn update_interest(&mut self) {
+        self.set_interest(self.active.is_some() && !self.host_closed);
+    }
+
+    /// Registers what the device waits for on the socket: readable when it can receive, writable
+    /// while a transmit chain is pending. With nothing to wait for, the fd is armed one-shot
+    /// only: a hang-up cannot be masked (epoll always reports EPOLLHUP) and, level-triggered, it
+    /// would be reported again and again, spinning the event loop while the device is not
+    /// reading (no driver yet, no guest receive buffers). It is not armed again until the device
+    /// has something to wait for; a guest posting buffers gets there through `queue_notify`.
+    fn set_interest(&mut self, can_receive: bool) {
         let mut events = EventSet::empty();
-        let can_receive = self.active.is_some() && !self.host_closed;
         if can_receive {
             events |= EventSet::IN | EventSet::READ_HANG_UP;
         }
         if self.pending_tx.is_some() {
             events |= EventSet::OUT;
         }
-        self.interest.set(events);
+        if events.is_empty() {
+            if !self.parked {
+                self.parked = true;
+                self.interest.set(EventSet::ONE_SHOT);
+            }
+        } else {
+            self.parked = false;
+            self.interest.set(events);
+        }
     }
 
     fn notify(a: &mut Active, index: usize) {
@@ -105,7 +125,9 @@ impl Console {
 
     /// Moves socket bytes into guest receive buffers until one side runs dry.
     fn host_to_guest(&mut self) {
-        let Some(a) = self.active.as_mut() else { return };
+        let Some(a) = self.active.as_mut() else {
+            return self.set_interest(false); // no driver yet (a hang-up woke us)
+        };
         let mut used = false;
         let mut guest_has_room = true;
         while !self.host_closed {
@@ -155,12 +177,7 @@ impl Console {
             Self::notify(a, RX);
         }
         // No guest buffers: stop reading the socket until the guest posts some.
-        let can_receive = guest_has_room && !self.host_closed;
-        let mut events = if can_receive { EventSet::IN | EventSet::READ_HANG_UP } else { EventSet::empty() };
-        if self.pending_tx.is_some() {
-            events |= EventSet::OUT;
-        }
-        self.interest.set(events);
+        self.set_interest(guest_has_room && !self.host_closed);
     }
 
     /// Writes guest transmit chains to the socket; stops (keeping the chain) when it would block.
@@ -457,6 +474,67 @@ mod tests {
         assert_eq!(used(&r.queues[CTRL_RX], 1), (1, 13));
         r.mem.read_slice(&mut m, GuestAddress(BUF + 0x200)).unwrap();
         assert_eq!(m.to_vec(), control(PORT_ID, PORT_OPEN, 1, &[]));
+    }
+
+    /// EPOLLHUP cannot be masked: a host end that hangs up while the device is not reading (no
+    /// driver yet, or no guest receive buffers) must not make the event loop run the handler
+    /// over and over. Buffered bytes and the EOF still reach the guest once it posts a buffer.
+    #[test]
+    fn a_hung_up_host_end_does_not_spin_the_event_loop() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Arc, Mutex};
+        use std::time::Duration;
+
+        // The memory type comes from Activation (inferred).
+        let mem = vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        for activate_first in [false, true] {
+            let (mut host, device_end) = UnixStream::pair().unwrap();
+            let mut el = EventLoop::new().unwrap();
+            let fd = device_end.as_raw_fd();
+            let dev = Arc::new(Mutex::new(Console::new("agent", device_end, el.interest(fd)).unwrap()));
+            let runs = Arc::new(AtomicUsize::new(0));
+            let (d, n) = (dev.clone(), runs.clone());
+            el.add(fd, EventSet::empty(), Box::new(move |events| {
+                n.fetch_add(1, Ordering::SeqCst);
+                d.lock().unwrap().host_event(events);
+            }))
+            .unwrap();
+            let queues: Vec<_> = (0..4).map(|i| MockSplitQueue::create(&mem, GuestAddress(i * 0x1000), 16)).collect();
+            let activate = |dev: &Arc<Mutex<Console>>| {
+                dev.lock().unwrap().activate(Activation {
+                    mem: mem.clone(),
+                    queues: queues.iter().map(|q| q.create_queue::<Queue>().unwrap()).collect(),
+                    interrupt: Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+                    acked_features: F_MULTIPORT,
+                })
+            };
+            if activate_first {
+                activate(&dev); // the driver is there, but has posted no receive buffers
+            }
+            let _loop = el.spawn("test-hup".into()).unwrap();
+            host.write_all(b"last words").unwrap();
+            drop(host);
+            std::thread::sleep(Duration::from_millis(300));
+            let spins = runs.load(Ordering::SeqCst);
+            assert!(spins <= 3, "activated {activate_first}: the handler ran {spins} times in 300 ms after the hang-up");
+            if !activate_first {
+                activate(&dev);
+            }
+            // A receive buffer: the bytes written before the hang-up arrive, then the EOF is seen.
+            queues[RX].add_desc_chains(&[desc(BUF, 64, WRITE)], 0).unwrap();
+            dev.lock().unwrap().queue_notify(RX);
+            assert_eq!(used(&queues[RX], 0), (0, 10));
+            let mut got = [0u8; 10];
+            mem.read_slice(&mut got, GuestAddress(BUF)).unwrap();
+            assert_eq!(&got, b"last words");
+            queues[RX].add_desc_chains(&[desc(BUF + 0x100, 64, WRITE)], 1).unwrap();
+            dev.lock().unwrap().queue_notify(RX);
+            assert!(dev.lock().unwrap().host_closed, "EOF noticed");
+            let before = runs.load(Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(100));
+            let spins = runs.load(Ordering::SeqCst) - before;
+            assert!(spins <= 2, "activated {activate_first}: after EOF the handler ran {spins} times in 100 ms");
+        }
     }
 
     #[test]
