@@ -1,0 +1,241 @@
+//! T3: the T2 suite on the built-in VMM (engine `kvm`). Runs where a stock Linux kernel boots
+//! on this host's KVM (hardware KVM); elsewhere each test prints `SKIP T3: <reason>` and passes.
+//!
+//! Also here, because they run on every host with /dev/kvm (PVM included): the kvm engine's
+//! plumbing with freestanding test guests (crates/testguest) in place of Linux — root disk
+//! clone and cleanup, console, exit reasons, and the sandbox's boot errors on that engine.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use sandbox::engine::kvm::KvmEngine;
+use sandbox::engine::{self, BootSpec, Engine, EngineChoice, EngineKind, EngineSelection, VmExit};
+use sandbox::{Sandbox, SandboxConfig};
+
+const ENGINE: EngineChoice = EngineChoice::Kvm;
+
+/// The lock, or `None` (with the SKIP line printed) where T3 cannot run.
+fn t3(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    if let Some(reason) = t3_skip_reason() {
+        say(&format!("SKIP T3: {reason} [{test}]"));
+        return None;
+    }
+    let guard = serial();
+    images();
+    Some(guard)
+}
+
+#[test]
+fn t3_create_ready_stop() {
+    let Some(_g) = t3("create_ready_stop") else {
+        return;
+    };
+    create_ready_stop(ENGINE, EngineKind::Kvm);
+}
+
+#[test]
+fn t3_twenty_cycles_leak_nothing() {
+    let Some(_g) = t3("twenty_cycles") else {
+        return;
+    };
+    cycles(ENGINE, EngineKind::Kvm, 20);
+}
+
+#[test]
+fn t3_missing_kernel() {
+    let Some(_g) = t3("missing_kernel") else {
+        return;
+    };
+    missing_kernel(ENGINE);
+}
+
+#[test]
+fn t3_corrupt_root_disk() {
+    let Some(_g) = t3("corrupt_root_disk") else {
+        return;
+    };
+    corrupt_root(ENGINE);
+}
+
+#[test]
+fn t3_silent_agent_times_out() {
+    let Some(_g) = t3("silent_agent") else { return };
+    silent_agent(ENGINE);
+}
+
+#[test]
+fn engine_kvm_where_linux_cannot_boot_is_e_engine_unavailable() {
+    let host = vmm::host::cached();
+    let e = Sandbox::create(config(ENGINE)).err();
+    match (host.kvm_device, host.can_boot_linux) {
+        (_, true) => return, // T3 covers it
+        (false, _) => assert_eq!(e.unwrap().code(), "E_NO_KVM"),
+        (true, false) => {
+            let e = e.unwrap();
+            assert_eq!(e.code(), "E_ENGINE_UNAVAILABLE");
+            assert!(
+                e.to_string().contains(&host.reason) && e.to_string().contains("'qemu'"),
+                "{e}"
+            );
+        }
+    }
+    // And `auto` says why it picks QEMU.
+    let s = engine::select(EngineChoice::Auto).unwrap();
+    assert_eq!(s.kind, EngineKind::Qemu);
+    assert!(s.reason.contains(&host.reason), "{}", s.reason);
+}
+
+// ---- the kvm engine's plumbing with freestanding test guests (T1 level) ----
+
+fn kvm_or_skip(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    if !vmm::host::cached().kvm_device {
+        say(&format!("SKIP kvm engine {test}: no usable /dev/kvm"));
+        return None;
+    }
+    Some(serial())
+}
+
+/// A small root disk for the test guests (they do not read it; the engine clones it).
+fn scratch_disk(dir: &std::path::Path) -> std::path::PathBuf {
+    let p = dir.join("disk.img");
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(16 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"microcell test disk", 0).unwrap();
+    p
+}
+
+#[test]
+fn kvm_engine_runs_a_guest_on_a_private_disk_copy_and_cleans_up() {
+    let Some(_g) = kvm_or_skip("plumbing") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let disk = scratch_disk(dir.path());
+    let mut spec = BootSpec::new(testguest::path(testguest::HELLO), &disk);
+    spec.memory_mib = 64;
+    spec.console_queue_bytes = Some(4096);
+    spec.console_file = Some(dir.path().join("console.log"));
+    let engine = KvmEngine::new();
+    assert_eq!(engine.kind(), EngineKind::Kvm);
+    let vm = engine.boot(&spec).unwrap();
+    assert_eq!(vm.pid(), None);
+    assert!(vm.take_channel().is_some(), "the control channel");
+    assert!(vm.take_channel().is_none());
+    let dirs = run_dirs();
+    assert_eq!(
+        dirs.len(),
+        1,
+        "one per-VM directory while it runs: {dirs:?}"
+    );
+    let copy = std::env::temp_dir().join(&dirs[0]).join("rootfs.img");
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        std::fs::read(&disk).unwrap(),
+        "the guest's disk is a copy of the image"
+    );
+    assert_eq!(
+        vm.wait_timeout(Duration::from_secs(10)),
+        Some(VmExit::GuestReset)
+    );
+    assert!(
+        vm.console_tail()
+            .contains("Hello from a microcell test guest"),
+        "{}",
+        vm.console_tail()
+    );
+    let log = std::fs::read_to_string(dir.path().join("console.log")).unwrap();
+    assert!(log.contains("Hello from a microcell test guest"), "{log}");
+    drop(vm);
+    assert_nothing_left("a kvm engine VM");
+}
+
+#[test]
+fn kvm_engine_kill_and_drop_end_a_running_guest() {
+    let Some(_g) = kvm_or_skip("kill") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let disk = scratch_disk(dir.path());
+    let mut spec = BootSpec::new(testguest::path(testguest::SPIN), &disk);
+    spec.memory_mib = 64;
+    let engine = KvmEngine::new();
+    let vm = engine.boot(&spec).unwrap();
+    assert_eq!(
+        vm.wait_timeout(Duration::from_millis(200)),
+        None,
+        "spinning"
+    );
+    vm.kill();
+    assert_eq!(
+        vm.wait_timeout(Duration::from_secs(5)),
+        Some(VmExit::Killed)
+    );
+    drop(vm);
+    let vm = engine.boot(&spec).unwrap();
+    drop(vm); // still running: dropping kills it and removes the disk copy
+    assert_nothing_left("dropping a running kvm engine VM");
+}
+
+fn kvm_selection() -> EngineSelection {
+    EngineSelection {
+        kind: EngineKind::Kvm,
+        reason: "test".into(),
+    }
+}
+
+#[test]
+fn sandbox_on_kvm_a_guest_that_resets_is_e_agent_exited_with_its_console() {
+    let Some(_g) = kvm_or_skip("agent exited") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SandboxConfig {
+        kernel: Some(testguest::path(testguest::HELLO)),
+        rootfs: Some(scratch_disk(dir.path())),
+        memory_mib: 64,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let e = Sandbox::create_on(cfg, &KvmEngine::new(), kvm_selection())
+        .err()
+        .expect("no agent in a test guest");
+    assert_eq!(e.code(), "E_AGENT_EXITED", "{e}");
+    assert!(
+        e.to_string().contains("Hello from a microcell test guest"),
+        "the console tail is in the message: {e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_nothing_left("E_AGENT_EXITED on kvm");
+}
+
+#[test]
+fn sandbox_on_kvm_a_guest_that_never_answers_is_e_boot_timeout() {
+    let Some(_g) = kvm_or_skip("boot timeout") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SandboxConfig {
+        kernel: Some(testguest::path(testguest::HALT)),
+        rootfs: Some(scratch_disk(dir.path())),
+        memory_mib: 64,
+        boot_timeout_ms: 500,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let e = Sandbox::create_on(cfg, &KvmEngine::new(), kvm_selection())
+        .err()
+        .expect("no agent in a test guest");
+    let took = t.elapsed();
+    assert_eq!(e.code(), "E_BOOT_TIMEOUT", "{e}");
+    assert!(
+        e.to_string().contains("TG halt"),
+        "the console tail is in the message: {e}"
+    );
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_millis(1500),
+        "took {took:?}"
+    );
+    assert_nothing_left("E_BOOT_TIMEOUT on kvm");
+}
