@@ -631,7 +631,7 @@ static void check_mptable(void)
             ioapic_id = rd8(p + 1), ioapic_flags = rd8(p + 3), ioapic_addr = rd32(p + 4);
         } else if (type == 3) {
             uint8_t bus = rd8(p + 4), irq = rd8(p + 5), dst = rd8(p + 6);
-            if (isa_bus >= 0 && bus == isa_bus && irq < 16) {
+            if (isa_bus >= 0 && bus == isa_bus && irq < 24) {
                 irqs_seen |= 1u << irq;
                 if (dst != ioapic_id)
                     irq_err = "an ISA IRQ entry is not routed to the IOAPIC";
@@ -669,8 +669,8 @@ static void check_mptable(void)
 
     if (irq_err)
         fail("mptable.irqs", irq_err);
-    else if (irqs_seen != 0xffff)
-        fail_val("mptable.irqs", "ISA IRQs with an entry (bitmap)", irqs_seen, 0xffff);
+    else if (irqs_seen != 0xffffff)
+        fail_val("mptable.irqs", "IOAPIC pins 0-23 with an entry (bitmap)", irqs_seen, 0xffffff);
     else
         ok("mptable.irqs");
 }

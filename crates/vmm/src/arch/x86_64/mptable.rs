@@ -10,7 +10,9 @@ const APIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;
 const CPU_ENABLED: u8 = 1;
 const CPU_BOOTSTRAP: u8 = 2;
-const ISA_IRQS: u8 = 16;
+/// One interrupt entry per IOAPIC pin: Linux only routes pins the table lists, and virtio
+/// devices use GSIs 5..=23.
+const IOAPIC_PINS: u8 = 24;
 /// Room the table may take below 640 KiB.
 const MAX_TABLE_SIZE: usize = 0xa0000 - EBDA_START as usize;
 
@@ -38,7 +40,7 @@ pub fn build(num_cpus: u8) -> Vec<u8> {
     entries.extend_from_slice(&[2, ioapic_id, IOAPIC_VERSION, CPU_ENABLED]);
     entries.extend_from_slice(&(IOAPIC_ADDR as u32).to_le_bytes());
     count += 2;
-    for irq in 0..ISA_IRQS {
+    for irq in 0..IOAPIC_PINS {
         // type 3 (I/O interrupt), INT, conforming polarity/trigger, ISA bus 0 → IOAPIC pin irq.
         entries.extend_from_slice(&[3, 0, 0, 0, 0, irq, ioapic_id, irq]);
         count += 1;
@@ -95,7 +97,7 @@ mod tests {
         assert_eq!(&table[0..4], b"PCMP");
         assert_eq!(table.iter().fold(0u8, |s, b| s.wrapping_add(*b)), 0);
         let count = u16::from_le_bytes([table[34], table[35]]);
-        assert_eq!(count, 4 + 2 + 16 + 2);
+        assert_eq!(count, 4 + 2 + 24 + 2);
         // First processor entry is the BSP with APIC id 0.
         assert_eq!(&table[44..48], &[0, 0, APIC_VERSION, CPU_ENABLED | CPU_BOOTSTRAP]);
     }
