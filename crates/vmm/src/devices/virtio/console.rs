@@ -47,6 +47,7 @@ struct Active {
     mem: GuestRam,
     queues: Vec<Queue>,
     interrupt: Interrupt,
+    irq_pending: bool,
 }
 
 /// A guest transmit chain not yet fully written to the host socket.
@@ -117,8 +118,18 @@ impl Console {
         }
     }
 
+    /// Marks that the driver must hear about queue `index`; `raise_interrupt` sends one
+    /// interrupt for everything marked while handling an event (two back-to-back signals would
+    /// look like a spurious interrupt to the guest).
     fn notify(a: &mut Active, index: usize) {
         if a.queues[index].needs_notification(&a.mem).unwrap_or(true) {
+            a.irq_pending = true;
+        }
+    }
+
+    fn raise_interrupt(&mut self) {
+        if let Some(a) = self.active.as_mut().filter(|a| a.irq_pending) {
+            a.irq_pending = false;
             a.interrupt.signal(INT_USED_RING);
         }
     }
@@ -309,7 +320,7 @@ impl VirtioDevice for Console {
         if activation.acked_features & F_MULTIPORT == 0 {
             tracing::warn!("virtio-console: driver did not accept MULTIPORT; the named port will not appear");
         }
-        self.active = Some(Active { mem: activation.mem, queues: activation.queues, interrupt: activation.interrupt });
+        self.active = Some(Active { mem: activation.mem, queues: activation.queues, interrupt: activation.interrupt, irq_pending: false });
         self.update_interest();
     }
 
@@ -321,6 +332,7 @@ impl VirtioDevice for Console {
             CTRL_TX => self.handle_control_from_driver(),
             _ => {}
         }
+        self.raise_interrupt();
     }
 
     fn host_event(&mut self, events: EventSet) {
@@ -330,6 +342,7 @@ impl VirtioDevice for Console {
         if events.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
             self.host_to_guest();
         }
+        self.raise_interrupt();
     }
 
     fn reset(&mut self) {
