@@ -20,6 +20,7 @@ const SOURCES: &[&str] = &[
     "pvh_note.S",
     "tiny.S",
     "setup.S",
+    "ioloop.c",
     "rt.c",
     "bootcheck.c",
     "memtouch.c",
@@ -106,6 +107,8 @@ fn main() {
         let o = cc("tiny.S", &format!("tiny_{name}.o"), &[def]);
         ld(&format!("{name}.pvh.elf"), "pvh_entry", &[&o, &note]);
     }
+    let ioloop = cc("ioloop.c", "ioloop.o", &[]);
+    ld("ioloop.pvh.elf", "pvh_entry", &[&entry, &rt, &ioloop, &note]);
 
     // bootcheck.bzimage = setup area + bootcheck.elf flattened from 1 MiB.
     let flat = flatten(&fs::read(&elf).unwrap());

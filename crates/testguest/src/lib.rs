@@ -24,9 +24,14 @@ pub const MEMTOUCH: &str = "memtouch.pvh.elf";
 /// (virtio-blk, virtio-console), expectations from [`virtio_cmdline`]; reports like bootcheck.
 pub const VIRTIO: &str = "virtio.pvh.elf";
 
+/// Touches `tg.pages=<n>` pages like memtouch, then loops forever doing one port read (one exit)
+/// per iteration, printing `TG tick <k>` every `tg.every=<n>` iterations (reset after
+/// `tg.ticks=<n>`, if given): a restored clone's first exit follows its restore at once.
+pub const IOLOOP: &str = "ioloop.pvh.elf";
+
 /// Every guest image, by file name.
 pub const ALL: &[&str] =
-    &[BOOTCHECK_PVH, BOOTCHECK_ELF, BOOTCHECK_BZIMAGE, HELLO, HALT, SPIN, TRIPLEFAULT, MEMTOUCH, VIRTIO];
+    &[BOOTCHECK_PVH, BOOTCHECK_ELF, BOOTCHECK_BZIMAGE, HELLO, HALT, SPIN, TRIPLEFAULT, MEMTOUCH, VIRTIO, IOLOOP];
 
 /// The directory build.rs wrote the images to.
 pub const DIR: &str = env!("TESTGUEST_DIR");
