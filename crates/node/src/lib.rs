@@ -17,6 +17,8 @@ use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use sandbox::{ExitReason, MicroVmConfig, StartOptions};
 
+mod snapshot;
+
 fn coded(code: &str, message: impl Display) -> Error {
     Error::new(Status::GenericFailure, format!("{code}: {message}"))
 }
@@ -57,6 +59,8 @@ pub struct StartVmOptions {
     pub console_stream: Option<bool>,
     /// Size of the console queue in bytes (the oldest bytes are dropped beyond it).
     pub console_queue_bytes: Option<u32>,
+    /// Log the pages the guest writes (for incremental snapshots).
+    pub track_dirty_pages: Option<bool>,
 }
 
 /// How a VM ended.
@@ -119,6 +123,10 @@ pub async fn start_vm(config_json: String, options: Option<StartVmOptions>) -> R
             .as_ref()
             .and_then(|o| o.console_queue_bytes)
             .map(|n| n as usize),
+        track_dirty_pages: options
+            .as_ref()
+            .and_then(|o| o.track_dirty_pages)
+            .unwrap_or(false),
     };
     let started = spawn_blocking(move || {
         catch_unwind(AssertUnwindSafe(|| {

@@ -13,10 +13,11 @@ pub mod vm;
 
 pub use config::{ConfigError, MicroVmConfig};
 pub use error::{Error, Result};
-pub use vm::{MicroVm, StartOptions};
+pub use vm::{MicroVm, RestoreOptions, StartOptions};
 pub use engine::{EngineChoice, EngineKind, VmExit};
 pub use sandbox::{validate_sandbox_config_json, ReadyInfo, Sandbox, SandboxConfig, SandboxError};
-pub use vmm::{ExitReason, Timings};
+pub use vmm::vmm::VmShell;
+pub use vmm::{ExitReason, LoadedSnapshot, Timings};
 
 /// Parses and validates a configuration given as JSON and returns it normalised (defaults
 /// filled in, empty options left out): the JSON that `MicroVm.builder().build()` returns.

@@ -1,5 +1,5 @@
-//! A running microVM on the built-in VMM: start, wait (blocking or as a future), stop, kill,
-//! console, timings.
+//! A running microVM on the built-in VMM: start (or restore from a snapshot), wait (blocking or
+//! as a future), stop, kill, pause, resume, snapshot, console, timings.
 //!
 //! One watcher thread per VM waits for its end, closes the console (so the console file is
 //! complete and readers see the end of the stream) and then publishes the exit reason. Waiting
@@ -7,6 +7,8 @@
 //! is a future woken by the watcher.
 
 use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -14,7 +16,8 @@ use std::task::{Context, Poll, Waker};
 use crate::config::MicroVmConfig;
 use crate::console::{self, ConsoleHandle, ConsoleOptions, ConsoleReader, ConsoleStats};
 use crate::error::{Error, Result};
-use vmm::{ExitReason, Timings};
+use vmm::vmm::VmShell;
+use vmm::{ExitReason, LoadedSnapshot, Timings};
 
 /// How a microVM is started.
 #[derive(Debug, Clone, Default)]
@@ -23,6 +26,20 @@ pub struct StartOptions {
     pub console_stream: bool,
     /// The reader's queue size in bytes (default [`console::DEFAULT_QUEUE_CAPACITY`]).
     pub console_queue_bytes: Option<usize>,
+    /// Log the pages the guest writes, so that an incremental snapshot writes only those.
+    pub track_dirty_pages: bool,
+}
+
+/// How a microVM is restored from a snapshot: its console, as [`StartOptions`] and the config's
+/// `consoleOutput` set it for a started one (a snapshot keeps no console settings).
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Keep console bytes for [`MicroVm::console`] to read.
+    pub console_stream: bool,
+    /// The reader's queue size in bytes (default [`console::DEFAULT_QUEUE_CAPACITY`]).
+    pub console_queue_bytes: Option<usize>,
+    /// Host file that receives the restored guest's console (created, or truncated).
+    pub console_output: Option<PathBuf>,
 }
 
 /// A started microVM. Dropping it kills the VM if it still runs.
@@ -36,8 +53,9 @@ pub struct MicroVm {
 impl MicroVm {
     /// Validates the configuration and boots it; returns once the vCPUs run.
     pub fn start(config: &MicroVmConfig, options: &StartOptions) -> Result<MicroVm> {
-        let vm_config = config.to_vm_config()?;
-        let console_options = ConsoleOptions {
+        let mut vm_config = config.to_vm_config()?;
+        vm_config.track_dirty_pages = options.track_dirty_pages;
+        let console = ConsoleOptions {
             file: config.console_output.clone(),
             queue_capacity: options.console_stream.then(|| {
                 options
@@ -45,13 +63,50 @@ impl MicroVm {
                     .unwrap_or(console::DEFAULT_QUEUE_CAPACITY)
             }),
         };
+        Self::launch(&console, |sink| vmm::Vm::start(&vm_config, sink))
+    }
+
+    /// Restores a loaded snapshot, into `shell` when one is given (the fast path: a shell made
+    /// earlier by [`LoadedSnapshot::shell`]) or into one made now. Returns once the vCPUs run;
+    /// [`Self::timings`] then counts from the restore (`first_exit_ns`: the first guest exit
+    /// after it).
+    pub fn restore(
+        snapshot: &LoadedSnapshot,
+        shell: Option<VmShell>,
+        options: &RestoreOptions,
+    ) -> Result<MicroVm> {
+        let console = ConsoleOptions {
+            file: options.console_output.clone(),
+            queue_capacity: options.console_stream.then(|| {
+                options
+                    .console_queue_bytes
+                    .unwrap_or(console::DEFAULT_QUEUE_CAPACITY)
+            }),
+        };
+        Self::launch(&console, |sink| match shell {
+            Some(shell) => vmm::Vm::restore_in(shell, snapshot, sink, Default::default()),
+            None => vmm::Vm::restore(snapshot, sink, Default::default()),
+        })
+    }
+
+    /// Sets up the console, runs `boot` with its sink, and watches the VM it returns.
+    fn launch(
+        console_options: &ConsoleOptions,
+        boot: impl FnOnce(Box<dyn Write + Send>) -> vmm::Result<vmm::Vm>,
+    ) -> Result<MicroVm> {
         let (sink, console) =
-            console::channel(&console_options).map_err(|source| Error::ConsoleOutput {
-                path: config.console_output.clone().unwrap_or_default(),
+            console::channel(console_options).map_err(|source| Error::ConsoleOutput {
+                path: console_options.file.clone().unwrap_or_default(),
                 source,
             })?;
         let reader = console.reader();
-        let vm = Arc::new(vmm::Vm::start(&vm_config, Box::new(sink))?);
+        let vm = match boot(Box::new(sink)) {
+            Ok(vm) => Arc::new(vm),
+            Err(e) => {
+                console.close();
+                return Err(e.into());
+            }
+        };
         let exit = Arc::new(ExitSlot::default());
 
         let watcher = {
@@ -112,6 +167,29 @@ impl MicroVm {
     /// already ended another way).
     pub fn kill(&self) {
         self.vm().kill();
+    }
+
+    /// Stops every vCPU outside the guest (a paused VM uses no CPU); returns once they have
+    /// stopped (`E_VM_STATE` when the VM has ended, or its vCPUs did not stop within 5 s).
+    pub fn pause(&self) -> Result<()> {
+        Ok(self.vm().pause()?)
+    }
+
+    /// Lets a paused VM run again (nothing to do when it is not paused).
+    pub fn resume(&self) {
+        self.vm().resume();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.vm().is_paused()
+    }
+
+    /// Writes a snapshot to `dir` (`vm.state`, `vm.mem`, copies of writable disks) and leaves
+    /// the VM as it was: a running VM is paused for the duration. Returns the memory bytes
+    /// written. `incremental` needs `track_dirty_pages` and an earlier snapshot of (or restore
+    /// into) this VM.
+    pub fn snapshot(&self, dir: &Path, incremental: bool) -> Result<u64> {
+        Ok(self.vm().snapshot(dir, incremental)?)
     }
 
     /// The reader of the console queue, when started with `console_stream`.
