@@ -83,7 +83,10 @@ impl Accel {
         } else {
             (
                 Accel::Tcg,
-                format!("no hardware KVM ({:?})", host.kvm_flavour).to_lowercase(),
+                format!(
+                    "no hardware KVM; KVM flavour: {}",
+                    format!("{:?}", host.kvm_flavour).to_lowercase()
+                ),
             )
         }
     }

@@ -297,3 +297,20 @@ fn wait_ready(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_cross_threads() {
+        // The napi layer keeps sandboxes in `Arc`s and calls them from worker threads.
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Sandbox>();
+        send_sync::<AgentClient>();
+        fn send<T: Send>() {}
+        send::<crate::agent_client::Pending>(); // one waiter; moved, not shared
+        send_sync::<SandboxError>();
+        send_sync::<ReadyInfo>();
+    }
+}
