@@ -24,6 +24,7 @@ const SOURCES: &[&str] = &[
     "rt.c",
     "bootcheck.c",
     "memtouch.c",
+    "compute.c",
     "virtio.c",
 ];
 
@@ -94,6 +95,7 @@ fn main() {
     let bootcheck = cc("bootcheck.c", "bootcheck.o", &[]);
     let memtouch = cc("memtouch.c", "memtouch.o", &[]);
     let virtio = cc("virtio.c", "virtio.o", &[]);
+    let compute = cc("compute.c", "compute.o", &[]);
 
     // bootcheck: the same program three times. e_entry is the Linux 64-bit entry in both ELFs;
     // the PVH note (pvh_note.o) is what makes a VMM take the 32-bit PVH entry instead.
@@ -101,6 +103,7 @@ fn main() {
     ld("bootcheck.pvh.elf", "linux64_entry", &[&entry, &rt, &bootcheck, &note]);
     ld("memtouch.pvh.elf", "pvh_entry", &[&entry, &rt, &memtouch, &note]);
     ld("virtio.pvh.elf", "pvh_entry", &[&entry, &rt, &virtio, &note]);
+    ld("compute.pvh.elf", "pvh_entry", &[&entry, &rt, &compute, &note]);
     for (name, def) in
         [("hello", "-DTG_HELLO"), ("halt", "-DTG_HALT"), ("spin", "-DTG_SPIN"), ("triplefault", "-DTG_TRIPLEFAULT")]
     {

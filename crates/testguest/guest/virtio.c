@@ -16,6 +16,17 @@
  *   tg.nblk=<n> tg.ncon=<n>                 how many block / console devices to expect
  *   tg.blk<i>=<sectors>:<fnv1a32 of the first 8 sectors, hex>   per block device, in MMIO order
  *   tg.blk<i>ro=1                           block device <i> is read-only
+ *
+ * For snapshot/restore tests (crates/vmm/tests/snapshot.rs), optionally:
+ *   tg.con_first=1     check the console devices before the block devices: the guest then waits
+ *                      for the host's greeting (after `con0.guest_open`) before any disk I/O,
+ *                      a point to snapshot at where everything else still lies ahead
+ *   tg.wait_ms=<n>     how long a wait for a completion lasts (default WAIT_MS): the host may
+ *                      hold the guest at a wait for longer (snapshot, restore, clones)
+ *   tg.clone=1         after `host_first`: receive one byte v, write it over CLONE_PAGES pages
+ *                      (filled with CLONE_FILL at startup, so a snapshot holds that), print
+ *                      "TG info clone wrote=<v>", receive one more byte (the host's go, once all
+ *                      clones have written), check the pages hold only v: `clone.isolation`
  */
 #include "tg.h"
 
@@ -39,6 +50,8 @@
 #define TIMER_COUNT 10000000 /* KVM's LAPIC counts at 1 GHz: 10 ms with divide-by-1 */
 #define WAIT_MS 5000      /* for a completion */
 #define WAIT_MS_LOST 200  /* once an interrupt was lost: report, do not crawl */
+#define CLONE_PAGES 16    /* tg.clone=1: the pages each clone overwrites */
+#define CLONE_FILL 0x11   /* what they hold before */
 
 /* ---- virtio-mmio registers (§4.2.2) ---- */
 #define R_MAGIC 0x000
@@ -159,6 +172,9 @@ static struct vdev *by_gsi[IOAPIC_PINS];
 static volatile uint32_t ticks, stray_irqs;
 static int timer_ok;
 static int lost_any; /* an interrupt was lost: the path is broken, wait WAIT_MS_LOST from now on */
+static uint32_t wait_ms = WAIT_MS; /* tg.wait_ms */
+static int clone_mode;             /* tg.clone=1 */
+static uint64_t clone_pages;       /* CLONE_PAGES pages, CLONE_FILL until the host's byte */
 static uint64_t heap; /* bump allocator of zeroed pages above the image */
 static char name_buf[48];
 
@@ -384,7 +400,7 @@ static const char *wait_used(struct vdev *d, struct vq *q)
             sti();
             return 0;
         }
-        if (expired(t0, k0, lost_any ? WAIT_MS_LOST : WAIT_MS)) {
+        if (expired(t0, k0, lost_any ? WAIT_MS_LOST : wait_ms)) {
             uint16_t idx = q->used->idx;
             if (idx != q->last_used) {
                 d->lost++;
@@ -394,7 +410,7 @@ static const char *wait_used(struct vdev *d, struct vq *q)
                 return 0;
             }
             sti();
-            return lost_any ? "no completion (after a lost interrupt)" : "no completion within 5 s";
+            return lost_any ? "no completion (after a lost interrupt)" : "no completion within tg.wait_ms (5 s)";
         }
         if (timer_ok)
             sti_hlt(); /* sti's one-instruction shadow: no interrupt slips in before the hlt */
@@ -1154,6 +1170,64 @@ static void con_echo(struct vdev *d, struct con *c, const char *what, uint32_t l
     ok(check);
 }
 
+/* The offset of the first byte in [addr, addr + n) that is not v, or n (n > 0). One `repe scasb`
+ * rather than a loop: loops are slow under PVM. */
+static uint64_t scan_not(uint64_t addr, uint64_t n, uint8_t v)
+{
+    void *p = phys(addr);
+    uint64_t left = n;
+    uint8_t all;
+    __asm__ volatile("repe scasb" : "+D"(p), "+c"(left), "=@ccz"(all) : "a"(v) : "memory");
+    return all ? n : n - left - 1;
+}
+
+/* tg.clone=1: one byte from the host over the clone pages, then the host's go, then the pages
+ * must hold that byte only: another VM's write (shared memory) or the snapshot's content showing
+ * through would differ. */
+static void con_clone(struct vdev *d, struct con *c)
+{
+    const char *what = "clone";
+    const uint64_t size = CLONE_PAGES * 4096;
+    uint32_t got, bufs;
+    const char *err = con_recv(d, c, 1, &got, &bufs);
+    if (err) {
+        fail_recv(cname(d, what), err, got, 1), d->broken = what;
+        return;
+    }
+    uint8_t v = *(volatile uint8_t *)phys(c->got);
+    uint64_t bad = scan_not(clone_pages, size, CLONE_FILL);
+    if (bad != size) {
+        fail_val2(cname(d, what), "before the write, the first byte that is not CLONE_FILL: offset", bad, size);
+        d->broken = what;
+        return;
+    }
+    void *p = phys(clone_pages);
+    uint64_t n = size;
+    __asm__ volatile("rep stosb" : "+D"(p), "+c"(n) : "a"(v) : "memory");
+    puts_serial("TG info clone wrote=");
+    put_hex(v);
+    putc_serial('\n');
+    err = con_recv(d, c, 1, &got, &bufs);
+    if (err) {
+        fail_recv(cname(d, what), err, got, 1), d->broken = what;
+        return;
+    }
+    bad = scan_not(clone_pages, size, v);
+    if (bad != size) {
+        fail_begin(cname(d, what));
+        puts_serial("byte ");
+        put_dec(bad);
+        puts_serial(" = ");
+        put_hex(*(volatile uint8_t *)phys(clone_pages + bad));
+        puts_serial(", want ");
+        put_hex(v);
+        puts_serial(" (what this VM wrote)");
+        fail_end();
+        return;
+    }
+    ok(cname(d, what));
+}
+
 static void con_checks(struct vdev *d)
 {
     struct con c = {alloc_pages(1), alloc_pages(1), alloc_pages(1), alloc_pages(2), alloc_pages(2)};
@@ -1238,6 +1312,8 @@ static void con_checks(struct vdev *d)
         else if (con_compare(cname(d, "host_first"), &c, (uint64_t)(uintptr_t)CON_GREETING, len, 0))
             ok(cname(d, "host_first"));
     }
+    if (clone_mode && !skipped(d, "clone"))
+        con_clone(d, &c);
 
     /* Round 1: every byte value and "ping\n" (fits one receive buffer). */
     if (!skipped(d, "echo")) {
@@ -1305,6 +1381,21 @@ void tg_main(void)
     puts_serial(cmdline);
     putc_serial('\n');
 
+    uint64_t n;
+    const char *v = cmdline_param(cmdline, "tg.wait_ms");
+    if (v && parse_u64(v, &n, 0) && n > 0 && n < 0x100000000ULL)
+        wait_ms = (uint32_t)n;
+    v = cmdline_param(cmdline, "tg.clone");
+    clone_mode = v && v[0] == '1';
+    v = cmdline_param(cmdline, "tg.con_first");
+    int con_first = v && v[0] == '1';
+    if (clone_mode) {
+        clone_pages = alloc_pages(CLONE_PAGES);
+        void *p = phys(clone_pages);
+        uint64_t len = CLONE_PAGES * 4096;
+        __asm__ volatile("rep stosb" : "+D"(p), "+c"(len) : "a"(CLONE_FILL) : "memory");
+    }
+
     setup_interrupts();
     find_devices();
 
@@ -1335,11 +1426,15 @@ void tg_main(void)
 
     for (int i = 0; i < ndevs; i++)
         route_irq(&devs[i]);
+    if (con_first)
+        for (int i = 0; i < ndevs; i++)
+            if (devs[i].type == TYPE_CONSOLE)
+                con_checks(&devs[i]);
     for (int i = 0; i < ndevs; i++) {
         struct vdev *d = &devs[i];
         if (d->type == TYPE_BLOCK)
             blk_checks(d);
-        else if (d->type == TYPE_CONSOLE)
+        else if (d->type == TYPE_CONSOLE && !con_first)
             con_checks(d);
     }
     for (int i = 0; i < ndevs; i++)

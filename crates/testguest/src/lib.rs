@@ -23,6 +23,9 @@ pub const MEMTOUCH: &str = "memtouch.pvh.elf";
 /// Drives every `virtio_mmio.device=` of its command line with an interrupt-driven driver
 /// (virtio-blk, virtio-console), expectations from [`virtio_cmdline`]; reports like bootcheck.
 pub const VIRTIO: &str = "virtio.pvh.elf";
+/// Fills pages from a seed and computes over them in steps (`TG step <i>`), then prints
+/// `TG result <hex>` (= [`compute_expected`]) and resets; command line from [`compute_cmdline`].
+pub const COMPUTE: &str = "compute.pvh.elf";
 
 /// Touches `tg.pages=<n>` pages like memtouch, then loops forever doing one port read (one exit)
 /// per iteration, printing `TG tick <k>` every `tg.every=<n>` iterations (reset after
@@ -31,7 +34,7 @@ pub const IOLOOP: &str = "ioloop.pvh.elf";
 
 /// Every guest image, by file name.
 pub const ALL: &[&str] =
-    &[BOOTCHECK_PVH, BOOTCHECK_ELF, BOOTCHECK_BZIMAGE, HELLO, HALT, SPIN, TRIPLEFAULT, MEMTOUCH, VIRTIO, IOLOOP];
+    &[BOOTCHECK_PVH, BOOTCHECK_ELF, BOOTCHECK_BZIMAGE, HELLO, HALT, SPIN, TRIPLEFAULT, MEMTOUCH, VIRTIO, COMPUTE, IOLOOP];
 
 /// The directory build.rs wrote the images to.
 pub const DIR: &str = env!("TESTGUEST_DIR");
@@ -89,9 +92,76 @@ pub const VIRTIO_ECHO_XOR: u8 = 0x5a;
 /// (the host writes it as soon as the VM starts; guest/virtio.c `CON_GREETING`).
 pub const VIRTIO_GREETING: &[u8] = b"microcell host says hello\n";
 
+/// With `tg.clone=1` the virtio guest overwrites this many pages with a byte from the host...
+pub const VIRTIO_CLONE_PAGES: usize = 16;
+/// ...which hold this byte before (from its start, so in any snapshot taken before the write).
+pub const VIRTIO_CLONE_FILL: u8 = 0x11;
+
 /// Byte `offset` of `sector` as the virtio guest writes it (guest/virtio.c `blk_pattern`).
 pub fn virtio_blk_pattern(sector: u64, offset: usize) -> u8 {
     ((offset as u64 * 7) ^ (sector * 29) ^ 0xc3) as u8
+}
+
+/// What the compute guest runs: `pages` pages (1..=4096) filled from `seed`, `steps` steps of
+/// `rounds` passes over them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Compute {
+    pub seed: u64,
+    pub pages: u64,
+    pub steps: u64,
+    pub rounds: u64,
+}
+
+/// Words used at the start of each page, and pages rewritten per step (guest/compute.c).
+pub const COMPUTE_WORDS: usize = 8;
+pub const COMPUTE_WINDOW: u64 = 2;
+/// Guest-physical address of the compute guest's first page; its marker page is right below.
+pub const COMPUTE_REGION: u64 = 16 << 20;
+
+/// `tg.seed=<hex> tg.pages=<n> tg.steps=<n> tg.rounds=<n>`.
+pub fn compute_cmdline(c: &Compute) -> String {
+    format!("tg.seed={:#x} tg.pages={} tg.steps={} tg.rounds={}", c.seed, c.pages, c.steps, c.rounds)
+}
+
+/// The compute guest's `TG result`, computed on the host (guest/compute.c, step by step).
+pub fn compute_expected(c: &Compute) -> u64 {
+    let xorshift = |s: &mut u64| {
+        let mut x = *s;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *s = x;
+        x
+    };
+    let mut s = c.seed ^ 0x9e37_79b9_7f4a_7c15;
+    if s == 0 {
+        s = 1;
+    }
+    let mut mem: Vec<[u64; COMPUTE_WORDS]> =
+        (0..c.pages).map(|_| std::array::from_fn(|_| xorshift(&mut s))).collect();
+    let mut acc = c.seed;
+    for i in 1..=c.steps {
+        for _ in 0..c.rounds {
+            for page in &mem {
+                for &w in page {
+                    acc = (acc ^ w).wrapping_mul(0x100_0000_01b3);
+                    acc ^= acc >> 29;
+                }
+            }
+        }
+        for j in 0..COMPUTE_WINDOW {
+            let p = (((i - 1) * COMPUTE_WINDOW + j) % c.pages) as usize;
+            for (k, w) in mem[p].iter_mut().enumerate() {
+                *w = w.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(acc).wrapping_add(k as u64);
+            }
+        }
+    }
+    (acc ^ c.seed).wrapping_mul(0x100_0000_01b3)
+}
+
+/// The compute guest's result line: `TG result <hex>` as the guest prints it.
+pub fn compute_result_line(c: &Compute) -> String {
+    format!("TG result {:#x}", compute_expected(c))
 }
 
 /// A bootcheck report, parsed from the serial output.
@@ -187,6 +257,14 @@ mod tests {
         let r = Report::parse("TG begin x entry=pvh\nTG info irq blk0 count=3\nTG ok a\nTG done pass=1 fail=0\n");
         assert_eq!(r.info, ["irq blk0 count=3"]);
         assert!(r.all_passed());
+    }
+
+    #[test]
+    fn compute_expectations() {
+        let c = Compute { seed: 0x1234, pages: 64, steps: 8, rounds: 1 };
+        assert_eq!(compute_cmdline(&c), "tg.seed=0x1234 tg.pages=64 tg.steps=8 tg.rounds=1");
+        // What compute.pvh.elf printed for it under KVM.
+        assert_eq!(compute_result_line(&c), "TG result 0xedcb40c4d9e96d95");
     }
 
     #[test]
