@@ -54,6 +54,11 @@ export interface StartOptions {
   consoleStream?: boolean
   /** Bytes the console keeps for a slow reader; the oldest are dropped beyond it (default 1 MiB). */
   consoleQueueBytes?: number
+  /**
+   * Log the pages the guest writes, so that `vm.snapshot(dir, { incremental: true })` writes
+   * only those (default false: a little slower guest writes, for much smaller later snapshots).
+   */
+  trackDirtyPages?: boolean
 }
 
 export type ExitReason = 'reset' | 'stopped' | 'killed' | 'crashed'

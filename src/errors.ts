@@ -2,7 +2,9 @@
  * The one error type of microcell. `code` is stable across releases: match on it, not on the
  * message. Codes: `E_CONFIG_*` (invalid configuration), `E_NO_KVM`, `E_KVM`, `E_KERNEL_NOT_FOUND`,
  * `E_KERNEL_FORMAT`, `E_INITRD`, `E_UNSUPPORTED_GUEST`, `E_MEMORY`, `E_CONSOLE_OUTPUT`,
- * `E_CONSOLE_NOT_ENABLED`, `E_NATIVE_LOAD`, `E_INVALID_ARGUMENT`, `E_INTERNAL`, ...
+ * `E_CONSOLE_NOT_ENABLED`, `E_NATIVE_LOAD`, `E_INVALID_ARGUMENT`, `E_INTERNAL`, snapshots:
+ * `E_SNAPSHOT_IO`, `E_SNAPSHOT_CORRUPT`, `E_SNAPSHOT_VERSION`, `E_SNAPSHOT_HOST`, `E_SNAPSHOT`,
+ * `E_VM_STATE` (pause/snapshot of a VM that has ended), `E_POOL_CLOSED`, ...
  */
 export class MicrocellError extends Error {
   /** Stable error code, e.g. `E_CONFIG_VCPUS`. */

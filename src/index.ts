@@ -10,6 +10,10 @@
  */
 export { MicroVm, MicroVmBuilder } from './microvm.js'
 export type { StopOptions } from './microvm.js'
+export { Snapshot } from './snapshot.js'
+export type { CloneOptions, RestoreOptions, SnapshotConfig, SnapshotDisk, SnapshotOptions } from './snapshot.js'
+export { RestorePool, VmPool } from './pool.js'
+export type { PoolCloseOptions, PoolStats, RestorePoolOptions, VmPoolOptions } from './pool.js'
 export { hostInfo } from './host.js'
 export type { HostInfo } from './host.js'
 export { MicrocellError, CONFIG_ERROR_CODES } from './errors.js'

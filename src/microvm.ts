@@ -13,6 +13,7 @@ import type {
 } from './config.js'
 import { MicrocellError } from './errors.js'
 import * as native from './internal/native.js'
+import { snapshotTaken, type Snapshot, type SnapshotOptions } from './snapshot.js'
 
 /** Options of `stop()`. */
 export interface StopOptions {
@@ -28,6 +29,34 @@ function toJson(config: MicroVmConfigInput): string {
       cause: err,
     })
   }
+}
+
+/** Checks `consoleQueueBytes` and returns the console options the addon takes. */
+export function nativeConsoleOptions(options: {
+  consoleStream?: boolean
+  consoleQueueBytes?: number
+}): { consoleStream: boolean; consoleQueueBytes?: number } {
+  const nativeOptions: { consoleStream: boolean; consoleQueueBytes?: number } = {
+    consoleStream: options.consoleStream === true,
+  }
+  const queue = options.consoleQueueBytes
+  if (queue !== undefined) {
+    if (!Number.isInteger(queue) || queue < 1 || queue > 2 ** 30) {
+      throw new MicrocellError(
+        'E_INVALID_ARGUMENT',
+        `consoleQueueBytes is ${String(queue)}: give a whole number of bytes from 1 to 1073741824 (default 1 MiB)`,
+      )
+    }
+    nativeOptions.consoleQueueBytes = queue
+  }
+  return nativeOptions
+}
+
+let wrapNative: (handle: native.NativeVmHandle, consoleEnabled: boolean) => MicroVm
+
+/** A MicroVm around a VM the addon made (a start or a restore). Internal: not exported by index.ts. */
+export function microVmFromNative(handle: native.NativeVmHandle, consoleEnabled: boolean): MicroVm {
+  return wrapNative(handle, consoleEnabled)
 }
 
 /** Chainable builder of a `MicroVmConfig`; `build()` validates it, `start()` boots it. */
@@ -159,6 +188,10 @@ export class MicroVm implements AsyncDisposable {
   #console: Readable | undefined
   #exit: Promise<ExitStatus> | undefined
 
+  static {
+    wrapNative = (handle, consoleEnabled) => new MicroVm(handle, consoleEnabled)
+  }
+
   private constructor(handle: native.NativeVmHandle, consoleEnabled: boolean) {
     this.#native = handle
     this.#consoleEnabled = consoleEnabled
@@ -175,20 +208,11 @@ export class MicroVm implements AsyncDisposable {
 
   /** Validates and boots a configuration; resolves once the vCPUs run. */
   static async start(config: MicroVmConfigInput, options: StartOptions = {}): Promise<MicroVm> {
-    const consoleStream = options.consoleStream === true
-    const nativeOptions: { consoleStream: boolean; consoleQueueBytes?: number } = { consoleStream }
-    const queue = options.consoleQueueBytes
-    if (queue !== undefined) {
-      if (!Number.isInteger(queue) || queue < 1 || queue > 2 ** 30) {
-        throw new MicrocellError(
-          'E_INVALID_ARGUMENT',
-          `consoleQueueBytes is ${String(queue)}: give a whole number of bytes from 1 to 1073741824 (default 1 MiB)`,
-        )
-      }
-      nativeOptions.consoleQueueBytes = queue
-    }
+    const nativeOptions: { consoleStream: boolean; consoleQueueBytes?: number; trackDirtyPages?: boolean } =
+      nativeConsoleOptions(options)
+    if (options.trackDirtyPages === true) nativeOptions.trackDirtyPages = true
     const handle = await native.startVm(toJson(config), nativeOptions)
-    return new MicroVm(handle, consoleStream)
+    return new MicroVm(handle, nativeOptions.consoleStream)
   }
 
   /** Resolves when the VM has ended (the console and `consoleOutput` are complete by then). */
@@ -256,6 +280,41 @@ export class MicroVm implements AsyncDisposable {
   /** CLOCK_MONOTONIC nanoseconds (compare with `process.hrtime.bigint()`). */
   get timings(): Timings {
     return this.#native.timings()
+  }
+
+  /**
+   * Stops every vCPU outside the guest (a paused VM uses no CPU); resolves once they have
+   * stopped. Rejects with `E_VM_STATE` when the VM has ended.
+   */
+  pause(): Promise<void> {
+    return this.#native.pause()
+  }
+
+  /** Lets a paused VM run again; nothing to do when it is not paused. */
+  resume(): void {
+    this.#native.resume()
+  }
+
+  /** Whether the VM is paused (by `pause()`). */
+  get paused(): boolean {
+    return this.#native.isPaused()
+  }
+
+  /**
+   * Writes a snapshot of the VM to `dir` (created if needed): `vm.state`, `vm.mem` and copies of
+   * writable disks. A running VM is paused for the duration and runs on afterwards; a paused one
+   * stays paused. Resolves with the snapshot, loaded and ready to restore.
+   *
+   * `incremental: true` writes only the pages written since the last snapshot of (or restore
+   * into) this VM; it needs a VM started with `{ trackDirtyPages: true }` (else `E_VM_STATE`).
+   * Errors: `E_VM_STATE` (the VM has ended), `E_SNAPSHOT_IO` (the directory cannot be written).
+   */
+  async snapshot(dir: string, options: SnapshotOptions = {}): Promise<Snapshot> {
+    if (typeof dir !== 'string' || dir.length === 0) {
+      throw new MicrocellError('E_INVALID_ARGUMENT', 'snapshot() needs a directory path (a non-empty string)')
+    }
+    const bytes = await this.#native.snapshot(dir, options.incremental === true)
+    return snapshotTaken(dir, bytes)
   }
 
   /** Stops the VM (see `stop()`); nothing to do when it has already ended. */

@@ -117,6 +117,80 @@ export class NativeVmHandle {
     const t = call(() => this.#vm.timings())
     return { startNs: t.startNs, firstExitNs: t.firstExitNs ?? null, runningNs: t.runningNs }
   }
+
+  pause(): Promise<void> {
+    return callAsync(() => this.#vm.pause())
+  }
+
+  resume(): void {
+    call(() => this.#vm.resume())
+  }
+
+  isPaused(): boolean {
+    return call(() => this.#vm.isPaused())
+  }
+
+  /** Writes a snapshot to `dir`; resolves with the memory bytes written. */
+  snapshot(dir: string, incremental: boolean): Promise<number> {
+    return callAsync(() => this.#vm.snapshot(dir, incremental))
+  }
+}
+
+/** An empty VM made for one snapshot's shape, used up by one restore. */
+export class NativeShellHandle {
+  readonly #shell: Binding.NativeShell
+
+  constructor(shell: Binding.NativeShell) {
+    this.#shell = shell
+  }
+
+  get raw(): Binding.NativeShell {
+    return this.#shell
+  }
+
+  get usable(): boolean {
+    return call(() => this.#shell.usable)
+  }
+
+  /** Frees it; resolves when it is gone (torn down off the JS thread). */
+  destroy(): Promise<void> {
+    return callAsync(() => this.#shell.destroy())
+  }
+}
+
+export interface NativeRestoreOptions {
+  consoleStream?: boolean
+  consoleQueueBytes?: number
+  consoleOutput?: string
+}
+
+/** A loaded snapshot in the addon, with errors mapped. */
+export class NativeSnapshotHandle {
+  readonly #snapshot: Binding.NativeSnapshot
+
+  constructor(snapshot: Binding.NativeSnapshot) {
+    this.#snapshot = snapshot
+  }
+
+  get dir(): string {
+    return call(() => this.#snapshot.dir)
+  }
+
+  config(): Record<string, unknown> {
+    return call(() => this.#snapshot.config())
+  }
+
+  async createShell(): Promise<NativeShellHandle> {
+    return new NativeShellHandle(await callAsync(() => this.#snapshot.createShell()))
+  }
+
+  async restore(shell: NativeShellHandle | null, options: NativeRestoreOptions): Promise<NativeVmHandle> {
+    return new NativeVmHandle(await callAsync(() => this.#snapshot.restore(shell?.raw ?? null, options)))
+  }
+}
+
+export async function loadSnapshot(dir: string): Promise<NativeSnapshotHandle> {
+  return new NativeSnapshotHandle(await callAsync(() => binding().loadSnapshot(dir)))
 }
 
 /** Validates a config JSON; returns it normalised (defaults filled in). */
@@ -130,7 +204,7 @@ export function hostInfo(): Record<string, unknown> {
 
 export async function startVm(
   json: string,
-  options: { consoleStream?: boolean; consoleQueueBytes?: number },
+  options: { consoleStream?: boolean; consoleQueueBytes?: number; trackDirtyPages?: boolean },
 ): Promise<NativeVmHandle> {
   const vm = await callAsync(() => binding().startVm(json, options))
   return new NativeVmHandle(vm)
