@@ -3,7 +3,7 @@
 //! handlers, and the `virtio_mmio.device=` entry the guest kernel finds it by.
 
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
 use crate::vstate::memory::GuestRam;
@@ -60,11 +60,27 @@ impl DeviceManager {
         let irqfd = EventFd::new(EFD_NONBLOCK).map_err(io_error)?;
         vm.register_irqfd(&irqfd, gsi).map_err(Error::kvm("KVM_IRQFD"))?;
         let interrupt = Interrupt::new(irqfd);
+        // The host fd joins the epoll set before the transport exists: restoring one re-activates
+        // its device, which sets its interest in the fd (EPOLL_CTL_MOD) right away. Added after,
+        // with no events, the fd would stay deaf: a restored console never read its socket.
+        // The handler finds the transport once it is made, before the loop thread starts.
+        let slot: Arc<OnceLock<Arc<Mutex<MmioTransport>>>> = Arc::default();
+        if let Some(fd) = host_fd {
+            let slot = slot.clone();
+            event_loop
+                .add(fd, EventSet::empty(), Box::new(move |events| {
+                    if let Some(t) = slot.get() {
+                        t.lock().unwrap_or_else(|p| p.into_inner()).device_mut().host_event(events);
+                    }
+                }))
+                .map_err(io_error)?;
+        }
         let transport = match state {
             Some(s) => MmioTransport::restore(device, mem.clone(), interrupt, s).map_err(Error::Snapshot)?,
             None => MmioTransport::new(device, mem.clone(), interrupt),
         };
         let transport = Arc::new(Mutex::new(transport));
+        let _ = slot.set(transport.clone());
         let queues = transport.lock().unwrap_or_else(|p| p.into_inner()).num_queues();
         for index in 0..queues {
             let evt = EventFd::new(EFD_NONBLOCK).map_err(io_error)?;
@@ -76,14 +92,6 @@ impl DeviceManager {
                 .add(fd, EventSet::IN, Box::new(move |_| {
                     let _ = evt.read();
                     t.lock().unwrap_or_else(|p| p.into_inner()).queue_notify(index);
-                }))
-                .map_err(io_error)?;
-        }
-        if let Some(fd) = host_fd {
-            let t = transport.clone();
-            event_loop
-                .add(fd, EventSet::empty(), Box::new(move |events| {
-                    t.lock().unwrap_or_else(|p| p.into_inner()).device_mut().host_event(events);
                 }))
                 .map_err(io_error)?;
         }
