@@ -360,6 +360,20 @@ kvm('a restored guest that resets ends with reason reset, like a started one', a
   t.true(text.endsWith('TG tick 3000\n'), text.slice(-40))
 })
 
+kvm('an ended clone lets go of its memory at once, not when its handle is garbage collected', async (t) => {
+  const snapshot = await ioloopSnapshot(t)
+  const memFile = path.join(snapshot.dir, 'vm.mem')
+  const mappings = () => fs.readFileSync('/proc/self/smaps', 'utf8').split('\n').filter((l) => l.endsWith(` ${memFile}`)).length
+  const clones = await snapshot.clone(3)
+  t.is(mappings(), 3, 'one guest-RAM mapping of the memory file per clone')
+  await Promise.all(clones.map((c) => c.kill()))
+  const deadline = Date.now() + 5000
+  while (mappings() > 0 && Date.now() < deadline) await sleep(10)
+  t.is(mappings(), 0, 'unmapped while the handles are still referenced')
+  t.true(clones.every((c) => c.exitStatus.reason === 'killed' && c.timings.firstExitNs !== null), 'timings outlive the VM')
+  t.deepEqual(await clones[0].stop(), { reason: 'killed' }, 'stop() of an ended VM is harmless')
+})
+
 // Bad snapshot directories: no KVM needed.
 function badDir(name, files) {
   const d = freshDir(name)

@@ -2,9 +2,11 @@
 //! as a future), stop, kill, pause, resume, snapshot, console, timings.
 //!
 //! One watcher thread per VM waits for its end, closes the console (so the console file is
-//! complete and readers see the end of the stream) and then publishes the exit reason. Waiting
-//! from the host is therefore never a blocked thread of the caller's: [`MicroVm::wait_async`]
-//! is a future woken by the watcher.
+//! complete and readers see the end of the stream), lets go of the VM (its memory and KVM
+//! objects are freed then, not when the handle is dropped: a JS handle lives until the garbage
+//! collector gets to it) and then publishes the exit reason. Waiting from the host is therefore
+//! never a blocked thread of the caller's: [`MicroVm::wait_async`] is a future woken by the
+//! watcher.
 
 use std::future::Future;
 use std::io::Write;
@@ -42,9 +44,15 @@ pub struct RestoreOptions {
     pub console_output: Option<PathBuf>,
 }
 
+/// The VM while it may run; only its timings once it has ended.
+enum Slot {
+    Running(Arc<vmm::Vm>),
+    Ended(Timings),
+}
+
 /// A started microVM. Dropping it kills the VM if it still runs.
 pub struct MicroVm {
-    vm: Option<Arc<vmm::Vm>>,
+    slot: Arc<Mutex<Slot>>,
     exit: Arc<ExitSlot>,
     console: ConsoleHandle,
     reader: Option<ConsoleReader>,
@@ -108,14 +116,21 @@ impl MicroVm {
             }
         };
         let exit = Arc::new(ExitSlot::default());
+        let slot = Arc::new(Mutex::new(Slot::Running(vm.clone())));
 
         let watcher = {
-            let (vm, exit, console) = (vm.clone(), exit.clone(), console.clone());
+            let (vm, exit, console, slot) =
+                (vm.clone(), exit.clone(), console.clone(), slot.clone());
             std::thread::Builder::new()
                 .name("microcell-wait".into())
                 .spawn(move || {
                     let reason = vm.wait();
                     console.close();
+                    // Let go of the VM now: its memory is freed once nobody uses it (a snapshot
+                    // or pause still running holds it until it returns).
+                    let timings = vm.timings();
+                    let held = std::mem::replace(&mut *lock(&slot), Slot::Ended(timings));
+                    drop(held);
                     exit.set(reason);
                     // The last reference may be this one: tearing a VM down takes milliseconds,
                     // and this thread is the right place for it.
@@ -129,15 +144,28 @@ impl MicroVm {
             return Err(Error::Thread(e));
         }
         Ok(MicroVm {
-            vm: Some(vm),
+            slot,
             exit,
             console,
             reader,
         })
     }
 
-    fn vm(&self) -> &vmm::Vm {
-        self.vm.as_ref().expect("the VM is only taken in drop")
+    /// The VM, while it has not ended.
+    fn running(&self) -> Option<Arc<vmm::Vm>> {
+        match &*lock(&self.slot) {
+            Slot::Running(vm) => Some(vm.clone()),
+            Slot::Ended(_) => None,
+        }
+    }
+
+    /// The VM for an operation that needs it running (`E_VM_STATE` once it has ended).
+    fn running_for(&self, what: &str) -> Result<Arc<vmm::Vm>> {
+        self.running().ok_or_else(|| {
+            Error::Vmm(vmm::Error::VmState(format!(
+                "the VM has ended: it cannot {what}"
+            )))
+        })
     }
 
     /// The exit reason, once the VM has ended (and its console is closed).
@@ -160,28 +188,34 @@ impl MicroVm {
     /// Asks the VM to end; [`Self::wait`] then returns [`ExitReason::Stopped`] (unless it had
     /// already ended another way).
     pub fn stop(&self) {
-        self.vm().stop();
+        if let Some(vm) = self.running() {
+            vm.stop();
+        }
     }
 
     /// Ends the VM at once; [`Self::wait`] then returns [`ExitReason::Killed`] (unless it had
     /// already ended another way).
     pub fn kill(&self) {
-        self.vm().kill();
+        if let Some(vm) = self.running() {
+            vm.kill();
+        }
     }
 
     /// Stops every vCPU outside the guest (a paused VM uses no CPU); returns once they have
     /// stopped (`E_VM_STATE` when the VM has ended, or its vCPUs did not stop within 5 s).
     pub fn pause(&self) -> Result<()> {
-        Ok(self.vm().pause()?)
+        Ok(self.running_for("be paused")?.pause()?)
     }
 
     /// Lets a paused VM run again (nothing to do when it is not paused).
     pub fn resume(&self) {
-        self.vm().resume();
+        if let Some(vm) = self.running() {
+            vm.resume();
+        }
     }
 
     pub fn is_paused(&self) -> bool {
-        self.vm().is_paused()
+        self.running().is_some_and(|vm| vm.is_paused())
     }
 
     /// Writes a snapshot to `dir` (`vm.state`, `vm.mem`, copies of writable disks) and leaves
@@ -189,7 +223,9 @@ impl MicroVm {
     /// written. `incremental` needs `track_dirty_pages` and an earlier snapshot of (or restore
     /// into) this VM.
     pub fn snapshot(&self, dir: &Path, incremental: bool) -> Result<u64> {
-        Ok(self.vm().snapshot(dir, incremental)?)
+        Ok(self
+            .running_for("be snapshotted")?
+            .snapshot(dir, incremental)?)
     }
 
     /// The reader of the console queue, when started with `console_stream`.
@@ -203,7 +239,10 @@ impl MicroVm {
 
     /// CLOCK_MONOTONIC nanoseconds: when the start began, and the first vCPU exit.
     pub fn timings(&self) -> Timings {
-        self.vm().timings()
+        match &*lock(&self.slot) {
+            Slot::Running(vm) => vm.timings(),
+            Slot::Ended(timings) => *timings,
+        }
     }
 }
 
@@ -211,12 +250,14 @@ impl Drop for MicroVm {
     fn drop(&mut self) {
         // A VM nobody holds any more must not run on. The VMM tears it down on its own vCPU
         // threads, never on this (possibly the JS) thread.
-        if let Some(vm) = self.vm.take() {
-            if self.exit.get().is_none() {
-                vm.kill();
-            }
+        if let Slot::Running(vm) = &*lock(&self.slot) {
+            vm.kill();
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[derive(Default)]
