@@ -15,7 +15,7 @@ pub use config::{ConfigError, MicroVmConfig};
 pub use error::{Error, Result};
 pub use vm::{MicroVm, RestoreOptions, StartOptions};
 pub use engine::{EngineChoice, EngineKind, VmExit};
-pub use sandbox::{validate_sandbox_config_json, ReadyInfo, Sandbox, SandboxConfig, SandboxError};
+pub use sandbox::{validate_sandbox_config_json, ReadyInfo, Sandbox, SandboxConfig, SandboxError, SandboxRestoreOptions};
 pub use vmm::vmm::VmShell;
 pub use vmm::{ExitReason, LoadedSnapshot, Timings};
 

@@ -17,11 +17,12 @@
 //!   guests (crates/testguest) run everywhere KVM does, which the tests use for the plumbing.
 
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{
-    clone_image, BootSpec, Engine, EngineKind, ExitSlot, RunDir, RunningVm, Tail, TailWriter,
+    clone_image, BootSpec, Engine, EngineKind, ExitFuture, ExitSlot, RunDir, RunningVm, Tail, TailWriter,
     VmExit, CONSOLE_TAIL_BYTES, CONSOLE_TAIL_LINES,
 };
 use crate::console::{self, ConsoleHandle, ConsoleOptions, ConsoleReader, ConsoleStats};
@@ -89,16 +90,6 @@ impl Engine for KvmEngine {
             "root disk cloned"
         );
 
-        let (sink, console) = console::channel(&ConsoleOptions {
-            file: spec.console_file.clone(),
-            queue_capacity: spec.console_queue_bytes,
-        })
-        .map_err(|source| SandboxError::ConsoleOutput {
-            path: spec.console_file.clone().unwrap_or_default(),
-            source,
-        })?;
-        let reader = console.reader();
-        let tail = Tail::new(CONSOLE_TAIL_BYTES);
         let config = vmm::VmConfig {
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
@@ -113,52 +104,75 @@ impl Engine for KvmEngine {
             allow_unsupported_host: false,
             ..Default::default()
         };
-        let vm = match vmm::Vm::start(
-            &config,
-            Box::new(TailWriter {
-                inner: sink,
-                tail: tail.clone(),
-            }),
-        ) {
-            Ok(vm) => Arc::new(vm),
-            Err(e) => {
-                console.close();
-                return Err(e.into());
-            }
-        };
-        let channel = vm.take_channel();
-        let exit = Arc::new(ExitSlot::default());
-        let watcher = {
-            let (vm, exit, console) = (vm.clone(), exit.clone(), console.clone());
-            std::thread::Builder::new()
-                .name("mc-kvm-wait".into())
-                .spawn(move || {
-                    let reason = vm.wait();
-                    console.close();
-                    exit.set(reason.into());
-                    // Tearing a VM down takes milliseconds: here, not on the caller's thread.
-                    drop(vm);
-                })
-        };
-        if let Err(e) = watcher {
-            vm.kill();
-            let _ = vm.wait();
-            console.close();
-            return Err(SandboxError::Thread {
-                what: "VM watcher",
-                source: e,
-            });
-        }
-        Ok(Box::new(KvmVm {
-            vm,
-            exit,
-            channel: Mutex::new(channel),
-            console,
-            reader,
-            tail,
-            _dir: dir,
-        }))
+        launch(spec, Some(dir), |console| vmm::Vm::start(&config, console))
     }
+
+    fn restore(&self, dir: &Path, spec: &BootSpec) -> Result<Box<dyn RunningVm>> {
+        let snapshot = vmm::LoadedSnapshot::load(dir)?;
+        // The VMM gives the clone its own copy of the snapshot's root disk.
+        launch(spec, None, |console| vmm::Vm::restore(&snapshot, console, vmm::RestoreOptions::default()))
+    }
+}
+
+/// Wires a VM the VMM starts (`start` gets the console writer) to the console sink, the exit
+/// slot and a watcher thread.
+fn launch(
+    spec: &BootSpec,
+    dir: Option<RunDir>,
+    start: impl FnOnce(Box<dyn std::io::Write + Send>) -> vmm::Result<vmm::Vm>,
+) -> Result<Box<dyn RunningVm>> {
+    let (sink, console) = console::channel(&ConsoleOptions {
+        file: spec.console_file.clone(),
+        queue_capacity: spec.console_queue_bytes,
+    })
+    .map_err(|source| SandboxError::ConsoleOutput {
+        path: spec.console_file.clone().unwrap_or_default(),
+        source,
+    })?;
+    let reader = console.reader();
+    let tail = Tail::new(CONSOLE_TAIL_BYTES);
+    let vm = match start(Box::new(TailWriter {
+        inner: sink,
+        tail: tail.clone(),
+    })) {
+        Ok(vm) => Arc::new(vm),
+        Err(e) => {
+            console.close();
+            return Err(e.into());
+        }
+    };
+    let channel = vm.take_channel();
+    let exit = Arc::new(ExitSlot::default());
+    let watcher = {
+        let (vm, exit, console) = (vm.clone(), exit.clone(), console.clone());
+        std::thread::Builder::new()
+            .name("mc-kvm-wait".into())
+            .spawn(move || {
+                let reason = vm.wait();
+                console.close();
+                exit.set(reason.into());
+                // Tearing a VM down takes milliseconds: here, not on the caller's thread.
+                drop(vm);
+            })
+    };
+    if let Err(e) = watcher {
+        vm.kill();
+        let _ = vm.wait();
+        console.close();
+        return Err(SandboxError::Thread {
+            what: "VM watcher",
+            source: e,
+        });
+    }
+    Ok(Box::new(KvmVm {
+        vm,
+        exit,
+        channel: Mutex::new(channel),
+        console,
+        reader,
+        tail,
+        _dir: dir,
+    }))
 }
 
 /// A VM on the built-in VMM.
@@ -169,13 +183,20 @@ struct KvmVm {
     console: ConsoleHandle,
     reader: Option<ConsoleReader>,
     tail: Tail,
-    /// Dropped last: the root disk copy goes when the VM does.
-    _dir: RunDir,
+    /// Dropped last: the root disk copy goes when the VM does (a restored VM's copy is the
+    /// VMM's own).
+    _dir: Option<RunDir>,
 }
 
 impl RunningVm for KvmVm {
     fn engine(&self) -> EngineKind {
         EngineKind::Kvm
+    }
+
+    fn snapshot(&self, dir: &Path) -> Result<()> {
+        // The VMM pauses, writes memory + state, copies the writable root disk, resumes.
+        self.vm.snapshot(dir, false)?;
+        Ok(())
     }
 
     fn pid(&self) -> Option<u32> {
@@ -199,6 +220,10 @@ impl RunningVm for KvmVm {
 
     fn wait_timeout(&self, timeout: Duration) -> Option<VmExit> {
         self.exit.wait_timeout(timeout)
+    }
+
+    fn wait_async(&self) -> ExitFuture {
+        self.exit.future()
     }
 
     fn kill(&self) {

@@ -12,11 +12,14 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::future::Future;
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +29,7 @@ use crate::sandbox::{Result, SandboxError};
 
 pub mod kvm;
 pub mod qemu;
+mod qmp;
 mod spawn;
 
 /// The `engine` option: which engine boots the sandbox.
@@ -114,6 +118,40 @@ pub fn select_for(choice: EngineChoice, host: &vmm::host::HostInfo) -> Result<En
     Ok(selection)
 }
 
+/// What the engines are on this host: what `engine: auto` picks and why, and whether the QEMU
+/// engine can run (for `hostInfo()`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineReport {
+    /// The engine `auto` picks here.
+    pub auto_engine: EngineKind,
+    /// Why (`auto: ...`).
+    pub auto_engine_reason: String,
+    /// The QEMU engine in one line (binary, accelerator and why), `None` when it cannot run.
+    pub qemu: Option<String>,
+    /// Why the QEMU engine cannot run (QEMU not found), `None` when it can.
+    pub qemu_unavailable: Option<String>,
+}
+
+/// [`EngineReport`] for this host ([`vmm::host::cached`], QEMU looked up now).
+pub fn report() -> EngineReport {
+    let auto = select(EngineChoice::Auto).unwrap_or_else(|e| EngineSelection {
+        // `auto` never fails today; should it, say so rather than guess.
+        kind: EngineKind::Qemu,
+        reason: format!("auto: {e}"),
+    });
+    let (qemu, qemu_unavailable) = match qemu::QemuEngine::locate() {
+        Ok(q) => (Some(q.describe()), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    EngineReport {
+        auto_engine: auto.kind,
+        auto_engine_reason: auto.reason,
+        qemu,
+        qemu_unavailable,
+    }
+}
+
 /// Makes the engine of that kind (for QEMU: finds the binary, picks the accelerator).
 pub fn engine(kind: EngineKind) -> Result<Box<dyn Engine>> {
     Ok(match kind {
@@ -162,12 +200,18 @@ pub trait Engine: Send + Sync {
     fn describe(&self) -> String;
     /// Starts a VM; returns as soon as it runs (not when the agent is ready).
     fn boot(&self, spec: &BootSpec) -> Result<Box<dyn RunningVm>>;
+    /// Starts a VM from a snapshot directory that [`RunningVm::snapshot`] of this engine wrote;
+    /// `spec` must describe the same VM (memory, vCPUs, kernel); its console options apply.
+    fn restore(&self, dir: &Path, spec: &BootSpec) -> Result<Box<dyn RunningVm>>;
 }
 
 /// A VM an engine started. Dropping it kills the VM (and, for QEMU, reaps the process) and
 /// removes its per-VM files.
 pub trait RunningVm: Send + Sync {
     fn engine(&self) -> EngineKind;
+    /// Writes the VM's memory, device and disk state into `dir` (which exists) and lets the VM
+    /// run on; [`Engine::restore`] starts copies of it.
+    fn snapshot(&self, dir: &Path) -> Result<()>;
     /// The QEMU process id; `None` for the in-process VMM.
     fn pid(&self) -> Option<u32>;
     /// The host end of the control channel (once; later calls return `None`).
@@ -178,6 +222,8 @@ pub trait RunningVm: Send + Sync {
     fn wait(&self) -> VmExit;
     /// [`RunningVm::wait`] with a limit; `None` when it still runs.
     fn wait_timeout(&self, timeout: Duration) -> Option<VmExit>;
+    /// Resolves when the VM has ended (after its console is complete); holds no thread.
+    fn wait_async(&self) -> ExitFuture;
     /// Ends the VM at once (SIGKILL to QEMU's process group; the VMM's kill). Idempotent.
     fn kill(&self);
     /// The reader of the console queue, when the spec asked for one.
@@ -227,56 +273,96 @@ impl From<vmm::ExitReason> for VmExit {
     }
 }
 
-/// Where a VM's end is published: set once, waited on by any number of threads.
+/// Where a VM's end is published: set once, waited on by any number of threads and futures.
 #[derive(Default)]
 pub(crate) struct ExitSlot {
-    exit: Mutex<Option<VmExit>>,
+    state: Mutex<ExitState>,
     ended: Condvar,
 }
 
+#[derive(Default)]
+struct ExitState {
+    exit: Option<VmExit>,
+    /// Futures waiting for the end ([`ExitFuture`]), woken by `set`.
+    wakers: Vec<Waker>,
+}
+
 impl ExitSlot {
-    fn lock(&self) -> MutexGuard<'_, Option<VmExit>> {
-        self.exit.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, ExitState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn set(&self, exit: VmExit) {
-        let mut e = self.lock();
-        if e.is_none() {
-            *e = Some(exit);
-        }
-        self.ended.notify_all();
+        let wakers = {
+            let mut s = self.lock();
+            if s.exit.is_none() {
+                s.exit = Some(exit);
+            }
+            self.ended.notify_all();
+            std::mem::take(&mut s.wakers)
+        };
+        wakers.into_iter().for_each(Waker::wake);
     }
 
     pub(crate) fn get(&self) -> Option<VmExit> {
-        self.lock().clone()
+        self.lock().exit.clone()
     }
 
     pub(crate) fn wait(&self) -> VmExit {
-        let mut e = self.lock();
+        let mut s = self.lock();
         loop {
-            if let Some(x) = &*e {
+            if let Some(x) = &s.exit {
                 return x.clone();
             }
-            e = self.ended.wait(e).unwrap_or_else(|p| p.into_inner());
+            s = self.ended.wait(s).unwrap_or_else(|p| p.into_inner());
         }
     }
 
     pub(crate) fn wait_timeout(&self, timeout: Duration) -> Option<VmExit> {
         let deadline = Instant::now() + timeout;
-        let mut e = self.lock();
+        let mut s = self.lock();
         loop {
-            if let Some(x) = &*e {
+            if let Some(x) = &s.exit {
                 return Some(x.clone());
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return None;
             }
-            e = self
+            s = self
                 .ended
-                .wait_timeout(e, left)
+                .wait_timeout(s, left)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+        }
+    }
+
+    /// A future of the end: holds no thread while it waits (the engine's thread that
+    /// publishes the end wakes it).
+    pub(crate) fn future(self: &Arc<Self>) -> ExitFuture {
+        ExitFuture { slot: self.clone() }
+    }
+}
+
+/// Resolves with how a VM ended ([`RunningVm::wait_async`], `Sandbox::wait_async`). It keeps
+/// only the VM's exit slot alive, not the VM.
+pub struct ExitFuture {
+    slot: Arc<ExitSlot>,
+}
+
+impl Future for ExitFuture {
+    type Output = VmExit;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<VmExit> {
+        let mut s = self.slot.lock();
+        match &s.exit {
+            Some(x) => Poll::Ready(x.clone()),
+            None => {
+                if !s.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    s.wakers.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
         }
     }
 }
@@ -380,6 +466,20 @@ impl Drop for RunDir {
 /// (`microcell-<pid>-`): tests look for leftovers with it.
 pub fn run_dir_prefix() -> String {
     format!("microcell-{}-", std::process::id())
+}
+
+/// [`clone_image`] to a temporary name beside `dst`, then renamed over it: a failed copy leaves
+/// an older `dst` intact.
+pub fn clone_image_replacing(src: &Path, dst: &Path) -> io::Result<bool> {
+    let mut tmp = dst.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let result = clone_image(src, &tmp).and_then(|reflink| std::fs::rename(&tmp, dst).map(|()| reflink));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Gives `dst` the contents of `src` as cheaply as the file system allows: a reflink
@@ -607,6 +707,39 @@ mod tests {
         slot.set(VmExit::GuestReset);
         assert_eq!(t.join().unwrap(), VmExit::Killed);
         assert_eq!(slot.get(), Some(VmExit::Killed));
+    }
+
+    #[test]
+    fn exit_future_wakes_when_the_end_is_published() {
+        use std::sync::atomic::AtomicUsize;
+        use std::task::Wake;
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let slot = Arc::new(ExitSlot::default());
+        let mut fut = slot.future();
+        assert_eq!(Pin::new(&mut fut).poll(&mut cx), Poll::Pending);
+        assert_eq!(Pin::new(&mut fut).poll(&mut cx), Poll::Pending);
+        let s = slot.clone();
+        std::thread::spawn(move || s.set(VmExit::GuestReset))
+            .join()
+            .unwrap();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "one waker, woken once");
+        assert_eq!(
+            Pin::new(&mut fut).poll(&mut cx),
+            Poll::Ready(VmExit::GuestReset)
+        );
+        // A future made after the end is ready at once.
+        assert_eq!(
+            Pin::new(&mut slot.future()).poll(&mut cx),
+            Poll::Ready(VmExit::GuestReset)
+        );
     }
 
     #[test]

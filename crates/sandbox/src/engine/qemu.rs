@@ -6,9 +6,11 @@
 //! - Accelerator: `-enable-kvm -cpu host` on hardware KVM, `-accel tcg` elsewhere (on PVM
 //!   `-cpu host` fails and a stock kernel does not boot under KVM). `MICROCELL_QEMU_ACCEL=kvm|tcg`
 //!   overrides.
-//! - Root disk: `-drive if=none,...,format=raw,snapshot=on` + `virtio-blk-device`: the guest
-//!   writes to a throwaway overlay (QEMU makes and unlinks it at once); the image is never
-//!   written, so many sandboxes share one cached image.
+//! - Root disk: each VM writes to its own copy of the cached image in its per-VM directory
+//!   (reflink or sparse copy, as the kvm engine does), so a snapshot can take the disk with it.
+//! - Monitor: QMP on a second socketpair, fd 4 (`-mon mode=control`), for snapshots: `stop`,
+//!   `migrate exec:cat > FILE`, `cont`. A restore starts QEMU with `-incoming exec:cat FILE`; it
+//!   runs the guest as soon as the migration stream is in.
 //! - Control channel: `virtio-serial-device` + a port named `agent` whose chardev is one end of a
 //!   socketpair, passed to QEMU as fd 3 (`-chardev socket,fd=3`). No socket files, no connect
 //!   polling: the other end is the channel the engine hands back at once.
@@ -34,9 +36,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::qmp::Qmp;
 use super::{
-    spawn, BootSpec, Engine, EngineKind, ExitSlot, RunningVm, Tail, TailWriter, VmExit,
-    CONSOLE_TAIL_BYTES, CONSOLE_TAIL_LINES,
+    clone_image, clone_image_replacing, spawn, BootSpec, Engine, EngineKind, ExitFuture, ExitSlot, RunDir, RunningVm,
+    Tail, TailWriter, VmExit, CONSOLE_TAIL_BYTES, CONSOLE_TAIL_LINES,
 };
 use crate::console::{
     self, ConsoleHandle, ConsoleOptions, ConsoleReader, ConsoleSink, ConsoleStats,
@@ -52,6 +55,11 @@ pub const MACHINE: &str = "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=o
 pub const BASE_CMDLINE: &str = "console=ttyS0 root=/dev/vda rw reboot=t panic=1";
 /// The fd number QEMU finds the control channel's socket at.
 const CHANNEL_FD: RawFd = 3;
+/// The fd number QEMU finds its QMP monitor socket at.
+const QMP_FD: RawFd = 4;
+/// In a snapshot directory: QEMU's migration stream and the root disk.
+pub const MIGRATION_FILE: &str = "qemu.mig";
+pub const SNAPSHOT_DISK: &str = "rootfs.img";
 
 /// How QEMU executes the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -119,6 +127,11 @@ pub fn find_qemu() -> Result<PathBuf> {
         })
 }
 
+/// Single-quotes a path for the `/bin/sh -c` QEMU runs `exec:` migration commands with.
+fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.to_string_lossy().replace('\'', "'\\''"))
+}
+
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -176,8 +189,9 @@ impl QemuEngine {
         }
     }
 
-    /// QEMU's arguments for a spec (the control channel is fd 3).
-    pub fn args(&self, spec: &BootSpec) -> Vec<OsString> {
+    /// QEMU's arguments for a spec (the control channel is fd 3, QMP fd 4), booting from
+    /// `disk` (the per-VM copy), or from a migration stream when `incoming` is given.
+    pub fn args(&self, spec: &BootSpec, disk: &Path, incoming: Option<&Path>) -> Vec<OsString> {
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |s: &str| a.push(s.into());
         push("-M");
@@ -196,10 +210,15 @@ impl QemuEngine {
         push("-append");
         push(&Self::cmdline(spec));
         push("-drive");
-        push(&format!(
-            "if=none,id=root,file={},format=raw,snapshot=on",
-            qemu_opt_value(&spec.rootfs)
-        ));
+        push(&format!("if=none,id=root,file={},format=raw", qemu_opt_value(disk)));
+        push("-chardev");
+        push(&format!("socket,id=qmp,fd={QMP_FD}"));
+        push("-mon");
+        push("chardev=qmp,mode=control");
+        if let Some(file) = incoming {
+            push("-incoming");
+            push(&format!("exec:cat {}", shell_quote(file)));
+        }
         for s in [
             "-device",
             "virtio-blk-device,drive=root",
@@ -240,12 +259,51 @@ impl Engine for QemuEngine {
     }
 
     fn boot(&self, spec: &BootSpec) -> Result<Box<dyn RunningVm>> {
+        self.start(spec, &spec.rootfs, None)
+    }
+
+    fn restore(&self, dir: &Path, spec: &BootSpec) -> Result<Box<dyn RunningVm>> {
+        let migration = dir.join(MIGRATION_FILE);
+        if !migration.is_file() {
+            return Err(SandboxError::Snapshot(format!(
+                "{} is not a QEMU sandbox snapshot (no {MIGRATION_FILE})",
+                dir.display()
+            )));
+        }
+        self.start(spec, &dir.join(SNAPSHOT_DISK), Some(&migration))
+    }
+}
+
+impl QemuEngine {
+    /// Starts QEMU on a per-VM copy of `disk`, from a migration stream when `incoming` is set.
+    fn start(&self, spec: &BootSpec, disk: &Path, incoming: Option<&Path>) -> Result<Box<dyn RunningVm>> {
         let start_err = |what: &str, e: std::io::Error| SandboxError::EngineStart {
             engine: EngineKind::Qemu,
             message: format!("{what}: {e}"),
         };
+        let run_dir = RunDir::create("qemu").map_err(|source| SandboxError::HostIo {
+            what: format!("cannot create a per-VM directory in {}", std::env::temp_dir().display()),
+            source,
+        })?;
+        let vm_disk = run_dir.path().join("rootfs.img");
+        clone_image(disk, &vm_disk).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound && !disk.exists() {
+                SandboxError::GuestImageMissing {
+                    what: "root disk",
+                    path: disk.to_owned(),
+                    hint: "give an existing ext4 image, or run scripts/setup.sh to build the default one".into(),
+                }
+            } else {
+                SandboxError::HostIo {
+                    what: format!("cannot copy the root disk {} to {}", disk.display(), vm_disk.display()),
+                    source,
+                }
+            }
+        })?;
         let (host_end, guest_end) =
             UnixStream::pair().map_err(|e| start_err("cannot create the control socketpair", e))?;
+        let (qmp_host, qmp_guest) =
+            UnixStream::pair().map_err(|e| start_err("cannot create the monitor socketpair", e))?;
         let (sink, console) = console::channel(&ConsoleOptions {
             file: spec.console_file.clone(),
             queue_capacity: spec.console_queue_bytes,
@@ -257,13 +315,14 @@ impl Engine for QemuEngine {
         let reader = console.reader();
 
         let mut cmd = Command::new(&self.binary);
-        cmd.args(self.args(spec))
+        cmd.args(self.args(spec, &vm_disk, incoming))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         cmd.process_group(0);
         let parent = std::process::id();
         let fd = guest_end.as_raw_fd();
+        let qmp_fd = qmp_guest.as_raw_fd();
         // SAFETY: only async-signal-safe calls (prctl, getppid, dup2, fcntl) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -274,12 +333,16 @@ impl Engine for QemuEngine {
                 if libc::getppid() as u32 != parent {
                     return Err(std::io::Error::other("the parent process ended"));
                 }
-                if fd == CHANNEL_FD {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                // Move the monitor out of the way first if it sits where the channel goes.
+                let qmp_fd = if qmp_fd == CHANNEL_FD { libc::dup(qmp_fd) } else { qmp_fd };
+                for (from, to) in [(fd, CHANNEL_FD), (qmp_fd, QMP_FD)] {
+                    if from == to {
+                        if libc::fcntl(from, libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    } else if libc::dup2(from, to) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
-                } else if libc::dup2(fd, CHANNEL_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
@@ -295,6 +358,7 @@ impl Engine for QemuEngine {
             }
         })?;
         drop(guest_end);
+        drop(qmp_guest);
         let pid = child.id();
         tracing::debug!(pid, accel = self.accel.name(), "qemu started");
 
@@ -351,6 +415,8 @@ impl Engine for QemuEngine {
         Ok(Box::new(QemuVm {
             proc,
             exit,
+            qmp: Mutex::new(QmpState::Unconnected(qmp_host)),
+            _run_dir: run_dir,
             channel: Mutex::new(Some(host_end)),
             console,
             reader,
@@ -486,10 +552,20 @@ fn monitor(
     exit.set(vm_exit);
 }
 
+enum QmpState {
+    Unconnected(UnixStream),
+    Ready(Qmp),
+    Broken,
+}
+
 /// A running QEMU.
 struct QemuVm {
     proc: Arc<Proc>,
     exit: Arc<ExitSlot>,
+    /// Connected on first use (QEMU sends its greeting once it is up).
+    qmp: Mutex<QmpState>,
+    /// The per-VM directory with the root disk copy; removed after QEMU is gone (field order).
+    _run_dir: RunDir,
     channel: Mutex<Option<UnixStream>>,
     console: ConsoleHandle,
     reader: Option<ConsoleReader>,
@@ -498,9 +574,46 @@ struct QemuVm {
     monitor: Mutex<Option<JoinHandle<()>>>,
 }
 
+impl QemuVm {
+    /// Runs `f` with a connected QMP monitor.
+    fn with_qmp<T>(&self, f: impl FnOnce(&mut Qmp) -> std::result::Result<T, String>) -> Result<T> {
+        let mut state = self.qmp.lock().unwrap_or_else(|e| e.into_inner());
+        if let QmpState::Unconnected(_) = &*state {
+            let QmpState::Unconnected(stream) = std::mem::replace(&mut *state, QmpState::Broken) else { unreachable!() };
+            *state = QmpState::Ready(Qmp::connect(stream, Duration::from_secs(30)).map_err(SandboxError::Snapshot)?);
+        }
+        match &mut *state {
+            QmpState::Ready(qmp) => f(qmp).map_err(|e| {
+                SandboxError::Snapshot(format!("QEMU monitor: {e}"))
+            }),
+            _ => Err(SandboxError::Snapshot("QEMU's monitor connection was lost earlier".into())),
+        }
+    }
+}
+
 impl RunningVm for QemuVm {
     fn engine(&self) -> EngineKind {
         EngineKind::Qemu
+    }
+
+    fn snapshot(&self, dir: &Path) -> Result<()> {
+        let migration = dir.join(MIGRATION_FILE);
+        let uri = format!("exec:cat > {}", shell_quote(&migration));
+        self.with_qmp(|qmp| {
+            // Migrate the running VM (not a stopped one): the stream records the run state, and
+            // a destination started from a "paused" stream would stay paused. QEMU stops the
+            // guest itself for the final pass and leaves it stopped ("postmigrate").
+            let result = qmp
+                .execute("migrate", serde_json::json!({ "uri": uri }))
+                .and_then(|_| qmp.wait_migration(Duration::from_secs(120)));
+            // Copy the disk while the guest cannot write to it, then let it run on.
+            let disk = result.and_then(|()| {
+                clone_image_replacing(&self._run_dir.path().join("rootfs.img"), &dir.join(SNAPSHOT_DISK))
+                    .map_err(|e| format!("copying the root disk: {e}"))
+            });
+            qmp.execute("cont", serde_json::json!({}))?;
+            disk.map(|_reflink| ())
+        })
     }
 
     fn pid(&self) -> Option<u32> {
@@ -524,6 +637,10 @@ impl RunningVm for QemuVm {
 
     fn wait_timeout(&self, timeout: Duration) -> Option<VmExit> {
         self.exit.wait_timeout(timeout)
+    }
+
+    fn wait_async(&self) -> ExitFuture {
+        self.exit.future()
     }
 
     fn kill(&self) {
@@ -584,7 +701,11 @@ mod tests {
         spec.memory_mib = 256;
         spec.vcpus = 2;
         spec.extra_cmdline = " init=/bin/sh ".into();
-        let tcg = QemuEngine::new("/usr/bin/qemu-system-x86_64", Accel::Tcg).args(&spec);
+        let tcg = QemuEngine::new("/usr/bin/qemu-system-x86_64", Accel::Tcg).args(
+            &spec,
+            Path::new("/img,with,commas/rootfs.ext4"),
+            Some(Path::new("/s/it's/qemu.mig")),
+        );
         let s: Vec<String> = tcg
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
@@ -596,15 +717,16 @@ mod tests {
             "{s:?}"
         );
         assert!(s.contains(
-            &"if=none,id=root,file=/img,,with,,commas/rootfs.ext4,format=raw,snapshot=on"
-                .to_string()
+            &"if=none,id=root,file=/img,,with,,commas/rootfs.ext4,format=raw".to_string()
         ));
+        assert!(joined.contains("-chardev socket,id=qmp,fd=4 -mon chardev=qmp,mode=control"));
+        assert!(joined.contains("-incoming exec:cat '/s/it'\\''s/qemu.mig'"), "{joined}");
         assert!(joined.contains(
             "-chardev socket,id=agent,fd=3 -device virtserialport,chardev=agent,name=agent"
         ));
         assert!(joined.ends_with("-display none -nodefaults -no-user-config -no-reboot"));
         assert!(!joined.contains("-cpu host"));
-        let kvm = QemuEngine::new("q", Accel::Kvm).args(&spec);
+        let kvm = QemuEngine::new("q", Accel::Kvm).args(&spec, Path::new("/d"), None);
         let joined = kvm
             .iter()
             .map(|a| a.to_string_lossy())

@@ -39,6 +39,11 @@ pub enum SandboxError {
     #[error("engine '{engine}' could not start: {message}")]
     EngineStart { engine: EngineKind, message: String },
 
+    /// A snapshot could not be taken or restored (QEMU's migration failed, not a snapshot
+    /// directory, ...). The VMM's own snapshot errors keep their codes (`E_SNAPSHOT_CORRUPT`, ...).
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+
     /// The built-in VMM refused or failed to start the VM (`E_KERNEL_FORMAT`, `E_KVM`, ...).
     #[error(transparent)]
     Vmm(#[from] vmm::Error),
@@ -114,6 +119,7 @@ impl SandboxError {
             SandboxError::EngineUnavailable { .. } => "E_ENGINE_UNAVAILABLE",
             SandboxError::EngineStart { .. } => "E_ENGINE_START",
             SandboxError::Vmm(e) => e.code(),
+            SandboxError::Snapshot(_) => "E_SNAPSHOT",
             SandboxError::HostIo { .. } => "E_HOST_IO",
             SandboxError::ConsoleOutput { .. } => "E_CONSOLE_OUTPUT",
             SandboxError::BootTimeout { .. } => "E_BOOT_TIMEOUT",
@@ -144,6 +150,7 @@ impl SandboxError {
         "E_NO_KVM",
         "E_ENGINE_UNAVAILABLE",
         "E_ENGINE_START",
+        "E_SNAPSHOT",
         "E_HOST_IO",
         "E_CONSOLE_OUTPUT",
         "E_BOOT_TIMEOUT",

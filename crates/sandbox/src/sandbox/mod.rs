@@ -9,6 +9,7 @@
 
 mod config;
 mod error;
+mod snapshot;
 
 use std::time::{Duration, Instant};
 
@@ -20,10 +21,13 @@ pub use config::{
     MAX_CPUS, MIN_BOOT_TIMEOUT_MS, MIN_MEMORY_MIB,
 };
 pub use error::{Result, SandboxError};
+pub use snapshot::{RestoreOptions as SandboxRestoreOptions, SANDBOX_FILE};
 
 use crate::agent_client::{ready_from, AgentClient};
 use crate::console::{ConsoleReader, ConsoleStats};
-use crate::engine::{self, BootSpec, Engine, EngineKind, EngineSelection, RunningVm, VmExit};
+use crate::engine::{
+    self, BootSpec, Engine, EngineKind, EngineSelection, ExitFuture, RunningVm, VmExit,
+};
 
 /// Console bytes a sandbox keeps for [`Sandbox::console`] (the oldest are dropped beyond it).
 pub const CONSOLE_QUEUE_BYTES: usize = 64 << 10;
@@ -194,6 +198,12 @@ impl Sandbox {
     /// Blocks until the VM has ended.
     pub fn wait(&self) -> VmExit {
         self.vm.wait()
+    }
+
+    /// Resolves when the VM has ended; holds no thread while it waits (for async callers such
+    /// as the napi binding). It keeps only the exit slot alive, not the sandbox.
+    pub fn wait_async(&self) -> ExitFuture {
+        self.vm.wait_async()
     }
 
     /// [`Sandbox::wait`] with a limit; `None` when it still runs.

@@ -1,0 +1,102 @@
+//! Sandbox snapshots: the engine's snapshot of the VM (memory, devices, root disk) plus the
+//! sandbox's configuration, in one directory. A restore boots nothing: the engine resumes the
+//! VM where it was, and the agent answers a fresh handshake on the new control channel — which
+//! also sets its clock to the host's (the `Hello` carries the time), so a clone does not live in
+//! the snapshot's past.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::{connect, ReadyInfo, Result, Sandbox, SandboxConfig, SandboxError, CONSOLE_QUEUE_BYTES};
+use crate::engine::{self, BootSpec, EngineKind};
+
+/// The sandbox's part of a snapshot directory.
+pub const SANDBOX_FILE: &str = "sandbox.json";
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SandboxSnapshot {
+    config: SandboxConfig,
+    engine: EngineKind,
+    kernel: PathBuf,
+    rootfs: PathBuf,
+}
+
+/// What a restored sandbox may change.
+#[derive(Debug, Default, Clone)]
+pub struct RestoreOptions {
+    /// Console to a host file (as `consoleOutput`).
+    pub console_output: Option<PathBuf>,
+    /// How long the agent may take to answer (default: the snapshot's `bootTimeoutMs`).
+    pub timeout: Option<Duration>,
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> SandboxError {
+    move |source| SandboxError::HostIo { what, source }
+}
+
+impl Sandbox {
+    /// Writes a snapshot of this sandbox into `dir` (created if needed); the sandbox runs on.
+    /// Take it while no command is running (in-flight commands do not survive a restore).
+    pub fn snapshot(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(io(format!("cannot create snapshot directory {}", dir.display())))?;
+        self.vm.snapshot(dir)?;
+        let meta = SandboxSnapshot {
+            config: self.config.clone(),
+            engine: self.info.engine,
+            kernel: self.info.kernel.clone(),
+            rootfs: self.info.rootfs.clone(),
+        };
+        let json = serde_json::to_vec_pretty(&meta).map_err(|e| SandboxError::Snapshot(e.to_string()))?;
+        let tmp = dir.join(format!("{SANDBOX_FILE}.tmp-{}", std::process::id()));
+        std::fs::write(&tmp, json)
+            .and_then(|()| std::fs::rename(&tmp, dir.join(SANDBOX_FILE)))
+            .map_err(io(format!("cannot write {}", dir.join(SANDBOX_FILE).display())))
+    }
+
+    /// Starts a new sandbox from a snapshot directory; returns once its agent answers.
+    pub fn restore(dir: &Path, options: RestoreOptions) -> Result<Sandbox> {
+        let t0 = Instant::now();
+        let path = dir.join(SANDBOX_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| {
+            SandboxError::Snapshot(format!("{} is not a sandbox snapshot ({}: {e})", dir.display(), path.display()))
+        })?;
+        let meta: SandboxSnapshot = serde_json::from_slice(&bytes)
+            .map_err(|e| SandboxError::Snapshot(format!("{} is damaged: {e}; take the snapshot again", path.display())))?;
+        let config = meta.config.validate()?;
+        let engine = engine::engine(meta.engine)?;
+        let detail = engine.describe();
+        let spec = BootSpec {
+            kernel: meta.kernel.clone(),
+            rootfs: meta.rootfs.clone(),
+            memory_mib: config.memory_mib,
+            vcpus: config.cpus as u8,
+            extra_cmdline: config.extra_cmdline(),
+            console_file: options.console_output.clone(),
+            console_queue_bytes: Some(CONSOLE_QUEUE_BYTES),
+        };
+        let vm = engine.restore(dir, &spec)?;
+        let timeout = options.timeout.unwrap_or(Duration::from_millis(u64::from(config.boot_timeout_ms)));
+        let (agent, ready) = connect(vm.as_ref(), &detail, t0 + timeout, timeout)?;
+        let info = ReadyInfo {
+            name: config.name.clone(),
+            engine: meta.engine,
+            engine_reason: format!("restored from {}", dir.display()),
+            engine_detail: detail,
+            pid: vm.pid(),
+            kernel: meta.kernel,
+            rootfs: meta.rootfs,
+            kernel_release: ready.kernel_release,
+            agent: ready.agent,
+            hostname: ready.hostname,
+            protocol_version: ready.version,
+            features: ready.features,
+            boot_ms: t0.elapsed().as_secs_f64() * 1e3,
+            guest_boot_ns: ready.boot_ns,
+            agent_start_ns: ready.agent_start_ns,
+        };
+        Ok(Sandbox { config, info, agent, vm })
+    }
+}
