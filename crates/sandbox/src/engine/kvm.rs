@@ -8,8 +8,8 @@
 //!   directory (`$TMPDIR/microcell-<pid>-<n>-kvm/rootfs.img`), removed when the VM is dropped.
 //!   The copy is a reflink where the file system has them (btrfs, XFS: instant, blocks shared
 //!   until written) and otherwise a sparse copy of the data extents only (the 64 MiB image holds
-//!   ~3.5 MB of data: a few milliseconds). This matches the QEMU engine's `snapshot=on`: the
-//!   guest sees an ordinary writable disk and the image stays as built. (A read-only root would
+//!   ~3.5 MB of data: a few milliseconds). The QEMU engine does the same: the guest sees an
+//!   ordinary writable disk and the image stays as built. (A read-only root would
 //!   need the agent to set up an overlay; a block-level copy-on-write device in the VMM would
 //!   remove the copy altogether — both later, if the copy ever shows in profiles.)
 //! - Linux boots here only on hardware KVM; [`super::select`] refuses `kvm` elsewhere, and the
@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{
-    clone_image, BootSpec, Engine, EngineKind, ExitFuture, ExitSlot, RunDir, RunningVm, Tail, TailWriter,
-    VmExit, CONSOLE_TAIL_BYTES, CONSOLE_TAIL_LINES,
+    clone_image, BootSpec, Engine, EngineKind, ExitFuture, ExitSlot, RunDir, RunningVm, Tail,
+    TailWriter, VmExit, CONSOLE_TAIL_BYTES, CONSOLE_TAIL_LINES,
 };
 use crate::console::{self, ConsoleHandle, ConsoleOptions, ConsoleReader, ConsoleStats};
 use crate::sandbox::{Result, SandboxError};

@@ -166,7 +166,7 @@ pub struct BootSpec {
     /// The guest kernel (ELF vmlinux with a PVH note; QEMU and the VMM both boot it).
     pub kernel: PathBuf,
     /// The raw root disk image (ext4), the guest's `/dev/vda`. Never written: each VM writes to
-    /// its own throwaway copy (QEMU `snapshot=on`; the VMM a copy-on-write clone).
+    /// its own throwaway copy-on-write clone.
     pub rootfs: PathBuf,
     pub memory_mib: u32,
     pub vcpus: u8,
