@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -111,9 +112,16 @@ struct Machine {
     config: VmConfig,
     /// Per-VM files (a clone's disk copies), removed with the machine.
     scratch: Mutex<Option<ScratchDir>>,
-    /// The memory file of the last snapshot taken (or restored from): an incremental snapshot
-    /// copies it and writes the pages dirtied since.
-    base_memory: Mutex<Option<PathBuf>>,
+    /// The memory file of the last snapshot taken (or restored from), open: an incremental
+    /// snapshot copies it and writes the pages dirtied since. Held open rather than by path, so
+    /// that another snapshot written over that path later cannot change what it builds on.
+    base_memory: Mutex<Option<File>>,
+    /// The memory file a restored VM's RAM is mapped from (MAP_PRIVATE): the pages the VM has
+    /// not written come from it, resident or not, so a full snapshot starts from a copy of it.
+    backing_memory: Option<File>,
+    /// Pages dirtied since `base_memory` that a failed snapshot took from the dirty logs: the
+    /// next snapshot adds them back (per region, one bit per page).
+    carried_dirty: Mutex<Vec<Vec<u64>>>,
 }
 
 /// A private temporary directory, removed on drop.
@@ -157,6 +165,21 @@ struct DeviceStates<'a> {
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// ORs per-region page bitmaps `b` into `a`, growing `a` as needed.
+fn or_into(a: &mut Vec<Vec<u64>>, b: &[Vec<u64>]) {
+    if a.len() < b.len() {
+        a.resize(b.len(), Vec::new());
+    }
+    for (x, y) in a.iter_mut().zip(b) {
+        if x.len() < y.len() {
+            x.resize(y.len(), 0);
+        }
+        for (w, v) in x.iter_mut().zip(y) {
+            *w |= v;
+        }
+    }
 }
 
 fn assemble(
@@ -368,7 +391,7 @@ impl Vm {
         mptable::write(&a.memory, config.vcpus)?;
 
         shell.vcpus[0].configure_boot(&a.memory, kernel.entry)?;
-        Self::launch(shell.vm, a, shell.vcpus, config.clone(), start_ns)
+        Self::launch(shell.vm, a, shell.vcpus, config.clone(), start_ns, None)
     }
 
     /// Builds a VM from a loaded snapshot and runs it from where the snapshot was taken.
@@ -429,17 +452,29 @@ impl Vm {
         for (vcpu, s) in shell.vcpus.iter().zip(&state.vcpus) {
             vcpu_state::restore(&lock(&vcpu.fd()), s)?;
         }
-        let vm = Self::launch(shell.vm, a, shell.vcpus, config, start_ns)?;
+        let dup = || {
+            snapshot.memory_file.try_clone().map_err(|source| Error::SnapshotIo { path: snapshot.memory_path.clone(), source })
+        };
+        let (backing, base) = (dup()?, dup()?);
+        let vm = Self::launch(shell.vm, a, shell.vcpus, config, start_ns, Some(backing))?;
         if let Some(dir) = scratch {
             lock(&vm.machine().scratch).replace(dir);
         }
         // The restored memory is the snapshot's: an incremental snapshot can build on it.
-        lock(&vm.machine().base_memory).replace(snapshot.memory_path.clone());
+        lock(&vm.machine().base_memory).replace(base);
         Ok(vm)
     }
 
-    /// Starts the event loop and one thread per vCPU.
-    fn launch(vm: vm::Vm, a: Assembly, vcpus: Vec<Vcpu>, config: VmConfig, start_ns: u64) -> Result<Vm> {
+    /// Starts the event loop and one thread per vCPU. `backing_memory`: the snapshot memory
+    /// file a restored VM's RAM is mapped from.
+    fn launch(
+        vm: vm::Vm,
+        a: Assembly,
+        vcpus: Vec<Vcpu>,
+        config: VmConfig,
+        start_ns: u64,
+        backing_memory: Option<File>,
+    ) -> Result<Vm> {
         let event_loop = a.event_loop.spawn_if_needed("mc-events".into()).map_err(Error::Thread)?;
         let machine = Arc::new(Machine {
             vcpus: vcpus.iter().map(Vcpu::fd).collect(),
@@ -451,6 +486,8 @@ impl Vm {
             config,
             scratch: Mutex::new(None),
             base_memory: Mutex::new(None),
+            backing_memory,
+            carried_dirty: Mutex::new(Vec::new()),
         });
         let lifecycle = a.lifecycle;
         let ctx = Arc::new(RunContext {
@@ -550,6 +587,16 @@ impl Vm {
         let m = self.machine();
         let kvm = kvm()?;
         std::fs::create_dir_all(dir).map_err(|source| Error::SnapshotIo { path: dir.to_owned(), source })?;
+        let base = lock(&m.base_memory)
+            .as_ref()
+            .map(File::try_clone)
+            .transpose()
+            .map_err(|source| Error::SnapshotIo { path: dir.to_owned(), source })?;
+        if incremental && (base.is_none() || !m.config.track_dirty_pages) {
+            return Err(Error::VmState(
+                "an incremental snapshot needs track_dirty_pages and an earlier snapshot of this VM".into(),
+            ));
+        }
         // Hold every device lock across state and memory, so the event thread cannot move a
         // queue between the two.
         let transports: Vec<_> = m.virtio.iter().map(|t| lock(t)).collect();
@@ -558,51 +605,71 @@ impl Vm {
         let vcpus = m.vcpus.iter().map(|fd| vcpu_state::save(&lock(fd), indices)).collect::<Result<Vec<_>>>()?;
         let serial = lock(&m.serial).state();
         let virtio = transports.iter().map(|t| t.state()).collect();
-        let memory_path = dir.join(SNAPSHOT_MEMORY_FILE);
-        let base = lock(&m.base_memory).clone();
-        let mut written = 0;
-        let mut layout = Vec::new();
-        if incremental {
-            let Some(base) = base.filter(|_| m.config.track_dirty_pages) else {
-                return Err(Error::VmState(
-                    "an incremental snapshot needs track_dirty_pages and an earlier snapshot of this VM".into(),
-                ));
-            };
-            let guest = m.vm.take_dirty_log()?;
-            let vmm = snapshot::memory::take_vmm_dirty(&m.memory);
-            let dirty: Vec<Vec<u64>> = guest
-                .iter()
-                .zip(&vmm)
-                .map(|(g, v)| (0..g.len().max(v.len())).map(|i| g.get(i).unwrap_or(&0) | v.get(i).unwrap_or(&0)).collect())
-                .collect();
-            snapshot::write_atomically(&memory_path, |f| {
-                // Start from the earlier memory (instant with reflinks), then overwrite.
-                snapshot::disk::clone_into(&base, f).map_err(|source| Error::SnapshotIo { path: base.clone(), source })?;
-                written = snapshot::memory::dump_dirty(&m.memory, &dirty, f, &memory_path)?;
-                Ok(())
-            })?;
-            layout = snapshot::memory::layout(&m.memory);
+        // The pages written since the base (which a full snapshot replaces, so that the next
+        // incremental one starts from here): the logs are read (and cleared) now; if the
+        // snapshot fails they are carried over to the next one.
+        let dirty = if m.config.track_dirty_pages {
+            let mut dirty = m.vm.take_dirty_log()?;
+            or_into(&mut dirty, &snapshot::memory::take_vmm_dirty(&m.memory));
+            or_into(&mut dirty, &std::mem::take(&mut *lock(&m.carried_dirty)));
+            Some(dirty)
         } else {
-            snapshot::write_atomically(&memory_path, |f| {
-                layout = snapshot::memory::dump(&m.memory, f, &memory_path)?;
-                Ok(())
-            })?;
-            written = std::fs::metadata(&memory_path).map(|md| md.blocks() * 512).unwrap_or(0);
-            if m.config.track_dirty_pages {
-                // Start the next incremental snapshot's log from here.
-                m.vm.take_dirty_log()?;
-                snapshot::memory::take_vmm_dirty(&m.memory);
-            }
+            None
+        };
+        let result = self.write_snapshot(dir, base.filter(|_| incremental), dirty.as_deref(), vm, vcpus, serial, virtio);
+        if let (Err(_), Some(dirty)) = (&result, dirty) {
+            or_into(&mut lock(&m.carried_dirty), &dirty);
         }
+        result
+    }
+
+    /// Writes every file of the snapshot beside its final name, then renames them into place,
+    /// the state file last: a failure before that leaves the previous snapshot in `dir` whole.
+    #[allow(clippy::too_many_arguments)]
+    fn write_snapshot(
+        &self,
+        dir: &Path,
+        incremental_base: Option<File>,
+        dirty: Option<&[Vec<u64>]>,
+        vm: vm_state::VmState,
+        vcpus: Vec<vcpu_state::VcpuState>,
+        serial: SerialState,
+        virtio: Vec<TransportState>,
+    ) -> Result<u64> {
+        let m = self.machine();
+        let memory_path = dir.join(SNAPSHOT_MEMORY_FILE);
+        let io = |source| Error::SnapshotIo { path: memory_path.clone(), source };
+        let mut memory = snapshot::Staged::create(&memory_path)?;
+        let written = match incremental_base {
+            Some(base) => {
+                // Start from the earlier memory (instant with reflinks), then overwrite.
+                snapshot::disk::copy_into(&base, memory.file()).map_err(io)?;
+                let dirty = dirty.expect("incremental snapshots track dirty pages");
+                snapshot::memory::dump_dirty(&m.memory, dirty, memory.file(), &memory_path)?
+            }
+            None => {
+                // A restored VM's pages that it has not written live in the file its RAM is
+                // mapped from, whether or not they are resident here: start from a copy of it.
+                if let Some(backing) = &m.backing_memory {
+                    snapshot::disk::copy_into(backing, memory.file()).map_err(io)?;
+                }
+                snapshot::memory::dump(&m.memory, memory.file(), &memory_path)?;
+                memory.file().metadata().map(|md| md.blocks() * 512).unwrap_or(0)
+            }
+        };
+        memory.sync()?;
+        let layout = snapshot::memory::layout(&m.memory);
         // Writable disks are copied (copy-on-write where possible) while the VM cannot write.
         let mut config = m.config.clone();
+        let mut disks = Vec::new();
         for (i, disk) in config.block_devices.iter_mut().filter(|d| !d.read_only).enumerate() {
             let copy = dir.join(format!("disk{i}.img"));
-            let tmp = dir.join(format!("disk{i}.img.tmp-{}", std::process::id()));
-            snapshot::disk::clone_file(&disk.path, &tmp)
-                .and_then(|_| std::fs::rename(&tmp, &copy))
+            let mut staged = snapshot::Staged::create(&copy)?;
+            snapshot::disk::clone_into(&disk.path, staged.file())
                 .map_err(|source| Error::SnapshotIo { path: copy.clone(), source })?;
+            staged.sync()?;
             disk.path = copy;
+            disks.push(staged);
         }
         let state = MachineState {
             config,
@@ -613,8 +680,13 @@ impl Vm {
             serial,
             virtio,
         };
-        snapshot::save_state(&dir.join(SNAPSHOT_STATE_FILE), &state)?;
-        lock(&m.base_memory).replace(memory_path);
+        let state = snapshot::stage_state(&dir.join(SNAPSHOT_STATE_FILE), &state)?;
+        let memory = memory.commit()?;
+        for disk in disks {
+            disk.commit()?;
+        }
+        state.commit()?;
+        lock(&m.base_memory).replace(memory);
         Ok(written)
     }
 

@@ -2,8 +2,8 @@
 //! shares blocks), else a sparse copy of the data ranges only.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// FICLONE from linux/fs.h: `_IOW(0x94, 9, int)`.
@@ -16,38 +16,76 @@ pub fn clone_file(src: &Path, dst: &Path) -> std::io::Result<u64> {
 
 /// `clone_file` into an open, empty file.
 pub fn clone_into(src: &Path, to: &mut File) -> std::io::Result<u64> {
-    let mut from = File::open(src)?;
+    copy_into(&File::open(src)?, to)
+}
+
+/// Copies an open file into an open, empty one: a reflink where the filesystem can, else its
+/// data ranges (holes stay holes). Positioned reads only, so `from` may be an fd shared with
+/// other threads (a snapshot's memory file, dup'd into each VM restored from it).
+pub fn copy_into(from: &File, to: &mut File) -> std::io::Result<u64> {
     let len = from.metadata()?.len();
     // SAFETY: both fds are open for the duration of the call; FICLONE only reads the int arg.
     if unsafe { libc::ioctl(to.as_raw_fd(), FICLONE, from.as_raw_fd()) } == 0 {
         return Ok(len);
     }
     to.set_len(len)?;
+    let mut buf = Vec::new();
     let mut pos = 0i64;
     while (pos as u64) < len {
-        // SAFETY: plain lseek on an open fd.
+        // SAFETY: plain lseek on an open fd (each call returns its own result; the shared file
+        // offset it moves is not used: reads and writes are positioned).
         let data = unsafe { libc::lseek(from.as_raw_fd(), pos, libc::SEEK_DATA) };
         if data < 0 {
             break; // ENXIO: only a hole remains
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(from.as_raw_fd(), data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { len as i64 } else { hole };
-        from.seek(SeekFrom::Start(data as u64))?;
-        to.seek(SeekFrom::Start(data as u64))?;
-        std::io::copy(&mut (&mut from).take((end - data) as u64), to)?;
-        pos = end;
+        let end = if hole < 0 { len } else { (hole as u64).min(len) };
+        copy_range(from, to, data as u64, end, &mut buf)?;
+        pos = end as i64;
     }
     to.sync_all()?;
     Ok(len)
 }
 
-
+/// Copies `[at, end)` of `from` to the same offsets of `to`: copy_file_range (in the kernel),
+/// else reads and writes. Neither moves a file offset.
+fn copy_range(from: &File, to: &File, mut at: u64, end: u64, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    while at < end {
+        let (mut off_in, mut off_out) = (at as i64, at as i64);
+        // SAFETY: both fds are open; the offsets are valid, writable i64s.
+        let n = unsafe {
+            libc::copy_file_range(from.as_raw_fd(), &mut off_in, to.as_raw_fd(), &mut off_out, (end - at) as usize, 0)
+        };
+        if n > 0 {
+            at += n as u64;
+            continue;
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => break, // read and write
+            _ => return Err(e),
+        }
+    }
+    buf.resize(1 << 20, 0);
+    while at < end {
+        let n = buf.len().min((end - at) as usize);
+        from.read_exact_at(&mut buf[..n], at)?;
+        to.write_all_at(&buf[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn copies_data_and_keeps_holes() {
@@ -63,6 +101,7 @@ mod tests {
         drop(f);
         assert_eq!(clone_file(&a, &b).unwrap(), 8 << 20);
         assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        assert!(std::fs::metadata(&b).unwrap().blocks() * 512 <= 1 << 20, "the holes were filled in");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,8 +1,11 @@
 //! Snapshots: a state file (everything but guest RAM) and a memory file (guest RAM, sparse).
 //!
 //! State file: `MAGIC` (8) | format version (u32 LE) | body length (u64 LE) | body (bincode of
-//! `MachineState`) | CRC32 of everything before it (u32 LE). It is written to a temporary
-//! file, synced and renamed, so a failed snapshot (disk full) leaves the previous one intact.
+//! `MachineState`) | CRC32 of everything before it (u32 LE).
+//!
+//! Every file of a snapshot (memory, disk copies, state) is first written and synced beside its
+//! final name (`Staged`), and only once all of them are is each renamed into place, the state
+//! file last: a failed snapshot (disk full, unwritable file) leaves the previous one intact.
 
 pub mod disk;
 pub mod memory;
@@ -67,19 +70,57 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::SnapshotIo { path: path.to_owned(), source }
 }
 
+/// A file written beside its final path (`<name>.tmp-<pid>`) and renamed over it by `commit`.
+/// Dropped uncommitted, the temporary file is removed.
+pub struct Staged {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: Option<File>,
+}
+
+impl Staged {
+    pub fn create(path: &Path) -> Result<Staged> {
+        let tmp = tmp_path(path);
+        let file = File::options().read(true).write(true).create(true).truncate(true).open(&tmp).map_err(io(&tmp))?;
+        Ok(Staged { path: path.to_owned(), tmp, file: Some(file) })
+    }
+
+    pub fn file(&mut self) -> &mut File {
+        self.file.as_mut().expect("present until commit")
+    }
+
+    /// The path it will have.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Flushes the file to disk: do this for every file of a snapshot before committing any.
+    pub fn sync(&mut self) -> Result<()> {
+        let tmp = self.tmp.clone();
+        self.file().sync_all().map_err(io(&tmp))
+    }
+
+    /// Renames the file into place; returns it, still open.
+    pub fn commit(mut self) -> Result<File> {
+        std::fs::rename(&self.tmp, &self.path).map_err(io(&self.path))?;
+        Ok(self.file.take().expect("present until commit"))
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 /// Writes `path` atomically: a temporary file beside it, fsync, rename.
 pub fn write_atomically(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
-    let tmp = tmp_path(path);
-    let result = (|| {
-        let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        write(&mut f)?;
-        f.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io(path))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    let mut staged = Staged::create(path)?;
+    write(staged.file())?;
+    staged.sync()?;
+    staged.commit().map(drop)
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
@@ -88,7 +129,8 @@ fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-pub fn save_state(path: &Path, state: &MachineState) -> Result<()> {
+/// The state file's bytes: header, body, CRC32.
+pub fn encode_state(state: &MachineState) -> Result<Vec<u8>> {
     let body = bincode::serialize(state).map_err(|e| Error::Snapshot(format!("cannot encode the state: {e}")))?;
     let mut bytes = Vec::with_capacity(HEADER_LEN + body.len() + 4);
     bytes.extend_from_slice(MAGIC);
@@ -97,7 +139,20 @@ pub fn save_state(path: &Path, state: &MachineState) -> Result<()> {
     bytes.extend_from_slice(&body);
     let crc = crc32fast::hash(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
-    write_atomically(path, |f| f.write_all(&bytes).map_err(io(path)))
+    Ok(bytes)
+}
+
+/// The state file, written and synced but not yet in place.
+pub fn stage_state(path: &Path, state: &MachineState) -> Result<Staged> {
+    let bytes = encode_state(state)?;
+    let mut staged = Staged::create(path)?;
+    staged.file().write_all(&bytes).map_err(io(path))?;
+    staged.sync()?;
+    Ok(staged)
+}
+
+pub fn save_state(path: &Path, state: &MachineState) -> Result<()> {
+    stage_state(path, state)?.commit().map(drop)
 }
 
 /// Reads and checks a state file: magic, version, length, checksum, then the host CPU.
