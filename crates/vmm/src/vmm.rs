@@ -263,8 +263,15 @@ pub const SNAPSHOT_MEMORY_FILE: &str = "vm.mem";
 
 impl LoadedSnapshot {
     /// Reads `dir/vm.state` (magic, version, checksum, host CPU) and checks `dir/vm.mem` exists.
+    /// The directory may have been moved since it was written (disk copies are found in it).
     pub fn load(dir: &Path) -> Result<LoadedSnapshot> {
-        let state = snapshot::load_state(&dir.join(SNAPSHOT_STATE_FILE))?;
+        let mut state = snapshot::load_state(&dir.join(SNAPSHOT_STATE_FILE))?;
+        // The snapshot's own disk copies are named relative to its directory.
+        for disk in &mut state.config.block_devices {
+            if disk.path.is_relative() {
+                disk.path = dir.join(&disk.path);
+            }
+        }
         let memory_path = dir.join(SNAPSHOT_MEMORY_FILE);
         let io = |source| Error::SnapshotIo { path: memory_path.clone(), source };
         let memory_file = std::fs::File::open(&memory_path).map_err(io)?;
@@ -452,9 +459,8 @@ impl Vm {
         for (vcpu, s) in shell.vcpus.iter().zip(&state.vcpus) {
             vcpu_state::restore(&lock(&vcpu.fd()), s)?;
         }
-        let dup = || {
-            snapshot.memory_file.try_clone().map_err(|source| Error::SnapshotIo { path: snapshot.memory_path.clone(), source })
-        };
+        let path = &snapshot.memory_path;
+        let dup = || snapshot.memory_file.try_clone().map_err(|source| Error::SnapshotIo { path: path.clone(), source });
         let (backing, base) = (dup()?, dup()?);
         let vm = Self::launch(shell.vm, a, shell.vcpus, config, start_ns, Some(backing))?;
         if let Some(dir) = scratch {
@@ -616,7 +622,8 @@ impl Vm {
         } else {
             None
         };
-        let result = self.write_snapshot(dir, base.filter(|_| incremental), dirty.as_deref(), vm, vcpus, serial, virtio);
+        let base = base.filter(|_| incremental);
+        let result = self.write_snapshot(dir, base, dirty.as_deref(), vm, vcpus, serial, virtio);
         if let (Err(_), Some(dirty)) = (&result, dirty) {
             or_into(&mut lock(&m.carried_dirty), &dirty);
         }
@@ -659,16 +666,26 @@ impl Vm {
         };
         memory.sync()?;
         let layout = snapshot::memory::layout(&m.memory);
-        // Writable disks are copied (copy-on-write where possible) while the VM cannot write.
+        // Writable disks are copied (copy-on-write where possible) while the VM cannot write,
+        // and named relative to the snapshot directory (`load` resolves them), so that the
+        // directory can be moved or copied whole. Read-only disks stay where they are.
         let mut config = m.config.clone();
         let mut disks = Vec::new();
-        for (i, disk) in config.block_devices.iter_mut().filter(|d| !d.read_only).enumerate() {
-            let copy = dir.join(format!("disk{i}.img"));
+        let mut writable = 0;
+        for disk in config.block_devices.iter_mut() {
+            if disk.read_only {
+                disk.path = std::path::absolute(&disk.path)
+                    .map_err(|source| Error::SnapshotIo { path: disk.path.clone(), source })?;
+                continue;
+            }
+            let name = format!("disk{writable}.img");
+            writable += 1;
+            let copy = dir.join(&name);
             let mut staged = snapshot::Staged::create(&copy)?;
             snapshot::disk::clone_into(&disk.path, staged.file())
                 .map_err(|source| Error::SnapshotIo { path: copy.clone(), source })?;
             staged.sync()?;
-            disk.path = copy;
+            disk.path = PathBuf::from(name);
             disks.push(staged);
         }
         let state = MachineState {

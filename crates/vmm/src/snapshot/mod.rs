@@ -6,6 +6,8 @@
 //! Every file of a snapshot (memory, disk copies, state) is first written and synced beside its
 //! final name (`Staged`), and only once all of them are is each renamed into place, the state
 //! file last: a failed snapshot (disk full, unwritable file) leaves the previous one intact.
+//! Writable disks are copied into the directory as `disk<i>.img` and named relative to it in
+//! the state (read-only disks by absolute path): a snapshot directory can be moved whole.
 
 pub mod disk;
 pub mod memory;
