@@ -30,22 +30,38 @@
 //! | `0x0204` | [`Mkdir`] | host → guest | `Ok` |
 //! | `0x0205` | [`Remove`] | host → guest | `Ok` |
 //! | `0x0206` | [`Rename`] | host → guest | `Ok` |
+//! | `0x0207` | [`ReadTree`] | host → guest | `FileData` chunks of a [`crate::tree`] stream (last `FLAG_FINAL`) or [`ErrorMsg`] |
+//! | `0x0208` | [`WriteTree`] | host → guest | `Credit{File}` (go ahead), the host sends a tree stream as `FileData`; `Ok` |
 //! | `0x0210` | `FileData(Chunk)` | both | |
 //! | `0x0211` | [`StatResult`] | guest → host | |
 //! | `0x0212` | [`DirEntries`] | guest → host | |
+//! | `0x0300` | `WaitWorkload` | host → guest | [`WorkloadExit`] when the boot workload ended, or [`ErrorMsg`] |
+//! | `0x0301` | [`WorkloadExit`] | guest → host | |
 //!
-//! Flow control: output streams (`Stdout`, `Stderr`, `FileData` from the guest) are sent
-//! only within the window the receiver granted: [`Exec::window`] bytes to start with, plus
-//! every [`Credit`] since. The exec and fs messages are defined here so that both sides
-//! agree on them; what the agent implements is listed in `docs/guest.md`.
+//! ## Streams and flow control
+//! A request that streams keeps its id for every frame about it; the last frame the sender
+//! sends for it carries `FLAG_FINAL` (an `Exit`, the last `FileData`, or an `Error` that ends the
+//! request). An `Error` *without* `FLAG_FINAL` on a stream id complains about one frame (e.g.
+//! `Stdin` for an exec without a stdin pipe) and does not end the stream.
+//!
+//! Every byte stream is sent only within the window its receiver granted:
+//! - guest → host (`Stdout`, `Stderr`, `FileData` of `ReadFile`/`ReadTree`): the request's
+//!   `window` to start with, plus every [`Credit`] the host sends since (per stream);
+//! - host → guest (`Stdin`, `FileData` of `WriteFile`/`WriteTree`): nothing until the agent
+//!   grants it with a [`Credit`] (`Stdin`: right after `Started`; `File`: as the answer that
+//!   the file is open), then what later `Credit`s add.
+//!
+//! So a receiver buffers at most its window per stream, and a stream whose reader stops
+//! stalls only itself (its producer stops reading its pipe or file), never the channel.
 
 use crate::wire::{Chunk, Reader, Wire, WireResult};
 use crate::wire_struct;
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// The oldest version this crate still speaks.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest version this crate still speaks (version 1 had no exec/fs payloads in use, and
+/// its `Exec`, `Exit`, `ErrorMsg`, `WriteFile`, `StatResult` and `DirEntry` were shorter).
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 
 /// host → guest, id 0: the first frame on a fresh channel.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,6 +105,8 @@ pub mod features {
     pub const EXEC: u64 = 1 << 1;
     /// The fs messages are implemented.
     pub const FS: u64 = 1 << 2;
+    /// The agent runs a boot workload (`microcell.exec=` on the kernel command line).
+    pub const WORKLOAD: u64 = 1 << 3;
 }
 
 /// An error answer to the request with the frame's id.
@@ -96,11 +114,13 @@ pub mod features {
 pub struct ErrorMsg {
     /// One of [`ErrorCode`]'s constants (kept as a number: a newer peer may send others).
     pub code: ErrorCode,
-    /// The OS error number behind it, `0` if none.
+    /// The OS error number behind it, `0` if none (Linux numbering; see [`crate::errno`]).
     pub errno: i32,
     pub message: String,
+    /// The guest path the error is about, when there is one.
+    pub path: Option<String>,
 }
-wire_struct!(ErrorMsg { code, errno, message });
+wire_struct!(ErrorMsg { code, errno, message, path });
 
 /// Error codes of [`ErrorMsg`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -123,6 +143,8 @@ impl ErrorCode {
     pub const TOO_LARGE: ErrorCode = ErrorCode(7);
     /// A bug on the receiving side.
     pub const INTERNAL: ErrorCode = ErrorCode(8);
+    /// A request whose values do not make sense (empty argv, a relative path, ...).
+    pub const INVALID: ErrorCode = ErrorCode(9);
 }
 
 impl Wire for ErrorCode {
@@ -142,7 +164,23 @@ pub struct TtySize {
 }
 wire_struct!(TtySize { rows, cols });
 
+/// A resource limit for a process (`setrlimit(2)`): `resource` is Linux's `RLIMIT_*` number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rlimit {
+    pub resource: u32,
+    /// `u64::MAX`: unlimited (`RLIM_INFINITY`).
+    pub soft: u64,
+    pub hard: u64,
+}
+wire_struct!(Rlimit { resource, soft, hard });
+
 /// host → guest: run a process. The frame id names it for all later frames.
+///
+/// The process runs in a session and process group of its own (`setsid`); the agent answers
+/// [`Started`] (then, with `stdin`, a `Credit{Stdin}`), streams `Stdout`/`Stderr` within the
+/// window, and ends with [`Exit`] (`FLAG_FINAL`) once the process has exited and its pipes are
+/// drained — or, for pipes that a daemonised grandchild keeps open, a short grace period after
+/// the exit. A process that cannot start is one `Error` (`FLAG_FINAL`) with its errno.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exec {
     /// `argv[0]` is looked up in `PATH` when it has no `/`.
@@ -151,6 +189,11 @@ pub struct Exec {
     pub env: Vec<(String, String)>,
     pub clear_env: bool,
     pub cwd: Option<String>,
+    /// A user name (looked up in the guest's `/etc/passwd` and `/etc/group`, no NSS), or
+    /// `"uid"` / `"uid:gid"` in digits. A name also sets `HOME`, `USER` and `LOGNAME` unless
+    /// `env` does.
+    pub user: Option<String>,
+    /// Override the user's uid / gid.
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     /// Run on a new pseudo-terminal of this size (stdout and stderr merge into `Stdout`).
@@ -159,8 +202,12 @@ pub struct Exec {
     pub stdin: bool,
     /// Bytes of output the host accepts before its first [`Credit`], per output stream.
     pub window: u32,
+    /// Kill the process group (SIGKILL) this long after the start; [`Exit::timed_out`] says so.
+    pub timeout_ms: Option<u64>,
+    /// Applied in the child before it runs.
+    pub rlimits: Vec<Rlimit>,
 }
-wire_struct!(Exec { argv, env, clear_env, cwd, uid, gid, tty, stdin, window });
+wire_struct!(Exec { argv, env, clear_env, cwd, user, uid, gid, tty, stdin, window, timeout_ms, rlimits });
 
 /// guest → host: the process of [`Exec`] runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -178,8 +225,10 @@ pub struct Exit {
     pub signal: Option<i32>,
     /// CLOCK_MONOTONIC time from spawn to exit.
     pub duration_ns: u64,
+    /// The exec's `timeout_ms` passed and the agent killed its process group.
+    pub timed_out: bool,
 }
-wire_struct!(Exit { code, signal, duration_ns });
+wire_struct!(Exit { code, signal, duration_ns, timed_out });
 
 /// host → guest: send a signal to the process (group) of an exec.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -234,6 +283,7 @@ pub struct Resize {
 }
 wire_struct!(Resize { size });
 
+/// host → guest: stream a file's bytes as `FileData` (the last chunk `FLAG_FINAL`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReadFile {
     pub path: String,
@@ -245,11 +295,16 @@ pub struct ReadFile {
 }
 wire_struct!(ReadFile { path, offset, len, window });
 
+/// host → guest: write a file from `FileData` frames (the last one `FLAG_FINAL`).
+///
+/// The agent opens the file and answers `Credit{File}` (the window it accepts) or an `Error`;
+/// the host sends no data before that credit. After the final chunk the agent answers `Ok`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WriteFile {
     pub path: String,
-    /// Permission bits for a new file.
-    pub mode: u32,
+    /// Permission bits (`0o7777` at most), set exactly (no umask). `None`: `0o644` for a new
+    /// file, an existing file keeps its own.
+    pub mode: Option<u32>,
     pub append: bool,
     /// Create missing parent directories.
     pub parents: bool,
@@ -302,8 +357,10 @@ pub struct StatResult {
     pub gid: u32,
     /// Modification time, ns since the Unix epoch.
     pub mtime_ns: i64,
+    /// Where a symlink points (when it is one and `follow` was false).
+    pub link_target: Option<String>,
 }
-wire_struct!(StatResult { file_type, size, mode, uid, gid, mtime_ns });
+wire_struct!(StatResult { file_type, size, mode, uid, gid, mtime_ns, link_target });
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReadDir {
@@ -314,9 +371,14 @@ wire_struct!(ReadDir { path });
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirEntry {
     pub name: String,
+    /// From `lstat`: a symlink is `Symlink`, whatever it points to.
     pub file_type: FileType,
+    pub size: u64,
+    /// `st_mode` (type and permission bits).
+    pub mode: u32,
+    pub mtime_ns: i64,
 }
-wire_struct!(DirEntry { name, file_type });
+wire_struct!(DirEntry { name, file_type, size, mode, mtime_ns });
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirEntries {
@@ -345,6 +407,40 @@ pub struct Rename {
     pub to: String,
 }
 wire_struct!(Rename { from, to });
+
+/// host → guest: stream the file, directory tree or symlink at `path` as a [`crate::tree`]
+/// stream in `FileData` chunks (the last one `FLAG_FINAL`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadTree {
+    pub path: String,
+    /// Bytes the host accepts before its first [`Credit`].
+    pub window: u32,
+}
+wire_struct!(ReadTree { path, window });
+
+/// host → guest: create what a [`crate::tree`] stream describes at `path` (its root entry
+/// becomes `path`). Flow as [`WriteFile`]: `Credit{File}`, `FileData`..., `Ok`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteTree {
+    pub path: String,
+    /// Create missing parent directories of `path`.
+    pub parents: bool,
+}
+wire_struct!(WriteTree { path, parents });
+
+/// guest → host: how the boot workload (`microcell.exec=`) ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadExit {
+    /// Exit code, when it exited.
+    pub code: Option<i32>,
+    /// Signal number, when a signal killed it.
+    pub signal: Option<i32>,
+    /// From spawn to exit.
+    pub duration_ns: u64,
+    /// Why it could not start (then `code` and `signal` are `None`).
+    pub error: Option<ErrorMsg>,
+}
+wire_struct!(WorkloadExit { code, signal, duration_ns, error });
 
 /// Why a payload did not become a [`Message`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -429,15 +525,36 @@ messages! {
     0x0204 MKDIR => Mkdir(Mkdir),
     0x0205 REMOVE => Remove(Remove),
     0x0206 RENAME => Rename(Rename),
+    0x0207 READ_TREE => ReadTree(ReadTree),
+    0x0208 WRITE_TREE => WriteTree(WriteTree),
     0x0210 FILE_DATA => FileData(Chunk),
     0x0211 STAT_RESULT => StatResult(StatResult),
     0x0212 DIR_ENTRIES => DirEntries(DirEntries),
+    0x0300 WAIT_WORKLOAD => WaitWorkload(()),
+    0x0301 WORKLOAD_EXIT => WorkloadExit(WorkloadExit),
 }
 
 impl Message {
     /// An error answer.
     pub fn error(code: ErrorCode, errno: i32, message: impl Into<String>) -> Message {
-        Message::Error(ErrorMsg { code, errno, message: message.into() })
+        Message::Error(ErrorMsg { code, errno, message: message.into(), path: None })
+    }
+
+    /// Whether the host sends this kind (the agent refuses the others).
+    pub fn is_host_to_guest(&self) -> bool {
+        !matches!(
+            self,
+            Message::Ready(_)
+                | Message::Pong(_)
+                | Message::Ok(_)
+                | Message::Started(_)
+                | Message::Stdout(_)
+                | Message::Stderr(_)
+                | Message::Exit(_)
+                | Message::StatResult(_)
+                | Message::DirEntries(_)
+                | Message::WorkloadExit(_)
+        )
     }
 }
 
@@ -452,6 +569,7 @@ pub fn negotiate(hello: &Hello) -> Result<u16, ErrorMsg> {
                 "no common protocol version: host speaks {}..={}, agent speaks {}..={}",
                 hello.min_version, hello.version, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
             ),
+            path: None,
         });
     }
     Ok(version)

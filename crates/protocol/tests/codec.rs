@@ -69,6 +69,10 @@ impl Rng {
         TtySize { rows: self.u16(), cols: self.u16() }
     }
 
+    fn error_msg(&mut self) -> ErrorMsg {
+        ErrorMsg { code: ErrorCode(self.u16()), errno: self.i32(), message: self.string(), path: self.opt(Rng::string) }
+    }
+
     /// A random message of the given kind.
     fn message(&mut self, k: u16) -> Message {
         match k {
@@ -89,7 +93,7 @@ impl Rng {
             }),
             kind::PING => Message::Ping(self.u64()),
             kind::PONG => Message::Pong(self.u64()),
-            kind::ERROR => Message::error(ErrorCode(self.u16()), self.i32(), self.string()),
+            kind::ERROR => Message::Error(self.error_msg()),
             kind::OK => Message::Ok(()),
             kind::POWEROFF => Message::Poweroff(()),
             kind::EXEC => Message::Exec(Exec {
@@ -97,18 +101,26 @@ impl Rng {
                 env: (0..self.below(4)).map(|_| (self.string(), self.string())).collect(),
                 clear_env: self.bool(),
                 cwd: self.opt(Rng::string),
+                user: self.opt(Rng::string),
                 uid: self.opt(Rng::u32),
                 gid: self.opt(Rng::u32),
                 tty: self.opt(Rng::tty),
                 stdin: self.bool(),
                 window: self.u32(),
+                timeout_ms: self.opt(Rng::u64),
+                rlimits: (0..self.below(3)).map(|_| Rlimit { resource: self.u32(), soft: self.u64(), hard: self.u64() }).collect(),
             }),
             kind::STARTED => Message::Started(Started { pid: self.u32() }),
             kind::STDIN => Message::Stdin(self.bytes(300).into()),
             kind::STDOUT => Message::Stdout(self.bytes(300).into()),
             kind::STDERR => Message::Stderr(self.bytes(300).into()),
             kind::CLOSE_STDIN => Message::CloseStdin(()),
-            kind::EXIT => Message::Exit(Exit { code: self.opt(Rng::i32), signal: self.opt(Rng::i32), duration_ns: self.u64() }),
+            kind::EXIT => Message::Exit(Exit {
+                code: self.opt(Rng::i32),
+                signal: self.opt(Rng::i32),
+                duration_ns: self.u64(),
+                timed_out: self.bool(),
+            }),
             kind::SIGNAL => Message::Signal(Signal { signal: self.i32(), group: self.bool() }),
             kind::CREDIT => Message::Credit(Credit { stream: self.stream(), bytes: self.u32() }),
             kind::RESIZE => Message::Resize(Resize { size: self.tty() }),
@@ -120,7 +132,7 @@ impl Rng {
             }),
             kind::WRITE_FILE => Message::WriteFile(WriteFile {
                 path: self.string(),
-                mode: self.u32(),
+                mode: self.opt(Rng::u32),
                 append: self.bool(),
                 parents: self.bool(),
             }),
@@ -137,9 +149,27 @@ impl Rng {
                 uid: self.u32(),
                 gid: self.u32(),
                 mtime_ns: self.u64() as i64,
+                link_target: self.opt(Rng::string),
             }),
             kind::DIR_ENTRIES => Message::DirEntries(DirEntries {
-                entries: (0..self.below(4)).map(|_| DirEntry { name: self.string(), file_type: self.file_type() }).collect(),
+                entries: (0..self.below(4))
+                    .map(|_| DirEntry {
+                        name: self.string(),
+                        file_type: self.file_type(),
+                        size: self.u64(),
+                        mode: self.u32(),
+                        mtime_ns: self.u64() as i64,
+                    })
+                    .collect(),
+            }),
+            kind::READ_TREE => Message::ReadTree(ReadTree { path: self.string(), window: self.u32() }),
+            kind::WRITE_TREE => Message::WriteTree(WriteTree { path: self.string(), parents: self.bool() }),
+            kind::WAIT_WORKLOAD => Message::WaitWorkload(()),
+            kind::WORKLOAD_EXIT => Message::WorkloadExit(WorkloadExit {
+                code: self.opt(Rng::i32),
+                signal: self.opt(Rng::i32),
+                duration_ns: self.u64(),
+                error: self.opt(Rng::error_msg),
             }),
             other => panic!("test generator misses kind 0x{other:04x}"),
         }
@@ -450,18 +480,20 @@ fn random_valid_streams_with_unknown_frames_interleaved() {
 #[test]
 fn handshake_negotiation() {
     let hello = |min_version, version| Hello { version, min_version, client: "t".into(), realtime_ns: 0 };
-    assert_eq!(negotiate(&hello(1, 1)), Ok(1));
+    assert_eq!(negotiate(&hello(1, 2)), Ok(2));
     assert_eq!(negotiate(&hello(1, 9)), Ok(PROTOCOL_VERSION));
+    // Version 1 peers (shorter exec/fs payloads) are refused.
+    assert_eq!(negotiate(&hello(1, 1)).unwrap_err().code, ErrorCode::VERSION);
     let e = negotiate(&hello(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3)).unwrap_err();
     assert_eq!(e.code, ErrorCode::VERSION);
     assert!(e.message.contains("no common protocol version"), "{}", e.message);
     assert_eq!(negotiate(&hello(0, 0)).unwrap_err().code, ErrorCode::VERSION);
-    assert_eq!(negotiate(&hello(3, 2)).unwrap_err().code, ErrorCode::VERSION);
+    assert_eq!(negotiate(&hello(4, 3)).unwrap_err().code, ErrorCode::VERSION);
 }
 
 #[test]
 fn wire_trait_is_usable_directly() {
     let mut out = Vec::new();
-    Exit { code: Some(-1), signal: None, duration_ns: 5 }.put(&mut out);
-    assert_eq!(out, [1, 1, 0, 5]);
+    Exit { code: Some(-1), signal: None, duration_ns: 5, timed_out: true }.put(&mut out);
+    assert_eq!(out, [1, 1, 0, 5, 1]);
 }
