@@ -1,7 +1,7 @@
 //! The control channel: where it is and how bytes move on it.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -60,6 +60,16 @@ impl Channel {
         self.read.as_raw_fd()
     }
 
+    pub fn write_fd(&self) -> RawFd {
+        self.write.as_raw_fd()
+    }
+
+    /// Both directions non-blocking (the main loop polls; nothing waits on the host).
+    pub fn set_nonblocking(&self) -> io::Result<()> {
+        crate::sys::set_nonblocking(self.read_fd())?;
+        crate::sys::set_nonblocking(self.write_fd())
+    }
+
     /// One read(2); `Ok(0)` is end of stream (for a virtio port: no host connected).
     pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
@@ -70,9 +80,6 @@ impl Channel {
         }
     }
 
-    pub fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.write.write_all(bytes)
-    }
 }
 
 /// Finds the control channel of a guest, waiting for it to appear:

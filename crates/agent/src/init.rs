@@ -50,7 +50,7 @@ pub fn setup() -> Cmdline {
 }
 
 /// The kernel command line, as `key=value` words.
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone)]
 pub struct Cmdline(Vec<(String, String)>);
 
 impl Cmdline {

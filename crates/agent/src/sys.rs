@@ -2,7 +2,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 fn cstr(s: &str) -> CString {
     CString::new(s).expect("no NUL in a path")
@@ -122,4 +122,125 @@ pub fn poll(fds: &[(RawFd, i16)], timeout_ms: i32) -> io::Result<Vec<i16>> {
             return Err(e);
         }
     }
+}
+
+/// The calling thread's errno as an `io::Error` when `r` is negative.
+pub fn cvt(r: isize) -> io::Result<usize> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// A pipe: `(read end, write end)`, both close-on-exec.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: valid out-array of two ints.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: fresh descriptors owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor the caller owns.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        check(fl)?;
+        check(libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK))
+    }
+}
+
+/// write(2), retried on EINTR.
+pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: pointer and length of a live buffer.
+        match cvt(unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) }) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Reads at most `max` bytes from `fd` and appends them to `v` (no zero-filling first).
+pub fn read_append(fd: RawFd, v: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    v.reserve(max);
+    loop {
+        // SAFETY: the spare capacity holds at least `max` bytes; the kernel writes at most `max`
+        // of them, and only those are made part of the vector.
+        let r = unsafe { libc::read(fd, v.as_mut_ptr().add(v.len()).cast(), max) };
+        match cvt(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+            Ok(n) => {
+                // SAFETY: n ≤ max bytes were initialised by read(2).
+                unsafe { v.set_len(v.len() + n) };
+                return Ok(n);
+            }
+        }
+    }
+}
+
+/// Bytes waiting to be read on a pipe or terminal (FIONREAD).
+pub fn bytes_readable(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } < 0 {
+        return 0;
+    }
+    n.max(0) as usize
+}
+
+/// kill(2); ESRCH (already gone) is not an error.
+pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: plain syscall.
+    match check(unsafe { libc::kill(pid, sig) }) {
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+        r => r,
+    }
+}
+
+/// A new pseudo-terminal of `rows` x `cols`: `(master, slave)`, both close-on-exec.
+pub fn openpty(rows: u16, cols: u16) -> io::Result<(OwnedFd, OwnedFd)> {
+    let (mut m, mut s) = (-1, -1);
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: valid out-pointers; null name and termios.
+    check(unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) })?;
+    // SAFETY: fresh descriptors owned by nobody else.
+    let (m, s) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
+    for fd in [m.as_raw_fd(), s.as_raw_fd()] {
+        // SAFETY: fcntl on descriptors owned here.
+        check(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) })?;
+    }
+    Ok((m, s))
+}
+
+pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> io::Result<()> {
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one winsize.
+    check(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) })
+}
+
+pub fn dup(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor owned by the caller.
+    let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    check(n)?;
+    // SAFETY: fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+/// The wait status as `(exit code, terminating signal)`.
+pub fn decode_status(status: i32) -> (Option<i32>, Option<i32>) {
+    if libc::WIFEXITED(status) {
+        (Some(libc::WEXITSTATUS(status)), None)
+    } else if libc::WIFSIGNALED(status) {
+        (None, Some(libc::WTERMSIG(status)))
+    } else {
+        (None, None)
+    }
+}
+
+/// The OS error of `e` as an errno (EIO when there is none).
+pub fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
 }

@@ -82,20 +82,29 @@ fn handshake_requests_and_poweroff_over_a_socketpair() {
 
     assert_eq!(conn.request(7, Message::Ping(0xfeed)), Frame::new(7, Message::Pong(0xfeed)));
 
-    // Known but not implemented yet.
+    assert_ne!(ready.features & features::EXEC, 0);
+    assert_ne!(ready.features & features::FS, 0);
+    assert_eq!(ready.features & features::WORKLOAD, 0, "no workload asked for");
+
+    // A request that makes no sense is answered, not fatal.
     let exec = Message::Exec(Exec {
-        argv: vec!["true".into()],
+        argv: vec![],
         env: vec![],
         clear_env: false,
         cwd: None,
+        user: None,
         uid: None,
         gid: None,
         tty: None,
         stdin: false,
         window: 65536,
+        timeout_ms: None,
+        rlimits: vec![],
     });
-    let e = expect_error(conn.request(8, exec), 8, ErrorCode::UNSUPPORTED);
-    assert!(e.message.contains("Exec"), "{}", e.message);
+    let e = expect_error(conn.request(8, exec), 8, ErrorCode::INVALID);
+    assert!(e.message.contains("argv"), "{}", e.message);
+    let e = expect_error(conn.request(8, Message::WaitWorkload(())), 8, ErrorCode::BAD_STATE);
+    assert!(e.message.contains("no boot workload"), "{}", e.message);
 
     // Unknown kind, unknown flags, malformed payload: an error each, and the channel lives on.
     conn.send_raw(&Header { flags: 0, kind: 0x7abc, id: 9, len: 2 }.to_bytes());
@@ -119,7 +128,7 @@ fn handshake_requests_and_poweroff_over_a_socketpair() {
     }
 
     // Poweroff: acknowledged, then (in test mode) the process exits cleanly.
-    assert_eq!(conn.request(13, Message::Poweroff(())), Frame::new(13, Message::Ok(())));
+    assert_eq!(conn.request(13, Message::Poweroff(())), Frame::new(13, Message::Ok(())).with_flags(FLAG_FINAL));
     assert_eq!(conn.recv(), None, "the agent closes the channel");
     assert!(wait(child).success());
 }
@@ -169,7 +178,7 @@ fn stdio_mode() {
     let mut conn = Conn::new(child.stdout.take().unwrap(), child.stdin.take().unwrap());
     let ready = handshake(&mut conn);
     assert_eq!(ready.version, PROTOCOL_VERSION);
-    assert_eq!(conn.request(5, Message::Poweroff(())), Frame::new(5, Message::Ok(())));
+    assert_eq!(conn.request(5, Message::Poweroff(())), Frame::new(5, Message::Ok(())).with_flags(FLAG_FINAL));
     assert!(wait(child).success());
 }
 

@@ -1,0 +1,108 @@
+//! The boot workload: the one job of a VM started with `microcell.exec=<spec>` on the kernel
+//! command line (or `--exec-spec` in test mode). It runs with the console as stdout/stderr,
+//! in a session of its own; when it ends the agent prints the status line
+//! (`protocol::workload::status_line`) on the console, answers the host's `WaitWorkload`
+//! (if a host asked) and ends the VM: at once after the answer went out, after
+//! [`REPORT_GRACE`] when no host asked, at once when there is no control channel.
+
+use std::time::{Duration, Instant};
+
+use protocol::workload::{self, WorkloadSpec};
+use protocol::{ErrorCode, ErrorMsg, Message, WorkloadExit};
+
+use crate::exec::{launch, Launch, StdioMode};
+use crate::outq::OutQueue;
+use crate::sys;
+
+/// How long the agent waits for a host to ask for the status before it ends the VM anyway.
+pub const REPORT_GRACE: Duration = Duration::from_secs(1);
+
+pub struct Workload {
+    pub pid: Option<i32>,
+    started: Instant,
+    result: Option<WorkloadExit>,
+    /// `WaitWorkload` requests not answered yet.
+    waiters: Vec<u32>,
+    answered: bool,
+    ended_at: Option<Instant>,
+}
+
+impl Workload {
+    /// Decodes the spec and starts the workload; a bad spec or a program that cannot start is
+    /// a result at once (reported like an exit).
+    pub fn start(value: &str, console_is_channel: bool) -> Workload {
+        let started = Instant::now();
+        let mut w = Workload { pid: None, started, result: None, waiters: Vec::new(), answered: false, ended_at: None };
+        let spec = match WorkloadSpec::from_cmdline_value(value) {
+            Ok(s) => s,
+            Err(message) => {
+                w.finish(WorkloadExit {
+                    code: None,
+                    signal: None,
+                    duration_ns: 0,
+                    error: Some(ErrorMsg { code: ErrorCode::INVALID, errno: libc::EINVAL, message, path: None }),
+                });
+                return w;
+            }
+        };
+        log!("workload: {}", spec.argv.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(" "));
+        let l = Launch {
+            argv: &spec.argv,
+            env: &spec.env,
+            clear_env: false,
+            cwd: spec.cwd.as_deref(),
+            user: spec.user.as_deref(),
+            uid: None,
+            gid: None,
+            rlimits: &spec.rlimits,
+        };
+        match launch(&l, StdioMode::Console { stdout_to_stderr: console_is_channel }) {
+            Ok(child) => w.pid = Some(child.pid),
+            Err(e) => w.finish(WorkloadExit { code: None, signal: None, duration_ns: 0, error: Some(e) }),
+        }
+        w
+    }
+
+    pub fn reaped(&mut self, status: i32) {
+        let (code, signal) = sys::decode_status(status);
+        let duration_ns = self.started.elapsed().as_nanos() as u64;
+        self.pid = None;
+        self.finish(WorkloadExit { code, signal, duration_ns, error: None });
+    }
+
+    fn finish(&mut self, exit: WorkloadExit) {
+        if let Some(e) = &exit.error {
+            log!("workload failed: {}", e.message);
+        }
+        crate::console_line(&format!("{}\n", workload::status_line(&exit)));
+        self.result = Some(exit);
+        self.ended_at = Some(Instant::now());
+    }
+
+    /// A host asks for the status.
+    pub fn wait_request(&mut self, id: u32, out: &mut OutQueue) {
+        self.waiters.push(id);
+        self.answer(out);
+    }
+
+    /// Answers the waiters once the result is known.
+    pub fn answer(&mut self, out: &mut OutQueue) {
+        if let Some(r) = &self.result {
+            for id in self.waiters.drain(..) {
+                out.final_msg(id, Message::WorkloadExit(r.clone()));
+                self.answered = true;
+            }
+        }
+    }
+
+    /// When the VM should end: `None` while the workload runs.
+    pub fn end_at(&self, have_channel: bool) -> Option<Instant> {
+        let at = self.ended_at?;
+        Some(if self.answered || !have_channel { at } else { at + REPORT_GRACE })
+    }
+
+    /// The host went away: its requests are void.
+    pub fn reset(&mut self) {
+        self.waiters.clear();
+    }
+}
