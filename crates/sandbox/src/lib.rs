@@ -8,6 +8,8 @@ pub mod config;
 pub mod console;
 pub mod engine;
 mod error;
+pub mod exec;
+pub mod fs;
 pub mod sandbox;
 pub mod vm;
 
@@ -15,6 +17,8 @@ pub use config::{ConfigError, MicroVmConfig};
 pub use error::{Error, Result};
 pub use vm::{MicroVm, RestoreOptions, StartOptions};
 pub use engine::{EngineChoice, EngineKind, VmExit};
+pub use exec::{ExecEvent, ExecExit, ExecHandle, ExecOutput, ExecRequest};
+pub use fs::{CopyStats, DirEntryInfo, FileReadStream, FileStat, FileWriteStream, WriteOptions};
 pub use sandbox::{validate_sandbox_config_json, ReadyInfo, Sandbox, SandboxConfig, SandboxError, SandboxRestoreOptions};
 pub use vmm::vmm::VmShell;
 pub use vmm::{ExitReason, LoadedSnapshot, Timings};

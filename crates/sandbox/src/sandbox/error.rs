@@ -100,6 +100,27 @@ pub enum SandboxError {
         timeout_ms: u64,
     },
 
+    /// A guest operation failed with an OS error: the code is the errno's name (`ENOENT`,
+    /// `EACCES`, `EISDIR`, `ENOTDIR`, `EEXIST`, `ENOTEMPTY`, ...; see `protocol::errno::ERRNOS`),
+    /// with the guest path it concerns.
+    #[error("{request} failed in the guest: {message} ({code}{})", path.as_deref().map(|p| format!(", guest path {p}")).unwrap_or_default())]
+    Guest {
+        request: &'static str,
+        code: &'static str,
+        errno: i32,
+        path: Option<String>,
+        message: String,
+    },
+
+    /// A request with values that make no sense (empty argv, a relative guest path, an unknown
+    /// signal name, ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// A host file for a copy could not be read or written (`copy_from_host` / `copy_to_host`).
+    #[error("{0}")]
+    HostFile(String),
+
     /// No thread could be started.
     #[error("cannot start a thread ({what}): {source}; the process may have hit its thread limit")]
     Thread {
@@ -129,11 +150,15 @@ impl SandboxError {
             SandboxError::ChannelClosed(_) => "E_CHANNEL_CLOSED",
             SandboxError::AgentTimeout { .. } => "E_AGENT_TIMEOUT",
             SandboxError::Thread { .. } => "E_THREAD",
+            SandboxError::Guest { code, .. } => code,
+            SandboxError::InvalidArgument(_) => "E_INVALID_ARGUMENT",
+            SandboxError::HostFile(_) => "E_HOST_FILE",
         }
     }
 
     /// Every code this type produces itself (the `E_CONFIG_*` codes of [`SandboxConfig`]
-    /// validation included; `Vmm` errors carry the VMM's codes, `vmm::Error::code`).
+    /// validation included; `Vmm` errors carry the VMM's codes, `vmm::Error::code`; guest OS
+    /// errors carry their errno's name, `protocol::errno::ERRNOS`).
     ///
     /// [`SandboxConfig`]: crate::sandbox::SandboxConfig
     pub const CODES: &'static [&'static str] = &[
@@ -160,6 +185,8 @@ impl SandboxError {
         "E_CHANNEL_CLOSED",
         "E_AGENT_TIMEOUT",
         "E_THREAD",
+        "E_INVALID_ARGUMENT",
+        "E_HOST_FILE",
     ];
 
     pub(crate) fn config(code: &'static str, message: impl Into<String>) -> SandboxError {

@@ -25,6 +25,8 @@ pub use snapshot::{RestoreOptions as SandboxRestoreOptions, SANDBOX_FILE};
 
 use crate::agent_client::{ready_from, AgentClient};
 use crate::console::{ConsoleReader, ConsoleStats};
+use crate::exec::{ExecHandle, ExecOutput, ExecRequest};
+use crate::fs::{CopyStats, DirEntryInfo, FileReadStream, FileStat, FileWriteStream, WriteOptions};
 use crate::engine::{
     self, BootSpec, Engine, EngineKind, EngineSelection, ExitFuture, RunningVm, VmExit,
 };
@@ -162,6 +164,84 @@ impl Sandbox {
     /// One round trip to the agent.
     pub fn ping(&self, timeout: Duration) -> Result<Duration> {
         self.agent.ping(timeout)
+    }
+
+    /// The request with the sandbox's `env` (before the request's own) and `workdir` (when
+    /// the request gives no `cwd`).
+    fn with_defaults(&self, req: &ExecRequest) -> ExecRequest {
+        let mut r = req.clone();
+        if !r.clear_env && !self.config.env.is_empty() {
+            let mut env: Vec<(String, String)> = self.config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            env.append(&mut r.env);
+            r.env = env;
+        }
+        if r.cwd.is_none() {
+            r.cwd = self.config.workdir.clone();
+        }
+        r
+    }
+
+    /// Starts a process in the guest ([`AgentClient::exec`]) with the sandbox's `env` and
+    /// `workdir` as defaults; returns once it runs.
+    pub fn exec(&self, req: &ExecRequest) -> Result<ExecHandle> {
+        self.agent.exec(&self.with_defaults(req))
+    }
+
+    /// Runs a process to its end: exit, stdout, stderr ([`AgentClient::exec_collect`]).
+    pub fn exec_collect(&self, req: &ExecRequest, timeout: Option<Duration>) -> Result<ExecOutput> {
+        self.agent.exec_collect(&self.with_defaults(req), timeout)
+    }
+
+    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        self.agent.read_file(path)
+    }
+
+    pub fn write_file(&self, path: &str, data: &[u8], opts: WriteOptions) -> Result<()> {
+        self.agent.write_file(path, data, opts)
+    }
+
+    /// A guest file as a stream of chunks ([`FileReadStream`]).
+    pub fn open_read(&self, path: &str, offset: u64, len: Option<u64>) -> Result<FileReadStream> {
+        self.agent.open_read(path, offset, len)
+    }
+
+    /// A guest file opened for writing ([`FileWriteStream`]).
+    pub fn open_write(&self, path: &str, opts: WriteOptions) -> Result<FileWriteStream> {
+        self.agent.open_write(path, opts)
+    }
+
+    pub fn list_dir(&self, path: &str) -> Result<Vec<DirEntryInfo>> {
+        self.agent.list_dir(path)
+    }
+
+    pub fn mkdir(&self, path: &str, mode: u32, parents: bool) -> Result<()> {
+        self.agent.mkdir(path, mode, parents)
+    }
+
+    pub fn remove(&self, path: &str, recursive: bool) -> Result<()> {
+        self.agent.remove(path, recursive)
+    }
+
+    pub fn rename(&self, from: &str, to: &str) -> Result<()> {
+        self.agent.rename(from, to)
+    }
+
+    pub fn stat(&self, path: &str, follow: bool) -> Result<FileStat> {
+        self.agent.stat(path, follow)
+    }
+
+    pub fn exists(&self, path: &str) -> Result<bool> {
+        self.agent.exists(path)
+    }
+
+    /// Copies a host file or tree into the guest ([`AgentClient::copy_from_host`]).
+    pub fn copy_from_host(&self, host: &std::path::Path, guest: &str) -> Result<CopyStats> {
+        self.agent.copy_from_host(host, guest)
+    }
+
+    /// Copies a guest file or tree to the host ([`AgentClient::copy_to_host`]).
+    pub fn copy_to_host(&self, guest: &str, host: &std::path::Path) -> Result<CopyStats> {
+        self.agent.copy_to_host(guest, host)
     }
 
     /// Powers the guest off gracefully (the agent syncs and resets the VM) and waits for the VM
@@ -320,6 +400,9 @@ mod tests {
         send_sync::<AgentClient>();
         fn send<T: Send>() {}
         send::<crate::agent_client::Pending>(); // one waiter; moved, not shared
+        send_sync::<ExecHandle>(); // read events on one thread, write stdin / signal on another
+        send::<FileReadStream>();
+        send::<FileWriteStream>();
         send_sync::<SandboxError>();
         send_sync::<ReadyInfo>();
     }

@@ -1,0 +1,395 @@
+//! Files in the guest: one-shot operations (stat, exists, list, mkdir, remove, rename), file
+//! streams both ways, and copies of files and trees between host and guest.
+//!
+//! Guest paths are absolute. A guest OS error is a [`SandboxError::Guest`] whose code is the
+//! errno's name (`ENOENT`, `EACCES`, `EISDIR`, `ENOTDIR`, `EEXIST`, ...) with the guest path.
+//!
+//! Streams are flow-controlled like exec output: reading, the host grants a window (default
+//! 4 MiB) and gives credit back as the consumer takes chunks; writing, the agent grants its
+//! window and the host never sends beyond it. Copies use the tree stream
+//! (`protocol::tree`): modes, mtimes and symlinks are kept; owners, hard links and special
+//! files are not (see `protocol::tree_fs`). A tree from the guest is untrusted: nothing is
+//! written outside the host destination, through a symlink or otherwise.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use protocol::tree_fs::{TreeFsError, TreeReader, TreeWriter};
+use protocol::{
+    kind, Credit, DirEntry, FileType, Message, Mkdir, ReadDir, ReadFile, ReadTree, Remove, Rename, Stat, StatResult,
+    StreamKind, WriteFile, WriteTree,
+};
+use serde::Serialize;
+
+use crate::agent_client::{agent_error, AgentClient, CreditWait, Pending};
+use crate::sandbox::{Result, SandboxError};
+
+/// How long one step of a file operation (an answer, a chunk, some credit) may take.
+pub const FS_STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// The window for guest → host streams.
+pub const READ_WINDOW: u32 = 4 << 20;
+/// Bytes per host → guest `FileData` frame.
+const WRITE_CHUNK: usize = 256 << 10;
+
+/// `stat` of a guest path (camelCase JSON for the napi layer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FileStat {
+    /// `file`, `dir`, `symlink` or `other`.
+    #[serde(rename = "type")]
+    pub file_type: &'static str,
+    pub size: u64,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+    pub link_target: Option<String>,
+}
+
+/// One entry of [`AgentClient::list_dir`] (from `lstat`: a symlink is `symlink`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DirEntryInfo {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub file_type: &'static str,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime_ns: i64,
+}
+
+/// How [`AgentClient::write_file`] writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Permission bits, set exactly; `None`: 0o644 for a new file, an existing one keeps its own.
+    pub mode: Option<u32>,
+    pub append: bool,
+    /// Create missing parent directories.
+    pub parents: bool,
+}
+
+/// What a copy moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CopyStats {
+    /// Files, directories and symlinks.
+    pub entries: u64,
+    /// File content bytes.
+    pub bytes: u64,
+}
+
+pub fn file_type_name(t: FileType) -> &'static str {
+    match t {
+        FileType::File => "file",
+        FileType::Dir => "dir",
+        FileType::Symlink => "symlink",
+        FileType::Other => "other",
+    }
+}
+
+fn host_err(e: TreeFsError) -> SandboxError {
+    SandboxError::HostFile(format!("host side of the copy: {e}"))
+}
+
+fn guest_path(path: &str) -> Result<()> {
+    if !path.starts_with('/') {
+        return Err(SandboxError::InvalidArgument(format!("guest path {path:?} is not absolute: start it with '/'")));
+    }
+    Ok(())
+}
+
+/// A guest → host byte stream (`ReadFile` or `ReadTree`): chunks in order, credit given back as
+/// they are taken.
+pub struct FileReadStream {
+    pending: Pending,
+    window: u32,
+    consumed: u64,
+    done: bool,
+}
+
+impl FileReadStream {
+    /// The next chunk; `Ok(None)` at the end. Waits at most `timeout` for it.
+    pub fn read_chunk(&mut self, timeout: Duration) -> Result<Option<Vec<u8>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let f = self.pending.wait(timeout)?;
+        self.chunk(f)
+    }
+
+    /// [`FileReadStream::read_chunk`] as a future (no thread waits).
+    pub async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let f = self.pending.recv().await?;
+        self.chunk(f)
+    }
+
+    fn chunk(&mut self, f: protocol::Frame) -> Result<Option<Vec<u8>>> {
+        let last = f.is_final();
+        match f.msg {
+            Message::FileData(c) => {
+                if last {
+                    self.done = true;
+                } else {
+                    self.consumed += c.len() as u64;
+                    if self.consumed >= u64::from(self.window / 2) {
+                        let bytes = self.consumed as u32;
+                        self.consumed = 0;
+                        self.pending.send(Message::Credit(Credit { stream: StreamKind::File, bytes }))?;
+                    }
+                }
+                Ok(Some(c.0))
+            }
+            Message::Error(e) => {
+                self.done = true;
+                Err(agent_error(self.pending.what(), e))
+            }
+            other => Err(SandboxError::Protocol(format!("expected FileData, got {}", other.name()))),
+        }
+    }
+
+    /// Host memory held by this stream now and at most so far.
+    pub fn buffered_bytes(&self) -> (usize, usize) {
+        self.pending.queued_bytes()
+    }
+}
+
+/// A host → guest byte stream (`WriteFile` or `WriteTree`).
+pub struct FileWriteStream {
+    pending: Pending,
+    timeout: Duration,
+    /// Credit taken from the inbox and not yet used.
+    credit: u64,
+    finished: bool,
+}
+
+impl FileWriteStream {
+    fn open(pending: Pending, timeout: Duration) -> Result<FileWriteStream> {
+        let mut s = FileWriteStream { pending, timeout, credit: 0, finished: false };
+        // The agent answers the open with its window, or an error.
+        s.refill()?;
+        Ok(s)
+    }
+
+    fn fail_from_queue(&self) -> SandboxError {
+        match self.pending.try_next() {
+            Ok(Some(protocol::Frame { msg: Message::Error(e), .. })) => agent_error(self.pending.what(), e),
+            Ok(Some(f)) => SandboxError::Protocol(format!("unexpected {} during a write", f.msg.name())),
+            Ok(None) => SandboxError::Protocol("the write ended without an answer".into()),
+            Err(e) => e,
+        }
+    }
+
+    fn refill(&mut self) -> Result<()> {
+        if self.credit > 0 {
+            return Ok(());
+        }
+        match self.pending.take_credit(StreamKind::File, u64::MAX, self.timeout)? {
+            CreditWait::Granted(n) => {
+                self.credit = n;
+                Ok(())
+            }
+            CreditWait::Finished => Err(self.fail_from_queue()),
+            CreditWait::Timeout => Err(SandboxError::AgentTimeout { request: self.pending.what(), timeout_ms: self.timeout.as_millis() as u64 }),
+        }
+    }
+
+    /// Sends `data` (in frames within the agent's credit).
+    pub fn write(&mut self, mut data: &[u8]) -> Result<()> {
+        while !data.is_empty() {
+            self.refill()?;
+            let n = (self.credit as usize).min(WRITE_CHUNK).min(data.len());
+            self.pending.send_data(kind::FILE_DATA, &data[..n], false)?;
+            self.credit -= n as u64;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Ends the stream and waits for the agent's `Ok`.
+    pub fn finish(mut self) -> Result<()> {
+        self.finished = true;
+        self.pending.send_data(kind::FILE_DATA, &[], true)?;
+        loop {
+            let f = self.pending.wait(self.timeout)?;
+            match f.msg {
+                Message::Ok(()) => return Ok(()),
+                Message::Error(e) => return Err(agent_error(self.pending.what(), e)),
+                _ => continue,
+            }
+        }
+    }
+}
+
+impl Drop for FileWriteStream {
+    fn drop(&mut self) {
+        if !self.finished && !self.pending.is_finished() {
+            // An abandoned write: end it so the agent closes the file (whatever was written stays).
+            let _ = self.pending.send_data(kind::FILE_DATA, &[], true);
+        }
+    }
+}
+
+impl AgentClient {
+    fn one_shot(&self, msg: Message) -> Result<protocol::Frame> {
+        self.request(msg, FS_STEP_TIMEOUT)
+    }
+
+    /// `stat` (`follow`: through a final symlink).
+    pub fn stat(&self, path: &str, follow: bool) -> Result<FileStat> {
+        guest_path(path)?;
+        match self.one_shot(Message::Stat(Stat { path: path.into(), follow }))?.msg {
+            Message::StatResult(StatResult { file_type, size, mode, uid, gid, mtime_ns, link_target }) => {
+                Ok(FileStat { file_type: file_type_name(file_type), size, mode: mode & 0o7777, uid, gid, mtime_ns, link_target })
+            }
+            other => Err(SandboxError::Protocol(format!("expected StatResult, got {}", other.name()))),
+        }
+    }
+
+    /// Whether something (a dangling symlink included) is at `path`.
+    pub fn exists(&self, path: &str) -> Result<bool> {
+        match self.stat(path, false) {
+            Ok(_) => Ok(true),
+            Err(SandboxError::Guest { code: "ENOENT" | "ENOTDIR", .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The entries of a directory, sorted by name.
+    pub fn list_dir(&self, path: &str) -> Result<Vec<DirEntryInfo>> {
+        guest_path(path)?;
+        let p = self.send(Message::ReadDir(ReadDir { path: path.into() }))?;
+        let mut out = Vec::new();
+        loop {
+            let f = p.wait(FS_STEP_TIMEOUT)?;
+            let last = f.is_final();
+            match f.msg {
+                Message::DirEntries(d) => out.extend(d.entries.into_iter().map(|DirEntry { name, file_type, size, mode, mtime_ns }| {
+                    DirEntryInfo { name, file_type: file_type_name(file_type), size, mode: mode & 0o7777, mtime_ns }
+                })),
+                Message::Error(e) => return Err(agent_error("ReadDir", e)),
+                other => return Err(SandboxError::Protocol(format!("expected DirEntries, got {}", other.name()))),
+            }
+            if last {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// `mkdir` (`parents`: `-p`, and an existing directory is fine). `mode` is set exactly.
+    pub fn mkdir(&self, path: &str, mode: u32, parents: bool) -> Result<()> {
+        guest_path(path)?;
+        self.one_shot(Message::Mkdir(Mkdir { path: path.into(), mode, parents })).map(drop)
+    }
+
+    /// Removes a file, symlink or empty directory; with `recursive` a whole tree.
+    pub fn remove(&self, path: &str, recursive: bool) -> Result<()> {
+        guest_path(path)?;
+        self.one_shot(Message::Remove(Remove { path: path.into(), recursive })).map(drop)
+    }
+
+    pub fn rename(&self, from: &str, to: &str) -> Result<()> {
+        guest_path(from)?;
+        guest_path(to)?;
+        self.one_shot(Message::Rename(Rename { from: from.into(), to: to.into() })).map(drop)
+    }
+
+    /// Streams a guest file (`len`: at most that many bytes from `offset`).
+    pub fn open_read(&self, path: &str, offset: u64, len: Option<u64>) -> Result<FileReadStream> {
+        guest_path(path)?;
+        let pending = self.send(Message::ReadFile(ReadFile { path: path.into(), offset, len, window: READ_WINDOW }))?;
+        Ok(FileReadStream { pending, window: READ_WINDOW, consumed: 0, done: false })
+    }
+
+    /// A whole guest file in memory.
+    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        let mut s = self.open_read(path, 0, None)?;
+        let mut out = Vec::new();
+        while let Some(c) = s.read_chunk(FS_STEP_TIMEOUT)? {
+            out.extend_from_slice(&c);
+        }
+        Ok(out)
+    }
+
+    /// Streams a guest file into `w`; returns the bytes copied.
+    pub fn read_file_to(&self, path: &str, w: &mut impl Write) -> Result<u64> {
+        let mut s = self.open_read(path, 0, None)?;
+        let mut n = 0;
+        while let Some(c) = s.read_chunk(FS_STEP_TIMEOUT)? {
+            w.write_all(&c).map_err(|e| SandboxError::HostFile(format!("writing what was read from {path}: {e}")))?;
+            n += c.len() as u64;
+        }
+        Ok(n)
+    }
+
+    /// Opens a guest file for writing (the agent has opened it when this returns).
+    pub fn open_write(&self, path: &str, opts: WriteOptions) -> Result<FileWriteStream> {
+        guest_path(path)?;
+        let p = self.send(Message::WriteFile(WriteFile { path: path.into(), mode: opts.mode, append: opts.append, parents: opts.parents }))?;
+        FileWriteStream::open(p, FS_STEP_TIMEOUT)
+    }
+
+    pub fn write_file(&self, path: &str, data: &[u8], opts: WriteOptions) -> Result<()> {
+        let mut s = self.open_write(path, opts)?;
+        s.write(data)?;
+        s.finish()
+    }
+
+    /// Writes a guest file from `r`; returns the bytes copied.
+    pub fn write_file_from(&self, path: &str, r: &mut impl Read, opts: WriteOptions) -> Result<u64> {
+        let mut s = self.open_write(path, opts)?;
+        let mut buf = vec![0u8; WRITE_CHUNK];
+        let mut n = 0;
+        loop {
+            let k = match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(k) => k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(SandboxError::HostFile(format!("reading what to write to {path}: {e}"))),
+            };
+            s.write(&buf[..k])?;
+            n += k as u64;
+        }
+        s.finish()?;
+        Ok(n)
+    }
+
+    /// Copies a host file, directory tree or symlink to `guest` (which becomes it: a
+    /// directory's contents end up under `guest`, merged with what is there). Missing parents
+    /// of `guest` are created.
+    pub fn copy_from_host(&self, host: &Path, guest: &str) -> Result<CopyStats> {
+        guest_path(guest)?;
+        let mut reader = TreeReader::open(host).map_err(host_err)?;
+        let p = self.send(Message::WriteTree(WriteTree { path: guest.into(), parents: true }))?;
+        let mut s = FileWriteStream::open(p, FS_STEP_TIMEOUT)?;
+        let mut buf = Vec::with_capacity(WRITE_CHUNK);
+        loop {
+            buf.clear();
+            let done = reader.fill(&mut buf, WRITE_CHUNK).map_err(host_err)?;
+            s.write(&buf)?;
+            if done {
+                break;
+            }
+        }
+        s.finish()?;
+        Ok(CopyStats { entries: reader.entries, bytes: reader.bytes })
+    }
+
+    /// Copies a guest file, directory tree or symlink to `host` (which becomes it). Missing
+    /// parents of `host` are created. Nothing is written outside `host`.
+    pub fn copy_to_host(&self, guest: &str, host: &Path) -> Result<CopyStats> {
+        guest_path(guest)?;
+        let p = self.send(Message::ReadTree(ReadTree { path: guest.into(), window: READ_WINDOW }))?;
+        let mut s = FileReadStream { pending: p, window: READ_WINDOW, consumed: 0, done: false };
+        let mut w = TreeWriter::new(host, true).map_err(host_err)?;
+        while let Some(c) = s.read_chunk(FS_STEP_TIMEOUT)? {
+            w.feed(&c).map_err(host_err)?;
+        }
+        w.finish().map_err(host_err)?;
+        Ok(CopyStats { entries: w.entries, bytes: w.bytes })
+    }
+}
