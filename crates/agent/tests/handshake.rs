@@ -189,3 +189,91 @@ fn refuses_to_run_without_a_channel_when_not_pid_1() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not PID 1"));
 }
 
+
+#[test]
+fn bad_stream_frames_and_random_payloads_never_end_the_agent() {
+    let (child, mut conn) = spawn_on_socketpair();
+    handshake(&mut conn);
+    // Stream frames for ids nothing runs under.
+    expect_error(conn.request(40, Message::Stdin(b"x".to_vec().into())), 40, ErrorCode::BAD_STATE);
+    expect_error(conn.request(41, Message::CloseStdin(())), 41, ErrorCode::BAD_STATE);
+    expect_error(conn.request(42, Message::Signal(Signal { signal: 9, group: true })), 42, ErrorCode::BAD_STATE);
+    expect_error(conn.request(43, Message::FileData(b"x".to_vec().into())), 43, ErrorCode::BAD_STATE);
+    expect_error(conn.request(44, Message::Resize(Resize { size: TtySize { rows: 1, cols: 1 } })), 44, ErrorCode::BAD_STATE);
+    // Credit for a stream that ended is normal: no answer (the next answer is the Pong).
+    conn.send(Frame::new(45, Message::Credit(Credit { stream: StreamKind::Stdout, bytes: 10 })));
+    assert_eq!(conn.request(46, Message::Ping(9)), Frame::new(46, Message::Pong(9)));
+    expect_error(conn.request(47, Message::Credit(Credit { stream: StreamKind::Stdin, bytes: 10 })), 47, ErrorCode::BAD_STATE);
+    // A bad signal number on a running exec: a non-final error, the exec goes on.
+    let exec = Exec {
+        argv: vec!["sleep".into(), "10".into()],
+        env: vec![],
+        clear_env: false,
+        cwd: None,
+        user: None,
+        uid: None,
+        gid: None,
+        tty: None,
+        stdin: false,
+        window: 1024,
+        timeout_ms: None,
+        rlimits: vec![],
+    };
+    assert!(matches!(conn.request(50, Message::Exec(exec.clone())).msg, Message::Started(_)));
+    let f = conn.request(50, Message::Signal(Signal { signal: 999, group: false }));
+    assert!(!f.is_final(), "{f:?}");
+    expect_error(f, 50, ErrorCode::BAD_STATE);
+    let f = conn.request(50, Message::Stdin(b"no stdin".to_vec().into()));
+    assert!(!f.is_final());
+    // The same id again while it runs.
+    expect_error(conn.request(50, Message::Exec(exec)), 50, ErrorCode::BAD_STATE);
+    conn.send(Frame::new(50, Message::Signal(Signal { signal: 9, group: true })));
+    loop {
+        let f = conn.recv().unwrap();
+        let last = f.is_final();
+        if let Message::Exit(e) = f.msg {
+            assert!(last);
+            assert_eq!(e.signal, Some(9));
+            break;
+        }
+    }
+
+    // Random payloads under every host kind: answered (or, when they happen to decode into a
+    // harmless request, served); never fatal. Payloads that decode into requests that change
+    // files or run programs are not sent.
+    let mut x = 0x1234_5678_9abc_def0u64;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let kinds: Vec<u16> = kind::ALL.iter().copied().filter(|&k| k != kind::POWEROFF && k != kind::HELLO).collect();
+    let mut sent = 0;
+    for i in 0..3000u32 {
+        let k = kinds[(rnd() % kinds.len() as u64) as usize];
+        let len = (rnd() % 24) as usize;
+        let payload: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
+        if let Ok(m) = Message::decode(k, &payload) {
+            if matches!(m, Message::Exec(_) | Message::WriteFile(_) | Message::WriteTree(_) | Message::Mkdir(_) | Message::Remove(_) | Message::Rename(_) | Message::FileData(_)) {
+                continue;
+            }
+        }
+        let id = 1000 + i;
+        conn.send_raw(&Header { flags: 0, kind: k, id, len: len as u32 }.to_bytes());
+        conn.send_raw(&payload);
+        sent += 1;
+    }
+    assert!(sent > 1000);
+    // Everything before the Ping is answered first or ignored; the Pong still comes.
+    conn.send(Frame::new(7, Message::Ping(77)));
+    loop {
+        let f = conn.recv().expect("the agent lives");
+        if f.id == 7 {
+            assert_eq!(f.msg, Message::Pong(77));
+            break;
+        }
+    }
+    assert_eq!(conn.request(8, Message::Poweroff(())).msg, Message::Ok(()));
+    assert!(wait(child).success());
+}

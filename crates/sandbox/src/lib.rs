@@ -12,12 +12,14 @@ pub mod exec;
 pub mod fs;
 pub mod sandbox;
 pub mod vm;
+pub mod workload;
 
 pub use config::{ConfigError, MicroVmConfig};
 pub use error::{Error, Result};
 pub use vm::{MicroVm, RestoreOptions, StartOptions};
 pub use engine::{EngineChoice, EngineKind, VmExit};
 pub use exec::{ExecEvent, ExecExit, ExecHandle, ExecOutput, ExecRequest};
+pub use workload::{Workload, WorkloadStatus};
 pub use fs::{CopyStats, DirEntryInfo, FileReadStream, FileStat, FileWriteStream, WriteOptions};
 pub use sandbox::{validate_sandbox_config_json, ReadyInfo, Sandbox, SandboxConfig, SandboxError, SandboxRestoreOptions};
 pub use vmm::vmm::VmShell;

@@ -117,6 +117,11 @@ pub enum SandboxError {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// An error reported once and handed to every waiter (e.g. of a workload): the code and
+    /// message of the original.
+    #[error("{message}")]
+    Reported { code: &'static str, message: String },
+
     /// A host file for a copy could not be read or written (`copy_from_host` / `copy_to_host`).
     #[error("{0}")]
     HostFile(String),
@@ -153,6 +158,7 @@ impl SandboxError {
             SandboxError::Guest { code, .. } => code,
             SandboxError::InvalidArgument(_) => "E_INVALID_ARGUMENT",
             SandboxError::HostFile(_) => "E_HOST_FILE",
+            SandboxError::Reported { code, .. } => code,
         }
     }
 

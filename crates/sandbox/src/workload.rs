@@ -1,0 +1,436 @@
+//! Workload mode: a VM whose one job is a program (a MicroVm's `execPath` + `args`, `env`,
+//! `workdirPath`, `rlimits`). The spec travels on the kernel command line as
+//! `microcell.exec=<base64url>` (`protocol::workload`); the agent (PID 1) runs it with the
+//! console as stdout/stderr, prints a status line on the console, answers `WaitWorkload` on
+//! the control channel, and ends the VM.
+//!
+//! [`Workload::start`] boots it on an engine and returns at once; [`Workload::wait`] /
+//! [`Workload::wait_async`] give the [`WorkloadStatus`]: from the channel, or — when the
+//! channel gave nothing (no channel, a VM that ended first) — from the console's status line.
+//! A program that does not exist or cannot run is a status with an error (`ENOENT`,
+//! `EACCES`), reported within the boot time, never a hung VM.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use protocol::workload::{parse_status_line, WorkloadSpec};
+use protocol::{Message, Rlimit, WorkloadExit};
+use serde::Serialize;
+
+use crate::agent_client::{agent_error, ready_from, AgentClient};
+use crate::config::{EnvPair, LinuxRlimit, MicroVmConfig};
+use crate::console::ConsoleReader;
+use crate::engine::{self, BootSpec, Engine, EngineSelection, RunningVm, VmExit};
+use crate::sandbox::{Result, SandboxConfig, SandboxError};
+
+/// Longest `microcell.exec=` word: x86 Linux keeps 2047 bytes of command line, and the engine's
+/// own options (console, root, virtio-mmio devices) need the rest.
+pub const MAX_SPEC_WORD: usize = 1400;
+/// How long the VM may take to end after the agent reported the status.
+const END_GRACE: Duration = Duration::from_secs(5);
+
+/// How the workload ended (camelCase JSON for the napi layer).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadStatus {
+    /// Its exit code, when it exited.
+    pub code: Option<i32>,
+    /// The signal that killed it, when one did.
+    pub signal: Option<i32>,
+    pub signal_name: Option<String>,
+    /// From spawn to exit, in the guest.
+    pub duration_ms: f64,
+    /// Why it could not start (then `code` and `signal` are absent).
+    pub error: Option<WorkloadError>,
+    /// Where the status came from: `channel` or `console`.
+    pub source: &'static str,
+}
+
+/// A workload that could not start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadError {
+    /// `ENOENT`, `EACCES`, ... (`E_WORKLOAD` when the errno has no name).
+    pub code: String,
+    pub errno: i32,
+    pub message: String,
+    pub path: Option<String>,
+}
+
+impl WorkloadStatus {
+    pub fn from_exit(e: WorkloadExit, source: &'static str) -> WorkloadStatus {
+        WorkloadStatus {
+            code: e.code,
+            signal: e.signal,
+            signal_name: e.signal.and_then(protocol::errno::signal_name),
+            duration_ms: e.duration_ns as f64 / 1e6,
+            error: e.error.map(|m| WorkloadError {
+                code: protocol::errno::name(m.errno).unwrap_or("E_WORKLOAD").to_owned(),
+                errno: m.errno,
+                message: m.message,
+                path: m.path,
+            }),
+            source,
+        }
+    }
+
+    /// The last status line in console text.
+    pub fn from_console(text: &str) -> Option<WorkloadStatus> {
+        text.lines().rev().find_map(parse_status_line).map(|e| WorkloadStatus::from_exit(e, "console"))
+    }
+
+    /// Exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+fn invalid(m: String) -> SandboxError {
+    SandboxError::InvalidArgument(m)
+}
+
+/// A spec from its parts, as the MicroVm config has them: `env` as `KEY=VALUE`, `rlimits` as
+/// `RLIMIT_NOFILE=1024:1024`.
+pub fn spec_from_parts(
+    exec_path: &str,
+    args: &[String],
+    env: &[String],
+    workdir: Option<&str>,
+    rlimits: &[String],
+) -> Result<WorkloadSpec> {
+    if exec_path.is_empty() {
+        return Err(invalid("workload: execPath is empty".into()));
+    }
+    let mut argv = vec![exec_path.to_owned()];
+    argv.extend(args.iter().cloned());
+    let env = env
+        .iter()
+        .map(|e| EnvPair::parse(e).map(|p| (p.key, p.value)).map_err(|e| invalid(format!("workload: {e}"))))
+        .collect::<Result<Vec<_>>>()?;
+    let rlimits = rlimits
+        .iter()
+        .map(|r| {
+            LinuxRlimit::parse(r)
+                .map(|l| Rlimit { resource: l.resource, soft: l.soft, hard: l.hard })
+                .map_err(|e| invalid(format!("workload: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let spec = WorkloadSpec { argv, env, cwd: workdir.map(str::to_owned), rlimits, user: None };
+    check_spec(&spec)?;
+    Ok(spec)
+}
+
+/// The workload of a MicroVm configuration: `None` without `execPath`.
+pub fn spec_from_microvm_config(c: &MicroVmConfig) -> Result<Option<WorkloadSpec>> {
+    let Some(exec) = &c.exec_path else { return Ok(None) };
+    spec_from_parts(exec, &c.args, &c.env, c.workdir_path.as_deref(), &c.rlimits).map(Some)
+}
+
+/// Refuses a spec whose command-line word would not fit.
+pub fn check_spec(spec: &WorkloadSpec) -> Result<String> {
+    let word = spec.to_cmdline_word();
+    if word.len() > MAX_SPEC_WORD {
+        return Err(invalid(format!(
+            "workload: execPath, args, env and workdir take {} bytes on the kernel command line, more than the {MAX_SPEC_WORD} it has room for: \
+             shorten them, or put the command in a script on the root disk and run that",
+            word.len()
+        )));
+    }
+    Ok(word)
+}
+
+/// The kernel command line of `base` plus the workload word.
+pub fn cmdline_with_spec(base: &str, spec: &WorkloadSpec) -> Result<String> {
+    let word = check_spec(spec)?;
+    Ok(if base.trim().is_empty() { word } else { format!("{} {word}", base.trim()) })
+}
+
+impl AgentClient {
+    /// Waits for the boot workload's status (`WaitWorkload`), at most `timeout`.
+    pub fn wait_workload(&self, timeout: Duration) -> Result<WorkloadExit> {
+        match self.send(Message::WaitWorkload(()))?.wait(timeout)?.msg {
+            Message::WorkloadExit(e) => Ok(e),
+            Message::Error(e) => Err(agent_error("WaitWorkload", e)),
+            other => Err(SandboxError::Protocol(format!("expected WorkloadExit, got {}", other.name()))),
+        }
+    }
+}
+
+type Outcome = std::result::Result<WorkloadStatus, (&'static str, String)>;
+
+#[derive(Default)]
+struct Slot {
+    state: Mutex<(Option<Outcome>, Vec<Waker>)>,
+    cv: Condvar,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, (Option<Outcome>, Vec<Waker>)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, o: Outcome) {
+        let wakers = {
+            let mut s = self.lock();
+            s.0 = Some(o);
+            std::mem::take(&mut s.1)
+        };
+        self.cv.notify_all();
+        wakers.into_iter().for_each(Waker::wake);
+    }
+}
+
+fn to_result(o: &Outcome) -> Result<WorkloadStatus> {
+    o.clone().map_err(|(code, message)| SandboxError::Reported { code, message })
+}
+
+/// A VM running its workload. Dropping it kills the VM.
+pub struct Workload {
+    vm: Arc<dyn RunningVm>,
+    slot: Arc<Slot>,
+    selection: EngineSelection,
+}
+
+impl Workload {
+    /// Boots `config`'s guest (engine `auto` | `kvm` | `qemu`) with `spec` as its workload;
+    /// returns once the VM runs. `config.bootTimeoutMs` bounds the wait for the agent.
+    pub fn start(spec: &WorkloadSpec, config: SandboxConfig) -> Result<Workload> {
+        let config = config.validate()?;
+        let selection = engine::select(config.engine)?;
+        let engine = engine::engine(selection.kind)?;
+        Self::start_on(spec, config, engine.as_ref(), selection)
+    }
+
+    /// [`Workload::start`] on a given engine.
+    pub fn start_on(spec: &WorkloadSpec, config: SandboxConfig, engine: &dyn Engine, selection: EngineSelection) -> Result<Workload> {
+        let config = config.validate()?;
+        let images = config.guest_images()?;
+        let boot = BootSpec {
+            kernel: images.kernel,
+            rootfs: images.rootfs,
+            memory_mib: config.memory_mib,
+            vcpus: config.cpus as u8,
+            extra_cmdline: cmdline_with_spec(&config.extra_cmdline(), spec)?,
+            console_file: config.console_output.clone(),
+            console_queue_bytes: Some(crate::sandbox::CONSOLE_QUEUE_BYTES),
+        };
+        tracing::info!(engine = %selection.kind, argv0 = %spec.argv[0], "booting a workload VM");
+        let vm: Arc<dyn RunningVm> = Arc::from(engine.boot(&boot)?);
+        let slot = Arc::new(Slot::default());
+        let timeout = Duration::from_millis(u64::from(config.boot_timeout_ms));
+        let (v, s) = (vm.clone(), slot.clone());
+        std::thread::Builder::new()
+            .name("mc-workload".into())
+            .spawn(move || {
+                let o = watch(v.as_ref(), timeout);
+                s.set(o);
+            })
+            .map_err(|e| {
+                vm.kill();
+                SandboxError::Thread { what: "workload watcher", source: e }
+            })?;
+        Ok(Workload { vm, slot, selection })
+    }
+
+    /// Boots, runs the workload to its end and returns its status.
+    pub fn run(spec: &WorkloadSpec, config: SandboxConfig) -> Result<WorkloadStatus> {
+        Workload::start(spec, config)?.wait()
+    }
+
+    /// Blocks until the status is known and the VM has ended.
+    pub fn wait(&self) -> Result<WorkloadStatus> {
+        let mut s = self.slot.lock();
+        loop {
+            if let Some(o) = &s.0 {
+                return to_result(o);
+            }
+            s = self.slot.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// [`Workload::wait`] with a limit; `None` while it still runs.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<Result<WorkloadStatus>> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.slot.lock();
+        loop {
+            if let Some(o) = &s.0 {
+                return Some(to_result(o));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            s = self.slot.cv.wait_timeout(s, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Resolves with the status once the VM has ended (no thread of the caller's waits).
+    pub fn wait_async(&self) -> WorkloadFuture {
+        WorkloadFuture { slot: self.slot.clone() }
+    }
+
+    /// Ends the VM now (the status is then taken from the console, or the wait fails with
+    /// `E_AGENT_EXITED`).
+    pub fn kill(&self) {
+        self.vm.kill();
+    }
+
+    /// How the VM ended, once it has.
+    pub fn vm_exit(&self) -> Option<VmExit> {
+        self.vm.try_wait()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.vm.pid()
+    }
+
+    /// The engine that runs it and why.
+    pub fn engine(&self) -> &EngineSelection {
+        &self.selection
+    }
+
+    /// The console (the workload's stdout and stderr, with the kernel's and agent's lines).
+    pub fn console(&self) -> Option<ConsoleReader> {
+        self.vm.console()
+    }
+
+    pub fn console_tail(&self) -> String {
+        self.vm.console_tail()
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        self.vm.kill();
+    }
+}
+
+/// See [`Workload::wait_async`].
+pub struct WorkloadFuture {
+    slot: Arc<Slot>,
+}
+
+impl Future for WorkloadFuture {
+    type Output = Result<WorkloadStatus>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut s = self.slot.lock();
+        match &s.0 {
+            Some(o) => Poll::Ready(to_result(o)),
+            None => {
+                if !s.1.iter().any(|w| w.will_wake(cx.waker())) {
+                    s.1.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// The watcher: the status over the channel, else from the console; then the VM's end.
+fn watch(vm: &dyn RunningVm, boot_timeout: Duration) -> Outcome {
+    let from_channel = channel_status(vm, boot_timeout);
+    // The agent ends the VM right after it reported; make sure it has ended.
+    let exit = match vm.wait_timeout(END_GRACE) {
+        Some(e) => e,
+        None => {
+            if from_channel.is_ok() {
+                tracing::warn!("the workload VM did not end {END_GRACE:?} after its status: killing it");
+            }
+            vm.kill();
+            vm.wait()
+        }
+    };
+    match from_channel {
+        Ok(status) => Ok(status),
+        Err(why) => match WorkloadStatus::from_console(&vm.console_tail()) {
+            Some(status) => Ok(status),
+            None => {
+                let e = SandboxError::AgentExited { exit, console_tail: format!("({why})\n{}", vm.console_tail()) };
+                Err((e.code(), e.to_string()))
+            }
+        },
+    }
+}
+
+/// Hello → Ready (within the boot timeout) → WaitWorkload → WorkloadExit (no limit: the
+/// workload runs as long as it runs, or until the VM ends).
+fn channel_status(vm: &dyn RunningVm, boot_timeout: Duration) -> std::result::Result<WorkloadStatus, String> {
+    let chan = vm.take_channel().ok_or("no control channel")?;
+    let client = AgentClient::new(chan).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + boot_timeout;
+    let hello = client.hello().map_err(|e| e.to_string())?;
+    let ready = loop {
+        match hello.wait_timeout(Duration::from_millis(50)).map_err(|e| e.to_string())? {
+            Some(f) => break ready_from(f).map_err(|e| e.to_string())?,
+            None if vm.try_wait().is_some() => return Err("the VM ended before the agent answered".into()),
+            None if Instant::now() >= deadline => {
+                vm.kill();
+                return Err(format!("the agent did not answer within {} ms", boot_timeout.as_millis()));
+            }
+            None => {}
+        }
+    };
+    if ready.features & protocol::features::WORKLOAD == 0 {
+        return Err("the agent runs no workload (an old root disk? rebuild it with scripts/guest/build-rootfs.sh)".into());
+    }
+    let pending = client.send(Message::WaitWorkload(())).map_err(|e| e.to_string())?;
+    loop {
+        match pending.wait_timeout(Duration::from_millis(100)) {
+            Ok(Some(f)) => {
+                return match f.msg {
+                    Message::WorkloadExit(e) => Ok(WorkloadStatus::from_exit(e, "channel")),
+                    Message::Error(e) => Err(agent_error("WaitWorkload", e).to_string()),
+                    other => Err(format!("expected WorkloadExit, got {}", other.name())),
+                }
+            }
+            Ok(None) if vm.try_wait().is_some() => return Err("the VM ended before the status came".into()),
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_from_config_parts_and_their_limits() {
+        let s = spec_from_parts(
+            "/bin/sh",
+            &["-c".into(), "echo \"$A\" 'b c'".into()],
+            &["A=x y=z".into()],
+            Some("/tmp"),
+            &["RLIMIT_NOFILE=1024:1024".into()],
+        )
+        .unwrap();
+        assert_eq!(s.argv, ["/bin/sh", "-c", "echo \"$A\" 'b c'"]);
+        assert_eq!(s.env, [("A".to_owned(), "x y=z".to_owned())]);
+        assert_eq!(s.rlimits, [Rlimit { resource: 7, soft: 1024, hard: 1024 }]);
+        let line = cmdline_with_spec("console=ttyS0", &s).unwrap();
+        assert!(line.starts_with("console=ttyS0 microcell.exec=") && !line[14..].contains(' '));
+        assert_eq!(spec_from_parts("", &[], &[], None, &[]).unwrap_err().code(), "E_INVALID_ARGUMENT");
+        assert_eq!(spec_from_parts("/x", &[], &["NOEQUALS".into()], None, &[]).unwrap_err().code(), "E_INVALID_ARGUMENT");
+        assert_eq!(spec_from_parts("/x", &[], &[], None, &["RLIMIT_BOGUS=1:1".into()]).unwrap_err().code(), "E_INVALID_ARGUMENT");
+        let e = spec_from_parts("/x", &["a".repeat(2000)], &[], None, &[]).unwrap_err();
+        assert!(e.to_string().contains("kernel command line"), "{e}");
+        let c = MicroVmConfig { exec_path: Some("/bin/echo".into()), args: vec!["hi there".into()], ..Default::default() };
+        assert_eq!(spec_from_microvm_config(&c).unwrap().unwrap().argv, ["/bin/echo", "hi there"]);
+        assert_eq!(spec_from_microvm_config(&MicroVmConfig::default()).unwrap(), None);
+    }
+
+    #[test]
+    fn status_from_the_console() {
+        let text = "[ 0.1] boot\nhello\nmicrocell-workload-exit: exited code=3 duration_ns=5000000\nmicrocell-agent: workload ended\n[ 0.2] reboot: Restarting system\n";
+        let s = WorkloadStatus::from_console(text).unwrap();
+        assert_eq!((s.code, s.signal, s.duration_ms, s.source), (Some(3), None, 5.0, "console"));
+        let s = WorkloadStatus::from_console("microcell-workload-exit: signaled signal=9 duration_ns=1\n").unwrap();
+        assert_eq!(s.signal_name.as_deref(), Some("SIGKILL"));
+        assert_eq!(WorkloadStatus::from_console("nothing"), None);
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["signalName"], "SIGKILL");
+    }
+}
