@@ -388,6 +388,7 @@ async function firecracker(bin, mib) {
 
 // ---- the run -----------------------------------------------------------------------------------
 
+const loadBefore = os.loadavg().map((l) => l.toFixed(2)).join(' ')
 const results = []
 const notes = []
 const poolStats = []
@@ -446,4 +447,5 @@ write('restore', results, [
   '  `restored_vm_guest_ram_rss`: RSS of the guest-RAM mapping of one restored QEMU (QEMU reads the whole stream into anonymous memory: every clone would pay this).',
   ...notes,
   ...ratios,
+  `Host load average (1, 5, 15 min) at the start ${loadBefore}, at the end ${os.loadavg().map((l) => l.toFixed(2)).join(' ')} (2 cores shared with other work: p90s are noisy).`,
 ])
