@@ -226,6 +226,9 @@ impl Workload {
             .name("mc-workload".into())
             .spawn(move || {
                 let o = watch(v.as_ref(), timeout);
+                // The Workload holds the last reference: its drop reaps QEMU and removes the
+                // VM's files before it returns.
+                drop(v);
                 s.set(o);
             })
             .map_err(|e| {

@@ -160,3 +160,15 @@ fn is_zombie(pid: i32) -> bool {
         .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
         .unwrap_or(true)
 }
+
+#[test]
+fn t2_exec_and_files() {
+    let _g = setup();
+    exec_and_files(ENGINE);
+}
+
+#[test]
+fn t2_workload() {
+    let _g = setup();
+    workload(ENGINE);
+}

@@ -36,6 +36,22 @@ fn t3_create_ready_stop() {
 }
 
 #[test]
+fn t3_exec_and_files() {
+    let Some(_g) = t3("exec_and_files") else {
+        return;
+    };
+    exec_and_files(ENGINE);
+}
+
+#[test]
+fn t3_workload() {
+    let Some(_g) = t3("workload") else {
+        return;
+    };
+    workload(ENGINE);
+}
+
+#[test]
 fn t3_twenty_cycles_leak_nothing() {
     let Some(_g) = t3("twenty_cycles") else {
         return;

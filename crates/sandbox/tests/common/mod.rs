@@ -326,3 +326,120 @@ pub fn silent_agent(choice: EngineChoice) {
         took.as_millis()
     ));
 }
+
+// ---- exec, files and the workload (real guest) ----
+
+const T: Option<Duration> = Some(Duration::from_secs(60));
+
+/// Exec and files in a real guest: exit code, stderr, env/cwd, timeout, stdin, a 16 MiB file.
+pub fn exec_and_files(choice: EngineChoice) {
+    use sandbox::exec::ExecRequest;
+    use sandbox::fs::WriteOptions;
+    let cfg = SandboxConfig {
+        name: Some("t-exec".into()),
+        env: [("FROM_CONFIG".to_owned(), "cfg value".to_owned())].into(),
+        workdir: Some("/tmp".into()),
+        ..config(choice)
+    };
+    let sb = Sandbox::create(cfg).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
+    assert_ne!(sb.info().features & protocol::features::EXEC, 0, "an agent with exec (rebuild the root disk: scripts/guest/build-rootfs.sh)");
+    let t = Instant::now();
+    let out = sb.exec_collect(&ExecRequest::shell("echo hi; exit 3"), T).unwrap();
+    let first = t.elapsed();
+    assert_eq!((out.code(), out.stdout_str().as_str(), out.stderr.len()), (Some(3), "hi\n", 0));
+    let out = sb.exec_collect(&ExecRequest::shell("echo to-err >&2; echo to-out"), T).unwrap();
+    assert_eq!((out.stdout_str().as_str(), out.stderr_str().as_str()), ("to-out\n", "to-err\n"));
+    // The sandbox's env and workdir are the defaults; the request's own win.
+    let out = sb.exec_collect(&ExecRequest::shell("echo \"$FROM_CONFIG|$MINE\"; pwd; hostname").env("MINE", "a 'b' \"c\""), T).unwrap();
+    assert_eq!(out.stdout_str(), "cfg value|a 'b' \"c\"\n/tmp\nt-exec\n");
+    let out = sb.exec_collect(&ExecRequest::shell("pwd").cwd("/etc"), T).unwrap();
+    assert_eq!(out.stdout_str(), "/etc\n");
+    // A timeout kills the tree.
+    let t2 = Instant::now();
+    let out = sb.exec_collect(&ExecRequest::shell("sleep 30 & sleep 30; echo never").timeout(Duration::from_millis(500)), T).unwrap();
+    assert!(out.exit.timed_out && out.exit.signal == Some(9), "{:?}", out.exit);
+    assert!(t2.elapsed() < Duration::from_secs(10), "{:?}", t2.elapsed());
+    let left = sb.exec_collect(&ExecRequest::shell("ps -o comm | grep -c '^sleep' || true"), T).unwrap();
+    assert_eq!(left.stdout_str().trim(), "0", "sleeps left after the timeout");
+    // Stdin: every byte value, through credit.
+    let h = sb.exec(&ExecRequest::new(["cat"]).stdin()).unwrap();
+    let data: Vec<u8> = (0..=255u8).cycle().take(256 * 1024).collect();
+    let out = std::thread::scope(|s| {
+        let w = s.spawn(|| {
+            h.write_stdin(&data, Duration::from_secs(60)).unwrap();
+            h.close_stdin().unwrap();
+        });
+        let out = h.collect(T).unwrap();
+        w.join().unwrap();
+        out
+    });
+    assert!(out.stdout == data && out.code() == Some(0), "stdin round trip ({} bytes back)", out.stdout.len());
+    // Errors are coded.
+    assert_eq!(sb.exec(&ExecRequest::new(["/no/such/prog"])).err().unwrap().code(), "ENOENT");
+    assert_eq!(sb.read_file("/no/such/file").unwrap_err().code(), "ENOENT");
+    // A 16 MiB file both ways.
+    let big: Vec<u8> = (0..16u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let t3 = Instant::now();
+    sb.write_file("/tmp/big.bin", &big, WriteOptions { mode: Some(0o600), ..Default::default() }).unwrap();
+    let up = t3.elapsed();
+    let t4 = Instant::now();
+    let back = sb.read_file("/tmp/big.bin").unwrap();
+    let down = t4.elapsed();
+    assert!(back == big, "16 MiB file came back changed ({} bytes)", back.len());
+    let st = sb.stat("/tmp/big.bin", false).unwrap();
+    assert_eq!((st.size, st.mode, st.file_type), (16 << 20, 0o600, "file"));
+    let sum = sb.exec_collect(&ExecRequest::shell("md5sum /tmp/big.bin | cut -d' ' -f1"), T).unwrap();
+    assert_eq!(sum.stdout_str().trim().len(), 32);
+    assert!(sb.list_dir("/tmp").unwrap().iter().any(|e| e.name == "big.bin"));
+    assert!(sb.exists("/etc/passwd").unwrap() && !sb.exists("/nope").unwrap());
+    assert_eq!(sb.stop(Duration::from_secs(10)), VmExit::GuestReset);
+    say(&format!(
+        "exec in the guest: first exec {first:?}; 16 MiB file write {:.0} MB/s, read {:.0} MB/s",
+        16.78 / up.as_secs_f64(),
+        16.78 / down.as_secs_f64()
+    ));
+}
+
+fn workload_config(choice: EngineChoice) -> SandboxConfig {
+    SandboxConfig { boot_timeout_ms: 60_000, ..config(choice) }
+}
+
+/// Workload mode: exit codes, a signal, args/env/workdir/rlimits, a missing program.
+pub fn workload(choice: EngineChoice) {
+    use sandbox::workload::{spec_from_parts, Workload};
+    let s = |a: &[&str]| a.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console.log");
+    let spec = spec_from_parts(
+        "/bin/sh",
+        &s(&["-c", "printf '[%s]' \"$@\"; echo; echo \"env=$GREETING\"; pwd; ulimit -n; exit 0", "sh", "a b", "c \"d\" 'e'", "", "x=y"]),
+        &s(&["GREETING=hello  world \"q\""]),
+        Some("/etc"),
+        &s(&["RLIMIT_NOFILE=1024:1024"]),
+    )
+    .unwrap();
+    let t = Instant::now();
+    let w = Workload::start(&spec, SandboxConfig { console_output: Some(console.clone()), ..workload_config(choice) }).unwrap();
+    let st = w.wait().unwrap();
+    let ms = t.elapsed().as_millis();
+    assert_eq!((st.code, st.signal, st.source), (Some(0), None, "channel"), "{st:?}\n{}", w.console_tail());
+    assert_eq!(w.vm_exit(), Some(VmExit::GuestReset), "the agent powers off after the report");
+    // The serial console turns "\n" into "\r\n".
+    let log = std::fs::read_to_string(&console).unwrap().replace("\r\n", "\n");
+    assert!(log.contains("[a b][c \"d\" 'e'][][x=y]\n"), "{log}");
+    assert!(log.contains("env=hello  world \"q\"\n/etc\n1024\n"), "{log}");
+    assert!(log.contains("microcell-workload-exit: exited code=0"), "{log}");
+    drop(w);
+
+    let st = Workload::run(&spec_from_parts("/bin/sh", &s(&["-c", "exit 3"]), &[], None, &[]).unwrap(), workload_config(choice)).unwrap();
+    assert_eq!(st.code, Some(3));
+    let st = Workload::run(&spec_from_parts("/bin/sh", &s(&["-c", "kill -KILL $$"]), &[], None, &[]).unwrap(), workload_config(choice)).unwrap();
+    assert_eq!((st.code, st.signal, st.signal_name.as_deref()), (None, Some(9), Some("SIGKILL")));
+    let t2 = Instant::now();
+    let st = Workload::run(&spec_from_parts("/no/such/program", &[], &[], None, &[]).unwrap(), workload_config(choice)).unwrap();
+    let e = st.error.expect("a start error");
+    assert_eq!((e.code.as_str(), e.path.as_deref()), ("ENOENT", Some("/no/such/program")), "{e:?}");
+    let missing_ms = t2.elapsed().as_millis();
+    assert_nothing_left("workloads");
+    say(&format!("{choice:?} workload: boot+run+report+poweroff {ms} ms; missing execPath reported in {missing_ms} ms"));
+}
