@@ -18,6 +18,7 @@ use std::task::{Context, Poll, Waker};
 use crate::config::MicroVmConfig;
 use crate::console::{self, ConsoleHandle, ConsoleOptions, ConsoleReader, ConsoleStats};
 use crate::error::{Error, Result};
+use crate::workload::WorkloadStatus;
 use vmm::vmm::VmShell;
 use vmm::{ExitReason, LoadedSnapshot, Timings};
 
@@ -56,10 +57,56 @@ pub struct MicroVm {
     exit: Arc<ExitSlot>,
     console: ConsoleHandle,
     reader: Option<ConsoleReader>,
+    /// The workload's status, once its line went by on the console (VMs with `execPath`).
+    workload: Option<Arc<Mutex<Option<protocol::WorkloadExit>>>>,
+}
+
+/// Passes console bytes on and watches them for the workload's status line.
+struct StatusScanner {
+    inner: Box<dyn Write + Send>,
+    line: Vec<u8>,
+    status: Arc<Mutex<Option<protocol::WorkloadExit>>>,
+}
+
+impl StatusScanner {
+    /// Longest line looked at (the status line is far shorter; longer lines are skipped).
+    const MAX_LINE: usize = 4096;
+
+    fn new(inner: Box<dyn Write + Send>, status: Arc<Mutex<Option<protocol::WorkloadExit>>>) -> Self {
+        StatusScanner { inner, line: Vec::new(), status }
+    }
+
+    fn scan(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if b == b'\n' {
+                if let Some(exit) = protocol::workload::parse_status_line(&String::from_utf8_lossy(&self.line)) {
+                    *self.status.lock().unwrap_or_else(|e| e.into_inner()) = Some(exit);
+                }
+                self.line.clear();
+            } else if self.line.len() < Self::MAX_LINE {
+                self.line.push(b);
+            }
+        }
+    }
+}
+
+impl Write for StatusScanner {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.scan(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 impl MicroVm {
     /// Validates the configuration and boots it; returns once the vCPUs run.
+    ///
+    /// With `execPath` the guest runs that program as its workload (`crate::workload`): the
+    /// agent reports its status on the console, which [`MicroVm::workload_status`] reads.
     pub fn start(config: &MicroVmConfig, options: &StartOptions) -> Result<MicroVm> {
         let mut vm_config = config.to_vm_config()?;
         vm_config.track_dirty_pages = options.track_dirty_pages;
@@ -71,7 +118,25 @@ impl MicroVm {
                     .unwrap_or(console::DEFAULT_QUEUE_CAPACITY)
             }),
         };
-        Self::launch(&console, |sink| vmm::Vm::start(&vm_config, sink))
+        if config.exec_path.is_none() {
+            return Self::launch(&console, |sink| vmm::Vm::start(&vm_config, sink));
+        }
+        let status = Arc::new(Mutex::new(None));
+        let s = status.clone();
+        let mut vm = Self::launch(&console, move |sink| {
+            vmm::Vm::start(&vm_config, Box::new(StatusScanner::new(sink, s)))
+        })?;
+        vm.workload = Some(status);
+        Ok(vm)
+    }
+
+    /// How the workload (`execPath`) ended, from the agent's status line on the console:
+    /// `None` while it runs, for a VM without a workload, or when the guest ended without
+    /// reporting (then [`MicroVm::try_exit`] says how the VM ended).
+    pub fn workload_status(&self) -> Option<WorkloadStatus> {
+        let slot = self.workload.as_ref()?;
+        let exit = slot.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        Some(WorkloadStatus::from_exit(exit, "console"))
     }
 
     /// Restores a loaded snapshot, into `shell` when one is given (the fast path: a shell made
@@ -148,6 +213,7 @@ impl MicroVm {
             exit,
             console,
             reader,
+            workload: None,
         })
     }
 
@@ -315,5 +381,25 @@ impl Future for ExitFuture {
                 Poll::Pending
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod workload_tests {
+    use super::*;
+
+    #[test]
+    fn the_scanner_finds_the_status_line_in_pieces() {
+        let status = Arc::new(Mutex::new(None));
+        let mut s = StatusScanner::new(Box::new(std::io::sink()), status.clone());
+        let text = b"[ 1.0] boot\r\nout\r\nmicrocell-workload-exit: exited code=3 duration_ns=7\r\nreboot\r\n";
+        for c in text.chunks(5) {
+            s.write_all(c).unwrap();
+        }
+        let got = status.lock().unwrap().clone().unwrap();
+        assert_eq!((got.code, got.duration_ns), (Some(3), 7));
+        s.write_all(&vec![b'x'; 10_000]).unwrap();
+        s.write_all(b"\n").unwrap();
+        assert!(status.lock().unwrap().is_some(), "a long line changes nothing");
     }
 }

@@ -366,6 +366,10 @@ impl MicroVmConfig {
         for entry in &self.env {
             parsed.env.push(EnvPair::parse(entry)?);
         }
+        // The workload travels on the kernel command line: it must fit there.
+        if self.exec_path.is_some() {
+            crate::workload::spec_from_microvm_config(self).map_err(|e| ConfigError::Cmdline(e.to_string()))?;
+        }
 
         if let Some(path) = &self.console_output {
             check_console_output(path)?;
@@ -382,15 +386,24 @@ impl MicroVmConfig {
     /// [`Self::to_vm_config`] with the host limits given.
     pub fn to_vm_config_with(&self, host: &HostLimits) -> Result<vmm::VmConfig, ConfigError> {
         self.validate_with(host)?;
+        let mut cmdline = self
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| vmm::DEFAULT_CMDLINE.to_string());
+        // With `execPath`, the guest's agent finds its workload in `microcell.exec=` (appended
+        // to the command line, given or default; see `crate::workload`).
+        if let Some(spec) = crate::workload::spec_from_microvm_config(self)
+            .map_err(|e| ConfigError::Cmdline(e.to_string()))?
+        {
+            cmdline = crate::workload::cmdline_with_spec(&cmdline, &spec)
+                .map_err(|e| ConfigError::Cmdline(e.to_string()))?;
+        }
         Ok(vmm::VmConfig {
             vcpus: self.num_vcpus as u8,
             memory_mib: self.memory_mib,
             kernel: self.kernel.clone().expect("validated: kernel is set"),
             initrd: self.initrd.clone(),
-            cmdline: self
-                .cmdline
-                .clone()
-                .unwrap_or_else(|| vmm::DEFAULT_CMDLINE.to_string()),
+            cmdline,
             allow_unsupported_host: self.allow_unsupported_host,
             // Devices that come with the guest platform (rootfs disk, control channel) are
             // not configured yet.
@@ -1147,6 +1160,34 @@ mod tests {
         assert_eq!(vm.cmdline, "  tg.mem=512  ");
         assert_eq!(vm.initrd, Some(f.path("initrd")));
         assert!(vm.allow_unsupported_host);
+        // execPath: the workload word is appended (and decodes back to the config's values).
+        let vm = MicroVmConfig {
+            cmdline: Some("console=ttyS0".into()),
+            exec_path: Some("/bin/sh".into()),
+            args: vec!["-c".into(), "echo \"a b\" 'c'".into()],
+            env: vec!["K=v w".into()],
+            workdir_path: Some("/w".into()),
+            rlimits: vec!["RLIMIT_NOFILE=1024:1024".into()],
+            ..f.config()
+        }
+        .to_vm_config_with(&HOST)
+        .unwrap();
+        let (head, word) = vm.cmdline.split_once(' ').unwrap();
+        assert_eq!(head, "console=ttyS0");
+        let value = word.strip_prefix("microcell.exec=").unwrap();
+        let spec = protocol::workload::WorkloadSpec::from_cmdline_value(value).unwrap();
+        assert_eq!(spec.argv, ["/bin/sh", "-c", "echo \"a b\" 'c'"]);
+        assert_eq!(spec.env, [("K".to_owned(), "v w".to_owned())]);
+        assert_eq!(spec.cwd.as_deref(), Some("/w"));
+        assert_eq!(spec.rlimits.len(), 1);
+        let e = MicroVmConfig {
+            exec_path: Some("/bin/sh".into()),
+            args: vec!["x".repeat(3000)],
+            ..f.config()
+        }
+        .to_vm_config_with(&HOST)
+        .unwrap_err();
+        assert_eq!(e.code(), "E_CONFIG_CMDLINE", "{e}");
         assert_eq!(
             MicroVmConfig {
                 num_vcpus: 0,
