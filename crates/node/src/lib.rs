@@ -17,6 +17,7 @@ use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use sandbox::{ExitReason, MicroVmConfig, StartOptions};
 
+mod sandboxes;
 mod snapshot;
 
 fn coded(code: &str, message: impl Display) -> Error {
