@@ -4,7 +4,8 @@
  * `E_KERNEL_FORMAT`, `E_INITRD`, `E_UNSUPPORTED_GUEST`, `E_MEMORY`, `E_CONSOLE_OUTPUT`,
  * `E_CONSOLE_NOT_ENABLED`, `E_NATIVE_LOAD`, `E_INVALID_ARGUMENT`, `E_INTERNAL`, snapshots:
  * `E_SNAPSHOT_IO`, `E_SNAPSHOT_CORRUPT`, `E_SNAPSHOT_VERSION`, `E_SNAPSHOT_HOST`, `E_SNAPSHOT`,
- * `E_VM_STATE` (pause/snapshot of a VM that has ended), `E_POOL_CLOSED`, ...
+ * `E_VM_STATE` (pause/snapshot of a VM that has ended), `E_POOL_CLOSED`, sandboxes:
+ * `SANDBOX_ERROR_CODES` (`E_GUEST_IMAGE_MISSING`, `E_BOOT_TIMEOUT`, `E_AGENT_EXITED`, ...).
  */
 export class MicrocellError extends Error {
   /** Stable error code, e.g. `E_CONFIG_VCPUS`. */
@@ -37,3 +38,36 @@ export const CONFIG_ERROR_CODES = [
 ] as const
 
 export type ConfigErrorCode = (typeof CONFIG_ERROR_CODES)[number]
+
+/**
+ * The codes `Sandbox.create()` and a sandbox's methods reject with, beside the configuration's
+ * (`E_CONFIG_JSON`, `E_CONFIG_NAME`, `E_CONFIG_MEMORY`, `E_CONFIG_VCPUS`, `E_CONFIG_ENV`,
+ * `E_CONFIG_GUEST_PATH`, `E_CONFIG_TIMEOUT`, `E_CONFIG_CMDLINE`, also thrown by `build()`):
+ * - `E_GUEST_IMAGE_MISSING`: the guest kernel or root disk is not there (run `scripts/setup.sh`);
+ * - `E_QEMU_NOT_FOUND`: the QEMU engine was chosen and `qemu-system-x86_64` is not installed;
+ * - `E_NO_KVM`: engine `kvm` without a usable `/dev/kvm`;
+ * - `E_ENGINE_UNAVAILABLE`: engine `kvm` on a host whose KVM cannot boot Linux (see `hostInfo()`);
+ * - `E_ENGINE_START`, `E_HOST_IO`, `E_CONSOLE_OUTPUT`, `E_THREAD`: the host could not start it;
+ * - `E_BOOT_TIMEOUT`: the guest agent was not ready within `bootTimeoutMs` (the message has the console tail);
+ * - `E_AGENT_EXITED`: the VM ended before the agent was ready (kernel panic, bad root disk, QEMU error);
+ * - `E_PROTOCOL`, `E_AGENT_ERROR`, `E_CHANNEL_CLOSED`, `E_AGENT_TIMEOUT`: the control channel;
+ * - the VMM's own codes on engine `kvm` (`E_KERNEL_FORMAT`, `E_KVM`, `E_MEMORY`, ...).
+ */
+export const SANDBOX_ERROR_CODES = [
+  'E_GUEST_IMAGE_MISSING',
+  'E_QEMU_NOT_FOUND',
+  'E_NO_KVM',
+  'E_ENGINE_UNAVAILABLE',
+  'E_ENGINE_START',
+  'E_HOST_IO',
+  'E_CONSOLE_OUTPUT',
+  'E_THREAD',
+  'E_BOOT_TIMEOUT',
+  'E_AGENT_EXITED',
+  'E_PROTOCOL',
+  'E_AGENT_ERROR',
+  'E_CHANNEL_CLOSED',
+  'E_AGENT_TIMEOUT',
+] as const
+
+export type SandboxErrorCode = (typeof SANDBOX_ERROR_CODES)[number]

@@ -2,6 +2,10 @@
  * microcell: microVM sandboxes for running untrusted code, from Node.js.
  *
  * ```ts
+ * import { Sandbox } from 'microcell'
+ * await using sb = await Sandbox.builder('demo').memory(512).create() // the guest agent is ready
+ * console.log(sb.info.engine, sb.info.kernelRelease, sb.info.bootMs)
+ *
  * import { MicroVm } from 'microcell'
  * const vm = await MicroVm.builder().kernel('guest.elf').memoryMib(256).start({ consoleStream: true })
  * vm.console.pipe(process.stdout)
@@ -14,10 +18,12 @@ export { Snapshot } from './snapshot.js'
 export type { CloneOptions, RestoreOptions, SnapshotConfig, SnapshotDisk, SnapshotOptions } from './snapshot.js'
 export { RestorePool, VmPool } from './pool.js'
 export type { PoolCloseOptions, PoolStats, RestorePoolOptions, VmPoolOptions } from './pool.js'
+export { Sandbox, SandboxBuilder } from './sandbox.js'
+export type { SandboxConfig, SandboxConfigInput, SandboxEngine, SandboxInfo, SandboxStopOptions } from './sandbox.js'
 export { hostInfo } from './host.js'
 export type { HostInfo } from './host.js'
-export { MicrocellError, CONFIG_ERROR_CODES } from './errors.js'
-export type { ConfigErrorCode } from './errors.js'
+export { MicrocellError, CONFIG_ERROR_CODES, SANDBOX_ERROR_CODES } from './errors.js'
+export type { ConfigErrorCode, SandboxErrorCode } from './errors.js'
 export type {
   ConsoleStats,
   ExitReason,

@@ -209,3 +209,74 @@ export async function startVm(
   const vm = await callAsync(() => binding().startVm(json, options))
   return new NativeVmHandle(vm)
 }
+
+/** A sandbox in the addon (the guest agent was ready), with errors mapped. */
+export class NativeSandboxHandle {
+  readonly #sandbox: Binding.NativeSandbox
+
+  constructor(sandbox: Binding.NativeSandbox) {
+    this.#sandbox = sandbox
+  }
+
+  info(): Record<string, unknown> {
+    return call(() => this.#sandbox.info())
+  }
+
+  config(): string {
+    return call(() => this.#sandbox.config())
+  }
+
+  /** Poweroff, then kill after `timeoutMs`; resolves with how the VM ended. */
+  async stop(timeoutMs: number): Promise<ExitStatus> {
+    return exitStatus(await callAsync(() => this.#sandbox.stop(timeoutMs)))
+  }
+
+  kill(): void {
+    call(() => this.#sandbox.kill())
+  }
+
+  async wait(): Promise<ExitStatus> {
+    return exitStatus(await callAsync(() => this.#sandbox.wait()))
+  }
+
+  exitStatus(): ExitStatus | null {
+    const info = call(() => this.#sandbox.exitStatus())
+    return info == null ? null : exitStatus(info)
+  }
+
+  /** Next console bytes, or null at the end of the stream. */
+  readConsole(maxBytes?: number): Promise<Buffer | null> {
+    return callAsync(() => this.#sandbox.readConsole(maxBytes))
+  }
+
+  consoleStats(): ConsoleStats {
+    const s = call(() => this.#sandbox.consoleStats())
+    const stats: ConsoleStats = {
+      totalBytes: s.totalBytes,
+      droppedBytes: s.droppedBytes,
+      queuedBytes: s.queuedBytes,
+      closed: s.closed,
+    }
+    if (s.fileError != null) stats.fileError = s.fileError
+    return stats
+  }
+
+  consoleTail(): string {
+    return call(() => this.#sandbox.consoleTail())
+  }
+}
+
+/** Validates a SandboxConfig JSON; returns it normalised (defaults filled in). */
+export function validateSandboxConfig(json: string): string {
+  return call(() => binding().validateSandboxConfig(json))
+}
+
+/** What `engine: 'auto'` picks here and why; whether QEMU is there. */
+export function engineInfo(): Record<string, unknown> {
+  return call(() => binding().engineInfo())
+}
+
+/** Boots a sandbox; resolves once its agent is ready. */
+export async function createSandbox(json: string): Promise<NativeSandboxHandle> {
+  return new NativeSandboxHandle(await callAsync(() => binding().createSandbox(json)))
+}

@@ -1,0 +1,308 @@
+import { Readable } from 'node:stream'
+
+import type { ConsoleStats, ExitStatus } from './config.js'
+import { MicrocellError } from './errors.js'
+import * as native from './internal/native.js'
+
+/**
+ * What boots a sandbox: `kvm` (microcell's own VMM, in this process; needs hardware KVM),
+ * `qemu` (`qemu-system-x86_64 -M microvm` as a child process: KVM-accelerated on hardware KVM,
+ * software emulation elsewhere) or `auto` (`kvm` where it can boot Linux, else `qemu`).
+ */
+export type SandboxEngine = 'auto' | 'kvm' | 'qemu'
+
+/** The configuration of a sandbox, as `build()` returns it (defaults filled in). */
+export interface SandboxConfig {
+  /** 1-63 letters, digits and '-' (not first or last); the guest's hostname. */
+  name?: string
+  /** Guest memory in MiB: at least 64, at most the host's RAM (default 512). */
+  memoryMib: number
+  /** vCPUs, 1 to 32 (default 1). */
+  cpus: number
+  /** Environment for processes run in the sandbox (kept for exec). */
+  env?: Record<string, string>
+  /** Working directory for processes run in the sandbox, an absolute guest path (kept for exec). */
+  workdir?: string
+  /** Default `auto`. */
+  engine: SandboxEngine
+  /** Guest kernel (default: `MICROCELL_KERNEL`, else the one `scripts/setup.sh` built). */
+  kernel?: string
+  /** Root disk image (default: `MICROCELL_ROOTFS`, else the one `scripts/setup.sh` built). */
+  rootfs?: string
+  /** How long the guest agent has to become ready, 100 to 600000 ms (default 30000). */
+  bootTimeoutMs: number
+  /** Host file that receives the guest console (created or truncated). */
+  consoleOutput?: string
+  /** Appended to the guest kernel command line (printable ASCII, at most 1024 characters). */
+  kernelArgs?: string
+}
+
+/** What `Sandbox.create()` accepts: a built config, or any part of one (defaults apply). */
+export type SandboxConfigInput = Partial<SandboxConfig>
+
+/** How a sandbox came up. */
+export interface SandboxInfo {
+  name: string | null
+  /** The engine that runs it (`auto` resolved). */
+  engine: 'kvm' | 'qemu'
+  /** Why this engine: `asked for`, or `auto: ...` with the host's reason. */
+  engineReason: string
+  /** The engine in one line: the QEMU binary and accelerator, or the built-in VMM. */
+  engineDetail: string
+  /** The QEMU process; null on the built-in VMM (which runs in this process). */
+  pid: number | null
+  /** The guest kernel and root disk that booted. */
+  kernel: string
+  rootfs: string
+  /** `uname -r` of the guest, e.g. `6.1.192`. */
+  kernelRelease: string
+  /** The agent's name and version. */
+  agent: string
+  hostname: string
+  protocolVersion: number
+  /** The agent's feature bits. */
+  features: number
+  /** Host wall time from the start of `create()` to the agent being ready, in ms. */
+  bootMs: number
+  /** The guest's CLOCK_BOOTTIME when the agent was ready, and when the agent started (ns). */
+  guestBootNs: number
+  agentStartNs: number
+}
+
+/** Options of `sandbox.stop()`. */
+export interface SandboxStopOptions {
+  /** Kill the VM if it has not powered off this many milliseconds after the request (default 10000). */
+  timeoutMs?: number
+}
+
+/** The default of `stop({ timeoutMs })`. */
+const STOP_TIMEOUT_MS = 10_000
+
+function toJson(config: SandboxConfigInput): string {
+  try {
+    return JSON.stringify(config)
+  } catch (err) {
+    throw new MicrocellError('E_CONFIG_JSON', `the configuration cannot be written as JSON: ${String(err)}`, {
+      cause: err,
+    })
+  }
+}
+
+/**
+ * Chainable builder of a `SandboxConfig`; `build()` validates it (natively) and returns plain
+ * JSON, `create()` boots it.
+ */
+export class SandboxBuilder {
+  readonly #config: SandboxConfigInput = {}
+
+  constructor(name?: string) {
+    if (name !== undefined) this.#config.name = name
+  }
+
+  #set<K extends keyof SandboxConfigInput>(key: K, value: SandboxConfigInput[K]): this {
+    this.#config[key] = value
+    return this
+  }
+
+  /** The sandbox's name (also its guest hostname). */
+  name(name: string): this {
+    return this.#set('name', name)
+  }
+
+  /** Guest memory in MiB (default 512). */
+  memory(mib: number): this {
+    return this.#set('memoryMib', mib)
+  }
+
+  /** Number of vCPUs, 1 to 32 (default 1). */
+  cpus(count: number): this {
+    return this.#set('cpus', count)
+  }
+
+  /** Sets one environment variable, or several from an object. */
+  env(key: string, value: string): this
+  env(vars: Record<string, string>): this
+  env(keyOrVars: string | Record<string, string>, value?: string): this {
+    const env = { ...this.#config.env }
+    if (typeof keyOrVars === 'string') env[keyOrVars] = value as string
+    else Object.assign(env, keyOrVars)
+    return this.#set('env', env)
+  }
+
+  /** Working directory of processes run in the sandbox (absolute guest path). */
+  workdir(path: string): this {
+    return this.#set('workdir', path)
+  }
+
+  /** `auto` (default), `kvm` or `qemu`. */
+  engine(engine: SandboxEngine): this {
+    return this.#set('engine', engine)
+  }
+
+  /** The guest kernel (ELF vmlinux); default: the one `scripts/setup.sh` built. */
+  kernel(path: string): this {
+    return this.#set('kernel', path)
+  }
+
+  /** The root disk image (raw ext4); default: the one `scripts/setup.sh` built. */
+  rootfs(path: string): this {
+    return this.#set('rootfs', path)
+  }
+
+  /** How long the agent has to become ready (default 30000 ms). */
+  bootTimeoutMs(ms: number): this {
+    return this.#set('bootTimeoutMs', ms)
+  }
+
+  /** Host file that receives the guest console. */
+  consoleOutput(path: string): this {
+    return this.#set('consoleOutput', path)
+  }
+
+  /** Extra guest kernel command line (e.g. `loglevel=8`). */
+  kernelArgs(args: string): this {
+    return this.#set('kernelArgs', args)
+  }
+
+  /**
+   * Validates the configuration and returns it as plain JSON (defaults filled in). Throws a
+   * `MicrocellError` with an `E_CONFIG_*` code. The guest images are checked by `create()`.
+   */
+  build(): SandboxConfig {
+    return Sandbox.validate(this.#config)
+  }
+
+  /** `Sandbox.create(this.build())`. */
+  create(): Promise<Sandbox> {
+    return Sandbox.create(this.#config)
+  }
+}
+
+/**
+ * A microVM running the guest platform (Linux kernel, root disk, the microcell agent as PID 1),
+ * ready when `create()` resolves. `await using sb = await Sandbox.builder('x').create()` stops
+ * it at scope end.
+ */
+export class Sandbox implements AsyncDisposable {
+  readonly #native: native.NativeSandboxHandle
+  readonly #info: SandboxInfo
+  #console: Readable | undefined
+  #exit: Promise<ExitStatus> | undefined
+  #stopping: Promise<ExitStatus> | undefined
+
+  private constructor(handle: native.NativeSandboxHandle) {
+    this.#native = handle
+    this.#info = Object.freeze(handle.info() as unknown as SandboxInfo)
+  }
+
+  /** A builder; `name` becomes the sandbox's name and guest hostname. */
+  static builder(name?: string): SandboxBuilder {
+    return new SandboxBuilder(name)
+  }
+
+  /** Validates a configuration; returns it normalised (what `build()` returns). */
+  static validate(config: SandboxConfigInput): SandboxConfig {
+    return JSON.parse(native.validateSandboxConfig(toJson(config))) as SandboxConfig
+  }
+
+  /**
+   * Validates and boots a configuration; resolves once the guest agent is ready (about 1 s
+   * under QEMU's software emulation). Rejects with a `MicrocellError`: `E_CONFIG_*`,
+   * `E_GUEST_IMAGE_MISSING` (run `scripts/setup.sh`), `E_QEMU_NOT_FOUND`, `E_NO_KVM`,
+   * `E_ENGINE_UNAVAILABLE` (engine `kvm` where the built-in VMM cannot boot Linux),
+   * `E_BOOT_TIMEOUT`, `E_AGENT_EXITED` (the VM ended first; the message has the console tail),
+   * ... The VM is gone when it rejects.
+   */
+  static async create(config: SandboxConfigInput = {}): Promise<Sandbox> {
+    const handle = await native.createSandbox(toJson(config))
+    return new Sandbox(handle)
+  }
+
+  /** How the sandbox came up: engine and why, kernel release, boot time, ... */
+  get info(): SandboxInfo {
+    return this.#info
+  }
+
+  /** The validated configuration it was made from. */
+  get config(): SandboxConfig {
+    return JSON.parse(this.#native.config()) as SandboxConfig
+  }
+
+  /** Resolves when the VM has ended (the console and `consoleOutput` are complete by then). */
+  wait(): Promise<ExitStatus> {
+    this.#exit ??= this.#native.wait()
+    return this.#exit
+  }
+
+  /** How the VM ended, or null while it runs. */
+  get exitStatus(): ExitStatus | null {
+    return this.#native.exitStatus()
+  }
+
+  /**
+   * Powers the guest off (the agent syncs its disks and resets the VM) and resolves when the VM
+   * has ended: `{ reason: 'reset' }` when graceful, `{ reason: 'killed' }` when it had not
+   * ended after `timeoutMs` (default 10 s) and was killed. When the VM has already ended,
+   * resolves with how it ended.
+   */
+  stop(options: SandboxStopOptions = {}): Promise<ExitStatus> {
+    const timeoutMs = options.timeoutMs ?? STOP_TIMEOUT_MS
+    if (!Number.isInteger(timeoutMs) || timeoutMs < 0 || timeoutMs > 2 ** 32 - 1) {
+      return Promise.reject(
+        new MicrocellError(
+          'E_INVALID_ARGUMENT',
+          `timeoutMs is ${String(timeoutMs)}: give a whole number of milliseconds from 0 to 4294967295 (default ${STOP_TIMEOUT_MS})`,
+        ),
+      )
+    }
+    const ended = this.#native.exitStatus()
+    if (ended !== null) return Promise.resolve(ended)
+    this.#stopping ??= this.#native.stop(timeoutMs)
+    return this.#stopping
+  }
+
+  /** Ends the VM at once and resolves when it has ended. */
+  kill(): Promise<ExitStatus> {
+    const done = this.wait()
+    this.#native.kill()
+    return done
+  }
+
+  /**
+   * The guest console (serial port) as a Node Readable, created on first access: the boot log,
+   * the agent's `microcell-agent ready ...` banner, kernel messages. It ends when the VM has
+   * ended. A sandbox keeps the last 64 KiB not yet read; older bytes are dropped and counted
+   * in `consoleStats.droppedBytes` (use `consoleOutput` for a complete file). While a read is
+   * pending, Node's event loop stays alive, as for a child process.
+   */
+  get console(): Readable {
+    this.#console ??= consoleReadable(this.#native)
+    return this.#console
+  }
+
+  /** Counters of the console (bytes written, dropped for a slow reader, ...). */
+  get consoleStats(): ConsoleStats {
+    return this.#native.consoleStats()
+  }
+
+  /** The last console lines (and QEMU's stderr), as error messages show them. */
+  consoleTail(): string {
+    return this.#native.consoleTail()
+  }
+
+  /** Stops the sandbox (see `stop()`); nothing to do when it has already ended. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.stop()
+  }
+}
+
+function consoleReadable(handle: native.NativeSandboxHandle): Readable {
+  return new Readable({
+    read(size: number) {
+      handle.readConsole(Math.max(size, 4096)).then(
+        (chunk) => this.push(chunk),
+        (err: unknown) => this.destroy(err as Error),
+      )
+    },
+  })
+}
