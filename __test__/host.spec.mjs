@@ -9,7 +9,22 @@ import * as microcell from 'microcell'
 test('the package exports exactly its public API', (t) => {
   // (An ESM namespace of a CommonJS module also has `default` and tsc's `__esModule` marker.)
   const names = Object.keys(microcell).filter((k) => k !== 'default' && k !== '__esModule')
-  t.deepEqual(names.sort(), ['CONFIG_ERROR_CODES', 'MicroVm', 'MicroVmBuilder', 'MicrocellError', 'hostInfo'])
+  t.deepEqual(
+    names.sort(),
+    [
+      'CONFIG_ERROR_CODES',
+      'MicroVm',
+      'MicroVmBuilder',
+      'MicrocellError',
+      'RestorePool',
+      'SANDBOX_ERROR_CODES',
+      'Sandbox',
+      'SandboxBuilder',
+      'Snapshot',
+      'VmPool',
+      'hostInfo',
+    ].sort(),
+  )
 })
 
 test('hostInfo() describes the KVM flavour and what it can run', (t) => {
@@ -32,7 +47,14 @@ test('hostInfo() describes the KVM flavour and what it can run', (t) => {
     t.is(typeof info.apiVersion, 'number')
   }
   if (info.kvmFlavour === 'pvm') t.false(info.canBootLinux)
+  // Which engine a sandbox with engine 'auto' gets, and why.
+  t.is(info.autoEngine, info.canBootLinux ? 'kvm' : 'qemu')
+  t.true(info.autoEngineReason.startsWith('auto: '), info.autoEngineReason)
+  t.true(info.autoEngineReason.includes(info.reason), info.autoEngineReason)
+  t.true((info.qemu === null) !== (info.qemuUnavailable === null), 'exactly one of qemu / qemuUnavailable')
+  if (info.qemu === null) t.regex(info.qemuUnavailable, /qemu-system-x86/)
   t.log(`kvmFlavour=${info.kvmFlavour} canBootLinux=${info.canBootLinux}: ${info.reason}`)
+  t.log(`engine auto → ${info.autoEngine} (${info.autoEngineReason}); qemu: ${info.qemu ?? info.qemuUnavailable}`)
 })
 
 test('MicrocellError is an Error with a code', (t) => {

@@ -2,7 +2,8 @@
 # Sets up (./scripts/setup.sh), then runs every test tier that exists:
 #   cargo test --workspace   T0 unit tests; T1 VMM tests with the test guests on /dev/kvm
 #   ava (npm test)           T0 config/host tests; T1 boots through the Node API;
-#                            T2/T3 skipped, each with its reason printed
+#                            T2 the guest platform through Sandbox on engine qemu; T3 the same
+#                            on engine kvm (skipped, with the reason printed, without hardware KVM)
 # and ends with one summary line: "summary: N passed, N failed, N skipped".
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -1,0 +1,59 @@
+// Compiled (not run) by types.spec.mjs: a TypeScript user of the Sandbox API.
+import { Sandbox, SandboxBuilder, MicrocellError, SANDBOX_ERROR_CODES, hostInfo } from 'microcell'
+import type {
+  ExitStatus,
+  HostInfo,
+  SandboxConfig,
+  SandboxConfigInput,
+  SandboxEngine,
+  SandboxErrorCode,
+  SandboxInfo,
+  SandboxStopOptions,
+} from 'microcell'
+
+const host: HostInfo = hostInfo()
+const auto: 'kvm' | 'qemu' = host.autoEngine
+const why: string = host.autoEngineReason
+const qemu: string | null = host.qemu
+const engine: SandboxEngine = host.canBootLinux ? 'kvm' : 'qemu'
+
+const builder: SandboxBuilder = Sandbox.builder('typed')
+const config: SandboxConfig = builder
+  .memory(256)
+  .cpus(2)
+  .env('A', '1')
+  .env({ B: '2' })
+  .workdir('/srv')
+  .engine(engine)
+  .kernel('/k')
+  .rootfs('/r')
+  .bootTimeoutMs(10_000)
+  .consoleOutput('/tmp/console.log')
+  .kernelArgs('loglevel=4')
+  .build()
+const mib: number = config.memoryMib
+const input: SandboxConfigInput = { memoryMib: 256, engine: 'auto' }
+const stopOptions: SandboxStopOptions = { timeoutMs: 500 }
+
+async function run(): Promise<void> {
+  await using sb = await Sandbox.builder('scoped').create()
+  const info: SandboxInfo = sb.info
+  const release: string = info.kernelRelease
+  const ran: 'kvm' | 'qemu' = info.engine
+  const ms: number = info.bootMs
+  console.log(release, ran, info.engineReason, ms, info.pid ?? 'in-process', auto, why, qemu, mib)
+  sb.console.pipe(process.stdout)
+  const other = await Sandbox.create(input)
+  const exit: ExitStatus = await other.stop(stopOptions)
+  const killed: ExitStatus = await other.kill()
+  const waited: ExitStatus = await sb.wait()
+  console.log(exit.reason, killed.code, waited.message, sb.exitStatus?.reason, sb.consoleStats.droppedBytes, sb.consoleTail())
+  const validated: SandboxConfig = Sandbox.validate(sb.config)
+  console.log(validated.engine)
+}
+
+run().catch((err: unknown) => {
+  if (err instanceof MicrocellError && SANDBOX_ERROR_CODES.includes(err.code as SandboxErrorCode)) {
+    console.log(err.code)
+  }
+})
