@@ -253,6 +253,10 @@ function suite(tier, engine, skipReason) {
     t.deepEqual(await within(sb.kill(), 5000, 'kill()'), { reason: 'killed' })
     t.deepEqual(await waiting, { reason: 'killed' })
     t.deepEqual(await sb.stop(), { reason: 'killed' })
+    await rejectsWith(t, sb.stop({ timeoutMs: -1 }), 'E_INVALID_ARGUMENT')
+    await rejectsWith(t, sb.stop({ timeoutMs: 1.5 }), 'E_INVALID_ARGUMENT')
+    t.regex(sb.consoleTail(), /microcell-agent ready/, 'the tail outlives the VM')
+    t.true(sb.consoleStats.closed)
     t.deepEqual(qemuChildren(), [])
   })
 
