@@ -1,6 +1,7 @@
-//! T2: sandbox snapshots on the QEMU engine (migration to a file): a running sandbox is
-//! snapshotted, restored twice, and each clone's agent answers on its own channel while the
-//! original runs on. (State checks through exec are added with the exec API.)
+//! T2: sandbox snapshots on the QEMU engine (migration to a file): a sandbox with state in
+//! memory (tmpfs) and on its root disk is snapshotted and restored twice; both clones see the
+//! state, diverge independently of each other and of the original, and do not hand out the
+//! same random numbers.
 
 mod common;
 
@@ -8,7 +9,14 @@ use std::time::Duration;
 
 use common::*;
 use sandbox::engine::{EngineChoice, EngineKind};
+use sandbox::exec::ExecRequest;
 use sandbox::{Sandbox, SandboxRestoreOptions};
+
+fn sh(sb: &Sandbox, script: &str) -> String {
+    let out = sb.exec_collect(&ExecRequest::shell(script), Some(Duration::from_secs(20))).expect("exec");
+    assert_eq!(out.code(), Some(0), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout_str()
+}
 
 #[test]
 fn t2_snapshot_restore_twice() {
@@ -17,6 +25,7 @@ fn t2_snapshot_restore_twice() {
     images();
     let dir = tempfile::tempdir().unwrap();
     let original = Sandbox::create(config(EngineChoice::Qemu)).expect("boots");
+    sh(&original, "echo in-memory > /tmp/mem.txt; echo on-disk > /root/disk.txt; sync");
     let t = std::time::Instant::now();
     original.snapshot(dir.path()).expect("snapshot");
     println!("snapshot took {:?}", t.elapsed());
@@ -33,8 +42,19 @@ fn t2_snapshot_restore_twice() {
         assert_eq!(c.info().engine, EngineKind::Qemu);
         assert_eq!(c.info().kernel_release, original.info().kernel_release);
         c.ping(Duration::from_secs(5)).expect("a clone's agent answers");
+        assert_eq!(sh(c, "cat /tmp/mem.txt /root/disk.txt"), "in-memory\non-disk\n", "the clone sees the state");
     }
     assert_ne!(clones[0].info().pid, clones[1].info().pid, "each clone is its own QEMU");
+    // Diverge: each writes its own values; nobody else sees them.
+    for (i, c) in clones.iter().enumerate() {
+        sh(c, &format!("echo clone{i} > /tmp/mem.txt; echo clone{i} > /root/disk.txt; sync"));
+    }
+    for (i, c) in clones.iter().enumerate() {
+        assert_eq!(sh(c, "cat /tmp/mem.txt /root/disk.txt"), format!("clone{i}\nclone{i}\n"));
+    }
+    assert_eq!(sh(&original, "cat /tmp/mem.txt /root/disk.txt"), "in-memory\non-disk\n", "the original is untouched");
+    let random: Vec<String> = clones.iter().map(|c| sh(c, "od -An -tx1 -N16 /dev/urandom")).collect();
+    assert_ne!(random[0], random[1], "two clones must not hand out the same random numbers");
     for c in &clones {
         c.stop(Duration::from_secs(5));
     }
