@@ -281,6 +281,13 @@ impl QemuEngine {
             engine: EngineKind::Qemu,
             message: format!("{what}: {e}"),
         };
+        // A missing QEMU is the likelier mistake; say so before copying any disk.
+        if !is_executable(&self.binary) {
+            return Err(SandboxError::QemuNotFound(format!(
+                "{} cannot be executed: install it with `apt-get install qemu-system-x86` or set MICROCELL_QEMU",
+                self.binary.display()
+            )));
+        }
         let run_dir = RunDir::create("qemu").map_err(|source| SandboxError::HostIo {
             what: format!("cannot create a per-VM directory in {}", std::env::temp_dir().display()),
             source,
@@ -767,7 +774,9 @@ mod tests {
         let engine = QemuEngine::new(&fake, Accel::Tcg);
 
         // Echo over fd 3, then a clean end when the host closes its side.
-        let mut spec = BootSpec::new("/k", "/r");
+        let rootfs = dir.path().join("rootfs.img");
+        std::fs::write(&rootfs, b"a disk").unwrap();
+        let mut spec = BootSpec::new("/k", &rootfs);
         spec.console_queue_bytes = Some(1024);
         let vm = engine.boot(&spec).unwrap();
         let mut ch = vm.take_channel().unwrap();
