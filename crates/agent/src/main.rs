@@ -401,34 +401,41 @@ impl Agent {
             return Ok(Action::Continue);
         }
         self.backoff = Duration::from_micros(500);
-        self.decoder.feed(&buf[..n]);
-        loop {
-            match self.decoder.next_frame() {
-                Ok(Some(frame)) => {
-                    if self.session.handle(frame, &mut self.out) == Action::Poweroff {
-                        return Ok(Action::Poweroff);
-                    }
+        let Agent { decoder, session, out, .. } = self;
+        let mut action = Action::Continue;
+        let mut fatal = None;
+        // Frames are decoded in place from the read buffer (no copy into the decoder's).
+        decoder.decode_from(&buf[..n], |r| match r {
+            Ok(frame) => {
+                if session.handle(frame, out) == Action::Poweroff {
+                    action = Action::Poweroff;
+                    return false;
                 }
-                Ok(None) => return Ok(Action::Continue),
-                Err(e) if e.is_fatal() => {
-                    if self.init {
-                        log!("control channel: {e}");
-                    }
-                    self.out.final_msg(0, Message::error(protocol::ErrorCode::MALFORMED, 0, e.to_string()));
-                    self.flush_all();
-                    if !self.init {
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, e));
-                    }
-                    self.decoder.reset();
-                    self.session.reset();
-                    return Ok(Action::Continue);
-                }
-                Err(e) => {
-                    if let Some(f) = self.session.frame_error(&e) {
-                        self.out.push(f);
-                    }
-                }
+                true
             }
+            Err(e) if e.is_fatal() => {
+                fatal = Some(e);
+                false
+            }
+            Err(e) => {
+                if let Some(f) = session.frame_error(&e) {
+                    out.push(f);
+                }
+                true
+            }
+        });
+        if let Some(e) = fatal {
+            if self.init {
+                log!("control channel: {e}");
+            }
+            self.out.final_msg(0, Message::error(protocol::ErrorCode::MALFORMED, 0, e.to_string()));
+            self.flush_all();
+            if !self.init {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            self.decoder.reset();
+            self.session.reset();
         }
+        Ok(action)
     }
 }

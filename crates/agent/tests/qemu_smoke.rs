@@ -97,7 +97,7 @@ fn qemu_boots_to_ready_and_powers_off() {
     let ping = tp.elapsed();
 
     let tp = Instant::now();
-    assert_eq!(conn.request(2, Message::Poweroff(())), Frame::new(2, Message::Ok(())));
+    assert_eq!(conn.request(2, Message::Poweroff(())), Frame::new(2, Message::Ok(())).with_flags(protocol::FLAG_FINAL));
     let status = loop {
         if let Some(s) = qemu.try_wait().unwrap() {
             break s;

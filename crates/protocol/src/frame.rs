@@ -191,6 +191,43 @@ impl Default for Decoder {
     }
 }
 
+/// One decoding step over the bytes available.
+enum Step {
+    /// No complete frame yet.
+    Need,
+    /// The stream cannot be trusted any more.
+    Fatal(FrameError),
+    /// A frame (or why it was skipped) and the bytes it took.
+    Frame(Result<Frame, FrameError>, usize),
+}
+
+fn step(avail: &[u8], max_payload: usize) -> Step {
+    let Some(hb) = avail.first_chunk::<HEADER_LEN>() else {
+        // Reject garbage as soon as its first byte is seen.
+        return match avail.first() {
+            Some(&b) if b != MAGIC => Step::Fatal(FrameError::BadMagic(b)),
+            _ => Step::Need,
+        };
+    };
+    let h = match Header::parse(hb, max_payload) {
+        Ok(h) => h,
+        Err(e) => return Step::Fatal(e),
+    };
+    let end = HEADER_LEN + h.len as usize;
+    if avail.len() < end {
+        return Step::Need;
+    }
+    if h.flags & !KNOWN_FLAGS != 0 {
+        return Step::Frame(Err(FrameError::UnknownFlags { id: h.id, kind: h.kind, flags: h.flags }), end);
+    }
+    let r = match Message::decode(h.kind, &avail[HEADER_LEN..end]) {
+        Ok(msg) => Ok(Frame { id: h.id, flags: h.flags, msg }),
+        Err(MessageError::UnknownKind(kind)) => Err(FrameError::UnknownKind { id: h.id, kind }),
+        Err(MessageError::Malformed(reason)) => Err(FrameError::Malformed { id: h.id, kind: h.kind, reason }),
+    };
+    Step::Frame(r, end)
+}
+
 impl Decoder {
     pub fn new() -> Decoder {
         Decoder::with_max_payload(MAX_PAYLOAD)
@@ -221,34 +258,80 @@ impl Decoder {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
-        let avail = &self.buf[self.pos..];
-        let Some(hb) = avail.first_chunk::<HEADER_LEN>() else {
-            // Reject garbage as soon as its first byte is seen.
-            if let Some(&b) = avail.first() {
-                if b != MAGIC {
-                    return Err(self.fail(FrameError::BadMagic(b)));
+        match step(&self.buf[self.pos..], self.max_payload) {
+            Step::Need => Ok(None),
+            Step::Fatal(e) => Err(self.fail(e)),
+            Step::Frame(r, used) => {
+                self.pos += used;
+                r.map(Some)
+            }
+        }
+    }
+
+    /// Decodes the frames in `input` (after whatever earlier calls left buffered), handing
+    /// each result to `f` in order — the same results as [`Decoder::feed`] followed by
+    /// [`Decoder::next_frame`] until `Ok(None)`, but frames that lie whole in `input` are
+    /// decoded where they are, without a copy into the decoder's buffer. `f` returns `false`
+    /// to stop early: the rest of `input` is then kept for the next call. After a fatal error
+    /// (handed to `f`) nothing more is decoded.
+    pub fn decode_from(&mut self, mut input: &[u8], mut f: impl FnMut(Result<Frame, FrameError>) -> bool) {
+        if let Some(e) = &self.failed {
+            f(Err(e.clone()));
+            return;
+        }
+        // First whatever is buffered: complete its frame with just the bytes it needs.
+        if self.buffered() > 0 {
+            let have = self.buffered();
+            if have < HEADER_LEN {
+                let take = (HEADER_LEN - have).min(input.len());
+                self.feed(&input[..take]);
+                input = &input[take..];
+            }
+            if let Some(hb) = self.buf[self.pos..].first_chunk::<HEADER_LEN>() {
+                if let Ok(h) = Header::parse(hb, self.max_payload) {
+                    let need = (HEADER_LEN + h.len as usize).saturating_sub(self.buffered());
+                    let take = need.min(input.len());
+                    self.feed(&input[..take]);
+                    input = &input[take..];
                 }
             }
-            return Ok(None);
-        };
-        let h = match Header::parse(hb, self.max_payload) {
-            Ok(h) => h,
-            Err(e) => return Err(self.fail(e)),
-        };
-        let end = HEADER_LEN + h.len as usize;
-        if avail.len() < end {
-            return Ok(None);
+            loop {
+                let r = match self.next_frame() {
+                    Ok(None) => break,
+                    Ok(Some(frame)) => Ok(frame),
+                    Err(e) => Err(e),
+                };
+                let fatal = matches!(&r, Err(e) if e.is_fatal());
+                if !f(r) || fatal {
+                    if !fatal {
+                        self.feed(input);
+                    }
+                    return;
+                }
+            }
+            if self.buffered() > 0 {
+                // Still incomplete: all of `input` went into it.
+                return;
+            }
         }
-        let payload = &avail[HEADER_LEN..end];
-        self.pos += end;
-        if h.flags & !KNOWN_FLAGS != 0 {
-            return Err(FrameError::UnknownFlags { id: h.id, kind: h.kind, flags: h.flags });
+        // Then frames in place.
+        let mut at = 0;
+        loop {
+            match step(&input[at..], self.max_payload) {
+                Step::Need => break,
+                Step::Fatal(e) => {
+                    f(Err(self.fail(e)));
+                    return;
+                }
+                Step::Frame(r, used) => {
+                    at += used;
+                    if !f(r) {
+                        break;
+                    }
+                }
+            }
         }
-        match Message::decode(h.kind, payload) {
-            Ok(msg) => Ok(Some(Frame { id: h.id, flags: h.flags, msg })),
-            Err(MessageError::UnknownKind(kind)) => Err(FrameError::UnknownKind { id: h.id, kind }),
-            Err(MessageError::Malformed(reason)) => Err(FrameError::Malformed { id: h.id, kind: h.kind, reason }),
-        }
+        self.feed(&input[at..]);
     }
 
     /// Call when the stream has ended: fails if it ended inside a frame.

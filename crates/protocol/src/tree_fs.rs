@@ -144,7 +144,24 @@ impl TreeReader {
                     return Ok(false);
                 }
                 let want = (*left).min(room as u64);
-                let n = f.take(want).read_to_end(buf).map_err(TreeFsError::io("read", path))? as u64;
+                // Read straight into the output (zeroed first: no libc here to read into spare
+                // capacity), in as few read(2) calls as the file gives.
+                let start = buf.len();
+                buf.resize(start + want as usize, 0);
+                let mut got = 0;
+                while got < want as usize {
+                    match f.read(&mut buf[start + got..]) {
+                        Ok(0) => break,
+                        Ok(k) => got += k,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            buf.truncate(start);
+                            return Err(TreeFsError::io("read", path)(e));
+                        }
+                    }
+                }
+                buf.truncate(start + got);
+                let n = got as u64;
                 let n = if n == 0 {
                     // The file shrank: keep the stream valid.
                     buf.resize(buf.len() + want as usize, 0);

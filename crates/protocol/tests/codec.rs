@@ -497,3 +497,73 @@ fn wire_trait_is_usable_directly() {
     Exit { code: Some(-1), signal: None, duration_ns: 5, timed_out: true }.put(&mut out);
     assert_eq!(out, [1, 1, 0, 5, 1]);
 }
+
+/// `decode_from` gives exactly what `feed` + `next_frame` give, however the stream is cut,
+/// with unknown and malformed frames among valid ones, and stops where asked.
+#[test]
+fn decode_from_matches_feed_and_next_frame() {
+    let mut rng = Rng(0x5eed);
+    let mut stream = Vec::new();
+    for i in 0..400 {
+        if i % 17 == 3 {
+            stream.extend(Header { flags: 0, kind: 0x7777, id: i, len: 2 }.to_bytes());
+            stream.extend([1, 2]);
+        } else if i % 23 == 5 {
+            stream.extend(Header { flags: 0, kind: kind::PING, id: i, len: 0 }.to_bytes());
+        } else {
+            rng.frame().encode(&mut stream).unwrap();
+        }
+    }
+    let reference: Vec<Result<Frame, FrameError>> = {
+        let mut d = Decoder::new();
+        d.feed(&stream);
+        let mut v = Vec::new();
+        loop {
+            match d.next_frame() {
+                Ok(None) => break,
+                Ok(Some(f)) => v.push(Ok(f)),
+                Err(e) => v.push(Err(e)),
+            }
+        }
+        v
+    };
+    for round in 0..60 {
+        let mut d = Decoder::new();
+        let mut got = Vec::new();
+        let mut at = 0;
+        while at < stream.len() {
+            let n = if round == 0 { 1 } else { (rng.below(3000) as usize + 1).min(stream.len() - at) };
+            d.decode_from(&stream[at..at + n], |r| {
+                got.push(r);
+                true
+            });
+            at += n;
+        }
+        assert_eq!(got, reference, "round {round}");
+        assert_eq!(d.buffered(), 0);
+    }
+    // Stopping early keeps the rest.
+    let mut d = Decoder::new();
+    let mut first = Vec::new();
+    d.decode_from(&stream, |r| {
+        first.push(r);
+        false
+    });
+    assert_eq!(first.len(), 1);
+    let mut rest = Vec::new();
+    d.decode_from(&[], |r| {
+        rest.push(r);
+        true
+    });
+    first.extend(rest);
+    assert_eq!(first, reference);
+    // Garbage is fatal at its first byte, and sticks.
+    let mut d = Decoder::new();
+    let mut errs = Vec::new();
+    d.decode_from(b"G", |r| {
+        errs.push(r);
+        true
+    });
+    assert_eq!(errs, [Err(FrameError::BadMagic(b'G'))]);
+    assert!(d.next_frame().unwrap_err().is_fatal());
+}
