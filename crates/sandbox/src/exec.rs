@@ -173,8 +173,6 @@ struct ReadSide {
     /// Output bytes handed to the consumer and not yet credited back, per stream.
     consumed: [u64; 2],
     exit: Option<ExecExit>,
-    /// `None` returned once after the exit: the stream is over.
-    done: bool,
 }
 
 /// A running process in the guest. Dropping it before the exit kills the process group.
@@ -272,7 +270,6 @@ impl ExecHandle {
         let mut r = lock(&self.read);
         loop {
             if r.exit.is_some() {
-                r.done = true;
                 return Ok(None);
             }
             let left = match deadline {
@@ -318,6 +315,12 @@ impl ExecHandle {
                 return Ok(Some(ev));
             }
         }
+    }
+
+    /// [`ExecHandle::next_event`] on a shared handle: a `Send + 'static` future (what napi's
+    /// `execute_tokio_future` takes).
+    pub async fn next_event_owned(self: std::sync::Arc<Self>) -> Result<Option<ExecEvent>> {
+        self.next_event().await
     }
 
     /// Writes to the process's stdin, waiting (at most `timeout` for each piece) while the
@@ -400,6 +403,34 @@ impl ExecHandle {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_owned_event_future_is_send_and_static() {
+        fn send_static<T: Send + 'static>(_: &T) {}
+        fn check(h: std::sync::Arc<ExecHandle>) {
+            send_static(&h.next_event_owned());
+        }
+        let _ = check;
+    }
+
+    #[test]
+    fn requests_are_checked_before_anything_is_sent() {
+        assert_eq!(ExecRequest::default().to_message().unwrap_err().code(), "E_INVALID_ARGUMENT");
+        let mut r = ExecRequest::shell("true");
+        r.rlimits = vec!["RLIMIT_NOFILE=1:2".into()];
+        assert_eq!(r.to_message().unwrap().rlimits, [Rlimit { resource: 7, soft: 1, hard: 2 }]);
+        r.rlimits = vec!["NOFILE".into()];
+        assert_eq!(r.to_message().unwrap_err().code(), "E_INVALID_ARGUMENT");
+        let r: ExecRequest = serde_json::from_str(r#"{"argv":["ls","-l"],"env":[["A","b"]],"cwd":"/tmp","stdin":true,"tty":[24,80],"timeoutMs":500,"rlimits":["RLIMIT_NOFILE=1024:1024"]}"#).unwrap();
+        let m = r.to_message().unwrap();
+        assert_eq!((m.tty, m.timeout_ms, m.window), (Some(TtySize { rows: 24, cols: 80 }), Some(500), DEFAULT_WINDOW));
+        assert!(serde_json::from_str::<ExecRequest>(r#"{"argv":["ls"],"bogus":1}"#).is_err());
+    }
+}
+
 impl Drop for ExecHandle {
     fn drop(&mut self) {
         if !self.pending.is_finished() {
@@ -422,7 +453,7 @@ impl AgentClient {
                 pending,
                 pid: s.pid,
                 window,
-                read: Mutex::new(ReadSide { consumed: [0; 2], exit: None, done: false }),
+                read: Mutex::new(ReadSide { consumed: [0; 2], exit: None }),
                 stdin: Mutex::new(!req.stdin && req.tty.is_none()),
             }),
             Message::Error(e) => Err(agent_error("Exec", e)),
