@@ -32,6 +32,11 @@ impl Channel {
     /// # Safety
     /// `fd` must be an open descriptor that nothing else owns.
     pub unsafe fn from_fd(fd: RawFd, description: String) -> io::Result<Channel> {
+        // Processes the agent starts must not inherit the channel.
+        // SAFETY: fcntl on the descriptor the caller handed over.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
         // SAFETY: ownership of fd is passed in by the caller.
         let read = unsafe { File::from_raw_fd(fd) };
         let write = read.try_clone()?;
@@ -42,8 +47,8 @@ impl Channel {
     pub fn stdio() -> io::Result<Channel> {
         // SAFETY: dup'ed descriptors are owned by the Files.
         unsafe {
-            let r = libc::dup(0);
-            let w = libc::dup(1);
+            let r = libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3);
+            let w = libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3);
             if r < 0 || w < 0 {
                 return Err(io::Error::last_os_error());
             }

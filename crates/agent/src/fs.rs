@@ -151,7 +151,12 @@ enum Source {
 impl ReadStream {
     pub fn file(req: &ReadFile) -> Result<ReadStream, ErrorMsg> {
         let p = checked(&req.path)?;
-        let mut file = File::open(p).map_err(err("open", &req.path))?;
+        // Non-blocking: a FIFO or terminal without data is an error (EAGAIN), never a stuck agent.
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(p)
+            .map_err(err("open", &req.path))?;
         let m = file.metadata().map_err(err("stat", &req.path))?;
         if m.is_dir() {
             return Err(err("read", &req.path)(io::Error::from_raw_os_error(libc::EISDIR)));
@@ -229,7 +234,8 @@ impl WriteSink {
             }
         }
         let mut o = fs::OpenOptions::new();
-        o.write(true).create(true).mode(req.mode.unwrap_or(0o644));
+        // Non-blocking: a FIFO without a reader is ENXIO, never a stuck agent.
+        o.write(true).create(true).mode(req.mode.unwrap_or(0o644)).custom_flags(libc::O_NONBLOCK);
         if req.append {
             o.append(true);
         } else {

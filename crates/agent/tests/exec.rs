@@ -323,3 +323,13 @@ fn async_reads_need_no_thread() {
     assert!(matches!(&events[2], ExecEvent::Exit(e) if e.code == Some(5)));
     assert_eq!(events.len(), 3);
 }
+
+#[test]
+fn children_inherit_no_agent_descriptors() {
+    let a = Agent::spawn();
+    // The channel (a socket) and the signalfd stay with the agent. (Descriptors the test
+    // harness itself passed down, e.g. cargo's jobserver pipes, may appear: not the agent's.)
+    let out = a.client.exec_collect(&ExecRequest::new(["ls", "-l", "/proc/self/fd/"]), T).unwrap();
+    let text = out.stdout_str();
+    assert!(!text.contains("socket:") && !text.contains("signalfd"), "inherited: {text}");
+}

@@ -237,3 +237,19 @@ fn a_failed_write_stream_is_reported_and_the_agent_goes_on() {
     assert_eq!(std::fs::read_link(out.join("sub/root-link")).unwrap(), Path::new("/"));
     a.client.ping(Duration::from_secs(5)).unwrap();
 }
+
+#[test]
+fn fifos_do_not_block_the_agent() {
+    let a = Agent::spawn();
+    let d = tempfile::tempdir().unwrap();
+    let fifo = d.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid path string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let t = Instant::now();
+    assert_eq!(a.client.write_file(p(&fifo), b"x", WriteOptions::default()).unwrap_err().code(), "ENXIO");
+    let r = a.client.read_file(p(&fifo));
+    assert!(r.as_ref().map_or(true, |b| b.is_empty()), "{r:?}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    a.client.ping(Duration::from_secs(5)).unwrap();
+}
