@@ -303,6 +303,11 @@ impl Workload {
     pub fn console_tail(&self) -> String {
         self.vm.console_tail()
     }
+
+    /// Console counters (bytes written, dropped for a slow reader, queued, closed).
+    pub fn console_stats(&self) -> crate::console::ConsoleStats {
+        self.vm.console_stats()
+    }
 }
 
 impl Drop for Workload {

@@ -40,7 +40,8 @@ pub enum LogLevel {
     Trace,
 }
 
-/// The guest's root filesystem: `{"native": "/dir"}` or `{"overlayfs": ["/lower", "/upper"]}`.
+/// The guest's root filesystem: `{"native": "/dir"}`, `{"overlayfs": ["/lower", "/upper"]}` or
+/// `{"disk": "/path/rootfs.ext4"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Rootfs {
@@ -48,6 +49,22 @@ pub enum Rootfs {
     Native(PathBuf),
     /// Layers stacked in order (later layers on top).
     Overlayfs(Vec<PathBuf>),
+    /// A root disk image of the guest platform (raw ext4 with the microcell agent as init, what
+    /// `scripts/setup.sh` builds; the default guest's is [`crate::sandbox::default_rootfs`]).
+    /// The VM then boots on a sandbox engine (`auto`: the built-in VMM where it can boot Linux,
+    /// else QEMU) and runs `execPath` as its workload (`crate::workload`); `kernel` defaults to
+    /// the guest platform's kernel. Needs `execPath`.
+    Disk(PathBuf),
+}
+
+impl Rootfs {
+    /// The root disk image, for `{"disk": ...}`.
+    pub fn disk(&self) -> Option<&Path> {
+        match self {
+            Rootfs::Disk(p) => Some(p),
+            _ => None,
+        }
+    }
 }
 
 /// Which addresses the guest may talk to.
@@ -254,13 +271,18 @@ impl MicroVmConfig {
             }
         }
 
-        let Some(kernel) = &self.kernel else {
-            return Err(ConfigError::Missing {
-                what: "kernel",
-                hint: "give the guest kernel image with .kernel(path): an ELF vmlinux (with or without a PVH note) or a bzImage",
-            });
-        };
-        check_file("kernel", kernel)?;
+        let disk = self.rootfs.as_ref().and_then(Rootfs::disk);
+        match &self.kernel {
+            Some(kernel) => check_file("kernel", kernel)?,
+            // A root disk of the guest platform boots the platform's kernel by default.
+            None if disk.is_some() => {}
+            None => {
+                return Err(ConfigError::Missing {
+                    what: "kernel",
+                    hint: "give the guest kernel image with .kernel(path): an ELF vmlinux (with or without a PVH note) or a bzImage",
+                })
+            }
+        }
         if let Some(initrd) = &self.initrd {
             check_file("initrd", initrd)?;
         }
@@ -280,6 +302,15 @@ impl MicroVmConfig {
                 }
                 for layer in layers {
                     check_dir("rootfs.overlayfs layer", layer)?;
+                }
+            }
+            Some(Rootfs::Disk(path)) => {
+                check_file("rootfs.disk", path)?;
+                if self.exec_path.is_none() {
+                    return Err(ConfigError::Missing {
+                        what: "execPath (with rootfs.disk)",
+                        hint: "a VM on a guest platform root disk runs one program as its workload: give it with .execPath(path) (and .args([...])); for a guest that runs commands on demand use Sandbox",
+                    });
                 }
             }
         }
@@ -386,6 +417,13 @@ impl MicroVmConfig {
     /// [`Self::to_vm_config`] with the host limits given.
     pub fn to_vm_config_with(&self, host: &HostLimits) -> Result<vmm::VmConfig, ConfigError> {
         self.validate_with(host)?;
+        if self.kernel.is_none() {
+            // Only a `rootfs.disk` configuration validates without a kernel.
+            return Err(ConfigError::Missing {
+                what: "kernel",
+                hint: "a rootfs.disk configuration boots on a sandbox engine, not directly on the VMM: start it with MicroVm.start (which runs it as a workload), or give .kernel(path)",
+            });
+        }
         let mut cmdline = self
             .cmdline
             .clone()
@@ -857,6 +895,24 @@ mod tests {
             "E_CONFIG_PATH_NOT_FOUND"
         );
         assert_eq!(code(&overlay(vec![])), "E_CONFIG_MISSING");
+        // A guest platform root disk: an existing file, with execPath; the kernel may be left
+        // to the platform's default.
+        let disk = |p, exec: Option<&str>| MicroVmConfig {
+            rootfs: Some(Rootfs::Disk(p)),
+            exec_path: exec.map(Into::into),
+            kernel: None,
+            ..f.config()
+        };
+        disk(f.path("kernel"), Some("/bin/sh")).validate_with(&HOST).unwrap();
+        assert_eq!(code(&disk(f.path("kernel"), None)), "E_CONFIG_MISSING");
+        assert_eq!(code(&disk(f.path("a"), Some("/bin/sh"))), "E_CONFIG_PATH_KIND");
+        assert_eq!(code(&disk(f.path("missing"), Some("/bin/sh"))), "E_CONFIG_PATH_NOT_FOUND");
+        let c = disk(f.path("kernel"), Some("/bin/sh"));
+        assert_eq!(c.to_vm_config_with(&HOST).unwrap_err().code(), "E_CONFIG_MISSING");
+        let json = MicroVmConfig::from_json(&c.to_json()).unwrap();
+        assert_eq!(json.rootfs.as_ref().and_then(Rootfs::disk), Some(f.path("kernel").as_path()));
+        // Without a disk the kernel is still required.
+        assert_eq!(code(&MicroVmConfig { kernel: None, ..f.config() }), "E_CONFIG_MISSING");
     }
 
     #[test]
