@@ -93,6 +93,13 @@ impl Session {
                             log!("setting the clock: {e}");
                         }
                     }
+                    // Every handshake after a restore brings fresh host entropy: reseed, so
+                    // clones of one snapshot do not share their random numbers.
+                    if self.init && !hello.entropy.is_empty() {
+                        if let Err(e) = sys::reseed_rng(&hello.entropy) {
+                            log!("reseeding the RNG: {e}");
+                        }
+                    }
                     self.version = Some(version);
                     out.msg(id, Message::Ready(self.ready(version)));
                 }

@@ -30,6 +30,29 @@ pub fn set_realtime_ns(ns: u64) -> io::Result<()> {
     check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })
 }
 
+/// Mixes `entropy` into the kernel RNG (credited) and forces the CRNG to reseed from it now.
+pub fn reseed_rng(entropy: &[u8]) -> io::Result<()> {
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203; // _IOW('R', 3, int[2])
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207; // _IO('R', 7)
+    let words = entropy.len().div_ceil(4);
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = vec![0u32; 2 + words];
+    info[0] = (entropy.len() * 8) as u32;
+    info[1] = entropy.len() as u32;
+    for (i, chunk) in entropy.chunks(4).enumerate() {
+        let mut w = [0u8; 4];
+        w[..chunk.len()].copy_from_slice(chunk);
+        info[2 + i] = u32::from_ne_bytes(w);
+    }
+    let rng = std::fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: `info` is a rand_pool_info with buf_size bytes after its header; both ioctls take
+    // the fd of an open /dev/urandom (and need CAP_SYS_ADMIN: the agent is PID 1 as root).
+    check(unsafe { libc::ioctl(rng.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) })?;
+    // SAFETY: as above; RNDRESEEDCRNG takes no argument.
+    check(unsafe { libc::ioctl(rng.as_raw_fd(), RNDRESEEDCRNG as _) })
+}
+
 pub fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
     let (s, t, f, d) = (cstr(source), cstr(target), cstr(fstype), cstr(data));
     // SAFETY: NUL-terminated strings that outlive the call.

@@ -136,7 +136,7 @@ fn handshake_requests_and_poweroff_over_a_socketpair() {
 #[test]
 fn version_mismatch_is_refused() {
     let (child, mut conn) = spawn_on_socketpair();
-    let hello = Message::Hello(Hello { version: 999, min_version: 900, client: "future".into(), realtime_ns: 0 });
+    let hello = Message::Hello(Hello { version: 999, min_version: 900, client: "future".into(), realtime_ns: 0, entropy: vec![] });
     let e = expect_error(conn.request(0, hello), 0, ErrorCode::VERSION);
     assert!(e.message.contains("900..=999"), "{}", e.message);
     // Still no session: requests are refused until a Hello succeeds.

@@ -75,8 +75,44 @@ pub struct Hello {
     /// The host's wall clock (ns since the Unix epoch); the guest sets its clock from it
     /// (microVMs have no RTC). `0`: leave the clock alone.
     pub realtime_ns: u64,
+    /// Fresh random bytes from the host. The guest mixes them into its RNG and reseeds from
+    /// them at once: clones restored from one snapshot would otherwise start from the same
+    /// RNG state and hand out the same "random" numbers. Empty: leave the RNG alone.
+    pub entropy: Vec<u8>,
 }
-wire_struct!(Hello { version, min_version, client, realtime_ns });
+// `entropy` came after the first v2 agents: it is written only when there is some, and a Hello
+// that ends before it decodes with none, so hosts and agents from either side of that change
+// still shake hands (and every Hello keeps exactly one encoding: an empty list is not written).
+impl crate::wire::Wire for Hello {
+    fn put(&self, out: &mut Vec<u8>) {
+        use crate::wire::Wire;
+        self.version.put(out);
+        self.min_version.put(out);
+        self.client.put(out);
+        self.realtime_ns.put(out);
+        if !self.entropy.is_empty() {
+            self.entropy.put(out);
+        }
+    }
+    fn get(r: &mut crate::wire::Reader<'_>) -> crate::wire::WireResult<Self> {
+        use crate::wire::Wire;
+        Ok(Hello {
+            version: Wire::get(r)?,
+            min_version: Wire::get(r)?,
+            client: Wire::get(r)?,
+            realtime_ns: Wire::get(r)?,
+            entropy: if r.remaining() > 0 {
+                let e: Vec<u8> = Wire::get(r)?;
+                if e.is_empty() {
+                    return Err("an empty entropy list is written as none");
+                }
+                e
+            } else {
+                Vec::new()
+            },
+        })
+    }
+}
 
 /// guest → host, id 0: the answer to [`Hello`].
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -81,6 +81,7 @@ impl Rng {
                 min_version: self.u16(),
                 client: self.string(),
                 realtime_ns: self.u64(),
+                entropy: self.bytes(64),
             }),
             kind::READY => Message::Ready(Ready {
                 version: self.u16(),
@@ -217,9 +218,9 @@ fn header_layout_is_fixed() {
     assert_eq!(bytes, [0xC1, 0x01, 0x03, 0x00, 0x01, 0x02, 0x03, 0x04, 0x01, 0x00, 0x00, 0x00, 0x05]);
     let hello = Frame::new(
         0,
-        Message::Hello(Hello { version: 1, min_version: 1, client: "h".into(), realtime_ns: 300 }),
+        Message::Hello(Hello { version: 1, min_version: 1, client: "h".into(), realtime_ns: 300, entropy: vec![0, 255, 7] }),
     );
-    assert_eq!(&hello.to_bytes().unwrap()[HEADER_LEN..], [1, 1, 1, b'h', 0xac, 0x02]);
+    assert_eq!(&hello.to_bytes().unwrap()[HEADER_LEN..], [1, 1, 1, b'h', 0xac, 0x02, 3, 0, 255, 7]);
 }
 
 #[test]
@@ -479,7 +480,7 @@ fn random_valid_streams_with_unknown_frames_interleaved() {
 
 #[test]
 fn handshake_negotiation() {
-    let hello = |min_version, version| Hello { version, min_version, client: "t".into(), realtime_ns: 0 };
+    let hello = |min_version, version| Hello { version, min_version, client: "t".into(), realtime_ns: 0, entropy: vec![] };
     assert_eq!(negotiate(&hello(1, 2)), Ok(2));
     assert_eq!(negotiate(&hello(1, 9)), Ok(PROTOCOL_VERSION));
     // Version 1 peers (shorter exec/fs payloads) are refused.
@@ -566,4 +567,14 @@ fn decode_from_matches_feed_and_next_frame() {
     });
     assert_eq!(errs, [Err(FrameError::BadMagic(b'G'))]);
     assert!(d.next_frame().unwrap_err().is_fatal());
+}
+
+#[test]
+fn a_hello_without_entropy_still_decodes() {
+    // The bytes of a Hello from before the entropy field: version 2, min 2, "h", realtime 300.
+    let payload = [2u8, 2, 1, b'h', 0xac, 0x02];
+    match Message::decode(kind::HELLO, &payload).unwrap() {
+        Message::Hello(h) => assert_eq!((h.version, h.realtime_ns, h.entropy.len()), (2, 300, 0)),
+        other => panic!("{other:?}"),
+    }
 }

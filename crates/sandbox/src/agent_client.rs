@@ -33,6 +33,8 @@ use crate::sandbox::{Result, SandboxError};
 
 /// What this client calls itself in `Hello`.
 pub const CLIENT_NAME: &str = concat!("microcell-sandbox/", env!("CARGO_PKG_VERSION"));
+/// Host entropy sent with each `Hello` (the guest reseeds its RNG from it).
+pub const HELLO_ENTROPY_BYTES: usize = 32;
 /// A write that cannot proceed for this long fails (the agent stopped reading).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -500,9 +502,19 @@ impl AgentClient {
     /// Sends `Hello` on id 0; the agent answers `Ready` (or an error).
     pub fn hello(&self) -> Result<Pending> {
         let realtime_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let mut entropy = vec![0u8; HELLO_ENTROPY_BYTES];
+        // SAFETY: the buffer is valid for its length; getrandom(2) writes at most that many bytes.
+        let got = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
+        entropy.truncate(got.max(0) as usize);
         self.send_on(
             0,
-            Message::Hello(Hello { version: PROTOCOL_VERSION, min_version: MIN_PROTOCOL_VERSION, client: CLIENT_NAME.into(), realtime_ns }),
+            Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                min_version: MIN_PROTOCOL_VERSION,
+                client: CLIENT_NAME.into(),
+                realtime_ns,
+                entropy,
+            }),
         )
     }
 

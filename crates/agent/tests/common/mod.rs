@@ -53,6 +53,7 @@ impl<R: Read, W: Write> Conn<R, W> {
             min_version: MIN_PROTOCOL_VERSION,
             client: "agent-test".into(),
             realtime_ns: 0,
+            entropy: vec![],
         })
     }
 }
