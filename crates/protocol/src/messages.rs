@@ -85,7 +85,6 @@ pub struct Hello {
 // still shake hands (and every Hello keeps exactly one encoding: an empty list is not written).
 impl crate::wire::Wire for Hello {
     fn put(&self, out: &mut Vec<u8>) {
-        use crate::wire::Wire;
         self.version.put(out);
         self.min_version.put(out);
         self.client.put(out);
