@@ -17,8 +17,13 @@ use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use sandbox::{ExitReason, MicroVmConfig, StartOptions};
 
+mod exec;
+mod fs;
+mod logging;
 mod sandboxes;
 mod snapshot;
+mod tasks;
+mod workload;
 
 fn coded(code: &str, message: impl Display) -> Error {
     Error::new(Status::GenericFailure, format!("{code}: {message}"))

@@ -1,0 +1,326 @@
+//! A MicroVm that runs its workload on the guest platform: `startWorkload` (a MicroVmConfig with
+//! `rootfs: { disk }` and `execPath`) → `NativeWorkload` (`wait`, `exitStatus`, `stop`, `kill`,
+//! `readConsole`, `consoleStats`, `info`). No logic beyond mapping the MicroVm options to the
+//! sandbox engine's: each call is one `sandbox::Workload` call.
+//!
+//! - `startWorkload` (validation, the engine's spawn: bounded) runs on tokio's blocking pool;
+//!   `wait()` is `Workload::wait_async` (a future the workload's watcher thread wakes) and
+//!   `readConsole()` the console queue's future: no thread waits.
+//! - Once the end has been seen, the `Workload` (QEMU's reap, the per-VM root disk copy) is let go
+//!   on the blocking pool; what JS may still ask (exit, console rest and counters) is kept. A
+//!   handle the GC drops while its VM runs kills it; the teardown happens on a thread of its own.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use sandbox::config::MicroVmConfig;
+use sandbox::console::{ConsoleReader, ConsoleStats as CoreConsoleStats};
+use sandbox::{EngineChoice, SandboxConfig, VmExit, Workload, WorkloadStatus};
+
+use super::{coded, ConsoleStats};
+use crate::tasks::{blocking, drop_off_thread, sandbox_error};
+
+#[napi(object)]
+pub struct WorkloadStartOptions {
+    /// `auto` (default: the built-in VMM where it boots Linux, else QEMU) | `kvm` | `qemu`.
+    pub engine: Option<String>,
+    /// How long the guest agent has to come up (default 30000 ms).
+    pub boot_timeout_ms: Option<u32>,
+}
+
+/// Why a workload could not start.
+#[napi(object)]
+pub struct WorkloadErrorInfo {
+    /// `ENOENT`, `EACCES`, ... (`E_WORKLOAD` for an errno without a name).
+    pub code: String,
+    pub errno: i32,
+    pub message: String,
+    /// The guest path it concerns.
+    pub path: Option<String>,
+}
+
+/// How the workload ended.
+#[napi(object)]
+pub struct WorkloadStatusInfo {
+    /// Its exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// The signal that killed it (`SIGKILL`, ...), when one did.
+    pub signal: Option<String>,
+    pub signal_number: Option<i32>,
+    /// From spawn to exit, measured in the guest.
+    pub duration_ms: f64,
+    /// Why it could not start (then there is no exit code or signal).
+    pub error: Option<WorkloadErrorInfo>,
+}
+
+/// How a workload VM ended: the VM's end as for any MicroVm, and the workload's status.
+#[napi(object)]
+pub struct WorkloadEnd {
+    /// `reset` (the agent powered off after the workload ended) | `stopped` | `killed` | `crashed`
+    pub reason: String,
+    pub code: Option<String>,
+    pub message: Option<String>,
+    /// Null when the VM ended before the workload's status was known (stopped, killed, crashed).
+    pub workload: Option<WorkloadStatusInfo>,
+    /// Then: why there is no status (`E_AGENT_EXITED`, ...).
+    pub workload_error_code: Option<String>,
+    pub workload_error_message: Option<String>,
+}
+
+fn status_info(s: WorkloadStatus) -> WorkloadStatusInfo {
+    WorkloadStatusInfo {
+        exit_code: s.code,
+        signal: s.signal_name.clone().or_else(|| s.signal.map(|n| format!("SIG{n}"))),
+        signal_number: s.signal,
+        duration_ms: s.duration_ms,
+        error: s.error.map(|e| WorkloadErrorInfo { code: e.code, errno: e.errno, message: e.message, path: e.path }),
+    }
+}
+
+fn end_info(exit: &VmExit, stop_requested: bool, status: &sandbox::sandbox::Result<WorkloadStatus>) -> WorkloadEnd {
+    let (reason, code, message) = match exit {
+        VmExit::GuestReset => ("reset", None, None),
+        VmExit::Stopped => ("stopped", None, None),
+        // stop() of a workload VM ends it at once (there is no graceful path to its program).
+        VmExit::Killed if stop_requested => ("stopped", None, None),
+        VmExit::Killed => ("killed", None, None),
+        VmExit::Crashed { code, message } => ("crashed", Some(code.clone()), Some(message.clone())),
+    };
+    let (workload, err_code, err_message) = match status {
+        Ok(s) => (Some(status_info(s.clone())), None, None),
+        Err(e) => (None, Some(e.code().to_owned()), Some(e.to_string())),
+    };
+    WorkloadEnd {
+        reason: reason.into(),
+        code,
+        message,
+        workload,
+        workload_error_code: err_code,
+        workload_error_message: err_message,
+    }
+}
+
+/// The sandbox configuration a workload MicroVm boots with: its memory, vCPUs, kernel (default:
+/// the guest platform's), root disk, console file, and `cmdline` appended as kernel arguments.
+fn sandbox_config(c: &MicroVmConfig, options: Option<&WorkloadStartOptions>) -> Result<SandboxConfig> {
+    let disk = c.rootfs.as_ref().and_then(|r| r.disk()).ok_or_else(|| {
+        coded("E_CONFIG_MISSING", "a workload VM needs rootfs { disk: image } (e.g. defaultGuest())")
+    })?;
+    let engine = match options.and_then(|o| o.engine.as_deref()) {
+        None => EngineChoice::Auto,
+        Some(e) => serde_json::from_value(serde_json::Value::String(e.into()))
+            .map_err(|_| coded("E_INVALID_ARGUMENT", format!("engine {e:?}: give 'auto', 'kvm' or 'qemu'")))?,
+    };
+    let mut config = SandboxConfig {
+        memory_mib: c.memory_mib,
+        cpus: c.num_vcpus,
+        engine,
+        kernel: c.kernel.clone(),
+        rootfs: Some(disk.to_path_buf()),
+        console_output: c.console_output.clone(),
+        kernel_args: c.cmdline.clone(),
+        ..Default::default()
+    };
+    if let Some(ms) = options.and_then(|o| o.boot_timeout_ms) {
+        config.boot_timeout_ms = ms;
+    }
+    Ok(config)
+}
+
+/// Validates a MicroVmConfig JSON with `rootfs: { disk }` and `execPath`, and boots it on a
+/// sandbox engine with that program as the guest's workload; resolves once the VM runs.
+/// Rejects with `E_CONFIG_*`, `E_GUEST_IMAGE_MISSING`, `E_QEMU_NOT_FOUND`, `E_ENGINE_UNAVAILABLE`,
+/// ... A program that does not exist or cannot run is the workload's status (`ENOENT`,
+/// `EACCES`), known within the boot time.
+#[napi]
+pub async fn start_workload(config_json: String, options: Option<WorkloadStartOptions>) -> Result<NativeWorkload> {
+    let workload = blocking("workload start", move || {
+        let c = MicroVmConfig::from_json(&config_json).map_err(|e| coded(e.code(), e))?;
+        c.validate().map_err(|e| coded(e.code(), e))?;
+        let spec = sandbox::workload::spec_from_microvm_config(&c)
+            .map_err(sandbox_error)?
+            .ok_or_else(|| coded("E_CONFIG_MISSING", "execPath is required for a workload VM"))?;
+        let config = sandbox_config(&c, options.as_ref())?;
+        Workload::start(&spec, config).map_err(sandbox_error)
+    })
+    .await?;
+    let engine = workload.engine();
+    let info = serde_json::json!({
+        "engine": engine.kind,
+        "engineReason": engine.reason,
+        "pid": workload.pid(),
+    });
+    Ok(NativeWorkload {
+        info,
+        console: workload.console(),
+        stop_requested: Arc::new(AtomicBool::new(false)),
+        state: Arc::new(Mutex::new(State::Live(Arc::new(workload)))),
+    })
+}
+
+enum State {
+    Live(Arc<Workload>),
+    Ended { end: Arc<(VmExit, sandbox::sandbox::Result<WorkloadStatus>)>, stats: CoreConsoleStats },
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A VM running its workload. Made by `startWorkload`; dropping it (GC) kills the VM.
+#[napi]
+pub struct NativeWorkload {
+    info: serde_json::Value,
+    console: Option<ConsoleReader>,
+    stop_requested: Arc<AtomicBool>,
+    state: Arc<Mutex<State>>,
+}
+
+impl NativeWorkload {
+    fn live(&self) -> Option<Arc<Workload>> {
+        match &*lock(&self.state) {
+            State::Live(w) => Some(w.clone()),
+            State::Ended { .. } => None,
+        }
+    }
+
+    /// Once the status is known and the VM has ended: keeps both, lets go of the `Workload`.
+    fn release(state: &Mutex<State>, status: sandbox::sandbox::Result<WorkloadStatus>) -> Option<Arc<Workload>> {
+        let mut s = lock(state);
+        let State::Live(w) = &*s else { return None };
+        let exit = w.vm_exit().unwrap_or(VmExit::Killed);
+        let ended = State::Ended { end: Arc::new((exit, status)), stats: w.console_stats() };
+        match std::mem::replace(&mut *s, ended) {
+            State::Live(w) => Some(w),
+            State::Ended { .. } => None,
+        }
+    }
+}
+
+#[napi]
+impl NativeWorkload {
+    /// `{ engine, engineReason, pid }`: the engine that runs it and why, QEMU's pid.
+    #[napi(ts_return_type = "Record<string, unknown>")]
+    pub fn info(&self) -> serde_json::Value {
+        self.info.clone()
+    }
+
+    /// Resolves when the workload's status is known and the VM has ended (its console is
+    /// complete by then).
+    #[napi]
+    pub async fn wait(&self) -> Result<WorkloadEnd> {
+        let w = match &*lock(&self.state) {
+            State::Live(w) => w.clone(),
+            State::Ended { end, .. } => return Ok(end_info(&end.0, self.stop_requested.load(Ordering::SeqCst), &end.1)),
+        };
+        let status = w.wait_async().await;
+        drop(w);
+        let stop = self.stop_requested.load(Ordering::SeqCst);
+        let released = Self::release(&self.state, status);
+        // The teardown reaps QEMU and removes the VM's root disk copy: not on this thread.
+        if let Some(w) = released {
+            spawn_blocking(move || drop(w));
+        }
+        match &*lock(&self.state) {
+            State::Ended { end, .. } => Ok(end_info(&end.0, stop, &end.1)),
+            State::Live(_) => Err(coded("E_INTERNAL", "the workload ended but its state was not kept")),
+        }
+    }
+
+    /// How the VM ended (and the workload's status), or null while it runs.
+    #[napi]
+    pub fn exit_status(&self) -> Option<WorkloadEnd> {
+        let stop = self.stop_requested.load(Ordering::SeqCst);
+        match &*lock(&self.state) {
+            State::Ended { end, .. } => Some(end_info(&end.0, stop, &end.1)),
+            State::Live(w) => {
+                let status = w.wait_timeout(std::time::Duration::ZERO)?;
+                let exit = w.vm_exit()?;
+                Some(end_info(&exit, stop, &status))
+            }
+        }
+    }
+
+    /// Ends the VM now; `wait()` then says `stopped` (the program gets no signal first).
+    #[napi]
+    pub fn stop(&self) {
+        if let Some(w) = self.live() {
+            if w.vm_exit().is_none() {
+                self.stop_requested.store(true, Ordering::SeqCst);
+            }
+            w.kill();
+        }
+    }
+
+    /// Ends the VM now; `wait()` then says `killed`.
+    #[napi]
+    pub fn kill(&self) {
+        if let Some(w) = self.live() {
+            w.kill();
+        }
+    }
+
+    /// The next console bytes (the workload's stdout and stderr among the kernel's and agent's
+    /// lines; up to `maxBytes`, default 64 KiB), or null at the end of the stream.
+    #[napi]
+    pub async fn read_console(&self, max_bytes: Option<u32>) -> Result<Option<Buffer>> {
+        let reader = self
+            .console
+            .clone()
+            .ok_or_else(|| coded("E_CONSOLE_NOT_ENABLED", "this VM keeps no console stream"))?;
+        let max = max_bytes.map_or(sandbox::console::DEFAULT_READ_SIZE, |n| n as usize);
+        Ok(reader.read(max).await.map(Buffer::from))
+    }
+
+    #[napi]
+    pub fn console_stats(&self) -> ConsoleStats {
+        let s = match &*lock(&self.state) {
+            State::Live(w) => w.console_stats(),
+            State::Ended { stats, .. } => stats.clone(),
+        };
+        ConsoleStats {
+            total_bytes: s.total_bytes as f64,
+            dropped_bytes: s.dropped_bytes as f64,
+            queued_bytes: s.queued_bytes as f64,
+            closed: s.closed,
+            file_error: s.file_error,
+        }
+    }
+}
+
+impl Drop for NativeWorkload {
+    fn drop(&mut self) {
+        let mut s = lock(&self.state);
+        if let State::Live(w) = &*s {
+            // A signal (QEMU) or the VMM's kick: microseconds. The rest waits: another thread.
+            w.kill();
+            let w = w.clone();
+            *s = State::Ended { end: Arc::new((VmExit::Killed, Err(sandbox::SandboxError::InvalidArgument("dropped".into())))), stats: Default::default() };
+            drop(s);
+            drop_off_thread(w);
+        }
+    }
+}
+
+/// The default guest images: where the kernel and root disk of the guest platform are looked
+/// for (`MICROCELL_KERNEL` / `MICROCELL_ROOTFS`, else `<cache>/kernel-current/vmlinux` and
+/// `<cache>/rootfs-current/rootfs.ext4`; `<cache>`: `MICROCELL_CACHE`, else
+/// `~/.cache/microcell`), whether or not they exist.
+#[napi(object)]
+pub struct GuestImagePaths {
+    pub kernel: String,
+    pub rootfs: String,
+    pub cache_dir: String,
+}
+
+#[napi]
+pub fn guest_images() -> GuestImagePaths {
+    let s = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
+    GuestImagePaths {
+        kernel: s(sandbox::sandbox::default_kernel()),
+        rootfs: s(sandbox::sandbox::default_rootfs()),
+        cache_dir: s(sandbox::sandbox::guest_cache_dir()),
+    }
+}
