@@ -2,8 +2,13 @@
 
 export type LogLevel = 'off' | 'error' | 'warn' | 'info' | 'debug' | 'trace'
 
-/** The guest's root filesystem: one host directory, or overlay layers (lowest first). */
-export type Rootfs = { native: string } | { overlayfs: string[] }
+/**
+ * The guest's root filesystem: one host directory, or overlay layers (lowest first) — both
+ * validated and kept for a later device — or `{ disk }`: a root disk image of the guest
+ * platform (raw ext4 with the microcell agent, e.g. `defaultGuest()`), which boots on a sandbox
+ * engine and runs `execPath` as the VM's workload.
+ */
+export type Rootfs = { native: string } | { overlayfs: string[] } | { disk: string }
 
 /**
  * Which addresses the guest may talk to: `none`, `group` (its subnet; the default), `public`
@@ -50,6 +55,13 @@ export interface MicroVmConfig {
 export type MicroVmConfigInput = Partial<MicroVmConfig>
 
 export interface StartOptions {
+  /**
+   * For a workload VM (`rootfs: { disk }`): the engine that boots it — `auto` (default: the
+   * built-in VMM where it boots Linux, else QEMU), `kvm` or `qemu`.
+   */
+  engine?: 'auto' | 'kvm' | 'qemu'
+  /** For a workload VM: how long the guest agent has to come up (default 30000 ms). */
+  bootTimeoutMs?: number
   /** Keep the guest console for `vm.console` (a Node Readable). Default false. */
   consoleStream?: boolean
   /** Bytes the console keeps for a slow reader; the oldest are dropped beyond it (default 1 MiB). */
@@ -63,11 +75,38 @@ export interface StartOptions {
 
 export type ExitReason = 'reset' | 'stopped' | 'killed' | 'crashed'
 
+/** Why a workload could not start (then it has no exit code). */
+export interface WorkloadError {
+  /** `ENOENT`, `EACCES`, ... (`E_WORKLOAD` for an errno without a name). */
+  code: string
+  errno: number
+  message: string
+  /** The guest path it concerns. */
+  path: string | null
+}
+
+/** How a MicroVm's workload (`execPath`) ended. */
+export interface WorkloadStatus {
+  /** Its exit code, or null when a signal killed it (or it could not start). */
+  exitCode: number | null
+  /** The signal that killed it (`'SIGKILL'`, ...), or null. */
+  signal: string | null
+  /** From spawn to exit, measured in the guest. */
+  durationMs: number
+  /** Why it could not start, or null. */
+  error: WorkloadError | null
+}
+
 /** How a VM ended. `code`/`message` are set for `crashed` (e.g. `E_GUEST_TRIPLE_FAULT`). */
 export interface ExitStatus {
   reason: ExitReason
   code?: string
   message?: string
+  /**
+   * Workload VMs (`rootfs: { disk }` + `execPath`) only: how the program ended, or null when
+   * the VM ended before that was known (`stop()`, `kill()`, a crash).
+   */
+  workload?: WorkloadStatus | null
 }
 
 /** CLOCK_MONOTONIC nanoseconds, the clock of `process.hrtime.bigint()`. */

@@ -5,6 +5,9 @@
  * import { Sandbox } from 'microcell'
  * await using sb = await Sandbox.builder('demo').memory(512).create() // the guest agent is ready
  * console.log(sb.info.engine, sb.info.kernelRelease, sb.info.bootMs)
+ * const r = await sb.exec('uname', ['-a']) // { exitCode: 0, stdout: Buffer, stderr: Buffer, ... }
+ * console.log(r.stdoutText())
+ * await sb.fs.write('/tmp/hello.txt', 'hi')
  *
  * import { MicroVm } from 'microcell'
  * const vm = await MicroVm.builder().kernel('guest.elf').memoryMib(256).start({ consoleStream: true })
@@ -13,7 +16,14 @@
  * ```
  */
 export { MicroVm, MicroVmBuilder } from './microvm.js'
-export type { StopOptions } from './microvm.js'
+export type { RunOptions, StopOptions } from './microvm.js'
+export { defaultGuest, guestImages } from './guest.js'
+export type { GuestImages } from './guest.js'
+export { ExecProcess, ExecResult } from './exec.js'
+export type { ExecEvent, ExecExit, ExecOptions } from './exec.js'
+export { SandboxFs } from './fs.js'
+export type { CopyStats, GuestDirEntry, GuestStat, ReadStreamOptions, WriteFileOptions } from './fs.js'
+export { setLogLevel } from './logging.js'
 export { Snapshot } from './snapshot.js'
 export type { CloneOptions, RestoreOptions, SnapshotConfig, SnapshotDisk, SnapshotOptions } from './snapshot.js'
 export { RestorePool, VmPool } from './pool.js'
@@ -35,4 +45,6 @@ export type {
   Rootfs,
   StartOptions,
   Timings,
+  WorkloadError,
+  WorkloadStatus,
 } from './config.js'

@@ -1,3 +1,4 @@
+import fs from 'node:fs'
 import { Readable } from 'node:stream'
 
 import type {
@@ -10,6 +11,7 @@ import type {
   Rootfs,
   StartOptions,
   Timings,
+  WorkloadStatus,
 } from './config.js'
 import { MicrocellError } from './errors.js'
 import * as native from './internal/native.js'
@@ -73,9 +75,21 @@ export class MicroVmBuilder {
     return this.#set('logLevel', level)
   }
 
-  /** Root filesystem: a host directory (`"/path"` or `{ native }`) or `{ overlayfs: [lower, ..., upper] }`. */
+  /**
+   * Root filesystem: `{ disk: image }` (a guest platform root disk, e.g. `defaultGuest()`: the
+   * VM then runs `execPath` as its workload on a sandbox engine), a host directory
+   * (`{ native }`) or `{ overlayfs: [lower, ..., upper] }`. A string names a disk image when it
+   * is an existing file, else a directory.
+   */
   rootfs(rootfs: Rootfs | string): this {
-    return this.#set('rootfs', typeof rootfs === 'string' ? { native: rootfs } : rootfs)
+    if (typeof rootfs !== 'string') return this.#set('rootfs', rootfs)
+    let file = false
+    try {
+      file = fs.statSync(rootfs).isFile()
+    } catch {
+      // Missing: validation says so (as a directory).
+    }
+    return this.#set('rootfs', file ? { disk: rootfs } : { native: rootfs })
   }
 
   /** Number of vCPUs, 1 to 32 (default 1). */
@@ -179,22 +193,95 @@ export class MicroVmBuilder {
   start(options: StartOptions = {}): Promise<MicroVm> {
     return MicroVm.start(this.#config, options)
   }
+
+  /** `MicroVm.run(this.build(), options)`: a workload VM run to its end; resolves with the program's status. */
+  run(options: RunOptions = {}): Promise<WorkloadStatus> {
+    return MicroVm.run(this.#config, options)
+  }
+}
+
+/** Options of `MicroVm.run()`. */
+export interface RunOptions extends StartOptions {
+  /** Where the guest console (the program's output among the kernel's lines) goes, e.g. `process.stdout`. */
+  console?: NodeJS.WritableStream
+}
+
+function workloadStatus(w: native.NativeWorkloadEnd['workload']): WorkloadStatus | null {
+  if (w == null) return null
+  return {
+    exitCode: w.exitCode ?? null,
+    signal: w.signal ?? null,
+    durationMs: w.durationMs,
+    error: w.error == null ? null : { code: w.error.code, errno: w.error.errno, message: w.error.message, path: w.error.path ?? null },
+  }
+}
+
+function workloadEnd(e: native.NativeWorkloadEnd): ExitStatus {
+  const status: ExitStatus = { reason: e.reason as ExitStatus['reason'] }
+  if (e.code != null) status.code = e.code
+  if (e.message != null) status.message = e.message
+  status.workload = workloadStatus(e.workload)
+  return status
+}
+
+/** A workload VM (`rootfs: { disk }`) seen as a VM: its end, console, timings. */
+class WorkloadVm {
+  readonly handle: native.NativeWorkloadHandle
+  readonly timings: Timings
+  /** Why the status is missing (for `run()`), once the end is known. */
+  missing: MicrocellError | null = null
+
+  constructor(handle: native.NativeWorkloadHandle, startNs: bigint, runningNs: bigint) {
+    this.handle = handle
+    this.timings = { startNs, firstExitNs: null, runningNs }
+  }
+
+  #map(e: native.NativeWorkloadEnd): ExitStatus {
+    if (e.workload == null && e.workloadErrorCode != null) {
+      this.missing = new MicrocellError(e.workloadErrorCode, e.workloadErrorMessage ?? 'the workload reported no status')
+    }
+    return workloadEnd(e)
+  }
+
+  async wait(): Promise<ExitStatus> {
+    return this.#map(await this.handle.wait())
+  }
+
+  exitStatus(): ExitStatus | null {
+    const e = this.handle.exitStatus()
+    return e == null ? null : this.#map(e)
+  }
 }
 
 /** A running microVM. `await using vm = await MicroVm.start(...)` stops it at scope end. */
 export class MicroVm implements AsyncDisposable {
-  readonly #native: native.NativeVmHandle
+  /** The VM on the built-in VMM; null for a workload VM. */
+  readonly #native: native.NativeVmHandle | null
+  /** A workload VM on a sandbox engine (`rootfs: { disk }`); null otherwise. */
+  readonly #workload: WorkloadVm | null
   readonly #consoleEnabled: boolean
   #console: Readable | undefined
   #exit: Promise<ExitStatus> | undefined
 
   static {
-    wrapNative = (handle, consoleEnabled) => new MicroVm(handle, consoleEnabled)
+    wrapNative = (handle, consoleEnabled) => new MicroVm(handle, null, consoleEnabled)
   }
 
-  private constructor(handle: native.NativeVmHandle, consoleEnabled: boolean) {
+  private constructor(handle: native.NativeVmHandle | null, workload: WorkloadVm | null, consoleEnabled: boolean) {
     this.#native = handle
+    this.#workload = workload
     this.#consoleEnabled = consoleEnabled
+  }
+
+  /** The VMM handle, for what only a VM on the built-in VMM can do. */
+  #vmm(what: string): native.NativeVmHandle {
+    if (this.#native === null) {
+      throw new MicrocellError(
+        'E_VM_STATE',
+        `a workload VM (rootfs: { disk }) runs on a sandbox engine: it cannot ${what} (use Sandbox for a guest to snapshot)`,
+      )
+    }
+    return this.#native
   }
 
   static builder(): MicroVmBuilder {
@@ -206,34 +293,110 @@ export class MicroVm implements AsyncDisposable {
     return JSON.parse(native.validateConfig(toJson(config))) as MicroVmConfig
   }
 
-  /** Validates and boots a configuration; resolves once the vCPUs run. */
+  /**
+   * Validates and boots a configuration; resolves once the vCPUs run.
+   *
+   * With `rootfs: { disk }` (e.g. `defaultGuest()`) and `execPath`, the VM is a **workload VM**:
+   * the guest platform's kernel boots on a sandbox engine (`options.engine`, default `auto`:
+   * the built-in VMM where it boots Linux, else QEMU), its agent runs the program (with `args`,
+   * `env`, `workdirPath`, `rlimits`; stdout and stderr on the console) and powers the VM off
+   * when it ends; `wait()` then says how the program ended (`workload`). Otherwise the kernel
+   * boots on the built-in VMM as before.
+   *
+   * `logLevel` other than `off` turns on the native side's logging to stderr, for the whole
+   * process (the most verbose level asked for so far wins).
+   */
   static async start(config: MicroVmConfigInput, options: StartOptions = {}): Promise<MicroVm> {
     const nativeOptions: { consoleStream: boolean; consoleQueueBytes?: number; trackDirtyPages?: boolean } =
       nativeConsoleOptions(options)
     if (options.trackDirtyPages === true) nativeOptions.trackDirtyPages = true
-    const handle = await native.startVm(toJson(config), nativeOptions)
-    return new MicroVm(handle, nativeOptions.consoleStream)
+    const validated = MicroVm.validate(config)
+    if (validated.logLevel !== 'off') native.setLogLevel(validated.logLevel)
+    const rootfs = validated.rootfs
+    if (rootfs !== undefined && 'disk' in rootfs) {
+      const workloadOptions: { engine?: string; bootTimeoutMs?: number } = {}
+      if (options.engine !== undefined) workloadOptions.engine = options.engine
+      if (options.bootTimeoutMs !== undefined) {
+        const t = options.bootTimeoutMs
+        if (!Number.isInteger(t) || t < 1 || t > 2 ** 32 - 1) {
+          throw new MicrocellError('E_INVALID_ARGUMENT', `bootTimeoutMs is ${String(t)}: give a whole number of milliseconds (default 30000)`)
+        }
+        workloadOptions.bootTimeoutMs = t
+      }
+      const startNs = process.hrtime.bigint()
+      const handle = await native.startWorkload(JSON.stringify(validated), workloadOptions)
+      const vm = new WorkloadVm(handle, startNs, process.hrtime.bigint())
+      return new MicroVm(null, vm, nativeOptions.consoleStream)
+    }
+    const handle = await native.startVm(JSON.stringify(validated), nativeOptions)
+    return new MicroVm(handle, null, nativeOptions.consoleStream)
+  }
+
+  /**
+   * Runs a workload VM (`rootfs: { disk }` + `execPath`) to its end and resolves with how the
+   * program ended: `{ exitCode, signal, durationMs, error: null }`. Rejects with a
+   * `MicrocellError`: `E_CONFIG_*` (at validation), `ENOENT` / `EACCES` (the program does not
+   * exist or cannot run; the message has the guest path), `E_AGENT_EXITED` (the VM ended before
+   * the program's status was known), the engine's codes.
+   */
+  static async run(config: MicroVmConfigInput, options: RunOptions = {}): Promise<WorkloadStatus> {
+    const { console: out, ...startOptions } = options
+    const vm = await MicroVm.start(config, { ...startOptions, consoleStream: startOptions.consoleStream === true || out !== undefined })
+    if (!vm.isWorkload) {
+      await vm.kill()
+      throw new MicrocellError('E_CONFIG_MISSING', 'run() is for workload VMs: give rootfs: { disk } (e.g. defaultGuest()) and execPath')
+    }
+    const piped = out === undefined ? Promise.resolve() : new Promise<void>((resolve) => {
+      vm.console.on('end', resolve).on('error', resolve).pipe(out as NodeJS.WritableStream, { end: false })
+    })
+    const exit = await vm.wait()
+    await piped
+    const status = exit.workload
+    if (status == null) {
+      throw vm.#workload!.missing ?? new MicrocellError('E_AGENT_EXITED', `the VM ended (${exit.reason}) before the workload's status was known`)
+    }
+    if (status.error !== null) {
+      const e = status.error
+      throw new MicrocellError(e.code, `the workload could not start: ${e.message}${e.path !== null ? ` (guest path ${e.path})` : ''}`)
+    }
+    return status
+  }
+
+  /** Whether this is a workload VM (`rootfs: { disk }` + `execPath`). */
+  get isWorkload(): boolean {
+    return this.#workload !== null
+  }
+
+  /** A workload VM's program status once it has ended (null before, and for other VMs). */
+  get workloadStatus(): WorkloadStatus | null {
+    return this.exitStatus?.workload ?? null
   }
 
   /** Resolves when the VM has ended (the console and `consoleOutput` are complete by then). */
   wait(): Promise<ExitStatus> {
-    this.#exit ??= this.#native.wait()
+    this.#exit ??= this.#workload ? this.#workload.wait() : this.#native!.wait()
     return this.#exit
   }
 
   /** How the VM ended, or null while it runs. */
   get exitStatus(): ExitStatus | null {
-    return this.#native.exitStatus()
+    return this.#workload ? this.#workload.exitStatus() : this.#native!.exitStatus()
   }
 
   /**
    * Asks the VM to stop and resolves when it has ended; kills it if it has not ended within
-   * `timeoutMs` (default 10 s).
+   * `timeoutMs` (default 10 s). A workload VM is ended at once (its program gets no signal
+   * first): `{ reason: 'stopped', workload: null }`.
    */
   async stop(options: StopOptions = {}): Promise<ExitStatus> {
     const done = this.wait()
-    if (this.#native.exitStatus() !== null) return done
-    this.#native.stop()
+    if (this.#workload) {
+      if (this.#workload.exitStatus() === null) this.#workload.handle.stop()
+      return done
+    }
+    const vmm = this.#native!
+    if (vmm.exitStatus() !== null) return done
+    vmm.stop()
     const timeoutMs = options.timeoutMs ?? 10_000
     let timer: NodeJS.Timeout | undefined
     const timedOut = new Promise<'timeout'>((resolve) => {
@@ -246,14 +409,15 @@ export class MicroVm implements AsyncDisposable {
     } finally {
       clearTimeout(timer)
     }
-    this.#native.kill()
+    vmm.kill()
     return done
   }
 
   /** Ends the VM at once and resolves when it has ended. */
   kill(): Promise<ExitStatus> {
     const done = this.wait()
-    this.#native.kill()
+    if (this.#workload) this.#workload.handle.kill()
+    else this.#native!.kill()
     return done
   }
 
@@ -268,18 +432,21 @@ export class MicroVm implements AsyncDisposable {
         'this VM keeps no console stream: start it with { consoleStream: true } (or use consoleOutput for a file)',
       )
     }
-    this.#console ??= consoleReadable(this.#native)
+    this.#console ??= consoleReadable(this.#workload ? this.#workload.handle : this.#native!)
     return this.#console
   }
 
   /** Counters of the console (bytes written, dropped for a slow reader, ...). */
   get consoleStats(): ConsoleStats {
-    return this.#native.consoleStats()
+    return this.#workload ? this.#workload.handle.consoleStats() : this.#native!.consoleStats()
   }
 
-  /** CLOCK_MONOTONIC nanoseconds (compare with `process.hrtime.bigint()`). */
+  /**
+   * CLOCK_MONOTONIC nanoseconds (compare with `process.hrtime.bigint()`). For a workload VM:
+   * when `start()` began and returned (`firstExitNs` null: the engine does not say).
+   */
   get timings(): Timings {
-    return this.#native.timings()
+    return this.#workload ? this.#workload.timings : this.#native!.timings()
   }
 
   /**
@@ -287,17 +454,21 @@ export class MicroVm implements AsyncDisposable {
    * stopped. Rejects with `E_VM_STATE` when the VM has ended.
    */
   pause(): Promise<void> {
-    return this.#native.pause()
+    try {
+      return this.#vmm('be paused').pause()
+    } catch (err) {
+      return Promise.reject(err)
+    }
   }
 
   /** Lets a paused VM run again; nothing to do when it is not paused. */
   resume(): void {
-    this.#native.resume()
+    this.#native?.resume()
   }
 
   /** Whether the VM is paused (by `pause()`). */
   get paused(): boolean {
-    return this.#native.isPaused()
+    return this.#native?.isPaused() ?? false
   }
 
   /**
@@ -313,7 +484,7 @@ export class MicroVm implements AsyncDisposable {
     if (typeof dir !== 'string' || dir.length === 0) {
       throw new MicrocellError('E_INVALID_ARGUMENT', 'snapshot() needs a directory path (a non-empty string)')
     }
-    const bytes = await this.#native.snapshot(dir, options.incremental === true)
+    const bytes = await this.#vmm('be snapshotted').snapshot(dir, options.incremental === true)
     return snapshotTaken(dir, bytes)
   }
 
@@ -323,7 +494,7 @@ export class MicroVm implements AsyncDisposable {
   }
 }
 
-function consoleReadable(handle: native.NativeVmHandle): Readable {
+function consoleReadable(handle: { readConsole(maxBytes?: number): Promise<Buffer | null> }): Readable {
   return new Readable({
     read(size: number) {
       handle.readConsole(Math.max(size, 4096)).then(

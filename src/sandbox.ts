@@ -2,6 +2,8 @@ import { Readable } from 'node:stream'
 
 import type { ConsoleStats, ExitStatus } from './config.js'
 import { MicrocellError } from './errors.js'
+import { ExecProcess, ExecResult, execRequest, exitFromNative, feedStdin, splitArgs, type ExecOptions } from './exec.js'
+import { SandboxFs } from './fs.js'
 import * as native from './internal/native.js'
 
 /**
@@ -186,12 +188,15 @@ export class SandboxBuilder {
 export class Sandbox implements AsyncDisposable {
   readonly #native: native.NativeSandboxHandle
   readonly #info: SandboxInfo
+  readonly #ops: native.NativeSandboxOps
   #console: Readable | undefined
+  #fs: SandboxFs | undefined
   #exit: Promise<ExitStatus> | undefined
   #stopping: Promise<ExitStatus> | undefined
 
   private constructor(handle: native.NativeSandboxHandle) {
     this.#native = handle
+    this.#ops = new native.NativeSandboxOps(handle)
     this.#info = Object.freeze(handle.info() as unknown as SandboxInfo)
   }
 
@@ -288,6 +293,53 @@ export class Sandbox implements AsyncDisposable {
   /** The last console lines (and QEMU's stderr), as error messages show them. */
   consoleTail(): string {
     return this.#native.consoleTail()
+  }
+
+  /**
+   * Runs a program in the guest to its end and resolves with its exit and all of its output:
+   * `{ exitCode, signal, timedOut, stdout, stderr, durationMs }` (Buffers; `stdoutText()`,
+   * `stderrText()`). `cmd` is a path or a name looked up in `PATH`; `args` are passed as they
+   * are (no shell). A non-zero exit is a result, not an error. Rejects with a `MicrocellError`:
+   * `ENOENT` / `EACCES` (a program or `cwd` that cannot be used, with the guest path),
+   * `E_INVALID_ARGUMENT`, `E_CHANNEL_CLOSED` (the sandbox has ended), ...
+   */
+  exec(cmd: string, args?: readonly string[] | ExecOptions, options?: ExecOptions): Promise<ExecResult> {
+    try {
+      const [argv, opts] = splitArgs(args, options)
+      const req = execRequest(cmd, argv, opts, false)
+      return this.#ops.execCollect(req.json, req.stdinData).then(
+        (r) => new ExecResult(exitFromNative(r.exit), r.stdout, r.stderr),
+      )
+    } catch (err) {
+      return Promise.reject(err)
+    }
+  }
+
+  /** `exec('/bin/sh', ['-c', script], options)`. */
+  shell(script: string, options: ExecOptions = {}): Promise<ExecResult> {
+    if (typeof script !== 'string') return Promise.reject(new MicrocellError('E_INVALID_ARGUMENT', 'shell(script): give the script as a string'))
+    return this.exec('/bin/sh', ['-c', script], options)
+  }
+
+  /**
+   * Starts a program in the guest and resolves once it runs, with a handle to stream it: its
+   * output as events (`for await (const ev of proc)`) or as Node Readables (`proc.stdout`,
+   * `proc.stderr`, with back-pressure), stdin (`write()`, `closeStdin()`, `proc.stdin` with
+   * `stdin: 'pipe'`), `signal()`, `kill()`, `wait()`, and a terminal (`tty: { rows, cols }`,
+   * `resize(cols, rows)`). Rejects as `exec()` does.
+   */
+  async execStream(cmd: string, args?: readonly string[] | ExecOptions, options?: ExecOptions): Promise<ExecProcess> {
+    const [argv, opts] = splitArgs(args, options)
+    const req = execRequest(cmd, argv, opts, true)
+    const handle = await this.#ops.execStart(req.json)
+    if (req.stdinData !== null) feedStdin(handle, req.stdinData)
+    return new ExecProcess(handle, req.stdinPipe && req.stdinData === null)
+  }
+
+  /** The sandbox's files: read, write, list, mkdir, remove, rename, stat, streams, copies to and from the host. */
+  get fs(): SandboxFs {
+    this.#fs ??= new SandboxFs(this.#ops)
+    return this.#fs
   }
 
   /** Stops the sandbox (see `stop()`); nothing to do when it has already ended. */

@@ -30,7 +30,8 @@ function binding(): BindingModule {
   return loaded
 }
 
-const CODED = /^(E_[A-Z0-9_]+): ([\s\S]*)$/
+// `E_*` codes, and the errno names of guest OS errors (`ENOENT`, `EACCES`, ...).
+const CODED = /^(E_[A-Z0-9_]+|E[A-Z0-9]+): ([\s\S]*)$/
 
 /** Turns anything the addon throws into a MicrocellError. */
 export function toMicrocellError(err: unknown): MicrocellError {
@@ -218,6 +219,11 @@ export class NativeSandboxHandle {
     this.#sandbox = sandbox
   }
 
+  /** The addon object (for `NativeSandboxOps`). */
+  get raw(): Binding.NativeSandbox {
+    return this.#sandbox
+  }
+
   info(): Record<string, unknown> {
     return call(() => this.#sandbox.info())
   }
@@ -279,4 +285,224 @@ export function engineInfo(): Record<string, unknown> {
 /** Boots a sandbox; resolves once its agent is ready. */
 export async function createSandbox(json: string): Promise<NativeSandboxHandle> {
   return new NativeSandboxHandle(await callAsync(() => binding().createSandbox(json)))
+}
+
+// ---- exec, files, workloads ----
+
+export type NativeExecExit = Binding.ExecExitInfo
+export type NativeExecEvent = Binding.ExecEventInfo
+export type NativeGuestStat = Binding.GuestStat
+export type NativeGuestDirEntry = Binding.GuestDirEntry
+export type NativeCopyInfo = Binding.CopyInfo
+export type NativeWorkloadEnd = Binding.WorkloadEnd
+
+/** A running process in a sandbox, with errors mapped. */
+export class NativeExecHandle {
+  readonly #exec: Binding.NativeExec
+
+  constructor(exec: Binding.NativeExec) {
+    this.#exec = exec
+  }
+
+  get pid(): number {
+    return call(() => this.#exec.pid)
+  }
+
+  /** The next event, or null after the exit. One call at a time. */
+  nextEvent(): Promise<NativeExecEvent | null> {
+    return callAsync(() => this.#exec.nextEvent())
+  }
+
+  exitStatus(): NativeExecExit | null {
+    return call(() => this.#exec.exitStatus())
+  }
+
+  writeStdin(data: Buffer): Promise<void> {
+    return callAsync(() => this.#exec.writeStdin(data))
+  }
+
+  closeStdin(): Promise<void> {
+    return callAsync(() => this.#exec.closeStdin())
+  }
+
+  signal(name: string): Promise<void> {
+    return callAsync(() => this.#exec.signal(name))
+  }
+
+  kill(): Promise<void> {
+    return callAsync(() => this.#exec.kill())
+  }
+
+  resize(rows: number, cols: number): Promise<void> {
+    return callAsync(() => this.#exec.resize(rows, cols))
+  }
+
+  /** [now, peak] output bytes buffered on the host. */
+  bufferedBytes(): number[] {
+    return call(() => this.#exec.bufferedBytes())
+  }
+}
+
+/** A guest file being read, with errors mapped. */
+export class NativeFileReaderHandle {
+  readonly #reader: Binding.NativeFileReader
+
+  constructor(reader: Binding.NativeFileReader) {
+    this.#reader = reader
+  }
+
+  /** The next chunk, or null at the end. One call at a time. */
+  readChunk(): Promise<Buffer | null> {
+    return callAsync(() => this.#reader.readChunk())
+  }
+}
+
+/** A guest file being written, with errors mapped. */
+export class NativeFileWriterHandle {
+  readonly #writer: Binding.NativeFileWriter
+
+  constructor(writer: Binding.NativeFileWriter) {
+    this.#writer = writer
+  }
+
+  write(data: Buffer): Promise<void> {
+    return callAsync(() => this.#writer.write(data))
+  }
+
+  finish(): Promise<void> {
+    return callAsync(() => this.#writer.finish())
+  }
+}
+
+export interface NativeWriteOptions {
+  mode?: number
+  append?: boolean
+  parents?: boolean
+}
+
+/** The exec and file calls of a sandbox (the same addon object as `NativeSandboxHandle`). */
+export class NativeSandboxOps {
+  readonly #sandbox: Binding.NativeSandbox
+
+  constructor(handle: NativeSandboxHandle) {
+    this.#sandbox = handle.raw
+  }
+
+  async execStart(requestJson: string): Promise<NativeExecHandle> {
+    return new NativeExecHandle(await callAsync(() => this.#sandbox.execStart(requestJson)))
+  }
+
+  execCollect(requestJson: string, stdin: Buffer | null): Promise<Binding.ExecCollected> {
+    return callAsync(() => this.#sandbox.execCollect(requestJson, stdin))
+  }
+
+  stat(path: string, follow: boolean): Promise<NativeGuestStat> {
+    return callAsync(() => this.#sandbox.fsStat(path, follow))
+  }
+
+  exists(path: string): Promise<boolean> {
+    return callAsync(() => this.#sandbox.fsExists(path))
+  }
+
+  list(path: string): Promise<NativeGuestDirEntry[]> {
+    return callAsync(() => this.#sandbox.fsList(path))
+  }
+
+  mkdir(path: string, mode: number, parents: boolean): Promise<void> {
+    return callAsync(() => this.#sandbox.fsMkdir(path, mode, parents))
+  }
+
+  remove(path: string, recursive: boolean): Promise<void> {
+    return callAsync(() => this.#sandbox.fsRemove(path, recursive))
+  }
+
+  rename(from: string, to: string): Promise<void> {
+    return callAsync(() => this.#sandbox.fsRename(from, to))
+  }
+
+  read(path: string): Promise<Buffer> {
+    return callAsync(() => this.#sandbox.fsRead(path))
+  }
+
+  write(path: string, data: Buffer, o: NativeWriteOptions): Promise<void> {
+    return callAsync(() => this.#sandbox.fsWrite(path, data, o.mode, o.append, o.parents))
+  }
+
+  async openRead(path: string, offset: number, length: number | undefined): Promise<NativeFileReaderHandle> {
+    return new NativeFileReaderHandle(await callAsync(() => this.#sandbox.fsOpenRead(path, offset, length)))
+  }
+
+  async openWrite(path: string, o: NativeWriteOptions): Promise<NativeFileWriterHandle> {
+    return new NativeFileWriterHandle(await callAsync(() => this.#sandbox.fsOpenWrite(path, o.mode, o.append, o.parents)))
+  }
+
+  copyFromHost(host: string, guest: string): Promise<NativeCopyInfo> {
+    return callAsync(() => this.#sandbox.fsCopyFromHost(host, guest))
+  }
+
+  copyToHost(guest: string, host: string): Promise<NativeCopyInfo> {
+    return callAsync(() => this.#sandbox.fsCopyToHost(guest, host))
+  }
+}
+
+/** A VM running its workload on the guest platform, with errors mapped. */
+export class NativeWorkloadHandle {
+  readonly #workload: Binding.NativeWorkload
+
+  constructor(workload: Binding.NativeWorkload) {
+    this.#workload = workload
+  }
+
+  info(): Record<string, unknown> {
+    return call(() => this.#workload.info())
+  }
+
+  wait(): Promise<NativeWorkloadEnd> {
+    return callAsync(() => this.#workload.wait())
+  }
+
+  exitStatus(): NativeWorkloadEnd | null {
+    return call(() => this.#workload.exitStatus())
+  }
+
+  stop(): void {
+    call(() => this.#workload.stop())
+  }
+
+  kill(): void {
+    call(() => this.#workload.kill())
+  }
+
+  readConsole(maxBytes?: number): Promise<Buffer | null> {
+    return callAsync(() => this.#workload.readConsole(maxBytes))
+  }
+
+  consoleStats(): ConsoleStats {
+    const s = call(() => this.#workload.consoleStats())
+    const stats: ConsoleStats = {
+      totalBytes: s.totalBytes,
+      droppedBytes: s.droppedBytes,
+      queuedBytes: s.queuedBytes,
+      closed: s.closed,
+    }
+    if (s.fileError != null) stats.fileError = s.fileError
+    return stats
+  }
+}
+
+export async function startWorkload(
+  json: string,
+  options: { engine?: string; bootTimeoutMs?: number },
+): Promise<NativeWorkloadHandle> {
+  return new NativeWorkloadHandle(await callAsync(() => binding().startWorkload(json, options)))
+}
+
+/** Raises the native log level (process-wide); returns the level in effect. */
+export function setLogLevel(level: string): string {
+  return call(() => binding().setLogLevel(level))
+}
+
+/** Where the default guest images are looked for. */
+export function guestImages(): { kernel: string; rootfs: string; cacheDir: string } {
+  return call(() => binding().guestImages())
 }
