@@ -227,7 +227,9 @@ export class ExecProcess implements AsyncIterable<ExecEvent>, AsyncDisposable {
     this.#error = error
     for (const s of [this.#stdout, this.#stderr]) {
       if (s === undefined || s.destroyed) continue
-      if (error) s.destroy(error)
+      // An error goes to the streams whose users listen for one (reading with `for await`
+      // does); the others just close, and wait() rejects with it.
+      if (error) s.destroy(s.listenerCount('error') > 0 ? error : undefined)
       else s.push(null)
     }
     for (const w of this.#exitWaiters.splice(0)) {

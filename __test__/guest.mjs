@@ -1,0 +1,71 @@
+// Shared by the T2/T3 suites of exec, files and workloads (not a test file: ava only runs
+// *.spec.mjs): which tiers run here and why not, the guest images, one sandbox per file.
+import fs from 'node:fs'
+
+import { Sandbox, guestImages, hostInfo } from 'microcell'
+
+export const host = hostInfo()
+
+/**
+ * T2: engine 'qemu' (TCG where there is no hardware KVM); T3: engine 'kvm' (the built-in VMM),
+ * which boots Linux only with hardware KVM. `skip` is why a tier cannot run here, or null.
+ */
+export const tiers = [
+  {
+    tier: 'T2',
+    engine: 'qemu',
+    skip: host.qemu === null ? `QEMU is not installed here: ${host.qemuUnavailable}` : null,
+  },
+  {
+    tier: 'T3',
+    engine: 'kvm',
+    skip: host.canBootLinux
+      ? null
+      : `needs a host where the built-in VMM boots Linux (hardware KVM); this host: kvmFlavour=${host.kvmFlavour}: ${host.reason}`,
+  },
+]
+
+/** Runs `suite(tier, engine)` for each tier that can run; registers a skipped test (printing why) for the others. */
+export function perTier(test, what, suite) {
+  for (const { tier, engine, skip } of tiers) {
+    if (skip !== null) {
+      const title = `${tier} (${what} on engine '${engine}') skipped: ${skip}`
+      console.log(`# SKIP ${title}`)
+      test.skip(title, () => {})
+      continue
+    }
+    suite(tier, engine)
+  }
+}
+
+/** Throws (the test fails, never skips) when the guest images were not built. */
+export function requireGuestImages() {
+  const g = guestImages()
+  for (const p of [g.kernel, g.rootfs]) {
+    if (!fs.existsSync(p)) {
+      throw new Error(`guest image ${p} is missing: run ./scripts/setup.sh (or scripts/guest/build-kernel.sh and build-rootfs.sh)`)
+    }
+  }
+  return g
+}
+
+/**
+ * One sandbox for the tests of a file on `engine`, booted on first use and stopped after the
+ * last test (`test.after.always`). `configure(builder)` adds options.
+ */
+export function sharedSandbox(test, engine, configure = (b) => b) {
+  let booting
+  const get = () => {
+    booting ??= (async () => {
+      requireGuestImages()
+      return configure(Sandbox.builder(`shared-${engine}`).engine(engine).memory(256)).create()
+    })()
+    return booting
+  }
+  test.after.always(async () => {
+    if (booting === undefined) return
+    const sb = await booting.catch(() => null)
+    await sb?.stop({ timeoutMs: 5000 })
+  })
+  return get
+}
