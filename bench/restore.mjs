@@ -447,5 +447,6 @@ write('restore', results, [
   '  `restored_vm_guest_ram_rss`: RSS of the guest-RAM mapping of one restored QEMU (QEMU reads the whole stream into anonymous memory: every clone would pay this).',
   ...notes,
   ...ratios,
-  `Host load average (1, 5, 15 min) at the start ${loadBefore}, at the end ${os.loadavg().map((l) => l.toFixed(2)).join(' ')} (2 cores shared with other work: p90s are noisy).`,
+  'One clone per HTTP request (examples/serverless-handler.mjs): serverless.md.',
+  `Host load average (1, 5, 15 min) at the start ${loadBefore}, at the end (its own threads included) ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}; 2 cores shared with other work: p90s are noisy.`,
 ])

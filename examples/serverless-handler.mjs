@@ -251,7 +251,7 @@ async function writeResults(opts, runs) {
     'Why the throughput is what it is: the ioloop guest spins on port reads (one exit, about 13 µs of host CPU on this PVM host) from its restore until it is',
     'destroyed, so a clone costs CPU for as long as its request is in flight; with shell creation (~1.3 ms CPU) and teardown that is the server CPU per request above.',
     'Beyond 2 in flight, requests queue for the 2 cores (shared with other work on this machine).',
-    `Host load average (1, 5, 15 min) after the run: ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}.`,
+    `Host load average (1, 5, 15 min) after the run, its own threads included: ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}.`,
   )
   write('serverless', results, notes)
 }
