@@ -69,3 +69,21 @@ export function sharedSandbox(test, engine, configure = (b) => b) {
   })
   return get
 }
+
+/** This process's children whose command is QEMU (`comm` is cut to 15 characters). */
+export function qemuChildren() {
+  const found = []
+  for (const pid of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(pid)) continue
+    let stat
+    try {
+      stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8')
+    } catch {
+      continue // gone meanwhile
+    }
+    const comm = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'))
+    const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1])
+    if (ppid === process.pid && comm.startsWith('qemu-system')) found.push(`${pid} ${comm}`)
+  }
+  return found
+}

@@ -362,6 +362,16 @@ export class MicroVm implements AsyncDisposable {
     return status
   }
 
+  /**
+   * For a workload VM: the engine that runs it, why (`auto: ...` or `asked for`) and QEMU's pid
+   * (null on the built-in VMM); null for other VMs (they run on the built-in VMM, in this process).
+   */
+  get engineInfo(): { engine: 'kvm' | 'qemu'; engineReason: string; pid: number | null } | null {
+    if (this.#workload === null) return null
+    const i = this.#workload.handle.info() as { engine: 'kvm' | 'qemu'; engineReason: string; pid?: number | null }
+    return { engine: i.engine, engineReason: i.engineReason, pid: i.pid ?? null }
+  }
+
   /** Whether this is a workload VM (`rootfs: { disk }` + `execPath`). */
   get isWorkload(): boolean {
     return this.#workload !== null
