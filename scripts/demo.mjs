@@ -1,6 +1,7 @@
 // `npm start`: boots the default guest (Linux kernel + root disk + agent, built by
 // scripts/setup.sh) with the Sandbox API on engine 'auto', prints how it came up (engine and
-// why, kernel release, boot time, the agent's ready banner) and stops it.
+// why, kernel release, boot time, the agent's ready banner), runs `uname -a` and
+// `echo hello from microcell` in it and prints their output, and stops it.
 // `npm start -- --test-guest`: boots the `hello` test guest on the built-in VMM with the
 // MicroVm API and prints its console.
 import fs from 'node:fs'
@@ -52,7 +53,17 @@ async function sandboxDemo() {
     console.log(`  kernel:  ${info.kernelRelease} (${info.kernel})`)
     console.log(`  agent:   ${info.agent}, hostname ${info.hostname}, protocol ${info.protocolVersion}`)
     console.log(`  console: ${banner ?? '(no ready banner seen on the console)'}`)
-    console.log('ran: nothing yet — running a command in the guest (`uname -a` here) comes with the exec API')
+    for (const [cmd, args] of [
+      ['uname', ['-a']],
+      ['/bin/sh', ['-c', 'echo hello from microcell']],
+    ]) {
+      const r = await sb.exec(cmd, args)
+      const shown = [cmd, ...args].map((a) => (/\s/.test(a) ? `'${a}'` : a)).join(' ')
+      console.log(`$ ${shown}   (exit ${r.exitCode}, ${r.durationMs.toFixed(0)} ms in the guest)`)
+      process.stdout.write(r.stdout)
+      if (r.stderr.length > 0) process.stderr.write(r.stderr)
+      if (r.exitCode !== 0) process.exitCode = 1
+    }
     const t0 = performance.now()
     const exit = await sb.stop()
     console.log(`stopped in ${(performance.now() - t0).toFixed(0)} ms: ${JSON.stringify(exit)}`)
