@@ -223,6 +223,26 @@ export class Sandbox implements AsyncDisposable {
     return new Sandbox(handle)
   }
 
+  /**
+   * Starts a new sandbox from a snapshot directory (`sandbox.snapshot(dir)`): nothing boots,
+   * the VM resumes where it was, and the guest sets its clock and reseeds its RNG from the
+   * host. Each call is an independent clone (its own memory and root disk copy). Rejects with
+   * `E_SNAPSHOT*`, `E_QEMU_NOT_FOUND`, `E_BOOT_TIMEOUT`, ...
+   */
+  static async fromSnapshot(dir: string, options: { consoleOutput?: string } = {}): Promise<Sandbox> {
+    return new Sandbox(await native.restoreSandbox(dir, options.consoleOutput))
+  }
+
+  /**
+   * Writes a snapshot of this sandbox (memory, devices, root disk, configuration) into `dir`,
+   * created if needed; the sandbox runs on. Take it while no command runs: commands in flight
+   * do not survive a restore. Resolves with `dir`.
+   */
+  async snapshot(dir: string): Promise<string> {
+    await this.#native.snapshot(dir)
+    return dir
+  }
+
   /** How the sandbox came up: engine and why, kernel release, boot time, ... */
   get info(): SandboxInfo {
     return this.#info

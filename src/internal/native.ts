@@ -270,6 +270,16 @@ export class NativeSandboxHandle {
   consoleTail(): string {
     return call(() => this.#sandbox.consoleTail())
   }
+
+  /** Writes a snapshot of the running sandbox into `dir`; the sandbox runs on. */
+  snapshot(dir: string): Promise<void> {
+    return callAsync(() => this.#sandbox.snapshot(dir))
+  }
+}
+
+/** Starts a sandbox from a snapshot directory; resolves once its agent answers. */
+export async function restoreSandbox(dir: string, consoleOutput?: string): Promise<NativeSandboxHandle> {
+  return new NativeSandboxHandle(await callAsync(() => binding().restoreSandbox(dir, consoleOutput)))
 }
 
 /** Validates a SandboxConfig JSON; returns it normalised (defaults filled in). */

@@ -85,13 +85,19 @@ pub async fn create_sandbox(config_json: String) -> Result<NativeSandbox> {
         Sandbox::create(config).map_err(sandbox_error)
     })
     .await?;
-    let info = serde_json::to_value(sandbox.info()).map_err(|e| coded("E_INTERNAL", e))?;
-    Ok(NativeSandbox {
-        info,
-        config: sandbox.config().to_json(),
-        console: sandbox.console(),
-        state: Arc::new(Mutex::new(State::Live(Arc::new(sandbox)))),
+    NativeSandbox::wrap(sandbox)
+}
+
+/// Starts a sandbox from a snapshot directory (`NativeSandbox.snapshot`) and resolves once its
+/// agent answers; rejects with `E_SNAPSHOT*`, `E_QEMU_NOT_FOUND`, `E_BOOT_TIMEOUT`, ...
+#[napi]
+pub async fn restore_sandbox(dir: String, console_output: Option<String>) -> Result<NativeSandbox> {
+    let sandbox = blocking("sandbox restore", move || {
+        let options = sandbox::SandboxRestoreOptions { console_output: console_output.map(Into::into), timeout: None };
+        Sandbox::restore(std::path::Path::new(&dir), options).map_err(sandbox_error)
     })
+    .await?;
+    NativeSandbox::wrap(sandbox)
 }
 
 /// A sandbox as long as its VM runs; once its end has been seen (`stop`, `wait`), only what
@@ -142,6 +148,16 @@ pub struct NativeSandbox {
 }
 
 impl NativeSandbox {
+    fn wrap(sandbox: Sandbox) -> Result<NativeSandbox> {
+        let info = serde_json::to_value(sandbox.info()).map_err(|e| coded("E_INTERNAL", e))?;
+        Ok(NativeSandbox {
+            info,
+            config: sandbox.config().to_json(),
+            console: sandbox.console(),
+            state: Arc::new(Mutex::new(State::Live(Arc::new(sandbox)))),
+        })
+    }
+
     /// The live sandbox, or `None` once it has ended and was released.
     fn live(&self) -> Option<Arc<Sandbox>> {
         match &*lock(&self.state) {
@@ -166,6 +182,14 @@ impl NativeSandbox {
 
 #[napi]
 impl NativeSandbox {
+    /// Writes a snapshot of the running sandbox into `dir` (memory, devices, root disk, config);
+    /// the sandbox runs on. `restoreSandbox(dir)` starts copies of it.
+    #[napi]
+    pub async fn snapshot(&self, dir: String) -> Result<()> {
+        let sandbox = self.sandbox()?;
+        blocking("sandbox snapshot", move || sandbox.snapshot(std::path::Path::new(&dir)).map_err(sandbox_error)).await
+    }
+
     /// How the sandbox came up (`ReadyInfo`, camelCase): engine, engineReason, engineDetail,
     /// pid, kernel, rootfs, kernelRelease, agent, hostname, protocolVersion, features, bootMs,
     /// guestBootNs, agentStartNs, name.
