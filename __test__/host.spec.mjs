@@ -13,6 +13,8 @@ test('the package exports exactly its public API', (t) => {
     names.sort(),
     [
       'CONFIG_ERROR_CODES',
+      'ExecProcess',
+      'ExecResult',
       'MicroVm',
       'MicroVmBuilder',
       'MicrocellError',
@@ -20,9 +22,13 @@ test('the package exports exactly its public API', (t) => {
       'SANDBOX_ERROR_CODES',
       'Sandbox',
       'SandboxBuilder',
+      'SandboxFs',
       'Snapshot',
       'VmPool',
+      'defaultGuest',
+      'guestImages',
       'hostInfo',
+      'setLogLevel',
     ].sort(),
   )
 })
