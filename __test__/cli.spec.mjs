@@ -145,3 +145,10 @@ booting('--json prints one machine-readable result (output collected, status, sa
   t.is(missing.code, 127)
   t.like(JSON.parse(missing.stdout), { status: 127, error: { code: 'ENOENT' } })
 })
+
+booting('a reader that goes away (| head) ends the command as SIGPIPE would: status 141, no crash', async (t) => {
+  const script = `"${process.execPath}" "${cli}" run -- sh -c 'yes | head -c 20000000' | head -c 10 >/dev/null; echo "status=\${PIPESTATUS[0]}"`
+  const r = await new Promise((resolve) => execFile('bash', ['-c', script], { cwd: root }, (err, stdout, stderr) => resolve({ err, stdout, stderr })))
+  t.is(r.stdout.trim(), 'status=141', r.stderr)
+  t.false(/Unhandled|EPIPE/.test(r.stderr), r.stderr)
+})

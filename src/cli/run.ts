@@ -194,6 +194,18 @@ async function stream(pl: Plan, sb: Sandbox, setForward: (f: (sig: NodeJS.Signal
   setForward((sig) => void proc.signal(sig).catch(() => undefined))
   const done = (s: NodeJS.ReadableStream) => new Promise<void>((resolve) => s.once('end', resolve).once('error', () => resolve()))
   const outs = [done(proc.stdout), done(proc.stderr)]
+  // Our reader went away (`microcell run ... | head`): end the command as SIGPIPE would, and
+  // drop the rest of its output.
+  let brokenPipe = false
+  const onOutputError = (err: NodeJS.ErrnoException) => {
+    if (err.code !== 'EPIPE') return
+    brokenPipe = true
+    void proc.kill().catch(() => undefined)
+    proc.stdout.resume()
+    proc.stderr.resume()
+  }
+  stdout.on('error', onOutputError)
+  process.stderr.on('error', onOutputError)
   proc.stdout.pipe(stdout, { end: false })
   proc.stderr.pipe(process.stderr, { end: false })
   const stdin = process.stdin
@@ -207,11 +219,14 @@ async function stream(pl: Plan, sb: Sandbox, setForward: (f: (sig: NodeJS.Signal
   try {
     const exit = await proc.wait()
     await Promise.all(outs)
+    if (brokenPipe) return signalStatus('SIGPIPE')
     if (exit.timedOut) process.stderr.write(`microcell: the command timed out and was killed (${exit.signal ?? 'SIGKILL'})\n`)
     return statusOf(exit)
   } catch (err) {
     return failed(pl, err, sb)
   } finally {
+    stdout.off('error', onOutputError)
+    process.stderr.off('error', onOutputError)
     if (pl.tty) stdout.off('resize', onResize)
     if (pl.interactive) {
       stdin.unpipe(proc.stdin)
