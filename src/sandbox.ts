@@ -319,7 +319,8 @@ export class Sandbox implements AsyncDisposable {
    * Runs a program in the guest to its end and resolves with its exit and all of its output:
    * `{ exitCode, signal, timedOut, stdout, stderr, durationMs }` (Buffers; `stdoutText()`,
    * `stderrText()`). `cmd` is a path or a name looked up in `PATH`; `args` are passed as they
-   * are (no shell). A non-zero exit is a result, not an error. Rejects with a `MicrocellError`:
+   * are (no shell). A non-zero exit is a result, not an error. The output is kept in memory:
+   * for large or endless output use `execStream()`. Rejects with a `MicrocellError`:
    * `ENOENT` / `EACCES` (a program or `cwd` that cannot be used, with the guest path),
    * `E_INVALID_ARGUMENT`, `E_CHANNEL_CLOSED` (the sandbox has ended), ...
    */
