@@ -293,7 +293,7 @@ impl LoadedSnapshot {
 
     /// An empty VM shaped for this snapshot, to restore into later (see `VmShell`).
     pub fn shell(&self) -> Result<VmShell> {
-        VmShell::new(&self.state.config)
+        VmShell::build(&self.state.config, false)
     }
 }
 
@@ -309,15 +309,25 @@ pub struct VmShell {
 }
 
 impl VmShell {
-    /// A shell for VMs of `config`'s size (memory, vCPUs, dirty tracking).
+    /// A shell for VMs of `config`'s size (memory, vCPUs, dirty tracking), ready to boot.
     pub fn new(config: &VmConfig) -> Result<VmShell> {
+        Self::build(config, true)
+    }
+
+    /// `boot`: vCPUs get their boot CPUID, MSRs, FPU and LINTs; otherwise they keep KVM's reset
+    /// state, which a restore overwrites anyway (saves ~0.1 ms per vCPU).
+    fn build(config: &VmConfig, boot: bool) -> Result<VmShell> {
         config.check()?;
         let (memory_mib, vcpus) = (config.memory_mib, config.vcpus);
         let kvm = kvm()?;
         let memory = memory::create(memory_mib)?;
         let vm = vm::Vm::new(kvm, &memory, config.track_dirty_pages)?;
-        let cpuid = supported_cpuid(kvm)?;
-        let vcpus = (0..vcpus).map(|i| Vcpu::new(vm.fd(), i, vcpus, cpuid)).collect::<Result<Vec<_>>>()?;
+        let vcpus = if boot {
+            let cpuid = supported_cpuid(kvm)?;
+            (0..vcpus).map(|i| Vcpu::new(vm.fd(), i, vcpus, cpuid)).collect::<Result<Vec<_>>>()?
+        } else {
+            (0..vcpus).map(|i| Vcpu::new_bare(vm.fd(), i)).collect::<Result<Vec<_>>>()?
+        };
         Ok(VmShell { vm, memory, vcpus, memory_mib, track_dirty: config.track_dirty_pages })
     }
 }

@@ -68,15 +68,26 @@ pub struct Vcpu {
 impl Vcpu {
     /// Creates vCPU `index` of `count` with its CPUID, MSRs, FPU and LAPIC LINTs set.
     pub fn new(vm: &VmFd, index: u8, count: u8, supported_cpuid: &CpuId) -> Result<Vcpu> {
+        let vcpu = Self::new_bare(vm, index)?;
+        vcpu.configure(count, supported_cpuid)?;
+        Ok(vcpu)
+    }
+
+    /// Creates vCPU `index` with KVM's reset state: for a restore, which sets all of it.
+    pub fn new_bare(vm: &VmFd, index: u8) -> Result<Vcpu> {
         install_kick_handler()?;
         let fd = vm.create_vcpu(u64::from(index)).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+        Ok(Vcpu { index, fd: Arc::new(Mutex::new(fd)) })
+    }
+
+    fn configure(&self, count: u8, supported_cpuid: &CpuId) -> Result<()> {
+        let (index, fd) = (self.index, self.fd.lock().unwrap_or_else(|p| p.into_inner()));
         let mut cpuid = supported_cpuid.clone();
         cpuid::filter(&mut cpuid, index, count);
         fd.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
         msr::setup_msrs(&fd)?;
         regs::setup_fpu(&fd)?;
-        interrupts::set_lint(&fd)?;
-        Ok(Vcpu { index, fd: Arc::new(Mutex::new(fd)) })
+        interrupts::set_lint(&fd)
     }
 
     /// Puts the boot vCPU at the kernel's entry point.
