@@ -43,7 +43,10 @@ pub struct ExecExitInfo {
 fn exit_info(e: ExecExit) -> ExecExitInfo {
     ExecExitInfo {
         exit_code: e.code,
-        signal: e.signal_name.clone().or_else(|| e.signal.map(|s| format!("SIG{s}"))),
+        signal: e
+            .signal_name
+            .clone()
+            .or_else(|| e.signal.map(|s| format!("SIG{s}"))),
         signal_number: e.signal,
         timed_out: e.timed_out,
         duration_ms: e.duration.as_secs_f64() * 1e3,
@@ -63,11 +66,19 @@ pub struct ExecEventInfo {
 }
 
 fn event_info(ev: ExecEvent) -> ExecEventInfo {
-    let out = |kind: &str, data: Vec<u8>| ExecEventInfo { kind: kind.into(), data: Some(data.into()), exit: None };
+    let out = |kind: &str, data: Vec<u8>| ExecEventInfo {
+        kind: kind.into(),
+        data: Some(data.into()),
+        exit: None,
+    };
     match ev {
         ExecEvent::Stdout(d) => out("stdout", d),
         ExecEvent::Stderr(d) => out("stderr", d),
-        ExecEvent::Exit(e) => ExecEventInfo { kind: "exit".into(), data: None, exit: Some(exit_info(e)) },
+        ExecEvent::Exit(e) => ExecEventInfo {
+            kind: "exit".into(),
+            data: None,
+            exit: Some(exit_info(e)),
+        },
     }
 }
 
@@ -80,7 +91,8 @@ pub struct ExecCollected {
 }
 
 fn request(json: &str) -> Result<ExecRequest> {
-    serde_json::from_str(json).map_err(|e| coded("E_INVALID_ARGUMENT", format!("exec request: {e}")))
+    serde_json::from_str(json)
+        .map_err(|e| coded("E_INVALID_ARGUMENT", format!("exec request: {e}")))
 }
 
 async fn start(sandbox: &NativeSandbox, request_json: String) -> Result<Arc<ExecHandle>> {
@@ -99,14 +111,20 @@ impl NativeSandbox {
     /// `E_INVALID_ARGUMENT` (an empty argv, an unknown user, ...), `E_CHANNEL_CLOSED`, ...
     #[napi]
     pub async fn exec_start(&self, request_json: String) -> Result<NativeExec> {
-        Ok(NativeExec { handle: Some(start(self, request_json).await?) })
+        Ok(NativeExec {
+            handle: Some(start(self, request_json).await?),
+        })
     }
 
     /// Runs a process to its end: its exit and all of its output. `stdin`: bytes written to its
     /// stdin (then closed) while the output is read, so a process that reads and writes a lot
     /// at once cannot stall.
     #[napi]
-    pub async fn exec_collect(&self, request_json: String, stdin: Option<Buffer>) -> Result<ExecCollected> {
+    pub async fn exec_collect(
+        &self,
+        request_json: String,
+        stdin: Option<Buffer>,
+    ) -> Result<ExecCollected> {
         let handle = start(self, request_json).await?;
         let writer = stdin.map(|data| {
             let (h, data) = (handle.clone(), data.to_vec());
@@ -119,13 +137,20 @@ impl NativeSandbox {
         });
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let exit = loop {
-            match handle.clone().next_event_owned().await.map_err(sandbox_error)? {
+            match handle
+                .clone()
+                .next_event_owned()
+                .await
+                .map_err(sandbox_error)?
+            {
                 Some(ExecEvent::Stdout(b)) => stdout.extend_from_slice(&b),
                 Some(ExecEvent::Stderr(b)) => stderr.extend_from_slice(&b),
                 Some(ExecEvent::Exit(e)) => break e,
                 None => match handle.exit() {
                     Some(e) => break e,
-                    None => return Err(coded("E_INTERNAL", "the exec stream ended without an exit")),
+                    None => {
+                        return Err(coded("E_INTERNAL", "the exec stream ended without an exit"))
+                    }
                 },
             }
         };
@@ -133,7 +158,11 @@ impl NativeSandbox {
             // It ends promptly once the process has: no more credit comes.
             let _ = w.await;
         }
-        Ok(ExecCollected { exit: exit_info(exit), stdout: stdout.into(), stderr: stderr.into() })
+        Ok(ExecCollected {
+            exit: exit_info(exit),
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+        })
     }
 }
 
@@ -164,7 +193,10 @@ impl NativeExec {
     #[napi]
     pub async fn next_event(&self) -> Result<Option<ExecEventInfo>> {
         let h = self.handle();
-        Ok(h.next_event_owned().await.map_err(sandbox_error)?.map(event_info))
+        Ok(h.next_event_owned()
+            .await
+            .map_err(sandbox_error)?
+            .map(event_info))
     }
 
     /// How the process ended, once the `exit` event has been taken; else null.
@@ -180,21 +212,30 @@ impl NativeExec {
     #[napi]
     pub async fn write_stdin(&self, data: Buffer) -> Result<()> {
         let (h, data) = (self.handle(), data.to_vec());
-        blocking("exec stdin", move || h.write_stdin(&data, STDIN_TIMEOUT).map_err(sandbox_error)).await
+        blocking("exec stdin", move || {
+            h.write_stdin(&data, STDIN_TIMEOUT).map_err(sandbox_error)
+        })
+        .await
     }
 
     /// Closes stdin after what was written (a terminal gets ^D). Idempotent.
     #[napi]
     pub async fn close_stdin(&self) -> Result<()> {
         let h = self.handle();
-        blocking("exec close stdin", move || h.close_stdin().map_err(sandbox_error)).await
+        blocking("exec close stdin", move || {
+            h.close_stdin().map_err(sandbox_error)
+        })
+        .await
     }
 
     /// Sends a signal (`SIGTERM`, `TERM`, `15`) to the process group; nothing once it has ended.
     #[napi]
     pub async fn signal(&self, name: String) -> Result<()> {
         let h = self.handle();
-        blocking("exec signal", move || h.signal(&name).map_err(sandbox_error)).await
+        blocking("exec signal", move || {
+            h.signal(&name).map_err(sandbox_error)
+        })
+        .await
     }
 
     /// SIGKILL to the process group.
@@ -208,14 +249,19 @@ impl NativeExec {
     #[napi]
     pub async fn resize(&self, rows: u32, cols: u32) -> Result<()> {
         let size = |what, n: u32| {
-            u16::try_from(n)
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| coded("E_INVALID_ARGUMENT", format!("{what} is {n}: give a whole number from 1 to 65535")))
+            u16::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
+                coded(
+                    "E_INVALID_ARGUMENT",
+                    format!("{what} is {n}: give a whole number from 1 to 65535"),
+                )
+            })
         };
         let (rows, cols) = (size("rows", rows)?, size("cols", cols)?);
         let h = self.handle();
-        blocking("exec resize", move || h.resize(rows, cols).map_err(sandbox_error)).await
+        blocking("exec resize", move || {
+            h.resize(rows, cols).map_err(sandbox_error)
+        })
+        .await
     }
 
     /// Output bytes buffered on the host for this process now, and the most so far (at most

@@ -72,14 +72,26 @@ pub struct WorkloadEnd {
 fn status_info(s: WorkloadStatus) -> WorkloadStatusInfo {
     WorkloadStatusInfo {
         exit_code: s.code,
-        signal: s.signal_name.clone().or_else(|| s.signal.map(|n| format!("SIG{n}"))),
+        signal: s
+            .signal_name
+            .clone()
+            .or_else(|| s.signal.map(|n| format!("SIG{n}"))),
         signal_number: s.signal,
         duration_ms: s.duration_ms,
-        error: s.error.map(|e| WorkloadErrorInfo { code: e.code, errno: e.errno, message: e.message, path: e.path }),
+        error: s.error.map(|e| WorkloadErrorInfo {
+            code: e.code,
+            errno: e.errno,
+            message: e.message,
+            path: e.path,
+        }),
     }
 }
 
-fn end_info(exit: &VmExit, stop_requested: bool, status: &sandbox::sandbox::Result<WorkloadStatus>) -> WorkloadEnd {
+fn end_info(
+    exit: &VmExit,
+    stop_requested: bool,
+    status: &sandbox::sandbox::Result<WorkloadStatus>,
+) -> WorkloadEnd {
     let (reason, code, message) = match exit {
         VmExit::GuestReset => ("reset", None, None),
         VmExit::Stopped => ("stopped", None, None),
@@ -104,14 +116,24 @@ fn end_info(exit: &VmExit, stop_requested: bool, status: &sandbox::sandbox::Resu
 
 /// The sandbox configuration a workload MicroVm boots with: its memory, vCPUs, kernel (default:
 /// the guest platform's), root disk, console file, and `cmdline` appended as kernel arguments.
-fn sandbox_config(c: &MicroVmConfig, options: Option<&WorkloadStartOptions>) -> Result<SandboxConfig> {
+fn sandbox_config(
+    c: &MicroVmConfig,
+    options: Option<&WorkloadStartOptions>,
+) -> Result<SandboxConfig> {
     let disk = c.rootfs.as_ref().and_then(|r| r.disk()).ok_or_else(|| {
-        coded("E_CONFIG_MISSING", "a workload VM needs rootfs { disk: image } (e.g. defaultGuest())")
+        coded(
+            "E_CONFIG_MISSING",
+            "a workload VM needs rootfs { disk: image } (e.g. defaultGuest())",
+        )
     })?;
     let engine = match options.and_then(|o| o.engine.as_deref()) {
         None => EngineChoice::Auto,
-        Some(e) => serde_json::from_value(serde_json::Value::String(e.into()))
-            .map_err(|_| coded("E_INVALID_ARGUMENT", format!("engine {e:?}: give 'auto', 'kvm' or 'qemu'")))?,
+        Some(e) => serde_json::from_value(serde_json::Value::String(e.into())).map_err(|_| {
+            coded(
+                "E_INVALID_ARGUMENT",
+                format!("engine {e:?}: give 'auto', 'kvm' or 'qemu'"),
+            )
+        })?,
     };
     let mut config = SandboxConfig {
         memory_mib: c.memory_mib,
@@ -135,7 +157,10 @@ fn sandbox_config(c: &MicroVmConfig, options: Option<&WorkloadStartOptions>) -> 
 /// ... A program that does not exist or cannot run is the workload's status (`ENOENT`,
 /// `EACCES`), known within the boot time.
 #[napi]
-pub async fn start_workload(config_json: String, options: Option<WorkloadStartOptions>) -> Result<NativeWorkload> {
+pub async fn start_workload(
+    config_json: String,
+    options: Option<WorkloadStartOptions>,
+) -> Result<NativeWorkload> {
     let workload = blocking("workload start", move || {
         let c = MicroVmConfig::from_json(&config_json).map_err(|e| coded(e.code(), e))?;
         c.validate().map_err(|e| coded(e.code(), e))?;
@@ -162,7 +187,10 @@ pub async fn start_workload(config_json: String, options: Option<WorkloadStartOp
 
 enum State {
     Live(Arc<Workload>),
-    Ended { end: Arc<(VmExit, sandbox::sandbox::Result<WorkloadStatus>)>, stats: CoreConsoleStats },
+    Ended {
+        end: Arc<(VmExit, sandbox::sandbox::Result<WorkloadStatus>)>,
+        stats: CoreConsoleStats,
+    },
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -187,11 +215,17 @@ impl NativeWorkload {
     }
 
     /// Once the status is known and the VM has ended: keeps both, lets go of the `Workload`.
-    fn release(state: &Mutex<State>, status: sandbox::sandbox::Result<WorkloadStatus>) -> Option<Arc<Workload>> {
+    fn release(
+        state: &Mutex<State>,
+        status: sandbox::sandbox::Result<WorkloadStatus>,
+    ) -> Option<Arc<Workload>> {
         let mut s = lock(state);
         let State::Live(w) = &*s else { return None };
         let exit = w.vm_exit().unwrap_or(VmExit::Killed);
-        let ended = State::Ended { end: Arc::new((exit, status)), stats: w.console_stats() };
+        let ended = State::Ended {
+            end: Arc::new((exit, status)),
+            stats: w.console_stats(),
+        };
         match std::mem::replace(&mut *s, ended) {
             State::Live(w) => Some(w),
             State::Ended { .. } => None,
@@ -213,7 +247,13 @@ impl NativeWorkload {
     pub async fn wait(&self) -> Result<WorkloadEnd> {
         let w = match &*lock(&self.state) {
             State::Live(w) => w.clone(),
-            State::Ended { end, .. } => return Ok(end_info(&end.0, self.stop_requested.load(Ordering::SeqCst), &end.1)),
+            State::Ended { end, .. } => {
+                return Ok(end_info(
+                    &end.0,
+                    self.stop_requested.load(Ordering::SeqCst),
+                    &end.1,
+                ))
+            }
         };
         let status = w.wait_async().await;
         drop(w);
@@ -225,7 +265,10 @@ impl NativeWorkload {
         }
         match &*lock(&self.state) {
             State::Ended { end, .. } => Ok(end_info(&end.0, stop, &end.1)),
-            State::Live(_) => Err(coded("E_INTERNAL", "the workload ended but its state was not kept")),
+            State::Live(_) => Err(coded(
+                "E_INTERNAL",
+                "the workload ended but its state was not kept",
+            )),
         }
     }
 
@@ -297,7 +340,13 @@ impl Drop for NativeWorkload {
             // A signal (QEMU) or the VMM's kick: microseconds. The rest waits: another thread.
             w.kill();
             let w = w.clone();
-            *s = State::Ended { end: Arc::new((VmExit::Killed, Err(sandbox::SandboxError::InvalidArgument("dropped".into())))), stats: Default::default() };
+            *s = State::Ended {
+                end: Arc::new((
+                    VmExit::Killed,
+                    Err(sandbox::SandboxError::InvalidArgument("dropped".into())),
+                )),
+                stats: Default::default(),
+            };
             drop(s);
             drop_off_thread(w);
         }
