@@ -5,7 +5,8 @@
 // agent as a host process over a socketpair (no VM: what the protocol and agent cost alone), as
 // separate rows. Not a test: numbers go to bench/results/exec.{json,md}.
 //   BENCH_EXEC_N (default 100) exec round trips; BENCH_COPY_RUNS (default 3) copies each way;
-//   BENCH_NO_CARGO=1 skips the Rust example.
+//   BENCH_NO_CARGO=1 skips the Rust example; BENCH_RUST_QEMU=1 also runs its QEMU part (the same
+//   guest measurements through the Rust API: the napi/JS hop is the difference).
 import { spawnSync } from 'node:child_process'
 import crypto from 'node:crypto'
 import fs from 'node:fs'
@@ -86,12 +87,13 @@ if (process.env.BENCH_NO_CARGO === '1') {
 } else if (!fs.existsSync(example)) {
   notes.push('- Protocol rows: crates/sandbox/examples/exec_bench.rs does not exist in this checkout.')
 } else {
+  const rustQemu = process.env.BENCH_RUST_QEMU === '1'
   const cargo = (args) => spawnSync('cargo', args, { cwd: root, encoding: 'utf8', maxBuffer: 64 << 20 })
   console.error('building the agent and the exec_bench example (cargo, release) ...')
   const agent = cargo(['build', '--release', '-q', '-p', 'microcell-agent'])
   const run =
     agent.status === 0
-      ? cargo(['run', '--release', '-q', '-p', 'microcell-sandbox', '--example', 'exec_bench', '--', '--no-qemu', '--n', '400'])
+      ? cargo(['run', '--release', '-q', '-p', 'microcell-sandbox', '--example', 'exec_bench', '--', ...(rustQemu ? [] : ['--no-qemu']), '--n', '400'])
       : agent
   const json = run.status === 0 ? run.stdout.trim().split('\n').filter((l) => l.startsWith('{')).pop() : undefined
   if (json === undefined) {
@@ -112,8 +114,15 @@ if (process.env.BENCH_NO_CARGO === '1') {
     ]) {
       if (j[key] !== undefined) results.push(row(kase, 'throughput', 'MB/s', j[key], null, 1))
     }
+    if (j.qemu_exec_true_p50_ms !== undefined) {
+      const rust = `Rust API (exec_bench), ${j.qemu_engine}`
+      const r2 = (kase, metric, unit, p50, p90) => ({ system: rust, case: kase, metric, unit, p50: Math.round(p50 * 1000) / 1000, p90: p90 === null ? '-' : Math.round(p90 * 1000) / 1000, n: p90 === null ? 1 : 50 })
+      results.push(r2("exec /bin/true round trip (Sandbox::exec_collect)", 'latency', 'ms', j.qemu_exec_true_p50_ms, j.qemu_exec_true_p90_ms))
+      results.push(r2('copy_from_host 256 MiB (host file → guest tmpfs)', 'throughput', 'MB/s', j.qemu_copy_in_256mib_mbps, null))
+      results.push(r2('copy_to_host 256 MiB (guest tmpfs → host file)', 'throughput', 'MB/s', j.qemu_copy_out_256mib_mbps, null))
+    }
     notes.push(
-      `- Protocol rows: \`cargo run --release -p microcell-sandbox --example exec_bench -- --no-qemu --n 400\` (one run; p90 "-" where it gives a single figure), load average at its start ${j.loadavg}. ` +
+      `- Protocol rows: \`cargo run --release -p microcell-sandbox --example exec_bench -- ${rustQemu ? '' : '--no-qemu '}--n 400\` (one run; p90 "-" where it gives a single figure), load average at its start ${j.loadavg}. ` +
         'No VM: they bound what the protocol and the agent cost; the Node API rows add the VM (virtio-serial under QEMU) and the napi/JS hop.',
     )
   }
