@@ -184,6 +184,7 @@ type StreamName = 'stdout' | 'stderr'
  * Output is pulled from the guest as it is consumed: a consumer that stops reading stops this
  * process's output (its pipes fill in the guest and it blocks writing), and nothing else in the
  * sandbox. A stream nobody reads keeps what comes for it in memory while the other one is read.
+ * A handle that is garbage-collected before the process has exited kills the process group.
  */
 export class ExecProcess implements AsyncIterable<ExecEvent>, AsyncDisposable {
   readonly #native: native.NativeExecHandle
