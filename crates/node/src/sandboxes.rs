@@ -168,7 +168,6 @@ impl NativeSandbox {
 
     /// The sandbox, for the other binding modules' calls (exec, files, snapshots): once it has
     /// ended, `E_CHANNEL_CLOSED` (what the agent client says to a request after the end).
-    #[allow(dead_code)] // the first user is the exec binding
     pub(crate) fn sandbox(&self) -> Result<Arc<Sandbox>> {
         match &*lock(&self.state) {
             State::Live(s) => Ok(s.clone()),
