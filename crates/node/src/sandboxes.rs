@@ -23,23 +23,10 @@ use napi_derive::napi;
 use sandbox::console::ConsoleReader;
 use sandbox::{Sandbox, SandboxConfig, VmExit};
 
-use super::{coded, guard, panic_error, ConsoleStats, ExitInfo};
+use super::tasks::{blocking, sandbox_error};
+use super::{coded, guard, ConsoleStats, ExitInfo};
 
-/// Runs `f` on tokio's blocking pool; a panic becomes `E_INTERNAL`.
-async fn blocking<T: Send + 'static>(
-    what: &'static str,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    spawn_blocking(move || {
-        catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| Err(panic_error(p)))
-    })
-    .await
-    .map_err(|e| coded("E_INTERNAL", format!("the {what} task failed: {e}")))?
-}
 
-fn sandbox_error(e: sandbox::SandboxError) -> Error {
-    coded(e.code(), e)
-}
 
 /// How a sandbox's VM ended, as `NativeVm.wait()` says it for a MicroVm: `reset` (the guest
 /// powered off or rebooted: a graceful stop), `stopped`, `killed`, `crashed` (with a code).

@@ -15,19 +15,9 @@ use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use sandbox::{LoadedSnapshot, RestoreOptions, VmShell};
 
+use super::tasks::blocking;
 use super::{coded, guard, panic_error, NativeVm};
 
-/// Runs `f` on tokio's blocking pool; a panic becomes `E_INTERNAL`.
-async fn blocking<T: Send + 'static>(
-    what: &'static str,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    spawn_blocking(move || {
-        catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| Err(panic_error(p)))
-    })
-    .await
-    .map_err(|e| coded("E_INTERNAL", format!("the {what} task failed: {e}")))?
-}
 
 fn vmm_error(e: vmm::Error) -> Error {
     coded(e.code(), e)
