@@ -276,13 +276,15 @@ impl LoadedSnapshot {
         let io = |source| Error::SnapshotIo { path: memory_path.clone(), source };
         let memory_file = std::fs::File::open(&memory_path).map_err(io)?;
         let len = memory_file.metadata().map_err(io)?.len();
-        let needed: u64 = state.memory.iter().map(|r| r.file_offset + r.size).max().unwrap_or(0);
+        let end: u64 = state.memory.iter().map(|r| r.file_offset + r.size).max().unwrap_or(0);
+        let needed = end + snapshot::memory::TRAILER_LEN;
         if len < needed {
             return Err(Error::SnapshotCorrupt {
                 path: memory_path,
                 reason: format!("memory file is {len} bytes, the snapshot needs {needed}"),
             });
         }
+        snapshot::memory::check_id(&memory_file, end, state.memory_id, &memory_path)?;
         Ok(LoadedSnapshot { state, memory_path, memory_file })
     }
 
@@ -674,8 +676,11 @@ impl Vm {
                 memory.file().metadata().map(|md| md.blocks() * 512).unwrap_or(0)
             }
         };
-        memory.sync()?;
         let layout = snapshot::memory::layout(&m.memory);
+        let memory_id = snapshot::memory::new_memory_id();
+        let end = layout.iter().map(|r| r.file_offset + r.size).max().unwrap_or(0);
+        snapshot::memory::write_id(memory.file(), end, memory_id, &memory_path)?;
+        memory.sync()?;
         // Writable disks are copied (copy-on-write where possible) while the VM cannot write,
         // and named relative to the snapshot directory (`load` resolves them), so that the
         // directory can be moved or copied whole. Read-only disks stay where they are.
@@ -702,6 +707,7 @@ impl Vm {
             config,
             cpu: snapshot::CpuFingerprint::of_this_host(),
             memory: layout,
+            memory_id,
             vm,
             vcpus,
             serial,

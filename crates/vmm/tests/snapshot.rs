@@ -996,3 +996,21 @@ fn a_snapshot_directory_with_disks_can_be_moved() {
     assert!(report.passed.iter().any(|c| c == "blk0.readback"));
     assert!(std::fs::read(moved.join("disk0.img")).unwrap() == vs.rw, "the snapshot's disk copy changed");
 }
+
+#[test]
+fn a_memory_file_from_another_snapshot_is_refused() {
+    if !kvm_or_skip("snapshot") {
+        return;
+    }
+    let _cpu = shared();
+    let work = TempDir::new("mixed");
+    let (a, b) = (work.join("a"), work.join("b"));
+    let (vm, console, _) = compute_snapshot(&C, false, "TG step 1\n", &a);
+    vm.resume();
+    snapshot_after(&vm, &console, "TG step 2\n", &b, false);
+    drop(vm);
+    // What a crash between the renames of two snapshots into one directory could leave.
+    std::fs::copy(b.join("vm.mem"), a.join("vm.mem")).unwrap();
+    expect_code(&a, "E_SNAPSHOT_CORRUPT", "the memory file of another snapshot");
+    LoadedSnapshot::load(&b).expect("the untouched snapshot still loads");
+}

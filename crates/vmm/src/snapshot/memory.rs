@@ -100,6 +100,48 @@ pub fn dump_dirty(mem: &GuestRam, dirty: &[Vec<u64>], file: &mut File, path: &Pa
     Ok(written)
 }
 
+/// The memory file ends with this trailer after the last region: magic + the snapshot's id.
+const TRAILER_MAGIC: &[u8; 8] = b"MCELLMID";
+pub const TRAILER_LEN: u64 = 16;
+
+/// A fresh random id for a snapshot's memory file.
+pub fn new_memory_id() -> u64 {
+    let mut id = [0u8; 8];
+    // SAFETY: the buffer is valid for 8 bytes; getrandom(2) writes at most that many.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    if n != 8 {
+        // No getrandom: the clock is unique enough to tell two snapshots apart.
+        return crate::vstate::lifecycle::monotonic_ns();
+    }
+    u64::from_le_bytes(id)
+}
+
+/// Writes the trailer at `end` (the end of the last region), making the file that long + 16.
+pub fn write_id(file: &File, end: u64, id: u64, path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut t = [0u8; TRAILER_LEN as usize];
+    t[..8].copy_from_slice(TRAILER_MAGIC);
+    t[8..].copy_from_slice(&id.to_le_bytes());
+    file.write_all_at(&t, end)
+        .and_then(|()| file.set_len(end + TRAILER_LEN))
+        .map_err(|source| Error::SnapshotIo { path: path.to_owned(), source })
+}
+
+/// Checks that the memory file's trailer names `id`.
+pub fn check_id(file: &File, end: u64, id: u64, path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut t = [0u8; TRAILER_LEN as usize];
+    let corrupt = |reason: &str| Error::SnapshotCorrupt { path: path.to_owned(), reason: reason.into() };
+    file.read_exact_at(&mut t, end).map_err(|_| corrupt("the memory file has no trailer (truncated?)"))?;
+    if &t[..8] != TRAILER_MAGIC {
+        return Err(corrupt("the memory file has no microcell trailer"));
+    }
+    if u64::from_le_bytes(t[8..].try_into().unwrap()) != id {
+        return Err(corrupt("the memory file belongs to another snapshot than the state file (an interrupted snapshot?)"));
+    }
+    Ok(())
+}
+
 /// Takes (and clears) the bitmap of pages the VMM wrote, per region.
 pub fn take_vmm_dirty(mem: &GuestRam) -> Vec<Vec<u64>> {
     // The region derefs to its MmapRegion, whose bitmap() is the whole AtomicBitmap.

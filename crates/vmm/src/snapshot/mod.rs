@@ -26,7 +26,8 @@ use crate::error::{Error, Result};
 use crate::vmm::VmConfig;
 
 pub const MAGIC: &[u8; 8] = b"MCELLSNP";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the state names its memory file (`memory_id`, matched against the file's trailer).
+pub const FORMAT_VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 8;
 /// No state file is this big; a larger length field means a damaged file.
 const MAX_BODY: u64 = 64 << 20;
@@ -62,6 +63,9 @@ pub struct MachineState {
     pub config: VmConfig,
     pub cpu: CpuFingerprint,
     pub memory: Vec<MemoryRegionState>,
+    /// Also in the memory file's trailer: a state file and a memory file from two different
+    /// snapshots (a crash between their renames) are refused instead of restoring garbage.
+    pub memory_id: u64,
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialState,
