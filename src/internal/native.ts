@@ -73,6 +73,18 @@ function exitStatus(info: Binding.ExitInfo): ExitStatus {
 }
 
 /** A running VM in the addon, with errors mapped. */
+/** The addon's console counters as the public `ConsoleStats` (no `fileError` key unless set). */
+function consoleStats(s: Binding.ConsoleStats): ConsoleStats {
+  const stats: ConsoleStats = {
+    totalBytes: s.totalBytes,
+    droppedBytes: s.droppedBytes,
+    queuedBytes: s.queuedBytes,
+    closed: s.closed,
+  }
+  if (s.fileError != null) stats.fileError = s.fileError
+  return stats
+}
+
 export class NativeVmHandle {
   readonly #vm: Binding.NativeVm
 
@@ -103,15 +115,7 @@ export class NativeVmHandle {
   }
 
   consoleStats(): ConsoleStats {
-    const s = call(() => this.#vm.consoleStats())
-    const stats: ConsoleStats = {
-      totalBytes: s.totalBytes,
-      droppedBytes: s.droppedBytes,
-      queuedBytes: s.queuedBytes,
-      closed: s.closed,
-    }
-    if (s.fileError != null) stats.fileError = s.fileError
-    return stats
+    return consoleStats(call(() => this.#vm.consoleStats()))
   }
 
   timings(): Timings {
@@ -256,15 +260,7 @@ export class NativeSandboxHandle {
   }
 
   consoleStats(): ConsoleStats {
-    const s = call(() => this.#sandbox.consoleStats())
-    const stats: ConsoleStats = {
-      totalBytes: s.totalBytes,
-      droppedBytes: s.droppedBytes,
-      queuedBytes: s.queuedBytes,
-      closed: s.closed,
-    }
-    if (s.fileError != null) stats.fileError = s.fileError
-    return stats
+    return consoleStats(call(() => this.#sandbox.consoleStats()))
   }
 
   consoleTail(): string {
@@ -488,15 +484,7 @@ export class NativeWorkloadHandle {
   }
 
   consoleStats(): ConsoleStats {
-    const s = call(() => this.#workload.consoleStats())
-    const stats: ConsoleStats = {
-      totalBytes: s.totalBytes,
-      droppedBytes: s.droppedBytes,
-      queuedBytes: s.queuedBytes,
-      closed: s.closed,
-    }
-    if (s.fileError != null) stats.fileError = s.fileError
-    return stats
+    return consoleStats(call(() => this.#workload.consoleStats()))
   }
 }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
-use sandbox::{ExitReason, MicroVmConfig, StartOptions};
+use sandbox::{ExitReason, MicroVmConfig, StartOptions, VmExit};
 
 mod exec;
 mod fs;
@@ -79,22 +79,24 @@ pub struct ExitInfo {
     pub message: Option<String>,
 }
 
-fn exit_info(reason: ExitReason) -> ExitInfo {
-    let plain = |r: &str| ExitInfo {
-        reason: r.into(),
-        code: None,
-        message: None,
-    };
-    match reason {
-        ExitReason::Reset => plain("reset"),
-        ExitReason::Stopped => plain("stopped"),
-        ExitReason::Killed => plain("killed"),
-        ExitReason::Crashed { code, message } => ExitInfo {
-            reason: "crashed".into(),
-            code: Some(code.to_string()),
-            message: Some(message),
-        },
+/// How a VM ended, the same for a MicroVm and a sandbox: `reset` (the guest powered off or
+/// rebooted: a graceful stop), `stopped`, `killed`, `crashed` (with a code).
+impl From<VmExit> for ExitInfo {
+    fn from(exit: VmExit) -> Self {
+        let plain = |r: &str| ExitInfo { reason: r.into(), code: None, message: None };
+        match exit {
+            VmExit::GuestReset => plain("reset"),
+            VmExit::Stopped => plain("stopped"),
+            VmExit::Killed => plain("killed"),
+            VmExit::Crashed { code, message } => {
+                ExitInfo { reason: "crashed".into(), code: Some(code), message: Some(message) }
+            }
+        }
     }
+}
+
+fn exit_info(reason: ExitReason) -> ExitInfo {
+    VmExit::from(reason).into()
 }
 
 /// CLOCK_MONOTONIC nanoseconds (the clock of `process.hrtime.bigint()`).
@@ -115,6 +117,18 @@ pub struct ConsoleStats {
     pub queued_bytes: f64,
     pub closed: bool,
     pub file_error: Option<String>,
+}
+
+impl From<sandbox::console::ConsoleStats> for ConsoleStats {
+    fn from(s: sandbox::console::ConsoleStats) -> Self {
+        ConsoleStats {
+            total_bytes: s.total_bytes as f64,
+            dropped_bytes: s.dropped_bytes as f64,
+            queued_bytes: s.queued_bytes as f64,
+            closed: s.closed,
+            file_error: s.file_error,
+        }
+    }
 }
 
 /// Boots a microVM from a MicroVmConfig JSON. Resolves once its vCPUs run.
@@ -204,13 +218,7 @@ impl NativeVm {
     pub fn console_stats(&self) -> Result<ConsoleStats> {
         guard(|| {
             let s = self.vm.console_stats();
-            Ok(ConsoleStats {
-                total_bytes: s.total_bytes as f64,
-                dropped_bytes: s.dropped_bytes as f64,
-                queued_bytes: s.queued_bytes as f64,
-                closed: s.closed,
-                file_error: s.file_error,
-            })
+            Ok(s.into())
         })
     }
 

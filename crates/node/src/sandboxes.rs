@@ -28,25 +28,6 @@ use super::{coded, guard, ConsoleStats, ExitInfo};
 
 
 
-/// How a sandbox's VM ended, as `NativeVm.wait()` says it for a MicroVm: `reset` (the guest
-/// powered off or rebooted: a graceful stop), `stopped`, `killed`, `crashed` (with a code).
-fn exit_info(exit: VmExit) -> ExitInfo {
-    let plain = |r: &str| ExitInfo {
-        reason: r.into(),
-        code: None,
-        message: None,
-    };
-    match exit {
-        VmExit::GuestReset => plain("reset"),
-        VmExit::Stopped => plain("stopped"),
-        VmExit::Killed => plain("killed"),
-        VmExit::Crashed { code, message } => ExitInfo {
-            reason: "crashed".into(),
-            code: Some(code),
-            message: Some(message),
-        },
-    }
-}
 
 /// Parses and validates a SandboxConfig given as JSON; returns it normalised (defaults filled
 /// in) as JSON. Throws `E_CONFIG_*`. The guest images are checked by `createSandbox`.
@@ -200,12 +181,12 @@ impl NativeSandbox {
         blocking("sandbox stop", move || {
             let live = match &*lock(&state) {
                 State::Live(s) => s.clone(),
-                State::Ended { exit, .. } => return Ok(exit_info(exit.clone())),
+                State::Ended { exit, .. } => return Ok(exit.clone().into()),
             };
             let exit = live.stop(timeout);
             drop(live);
             drop(release(&state));
-            Ok(exit_info(exit))
+            Ok(exit.into())
         })
         .await
     }
@@ -227,13 +208,13 @@ impl NativeSandbox {
     pub async fn wait(&self) -> Result<ExitInfo> {
         let exit = match &*lock(&self.state) {
             State::Live(s) => s.wait_async(),
-            State::Ended { exit, .. } => return Ok(exit_info(exit.clone())),
+            State::Ended { exit, .. } => return Ok(exit.clone().into()),
         };
         let exit = exit.await;
         let state = self.state.clone();
         // The teardown joins a thread and removes files: not on this (runtime) thread.
         spawn_blocking(move || drop(release(&state)));
-        Ok(exit_info(exit))
+        Ok(exit.into())
     }
 
     /// How the VM ended, or null while it runs.
@@ -241,8 +222,8 @@ impl NativeSandbox {
     pub fn exit_status(&self) -> Result<Option<ExitInfo>> {
         guard(|| {
             Ok(match &*lock(&self.state) {
-                State::Live(s) => s.try_wait().map(exit_info),
-                State::Ended { exit, .. } => Some(exit_info(exit.clone())),
+                State::Live(s) => s.try_wait().map(ExitInfo::from),
+                State::Ended { exit, .. } => Some(exit.clone().into()),
             })
         })
     }
@@ -269,13 +250,7 @@ impl NativeSandbox {
                 State::Live(sb) => sb.console_stats(),
                 State::Ended { stats, .. } => stats.clone(),
             };
-            Ok(ConsoleStats {
-                total_bytes: s.total_bytes as f64,
-                dropped_bytes: s.dropped_bytes as f64,
-                queued_bytes: s.queued_bytes as f64,
-                closed: s.closed,
-                file_error: s.file_error,
-            })
+            Ok(s.into())
         })
     }
 

@@ -323,13 +323,7 @@ impl NativeWorkload {
             State::Live(w) => w.console_stats(),
             State::Ended { stats, .. } => stats.clone(),
         };
-        ConsoleStats {
-            total_bytes: s.total_bytes as f64,
-            dropped_bytes: s.dropped_bytes as f64,
-            queued_bytes: s.queued_bytes as f64,
-            closed: s.closed,
-            file_error: s.file_error,
-        }
+        s.into()
     }
 }
 
