@@ -1,6 +1,7 @@
-//! Guest RAM to and from the memory file. Saving writes only resident pages (the file is
-//! sparse); restoring maps the file `MAP_PRIVATE` over the VM's RAM, so pages load on first
-//! touch from the shared page cache and each clone's writes stay its own (copy-on-write).
+//! Guest RAM to and from the memory file. Saving writes only the pages that hold data, in RAM
+//! or swapped out (/proc/self/pagemap), so the file is sparse; restoring maps the file
+//! `MAP_PRIVATE` over the VM's RAM, so pages load on first touch from the shared page cache and
+//! each clone's writes stay its own (copy-on-write).
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
@@ -15,13 +16,33 @@ use crate::error::{Error, Result};
 
 const PAGE: usize = 4096;
 
-/// Which pages of `[host, host + len)` are resident; None if the kernel cannot say.
-fn resident_pages(host: *mut u8, len: usize) -> Option<Vec<u8>> {
-    let mut vec = vec![0u8; len.div_ceil(PAGE)];
+/// Which pages of `[host, host + len)` hold data (1) — in RAM or swapped out — and which were
+/// never touched (0, they read as zeros). `/proc/self/pagemap` knows both; mincore(2), the
+/// fallback, only knows what is in RAM; None if neither can say.
+fn pages_with_data(host: *mut u8, len: usize) -> Option<Vec<u8>> {
+    let pages = len.div_ceil(PAGE);
+    if let Some(v) = pagemap(host as usize, pages) {
+        return Some(v);
+    }
+    let mut vec = vec![0u8; pages];
     // SAFETY: `host..host+len` is one live mapping owned by the guest memory; `vec` has one
     // byte per page of it, as mincore(2) requires.
     let rc = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
     (rc == 0).then_some(vec)
+}
+
+fn pagemap(host: usize, pages: usize) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let f = File::open("/proc/self/pagemap").ok()?;
+    let mut raw = vec![0u8; pages * 8];
+    f.read_exact_at(&mut raw, (host / PAGE * 8) as u64).ok()?;
+    Some(
+        raw.chunks_exact(8)
+            .map(|e| u8::from(u64::from_le_bytes(e.try_into().unwrap()) & (PRESENT | SWAPPED) != 0))
+            .collect(),
+    )
 }
 
 /// Where each region sits in a memory file: region after region.
@@ -44,8 +65,8 @@ pub fn dump(mem: &GuestRam, file: &mut File, path: &Path) -> Result<Vec<MemoryRe
     for region in mem.iter() {
         let (start, size) = (region.start_addr(), region.len());
         let host = mem.get_host_address(start).map_err(|e| Error::Snapshot(e.to_string()))?;
-        let resident = resident_pages(host, size as usize).unwrap_or_else(|| vec![1; (size as usize).div_ceil(PAGE)]);
-        // Copy runs of resident pages; the holes stay sparse (they read as zeros).
+        let resident = pages_with_data(host, size as usize).unwrap_or_else(|| vec![1; (size as usize).div_ceil(PAGE)]);
+        // Copy runs of pages with data; the holes stay sparse (they read as zeros).
         let mut page = 0usize;
         while page < resident.len() {
             if resident[page] & 1 == 0 {
