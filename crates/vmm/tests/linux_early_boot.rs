@@ -83,7 +83,7 @@ fn run(memory_mib: u32, to_the_end: bool) {
     has(&format!("RAMDISK: [mem {:#010x}-{:#010x}]", initrd_start, initrd_end - 1));
     has("found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]");
 
-    let last_line = out.lines().filter(|l| l.starts_with('[')).last().unwrap_or("");
+    let last_line = out.lines().rfind(|l| l.starts_with('[')).unwrap_or("");
     println!("{memory_mib} MiB: the kernel got to {last_line:?}; end: {reason:?}");
     let Some(reason) = reason else { return };
     match host::cached().kvm_flavour {

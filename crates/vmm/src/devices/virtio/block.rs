@@ -75,7 +75,7 @@ impl Block {
         match req.kind {
             T_IN | T_OUT => {
                 let write = req.kind == T_OUT;
-                if (write && self.read_only) || !in_bounds(total) || total % SECTOR_SIZE != 0 {
+                if (write && self.read_only) || !in_bounds(total) || !total.is_multiple_of(SECTOR_SIZE) {
                     return (S_IOERR, 0);
                 }
                 // Data buffers must point the right way: the device writes IN buffers only.
