@@ -12,6 +12,7 @@ import test from 'ava'
 
 import { MicrocellError, SANDBOX_ERROR_CODES, Sandbox, SandboxBuilder, hostInfo } from 'microcell'
 
+import { qemuChildren } from './guest.mjs'
 import { root, tempDir, within } from './helpers.mjs'
 
 const host = hostInfo()
@@ -28,24 +29,6 @@ function requireGuestImages(t) {
     }
   }
   return true
-}
-
-/** This process's children whose command is QEMU (`comm` is cut to 15 characters). */
-function qemuChildren() {
-  const found = []
-  for (const pid of fs.readdirSync('/proc')) {
-    if (!/^\d+$/.test(pid)) continue
-    let stat
-    try {
-      stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8')
-    } catch {
-      continue // gone meanwhile
-    }
-    const comm = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'))
-    const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1])
-    if (ppid === process.pid && comm.startsWith('qemu-system')) found.push(`${pid} ${comm}`)
-  }
-  return found
 }
 
 /** Per-VM directories this process left in the temporary directory (engine kvm makes them). */
