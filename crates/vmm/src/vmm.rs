@@ -124,6 +124,31 @@ struct Machine {
     carried_dirty: Mutex<Vec<Vec<u64>>>,
 }
 
+/// Held while a snapshot is written into a directory (see `snapshot_paused`).
+struct DirLock(PathBuf);
+
+static SNAPSHOT_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+static SNAPSHOT_DIR_FREED: std::sync::Condvar = std::sync::Condvar::new();
+
+impl DirLock {
+    fn take(dir: &Path) -> DirLock {
+        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+        let mut held = lock(&SNAPSHOT_DIRS);
+        while held.contains(&dir) {
+            held = SNAPSHOT_DIR_FREED.wait(held).unwrap_or_else(|p| p.into_inner());
+        }
+        held.push(dir.clone());
+        DirLock(dir)
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        lock(&SNAPSHOT_DIRS).retain(|d| d != &self.0);
+        SNAPSHOT_DIR_FREED.notify_all();
+    }
+}
+
 /// A private temporary directory, removed on drop.
 struct ScratchDir(PathBuf);
 
@@ -605,6 +630,9 @@ impl Vm {
         let m = self.machine();
         let kvm = kvm()?;
         std::fs::create_dir_all(dir).map_err(|source| Error::SnapshotIo { path: dir.to_owned(), source })?;
+        // Two VMs of this process snapshotting into one directory would share temporary file
+        // names (`<file>.tmp-<pid>`): one at a time per directory.
+        let _dir_lock = DirLock::take(dir);
         let base = lock(&m.base_memory)
             .as_ref()
             .map(File::try_clone)

@@ -1014,3 +1014,22 @@ fn a_memory_file_from_another_snapshot_is_refused() {
     expect_code(&a, "E_SNAPSHOT_CORRUPT", "the memory file of another snapshot");
     LoadedSnapshot::load(&b).expect("the untouched snapshot still loads");
 }
+
+#[test]
+fn two_vms_snapshotting_into_one_directory_at_once_both_succeed() {
+    if !kvm_or_skip("snapshot") {
+        return;
+    }
+    let _cpu = shared();
+    let work = TempDir::new("samedir");
+    let dir = work.join("s");
+    let (a, _, _) = compute_snapshot(&C, false, "TG step 1\n", &work.join("a"));
+    let (b, _, _) = compute_snapshot(&C, false, "TG step 1\n", &work.join("b"));
+    std::thread::scope(|s| {
+        let ta = s.spawn(|| a.snapshot(&dir, false));
+        let tb = s.spawn(|| b.snapshot(&dir, false));
+        ta.join().unwrap().expect("first snapshot");
+        tb.join().unwrap().expect("second snapshot");
+    });
+    LoadedSnapshot::load(&dir).expect("the directory holds one whole snapshot");
+}
