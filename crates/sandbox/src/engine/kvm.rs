@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{
-    clone_image, BootSpec, Engine, EngineKind, ExitFuture, ExitSlot, RunDir, RunningVm, Tail,
-    TailWriter, VmExit, CONSOLE_TAIL_BYTES, CONSOLE_TAIL_LINES,
+    clone_image, BootSpec, Engine, EngineKind, ExitSlot, RunDir, RunningVm, Tail,
+    TailWriter, CONSOLE_TAIL_BYTES, CONSOLE_TAIL_LINES,
 };
 use crate::console::{self, ConsoleHandle, ConsoleOptions, ConsoleReader, ConsoleStats};
 use crate::sandbox::{Result, SandboxError};
@@ -210,20 +210,8 @@ impl RunningVm for KvmVm {
             .take()
     }
 
-    fn try_wait(&self) -> Option<VmExit> {
-        self.exit.get()
-    }
-
-    fn wait(&self) -> VmExit {
-        self.exit.wait()
-    }
-
-    fn wait_timeout(&self, timeout: Duration) -> Option<VmExit> {
-        self.exit.wait_timeout(timeout)
-    }
-
-    fn wait_async(&self) -> ExitFuture {
-        self.exit.future()
+    fn exit_slot(&self) -> &Arc<ExitSlot> {
+        &self.exit
     }
 
     fn kill(&self) {

@@ -216,14 +216,24 @@ pub trait RunningVm: Send + Sync {
     fn pid(&self) -> Option<u32>;
     /// The host end of the control channel (once; later calls return `None`).
     fn take_channel(&self) -> Option<UnixStream>;
+    /// Where the engine publishes how the VM ended; the waits below read it.
+    fn exit_slot(&self) -> &Arc<ExitSlot>;
     /// How the VM ended, once it has (and its console is complete).
-    fn try_wait(&self) -> Option<VmExit>;
+    fn try_wait(&self) -> Option<VmExit> {
+        self.exit_slot().get()
+    }
     /// Blocks until the VM has ended.
-    fn wait(&self) -> VmExit;
+    fn wait(&self) -> VmExit {
+        self.exit_slot().wait()
+    }
     /// [`RunningVm::wait`] with a limit; `None` when it still runs.
-    fn wait_timeout(&self, timeout: Duration) -> Option<VmExit>;
+    fn wait_timeout(&self, timeout: Duration) -> Option<VmExit> {
+        self.exit_slot().wait_timeout(timeout)
+    }
     /// Resolves when the VM has ended (after its console is complete); holds no thread.
-    fn wait_async(&self) -> ExitFuture;
+    fn wait_async(&self) -> ExitFuture {
+        self.exit_slot().future()
+    }
     /// Ends the VM at once (SIGKILL to QEMU's process group; the VMM's kill). Idempotent.
     fn kill(&self);
     /// The reader of the console queue, when the spec asked for one.
@@ -275,7 +285,7 @@ impl From<vmm::ExitReason> for VmExit {
 
 /// Where a VM's end is published: set once, waited on by any number of threads and futures.
 #[derive(Default)]
-pub(crate) struct ExitSlot {
+pub struct ExitSlot {
     state: Mutex<ExitState>,
     ended: Condvar,
 }

@@ -38,7 +38,7 @@ use serde::Serialize;
 
 use super::qmp::Qmp;
 use super::{
-    clone_image, clone_image_replacing, spawn, BootSpec, Engine, EngineKind, ExitFuture, ExitSlot, RunDir, RunningVm,
+    clone_image, clone_image_replacing, spawn, BootSpec, Engine, EngineKind, ExitSlot, RunDir, RunningVm,
     Tail, TailWriter, VmExit, CONSOLE_TAIL_BYTES, CONSOLE_TAIL_LINES,
 };
 use crate::console::{
@@ -634,20 +634,8 @@ impl RunningVm for QemuVm {
             .take()
     }
 
-    fn try_wait(&self) -> Option<VmExit> {
-        self.exit.get()
-    }
-
-    fn wait(&self) -> VmExit {
-        self.exit.wait()
-    }
-
-    fn wait_timeout(&self, timeout: Duration) -> Option<VmExit> {
-        self.exit.wait_timeout(timeout)
-    }
-
-    fn wait_async(&self) -> ExitFuture {
-        self.exit.future()
+    fn exit_slot(&self) -> &Arc<ExitSlot> {
+        &self.exit
     }
 
     fn kill(&self) {
