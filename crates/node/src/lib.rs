@@ -131,6 +131,18 @@ impl From<sandbox::console::ConsoleStats> for ConsoleStats {
     }
 }
 
+/// The next console bytes (up to `max_bytes`, default 64 KiB) of a console queue, or None at
+/// its end; `E_CONSOLE_NOT_ENABLED` (with `missing` as the message) when there is no queue.
+pub(crate) async fn read_console(
+    reader: Option<sandbox::console::ConsoleReader>,
+    missing: &'static str,
+    max_bytes: Option<u32>,
+) -> Result<Option<Buffer>> {
+    let reader = reader.ok_or_else(|| coded("E_CONSOLE_NOT_ENABLED", missing))?;
+    let max = max_bytes.map_or(sandbox::console::DEFAULT_READ_SIZE, |n| n as usize);
+    Ok(reader.read(max).await.map(Buffer::from))
+}
+
 /// Boots a microVM from a MicroVmConfig JSON. Resolves once its vCPUs run.
 #[napi]
 pub async fn start_vm(config_json: String, options: Option<StartVmOptions>) -> Result<NativeVm> {
@@ -204,14 +216,12 @@ impl NativeVm {
     /// stream. Only for VMs started with `consoleStream: true` (else `E_CONSOLE_NOT_ENABLED`).
     #[napi]
     pub async fn read_console(&self, max_bytes: Option<u32>) -> Result<Option<Buffer>> {
-        let reader = self.vm.console().cloned().ok_or_else(|| {
-            coded(
-                "E_CONSOLE_NOT_ENABLED",
-                "this VM keeps no console stream: start it with { consoleStream: true }",
-            )
-        })?;
-        let max = max_bytes.map_or(sandbox::console::DEFAULT_READ_SIZE, |n| n as usize);
-        Ok(reader.read(max).await.map(Buffer::from))
+        read_console(
+            self.vm.console().cloned(),
+            "this VM keeps no console stream: start it with { consoleStream: true }",
+            max_bytes,
+        )
+        .await
     }
 
     #[napi]

@@ -233,14 +233,7 @@ impl NativeSandbox {
     /// yet read; older bytes are dropped and counted in `consoleStats().droppedBytes`.
     #[napi]
     pub async fn read_console(&self, max_bytes: Option<u32>) -> Result<Option<Buffer>> {
-        let reader = self.console.clone().ok_or_else(|| {
-            coded(
-                "E_CONSOLE_NOT_ENABLED",
-                "this sandbox keeps no console stream",
-            )
-        })?;
-        let max = max_bytes.map_or(sandbox::console::DEFAULT_READ_SIZE, |n| n as usize);
-        Ok(reader.read(max).await.map(Buffer::from))
+        super::read_console(self.console.clone(), "this sandbox keeps no console stream", max_bytes).await
     }
 
     #[napi]

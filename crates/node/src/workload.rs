@@ -309,12 +309,7 @@ impl NativeWorkload {
     /// lines; up to `maxBytes`, default 64 KiB), or null at the end of the stream.
     #[napi]
     pub async fn read_console(&self, max_bytes: Option<u32>) -> Result<Option<Buffer>> {
-        let reader = self
-            .console
-            .clone()
-            .ok_or_else(|| coded("E_CONSOLE_NOT_ENABLED", "this VM keeps no console stream"))?;
-        let max = max_bytes.map_or(sandbox::console::DEFAULT_READ_SIZE, |n| n as usize);
-        Ok(reader.read(max).await.map(Buffer::from))
+        super::read_console(self.console.clone(), "this VM keeps no console stream", max_bytes).await
     }
 
     #[napi]
