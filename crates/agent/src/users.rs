@@ -57,7 +57,7 @@ pub fn resolve(etc: &Path, user: Option<&str>, uid: Option<u32>, gid: Option<u32
     }
     let entries = passwd(etc);
     let mut ids = match user {
-        Some(u) if u.is_empty() => return Err("user is empty: give a name or a numeric uid".into()),
+        Some("") => return Err("user is empty: give a name or a numeric uid".into()),
         Some(u) if u.bytes().next().is_some_and(|b| b.is_ascii_digit()) => {
             let (uid_s, gid_s) = match u.split_once(':') {
                 Some((a, b)) => (a, Some(b)),

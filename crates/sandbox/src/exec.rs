@@ -403,34 +403,6 @@ impl ExecHandle {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_owned_event_future_is_send_and_static() {
-        fn send_static<T: Send + 'static>(_: &T) {}
-        fn check(h: std::sync::Arc<ExecHandle>) {
-            send_static(&h.next_event_owned());
-        }
-        let _ = check;
-    }
-
-    #[test]
-    fn requests_are_checked_before_anything_is_sent() {
-        assert_eq!(ExecRequest::default().to_message().unwrap_err().code(), "E_INVALID_ARGUMENT");
-        let mut r = ExecRequest::shell("true");
-        r.rlimits = vec!["RLIMIT_NOFILE=1:2".into()];
-        assert_eq!(r.to_message().unwrap().rlimits, [Rlimit { resource: 7, soft: 1, hard: 2 }]);
-        r.rlimits = vec!["NOFILE".into()];
-        assert_eq!(r.to_message().unwrap_err().code(), "E_INVALID_ARGUMENT");
-        let r: ExecRequest = serde_json::from_str(r#"{"argv":["ls","-l"],"env":[["A","b"]],"cwd":"/tmp","stdin":true,"tty":[24,80],"timeoutMs":500,"rlimits":["RLIMIT_NOFILE=1024:1024"]}"#).unwrap();
-        let m = r.to_message().unwrap();
-        assert_eq!((m.tty, m.timeout_ms, m.window), (Some(TtySize { rows: 24, cols: 80 }), Some(500), DEFAULT_WINDOW));
-        assert!(serde_json::from_str::<ExecRequest>(r#"{"argv":["ls"],"bogus":1}"#).is_err());
-    }
-}
-
 impl Drop for ExecHandle {
     fn drop(&mut self) {
         if !self.pending.is_finished() {
@@ -466,5 +438,33 @@ impl AgentClient {
     /// request's `timeout_ms`, which reports `timed_out` instead).
     pub fn exec_collect(&self, req: &ExecRequest, timeout: Option<Duration>) -> Result<ExecOutput> {
         self.exec(req)?.collect(timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_owned_event_future_is_send_and_static() {
+        fn send_static<T: Send + 'static>(_: &T) {}
+        fn check(h: std::sync::Arc<ExecHandle>) {
+            send_static(&h.next_event_owned());
+        }
+        let _ = check;
+    }
+
+    #[test]
+    fn requests_are_checked_before_anything_is_sent() {
+        assert_eq!(ExecRequest::default().to_message().unwrap_err().code(), "E_INVALID_ARGUMENT");
+        let mut r = ExecRequest::shell("true");
+        r.rlimits = vec!["RLIMIT_NOFILE=1:2".into()];
+        assert_eq!(r.to_message().unwrap().rlimits, [Rlimit { resource: 7, soft: 1, hard: 2 }]);
+        r.rlimits = vec!["NOFILE".into()];
+        assert_eq!(r.to_message().unwrap_err().code(), "E_INVALID_ARGUMENT");
+        let r: ExecRequest = serde_json::from_str(r#"{"argv":["ls","-l"],"env":[["A","b"]],"cwd":"/tmp","stdin":true,"tty":[24,80],"timeoutMs":500,"rlimits":["RLIMIT_NOFILE=1024:1024"]}"#).unwrap();
+        let m = r.to_message().unwrap();
+        assert_eq!((m.tty, m.timeout_ms, m.window), (Some(TtySize { rows: 24, cols: 80 }), Some(500), DEFAULT_WINDOW));
+        assert!(serde_json::from_str::<ExecRequest>(r#"{"argv":["ls"],"bogus":1}"#).is_err());
     }
 }

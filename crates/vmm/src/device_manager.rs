@@ -41,8 +41,8 @@ fn io_error(e: std::io::Error) -> Error {
 }
 
 impl DeviceManager {
-    /// Adds `device`. `host_fd`, if given, is a host-side fd whose readiness the device handles
-    /// (`VirtioDevice::host_event`); `make` receives its `Interest` before the device exists.
+    /// Adds `device`; its host-side fd (`VirtioDevice::host_fd`), if any, joins the event loop
+    /// and its readiness goes to `VirtioDevice::host_event`.
     pub fn attach(
         &mut self,
         vm: &VmFd,
@@ -50,13 +50,13 @@ impl DeviceManager {
         mmio_bus: &mut Bus,
         event_loop: &mut EventLoop,
         device: Box<dyn VirtioDevice>,
-        host_fd: Option<std::os::fd::RawFd>,
         state: Option<&TransportState>,
     ) -> Result<Arc<Mutex<MmioTransport>>> {
         if self.next_gsi > LAST_GSI {
             return Err(Error::Config("too many virtio devices (no free interrupt line)".into()));
         }
         let (base, gsi) = (self.next_slot, self.next_gsi);
+        let host_fd = device.host_fd();
         let irqfd = EventFd::new(EFD_NONBLOCK).map_err(io_error)?;
         vm.register_irqfd(&irqfd, gsi).map_err(Error::kvm("KVM_IRQFD"))?;
         let interrupt = Interrupt::new(irqfd);

@@ -248,14 +248,14 @@ fn assemble(
             .map_err(|e| Error::Config(format!("disk image {} cannot be opened: {e}", disk.path.display())))?;
         let block = Block::new(file, disk.read_only, &format!("microcell-vd{i}")).map_err(Error::Thread)?;
         let state = next_state();
-        virtio.push(devices.attach(vm.fd(), &memory, &mut mmio_bus, &mut event_loop, Box::new(block), None, state)?);
+        virtio.push(devices.attach(vm.fd(), &memory, &mut mmio_bus, &mut event_loop, Box::new(block), state)?);
     }
     let channel = if config.control_channel {
         let (host_end, device_end) = UnixStream::pair().map_err(Error::Thread)?;
         let fd = device_end.as_raw_fd();
         let console = Console::new(CONTROL_PORT_NAME, device_end, event_loop.interest(fd)).map_err(Error::Thread)?;
         let state = next_state();
-        virtio.push(devices.attach(vm.fd(), &memory, &mut mmio_bus, &mut event_loop, Box::new(console), Some(fd), state)?);
+        virtio.push(devices.attach(vm.fd(), &memory, &mut mmio_bus, &mut event_loop, Box::new(console), state)?);
         Some(host_end)
     } else {
         None

@@ -335,6 +335,10 @@ impl VirtioDevice for Console {
         self.raise_interrupt();
     }
 
+    fn host_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(&self.host))
+    }
+
     fn host_event(&mut self, events: EventSet) {
         if events.contains(EventSet::OUT) {
             self.guest_to_host();

@@ -86,6 +86,11 @@ pub trait VirtioDevice: Send {
     fn queue_notify(&mut self, index: usize);
     /// A host-side fd of the device is ready (only devices that register one).
     fn host_event(&mut self, _events: vmm_sys_util::epoll::EventSet) {}
+    /// The host-side fd whose readiness `host_event` handles (the device manager adds it to the
+    /// event loop); `None` for devices that need none.
+    fn host_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
     /// The driver reset the device: drop the queues, keep host resources.
     fn reset(&mut self);
     /// The queues the device is using (after `activate`), for snapshots.
