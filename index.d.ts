@@ -22,6 +22,7 @@ export {
   SANDBOX_ERROR_CODES,
 } from './dist/index.js'
 export type {
+  BuiltMicroVmConfig,
   StopOptions,
   RunOptions,
   ExecEvent,

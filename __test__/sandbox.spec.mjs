@@ -129,6 +129,8 @@ test('a bad configuration is a coded error at build(), and create() rejects it t
     ['E_CONFIG_GUEST_PATH', (b) => b.workdir('relative/dir')],
     ['E_CONFIG_TIMEOUT', (b) => b.bootTimeoutMs(10)],
     ['E_CONFIG_CMDLINE', (b) => b.kernelArgs('two\nlines')],
+    ['E_CONFIG_CONSOLE', (b) => b.consoleQueueBytes(0)],
+    ['E_CONFIG_CONSOLE', (b) => b.consoleQueueBytes(2.5)],
     ['E_CONFIG_JSON', (b) => b.engine('firecracker')],
     ['E_CONFIG_JSON', (b) => b.kernel('')],
   ]

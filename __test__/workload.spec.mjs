@@ -14,6 +14,11 @@ import { MicroVm, MicrocellError, defaultGuest, guestImages, setLogLevel } from 
 import { root, tempDir, within } from './helpers.mjs'
 import { perTier, qemuChildren, requireGuestImages } from './guest.mjs'
 
+/** Resolves once `check()` is true (polled every 50 ms). */
+async function waitFor(check) {
+  while (!check()) await new Promise((r) => setTimeout(r, 50))
+}
+
 async function rejectsWith(t, promise, code) {
   const err = await t.throwsAsync(promise, { instanceOf: MicrocellError })
   t.is(err?.code, code, err?.message)
@@ -34,6 +39,24 @@ test('defaultGuest() names the default root disk; build() keeps it as rootfs { d
   t.deepEqual(config.args, ['-c', 'echo hi; exit 7'])
   // A string that names an existing file is a disk image.
   t.deepEqual(MicroVm.builder().rootfs(g.rootfs).execPath('/bin/true').build().rootfs, { disk: g.rootfs })
+})
+
+test('build() returns the config as plain JSON data with a non-enumerable start(); rootfs(defaultGuest) calls it', (t) => {
+  const g = guestImages()
+  if (!g.present) return t.log('guest images not built here: this test needs them')
+  const config = MicroVm.builder().rootfs(defaultGuest).execPath('/bin/sh').args(['-c', 'exit 7']).build()
+  t.deepEqual(config.rootfs, { disk: g.rootfs })
+  t.is(typeof config.start, 'function')
+  t.false(Object.keys(config).includes('start'))
+  t.deepEqual(JSON.parse(JSON.stringify(config)), { ...config })
+  // The same data goes back into MicroVm.validate() unchanged.
+  t.deepEqual(MicroVm.validate(config), { ...config })
+})
+
+test('build().start() and run() refuse a config without a workload before booting anything', async (t) => {
+  const kernelOnly = MicroVm.builder().kernel(path.join(root, 'package.json')).build()
+  await rejectsWith(t, kernelOnly.start(), 'E_CONFIG_MISSING')
+  await rejectsWith(t, MicroVm.run(kernelOnly), 'E_CONFIG_MISSING')
 })
 
 test('workload configuration errors are coded at build(): no execPath, a bad rlimit, env without =, a missing disk', (t) => {
@@ -121,16 +144,57 @@ perTier(test, 'MicroVm workload', (tier, engine) => {
     t.like(status, { exitCode: null, signal: 'SIGKILL', error: null })
   })
 
-  test(`${tier}: stop() of a running workload ends it at once ('stopped', no status), nothing left behind`, async (t) => {
-    const vm = await builder().execPath('/bin/sleep').args(['1000']).start(opts)
-    t.is(vm.exitStatus, null)
-    await new Promise((r) => setTimeout(r, 1500))
+  test(`${tier}: the seed's form: build().start() prints 'hi' on stdout and resolves with 7 (a child process)`, async (t) => {
+    requireGuestImages()
+    const child = path.join(tempDir(), 'child.mjs')
+    fs.writeFileSync(
+      child,
+      `import { MicroVm, defaultGuest } from ${JSON.stringify(pathToFileURL(path.join(root, 'dist', 'index.js')).href)}
+       const code = await MicroVm.builder().rootfs(defaultGuest).execPath('/bin/sh').args(['-c', 'echo hi; exit 7']).build().start({ engine: ${JSON.stringify(engine)} })
+       console.log('resolved with ' + code)`,
+    )
+    const { stdout } = await promisify(execFile)(process.execPath, [child], { cwd: root })
+    const lines = stdout.split(/\r?\n/)
+    t.true(lines.includes('hi'), stdout.slice(-2000))
+    t.true(lines.includes('resolved with 7'), stdout.slice(-2000))
+    // A signal's status is 128 + n, and console: null sends the console nowhere.
+    const killed = await builder().execPath('/bin/sh').args(['-c', 'kill -KILL $$']).build().start({ ...opts, console: null })
+    t.is(killed, 128 + 9)
+  })
+
+  test(`${tier}: stop() sends SIGTERM first: a program that traps it exits with its own code`, async (t) => {
+    const script = 'trap "echo got TERM; exit 42" TERM; echo wait""ing; while :; do sleep 0.1; done'
+    const vm = await builder().execPath('/bin/sh').args(['-c', script]).start({ ...opts, consoleStream: true })
+    let text = ''
+    vm.console.on('data', (c) => {
+      text += c.toString('latin1')
+    })
+    // (the agent echoes the command line to the console: 'wait""ing' there)
+    await within(waitFor(() => text.includes('waiting')), 60_000, 'the workload to start')
     const t0 = performance.now()
-    const exit = await within(vm.stop(), 10_000, 'stop() of a workload VM')
+    const exit = await within(vm.stop({ timeoutMs: 20_000 }), 30_000, 'stop() of a workload VM')
+    t.is(exit.reason, 'reset')
+    t.like(exit.workload, { exitCode: 42, signal: null })
+    t.true(performance.now() - t0 < 10_000)
+    t.true(text.includes('got TERM'), text.slice(-2000))
+  })
+
+  test(`${tier}: stop() of a program that ignores SIGTERM ends the VM after timeoutMs ('stopped', no status), nothing left behind`, async (t) => {
+    const vm = await builder().execPath('/bin/sh').args(['-c', `trap '' TERM; echo wait""ing; while :; do sleep 0.1; done`]).start({ ...opts, consoleStream: true })
+    let text = ''
+    vm.console.on('data', (c) => {
+      text += c.toString('latin1')
+    })
+    t.is(vm.exitStatus, null)
+    await within(waitFor(() => text.includes('waiting')), 60_000, 'the workload to start')
+    const t0 = performance.now()
+    const exit = await within(vm.stop({ timeoutMs: 1000 }), 10_000, 'stop() of a workload VM')
+    const took = performance.now() - t0
     t.is(exit.reason, 'stopped')
     t.is(exit.workload, null)
-    t.true(performance.now() - t0 < 5000)
+    t.true(took >= 1000 && took < 6000, `${took} ms`)
     t.like(vm.exitStatus, { reason: 'stopped' })
+    t.false(await vm.signal('SIGTERM'), 'an ended VM has no program to signal')
     // Its QEMU is gone (reaped: no longer this process's child).
     const pid = vm.engineInfo?.pid
     t.is(vm.engineInfo?.engine, engine)
@@ -138,6 +202,24 @@ perTier(test, 'MicroVm workload', (tier, engine) => {
       await new Promise((r) => setTimeout(r, 300))
       t.false(qemuChildren().some((c) => c.startsWith(`${pid} `)), `QEMU ${pid} is still a child`)
     }
+  })
+
+  test(`${tier}: signal() reaches the program; consoleQueueBytes bounds what a slow console reader keeps`, async (t) => {
+    const script = 'trap "echo got USR1; exit 5" USR1; head -c 65536 /dev/zero | tr "\\0" x; echo; echo wait""ing; while :; do sleep 0.1; done'
+    const vm = await builder().execPath('/bin/sh').args(['-c', script]).start({ ...opts, consoleStream: true, consoleQueueBytes: 4096 })
+    await within(waitFor(() => vm.consoleStats.totalBytes > 65536), 60_000, 'the output')
+    // Nobody read the console yet: at most 4 KiB kept, the rest dropped (and counted).
+    t.true(vm.consoleStats.queuedBytes <= 4096, JSON.stringify(vm.consoleStats))
+    t.true(vm.consoleStats.droppedBytes > 60_000, JSON.stringify(vm.consoleStats))
+    let text = ''
+    vm.console.on('data', (c) => {
+      text += c.toString('latin1')
+    })
+    await within(waitFor(() => text.includes('waiting')), 30_000, 'the workload to wait')
+    t.true(await vm.signal('SIGUSR1'))
+    const exit = await within(vm.wait(), 30_000, 'the workload VM')
+    t.like(exit.workload, { exitCode: 5 })
+    await t.throwsAsync(vm.signal('SIGNOPE'), { instanceOf: MicrocellError, code: 'E_INVALID_ARGUMENT' })
   })
 
   test(`${tier}: an execPath that does not exist or cannot run is a coded error within the boot time`, async (t) => {

@@ -16,7 +16,7 @@
  * ```
  */
 export { MicroVm, MicroVmBuilder } from './microvm.js'
-export type { RunOptions, StopOptions } from './microvm.js'
+export type { BuiltMicroVmConfig, RunOptions, StopOptions } from './microvm.js'
 export { defaultGuest, guestImages } from './guest.js'
 export type { GuestImages } from './guest.js'
 export { ExecProcess, ExecResult } from './exec.js'

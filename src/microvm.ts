@@ -1,4 +1,5 @@
 import fs from 'node:fs'
+import os from 'node:os'
 import { Readable } from 'node:stream'
 
 import type {
@@ -79,9 +80,11 @@ export class MicroVmBuilder {
    * Root filesystem: `{ disk: image }` (a guest platform root disk, e.g. `defaultGuest()`: the
    * VM then runs `execPath` as its workload on a sandbox engine), a host directory
    * (`{ native }`) or `{ overlayfs: [lower, ..., upper] }`. A string names a disk image when it
-   * is an existing file, else a directory.
+   * is an existing file, else a directory. A function is called for the value:
+   * `rootfs(defaultGuest)` is `rootfs(defaultGuest())`.
    */
-  rootfs(rootfs: Rootfs | string): this {
+  rootfs(rootfs: Rootfs | string | (() => Rootfs)): this {
+    if (typeof rootfs === 'function') return this.rootfs(rootfs())
     if (typeof rootfs !== 'string') return this.#set('rootfs', rootfs)
     let file = false
     try {
@@ -182,11 +185,18 @@ export class MicroVmBuilder {
   }
 
   /**
-   * Validates the configuration and returns it as plain JSON (defaults filled in). Throws a
-   * `MicrocellError` with an `E_CONFIG_*` code.
+   * Validates the configuration and returns it (defaults filled in): plain JSON data, what
+   * `MicroVm.start()` / `MicroVm.run()` take, with a non-enumerable `start()` that runs a
+   * workload VM to its end and resolves with the program's exit status (see
+   * `BuiltMicroVmConfig`). Throws a `MicrocellError` with an `E_CONFIG_*` code.
    */
-  build(): MicroVmConfig {
-    return MicroVm.validate(this.#config)
+  build(): BuiltMicroVmConfig {
+    const config = MicroVm.validate(this.#config)
+    Object.defineProperty(config, 'start', {
+      value: (options: RunOptions = {}) => runToExitStatus(config, options),
+      enumerable: false,
+    })
+    return config as BuiltMicroVmConfig
   }
 
   /** `MicroVm.start(this.build(), options)`. */
@@ -200,10 +210,60 @@ export class MicroVmBuilder {
   }
 }
 
-/** Options of `MicroVm.run()`. */
+/** Options of `MicroVm.run()` and of `build().start()`. */
 export interface RunOptions extends StartOptions {
-  /** Where the guest console (the program's output among the kernel's lines) goes, e.g. `process.stdout`. */
-  console?: NodeJS.WritableStream
+  /**
+   * Where the guest console (the program's output among the kernel's lines) goes, e.g.
+   * `process.stdout`; null or absent: nowhere (`build().start()`: `process.stdout` unless the
+   * config has `consoleOutput`; null: nowhere).
+   */
+  console?: NodeJS.WritableStream | null
+}
+
+/**
+ * What `MicroVmBuilder.build()` returns: the validated configuration (JSON.stringify and spreads
+ * see only it) with `start()`, the seeds' `MicroVm::start`: boots the workload VM, runs its
+ * program to its end and resolves with the program's exit status — its exit code, or 128 + n
+ * when signal n killed it (a shell's `$?`). The console goes to `process.stdout` unless the
+ * config has `consoleOutput` (then to that file) or `options.console` says otherwise. Rejects
+ * like `MicroVm.run()`. (`MicroVm.start(config)` is the other way: a handle to a running VM.)
+ *
+ * ```ts
+ * const code = await MicroVm.builder().rootfs(defaultGuest).execPath('/bin/sh')
+ *   .args(['-c', 'echo hi; exit 7']).build().start() // prints "hi"; code === 7
+ * ```
+ */
+export type BuiltMicroVmConfig = MicroVmConfig & {
+  start(options?: RunOptions): Promise<number>
+}
+
+async function runToExitStatus(config: MicroVmConfig, options: RunOptions): Promise<number> {
+  const console = options.console !== undefined ? options.console : config.consoleOutput === undefined ? process.stdout : null
+  const status = await MicroVm.run(config, { ...options, console })
+  if (status.exitCode !== null) return status.exitCode
+  return 128 + signalNumber(status.signal ?? 'SIGKILL')
+}
+
+/** What `done` settles to, or 'timeout' when it has not settled within `timeoutMs`. */
+async function settledWithin<T>(done: Promise<T>, timeoutMs: number): Promise<T | 'timeout'> {
+  let timer: NodeJS.Timeout | undefined
+  const timedOut = new Promise<'timeout'>((resolve) => {
+    timer = setTimeout(() => resolve('timeout'), timeoutMs)
+    timer.unref()
+  })
+  try {
+    return await Promise.race([done, timedOut])
+  } finally {
+    clearTimeout(timer)
+  }
+}
+
+/** A signal's number from its name (`'SIGTERM'`, `'SIG34'`) or a number, 1 to 64. */
+function signalNumber(signal: NodeJS.Signals | string | number): number {
+  const named = typeof signal === 'string' ? (os.constants.signals as Record<string, number>)[signal] : undefined
+  const n = typeof signal === 'number' ? signal : named ?? Number(/^SIG(\d+)$/.exec(signal)?.[1])
+  if (Number.isInteger(n) && n >= 1 && n <= 64) return n
+  throw new MicrocellError('E_INVALID_ARGUMENT', `signal ${JSON.stringify(signal)}: give a name like 'SIGTERM' or a number from 1 to 64`)
 }
 
 function workloadStatus(w: native.NativeWorkloadEnd['workload']): WorkloadStatus | null {
@@ -314,8 +374,9 @@ export class MicroVm implements AsyncDisposable {
     if (validated.logLevel !== 'off') native.setLogLevel(validated.logLevel)
     const rootfs = validated.rootfs
     if (rootfs !== undefined && 'disk' in rootfs) {
-      const workloadOptions: { engine?: string; bootTimeoutMs?: number } = {}
+      const workloadOptions: { engine?: string; bootTimeoutMs?: number; consoleQueueBytes?: number } = {}
       if (options.engine !== undefined) workloadOptions.engine = options.engine
+      if (nativeOptions.consoleQueueBytes !== undefined) workloadOptions.consoleQueueBytes = nativeOptions.consoleQueueBytes
       if (options.bootTimeoutMs !== undefined) {
         const t = options.bootTimeoutMs
         if (!Number.isInteger(t) || t < 1 || t > 2 ** 32 - 1) {
@@ -341,12 +402,12 @@ export class MicroVm implements AsyncDisposable {
    */
   static async run(config: MicroVmConfigInput, options: RunOptions = {}): Promise<WorkloadStatus> {
     const { console: out, ...startOptions } = options
-    const vm = await MicroVm.start(config, { ...startOptions, consoleStream: startOptions.consoleStream === true || out !== undefined })
-    if (!vm.isWorkload) {
-      await vm.kill()
-      throw new MicrocellError('E_CONFIG_MISSING', 'run() is for workload VMs: give rootfs: { disk } (e.g. defaultGuest()) and execPath')
+    const validated = MicroVm.validate(config)
+    if (validated.rootfs === undefined || !('disk' in validated.rootfs) || validated.execPath === undefined) {
+      throw new MicrocellError('E_CONFIG_MISSING', 'run() and build().start() are for workload VMs: give rootfs: { disk } (e.g. defaultGuest()) and execPath')
     }
-    const piped = out === undefined ? Promise.resolve() : new Promise<void>((resolve) => {
+    const vm = await MicroVm.start(validated, { ...startOptions, consoleStream: startOptions.consoleStream === true || out != null })
+    const piped = out == null ? Promise.resolve() : new Promise<void>((resolve) => {
       vm.console.on('end', resolve).on('error', resolve).pipe(out as NodeJS.WritableStream, { end: false })
     })
     const exit = await vm.wait()
@@ -395,32 +456,38 @@ export class MicroVm implements AsyncDisposable {
 
   /**
    * Asks the VM to stop and resolves when it has ended; kills it if it has not ended within
-   * `timeoutMs` (default 10 s). A workload VM is ended at once (its program gets no signal
-   * first): `{ reason: 'stopped', workload: null }`.
+   * `timeoutMs` (default 10 s). A workload VM's program gets SIGTERM (its process group): when
+   * it ends in time, the VM powers off as after any end of its program (`{ reason: 'reset',
+   * workload: { signal: 'SIGTERM', ... } }`, or its exit code if it handled the signal); else
+   * the VM is ended: `{ reason: 'stopped', workload: null }` (also when its agent was not up yet).
    */
   async stop(options: StopOptions = {}): Promise<ExitStatus> {
     const done = this.wait()
-    if (this.#workload) {
-      if (this.#workload.exitStatus() === null) this.#workload.handle.stop()
-      return done
+    if (this.exitStatus !== null) return done
+    const workload = this.#workload?.handle
+    // A workload's agent may still be booting: the signal waits for it, within the same limit.
+    const graceful = async (): Promise<ExitStatus | 'not sent'> => {
+      if (!workload) return (this.#native!.stop(), done)
+      return (await workload.signal(signalNumber('SIGTERM')).catch(() => false)) ? done : 'not sent'
     }
-    const vmm = this.#native!
-    if (vmm.exitStatus() !== null) return done
-    vmm.stop()
-    const timeoutMs = options.timeoutMs ?? 10_000
-    let timer: NodeJS.Timeout | undefined
-    const timedOut = new Promise<'timeout'>((resolve) => {
-      timer = setTimeout(() => resolve('timeout'), timeoutMs)
-      timer.unref()
-    })
-    try {
-      const first = await Promise.race([done, timedOut])
-      if (first !== 'timeout') return first
-    } finally {
-      clearTimeout(timer)
-    }
-    vmm.kill()
+    const ended = graceful()
+    const first = await settledWithin(ended, options.timeoutMs ?? 10_000)
+    if (first !== 'timeout' && first !== 'not sent') return first
+    if (workload) workload.stop()
+    else this.#native!.kill()
     return done
+  }
+
+  /**
+   * Sends a signal (`'SIGINT'`, `'SIGUSR1'`, a number) to a workload VM's program (its process
+   * group); resolves with whether it went out (false: the agent is not up yet, or the program
+   * has ended). Rejects with `E_VM_STATE` for a VM without a workload.
+   */
+  async signal(signal: NodeJS.Signals | number): Promise<boolean> {
+    if (this.#workload === null) {
+      throw new MicrocellError('E_VM_STATE', 'only a workload VM (rootfs: { disk } + execPath) has a program to signal')
+    }
+    return this.#workload.handle.signal(signalNumber(signal))
   }
 
   /** Ends the VM at once and resolves when it has ended. */

@@ -37,6 +37,8 @@ export interface SandboxConfig {
   consoleOutput?: string
   /** Appended to the guest kernel command line (printable ASCII, at most 1024 characters). */
   kernelArgs?: string
+  /** Console bytes kept for a slow reader of `sandbox.console`, 1 to 2^30 (default 64 KiB). */
+  consoleQueueBytes?: number
 }
 
 /** What `Sandbox.create()` accepts: a built config, or any part of one (defaults apply). */
@@ -164,6 +166,11 @@ export class SandboxBuilder {
   /** Extra guest kernel command line (e.g. `loglevel=8`). */
   kernelArgs(args: string): this {
     return this.#set('kernelArgs', args)
+  }
+
+  /** Console bytes kept for a slow reader of `sandbox.console` before the oldest are dropped (default 64 KiB). */
+  consoleQueueBytes(bytes: number): this {
+    return this.#set('consoleQueueBytes', bytes)
   }
 
   /**

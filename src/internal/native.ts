@@ -471,6 +471,10 @@ export class NativeWorkloadHandle {
     return call(() => this.#workload.exitStatus())
   }
 
+  signal(signal: number): Promise<boolean> {
+    return callAsync(() => this.#workload.signal(signal))
+  }
+
   stop(): void {
     call(() => this.#workload.stop())
   }
@@ -490,7 +494,7 @@ export class NativeWorkloadHandle {
 
 export async function startWorkload(
   json: string,
-  options: { engine?: string; bootTimeoutMs?: number },
+  options: { engine?: string; bootTimeoutMs?: number; consoleQueueBytes?: number },
 ): Promise<NativeWorkloadHandle> {
   return new NativeWorkloadHandle(await callAsync(() => binding().startWorkload(json, options)))
 }

@@ -16,6 +16,8 @@ use crate::outq::OutQueue;
 use crate::sys;
 use crate::workload::Workload;
 
+const NO_WORKLOAD: &str = "this VM has no boot workload (no microcell.exec= on the kernel command line)";
+
 /// What the main loop does after a frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action {
@@ -180,8 +182,18 @@ impl Session {
             Message::Rename(req) => Self::done(id, fs::rename(&req), out),
             Message::WaitWorkload(()) => match &mut self.workload {
                 Some(w) => w.wait_request(id, out),
-                None => out.final_msg(id, code_error(ErrorCode::BAD_STATE, "this VM has no boot workload (no microcell.exec= on the kernel command line)")),
+                None => out.final_msg(id, code_error(ErrorCode::BAD_STATE, NO_WORKLOAD)),
             },
+            Message::SignalWorkload(s) => {
+                let r = match &self.workload {
+                    Some(w) => w.signal(s.signal, s.group),
+                    None => Err(NO_WORKLOAD.to_owned()),
+                };
+                match r {
+                    Ok(()) => out.final_msg(id, Message::Ok(())),
+                    Err(m) => out.final_msg(id, code_error(ErrorCode::BAD_STATE, m)),
+                }
+            }
             // Guest → host kinds were refused above.
             Message::Ready(_)
             | Message::Pong(_)

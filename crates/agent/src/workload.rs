@@ -79,6 +79,19 @@ impl Workload {
         self.ended_at = Some(Instant::now());
     }
 
+    /// A host asks to signal the workload (its process group with `group`: it runs in a session
+    /// of its own, so the group is its pid). Refused once it has ended: its pid may be reused.
+    pub fn signal(&self, sig: i32, group: bool) -> Result<(), String> {
+        let Some(pid) = self.pid else {
+            return Err("the workload has ended".into());
+        };
+        if !(1..=64).contains(&sig) {
+            return Err(format!("signal {sig}: give a signal number from 1 to 64"));
+        }
+        log!("workload: signal {sig} from the host");
+        sys::kill(if group { -pid } else { pid }, sig).map_err(|e| format!("signal {sig}: {e}"))
+    }
+
     /// A host asks for the status.
     pub fn wait_request(&mut self, id: u32, out: &mut OutQueue) {
         self.waiters.push(id);

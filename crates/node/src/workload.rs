@@ -28,6 +28,8 @@ pub struct WorkloadStartOptions {
     pub engine: Option<String>,
     /// How long the guest agent has to come up (default 30000 ms).
     pub boot_timeout_ms: Option<u32>,
+    /// Console bytes kept for a slow reader of the console stream (default 64 KiB).
+    pub console_queue_bytes: Option<u32>,
 }
 
 /// Why a workload could not start.
@@ -95,7 +97,7 @@ fn end_info(
     let (reason, code, message) = match exit {
         VmExit::GuestReset => ("reset", None, None),
         VmExit::Stopped => ("stopped", None, None),
-        // stop() of a workload VM ends it at once (there is no graceful path to its program).
+        // stop() kills a workload VM whose program did not end in time (or was not up yet).
         VmExit::Killed if stop_requested => ("stopped", None, None),
         VmExit::Killed => ("killed", None, None),
         VmExit::Crashed { code, message } => ("crashed", Some(code.clone()), Some(message.clone())),
@@ -148,6 +150,7 @@ fn sandbox_config(
     if let Some(ms) = options.and_then(|o| o.boot_timeout_ms) {
         config.boot_timeout_ms = ms;
     }
+    config.console_queue_bytes = options.and_then(|o| o.console_queue_bytes);
     Ok(config)
 }
 
@@ -286,7 +289,16 @@ impl NativeWorkload {
         }
     }
 
-    /// Ends the VM now; `wait()` then says `stopped` (the program gets no signal first).
+    /// Sends signal number `signal` to the program's process group; resolves with whether it
+    /// went out (false: the agent is not up yet, or the program has ended).
+    #[napi]
+    pub async fn signal(&self, signal: i32) -> Result<bool> {
+        let Some(w) = self.live() else { return Ok(false) };
+        blocking("workload signal", move || w.signal(signal).map_err(sandbox_error)).await
+    }
+
+    /// Ends the VM now; `wait()` then says `stopped` (the program gets no signal first: the
+    /// graceful stop is `signal(SIGTERM)`, then this).
     #[napi]
     pub fn stop(&self) {
         if let Some(w) = self.live() {

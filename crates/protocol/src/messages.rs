@@ -37,6 +37,7 @@
 //! | `0x0212` | [`DirEntries`] | guest → host | |
 //! | `0x0300` | `WaitWorkload` | host → guest | [`WorkloadExit`] when the boot workload ended, or [`ErrorMsg`] |
 //! | `0x0301` | [`WorkloadExit`] | guest → host | |
+//! | `0x0302` | `SignalWorkload(`[`Signal`]`)` | host → guest | `Ok`, or [`ErrorMsg`] (`BAD_STATE`: no workload, or it has ended) |
 //!
 //! ## Streams and flow control
 //! A request that streams keeps its id for every frame about it; the last frame the sender
@@ -265,7 +266,8 @@ pub struct Exit {
 }
 wire_struct!(Exit { code, signal, duration_ns, timed_out });
 
-/// host → guest: send a signal to the process (group) of an exec.
+/// host → guest: send a signal to the process (group) of an exec, or (`SignalWorkload`) of the
+/// boot workload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Signal {
     pub signal: i32,
@@ -567,6 +569,7 @@ messages! {
     0x0212 DIR_ENTRIES => DirEntries(DirEntries),
     0x0300 WAIT_WORKLOAD => WaitWorkload(()),
     0x0301 WORKLOAD_EXIT => WorkloadExit(WorkloadExit),
+    0x0302 SIGNAL_WORKLOAD => SignalWorkload(Signal),
 }
 
 impl Message {

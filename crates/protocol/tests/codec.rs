@@ -172,6 +172,7 @@ impl Rng {
                 duration_ns: self.u64(),
                 error: self.opt(Rng::error_msg),
             }),
+            kind::SIGNAL_WORKLOAD => Message::SignalWorkload(Signal { signal: self.i32(), group: self.bool() }),
             other => panic!("test generator misses kind 0x{other:04x}"),
         }
     }

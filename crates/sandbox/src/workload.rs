@@ -17,7 +17,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use protocol::workload::{parse_status_line, WorkloadSpec};
-use protocol::{Message, Rlimit, WorkloadExit};
+use protocol::{Message, Rlimit, Signal, WorkloadExit};
 use serde::Serialize;
 
 use crate::agent_client::{agent_error, ready_from, AgentClient};
@@ -187,10 +187,43 @@ fn to_result(o: &Outcome) -> Result<WorkloadStatus> {
     o.clone().map_err(|(code, message)| SandboxError::Reported { code, message })
 }
 
+/// The agent once the watcher's handshake is over: `Some(client)` when it is up, `None` when
+/// there is none (no channel, an old agent, a VM that ended first). What
+/// [`Workload::signal`] talks to.
+#[derive(Default)]
+struct AgentSlot {
+    state: Mutex<Option<Option<Arc<AgentClient>>>>,
+    cv: Condvar,
+}
+
+impl AgentSlot {
+    /// Settles the slot (the first call wins).
+    fn settle(&self, agent: Option<Arc<AgentClient>>) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.is_none() {
+            *s = Some(agent);
+            self.cv.notify_all();
+        }
+    }
+
+    /// The agent, waiting for the handshake to settle, at most `timeout` (then `None`).
+    fn get(&self, timeout: Duration) -> Option<Arc<AgentClient>> {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (s, _) = self.cv.wait_timeout_while(s, timeout, |s| s.is_none()).unwrap_or_else(|e| e.into_inner());
+        s.clone().flatten()
+    }
+}
+
+/// How long a signal request may take to be answered.
+const SIGNAL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A VM running its workload. Dropping it kills the VM.
 pub struct Workload {
     vm: Arc<dyn RunningVm>,
     slot: Arc<Slot>,
+    agent: Arc<AgentSlot>,
+    /// The boot timeout: how long [`Workload::signal`] waits for the agent to come up.
+    boot_timeout: Duration,
     selection: EngineSelection,
 }
 
@@ -215,17 +248,18 @@ impl Workload {
             vcpus: config.cpus as u8,
             extra_cmdline: cmdline_with_spec(&config.extra_cmdline(), spec)?,
             console_file: config.console_output.clone(),
-            console_queue_bytes: Some(crate::sandbox::CONSOLE_QUEUE_BYTES),
+            console_queue_bytes: Some(config.console_queue()),
         };
         tracing::info!(engine = %selection.kind, argv0 = %spec.argv[0], "booting a workload VM");
         let vm: Arc<dyn RunningVm> = Arc::from(engine.boot(&boot)?);
         let slot = Arc::new(Slot::default());
+        let agent = Arc::new(AgentSlot::default());
         let timeout = Duration::from_millis(u64::from(config.boot_timeout_ms));
-        let (v, s) = (vm.clone(), slot.clone());
+        let (v, s, a) = (vm.clone(), slot.clone(), agent.clone());
         std::thread::Builder::new()
             .name("mc-workload".into())
             .spawn(move || {
-                let o = watch(v.as_ref(), timeout);
+                let o = watch(v.as_ref(), &a, timeout);
                 // The Workload holds the last reference: its drop reaps QEMU and removes the
                 // VM's files before it returns.
                 drop(v);
@@ -235,7 +269,7 @@ impl Workload {
                 vm.kill();
                 SandboxError::Thread { what: "workload watcher", source: e }
             })?;
-        Ok(Workload { vm, slot, selection })
+        Ok(Workload { vm, slot, agent, boot_timeout: timeout, selection })
     }
 
     /// Boots, runs the workload to its end and returns its status.
@@ -273,6 +307,24 @@ impl Workload {
     /// Resolves with the status once the VM has ended (no thread of the caller's waits).
     pub fn wait_async(&self) -> WorkloadFuture {
         WorkloadFuture { slot: self.slot.clone() }
+    }
+
+    /// Sends `signal` to the program's process group (SIGTERM: the graceful stop); waits for
+    /// the agent to come up first (within the boot timeout). `Ok(false)` when there is no
+    /// program to signal: no agent, or the program has ended (its status is then known, or
+    /// about to be).
+    pub fn signal(&self, signal: i32) -> Result<bool> {
+        let Some(agent) = self.agent.get(self.boot_timeout + Duration::from_secs(1)) else { return Ok(false) };
+        if self.wait_timeout(Duration::ZERO).is_some() {
+            return Ok(false);
+        }
+        match agent.request(Message::SignalWorkload(Signal { signal, group: true }), SIGNAL_TIMEOUT)?.msg {
+            Message::Ok(()) => Ok(true),
+            // It ended between the check and the request.
+            Message::Error(e) if e.code == protocol::ErrorCode::BAD_STATE => Ok(false),
+            Message::Error(e) => Err(agent_error("SignalWorkload", e)),
+            other => Err(SandboxError::Protocol(format!("expected Ok, got {}", other.name()))),
+        }
     }
 
     /// Ends the VM now (the status is then taken from the console, or the wait fails with
@@ -338,8 +390,10 @@ impl Future for WorkloadFuture {
 }
 
 /// The watcher: the status over the channel, else from the console; then the VM's end.
-fn watch(vm: &dyn RunningVm, boot_timeout: Duration) -> Outcome {
-    let from_channel = channel_status(vm, boot_timeout);
+fn watch(vm: &dyn RunningVm, agent: &AgentSlot, boot_timeout: Duration) -> Outcome {
+    let from_channel = channel_status(vm, agent, boot_timeout);
+    // No agent came up (or it did and is done): nobody to signal from now on.
+    agent.settle(None);
     // The agent ends the VM right after it reported; make sure it has ended.
     let exit = match vm.wait_timeout(END_GRACE) {
         Some(e) => e,
@@ -365,9 +419,9 @@ fn watch(vm: &dyn RunningVm, boot_timeout: Duration) -> Outcome {
 
 /// Hello → Ready (within the boot timeout) → WaitWorkload → WorkloadExit (no limit: the
 /// workload runs as long as it runs, or until the VM ends).
-fn channel_status(vm: &dyn RunningVm, boot_timeout: Duration) -> std::result::Result<WorkloadStatus, String> {
+fn channel_status(vm: &dyn RunningVm, agent: &AgentSlot, boot_timeout: Duration) -> std::result::Result<WorkloadStatus, String> {
     let chan = vm.take_channel().ok_or("no control channel")?;
-    let client = AgentClient::new(chan).map_err(|e| e.to_string())?;
+    let client = Arc::new(AgentClient::new(chan).map_err(|e| e.to_string())?);
     let deadline = Instant::now() + boot_timeout;
     let hello = client.hello().map_err(|e| e.to_string())?;
     let ready = loop {
@@ -385,6 +439,7 @@ fn channel_status(vm: &dyn RunningVm, boot_timeout: Duration) -> std::result::Re
         return Err("the agent runs no workload (an old root disk? rebuild it with scripts/guest/build-rootfs.sh)".into());
     }
     let pending = client.send(Message::WaitWorkload(())).map_err(|e| e.to_string())?;
+    agent.settle(Some(client.clone()));
     loop {
         match pending.wait_timeout(Duration::from_millis(100)) {
             Ok(Some(f)) => {

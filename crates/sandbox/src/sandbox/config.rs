@@ -23,6 +23,8 @@ pub const MAX_CPUS: u32 = 32;
 pub const DEFAULT_BOOT_TIMEOUT_MS: u32 = 30_000;
 pub const MIN_BOOT_TIMEOUT_MS: u32 = 100;
 pub const MAX_BOOT_TIMEOUT_MS: u32 = 600_000;
+/// Most `consoleQueueBytes` (1 GiB).
+pub const MAX_CONSOLE_QUEUE_BYTES: u32 = 1 << 30;
 /// Longest `kernelArgs`.
 pub const MAX_KERNEL_ARGS_LEN: usize = 1024;
 
@@ -61,6 +63,10 @@ pub struct SandboxConfig {
     /// Extra kernel command line, appended to the engine's (for debugging, e.g. `loglevel=8`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_args: Option<String>,
+    /// Console bytes kept for a slow reader of the console stream before the oldest are dropped
+    /// (default [`super::CONSOLE_QUEUE_BYTES`]; `consoleOutput` files get every byte anyway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_queue_bytes: Option<u32>,
 }
 
 fn default_memory() -> u32 {
@@ -87,6 +93,7 @@ impl Default for SandboxConfig {
             boot_timeout_ms: DEFAULT_BOOT_TIMEOUT_MS,
             console_output: None,
             kernel_args: None,
+            console_queue_bytes: None,
         }
     }
 }
@@ -139,6 +146,7 @@ impl SandboxConfig {
             ("memoryMib", "E_CONFIG_MEMORY"),
             ("cpus", "E_CONFIG_VCPUS"),
             ("bootTimeoutMs", "E_CONFIG_TIMEOUT"),
+            ("consoleQueueBytes", "E_CONFIG_CONSOLE"),
         ] {
             if let Some(v) = object.get(key) {
                 let whole = matches!(v.as_u64(), Some(n) if n <= u32::MAX as u64);
@@ -160,6 +168,11 @@ impl SandboxConfig {
 
     /// Checks every option except the guest images (see [`Self::guest_images`]); returns the
     /// configuration normalised (`workdir` made canonical).
+    /// The console queue to keep: `consoleQueueBytes`, else the default.
+    pub fn console_queue(&self) -> usize {
+        self.console_queue_bytes.map_or(super::CONSOLE_QUEUE_BYTES, |n| n as usize)
+    }
+
     pub fn validate(&self) -> Result<SandboxConfig> {
         let mut c = self.clone();
         if let Some(name) = &c.name {
@@ -205,6 +218,14 @@ impl SandboxConfig {
                     c.boot_timeout_ms
                 ),
             ));
+        }
+        if let Some(n) = c.console_queue_bytes {
+            if !(1..=MAX_CONSOLE_QUEUE_BYTES).contains(&n) {
+                return Err(SandboxError::config(
+                    "E_CONFIG_CONSOLE",
+                    format!("consoleQueueBytes is {n}: give 1 to {MAX_CONSOLE_QUEUE_BYTES} bytes (default {})", super::CONSOLE_QUEUE_BYTES),
+                ));
+            }
         }
         if let Some(args) = &c.kernel_args {
             if args.len() > MAX_KERNEL_ARGS_LEN || !args.bytes().all(|b| (0x20..=0x7e).contains(&b))
@@ -399,6 +420,9 @@ mod tests {
         assert_eq!(code(r#"{"bootTimeoutMs":600001}"#), "E_CONFIG_TIMEOUT");
         assert_eq!(code(r#"{"bootTimeoutMs":"1"}"#), "E_CONFIG_TIMEOUT");
         assert_eq!(code(r#"{"kernelArgs":"a\nb"}"#), "E_CONFIG_CMDLINE");
+        assert_eq!(code(r#"{"consoleQueueBytes":0}"#), "E_CONFIG_CONSOLE");
+        assert_eq!(code(r#"{"consoleQueueBytes":1073741825}"#), "E_CONFIG_CONSOLE");
+        assert_eq!(code(r#"{"consoleQueueBytes":4096}"#), "OK");
         assert_eq!(code(r#"{"kernel":""}"#), "E_CONFIG_JSON");
         for c in [
             "E_CONFIG_JSON",
@@ -409,6 +433,7 @@ mod tests {
             "E_CONFIG_GUEST_PATH",
             "E_CONFIG_TIMEOUT",
             "E_CONFIG_CMDLINE",
+            "E_CONFIG_CONSOLE",
         ] {
             assert!(SandboxError::CODES.contains(&c), "{c}");
         }

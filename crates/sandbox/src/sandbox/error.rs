@@ -176,6 +176,7 @@ impl SandboxError {
         "E_CONFIG_GUEST_PATH",
         "E_CONFIG_TIMEOUT",
         "E_CONFIG_CMDLINE",
+        "E_CONFIG_CONSOLE",
         "E_GUEST_IMAGE_MISSING",
         "E_QEMU_NOT_FOUND",
         "E_NO_KVM",

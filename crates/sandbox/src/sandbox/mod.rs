@@ -107,7 +107,7 @@ impl Sandbox {
             vcpus: config.cpus as u8,
             extra_cmdline: config.extra_cmdline(),
             console_file: config.console_output.clone(),
-            console_queue_bytes: Some(CONSOLE_QUEUE_BYTES),
+            console_queue_bytes: Some(config.console_queue()),
         };
         let vm = engine.boot(&spec)?;
         let timeout = Duration::from_millis(u64::from(config.boot_timeout_ms));
@@ -296,7 +296,7 @@ impl Sandbox {
         self.vm.try_wait()
     }
 
-    /// The guest console (the last [`CONSOLE_QUEUE_BYTES`] not yet read).
+    /// The guest console (the last `consoleQueueBytes` not yet read).
     pub fn console(&self) -> Option<ConsoleReader> {
         self.vm.console()
     }

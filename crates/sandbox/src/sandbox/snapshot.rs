@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{connect, ReadyInfo, Result, Sandbox, SandboxConfig, SandboxError, CONSOLE_QUEUE_BYTES};
+use super::{connect, ReadyInfo, Result, Sandbox, SandboxConfig, SandboxError};
 use crate::engine::{self, BootSpec, EngineKind};
 
 /// The sandbox's part of a snapshot directory.
@@ -75,7 +75,7 @@ impl Sandbox {
             vcpus: config.cpus as u8,
             extra_cmdline: config.extra_cmdline(),
             console_file: options.console_output.clone(),
-            console_queue_bytes: Some(CONSOLE_QUEUE_BYTES),
+            console_queue_bytes: Some(config.console_queue()),
         };
         let vm = engine.restore(dir, &spec)?;
         let timeout = options.timeout.unwrap_or(Duration::from_millis(u64::from(config.boot_timeout_ms)));

@@ -440,6 +440,22 @@ pub fn workload(choice: EngineChoice) {
     let e = st.error.expect("a start error");
     assert_eq!((e.code.as_str(), e.path.as_deref()), ("ENOENT", Some("/no/such/program")), "{e:?}");
     let missing_ms = t2.elapsed().as_millis();
+    // signal(): waits for the agent to come up, then reaches the program (SIGTERM: 15); once it
+    // has ended there is nothing to signal.
+    // ("ar""med": the agent echoes the command line, the shell prints "armed" once the trap is set)
+    let spec = spec_from_parts("/bin/sh", &s(&["-c", "trap 'exit 42' TERM; echo ar\"\"med; while :; do sleep 0.1; done"]), &[], None, &[]).unwrap();
+    let w = Workload::start(&spec, workload_config(choice)).unwrap();
+    let t3 = Instant::now();
+    while !w.console_tail().contains("armed") {
+        assert!(t3.elapsed() < Duration::from_secs(60), "the workload never armed its trap:\n{}", w.console_tail());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sent = w.signal(15).unwrap();
+    let st = w.wait().unwrap();
+    assert!(sent);
+    assert_eq!((st.code, st.signal), (Some(42), None), "{st:?}\n{}", w.console_tail());
+    assert!(!w.signal(15).unwrap(), "an ended workload has nothing to signal");
+    drop(w);
     assert_nothing_left("workloads");
     say(&format!("{choice:?} workload: boot+run+report+poweroff {ms} ms; missing execPath reported in {missing_ms} ms"));
 }
