@@ -465,6 +465,8 @@ export class MicroVm implements AsyncDisposable {
     const done = this.wait()
     if (this.exitStatus !== null) return done
     const workload = this.#workload?.handle
+    // A paused guest cannot end its program or power itself off.
+    if (this.paused) await this.resume().catch(() => undefined)
     // A workload's agent may still be booting: the signal waits for it, within the same limit.
     const graceful = async (): Promise<ExitStatus | 'not sent'> => {
       if (!workload) return (this.#native!.stop(), done)
@@ -527,25 +529,23 @@ export class MicroVm implements AsyncDisposable {
   }
 
   /**
-   * Stops every vCPU outside the guest (a paused VM uses no CPU); resolves once they have
-   * stopped. Rejects with `E_VM_STATE` when the VM has ended.
+   * Stops every vCPU outside the guest (a paused VM uses no CPU; a workload's program stops
+   * with it); resolves once they have stopped. Rejects with `E_VM_STATE` when the VM has ended.
    */
-  pause(): Promise<void> {
-    try {
-      return this.#vmm('be paused').pause()
-    } catch (err) {
-      return Promise.reject(err)
-    }
+  async pause(): Promise<void> {
+    if (this.#workload) return this.#workload.handle.pause()
+    return this.#native!.pause()
   }
 
   /** Lets a paused VM run again; nothing to do when it is not paused. */
-  resume(): void {
-    this.#native?.resume()
+  async resume(): Promise<void> {
+    if (this.#workload) return this.#workload.handle.resume()
+    this.#native!.resume()
   }
 
   /** Whether the VM is paused (by `pause()`). */
   get paused(): boolean {
-    return this.#native?.isPaused() ?? false
+    return this.#workload ? this.#workload.handle.isPaused() : this.#native!.isPaused()
   }
 
   /**

@@ -242,12 +242,32 @@ export class Sandbox implements AsyncDisposable {
 
   /**
    * Writes a snapshot of this sandbox (memory, devices, root disk, configuration) into `dir`,
-   * created if needed; the sandbox runs on. Take it while no command runs: commands in flight
-   * do not survive a restore. Resolves with `dir`.
+   * created if needed; the sandbox runs on (a paused one stays paused; its restores run). Take
+   * it while no command runs: commands in flight do not survive a restore. Resolves with `dir`.
    */
   async snapshot(dir: string): Promise<string> {
     await this.#native.snapshot(dir)
     return dir
+  }
+
+  /**
+   * Stops the guest's vCPUs: the sandbox keeps its memory, processes and files and uses no CPU
+   * until `resume()`. Meanwhile `exec()` and `fs` calls reject with `E_VM_STATE` (commands
+   * already running just wait); `snapshot()` works; `stop()` resumes it first. Rejects with
+   * `E_VM_STATE` once the sandbox has ended.
+   */
+  pause(): Promise<void> {
+    return this.#native.pause()
+  }
+
+  /** Lets a paused sandbox run again (its clock then jumps forward); nothing to do when it is not paused. */
+  resume(): Promise<void> {
+    return this.#native.resume()
+  }
+
+  /** Whether the sandbox is paused (by `pause()`). */
+  get paused(): boolean {
+    return this.#native.isPaused()
   }
 
   /** How the sandbox came up: engine and why, kernel release, boot time, ... */

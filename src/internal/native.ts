@@ -267,9 +267,21 @@ export class NativeSandboxHandle {
     return call(() => this.#sandbox.consoleTail())
   }
 
-  /** Writes a snapshot of the running sandbox into `dir`; the sandbox runs on. */
+  /** Writes a snapshot of the sandbox into `dir`; the sandbox runs on (or stays paused). */
   snapshot(dir: string): Promise<void> {
     return callAsync(() => this.#sandbox.snapshot(dir))
+  }
+
+  pause(): Promise<void> {
+    return callAsync(() => this.#sandbox.pause())
+  }
+
+  resume(): Promise<void> {
+    return callAsync(() => this.#sandbox.resume())
+  }
+
+  isPaused(): boolean {
+    return call(() => this.#sandbox.isPaused())
   }
 }
 
@@ -473,6 +485,18 @@ export class NativeWorkloadHandle {
 
   signal(signal: number): Promise<boolean> {
     return callAsync(() => this.#workload.signal(signal))
+  }
+
+  pause(): Promise<void> {
+    return callAsync(() => this.#workload.pause())
+  }
+
+  resume(): Promise<void> {
+    return callAsync(() => this.#workload.resume())
+  }
+
+  isPaused(): boolean {
+    return call(() => this.#workload.isPaused())
   }
 
   stop(): void {

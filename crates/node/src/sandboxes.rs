@@ -134,9 +134,22 @@ impl NativeSandbox {
         }
     }
 
-    /// The sandbox, for the other binding modules' calls (exec, files, snapshots): once it has
-    /// ended, `E_CHANNEL_CLOSED` (what the agent client says to a request after the end).
+    /// The sandbox, for the other binding modules' calls (exec, files): once it has ended,
+    /// `E_CHANNEL_CLOSED` (what the agent client says to a request after the end); while it is
+    /// paused, `E_VM_STATE` (its agent cannot answer).
     pub(crate) fn sandbox(&self) -> Result<Arc<Sandbox>> {
+        let sandbox = self.any_state()?;
+        if sandbox.is_paused() {
+            return Err(coded(
+                "E_VM_STATE",
+                "the sandbox is paused: resume() it before running commands or using its files",
+            ));
+        }
+        Ok(sandbox)
+    }
+
+    /// The sandbox, paused or not (snapshots, pause, resume); `E_CHANNEL_CLOSED` once it has ended.
+    fn any_state(&self) -> Result<Arc<Sandbox>> {
         match &*lock(&self.state) {
             State::Live(s) => Ok(s.clone()),
             State::Ended { exit, .. } => Err(coded(
@@ -149,12 +162,35 @@ impl NativeSandbox {
 
 #[napi]
 impl NativeSandbox {
-    /// Writes a snapshot of the running sandbox into `dir` (memory, devices, root disk, config);
-    /// the sandbox runs on. `restoreSandbox(dir)` starts copies of it.
+    /// Writes a snapshot of the sandbox into `dir` (memory, devices, root disk, config); it runs
+    /// on (or stays paused). `restoreSandbox(dir)` starts copies of it, running.
     #[napi]
     pub async fn snapshot(&self, dir: String) -> Result<()> {
-        let sandbox = self.sandbox()?;
+        let sandbox = self.any_state()?;
         blocking("sandbox snapshot", move || sandbox.snapshot(std::path::Path::new(&dir)).map_err(sandbox_error)).await
+    }
+
+    /// Stops the guest's vCPUs (memory, processes and files kept; no CPU used); resolves once
+    /// they have stopped. `E_VM_STATE` once the sandbox has ended.
+    #[napi]
+    pub async fn pause(&self) -> Result<()> {
+        let sandbox = self.any_state().map_err(|_| coded("E_VM_STATE", "the sandbox has ended: it cannot be paused"))?;
+        blocking("sandbox pause", move || sandbox.pause().map_err(sandbox_error)).await
+    }
+
+    /// Lets a paused sandbox run again; nothing to do when it is not paused.
+    #[napi]
+    pub async fn resume(&self) -> Result<()> {
+        let sandbox = self.any_state().map_err(|_| coded("E_VM_STATE", "the sandbox has ended: it cannot be resumed"))?;
+        if !sandbox.is_paused() {
+            return Ok(());
+        }
+        blocking("sandbox resume", move || sandbox.resume().map_err(sandbox_error)).await
+    }
+
+    #[napi]
+    pub fn is_paused(&self) -> bool {
+        self.live().is_some_and(|s| s.is_paused())
     }
 
     /// How the sandbox came up (`ReadyInfo`, camelCase): engine, engineReason, engineDetail,

@@ -297,6 +297,25 @@ impl NativeWorkload {
         blocking("workload signal", move || w.signal(signal).map_err(sandbox_error)).await
     }
 
+    /// Stops the guest's vCPUs (the program with them); resolves once they have stopped.
+    #[napi]
+    pub async fn pause(&self) -> Result<()> {
+        let w = self.live().ok_or_else(|| coded("E_VM_STATE", "the workload VM has ended: it cannot be paused"))?;
+        blocking("workload pause", move || w.pause().map_err(sandbox_error)).await
+    }
+
+    /// Lets a paused workload VM run again; nothing to do when it is not paused.
+    #[napi]
+    pub async fn resume(&self) -> Result<()> {
+        let Some(w) = self.live().filter(|w| w.is_paused()) else { return Ok(()) };
+        blocking("workload resume", move || w.resume().map_err(sandbox_error)).await
+    }
+
+    #[napi]
+    pub fn is_paused(&self) -> bool {
+        self.live().is_some_and(|w| w.is_paused())
+    }
+
     /// Ends the VM now; `wait()` then says `stopped` (the program gets no signal first: the
     /// graceful stop is `signal(SIGTERM)`, then this).
     #[napi]

@@ -314,6 +314,9 @@ impl Workload {
     /// program to signal: no agent, or the program has ended (its status is then known, or
     /// about to be).
     pub fn signal(&self, signal: i32) -> Result<bool> {
+        if self.is_paused() {
+            return Err(vmm::Error::VmState("the workload VM is paused: resume() it first".into()).into());
+        }
         let Some(agent) = self.agent.get(self.boot_timeout + Duration::from_secs(1)) else { return Ok(false) };
         if self.wait_timeout(Duration::ZERO).is_some() {
             return Ok(false);
@@ -325,6 +328,19 @@ impl Workload {
             Message::Error(e) => Err(agent_error("SignalWorkload", e)),
             other => Err(SandboxError::Protocol(format!("expected Ok, got {}", other.name()))),
         }
+    }
+
+    /// Stops the guest's vCPUs (the program with them) until [`Workload::resume`].
+    pub fn pause(&self) -> Result<()> {
+        self.vm.pause()
+    }
+
+    pub fn resume(&self) -> Result<()> {
+        self.vm.resume()
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.vm.is_paused()
     }
 
     /// Ends the VM now (the status is then taken from the console, or the wait fails with

@@ -199,6 +199,22 @@ impl RunningVm for KvmVm {
         Ok(())
     }
 
+    fn pause(&self) -> Result<()> {
+        Ok(self.vm.pause()?)
+    }
+
+    fn resume(&self) -> Result<()> {
+        if self.try_wait().is_some() {
+            return Err(super::ended_error("resumed"));
+        }
+        self.vm.resume();
+        Ok(())
+    }
+
+    fn is_paused(&self) -> bool {
+        self.vm.is_paused()
+    }
+
     fn pid(&self) -> Option<u32> {
         None
     }

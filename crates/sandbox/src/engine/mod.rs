@@ -205,6 +205,11 @@ pub trait Engine: Send + Sync {
     fn restore(&self, dir: &Path, spec: &BootSpec) -> Result<Box<dyn RunningVm>>;
 }
 
+/// The error of a pause or resume of a VM that has ended.
+pub(crate) fn ended_error(what: &str) -> crate::sandbox::SandboxError {
+    vmm::Error::VmState(format!("the VM has ended: it cannot be {what}")).into()
+}
+
 /// A VM an engine started. Dropping it kills the VM (and, for QEMU, reaps the process) and
 /// removes its per-VM files.
 pub trait RunningVm: Send + Sync {
@@ -212,6 +217,12 @@ pub trait RunningVm: Send + Sync {
     /// Writes the VM's memory, device and disk state into `dir` (which exists) and lets the VM
     /// run on; [`Engine::restore`] starts copies of it.
     fn snapshot(&self, dir: &Path) -> Result<()>;
+    /// Stops the guest's vCPUs: it keeps its memory and devices and uses no CPU (a paused VM
+    /// can be snapshotted, and stays paused). `E_VM_STATE` once it has ended.
+    fn pause(&self) -> Result<()>;
+    /// Lets a paused VM run again; nothing to do when it is not paused.
+    fn resume(&self) -> Result<()>;
+    fn is_paused(&self) -> bool;
     /// The QEMU process id; `None` for the in-process VMM.
     fn pid(&self) -> Option<u32>;
     /// The host end of the control channel (once; later calls return `None`).

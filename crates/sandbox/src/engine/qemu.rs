@@ -215,6 +215,9 @@ impl QemuEngine {
         push(&format!("socket,id=qmp,fd={QMP_FD}"));
         push("-mon");
         push("chardev=qmp,mode=control");
+        // Restores run whatever the run state of the VM the snapshot was taken of (a paused one).
+        push("-global");
+        push("migration.store-global-state=off");
         if let Some(file) = incoming {
             push("-incoming");
             push(&format!("exec:cat {}", shell_quote(file)));
@@ -423,6 +426,7 @@ impl QemuEngine {
             proc,
             exit,
             qmp: Mutex::new(QmpState::Unconnected(qmp_host)),
+            paused: AtomicBool::new(false),
             _run_dir: run_dir,
             channel: Mutex::new(Some(host_end)),
             console,
@@ -571,6 +575,8 @@ struct QemuVm {
     exit: Arc<ExitSlot>,
     /// Connected on first use (QEMU sends its greeting once it is up).
     qmp: Mutex<QmpState>,
+    /// Stopped by `pause()` (QMP `stop`) and not `cont`inued since.
+    paused: AtomicBool,
     /// The per-VM directory with the root disk copy; removed after QEMU is gone (field order).
     _run_dir: RunDir,
     channel: Mutex<Option<UnixStream>>,
@@ -582,20 +588,29 @@ struct QemuVm {
 }
 
 impl QemuVm {
-    /// Runs `f` with a connected QMP monitor.
-    fn with_qmp<T>(&self, f: impl FnOnce(&mut Qmp) -> std::result::Result<T, String>) -> Result<T> {
+    /// Runs `f` with a connected QMP monitor; its errors become `error(message)`.
+    fn with_qmp<T>(
+        &self,
+        error: fn(String) -> SandboxError,
+        f: impl FnOnce(&mut Qmp) -> std::result::Result<T, String>,
+    ) -> Result<T> {
+        if self.exit.get().is_some() {
+            return Err(error("the VM has ended".into()));
+        }
         let mut state = self.qmp.lock().unwrap_or_else(|e| e.into_inner());
         if let QmpState::Unconnected(_) = &*state {
             let QmpState::Unconnected(stream) = std::mem::replace(&mut *state, QmpState::Broken) else { unreachable!() };
-            *state = QmpState::Ready(Qmp::connect(stream, Duration::from_secs(30)).map_err(SandboxError::Snapshot)?);
+            *state = QmpState::Ready(Qmp::connect(stream, Duration::from_secs(30)).map_err(error)?);
         }
         match &mut *state {
-            QmpState::Ready(qmp) => f(qmp).map_err(|e| {
-                SandboxError::Snapshot(format!("QEMU monitor: {e}"))
-            }),
-            _ => Err(SandboxError::Snapshot("QEMU's monitor connection was lost earlier".into())),
+            QmpState::Ready(qmp) => f(qmp).map_err(|e| error(format!("QEMU monitor: {e}"))),
+            _ => Err(error("QEMU's monitor connection was lost earlier".into())),
         }
     }
+}
+
+fn vm_state(message: String) -> SandboxError {
+    vmm::Error::VmState(message).into()
 }
 
 impl RunningVm for QemuVm {
@@ -606,10 +621,11 @@ impl RunningVm for QemuVm {
     fn snapshot(&self, dir: &Path) -> Result<()> {
         let migration = dir.join(MIGRATION_FILE);
         let uri = format!("exec:cat > {}", shell_quote(&migration));
-        self.with_qmp(|qmp| {
-            // Migrate the running VM (not a stopped one): the stream records the run state, and
-            // a destination started from a "paused" stream would stay paused. QEMU stops the
-            // guest itself for the final pass and leaves it stopped ("postmigrate").
+        let paused = self.paused.load(Ordering::SeqCst);
+        self.with_qmp(SandboxError::Snapshot, |qmp| {
+            // QEMU stops a running guest itself for the final pass and leaves it stopped
+            // ("postmigrate"); a paused one is migrated as it is. The stream does not carry the
+            // run state (`store-global-state=off`): restores run either way.
             let result = qmp
                 .execute("migrate", serde_json::json!({ "uri": uri }))
                 .and_then(|_| qmp.wait_migration(Duration::from_secs(120)));
@@ -618,9 +634,27 @@ impl RunningVm for QemuVm {
                 clone_image_replacing(&self._run_dir.path().join("rootfs.img"), &dir.join(SNAPSHOT_DISK))
                     .map_err(|e| format!("copying the root disk: {e}"))
             });
-            qmp.execute("cont", serde_json::json!({}))?;
+            if !paused {
+                qmp.execute("cont", serde_json::json!({}))?;
+            }
             disk.map(|_reflink| ())
         })
+    }
+
+    fn pause(&self) -> Result<()> {
+        self.with_qmp(vm_state, |qmp| qmp.execute("stop", serde_json::json!({})).map(drop))?;
+        self.paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<()> {
+        self.with_qmp(vm_state, |qmp| qmp.execute("cont", serde_json::json!({})).map(drop))?;
+        self.paused.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst) && self.exit.get().is_none()
     }
 
     fn pid(&self) -> Option<u32> {

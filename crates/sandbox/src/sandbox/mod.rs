@@ -251,6 +251,12 @@ impl Sandbox {
         if let Some(exit) = self.vm.try_wait() {
             return exit;
         }
+        // A paused guest cannot power itself off.
+        if self.vm.is_paused() {
+            if let Err(e) = self.vm.resume() {
+                tracing::debug!(code = e.code(), "resume before stop: {e}");
+            }
+        }
         let deadline = Instant::now() + timeout;
         if let Err(e) = self.agent.poweroff(timeout) {
             tracing::debug!(code = e.code(), "poweroff not acknowledged: {e}");
@@ -273,6 +279,22 @@ impl Sandbox {
     /// Ends the VM at once. Idempotent.
     pub fn kill(&self) {
         self.vm.kill();
+    }
+
+    /// Stops the guest's vCPUs: the sandbox keeps its memory, processes and files and uses no
+    /// CPU until [`Sandbox::resume`]. Requests to the agent wait meanwhile (the napi layer
+    /// refuses new ones); `snapshot` works and leaves it paused; `stop` resumes it first.
+    pub fn pause(&self) -> Result<()> {
+        self.vm.pause()
+    }
+
+    /// Lets a paused sandbox run again (its clock jumps: the guest sees the pause as lost time).
+    pub fn resume(&self) -> Result<()> {
+        self.vm.resume()
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.vm.is_paused()
     }
 
     /// Blocks until the VM has ended.
