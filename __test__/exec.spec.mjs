@@ -232,6 +232,23 @@ perTier(test, 'exec', (tier, engine) => {
     t.true(text.includes('got hello'), text)
   })
 
+  test(`${tier}: exec() keeps at most maxOutputBytes per stream: beyond it the process tree is killed, E_OUTPUT_LIMIT`, async (t) => {
+    const sb = await sandbox()
+    // Exactly at the limit: kept whole.
+    const r = await sb.exec('head', ['-c', '100000', '/dev/zero'], { maxOutputBytes: 100_000 })
+    t.is(r.stdout.length, 100_000)
+    // One byte more, and an endless writer (with a child in its group) on stderr.
+    const over = await rejectsWith(t, sb.exec('head', ['-c', '100001', '/dev/zero'], { maxOutputBytes: 100_000 }), 'E_OUTPUT_LIMIT')
+    t.regex(over.message, /stdout.*execStream/)
+    const t0 = performance.now()
+    await rejectsWith(t, sb.exec('sh', ['-c', 'yes >&2 & yes >&2'], { maxOutputBytes: 4096 }), 'E_OUTPUT_LIMIT')
+    t.true(performance.now() - t0 < 20_000)
+    // Nothing of it is left running; the sandbox serves on.
+    const ps = await sb.exec('sh', ['-c', 'ps -o comm | grep -c "^yes$" || true'])
+    t.is(ps.stdoutText().trim(), '0')
+    await rejectsWith(t, sb.exec('true', [], { maxOutputBytes: 0 }), 'E_INVALID_ARGUMENT')
+  })
+
   test(`${tier}: bad requests are coded errors`, async (t) => {
     const sb = await sandbox()
     const missing = await rejectsWith(t, sb.exec('/no/such/program'), 'ENOENT')

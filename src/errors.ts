@@ -52,6 +52,8 @@ export type ConfigErrorCode = (typeof CONFIG_ERROR_CODES)[number]
  * - `E_BOOT_TIMEOUT`: the guest agent was not ready within `bootTimeoutMs` (the message has the console tail);
  * - `E_AGENT_EXITED`: the VM ended before the agent was ready (kernel panic, bad root disk, QEMU error);
  * - `E_PROTOCOL`, `E_AGENT_ERROR`, `E_CHANNEL_CLOSED`, `E_AGENT_TIMEOUT`: the control channel;
+ * - `E_VM_STATE`: a request to a paused sandbox (resume it first), a pause of one that has ended;
+ * - `E_OUTPUT_LIMIT`: `exec()` output beyond `maxOutputBytes` (the process was killed);
  * - the VMM's own codes on engine `kvm` (`E_KERNEL_FORMAT`, `E_KVM`, `E_MEMORY`, ...).
  */
 export const SANDBOX_ERROR_CODES = [
@@ -69,6 +71,8 @@ export const SANDBOX_ERROR_CODES = [
   'E_AGENT_ERROR',
   'E_CHANNEL_CLOSED',
   'E_AGENT_TIMEOUT',
+  'E_VM_STATE',
+  'E_OUTPUT_LIMIT',
 ] as const
 
 export type SandboxErrorCode = (typeof SANDBOX_ERROR_CODES)[number]

@@ -31,6 +31,12 @@ export interface ExecOptions {
    * then arrive merged on stdout, and stdin is a pipe.
    */
   tty?: { rows: number; cols: number } | boolean
+  /**
+   * `exec()` only: the most bytes kept of stdout and of stderr (each; default 64 MiB, at most
+   * 4294967295). A process that writes more is killed (its process group) and `exec()` rejects
+   * with `E_OUTPUT_LIMIT`; `execStream()` has no limit (its reader sets the pace).
+   */
+  maxOutputBytes?: number
 }
 
 /** How a process ended. */
@@ -114,6 +120,8 @@ export interface ExecRequestParts {
   json: string
   /** Bytes to write to stdin and then close, if any. */
   stdinData: Buffer | null
+  /** `maxOutputBytes`, checked. */
+  maxOutputBytes: number | undefined
   /** Whether a stdin pipe is open. */
   stdinPipe: boolean
   tty: boolean
@@ -172,7 +180,11 @@ export function execRequest(cmd: string, args: readonly string[], options: ExecO
   else if (stdin !== undefined && stdin !== 'ignore') throw invalid("exec: stdin must be a string, a Buffer/Uint8Array, 'pipe' or 'ignore'")
   if (stdinData !== null) stdinPipe = true
   if (stdinPipe) req.stdin = true
-  return { json: JSON.stringify(req), stdinData, stdinPipe, tty }
+  const max = options.maxOutputBytes
+  if (max !== undefined && (!Number.isInteger(max) || max < 1 || max > 2 ** 32 - 1)) {
+    throw invalid(`exec: maxOutputBytes is ${String(max)}: give a whole number of bytes from 1 to 4294967295 (default 64 MiB)`)
+  }
+  return { json: JSON.stringify(req), stdinData, stdinPipe, tty, maxOutputBytes: max }
 }
 
 type StreamName = 'stdout' | 'stderr'

@@ -346,8 +346,9 @@ export class Sandbox implements AsyncDisposable {
    * Runs a program in the guest to its end and resolves with its exit and all of its output:
    * `{ exitCode, signal, timedOut, stdout, stderr, durationMs }` (Buffers; `stdoutText()`,
    * `stderrText()`). `cmd` is a path or a name looked up in `PATH`; `args` are passed as they
-   * are (no shell). A non-zero exit is a result, not an error. The output is kept in memory:
-   * for large or endless output use `execStream()`. Rejects with a `MicrocellError`:
+   * are (no shell). A non-zero exit is a result, not an error. The output is kept in memory, up
+   * to `maxOutputBytes` per stream (default 64 MiB; beyond it the process is killed and the call
+   * rejects with `E_OUTPUT_LIMIT`): for large or endless output use `execStream()`. Rejects with a `MicrocellError`:
    * `ENOENT` / `EACCES` (a program or `cwd` that cannot be used, with the guest path),
    * `E_INVALID_ARGUMENT`, `E_CHANNEL_CLOSED` (the sandbox has ended), ...
    */
@@ -355,7 +356,7 @@ export class Sandbox implements AsyncDisposable {
     try {
       const [argv, opts] = splitArgs(args, options)
       const req = execRequest(cmd, argv, opts, false)
-      return this.#ops.execCollect(req.json, req.stdinData).then(
+      return this.#ops.execCollect(req.json, req.stdinData, req.maxOutputBytes).then(
         (r) => new ExecResult(exitFromNative(r.exit), r.stdout, r.stderr),
       )
     } catch (err) {

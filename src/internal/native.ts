@@ -410,8 +410,8 @@ export class NativeSandboxOps {
     return new NativeExecHandle(await callAsync(() => this.#sandbox.execStart(requestJson)))
   }
 
-  execCollect(requestJson: string, stdin: Buffer | null): Promise<Binding.ExecCollected> {
-    return callAsync(() => this.#sandbox.execCollect(requestJson, stdin))
+  execCollect(requestJson: string, stdin: Buffer | null, maxOutputBytes: number | undefined): Promise<Binding.ExecCollected> {
+    return callAsync(() => this.#sandbox.execCollect(requestJson, stdin, maxOutputBytes))
   }
 
   stat(path: string, follow: boolean): Promise<NativeGuestStat> {

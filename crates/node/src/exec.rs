@@ -95,6 +95,9 @@ fn request(json: &str) -> Result<ExecRequest> {
         .map_err(|e| coded("E_INVALID_ARGUMENT", format!("exec request: {e}")))
 }
 
+/// `exec()`'s output limit per stream when none is given.
+const DEFAULT_MAX_OUTPUT: usize = 64 << 20;
+
 async fn start(sandbox: &NativeSandbox, request_json: String) -> Result<Arc<ExecHandle>> {
     let sb = sandbox.sandbox()?;
     let req = request(&request_json)?;
@@ -118,13 +121,16 @@ impl NativeSandbox {
 
     /// Runs a process to its end: its exit and all of its output. `stdin`: bytes written to its
     /// stdin (then closed) while the output is read, so a process that reads and writes a lot
-    /// at once cannot stall.
+    /// at once cannot stall. `maxOutputBytes` (per stream, default 64 MiB): a process that
+    /// writes more is killed (its process group) and the call rejects with `E_OUTPUT_LIMIT`.
     #[napi]
     pub async fn exec_collect(
         &self,
         request_json: String,
         stdin: Option<Buffer>,
+        max_output_bytes: Option<u32>,
     ) -> Result<ExecCollected> {
+        let limit = max_output_bytes.map_or(DEFAULT_MAX_OUTPUT, |n| n as usize);
         let handle = start(self, request_json).await?;
         let writer = stdin.map(|data| {
             let (h, data) = (handle.clone(), data.to_vec());
@@ -136,27 +142,43 @@ impl NativeSandbox {
             })
         });
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        // The stream that passed the limit, once one has: the rest is read and dropped until
+        // the killed process's exit.
+        let mut over: Option<&str> = None;
         let exit = loop {
-            match handle
+            let event = handle
                 .clone()
                 .next_event_owned()
                 .await
-                .map_err(sandbox_error)?
-            {
-                Some(ExecEvent::Stdout(b)) => stdout.extend_from_slice(&b),
-                Some(ExecEvent::Stderr(b)) => stderr.extend_from_slice(&b),
+                .map_err(sandbox_error)?;
+            let (name, out, b) = match event {
+                Some(ExecEvent::Stdout(b)) => ("stdout", &mut stdout, b),
+                Some(ExecEvent::Stderr(b)) => ("stderr", &mut stderr, b),
                 Some(ExecEvent::Exit(e)) => break e,
                 None => match handle.exit() {
                     Some(e) => break e,
-                    None => {
-                        return Err(coded("E_INTERNAL", "the exec stream ended without an exit"))
-                    }
+                    None => return Err(coded("E_INTERNAL", "the exec stream ended without an exit")),
                 },
+            };
+            if over.is_some() {
+                continue;
             }
+            if out.len() + b.len() > limit {
+                over = Some(name);
+                let _ = handle.kill();
+                continue;
+            }
+            out.extend_from_slice(&b);
         };
         if let Some(w) = writer {
             // It ends promptly once the process has: no more credit comes.
             let _ = w.await;
+        }
+        if let Some(name) = over {
+            return Err(coded(
+                "E_OUTPUT_LIMIT",
+                format!("the process wrote more than {limit} bytes to {name} (maxOutputBytes) and was killed: use execStream() for large output, or raise maxOutputBytes"),
+            ));
         }
         Ok(ExecCollected {
             exit: exit_info(exit),
