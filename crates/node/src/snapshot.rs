@@ -9,13 +9,14 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use sandbox::{LoadedSnapshot, RestoreOptions, VmShell};
 
-use super::tasks::blocking;
+use super::tasks::{blocking, drop_off_thread};
 use super::{coded, guard, panic_error, NativeVm};
 
 
@@ -82,10 +83,42 @@ pub async fn load_snapshot(dir: String) -> Result<NativeSnapshot> {
         LoadedSnapshot::load(&path).map_err(vmm_error)
     })
     .await?;
-    Ok(NativeSnapshot {
-        snapshot: Arc::new(snapshot),
-        dir,
-    })
+    let snapshot = Arc::new(snapshot);
+    let spare = Arc::new(Spare::default());
+    spare.refill(&snapshot);
+    Ok(NativeSnapshot { snapshot, dir, spare })
+}
+
+/// One shell made ahead for a `restore()` without a shell of its own: made after the load and
+/// again after each restore that took it, on the blocking pool, so that a plain restore does not
+/// make one on its latency path (the pools keep shells of their own).
+#[derive(Default)]
+struct Spare {
+    shell: Mutex<Option<VmShell>>,
+    making: AtomicBool,
+}
+
+impl Spare {
+    fn take(&self) -> Option<VmShell> {
+        self.shell.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Makes a shell in the background unless one is there or being made. A failure is left to
+    /// the next restore, which makes its shell inline and says why.
+    fn refill(self: &Arc<Self>, snapshot: &Arc<LoadedSnapshot>) {
+        if self.making.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (spare, snapshot) = (self.clone(), snapshot.clone());
+        spawn_blocking(move || {
+            let mut slot = spare.shell.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.is_none() {
+                *slot = snapshot.shell().ok();
+            }
+            drop(slot);
+            spare.making.store(false, Ordering::SeqCst);
+        });
+    }
 }
 
 /// A snapshot read from disk and checked: restore it any number of times.
@@ -93,6 +126,16 @@ pub async fn load_snapshot(dir: String) -> Result<NativeSnapshot> {
 pub struct NativeSnapshot {
     snapshot: Arc<LoadedSnapshot>,
     dir: String,
+    spare: Arc<Spare>,
+}
+
+impl Drop for NativeSnapshot {
+    fn drop(&mut self) {
+        // A GC finalizer, on the JS thread: a VM fd's close may sleep for milliseconds.
+        if let Some(shell) = self.spare.take() {
+            drop_off_thread(shell);
+        }
+    }
 }
 
 #[napi]
@@ -120,8 +163,8 @@ impl NativeSnapshot {
         })
     }
 
-    /// Restores the snapshot, into `shell` when given (it is used up, whatever the outcome) or
-    /// into a shell made now. Resolves once the vCPUs run.
+    /// Restores the snapshot, into `shell` when given (it is used up, whatever the outcome), else
+    /// into the spare shell made ahead, else into one made now. Resolves once the vCPUs run.
     #[napi(ts_return_type = "Promise<NativeVm>")]
     pub fn restore<'env>(
         &self,
@@ -152,19 +195,23 @@ impl NativeSnapshot {
                 .and_then(|o| o.console_output.clone())
                 .map(PathBuf::from),
         };
+        let shell = shell.or_else(|| self.spare.take());
         let snapshot = self.snapshot.clone();
+        let spare = self.spare.clone();
         env.spawn_future(async move {
             // Bounded work (~1 ms) on the runtime's own worker, which hands its other tasks to
             // the other workers meanwhile: one thread hop less than spawn_blocking, on the
             // latency path of every restore.
-            let vm = napi::tokio::task::block_in_place(move || {
+            let vm = napi::tokio::task::block_in_place(|| {
                 catch_unwind(AssertUnwindSafe(|| {
                     sandbox::MicroVm::restore(&snapshot, shell, &options)
                         .map_err(|e| coded(e.code(), e))
                 }))
                 .unwrap_or_else(|p| Err(panic_error(p)))
-            })?;
-            Ok(NativeVm { vm: Arc::new(vm) })
+            });
+            // The next plain restore's shell, made once this one is off the latency path.
+            spare.refill(&snapshot);
+            Ok(NativeVm { vm: Arc::new(vm?) })
         })
     }
 }
