@@ -113,8 +113,13 @@ export class Snapshot {
    */
   async restore(options: RestoreOptions = {}): Promise<MicroVm> {
     const nativeOptions = nativeRestoreOptions(options)
-    const handle = await nativeSnapshot(this).restore(null, nativeOptions)
-    return microVmFromNative(handle, nativeOptions.consoleStream === true)
+    const snapshot = nativeSnapshot(this)
+    try {
+      return microVmFromNative(await snapshot.restore(null, nativeOptions), nativeOptions.consoleStream === true)
+    } finally {
+      // The next restore's shell, made once the caller has its VM (not while this one starts).
+      setImmediate(() => snapshot.refillSpare())
+    }
   }
 
   /**

@@ -192,6 +192,11 @@ export class NativeSnapshotHandle {
   async restore(shell: NativeShellHandle | null, options: NativeRestoreOptions): Promise<NativeVmHandle> {
     return new NativeVmHandle(await callAsync(() => this.#snapshot.restore(shell?.raw ?? null, options)))
   }
+
+  /** Makes the spare shell for the next plain restore, in the background. */
+  refillSpare(): void {
+    call(() => this.#snapshot.refillSpare())
+  }
 }
 
 export async function loadSnapshot(dir: string): Promise<NativeSnapshotHandle> {

@@ -90,8 +90,8 @@ pub async fn load_snapshot(dir: String) -> Result<NativeSnapshot> {
 }
 
 /// One shell made ahead for a `restore()` without a shell of its own: made after the load and
-/// again after each restore that took it, on the blocking pool, so that a plain restore does not
-/// make one on its latency path (the pools keep shells of their own).
+/// again after each restore (`refillSpare`), on the blocking pool, so that a plain restore does
+/// not make one on its latency path (the pools keep shells of their own).
 #[derive(Default)]
 struct Spare {
     shell: Mutex<Option<VmShell>>,
@@ -163,8 +163,17 @@ impl NativeSnapshot {
         })
     }
 
+    /// Makes the spare shell in the background unless it is there or being made. JS calls it
+    /// once a restore has resolved: made earlier, it would compete for the CPU with the restore
+    /// it is for.
+    #[napi]
+    pub fn refill_spare(&self) {
+        self.spare.refill(&self.snapshot);
+    }
+
     /// Restores the snapshot, into `shell` when given (it is used up, whatever the outcome), else
-    /// into the spare shell made ahead, else into one made now. Resolves once the vCPUs run.
+    /// into the spare shell made ahead (`refillSpare`), else into one made now. Resolves once the
+    /// vCPUs run.
     #[napi(ts_return_type = "Promise<NativeVm>")]
     pub fn restore<'env>(
         &self,
@@ -197,7 +206,6 @@ impl NativeSnapshot {
         };
         let shell = shell.or_else(|| self.spare.take());
         let snapshot = self.snapshot.clone();
-        let spare = self.spare.clone();
         env.spawn_future(async move {
             // Bounded work (~1 ms) on the runtime's own worker, which hands its other tasks to
             // the other workers meanwhile: one thread hop less than spawn_blocking, on the
@@ -208,10 +216,8 @@ impl NativeSnapshot {
                         .map_err(|e| coded(e.code(), e))
                 }))
                 .unwrap_or_else(|p| Err(panic_error(p)))
-            });
-            // The next plain restore's shell, made once this one is off the latency path.
-            spare.refill(&snapshot);
-            Ok(NativeVm { vm: Arc::new(vm?) })
+            })?;
+            Ok(NativeVm { vm: Arc::new(vm) })
         })
     }
 }
