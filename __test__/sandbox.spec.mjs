@@ -131,6 +131,7 @@ test('a bad configuration is a coded error at build(), and create() rejects it t
     ['E_CONFIG_CMDLINE', (b) => b.kernelArgs('two\nlines')],
     ['E_CONFIG_CONSOLE', (b) => b.consoleQueueBytes(0)],
     ['E_CONFIG_CONSOLE', (b) => b.consoleQueueBytes(2.5)],
+    ['E_CONFIG_TIMEOUT', (b) => b.maxDurationMs(0)],
     ['E_CONFIG_JSON', (b) => b.engine('firecracker')],
     ['E_CONFIG_JSON', (b) => b.kernel('')],
   ]
@@ -159,6 +160,32 @@ function suite(tier, engine, skipReason) {
     return
   }
   const builder = (name) => Sandbox.builder(name).engine(engine).memory(256)
+
+  test.serial(`${tier}: maxDurationMs kills the sandbox at its deadline (code E_MAX_DURATION); setMaxDuration() moves it`, async (t) => {
+    if (!requireGuestImages(t)) return
+    const [a, b] = await Promise.all([
+      builder(`${tier.toLowerCase()}-short`).maxDurationMs(2000).create(),
+      builder(`${tier.toLowerCase()}-moved`).maxDurationMs(600_000).create(),
+    ])
+    try {
+      const t0 = Date.now()
+      t.true(a.expiresAt !== null && a.expiresAt > t0 && a.expiresAt <= t0 + 2000)
+      b.setMaxDuration(1000)
+      t.true(b.expiresAt <= Date.now() + 1000)
+      const [ea, eb] = await Promise.all([within(a.wait(), 20_000, 'the 2 s deadline'), within(b.wait(), 20_000, 'the moved deadline')])
+      const [ta, tb] = [Date.now() - t0, Date.now() - t0]
+      t.like(ea, { reason: 'killed', code: 'E_MAX_DURATION' })
+      t.regex(ea.message, /maxDurationMs \(2000 ms\)/)
+      t.like(eb, { reason: 'killed', code: 'E_MAX_DURATION' })
+      t.like(a.exitStatus, { code: 'E_MAX_DURATION' })
+      t.like(await a.stop(), { code: 'E_MAX_DURATION' })
+      t.true(ta >= 1500 && tb >= 900, `${ta} ms, ${tb} ms`)
+      t.is(a.expiresAt, null)
+      t.is(t.throws(() => a.setMaxDuration(1000), { instanceOf: MicrocellError }).code, 'E_VM_STATE')
+    } finally {
+      await Promise.all([a.kill(), b.kill()])
+    }
+  })
 
   test.serial(`${tier}: create → ready (kernel 6.1, engine '${engine}' and why), console banner, quick stop`, async (t) => {
     if (!requireGuestImages(t)) return

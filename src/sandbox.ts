@@ -39,6 +39,12 @@ export interface SandboxConfig {
   kernelArgs?: string
   /** Console bytes kept for a slow reader of `sandbox.console`, 1 to 2^30 (default 64 KiB). */
   consoleQueueBytes?: number
+  /**
+   * The sandbox's longest life in milliseconds (1 to 4294967295; default: none): it is killed
+   * this long after `create()` / `fromSnapshot()` resolved, unless `setMaxDuration()` moves the
+   * deadline; its exit status then has `code: 'E_MAX_DURATION'`.
+   */
+  maxDurationMs?: number
 }
 
 /** What `Sandbox.create()` accepts: a built config, or any part of one (defaults apply). */
@@ -168,6 +174,11 @@ export class SandboxBuilder {
     return this.#set('kernelArgs', args)
   }
 
+  /** Kill the sandbox this many milliseconds after it is up (see `SandboxConfig.maxDurationMs`). */
+  maxDurationMs(ms: number): this {
+    return this.#set('maxDurationMs', ms)
+  }
+
   /** Console bytes kept for a slow reader of `sandbox.console` before the oldest are dropped (default 64 KiB). */
   consoleQueueBytes(bytes: number): this {
     return this.#set('consoleQueueBytes', bytes)
@@ -200,11 +211,59 @@ export class Sandbox implements AsyncDisposable {
   #fs: SandboxFs | undefined
   #exit: Promise<ExitStatus> | undefined
   #stopping: Promise<ExitStatus> | undefined
+  /** The maxDurationMs timer (unref'd: it keeps no process alive), and when it fires. */
+  #deadline: { timer: NodeJS.Timeout; at: number; ms: number } | undefined
+  /** The timer fired and killed the sandbox. */
+  #expired: { ms: number } | undefined
 
   private constructor(handle: native.NativeSandboxHandle) {
     this.#native = handle
     this.#ops = new native.NativeSandboxOps(handle)
     this.#info = Object.freeze(handle.info() as unknown as SandboxInfo)
+    const ms = this.config.maxDurationMs
+    if (ms !== undefined) {
+      this.#arm(ms)
+      void this.wait().then(() => clearTimeout(this.#deadline?.timer))
+    }
+  }
+
+  #arm(ms: number): void {
+    clearTimeout(this.#deadline?.timer)
+    const timer = setTimeout(() => {
+      this.#expired = { ms }
+      this.#native.kill()
+    }, ms)
+    timer.unref()
+    this.#deadline = { timer, at: Date.now() + ms, ms }
+  }
+
+  /** How the VM ended, with why when the maxDurationMs deadline ended it. */
+  #why(exit: ExitStatus): ExitStatus {
+    if (this.#expired === undefined || exit.reason !== 'killed') return exit
+    return {
+      ...exit,
+      code: 'E_MAX_DURATION',
+      message: `the sandbox reached its maxDurationMs (${this.#expired.ms} ms) and was killed: set a longer one, or call setMaxDuration() while it runs`,
+    }
+  }
+
+  /**
+   * Moves the deadline: the sandbox is killed `ms` milliseconds from now (1 to 4294967295),
+   * whether or not it had a `maxDurationMs`. Throws `E_VM_STATE` once it has ended.
+   */
+  setMaxDuration(ms: number): void {
+    if (!Number.isInteger(ms) || ms < 1 || ms > 2 ** 32 - 1) {
+      throw new MicrocellError('E_INVALID_ARGUMENT', `setMaxDuration(${String(ms)}): give a whole number of milliseconds from 1 to 4294967295`)
+    }
+    if (this.#native.exitStatus() !== null) throw new MicrocellError('E_VM_STATE', 'the sandbox has ended: it has no deadline to move')
+    const first = this.#deadline === undefined
+    this.#arm(ms)
+    if (first) void this.wait().then(() => clearTimeout(this.#deadline?.timer))
+  }
+
+  /** When the maxDurationMs deadline kills the sandbox (ms since the epoch, as `Date.now()`), or null. */
+  get expiresAt(): number | null {
+    return this.#deadline === undefined || this.#native.exitStatus() !== null ? null : this.#deadline.at
   }
 
   /** A builder; `name` becomes the sandbox's name and guest hostname. */
@@ -282,13 +341,14 @@ export class Sandbox implements AsyncDisposable {
 
   /** Resolves when the VM has ended (the console and `consoleOutput` are complete by then). */
   wait(): Promise<ExitStatus> {
-    this.#exit ??= this.#native.wait()
+    this.#exit ??= this.#native.wait().then((e) => this.#why(e))
     return this.#exit
   }
 
   /** How the VM ended, or null while it runs. */
   get exitStatus(): ExitStatus | null {
-    return this.#native.exitStatus()
+    const e = this.#native.exitStatus()
+    return e === null ? null : this.#why(e)
   }
 
   /**
@@ -307,9 +367,9 @@ export class Sandbox implements AsyncDisposable {
         ),
       )
     }
-    const ended = this.#native.exitStatus()
+    const ended = this.exitStatus
     if (ended !== null) return Promise.resolve(ended)
-    this.#stopping ??= this.#native.stop(timeoutMs)
+    this.#stopping ??= this.#native.stop(timeoutMs).then((e) => this.#why(e))
     return this.#stopping
   }
 

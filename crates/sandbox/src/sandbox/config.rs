@@ -63,6 +63,11 @@ pub struct SandboxConfig {
     /// Extra kernel command line, appended to the engine's (for debugging, e.g. `loglevel=8`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_args: Option<String>,
+    /// The sandbox's longest life: it is killed this long after it was created (or restored),
+    /// unless the caller moves the deadline. Enforced by the Node library's `Sandbox` (a
+    /// timer); kept here for the configuration's other users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_duration_ms: Option<u32>,
     /// Console bytes kept for a slow reader of the console stream before the oldest are dropped
     /// (default [`super::CONSOLE_QUEUE_BYTES`]; `consoleOutput` files get every byte anyway).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -93,6 +98,7 @@ impl Default for SandboxConfig {
             boot_timeout_ms: DEFAULT_BOOT_TIMEOUT_MS,
             console_output: None,
             kernel_args: None,
+            max_duration_ms: None,
             console_queue_bytes: None,
         }
     }
@@ -147,6 +153,7 @@ impl SandboxConfig {
             ("cpus", "E_CONFIG_VCPUS"),
             ("bootTimeoutMs", "E_CONFIG_TIMEOUT"),
             ("consoleQueueBytes", "E_CONFIG_CONSOLE"),
+            ("maxDurationMs", "E_CONFIG_TIMEOUT"),
         ] {
             if let Some(v) = object.get(key) {
                 let whole = matches!(v.as_u64(), Some(n) if n <= u32::MAX as u64);
@@ -218,6 +225,9 @@ impl SandboxConfig {
                     c.boot_timeout_ms
                 ),
             ));
+        }
+        if c.max_duration_ms == Some(0) {
+            return Err(SandboxError::config("E_CONFIG_TIMEOUT", "maxDurationMs is 0: give a whole number of milliseconds from 1 to 4294967295, or none for no limit"));
         }
         if let Some(n) = c.console_queue_bytes {
             if !(1..=MAX_CONSOLE_QUEUE_BYTES).contains(&n) {
@@ -423,6 +433,9 @@ mod tests {
         assert_eq!(code(r#"{"consoleQueueBytes":0}"#), "E_CONFIG_CONSOLE");
         assert_eq!(code(r#"{"consoleQueueBytes":1073741825}"#), "E_CONFIG_CONSOLE");
         assert_eq!(code(r#"{"consoleQueueBytes":4096}"#), "OK");
+        assert_eq!(code(r#"{"maxDurationMs":0}"#), "E_CONFIG_TIMEOUT");
+        assert_eq!(code(r#"{"maxDurationMs":1.5}"#), "E_CONFIG_TIMEOUT");
+        assert_eq!(code(r#"{"maxDurationMs":60000}"#), "OK");
         assert_eq!(code(r#"{"kernel":""}"#), "E_CONFIG_JSON");
         for c in [
             "E_CONFIG_JSON",
