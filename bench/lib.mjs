@@ -3,8 +3,10 @@
 // written to bench/results/<name>.json with a markdown table beside it.
 import { execFileSync } from 'node:child_process'
 import fs from 'node:fs'
+import net from 'node:net'
 import os from 'node:os'
 import path from 'node:path'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { fileURLToPath } from 'node:url'
 
 import { hostInfo } from 'microcell'
@@ -32,6 +34,54 @@ export function qemuBinary() {
   }
 }
 
+/**
+ * The Firecracker binary MICROCELL_FIRECRACKER names, for the benchmarks' peer rows (we never
+ * build or ship it): `{ path, version }`, or `{ path: null, why }`.
+ */
+export function firecrackerBinary() {
+  const candidate = process.env.MICROCELL_FIRECRACKER
+  if (!candidate) return { path: null, why: 'MICROCELL_FIRECRACKER is not set; no Firecracker binary is installed on this host' }
+  try {
+    const version = execFileSync(candidate, ['--version'], { encoding: 'utf8' }).split('\n')[0]
+    return { path: candidate, version }
+  } catch (err) {
+    return { path: null, why: `MICROCELL_FIRECRACKER=${candidate} does not run: ${err.message}` }
+  }
+}
+
+/** Firecracker's own log goes to a file, so that its stdout is the guest's serial port alone. */
+export const FC_QUIET = ['--log-path', '/dev/null']
+
+export function fcRequest(sock, method, url, body) {
+  return new Promise((resolve, reject) => {
+    const payload = body === undefined ? '' : JSON.stringify(body)
+    const s = net.connect(sock, () => {
+      s.write(`${method} ${url} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nAccept: application/json\r\nContent-Length: ${Buffer.byteLength(payload)}\r\n\r\n${payload}`)
+    })
+    let buf = ''
+    s.on('data', (d) => {
+      buf += d
+      const status = /^HTTP\/1\.1 (\d+)/.exec(buf)
+      const head = buf.indexOf('\r\n\r\n')
+      const len = /Content-Length: (\d+)/i.exec(buf)
+      if (status && head >= 0 && (!len || buf.length - head - 4 >= Number(len[1]))) {
+        s.destroy()
+        if (Number(status[1]) >= 300) reject(new Error(`Firecracker ${method} ${url}: ${buf.slice(head + 4)}`))
+        else resolve(buf.slice(head + 4))
+      }
+    })
+    s.on('error', reject)
+  })
+}
+
+export async function fcSocket(sock, deadlineMs = 10_000) {
+  const end = performance.now() + deadlineMs
+  while (!fs.existsSync(sock)) {
+    if (performance.now() > end) throw new Error(`Firecracker made no API socket ${sock}`)
+    await sleep(1)
+  }
+}
+
 export function host() {
   const info = hostInfo()
   const cpu = os.cpus()[0]?.model ?? 'unknown'
@@ -43,6 +93,7 @@ export function host() {
     kvm: info.kvmFlavour,
     node: process.version,
     qemu: qemuBinary()?.version ?? null,
+    firecracker: firecrackerBinary().version ?? null,
   }
 }
 
@@ -76,7 +127,7 @@ export function write(name, results, notes = []) {
   const lines = [
     `# ${name}`,
     '',
-    `${doc.date} on ${h.cpu}, ${h.cores} cores, ${h.memoryMib} MiB, Linux ${h.kernel}, KVM: ${h.kvm}, Node ${h.node}, ${h.qemu ?? 'no QEMU'}`,
+    `${doc.date} on ${h.cpu}, ${h.cores} cores, ${h.memoryMib} MiB, Linux ${h.kernel}, KVM: ${h.kvm}, Node ${h.node}, ${h.qemu ?? 'no QEMU'}${h.firecracker ? `, ${h.firecracker}` : ''}`,
     '',
     '| system | case | metric | p50 | p90 | unit | n |',
     '|---|---|---|---:|---:|---|---:|',

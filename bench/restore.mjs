@@ -16,7 +16,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 
 import { MicroVm, RestorePool } from 'microcell'
 
-import { guest, qemuBinary, rssSplit, summary, write } from './lib.mjs'
+import { FC_QUIET, fcRequest, fcSocket, firecrackerBinary, guest, qemuBinary, rssSplit, summary, write } from './lib.mjs'
 
 const RUNS = Number(process.env.BENCH_RUNS ?? 50)
 const QEMU_RUNS = Number(process.env.BENCH_QEMU_RUNS ?? 20)
@@ -322,41 +322,11 @@ async function qemu(mib) {
 
 // ---- Firecracker, only where MICROCELL_FIRECRACKER names a binary ---------------------------
 
-function fcRequest(sock, method, url, body) {
-  return new Promise((resolve, reject) => {
-    const payload = body === undefined ? '' : JSON.stringify(body)
-    const s = net.connect(sock, () => {
-      s.write(`${method} ${url} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nAccept: application/json\r\nContent-Length: ${Buffer.byteLength(payload)}\r\n\r\n${payload}`)
-    })
-    let buf = ''
-    s.on('data', (d) => {
-      buf += d
-      const status = /^HTTP\/1\.1 (\d+)/.exec(buf)
-      const head = buf.indexOf('\r\n\r\n')
-      const len = /Content-Length: (\d+)/i.exec(buf)
-      if (status && head >= 0 && (!len || buf.length - head - 4 >= Number(len[1]))) {
-        s.destroy()
-        if (Number(status[1]) >= 300) reject(new Error(`Firecracker ${method} ${url}: ${buf.slice(head + 4)}`))
-        else resolve(buf.slice(head + 4))
-      }
-    })
-    s.on('error', reject)
-  })
-}
-
-async function fcSocket(sock, deadlineMs = 10_000) {
-  const end = performance.now() + deadlineMs
-  while (!fs.existsSync(sock)) {
-    if (performance.now() > end) throw new Error(`Firecracker made no API socket ${sock}`)
-    await sleep(1)
-  }
-}
-
 async function firecracker(bin, mib) {
   const snap = path.join(work, `fc-${mib}.snap`)
   const mem = path.join(work, `fc-${mib}.mem`)
   const srcSock = path.join(work, `fc-src-${mib}.sock`)
-  const src = spawn(bin, ['--api-sock', srcSock], { stdio: ['ignore', 'pipe', 'pipe'] })
+  const src = spawn(bin, ['--api-sock', srcSock, ...FC_QUIET], { stdio: ['ignore', 'pipe', 'pipe'] })
   try {
     await fcSocket(srcSock)
     await fcRequest(srcSock, 'PUT', '/boot-source', { kernel_image_path: guest('ioloop.pvh.elf'), boot_args: cmdlineFor(mib) })
@@ -372,7 +342,7 @@ async function firecracker(bin, mib) {
   for (let i = -1; i < (mib > 512 ? QEMU_RUNS_LARGE : QEMU_RUNS); i++) {
     const sock = path.join(work, `fc-dst-${mib}-${i}.sock`)
     const t0 = process.hrtime.bigint()
-    const child = spawn(bin, ['--api-sock', sock], { stdio: ['ignore', 'pipe', 'pipe'] })
+    const child = spawn(bin, ['--api-sock', sock, ...FC_QUIET], { stdio: ['ignore', 'pipe', 'pipe'] })
     try {
       const fb = new Promise((resolve) => child.stdout.once('data', () => resolve(process.hrtime.bigint())))
       await fcSocket(sock)
@@ -412,24 +382,27 @@ for (const mib of CASES) {
   results.push(...q.results)
   notes.push(...q.notes)
 }
-const fc = process.env.MICROCELL_FIRECRACKER
-if (fc && fs.existsSync(fc)) {
+const fc = firecrackerBinary()
+if (fc.path) {
+  notes.push(`Firecracker: ${fc.version} (MICROCELL_FIRECRACKER), the same guest; spawn → \`PUT /snapshot/load\` (File backend, resume_vm) → the first byte on its serial stdout (logs to /dev/null).`)
   for (const mib of CASES) {
     try {
-      results.push(...(await firecracker(fc, mib)))
+      results.push(...(await firecracker(fc.path, mib)))
     } catch (err) {
-      notes.push(`Firecracker (${fc}), ${mib} MiB: failed: ${err.message}`)
+      notes.push(`Firecracker (${fc.path}), ${mib} MiB: failed: ${err.message}`)
     }
   }
 } else {
-  notes.push(`Firecracker: skipped (${fc ? `MICROCELL_FIRECRACKER=${fc} does not exist` : 'MICROCELL_FIRECRACKER is not set'}; no Firecracker binary is installed on this host).`)
+  notes.push(`Firecracker: skipped (${fc.why}).`)
 }
 
 const p50 = (system, kase, metric) => results.find((r) => r.system === system && r.case.startsWith(kase) && r.metric === metric)?.p50
-const ratios = CASES.map((mib) => {
-  const mc = p50('microcell', `${mib}MiB RestorePool`, 'restore_to_first_instruction')
-  const qr = p50('qemu', `${mib}MiB`, 'spawn_to_first_serial_byte')
-  return mc && qr ? `${mib} MiB: QEMU first serial byte / microcell pool restore-to-first-instruction = ${(qr / mc).toFixed(0)}x` : null
+const ratios = CASES.flatMap((mib) => {
+  const mc = p50('microcell', `${mib}MiB Snapshot.restore`, 'restore_to_first_instruction')
+  return ['qemu', 'firecracker'].map((peer) => {
+    const r = p50(peer, `${mib}MiB`, 'spawn_to_first_serial_byte')
+    return mc && r ? `${mib} MiB: ${peer} (spawn → first serial byte) / microcell Snapshot.restore() (→ first instruction) = ${(r / mc).toFixed(0)}x (the peers start a process per restore; microcell restores inside a running process)` : null
+  })
 }).filter(Boolean)
 
 write('restore', results, [

@@ -2,11 +2,14 @@
 // write), and VMM memory per VM excluding guest RAM; QEMU (microvm, same PVH guest) in the same
 // run. Not a test: numbers go to bench/results/start.{json,md}.
 import { spawn } from 'node:child_process'
+import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 
 import { MicroVm } from 'microcell'
 
-import { guest, qemuBinary, rssSplit, summary, write } from './lib.mjs'
+import { FC_QUIET, firecrackerBinary, guest, qemuBinary, rssSplit, summary, write } from './lib.mjs'
 
 const RUNS = Number(process.env.BENCH_RUNS ?? 50)
 const QEMU_RUNS = Number(process.env.BENCH_QEMU_RUNS ?? 20)
@@ -103,14 +106,73 @@ async function qemu() {
   }
 }
 
+/** Spawns Firecracker booting `kernel` from a config file (no API round trips) and resolves when its serial output contains `marker`. */
+function firecrackerUntil(bin, kernel, marker, dir) {
+  const config = path.join(dir, `${path.basename(kernel)}.json`)
+  fs.writeFileSync(config, JSON.stringify({
+    'boot-source': { kernel_image_path: kernel, boot_args: 'console=ttyS0' },
+    'machine-config': { vcpu_count: 1, mem_size_mib: MIB },
+    drives: [],
+  }))
+  return new Promise((resolve, reject) => {
+    const t0 = process.hrtime.bigint()
+    const child = spawn(bin, ['--no-api', '--config-file', config, ...FC_QUIET], { stdio: ['ignore', 'pipe', 'pipe'] })
+    let out = ''
+    let firstByte = null
+    const timer = setTimeout(() => { child.kill('SIGKILL'); reject(new Error(`Firecracker printed no ${JSON.stringify(marker)} in 20 s: ${out}`)) }, 20000)
+    child.stdout.on('data', (d) => {
+      firstByte ??= process.hrtime.bigint()
+      out += d
+      if (out.includes(marker)) {
+        clearTimeout(timer)
+        resolve({ child, firstMs: ms(firstByte - t0) })
+      }
+    })
+    child.on('error', reject)
+  })
+}
+
+async function firecracker() {
+  const fc = firecrackerBinary()
+  if (!fc.path) return { results: [], note: `Firecracker: skipped (${fc.why}).` }
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mc-bench-fc-'))
+  try {
+    const first = []
+    for (let i = -1; i < QEMU_RUNS; i++) {
+      const { child, firstMs } = await firecrackerUntil(fc.path, guest('hello.pvh.elf'), 'Hello', dir)
+      child.kill('SIGKILL')
+      await new Promise((r) => child.on('exit', r))
+      if (i >= 0) first.push(firstMs)
+    }
+    const { child } = await firecrackerUntil(fc.path, guest('halt.pvh.elf'), 'TG halt', dir)
+    await sleep(200)
+    const rss = rssSplit(child.pid, MIB << 20)
+    child.kill('SIGKILL')
+    return {
+      results: [
+        summary('firecracker', `${MIB}MiB`, 'spawn_to_first_serial_byte', 'ms', first),
+        summary('firecracker', `${MIB}MiB`, 'vmm_rss_per_vm_excl_guest_ram', 'MiB', [rss.otherKib / 1024]),
+      ],
+      note: `Firecracker: ${fc.version} (MICROCELL_FIRECRACKER), \`--no-api --config-file\` (no API round trips), the same hello/halt PVH guests; spawn → the first byte on its serial stdout (logs to /dev/null).`,
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true })
+  }
+}
+
 const results = [...(await microcellStart()), ...(await microcellDensity())]
 const q = await qemu()
 results.push(...q.results)
+const f = await firecracker()
+results.push(...f.results)
+const fr = f.results.find((r) => r.metric === 'spawn_to_first_serial_byte')
 const mc = results.find((r) => r.metric === 'builder_to_first_instruction')
 const qr = q.results.find((r) => r.metric === 'spawn_to_first_serial_byte')
 write('start', results, [
   'microcell: time from `MicroVm.builder()` to the hello guest\'s first port write (KVM exit timestamp, same clock as `process.hrtime`),',
   'in one Node process, 3 warm-up runs dropped. RSS: process RSS outside guest-RAM mappings, per VM, with ' + DENSITY + ' halted VMs alive.',
   q.note,
+  f.note,
   qr ? `Ratio (p50): QEMU / microcell = ${(qr.p50 / mc.p50).toFixed(1)}x.` : '',
+  fr ? `Ratio (p50): Firecracker / microcell = ${(fr.p50 / mc.p50).toFixed(1)}x (a fresh process each; microcell starts VMs inside a running Node process).` : '',
 ])
