@@ -63,14 +63,14 @@ function qemuArgs(kernel) {
   ]
 }
 
-/** Spawns QEMU and resolves when its serial output contains `marker`. */
-function qemuUntil(bin, kernel, marker) {
+/** Spawns a peer VMM and resolves when its serial output (stdout) contains `marker`. */
+function spawnUntil(what, bin, args, marker) {
   return new Promise((resolve, reject) => {
     const t0 = process.hrtime.bigint()
-    const child = spawn(bin, qemuArgs(kernel), { stdio: ['ignore', 'pipe', 'pipe'] })
+    const child = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'] })
     let out = ''
     let firstByte = null
-    const timer = setTimeout(() => { child.kill('SIGKILL'); reject(new Error(`QEMU printed no ${JSON.stringify(marker)} in 20 s: ${out}`)) }, 20000)
+    const timer = setTimeout(() => { child.kill('SIGKILL'); reject(new Error(`${what} printed no ${JSON.stringify(marker)} in 20 s: ${out}`)) }, 20000)
     child.stdout.on('data', (d) => {
       firstByte ??= process.hrtime.bigint()
       out += d
@@ -81,78 +81,53 @@ function qemuUntil(bin, kernel, marker) {
     })
     child.on('error', reject)
   })
+}
+
+/** A peer's rows: spawn → first serial byte of the hello guest over QEMU_RUNS runs, and its RSS outside guest RAM with the halt guest. */
+async function peerRows(system, until) {
+  const first = []
+  for (let i = -1; i < QEMU_RUNS; i++) {
+    const { child, firstMs } = await until(guest('hello.pvh.elf'), 'Hello')
+    child.kill('SIGKILL')
+    await new Promise((r) => child.on('exit', r))
+    if (i >= 0) first.push(firstMs)
+  }
+  const { child } = await until(guest('halt.pvh.elf'), 'TG halt')
+  await sleep(200)
+  const rss = rssSplit(child.pid, MIB << 20)
+  child.kill('SIGKILL')
+  return [
+    summary(system, `${MIB}MiB`, 'spawn_to_first_serial_byte', 'ms', first),
+    summary(system, `${MIB}MiB`, 'vmm_rss_per_vm_excl_guest_ram', 'MiB', [rss.otherKib / 1024]),
+  ]
 }
 
 async function qemu() {
   const q = qemuBinary()
   if (!q) return { results: [], note: 'QEMU: not installed (apt-get install qemu-system-x86); its rows are missing.' }
-  const first = []
-  for (let i = -1; i < QEMU_RUNS; i++) {
-    const { child, firstMs } = await qemuUntil(q.path, guest('hello.pvh.elf'), 'Hello')
-    child.kill('SIGKILL')
-    await new Promise((r) => child.on('exit', r))
-    if (i >= 0) first.push(firstMs)
-  }
-  const { child } = await qemuUntil(q.path, guest('halt.pvh.elf'), 'TG halt')
-  await sleep(200)
-  const rss = rssSplit(child.pid, MIB << 20)
-  child.kill('SIGKILL')
   return {
-    results: [
-      summary('qemu', `${MIB}MiB`, 'spawn_to_first_serial_byte', 'ms', first),
-      summary('qemu', `${MIB}MiB`, 'vmm_rss_per_vm_excl_guest_ram', 'MiB', [rss.otherKib / 1024]),
-    ],
+    results: await peerRows('qemu', (kernel, marker) => spawnUntil('QEMU', q.path, qemuArgs(kernel), marker)),
     note: `QEMU: ${q.version}, -M microvm -enable-kvm, the same hello/halt PVH guests; time from spawn to the first byte on its serial stdout (includes process start and pipe latency).`,
   }
-}
-
-/** Spawns Firecracker booting `kernel` from a config file (no API round trips) and resolves when its serial output contains `marker`. */
-function firecrackerUntil(bin, kernel, marker, dir) {
-  const config = path.join(dir, `${path.basename(kernel)}.json`)
-  fs.writeFileSync(config, JSON.stringify({
-    'boot-source': { kernel_image_path: kernel, boot_args: 'console=ttyS0' },
-    'machine-config': { vcpu_count: 1, mem_size_mib: MIB },
-    drives: [],
-  }))
-  return new Promise((resolve, reject) => {
-    const t0 = process.hrtime.bigint()
-    const child = spawn(bin, ['--no-api', '--config-file', config, ...FC_QUIET], { stdio: ['ignore', 'pipe', 'pipe'] })
-    let out = ''
-    let firstByte = null
-    const timer = setTimeout(() => { child.kill('SIGKILL'); reject(new Error(`Firecracker printed no ${JSON.stringify(marker)} in 20 s: ${out}`)) }, 20000)
-    child.stdout.on('data', (d) => {
-      firstByte ??= process.hrtime.bigint()
-      out += d
-      if (out.includes(marker)) {
-        clearTimeout(timer)
-        resolve({ child, firstMs: ms(firstByte - t0) })
-      }
-    })
-    child.on('error', reject)
-  })
 }
 
 async function firecracker() {
   const fc = firecrackerBinary()
   if (!fc.path) return { results: [], note: `Firecracker: skipped (${fc.why}).` }
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mc-bench-fc-'))
+  // Booted from a config file: no API round trips.
+  const until = (kernel, marker) => {
+    const config = path.join(dir, `${path.basename(kernel)}.json`)
+    fs.writeFileSync(config, JSON.stringify({
+      'boot-source': { kernel_image_path: kernel, boot_args: 'console=ttyS0' },
+      'machine-config': { vcpu_count: 1, mem_size_mib: MIB },
+      drives: [],
+    }))
+    return spawnUntil('Firecracker', fc.path, ['--no-api', '--config-file', config, ...FC_QUIET], marker)
+  }
   try {
-    const first = []
-    for (let i = -1; i < QEMU_RUNS; i++) {
-      const { child, firstMs } = await firecrackerUntil(fc.path, guest('hello.pvh.elf'), 'Hello', dir)
-      child.kill('SIGKILL')
-      await new Promise((r) => child.on('exit', r))
-      if (i >= 0) first.push(firstMs)
-    }
-    const { child } = await firecrackerUntil(fc.path, guest('halt.pvh.elf'), 'TG halt', dir)
-    await sleep(200)
-    const rss = rssSplit(child.pid, MIB << 20)
-    child.kill('SIGKILL')
     return {
-      results: [
-        summary('firecracker', `${MIB}MiB`, 'spawn_to_first_serial_byte', 'ms', first),
-        summary('firecracker', `${MIB}MiB`, 'vmm_rss_per_vm_excl_guest_ram', 'MiB', [rss.otherKib / 1024]),
-      ],
+      results: await peerRows('firecracker', until),
       note: `Firecracker: ${fc.version} (MICROCELL_FIRECRACKER), \`--no-api --config-file\` (no API round trips), the same hello/halt PVH guests; spawn → the first byte on its serial stdout (logs to /dev/null).`,
     }
   } finally {
