@@ -23,6 +23,8 @@ export {
 } from './dist/index.js'
 export type {
   BuiltMicroVmConfig,
+  MetricsOptions,
+  SandboxMetrics,
   StopOptions,
   RunOptions,
   ExecEvent,

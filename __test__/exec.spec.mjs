@@ -249,6 +249,25 @@ perTier(test, 'exec', (tier, engine) => {
     await rejectsWith(t, sb.exec('true', [], { maxOutputBytes: 0 }), 'E_INVALID_ARGUMENT')
   })
 
+  test(`${tier}: metrics(): the guest's CPU, memory, disk, load and uptime, and the engine's RSS`, async (t) => {
+    const sb = await sandbox()
+    const idle = await sb.metrics({ intervalMs: 300 })
+    t.is(idle.cpuCount, 1)
+    t.true(idle.memTotalMib > 150 && idle.memTotalMib <= 256, `${idle.memTotalMib}`)
+    t.true(idle.memUsedMib > 0 && idle.memUsedMib < idle.memTotalMib)
+    t.true(Math.abs(idle.memUsedMib + idle.memAvailableMib - idle.memTotalMib) < 0.5)
+    t.true(idle.diskTotalMib > 10 && idle.diskUsedMib > 0 && idle.diskUsedMib < idle.diskTotalMib, JSON.stringify(idle))
+    t.true(idle.uptimeS > 0 && idle.loadAvg.length === 3)
+    if (engine === 'qemu') t.true(idle.hostRssMib > 10, `${idle.hostRssMib}`)
+    else t.is(idle.hostRssMib, null)
+    // A busy loop in the guest shows as CPU use.
+    const busy = await sb.execStream('sh', ['-c', 'while :; do :; done'])
+    const loaded = await sb.metrics({ intervalMs: 500 })
+    await busy.kill()
+    t.true(loaded.cpuUsedPct > 50 && loaded.cpuUsedPct <= 100, `${loaded.cpuUsedPct}% busy (idle: ${idle.cpuUsedPct}%)`)
+    await rejectsWith(t, sb.metrics({ intervalMs: 0 }), 'E_INVALID_ARGUMENT')
+  })
+
   test(`${tier}: bad requests are coded errors`, async (t) => {
     const sb = await sandbox()
     const missing = await rejectsWith(t, sb.exec('/no/such/program'), 'ENOENT')

@@ -168,6 +168,8 @@ function suite(tier, engine, skipReason) {
       builder(`${tier.toLowerCase()}-moved`).maxDurationMs(600_000).create(),
     ])
     try {
+      t.true(Sandbox.list().includes(a) && Sandbox.list().includes(b))
+      t.deepEqual(Sandbox.list({ name: `${tier.toLowerCase()}-short` }), [a])
       const t0 = Date.now()
       t.true(a.expiresAt !== null && a.expiresAt > t0 && a.expiresAt <= t0 + 2000)
       b.setMaxDuration(1000)
@@ -181,6 +183,7 @@ function suite(tier, engine, skipReason) {
       t.like(await a.stop(), { code: 'E_MAX_DURATION' })
       t.true(ta >= 1500 && tb >= 900, `${ta} ms, ${tb} ms`)
       t.is(a.expiresAt, null)
+      t.false(Sandbox.list().includes(a), 'an ended sandbox is not listed')
       t.is(t.throws(() => a.setMaxDuration(1000), { instanceOf: MicrocellError }).code, 'E_VM_STATE')
     } finally {
       await Promise.all([a.kill(), b.kill()])

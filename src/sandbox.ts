@@ -5,6 +5,7 @@ import { MicrocellError } from './errors.js'
 import { ExecProcess, ExecResult, execRequest, exitFromNative, feedStdin, splitArgs, type ExecOptions } from './exec.js'
 import { SandboxFs } from './fs.js'
 import * as native from './internal/native.js'
+import { checkInterval, metricsScript, parseMetrics, type MetricsOptions, type SandboxMetrics } from './metrics.js'
 
 /**
  * What boots a sandbox: `kvm` (microcell's own VMM, in this process; needs hardware KVM),
@@ -198,6 +199,9 @@ export class SandboxBuilder {
   }
 }
 
+/** The sandboxes this process made, weakly held (a dropped one is still killed when collected). */
+const made = new Set<WeakRef<Sandbox>>()
+
 /**
  * A microVM running the guest platform (Linux kernel, root disk, the microcell agent as PID 1),
  * ready when `create()` resolves. `await using sb = await Sandbox.builder('x').create()` stops
@@ -220,6 +224,7 @@ export class Sandbox implements AsyncDisposable {
     this.#native = handle
     this.#ops = new native.NativeSandboxOps(handle)
     this.#info = Object.freeze(handle.info() as unknown as SandboxInfo)
+    made.add(new WeakRef(this))
     const ms = this.config.maxDurationMs
     if (ms !== undefined) {
       this.#arm(ms)
@@ -264,6 +269,23 @@ export class Sandbox implements AsyncDisposable {
   /** When the maxDurationMs deadline kills the sandbox (ms since the epoch, as `Date.now()`), or null. */
   get expiresAt(): number | null {
     return this.#deadline === undefined || this.#native.exitStatus() !== null ? null : this.#deadline.at
+  }
+
+  /**
+   * The sandboxes of this process that are still running (created or restored, not ended), in
+   * the order they were made; `name` keeps those of that name.
+   */
+  static list(filter: { name?: string } = {}): Sandbox[] {
+    const running: Sandbox[] = []
+    for (const ref of made) {
+      const sb = ref.deref()
+      if (sb === undefined || sb.exitStatus !== null) {
+        made.delete(ref)
+        continue
+      }
+      if (filter.name === undefined || sb.info.name === filter.name) running.push(sb)
+    }
+    return running
   }
 
   /** A builder; `name` becomes the sandbox's name and guest hostname. */
@@ -395,6 +417,20 @@ export class Sandbox implements AsyncDisposable {
   /** Counters of the console (bytes written, dropped for a slow reader, ...). */
   get consoleStats(): ConsoleStats {
     return this.#native.consoleStats()
+  }
+
+  /**
+   * Resource use: the guest's CPU (sampled over `intervalMs`, default 200 ms), memory, root
+   * disk, load and uptime from its `/proc` (one exec), and the engine process's RSS on the host.
+   * Rejects like `exec()` (`E_VM_STATE` while paused, `E_CHANNEL_CLOSED` once ended).
+   */
+  async metrics(options: MetricsOptions = {}): Promise<SandboxMetrics> {
+    const script = metricsScript(checkInterval(options))
+    const r = await this.exec('/bin/sh', ['-c', script])
+    if (r.exitCode !== 0) {
+      throw new MicrocellError('E_AGENT_ERROR', `metrics(): the guest's /proc could not be read (exit ${String(r.exitCode)}): ${r.stderrText().slice(0, 500)}`)
+    }
+    return parseMetrics(r.stdoutText(), this.#info.pid)
   }
 
   /** The last console lines (and QEMU's stderr), as error messages show them. */
