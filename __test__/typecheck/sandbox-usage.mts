@@ -8,6 +8,7 @@ import type {
   SandboxEngine,
   SandboxErrorCode,
   SandboxInfo,
+  SandboxMetrics,
   SandboxStopOptions,
 } from 'microcell'
 
@@ -50,6 +51,16 @@ async function run(): Promise<void> {
   console.log(exit.reason, killed.code, waited.message, sb.exitStatus?.reason, sb.consoleStats.droppedBytes, sb.consoleTail())
   const validated: SandboxConfig = Sandbox.validate(sb.config)
   console.log(validated.engine)
+  const limited = await Sandbox.builder('limited').maxDurationMs(60_000).consoleQueueBytes(1 << 20).create()
+  limited.setMaxDuration(5_000)
+  const expires: number | null = limited.expiresAt
+  await limited.pause()
+  const paused: boolean = limited.paused
+  await limited.resume()
+  const m: SandboxMetrics = await limited.metrics({ intervalMs: 100 })
+  const running: Sandbox[] = Sandbox.list({ name: 'limited' })
+  const big = await limited.exec('cat', ['/big'], { maxOutputBytes: 1 << 20 })
+  console.log(expires, paused, m.cpuUsedPct, m.hostRssMib ?? 'in-process', running.length, big.stdout.length)
 }
 
 run().catch((err: unknown) => {

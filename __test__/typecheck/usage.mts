@@ -1,6 +1,6 @@
 // Compiled (not run) by types.spec.mjs: what a TypeScript user writes against 'microcell'.
-import { MicroVm, MicroVmBuilder, MicrocellError, hostInfo, CONFIG_ERROR_CODES } from 'microcell'
-import type { ExitStatus, HostInfo, MicroVmConfig, StartOptions, Timings, ConfigErrorCode } from 'microcell'
+import { MicroVm, MicroVmBuilder, MicrocellError, hostInfo, defaultGuest, CONFIG_ERROR_CODES } from 'microcell'
+import type { BuiltMicroVmConfig, ExitStatus, HostInfo, MicroVmConfig, StartOptions, Timings, ConfigErrorCode } from 'microcell'
 
 const info: HostInfo = hostInfo()
 const flavour: 'hardware' | 'pvm' | 'none' = info.kvmFlavour
@@ -50,5 +50,19 @@ try {
   }
 }
 console.log(flavour, n)
+
+// The seeds' form: build() is the config (plain data) with start() → the program's exit status.
+async function workload(): Promise<number> {
+  const built: BuiltMicroVmConfig = MicroVm.builder().rootfs(defaultGuest).execPath('/bin/sh').args(['-c', 'exit 7']).build()
+  const data: MicroVmConfig = built
+  const vm = await MicroVm.start(data, { consoleQueueBytes: 4096 })
+  const sent: boolean = await vm.signal('SIGUSR1')
+  await vm.pause()
+  await vm.resume()
+  console.log(sent, vm.paused)
+  await vm.stop({ timeoutMs: 1000 })
+  return built.start({ console: null })
+}
+void workload
 // @ts-expect-error: an unknown log level is a type error
 MicroVm.builder().logLevel('loud')
