@@ -11,6 +11,7 @@
 //! `EACCES`), reported within the boot time, never a hung VM.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -23,7 +24,8 @@ use serde::Serialize;
 use crate::agent_client::{agent_error, ready_from, AgentClient};
 use crate::config::{EnvPair, LinuxRlimit, MicroVmConfig};
 use crate::console::ConsoleReader;
-use crate::engine::{self, BootSpec, Engine, EngineSelection, RunningVm, VmExit};
+use crate::engine::{self, Engine, EngineSelection, RunningVm, VmExit};
+use crate::sandbox::snapshot::{io, SnapshotMeta};
 use crate::sandbox::{Result, SandboxConfig, SandboxError};
 
 /// Longest `microcell.exec=` word: x86 Linux keeps 2047 bytes of command line, and the engine's
@@ -144,8 +146,16 @@ pub fn check_spec(spec: &WorkloadSpec) -> Result<String> {
 
 /// The kernel command line of `base` plus the workload word.
 pub fn cmdline_with_spec(base: &str, spec: &WorkloadSpec) -> Result<String> {
-    let word = check_spec(spec)?;
-    Ok(if base.trim().is_empty() { word } else { format!("{} {word}", base.trim()) })
+    Ok(with_word(base, &check_spec(spec)?))
+}
+
+/// `base` plus the `microcell.exec=` word.
+pub(crate) fn with_word(base: &str, word: &str) -> String {
+    if base.trim().is_empty() {
+        word.to_owned()
+    } else {
+        format!("{} {word}", base.trim())
+    }
 }
 
 impl AgentClient {
@@ -225,6 +235,17 @@ pub struct Workload {
     /// The boot timeout: how long [`Workload::signal`] waits for the agent to come up.
     boot_timeout: Duration,
     selection: EngineSelection,
+    /// What a snapshot records beside the engine's files.
+    meta: SnapshotMeta,
+}
+
+/// What a restored workload VM may change.
+#[derive(Debug, Default, Clone)]
+pub struct WorkloadRestoreOptions {
+    /// Console to a host file.
+    pub console_output: Option<PathBuf>,
+    /// Console bytes kept for a slow console-stream reader (default: the snapshot's).
+    pub console_queue_bytes: Option<u32>,
 }
 
 impl Workload {
@@ -241,20 +262,56 @@ impl Workload {
     pub fn start_on(spec: &WorkloadSpec, config: SandboxConfig, engine: &dyn Engine, selection: EngineSelection) -> Result<Workload> {
         let config = config.validate()?;
         let images = config.guest_images()?;
-        let boot = BootSpec {
-            kernel: images.kernel,
-            rootfs: images.rootfs,
-            memory_mib: config.memory_mib,
-            vcpus: config.cpus as u8,
-            extra_cmdline: cmdline_with_spec(&config.extra_cmdline(), spec)?,
-            console_file: config.console_output.clone(),
-            console_queue_bytes: Some(config.console_queue()),
-        };
+        let word = check_spec(spec)?;
+        let meta = SnapshotMeta { config, engine: selection.kind, kernel: images.kernel, rootfs: images.rootfs, workload: Some(word) };
+        let boot = meta.boot_spec(&meta.config, meta.config.console_output.clone());
         tracing::info!(engine = %selection.kind, argv0 = %spec.argv[0], "booting a workload VM");
         let vm: Arc<dyn RunningVm> = Arc::from(engine.boot(&boot)?);
+        Self::watch(vm, meta, selection)
+    }
+
+    /// A workload VM from a snapshot directory ([`Workload::snapshot`]): the engine resumes it
+    /// where it was, and the program runs on; returns once the VM runs (the agent's handshake
+    /// follows, within the snapshot's boot timeout). `E_SNAPSHOT` for a directory that holds no
+    /// workload snapshot.
+    pub fn restore(dir: &Path, options: WorkloadRestoreOptions) -> Result<Workload> {
+        let mut meta = SnapshotMeta::read(dir)?;
+        if meta.workload.is_none() {
+            return Err(SandboxError::Snapshot(format!(
+                "{} is a snapshot of a sandbox, not of a workload VM: restore it with Sandbox.fromSnapshot(dir)",
+                dir.display()
+            )));
+        }
+        if let Some(n) = options.console_queue_bytes {
+            meta.config.console_queue_bytes = Some(n);
+        }
+        meta.config = meta.config.validate()?;
+        let engine = engine::engine(meta.engine)?;
+        let boot = meta.boot_spec(&meta.config, options.console_output);
+        let selection = EngineSelection { kind: meta.engine, reason: format!("restored from {}", dir.display()) };
+        let vm: Arc<dyn RunningVm> = Arc::from(engine.restore(dir, &boot)?);
+        Self::watch(vm, meta, selection)
+    }
+
+    /// Writes a snapshot of the VM into `dir` (created if needed): the engine's (memory,
+    /// devices, root disk) and `sandbox.json` with the workload; the VM runs on (a paused one
+    /// stays paused). [`Workload::restore`] starts copies of it, each running the program on
+    /// from where it was.
+    pub fn snapshot(&self, dir: &Path) -> Result<()> {
+        if self.wait_timeout(Duration::ZERO).is_some() {
+            return Err(vmm::Error::VmState("the workload VM has ended: there is nothing to snapshot".into()).into());
+        }
+        std::fs::create_dir_all(dir).map_err(io(format!("cannot create snapshot directory {}", dir.display())))?;
+        self.vm.snapshot(dir)?;
+        self.meta.write(dir)
+    }
+
+    /// The watcher thread of a booted or restored VM: the status over the channel, else from
+    /// the console.
+    fn watch(vm: Arc<dyn RunningVm>, meta: SnapshotMeta, selection: EngineSelection) -> Result<Workload> {
         let slot = Arc::new(Slot::default());
         let agent = Arc::new(AgentSlot::default());
-        let timeout = Duration::from_millis(u64::from(config.boot_timeout_ms));
+        let timeout = Duration::from_millis(u64::from(meta.config.boot_timeout_ms));
         let (v, s, a) = (vm.clone(), slot.clone(), agent.clone());
         std::thread::Builder::new()
             .name("mc-workload".into())
@@ -269,7 +326,7 @@ impl Workload {
                 vm.kill();
                 SandboxError::Thread { what: "workload watcher", source: e }
             })?;
-        Ok(Workload { vm, slot, agent, boot_timeout: timeout, selection })
+        Ok(Workload { vm, slot, agent, boot_timeout: timeout, selection, meta })
     }
 
     /// Boots, runs the workload to its end and returns its status.

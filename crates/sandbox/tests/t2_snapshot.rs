@@ -71,3 +71,52 @@ fn t2_restore_of_a_non_snapshot_is_a_coded_error() {
     assert_eq!(e.code(), "E_SNAPSHOT");
     assert!(e.to_string().contains("damaged"), "{e}");
 }
+
+/// Waits until the console tail of `what` holds `needle`.
+fn console_until(tail: impl Fn() -> String, needle: &str) -> String {
+    let t = std::time::Instant::now();
+    loop {
+        let text = tail();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no {needle:?} on the console:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn t2_workload_snapshot_restores_the_program_where_it_was() {
+    use sandbox::workload::{spec_from_parts, Workload, WorkloadRestoreOptions};
+    let _g = serial();
+    require_qemu();
+    images();
+    let dir = tempfile::tempdir().unwrap();
+    // ("ti""ck": the agent echoes the command line to the console; the program prints "tick")
+    let script = "trap 'echo bye; exit 9' TERM; i=0; while :; do i=$((i+1)); echo ti\"\"ck$i; sleep 0.1; done";
+    let spec = spec_from_parts("/bin/sh", &["-c".into(), script.into()], &[], None, &[]).unwrap();
+    let original = Workload::start(&spec, config(EngineChoice::Qemu)).expect("boots");
+    console_until(|| original.console_tail(), "tick5\n");
+    original.snapshot(dir.path()).expect("snapshot");
+    assert!(dir.path().join("sandbox.json").is_file());
+    assert!(original.vm_exit().is_none(), "the original runs on");
+    // Not a sandbox snapshot, and the other way round.
+    let e = Sandbox::restore(dir.path(), SandboxRestoreOptions::default()).err().expect("refused");
+    assert_eq!(e.code(), "E_SNAPSHOT", "{e}");
+
+    let clone = Workload::restore(dir.path(), WorkloadRestoreOptions::default()).expect("restores");
+    assert_eq!(clone.engine().kind, EngineKind::Qemu);
+    let text = console_until(|| clone.console_tail(), "tick");
+    // The clone's program goes on counting from where the snapshot was: its first tick is past 5.
+    let first: u32 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("tick").and_then(|n| n.parse().ok()))
+        .expect("a tick line");
+    assert!(first > 5, "the clone started over at tick{first}:\n{text}");
+    assert!(clone.signal(15).unwrap(), "the clone's agent answers a fresh handshake");
+    let st = clone.wait().expect("the clone's status");
+    assert_eq!((st.code, st.source), (Some(9), "channel"), "{st:?}\n{}", clone.console_tail());
+    assert!(original.signal(15).unwrap());
+    assert_eq!(original.wait().expect("status").code, Some(9));
+    println!("workload clone restored; first tick {first}");
+}

@@ -9,7 +9,7 @@
 
 mod config;
 mod error;
-mod snapshot;
+pub(crate) mod snapshot;
 
 use std::time::{Duration, Instant};
 

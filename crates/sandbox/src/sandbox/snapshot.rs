@@ -15,13 +15,57 @@ use crate::engine::{self, BootSpec, EngineKind};
 /// The sandbox's part of a snapshot directory.
 pub const SANDBOX_FILE: &str = "sandbox.json";
 
+/// What a snapshot directory holds beside the engine's files: `sandbox.json`.
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct SandboxSnapshot {
-    config: SandboxConfig,
-    engine: EngineKind,
-    kernel: PathBuf,
-    rootfs: PathBuf,
+pub(crate) struct SnapshotMeta {
+    pub config: SandboxConfig,
+    pub engine: EngineKind,
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    /// A workload VM's `microcell.exec=` word (its kernel command line had it); `None` for a
+    /// sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+}
+
+impl SnapshotMeta {
+    /// Writes `dir/sandbox.json` (atomically): last, after the engine's files.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| SandboxError::Snapshot(e.to_string()))?;
+        let tmp = dir.join(format!("{SANDBOX_FILE}.tmp-{}", std::process::id()));
+        std::fs::write(&tmp, json)
+            .and_then(|()| std::fs::rename(&tmp, dir.join(SANDBOX_FILE)))
+            .map_err(io(format!("cannot write {}", dir.join(SANDBOX_FILE).display())))
+    }
+
+    /// Reads `dir/sandbox.json`.
+    pub fn read(dir: &Path) -> Result<SnapshotMeta> {
+        let path = dir.join(SANDBOX_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| {
+            SandboxError::Snapshot(format!("{} is not a snapshot of a sandbox or workload VM ({}: {e})", dir.display(), path.display()))
+        })?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| SandboxError::Snapshot(format!("{} is damaged: {e}; take the snapshot again", path.display())))
+    }
+
+    /// How the engine restores it: the VM's shape and kernel command line as at its boot.
+    pub fn boot_spec(&self, config: &SandboxConfig, console_output: Option<PathBuf>) -> BootSpec {
+        let base = config.extra_cmdline();
+        let extra_cmdline = match &self.workload {
+            Some(word) => crate::workload::with_word(&base, word),
+            None => base,
+        };
+        BootSpec {
+            kernel: self.kernel.clone(),
+            rootfs: self.rootfs.clone(),
+            memory_mib: config.memory_mib,
+            vcpus: config.cpus as u8,
+            extra_cmdline,
+            console_file: console_output,
+            console_queue_bytes: Some(config.console_queue()),
+        }
+    }
 }
 
 /// What a restored sandbox may change.
@@ -33,7 +77,7 @@ pub struct RestoreOptions {
     pub timeout: Option<Duration>,
 }
 
-fn io(what: String) -> impl FnOnce(std::io::Error) -> SandboxError {
+pub(crate) fn io(what: String) -> impl FnOnce(std::io::Error) -> SandboxError {
     move |source| SandboxError::HostIo { what, source }
 }
 
@@ -43,40 +87,30 @@ impl Sandbox {
     pub fn snapshot(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(io(format!("cannot create snapshot directory {}", dir.display())))?;
         self.vm.snapshot(dir)?;
-        let meta = SandboxSnapshot {
+        SnapshotMeta {
             config: self.config.clone(),
             engine: self.info.engine,
             kernel: self.info.kernel.clone(),
             rootfs: self.info.rootfs.clone(),
-        };
-        let json = serde_json::to_vec_pretty(&meta).map_err(|e| SandboxError::Snapshot(e.to_string()))?;
-        let tmp = dir.join(format!("{SANDBOX_FILE}.tmp-{}", std::process::id()));
-        std::fs::write(&tmp, json)
-            .and_then(|()| std::fs::rename(&tmp, dir.join(SANDBOX_FILE)))
-            .map_err(io(format!("cannot write {}", dir.join(SANDBOX_FILE).display())))
+            workload: None,
+        }
+        .write(dir)
     }
 
     /// Starts a new sandbox from a snapshot directory; returns once its agent answers.
     pub fn restore(dir: &Path, options: RestoreOptions) -> Result<Sandbox> {
         let t0 = Instant::now();
-        let path = dir.join(SANDBOX_FILE);
-        let bytes = std::fs::read(&path).map_err(|e| {
-            SandboxError::Snapshot(format!("{} is not a sandbox snapshot ({}: {e})", dir.display(), path.display()))
-        })?;
-        let meta: SandboxSnapshot = serde_json::from_slice(&bytes)
-            .map_err(|e| SandboxError::Snapshot(format!("{} is damaged: {e}; take the snapshot again", path.display())))?;
+        let meta = SnapshotMeta::read(dir)?;
+        if meta.workload.is_some() {
+            return Err(SandboxError::Snapshot(format!(
+                "{} is a snapshot of a workload VM: restore it with Snapshot.load(dir) (Workload::restore), not as a sandbox",
+                dir.display()
+            )));
+        }
         let config = meta.config.validate()?;
         let engine = engine::engine(meta.engine)?;
         let detail = engine.describe();
-        let spec = BootSpec {
-            kernel: meta.kernel.clone(),
-            rootfs: meta.rootfs.clone(),
-            memory_mib: config.memory_mib,
-            vcpus: config.cpus as u8,
-            extra_cmdline: config.extra_cmdline(),
-            console_file: options.console_output.clone(),
-            console_queue_bytes: Some(config.console_queue()),
-        };
+        let spec = meta.boot_spec(&config, options.console_output.clone());
         let vm = engine.restore(dir, &spec)?;
         let timeout = options.timeout.unwrap_or(Duration::from_millis(u64::from(config.boot_timeout_ms)));
         let (agent, ready) = connect(vm.as_ref(), &detail, t0 + timeout, timeout)?;
