@@ -7,7 +7,7 @@ import path from 'node:path'
 
 import test from 'ava'
 
-import { MicrocellError, Sandbox } from 'microcell'
+import { MicrocellError, Sandbox, Snapshot } from 'microcell'
 
 import { tempDir } from './helpers.mjs'
 
@@ -23,6 +23,9 @@ test.serial('a sandbox snapshot restores into independent clones', async (t) => 
   try {
     t.is(await original.snapshot(path.join(dir, 's1')), path.join(dir, 's1'))
     for (const f of ['qemu.mig', 'rootfs.img', 'sandbox.json']) t.true(fs.existsSync(path.join(dir, 's1', f)), f)
+    const wrongKind = await t.throwsAsync(Snapshot.load(path.join(dir, 's1')), { instanceOf: MicrocellError })
+    t.is(wrongKind.code, 'E_SNAPSHOT')
+    t.regex(wrongKind.message, /Sandbox\.fromSnapshot/)
     const clones = [await Sandbox.fromSnapshot(path.join(dir, 's1')), await Sandbox.fromSnapshot(path.join(dir, 's1'))]
     for (const c of clones) {
       t.is(c.info.engine, 'qemu')

@@ -9,7 +9,7 @@ import { promisify } from 'node:util'
 
 import test from 'ava'
 
-import { MicroVm, MicrocellError, defaultGuest, guestImages, setLogLevel } from 'microcell'
+import { MicroVm, MicrocellError, RestorePool, Sandbox, Snapshot, defaultGuest, guestImages, setLogLevel } from 'microcell'
 
 import { root, tempDir, within } from './helpers.mjs'
 import { perTier, qemuChildren, requireGuestImages } from './guest.mjs'
@@ -220,6 +220,46 @@ perTier(test, 'MicroVm workload', (tier, engine) => {
     const exit = await within(vm.wait(), 30_000, 'the workload VM')
     t.like(exit.workload, { exitCode: 5 })
     await t.throwsAsync(vm.signal('SIGNOPE'), { instanceOf: MicrocellError, code: 'E_INVALID_ARGUMENT' })
+  })
+
+  test(`${tier}: a workload VM's snapshot restores clones whose program runs on from where it was`, async (t) => {
+    const dir = path.join(tempDir(), 'snap')
+    // ("ti""ck": the agent echoes the command line; the program prints "tick<n>")
+    const script = 'trap "echo bye; exit 9" TERM; i=0; while :; do i=$((i+1)); echo ti""ck$i; sleep 0.1; done'
+    const vm = await builder().execPath('/bin/sh').args(['-c', script]).start({ ...opts, consoleStream: true })
+    try {
+      let text = ''
+      vm.console.on('data', (c) => {
+        text += c.toString('latin1')
+      })
+      await within(waitFor(() => text.includes('tick5\n') || text.includes('tick5\r\n')), 60_000, 'tick5')
+      const snap = await vm.snapshot(dir)
+      t.is(snap.kind, 'workload')
+      t.is(snap.engine, engine)
+      t.is(snap.config.memoryMib, 256)
+      t.regex(snap.config.cmdline, /microcell\.exec=/)
+      t.is(vm.exitStatus, null, 'the original runs on')
+      t.is((await Snapshot.load(dir)).kind, 'workload')
+      await rejectsWith(t, vm.snapshot(path.join(dir, 'x'), { incremental: true }), 'E_INVALID_ARGUMENT')
+      t.throws(() => new RestorePool({ snapshot: snap }), { instanceOf: MicrocellError, code: 'E_INVALID_ARGUMENT' })
+      await rejectsWith(t, Sandbox.fromSnapshot(dir), 'E_SNAPSHOT')
+
+      const clones = await within(snap.clone(2, { consoleStream: true }), 120_000, 'two clones')
+      for (const c of clones) {
+        t.true(c.isWorkload)
+        let out = ''
+        c.console.on('data', (d) => {
+          out += d.toString('latin1')
+        })
+        await within(waitFor(() => /tick\d+/.test(out)), 60_000, 'a clone tick')
+        const first = Number(/tick(\d+)/.exec(out)[1])
+        t.true(first > 5, `the clone started over at tick${first}`)
+        const exit = await within(c.stop({ timeoutMs: 20_000 }), 30_000, "a clone's stop()")
+        t.like(exit, { reason: 'reset', workload: { exitCode: 9 } })
+      }
+    } finally {
+      await vm.kill()
+    }
   })
 
   test(`${tier}: an execPath that does not exist or cannot run is a coded error within the boot time`, async (t) => {

@@ -16,7 +16,7 @@ import type {
 } from './config.js'
 import { MicrocellError } from './errors.js'
 import * as native from './internal/native.js'
-import { snapshotTaken, type Snapshot, type SnapshotOptions } from './snapshot.js'
+import { Snapshot, snapshotTaken, type SnapshotOptions } from './snapshot.js'
 
 /** Options of `stop()`. */
 export interface StopOptions {
@@ -56,6 +56,12 @@ export function nativeConsoleOptions(options: {
 }
 
 let wrapNative: (handle: native.NativeVmHandle, consoleEnabled: boolean) => MicroVm
+let wrapWorkload: (handle: native.NativeWorkloadHandle, startNs: bigint, consoleEnabled: boolean) => MicroVm
+
+/** A MicroVm around a workload VM the addon restored. Internal: not exported by index.ts. */
+export function microVmFromWorkload(handle: native.NativeWorkloadHandle, startNs: bigint, consoleEnabled: boolean): MicroVm {
+  return wrapWorkload(handle, startNs, consoleEnabled)
+}
 
 /** A MicroVm around a VM the addon made (a start or a restore). Internal: not exported by index.ts. */
 export function microVmFromNative(handle: native.NativeVmHandle, consoleEnabled: boolean): MicroVm {
@@ -325,23 +331,14 @@ export class MicroVm implements AsyncDisposable {
 
   static {
     wrapNative = (handle, consoleEnabled) => new MicroVm(handle, null, consoleEnabled)
+    wrapWorkload = (handle, startNs, consoleEnabled) =>
+      new MicroVm(null, new WorkloadVm(handle, startNs, process.hrtime.bigint()), consoleEnabled)
   }
 
   private constructor(handle: native.NativeVmHandle | null, workload: WorkloadVm | null, consoleEnabled: boolean) {
     this.#native = handle
     this.#workload = workload
     this.#consoleEnabled = consoleEnabled
-  }
-
-  /** The VMM handle, for what only a VM on the built-in VMM can do. */
-  #vmm(what: string): native.NativeVmHandle {
-    if (this.#native === null) {
-      throw new MicrocellError(
-        'E_VM_STATE',
-        `a workload VM (rootfs: { disk }) runs on a sandbox engine: it cannot ${what} (use Sandbox for a guest to snapshot)`,
-      )
-    }
-    return this.#native
   }
 
   static builder(): MicroVmBuilder {
@@ -556,12 +553,23 @@ export class MicroVm implements AsyncDisposable {
    * `incremental: true` writes only the pages written since the last snapshot of (or restore
    * into) this VM; it needs a VM started with `{ trackDirtyPages: true }` (else `E_VM_STATE`).
    * Errors: `E_VM_STATE` (the VM has ended), `E_SNAPSHOT_IO` (the directory cannot be written).
+   *
+   * A workload VM is snapshotted by its engine (QEMU: a migration stream and a root disk copy;
+   * the built-in VMM: its own files) with `sandbox.json` naming the workload: its restores run
+   * the program on from where it was, on the same engine (not into `RestorePool` shells).
    */
   async snapshot(dir: string, options: SnapshotOptions = {}): Promise<Snapshot> {
     if (typeof dir !== 'string' || dir.length === 0) {
       throw new MicrocellError('E_INVALID_ARGUMENT', 'snapshot() needs a directory path (a non-empty string)')
     }
-    const bytes = await this.#vmm('be snapshotted').snapshot(dir, options.incremental === true)
+    if (this.#workload) {
+      if (options.incremental === true) {
+        throw new MicrocellError('E_INVALID_ARGUMENT', 'a workload VM is snapshotted by its engine, whole: incremental snapshots are for VMs on the built-in VMM')
+      }
+      await this.#workload.handle.snapshot(dir)
+      return Snapshot.load(dir)
+    }
+    const bytes = await this.#native!.snapshot(dir, options.incremental === true)
     return snapshotTaken(dir, bytes)
   }
 

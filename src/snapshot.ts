@@ -1,6 +1,6 @@
 import { MicrocellError } from './errors.js'
 import * as native from './internal/native.js'
-import { type MicroVm, microVmFromNative, nativeConsoleOptions } from './microvm.js'
+import { type MicroVm, microVmFromNative, microVmFromWorkload, nativeConsoleOptions } from './microvm.js'
 
 /** Options of `vm.snapshot()`. */
 export interface SnapshotOptions {
@@ -63,6 +63,7 @@ export function nativeRestoreOptions(options: RestoreOptions): native.NativeRest
 }
 
 let construct: (handle: native.NativeSnapshotHandle, bytesWritten: number | null) => Snapshot
+let constructWorkload: (dir: string, info: native.NativeSnapshotInfo) => Snapshot
 const handles = new WeakMap<Snapshot, native.NativeSnapshotHandle>()
 
 /**
@@ -77,22 +78,59 @@ const handles = new WeakMap<Snapshot, native.NativeSnapshotHandle>()
  * ```
  */
 export class Snapshot {
-  /** The snapshot directory (`vm.state`, `vm.mem`, disk copies). */
+  /** The snapshot directory (`vm.state`, `vm.mem`, disk copies; or the engine's files and `sandbox.json`). */
   readonly dir: string
-  /** The VM it was taken of. */
+  /**
+   * `vm`: of a VM on the built-in VMM (restores map its memory file: pools, clones sharing the
+   * page cache). `workload`: of a workload VM, by its engine (restores resume it there and its
+   * program runs on; no pools).
+   */
+  readonly kind: 'vm' | 'workload'
+  /** The VM it was taken of (a workload snapshot: its engine keeps the disk; `blockDevices` is empty). */
   readonly config: SnapshotConfig
-  /** Memory bytes written when `vm.snapshot()` made it; null for `Snapshot.load()`. */
+  /** Memory bytes written when `vm.snapshot()` made it; null for `Snapshot.load()` and workload snapshots. */
   readonly bytesWritten: number | null
+  /** For a workload snapshot: the engine that took it and restores it; null otherwise. */
+  readonly engine: 'kvm' | 'qemu' | null
 
   static {
-    construct = (handle, bytesWritten) => new Snapshot(handle, bytesWritten)
+    construct = (handle, bytesWritten) => {
+      const s = new Snapshot(handle.dir, 'vm', handle.config() as unknown as SnapshotConfig, bytesWritten, null)
+      handles.set(s, handle)
+      return s
+    }
+    constructWorkload = (dir, info) =>
+      new Snapshot(
+        dir,
+        'workload',
+        {
+          vcpus: info.cpus,
+          memoryMib: info.memoryMib,
+          kernel: info.kernel,
+          initrd: null,
+          cmdline: info.cmdline,
+          blockDevices: [],
+          controlChannel: true,
+          allowUnsupportedHost: false,
+          trackDirtyPages: false,
+        },
+        null,
+        info.engine,
+      )
   }
 
-  private constructor(handle: native.NativeSnapshotHandle, bytesWritten: number | null) {
-    handles.set(this, handle)
-    this.dir = handle.dir
-    this.config = handle.config() as unknown as SnapshotConfig
+  private constructor(
+    dir: string,
+    kind: 'vm' | 'workload',
+    config: SnapshotConfig,
+    bytesWritten: number | null,
+    engine: 'kvm' | 'qemu' | null,
+  ) {
+    this.dir = dir
+    this.kind = kind
+    this.config = config
     this.bytesWritten = bytesWritten
+    this.engine = engine
   }
 
   /**
@@ -104,15 +142,29 @@ export class Snapshot {
     if (typeof dir !== 'string' || dir.length === 0) {
       throw new MicrocellError('E_INVALID_ARGUMENT', 'Snapshot.load() needs a directory path (a non-empty string)')
     }
+    const info = native.snapshotInfo(dir)
+    if (info?.kind === 'sandbox') {
+      throw new MicrocellError('E_SNAPSHOT', `${dir} is a sandbox snapshot: restore it with Sandbox.fromSnapshot(dir)`)
+    }
+    if (info !== null) return constructWorkload(dir, info)
     return construct(await native.loadSnapshot(dir), null)
   }
 
   /**
    * Runs a new VM from the snapshot; resolves once its vCPUs run. Its `timings` count from the
-   * restore: `firstExitNs` is the guest's first exit after it.
+   * restore: `firstExitNs` is the guest's first exit after it. A workload snapshot resumes on
+   * its engine: the MicroVm is a workload VM whose program runs on from where it was.
    */
   async restore(options: RestoreOptions = {}): Promise<MicroVm> {
     const nativeOptions = nativeRestoreOptions(options)
+    if (this.kind === 'workload') {
+      const startNs = process.hrtime.bigint()
+      const restoreOptions: { consoleOutput?: string; consoleQueueBytes?: number } = {}
+      if (nativeOptions.consoleOutput !== undefined) restoreOptions.consoleOutput = nativeOptions.consoleOutput
+      if (nativeOptions.consoleQueueBytes !== undefined) restoreOptions.consoleQueueBytes = nativeOptions.consoleQueueBytes
+      const handle = await native.restoreWorkload(this.dir, restoreOptions)
+      return microVmFromWorkload(handle, startNs, nativeOptions.consoleStream === true)
+    }
     const snapshot = nativeSnapshot(this)
     try {
       return microVmFromNative(await snapshot.restore(null, nativeOptions), nativeOptions.consoleStream === true)
@@ -157,6 +209,12 @@ export class Snapshot {
 /** The addon's handle of a Snapshot (for the pools). Internal: not exported by index.ts. */
 export function nativeSnapshot(snapshot: Snapshot): native.NativeSnapshotHandle {
   const handle = handles.get(snapshot)
+  if (snapshot instanceof Snapshot && snapshot.kind === 'workload') {
+    throw new MicrocellError(
+      'E_INVALID_ARGUMENT',
+      'a workload snapshot restores on its engine, not into VM shells of the built-in VMM: use snapshot.restore() or clone(n), not a RestorePool',
+    )
+  }
   if (!handle) {
     throw new MicrocellError('E_INVALID_ARGUMENT', 'not a Snapshot: get one from Snapshot.load() or vm.snapshot()')
   }

@@ -492,6 +492,10 @@ export class NativeWorkloadHandle {
     return callAsync(() => this.#workload.signal(signal))
   }
 
+  snapshot(dir: string): Promise<void> {
+    return callAsync(() => this.#workload.snapshot(dir))
+  }
+
   pause(): Promise<void> {
     return callAsync(() => this.#workload.pause())
   }
@@ -526,6 +530,28 @@ export async function startWorkload(
   options: { engine?: string; bootTimeoutMs?: number; consoleQueueBytes?: number },
 ): Promise<NativeWorkloadHandle> {
   return new NativeWorkloadHandle(await callAsync(() => binding().startWorkload(json, options)))
+}
+
+export async function restoreWorkload(
+  dir: string,
+  options: { consoleOutput?: string; consoleQueueBytes?: number },
+): Promise<NativeWorkloadHandle> {
+  return new NativeWorkloadHandle(await callAsync(() => binding().restoreWorkload(dir, options)))
+}
+
+/** What a snapshot directory's sandbox.json says, or null (a built-in VMM snapshot). */
+export interface NativeSnapshotInfo {
+  kind: 'sandbox' | 'workload'
+  engine: 'kvm' | 'qemu'
+  memoryMib: number
+  cpus: number
+  kernel: string
+  rootfs: string
+  cmdline: string
+}
+
+export function snapshotInfo(dir: string): NativeSnapshotInfo | null {
+  return call(() => binding().snapshotInfo(dir)) as unknown as NativeSnapshotInfo | null
 }
 
 /** Raises the native log level (process-wide); returns the level in effect. */

@@ -174,18 +174,39 @@ pub async fn start_workload(
         Workload::start(&spec, config).map_err(sandbox_error)
     })
     .await?;
-    let engine = workload.engine();
-    let info = serde_json::json!({
-        "engine": engine.kind,
-        "engineReason": engine.reason,
-        "pid": workload.pid(),
-    });
-    Ok(NativeWorkload {
-        info,
-        console: workload.console(),
-        stop_requested: Arc::new(AtomicBool::new(false)),
-        state: Arc::new(Mutex::new(State::Live(Arc::new(workload)))),
+    Ok(NativeWorkload::wrap(workload))
+}
+
+/// How a restored workload VM's console is set up.
+#[napi(object)]
+pub struct WorkloadRestoreVmOptions {
+    /// Host file that receives the restored guest's console.
+    pub console_output: Option<String>,
+    /// Console bytes kept for a slow reader of the console stream (default: the snapshot's).
+    pub console_queue_bytes: Option<u32>,
+}
+
+/// A workload VM from a snapshot directory (`NativeWorkload.snapshot`): the engine resumes it
+/// and the program runs on. `E_SNAPSHOT` (not a workload snapshot, damaged), the engine's codes.
+#[napi]
+pub async fn restore_workload(dir: String, options: Option<WorkloadRestoreVmOptions>) -> Result<NativeWorkload> {
+    let options = sandbox::workload::WorkloadRestoreOptions {
+        console_output: options.as_ref().and_then(|o| o.console_output.clone()).map(Into::into),
+        console_queue_bytes: options.as_ref().and_then(|o| o.console_queue_bytes),
+    };
+    let workload = blocking("workload restore", move || {
+        Workload::restore(std::path::Path::new(&dir), options).map_err(sandbox_error)
     })
+    .await?;
+    Ok(NativeWorkload::wrap(workload))
+}
+
+/// What `dir/sandbox.json` says (`kind`: `sandbox` | `workload`, engine, memoryMib, cpus,
+/// kernel, rootfs, cmdline), or null when there is none (a built-in VMM snapshot).
+#[napi(ts_return_type = "Record<string, unknown> | null")]
+pub fn snapshot_info(dir: String) -> Result<Option<serde_json::Value>> {
+    let info = sandbox::sandbox::snapshot_info(std::path::Path::new(&dir)).map_err(sandbox_error)?;
+    info.map(|i| serde_json::to_value(i).map_err(|e| coded("E_INTERNAL", e))).transpose()
 }
 
 enum State {
@@ -210,6 +231,21 @@ pub struct NativeWorkload {
 }
 
 impl NativeWorkload {
+    fn wrap(workload: Workload) -> NativeWorkload {
+        let engine = workload.engine();
+        let info = serde_json::json!({
+            "engine": engine.kind,
+            "engineReason": engine.reason,
+            "pid": workload.pid(),
+        });
+        NativeWorkload {
+            info,
+            console: workload.console(),
+            stop_requested: Arc::new(AtomicBool::new(false)),
+            state: Arc::new(Mutex::new(State::Live(Arc::new(workload)))),
+        }
+    }
+
     fn live(&self) -> Option<Arc<Workload>> {
         match &*lock(&self.state) {
             State::Live(w) => Some(w.clone()),
@@ -295,6 +331,14 @@ impl NativeWorkload {
     pub async fn signal(&self, signal: i32) -> Result<bool> {
         let Some(w) = self.live() else { return Ok(false) };
         blocking("workload signal", move || w.signal(signal).map_err(sandbox_error)).await
+    }
+
+    /// Writes a snapshot of the VM into `dir` (the engine's files and `sandbox.json` with the
+    /// workload); the VM runs on (a paused one stays paused). `E_VM_STATE` once it has ended.
+    #[napi]
+    pub async fn snapshot(&self, dir: String) -> Result<()> {
+        let w = self.live().ok_or_else(|| coded("E_VM_STATE", "the workload VM has ended: there is nothing to snapshot"))?;
+        blocking("workload snapshot", move || w.snapshot(std::path::Path::new(&dir)).map_err(sandbox_error)).await
     }
 
     /// Stops the guest's vCPUs (the program with them); resolves once they have stopped.

@@ -68,6 +68,41 @@ impl SnapshotMeta {
     }
 }
 
+/// What a snapshot directory's `sandbox.json` says (for callers that pick the restore path).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotInfo {
+    /// `sandbox` (`Sandbox::restore`) or `workload` (`Workload::restore`).
+    pub kind: &'static str,
+    pub engine: EngineKind,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub kernel: PathBuf,
+    /// The root disk the VM booted from (the snapshot holds its own copy).
+    pub rootfs: PathBuf,
+    /// The guest kernel command line beyond the engine's own options.
+    pub cmdline: String,
+}
+
+/// What kind of engine snapshot `dir` holds; `None` when it has no `sandbox.json` (a snapshot
+/// of the built-in VMM alone, or no snapshot). `E_SNAPSHOT` when the file is damaged.
+pub fn snapshot_info(dir: &Path) -> Result<Option<SnapshotInfo>> {
+    if !dir.join(SANDBOX_FILE).exists() {
+        return Ok(None);
+    }
+    let meta = SnapshotMeta::read(dir)?;
+    let spec = meta.boot_spec(&meta.config, None);
+    Ok(Some(SnapshotInfo {
+        kind: if meta.workload.is_some() { "workload" } else { "sandbox" },
+        engine: meta.engine,
+        memory_mib: meta.config.memory_mib,
+        cpus: meta.config.cpus,
+        kernel: meta.kernel,
+        rootfs: meta.rootfs,
+        cmdline: spec.extra_cmdline,
+    }))
+}
+
 /// What a restored sandbox may change.
 #[derive(Debug, Default, Clone)]
 pub struct RestoreOptions {
