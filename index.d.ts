@@ -24,6 +24,7 @@ export {
 export type {
   BuiltMicroVmConfig,
   MetricsOptions,
+  NetworkConfig,
   SandboxMetrics,
   StopOptions,
   RunOptions,

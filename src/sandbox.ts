@@ -46,6 +46,20 @@ export interface SandboxConfig {
    * deadline; its exit status then has `code: 'E_MAX_DURATION'`.
    */
   maxDurationMs?: number
+  /**
+   * A network interface for the guest (`eth0`: user-mode NAT on engine `qemu`, guest
+   * `10.0.2.15`, the host's loopback as `10.0.2.2`); none by default. `outbound` (default true):
+   * whether the guest may open connections out; `ports`: TCP ports of the host's loopback
+   * forwarded into the guest, `"HOST:GUEST"` or `"PORT"`. Engine `auto` picks `qemu` for it
+   * (the built-in VMM has no network device yet; engine `kvm` refuses it).
+   */
+  network?: NetworkConfig
+}
+
+/** See `SandboxConfig.network`. */
+export interface NetworkConfig {
+  outbound?: boolean
+  ports?: string[]
 }
 
 /** What `Sandbox.create()` accepts: a built config, or any part of one (defaults apply). */
@@ -173,6 +187,11 @@ export class SandboxBuilder {
   /** Extra guest kernel command line (e.g. `loglevel=8`). */
   kernelArgs(args: string): this {
     return this.#set('kernelArgs', args)
+  }
+
+  /** Gives the guest a network (see `SandboxConfig.network`): `{}` for outbound access, `ports` to forward. */
+  network(network: NetworkConfig = {}): this {
+    return this.#set('network', { ...network, ...(network.ports ? { ports: [...network.ports] } : {}) })
   }
 
   /** Kill the sandbox this many milliseconds after it is up (see `SandboxConfig.maxDurationMs`). */

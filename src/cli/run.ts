@@ -16,6 +16,8 @@ export const RUN_OPTIONS: OptionSpec[] = [
   { name: 'interactive', short: 'i', kind: 'flag', help: "pass this process's stdin to the command (else it reads /dev/null)" },
   { name: 'tty', short: 't', kind: 'flag', help: 'run the command on a terminal (stderr merges into stdout)' },
   { name: 'boot-timeout', kind: 'string', value: 'MS', help: 'how long the guest has to boot (default 30000)' },
+  { name: 'net', kind: 'flag', help: 'give the guest a network with outbound access (user-mode NAT; engine qemu)' },
+  { name: 'publish', short: 'p', kind: 'list', value: 'HOST:GUEST', help: "forward a TCP port of this host's loopback into the guest (repeatable; a network without outbound access unless --net)" },
   { name: 'kernel', kind: 'string', value: 'PATH', help: 'guest kernel (default: the one scripts/setup.sh built)' },
   { name: 'rootfs', kind: 'string', value: 'PATH', help: 'guest root disk (default: the one scripts/setup.sh built)' },
   { name: 'json', kind: 'flag', help: 'collect the output and print one JSON object with the result' },
@@ -65,6 +67,8 @@ function plan(command: 'run' | 'exec', p: Parsed): { plan: Plan; builder: Return
   }
   const bootTimeout = intOption(p, 'boot-timeout', 1, 2 ** 32 - 1)
   if (bootTimeout !== undefined) builder.bootTimeoutMs(bootTimeout)
+  const ports = listOption(p, 'publish')
+  if (flag(p, 'net') || ports.length > 0) builder.network({ outbound: flag(p, 'net'), ...(ports.length > 0 ? { ports } : {}) })
   const kernel = stringOption(p, 'kernel')
   if (kernel !== undefined) builder.kernel(kernel)
   const rootfs = stringOption(p, 'rootfs')

@@ -46,7 +46,39 @@ pub fn setup() -> Cmdline {
     }
     std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     std::env::set_var("HOME", "/root");
+    if let Err(e) = sys::link_up("lo") {
+        log!("loopback: {e}");
+    }
+    if let Some(net) = cmdline.get("microcell.net") {
+        network(net);
+    }
     cmdline
+}
+
+/// `microcell.net=ADDR/PREFIX,GATEWAY,DNS`: the host gave the VM a network interface (`eth0`);
+/// configured with the root disk's `ip` (busybox), `/etc/resolv.conf` written. A failure is
+/// logged and the VM runs on without it.
+fn network(spec: &str) {
+    let parts: Vec<&str> = spec.split(',').collect();
+    let [addr, gateway, dns] = parts[..] else {
+        log!("microcell.net={spec}: expected ADDR/PREFIX,GATEWAY,DNS");
+        return;
+    };
+    let steps: [&[&str]; 3] = [
+        &["link", "set", "eth0", "up"],
+        &["addr", "add", addr, "dev", "eth0"],
+        &["route", "add", "default", "via", gateway],
+    ];
+    for args in steps {
+        match std::process::Command::new("/bin/ip").args(args).status() {
+            Ok(s) if s.success() => {}
+            Ok(s) => return log!("ip {}: {s}", args.join(" ")),
+            Err(e) => return log!("ip {}: {e}", args.join(" ")),
+        }
+    }
+    if let Err(e) = std::fs::write("/etc/resolv.conf", format!("nameserver {dns}\n")) {
+        log!("/etc/resolv.conf: {e}");
+    }
 }
 
 /// The kernel command line, as `key=value` words.

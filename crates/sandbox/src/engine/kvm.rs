@@ -61,6 +61,7 @@ impl Engine for KvmEngine {
     }
 
     fn boot(&self, spec: &BootSpec) -> Result<Box<dyn RunningVm>> {
+        refuse_net(spec)?;
         let dir = RunDir::create("kvm").map_err(|source| SandboxError::HostIo {
             what: format!(
                 "cannot create a per-VM directory in {}",
@@ -108,9 +109,20 @@ impl Engine for KvmEngine {
     }
 
     fn restore(&self, dir: &Path, spec: &BootSpec) -> Result<Box<dyn RunningVm>> {
+        refuse_net(spec)?;
         let snapshot = vmm::LoadedSnapshot::load(dir)?;
         // The VMM gives the clone its own copy of the snapshot's root disk.
         launch(spec, None, |console| vmm::Vm::restore(&snapshot, console, vmm::RestoreOptions::default()))
+    }
+}
+
+/// Why the built-in VMM cannot give the guest a network (yet).
+pub const NO_NET: &str = "the built-in VMM has no network device yet";
+
+fn refuse_net(spec: &BootSpec) -> Result<()> {
+    match spec.net {
+        Some(_) => Err(SandboxError::EngineUnavailable { engine: EngineKind::Kvm, reason: format!("a network was asked for and {NO_NET}") }),
+        None => Ok(()),
     }
 }
 

@@ -81,6 +81,21 @@ pub fn select(choice: EngineChoice) -> Result<EngineSelection> {
     select_for(choice, vmm::host::cached())
 }
 
+/// [`select`] for a guest that needs a network: `auto` then picks `qemu`, the engine with one.
+pub fn select_with_net(choice: EngineChoice, net: bool) -> Result<EngineSelection> {
+    Ok(with_net(choice, net, select(choice)?))
+}
+
+fn with_net(choice: EngineChoice, net: bool, selection: EngineSelection) -> EngineSelection {
+    match (choice, net, selection.kind) {
+        (EngineChoice::Auto, true, EngineKind::Kvm) => EngineSelection {
+            kind: EngineKind::Qemu,
+            reason: format!("auto: a network was asked for and {}", kvm::NO_NET),
+        },
+        _ => selection,
+    }
+}
+
 /// [`select`] for a given host description.
 pub fn select_for(choice: EngineChoice, host: &vmm::host::HostInfo) -> Result<EngineSelection> {
     let selection = match choice {
@@ -176,7 +191,29 @@ pub struct BootSpec {
     pub console_file: Option<PathBuf>,
     /// Keep up to this many console bytes for [`RunningVm::console`] to read.
     pub console_queue_bytes: Option<usize>,
+    /// A network interface (the guest's `eth0`), or none.
+    pub net: Option<NetSpec>,
 }
+
+/// The guest's network: user-mode NAT behind the engine (guest `10.0.2.15/24`, the host's
+/// loopback reachable as `10.0.2.2`, DNS at `10.0.2.3`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NetSpec {
+    /// Whether the guest may open connections out (to the host and beyond); forwarded ports
+    /// work either way.
+    pub outbound: bool,
+    /// TCP ports of the host's loopback forwarded to the guest.
+    pub ports: Vec<PortForward>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortForward {
+    pub host: u16,
+    pub guest: u16,
+}
+
+/// The guest side of [`NetSpec`] (slirp's defaults): address/prefix, gateway, DNS server.
+pub const GUEST_NET: (&str, &str, &str) = ("10.0.2.15/24", "10.0.2.2", "10.0.2.3");
 
 impl BootSpec {
     /// A spec with 512 MiB, 1 vCPU, no extra command line and no console file.
@@ -189,6 +226,7 @@ impl BootSpec {
             extra_cmdline: String::new(),
             console_file: None,
             console_queue_bytes: None,
+            net: None,
         }
     }
 }
@@ -536,6 +574,18 @@ mod tests {
             host_memory_mib: 1024,
             host_cpus: 2,
         }
+    }
+
+    #[test]
+    fn a_network_moves_auto_to_qemu_and_only_auto() {
+        let hw = select_for(EngineChoice::Auto, &host(true, true)).unwrap();
+        assert_eq!(hw.kind, EngineKind::Kvm);
+        let net = with_net(EngineChoice::Auto, true, hw.clone());
+        assert_eq!(net.kind, EngineKind::Qemu);
+        assert!(net.reason.contains("network"), "{}", net.reason);
+        assert_eq!(with_net(EngineChoice::Auto, false, hw.clone()).kind, EngineKind::Kvm);
+        let asked = select_for(EngineChoice::Kvm, &host(true, true)).unwrap();
+        assert_eq!(with_net(EngineChoice::Kvm, true, asked).kind, EngineKind::Kvm, "asked for: the engine says no at boot");
     }
 
     #[test]

@@ -218,6 +218,21 @@ impl QemuEngine {
         // Restores run whatever the run state of the VM the snapshot was taken of (a paused one).
         push("-global");
         push("migration.store-global-state=off");
+        if let Some(net) = &spec.net {
+            // User-mode NAT (slirp): no host privileges, no bridge. `restrict=on` cuts the guest
+            // off from the host and beyond; forwarded ports still come in.
+            let mut netdev = String::from("user,id=net0,net=10.0.2.0/24");
+            if !net.outbound {
+                netdev.push_str(",restrict=on");
+            }
+            for p in &net.ports {
+                netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", p.host, p.guest));
+            }
+            push("-netdev");
+            push(&netdev);
+            push("-device");
+            push("virtio-net-device,netdev=net0");
+        }
         if let Some(file) = incoming {
             push("-incoming");
             push(&format!("exec:cat {}", shell_quote(file)));
@@ -723,6 +738,7 @@ impl Drop for QemuVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::{NetSpec, PortForward};
 
     #[test]
     fn args_follow_the_documented_command_line() {
@@ -762,6 +778,19 @@ mod tests {
             .collect::<Vec<_>>()
             .join(" ");
         assert!(joined.contains("-enable-kvm -cpu host -m 256"), "{joined}");
+    }
+
+    #[test]
+    fn a_network_is_user_mode_nat_with_forwarded_ports() {
+        let engine = QemuEngine::new("/usr/bin/qemu-system-x86_64", Accel::Tcg);
+        let mut spec = BootSpec::new("/k", "/r");
+        let joined = |spec: &BootSpec| engine.args(spec, Path::new("/d"), None).iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        assert!(!joined(&spec).contains("netdev"), "no network unless asked for");
+        spec.net = Some(NetSpec { outbound: false, ports: vec![PortForward { host: 8080, guest: 80 }] });
+        let a = joined(&spec);
+        assert!(a.contains("-netdev user,id=net0,net=10.0.2.0/24,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80 -device virtio-net-device,netdev=net0"), "{a}");
+        spec.net = Some(NetSpec { outbound: true, ports: vec![] });
+        assert!(joined(&spec).contains("-netdev user,id=net0,net=10.0.2.0/24 -device"));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{Result, SandboxError};
 use crate::config::types::normalize_guest_path;
-use crate::engine::EngineChoice;
+use crate::engine::{BootSpec, EngineChoice, NetSpec, PortForward, GUEST_NET};
 
 /// Guest memory when none is given, in MiB.
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
@@ -68,10 +68,55 @@ pub struct SandboxConfig {
     /// timer); kept here for the configuration's other users.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_duration_ms: Option<u32>,
+    /// A network interface for the guest (`eth0`, user-mode NAT on engine `qemu`); none by
+    /// default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkConfig>,
     /// Console bytes kept for a slow reader of the console stream before the oldest are dropped
     /// (default [`super::CONSOLE_QUEUE_BYTES`]; `consoleOutput` files get every byte anyway).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console_queue_bytes: Option<u32>,
+}
+
+/// The guest's network (camelCase JSON; unknown keys refused).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Whether the guest may open connections out, to the host's loopback (`10.0.2.2`) and
+    /// beyond (default true); forwarded ports work either way.
+    #[serde(default = "yes")]
+    pub outbound: bool,
+    /// TCP ports forwarded from the host's loopback into the guest: `"HOST:GUEST"` or `"PORT"`
+    /// (the same number on both sides).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl NetworkConfig {
+    /// The engine's view; `E_CONFIG_NETWORK` for a port that is not `HOST:GUEST` or `PORT`
+    /// (1-65535) or a host port given twice.
+    pub fn net_spec(&self) -> Result<NetSpec> {
+        let bad = |p: &str, why: &str| {
+            SandboxError::config("E_CONFIG_NETWORK", format!("network port {p:?} {why}: give \"HOST:GUEST\" or \"PORT\" with TCP ports from 1 to 65535"))
+        };
+        let num = |p: &str, n: &str| n.parse::<u16>().ok().filter(|n| *n > 0).ok_or_else(|| bad(p, "is not usable"));
+        let mut ports: Vec<PortForward> = Vec::new();
+        for p in &self.ports {
+            let (host, guest) = match p.split_once(':') {
+                Some((h, g)) => (num(p, h)?, num(p, g)?),
+                None => (num(p, p)?, num(p, p)?),
+            };
+            if ports.iter().any(|q| q.host == host) {
+                return Err(bad(p, "forwards a host port that is already forwarded"));
+            }
+            ports.push(PortForward { host, guest });
+        }
+        Ok(NetSpec { outbound: self.outbound, ports })
+    }
 }
 
 fn default_memory() -> u32 {
@@ -99,6 +144,7 @@ impl Default for SandboxConfig {
             console_output: None,
             kernel_args: None,
             max_duration_ms: None,
+            network: None,
             console_queue_bytes: None,
         }
     }
@@ -175,6 +221,20 @@ impl SandboxConfig {
 
     /// Checks every option except the guest images (see [`Self::guest_images`]); returns the
     /// configuration normalised (`workdir` made canonical).
+    /// What the engine boots for this configuration (validated) from `kernel` and `rootfs`.
+    pub fn boot_spec(&self, kernel: PathBuf, rootfs: PathBuf, console_file: Option<PathBuf>) -> BootSpec {
+        BootSpec {
+            kernel,
+            rootfs,
+            memory_mib: self.memory_mib,
+            vcpus: self.cpus as u8,
+            extra_cmdline: self.extra_cmdline(),
+            console_file,
+            console_queue_bytes: Some(self.console_queue()),
+            net: self.network.as_ref().and_then(|n| n.net_spec().ok()),
+        }
+    }
+
     /// The console queue to keep: `consoleQueueBytes`, else the default.
     pub fn console_queue(&self) -> usize {
         self.console_queue_bytes.map_or(super::CONSOLE_QUEUE_BYTES, |n| n as usize)
@@ -237,6 +297,9 @@ impl SandboxConfig {
                 ));
             }
         }
+        if let Some(n) = &c.network {
+            n.net_spec()?;
+        }
         if let Some(args) = &c.kernel_args {
             if args.len() > MAX_KERNEL_ARGS_LEN || !args.bytes().all(|b| (0x20..=0x7e).contains(&b))
             {
@@ -284,6 +347,10 @@ impl SandboxConfig {
         let mut parts = Vec::new();
         if let Some(name) = &self.name {
             parts.push(format!("microcell.hostname={name}"));
+        }
+        if self.network.is_some() {
+            let (addr, gateway, dns) = GUEST_NET;
+            parts.push(format!("microcell.net={addr},{gateway},{dns}"));
         }
         if let Some(args) = &self.kernel_args {
             parts.push(args.trim().to_owned());
@@ -436,6 +503,13 @@ mod tests {
         assert_eq!(code(r#"{"maxDurationMs":0}"#), "E_CONFIG_TIMEOUT");
         assert_eq!(code(r#"{"maxDurationMs":1.5}"#), "E_CONFIG_TIMEOUT");
         assert_eq!(code(r#"{"maxDurationMs":60000}"#), "OK");
+        assert_eq!(code(r#"{"network":{}}"#), "OK");
+        assert_eq!(code(r#"{"network":{"outbound":false,"ports":["8080:80","22"]}}"#), "OK");
+        assert_eq!(code(r#"{"network":{"ports":["80:0"]}}"#), "E_CONFIG_NETWORK");
+        assert_eq!(code(r#"{"network":{"ports":["x"]}}"#), "E_CONFIG_NETWORK");
+        assert_eq!(code(r#"{"network":{"ports":["70000"]}}"#), "E_CONFIG_NETWORK");
+        assert_eq!(code(r#"{"network":{"ports":["80:1","80:2"]}}"#), "E_CONFIG_NETWORK");
+        assert_eq!(code(r#"{"network":{"bogus":1}}"#), "E_CONFIG_JSON");
         assert_eq!(code(r#"{"kernel":""}"#), "E_CONFIG_JSON");
         for c in [
             "E_CONFIG_JSON",
@@ -447,6 +521,7 @@ mod tests {
             "E_CONFIG_TIMEOUT",
             "E_CONFIG_CMDLINE",
             "E_CONFIG_CONSOLE",
+            "E_CONFIG_NETWORK",
         ] {
             assert!(SandboxError::CODES.contains(&c), "{c}");
         }

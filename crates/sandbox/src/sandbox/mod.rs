@@ -28,7 +28,7 @@ use crate::console::{ConsoleReader, ConsoleStats};
 use crate::exec::{ExecHandle, ExecOutput, ExecRequest};
 use crate::fs::{CopyStats, DirEntryInfo, FileReadStream, FileStat, FileWriteStream, WriteOptions};
 use crate::engine::{
-    self, BootSpec, Engine, EngineKind, EngineSelection, ExitFuture, RunningVm, VmExit,
+    self, Engine, EngineKind, EngineSelection, ExitFuture, RunningVm, VmExit,
 };
 
 /// Console bytes a sandbox keeps for [`Sandbox::console`] (the oldest are dropped beyond it).
@@ -78,7 +78,7 @@ impl Sandbox {
     /// ready. Blocks for the boot (~1 s under TCG here; call it off any event loop thread).
     pub fn create(config: SandboxConfig) -> Result<Sandbox> {
         let config = config.validate()?;
-        let selection = engine::select(config.engine)?;
+        let selection = engine::select_with_net(config.engine, config.network.is_some())?;
         let engine = engine::engine(selection.kind).map_err(|e| match e {
             SandboxError::QemuNotFound(m) => {
                 SandboxError::QemuNotFound(format!("{m} (engine qemu: {})", selection.reason))
@@ -100,15 +100,7 @@ impl Sandbox {
         let name = config.name.as_deref().unwrap_or("-");
         let detail = engine.describe();
         tracing::info!(sandbox = name, engine = %selection.kind, reason = %selection.reason, detail = %detail, "booting a sandbox");
-        let spec = BootSpec {
-            kernel: images.kernel.clone(),
-            rootfs: images.rootfs.clone(),
-            memory_mib: config.memory_mib,
-            vcpus: config.cpus as u8,
-            extra_cmdline: config.extra_cmdline(),
-            console_file: config.console_output.clone(),
-            console_queue_bytes: Some(config.console_queue()),
-        };
+        let spec = config.boot_spec(images.kernel.clone(), images.rootfs.clone(), config.console_output.clone());
         let vm = engine.boot(&spec)?;
         let timeout = Duration::from_millis(u64::from(config.boot_timeout_ms));
         let agent = match connect(vm.as_ref(), &detail, t0 + timeout, timeout) {

@@ -51,20 +51,11 @@ impl SnapshotMeta {
 
     /// How the engine restores it: the VM's shape and kernel command line as at its boot.
     pub fn boot_spec(&self, config: &SandboxConfig, console_output: Option<PathBuf>) -> BootSpec {
-        let base = config.extra_cmdline();
-        let extra_cmdline = match &self.workload {
-            Some(word) => crate::workload::with_word(&base, word),
-            None => base,
-        };
-        BootSpec {
-            kernel: self.kernel.clone(),
-            rootfs: self.rootfs.clone(),
-            memory_mib: config.memory_mib,
-            vcpus: config.cpus as u8,
-            extra_cmdline,
-            console_file: console_output,
-            console_queue_bytes: Some(config.console_queue()),
+        let mut spec = config.boot_spec(self.kernel.clone(), self.rootfs.clone(), console_output);
+        if let Some(word) = &self.workload {
+            spec.extra_cmdline = crate::workload::with_word(&spec.extra_cmdline, word);
         }
+        spec
     }
 }
 

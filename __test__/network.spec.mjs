@@ -1,0 +1,93 @@
+// Sandbox networking: none by default; `network: {}` gives the guest eth0 behind user-mode NAT
+// (engine qemu), `outbound: false` cuts it off, `ports` forward host loopback ports into it.
+// T2 on engine 'qemu'; engine 'kvm' has no network device yet (refused, and 'auto' picks qemu).
+// Nothing here leaves this machine: the "outside" is an HTTP server on the host's loopback,
+// which the guest reaches as 10.0.2.2.
+import http from 'node:http'
+import net from 'node:net'
+
+import test from 'ava'
+
+import { MicrocellError, Sandbox } from 'microcell'
+
+import { within } from './helpers.mjs'
+import { host, requireGuestImages } from './guest.mjs'
+
+const qemuSkip = host.qemu === null ? `QEMU is not installed here: ${host.qemuUnavailable}` : null
+
+/** A free TCP port on the host's loopback. */
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer()
+    s.once('error', reject)
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address()
+      s.close(() => resolve(port))
+    })
+  })
+}
+
+/** GET http://127.0.0.1:port/path from the host, retried while the guest's server comes up. */
+async function hostGet(port, path, deadlineMs = 30_000) {
+  const end = Date.now() + deadlineMs
+  for (;;) {
+    try {
+      return await new Promise((resolve, reject) => {
+        http.get({ host: '127.0.0.1', port, path, timeout: 5000 }, (res) => {
+          let body = ''
+          res.on('data', (c) => (body += c))
+          res.on('end', () => (res.statusCode === 200 ? resolve(body) : reject(new Error(`HTTP ${res.statusCode}`))))
+        }).on('error', reject)
+      })
+    } catch (err) {
+      if (Date.now() > end) throw err
+      await new Promise((r) => setTimeout(r, 200))
+    }
+  }
+}
+
+test('network configuration errors are coded at build()', (t) => {
+  const code = (network) => t.throws(() => Sandbox.builder('n').network(network).build(), { instanceOf: MicrocellError }).code
+  t.is(code({ ports: ['x'] }), 'E_CONFIG_NETWORK')
+  t.is(code({ ports: ['80:0'] }), 'E_CONFIG_NETWORK')
+  t.is(code({ ports: ['8080:80', '8080:81'] }), 'E_CONFIG_NETWORK')
+  t.is(code({ bogus: true }), 'E_CONFIG_JSON')
+  t.deepEqual(Sandbox.builder('n').network().build().network, { outbound: true })
+  t.deepEqual(Sandbox.builder('n').network({ outbound: false, ports: ['22'] }).build().network, { outbound: false, ports: ['22'] })
+})
+
+test.serial('T2: no network unless asked for; with one, the guest reaches the host and forwarded ports reach the guest', async (t) => {
+  if (qemuSkip !== null) return t.pass(`skipped: ${qemuSkip}`)
+  requireGuestImages()
+  const server = http.createServer((req, res) => res.end(`hello from the host ${req.url}`))
+  await new Promise((r) => server.listen(0, '127.0.0.1', r))
+  const hostPort = server.address().port
+  const forwarded = await freePort()
+  const [plain, open, closed] = await Promise.all([
+    Sandbox.builder('net-none').engine('qemu').memory(256).create(),
+    Sandbox.builder('net-open').engine('qemu').memory(256).network({}).create(),
+    Sandbox.builder('net-closed').engine('qemu').memory(256).network({ outbound: false, ports: [`${forwarded}:8080`] }).create(),
+  ])
+  try {
+    // No NIC by default (loopback only, and up).
+    const nics = (await plain.shell('ls /sys/class/net')).stdoutText().split(/\s+/)
+    t.true(nics.includes('lo') && !nics.includes('eth0'), nics.join(' '))
+    t.is((await plain.shell('wget -q -O - http://127.0.0.1:1/ 2>&1; ip addr show lo | grep -c "inet 127.0.0.1"')).stdoutText().trim().split('\n').pop(), '1')
+
+    // Outbound: the host's loopback is 10.0.2.2 from inside.
+    const addr = await open.shell('ip -4 addr show eth0')
+    t.regex(addr.stdoutText(), /inet 10\.0\.2\.15\/24/)
+    t.regex((await open.shell('cat /etc/resolv.conf')).stdoutText(), /nameserver 10\.0\.2\.3/)
+    const got = await open.exec('wget', ['-q', '-O', '-', `http://10.0.2.2:${hostPort}/from-guest`], { timeoutMs: 20_000 })
+    t.is(got.stdoutText(), 'hello from the host /from-guest', got.stderrText())
+
+    // outbound: false: the host is out of reach; a forwarded port reaches the guest's server.
+    const blocked = await closed.exec('wget', ['-q', '-T', '3', '-O', '-', `http://10.0.2.2:${hostPort}/`], { timeoutMs: 20_000 })
+    t.not(blocked.exitCode, 0, 'no way out with outbound: false')
+    await closed.shell('mkdir -p /tmp/www && echo served-by-the-guest > /tmp/www/index.html && httpd -p 8080 -h /tmp/www')
+    t.is(await within(hostGet(forwarded, '/index.html'), 40_000, 'the forwarded port'), 'served-by-the-guest\n')
+  } finally {
+    await Promise.all([plain.kill(), open.kill(), closed.kill()])
+    server.close()
+  }
+})
