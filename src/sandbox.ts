@@ -43,7 +43,8 @@ export interface SandboxConfig {
   /**
    * The sandbox's longest life in milliseconds (1 to 4294967295; default: none): it is killed
    * this long after `create()` / `fromSnapshot()` resolved, unless `setMaxDuration()` moves the
-   * deadline; its exit status then has `code: 'E_MAX_DURATION'`.
+   * deadline; its exit status then has `code: 'E_MAX_DURATION'`. (The deadline's timer holds the
+   * sandbox: one with a deadline runs until it, referenced or not.)
    */
   maxDurationMs?: number
   /**
@@ -218,8 +219,12 @@ export class SandboxBuilder {
   }
 }
 
-/** The sandboxes this process made, weakly held (a dropped one is still killed when collected). */
+/**
+ * The sandboxes this process made, for `Sandbox.list()`: weakly held, so that a dropped sandbox
+ * is still killed when collected; collected ones leave the set, ended ones at the next `list()`.
+ */
 const made = new Set<WeakRef<Sandbox>>()
+const collected = new FinalizationRegistry<WeakRef<Sandbox>>((ref) => made.delete(ref))
 
 /**
  * A microVM running the guest platform (Linux kernel, root disk, the microcell agent as PID 1),
@@ -243,7 +248,9 @@ export class Sandbox implements AsyncDisposable {
     this.#native = handle
     this.#ops = new native.NativeSandboxOps(handle)
     this.#info = Object.freeze(handle.info() as unknown as SandboxInfo)
-    made.add(new WeakRef(this))
+    const ref = new WeakRef(this)
+    made.add(ref)
+    collected.register(this, ref)
     const ms = this.config.maxDurationMs
     if (ms !== undefined) {
       this.#arm(ms)
