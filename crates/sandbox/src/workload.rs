@@ -8,7 +8,9 @@
 //! [`Workload::wait_async`] give the [`WorkloadStatus`]: from the channel, or — when the
 //! channel gave nothing (no channel, a VM that ended first) — from the console's status line.
 //! A program that does not exist or cannot run is a status with an error (`ENOENT`,
-//! `EACCES`), reported within the boot time, never a hung VM.
+//! `EACCES`), reported within the boot time, never a hung VM. [`Workload::signal`] reaches the
+//! program (`SignalWorkload`); [`Workload::snapshot`] / [`Workload::restore`] checkpoint the VM
+//! on its engine, and each restore's program runs on from where it was.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -267,7 +269,7 @@ impl Workload {
         let boot = meta.boot_spec(&meta.config, meta.config.console_output.clone());
         tracing::info!(engine = %selection.kind, argv0 = %spec.argv[0], "booting a workload VM");
         let vm: Arc<dyn RunningVm> = Arc::from(engine.boot(&boot)?);
-        Self::watch(vm, meta, selection)
+        Self::spawn_watcher(vm, meta, selection)
     }
 
     /// A workload VM from a snapshot directory ([`Workload::snapshot`]): the engine resumes it
@@ -290,7 +292,7 @@ impl Workload {
         let boot = meta.boot_spec(&meta.config, options.console_output);
         let selection = EngineSelection { kind: meta.engine, reason: format!("restored from {}", dir.display()) };
         let vm: Arc<dyn RunningVm> = Arc::from(engine.restore(dir, &boot)?);
-        Self::watch(vm, meta, selection)
+        Self::spawn_watcher(vm, meta, selection)
     }
 
     /// Writes a snapshot of the VM into `dir` (created if needed): the engine's (memory,
@@ -308,7 +310,7 @@ impl Workload {
 
     /// The watcher thread of a booted or restored VM: the status over the channel, else from
     /// the console.
-    fn watch(vm: Arc<dyn RunningVm>, meta: SnapshotMeta, selection: EngineSelection) -> Result<Workload> {
+    fn spawn_watcher(vm: Arc<dyn RunningVm>, meta: SnapshotMeta, selection: EngineSelection) -> Result<Workload> {
         let slot = Arc::new(Slot::default());
         let agent = Arc::new(AgentSlot::default());
         let timeout = Duration::from_millis(u64::from(meta.config.boot_timeout_ms));
