@@ -3,6 +3,8 @@
 // (TCG here), T3: on 'kvm' (skipped, saying why, where the built-in VMM cannot boot Linux).
 import { execFile } from 'node:child_process'
 import fs from 'node:fs'
+import http from 'node:http'
+import net from 'node:net'
 import path from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { promisify } from 'node:util'
@@ -257,6 +259,48 @@ perTier(test, 'MicroVm workload', (tier, engine) => {
         const exit = await within(c.stop({ timeoutMs: 20_000 }), 30_000, "a clone's stop()")
         t.like(exit, { reason: 'reset', workload: { exitCode: 9 } })
       }
+    } finally {
+      await vm.kill()
+    }
+  })
+
+  test(`${tier}: scope and portMap give a workload VM its network: public reaches the host, a mapped port reaches the program`, async (t) => {
+    const server = http.createServer((req, res) => res.end('host says hi'))
+    await new Promise((r) => server.listen(0, '127.0.0.1', r))
+    try {
+      const fetched = await builder().execPath('/bin/wget').args(['-q', '-O', '-', `http://10.0.2.2:${server.address().port}/`]).scope('public').run({ ...opts, console: null })
+      t.is(fetched.exitCode, 0)
+      const none = await builder().execPath('/bin/sh').args(['-c', 'ls /sys/class/net | grep -c eth0']).scope('none').run(opts)
+      t.is(none.exitCode, 1, 'scope none: no eth0')
+      t.is(t.throws(() => builder().execPath('/bin/true').scope('none').portMap(['8080:80']).build(), { instanceOf: MicrocellError }).code, 'E_CONFIG_NETWORK')
+    } finally {
+      server.close()
+    }
+    // A server as the workload, reached through its mapped port (scope group: no way out).
+    const hostPort = await new Promise((resolve) => {
+      const s = net.createServer().listen(0, '127.0.0.1', () => {
+        const { port } = s.address()
+        s.close(() => resolve(port))
+      })
+    })
+    const vm = await builder()
+      .execPath('/bin/sh')
+      .args(['-c', 'mkdir -p /tmp/www && echo from-the-workload > /tmp/www/index.html && exec httpd -f -p 80 -h /tmp/www'])
+      .portMap([`${hostPort}:80`])
+      .start(opts)
+    try {
+      let body = null
+      const end = Date.now() + 60_000
+      while (body === null && Date.now() < end) {
+        body = await new Promise((resolve) => {
+          http.get({ host: '127.0.0.1', port: hostPort, path: '/index.html', timeout: 3000 }, (res) => {
+            let b = ''
+            res.on('data', (c) => (b += c)).on('end', () => resolve(res.statusCode === 200 ? b : null))
+          }).on('error', () => setTimeout(() => resolve(null), 200))
+        })
+      }
+      t.is(body, 'from-the-workload\n')
+      t.like(await within(vm.stop({ timeoutMs: 10_000 }), 20_000, 'stop()'), { reason: 'reset', workload: { signal: 'SIGTERM' } })
     } finally {
       await vm.kill()
     }

@@ -17,6 +17,7 @@ use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use sandbox::config::MicroVmConfig;
 use sandbox::console::{ConsoleReader, ConsoleStats as CoreConsoleStats};
+use sandbox::sandbox::NetworkConfig;
 use sandbox::{EngineChoice, SandboxConfig, VmExit, Workload, WorkloadStatus};
 
 use super::{coded, ConsoleStats};
@@ -145,6 +146,7 @@ fn sandbox_config(
         rootfs: Some(disk.to_path_buf()),
         console_output: c.console_output.clone(),
         kernel_args: c.cmdline.clone(),
+        network: NetworkConfig::for_microvm(c.scope, &c.port_map).map_err(sandbox_error)?,
         ..Default::default()
     };
     if let Some(ms) = options.and_then(|o| o.boot_timeout_ms) {

@@ -255,7 +255,7 @@ impl Workload {
     /// returns once the VM runs. `config.bootTimeoutMs` bounds the wait for the agent.
     pub fn start(spec: &WorkloadSpec, config: SandboxConfig) -> Result<Workload> {
         let config = config.validate()?;
-        let selection = engine::select(config.engine)?;
+        let selection = engine::select_with_net(config.engine, config.network.is_some())?;
         let engine = engine::engine(selection.kind)?;
         Self::start_on(spec, config, engine.as_ref(), selection)
     }

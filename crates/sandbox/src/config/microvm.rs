@@ -344,6 +344,11 @@ impl MicroVmConfig {
             }
             parsed.port_map.push(pair);
         }
+        if self.scope == NetworkScope::None && !self.port_map.is_empty() {
+            return Err(ConfigError::Network(
+                "portMap needs a network: give scope 'group', 'public' or 'any', or no portMap".into(),
+            ));
+        }
 
         if let Some(subnet) = &self.subnet {
             parsed.subnet = Some(Ipv4Subnet::parse(subnet)?);

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::error::{Result, SandboxError};
-use crate::config::types::normalize_guest_path;
+use crate::config::microvm::NetworkScope;
+use crate::config::types::{normalize_guest_path, PortPair};
 use crate::engine::{BootSpec, EngineChoice, NetSpec, PortForward, GUEST_NET};
 
 /// Guest memory when none is given, in MiB.
@@ -97,23 +98,39 @@ fn yes() -> bool {
 }
 
 impl NetworkConfig {
+    /// A MicroVm's `scope` and `portMap` as a workload VM's network: `none` — no interface
+    /// (`portMap` then refused with `E_CONFIG_NETWORK`); `group` (the default) — an interface
+    /// only for forwarded ports, no way out (there is no group of sandboxes to reach yet);
+    /// `public` / `any` — outbound access (user-mode NAT cannot tell private addresses apart).
+    pub fn for_microvm(scope: NetworkScope, port_map: &[String]) -> Result<Option<NetworkConfig>> {
+        let ports = port_map.to_vec();
+        match scope {
+            NetworkScope::None if !ports.is_empty() => Err(SandboxError::config(
+                "E_CONFIG_NETWORK",
+                "portMap needs a network: give scope 'group', 'public' or 'any', or no portMap",
+            )),
+            NetworkScope::None => Ok(None),
+            NetworkScope::Group if ports.is_empty() => Ok(None),
+            NetworkScope::Group => Ok(Some(NetworkConfig { outbound: false, ports })),
+            NetworkScope::Public | NetworkScope::Any => Ok(Some(NetworkConfig { outbound: true, ports })),
+        }
+    }
+}
+
+impl NetworkConfig {
     /// The engine's view; `E_CONFIG_NETWORK` for a port that is not `HOST:GUEST` or `PORT`
     /// (1-65535) or a host port given twice.
     pub fn net_spec(&self) -> Result<NetSpec> {
-        let bad = |p: &str, why: &str| {
-            SandboxError::config("E_CONFIG_NETWORK", format!("network port {p:?} {why}: give \"HOST:GUEST\" or \"PORT\" with TCP ports from 1 to 65535"))
-        };
-        let num = |p: &str, n: &str| n.parse::<u16>().ok().filter(|n| *n > 0).ok_or_else(|| bad(p, "is not usable"));
         let mut ports: Vec<PortForward> = Vec::new();
         for p in &self.ports {
-            let (host, guest) = match p.split_once(':') {
-                Some((h, g)) => (num(p, h)?, num(p, g)?),
-                None => (num(p, p)?, num(p, p)?),
-            };
-            if ports.iter().any(|q| q.host == host) {
-                return Err(bad(p, "forwards a host port that is already forwarded"));
+            let pair = PortPair::parse(p).map_err(|e| SandboxError::config("E_CONFIG_NETWORK", format!("network ports: {e}")))?;
+            if ports.iter().any(|q| q.host == pair.host) {
+                return Err(SandboxError::config(
+                    "E_CONFIG_NETWORK",
+                    format!("network port {p:?} forwards host port {} a second time: give each host port once", pair.host),
+                ));
             }
-            ports.push(PortForward { host, guest });
+            ports.push(PortForward { host: pair.host, guest: pair.guest });
         }
         Ok(NetSpec { outbound: self.outbound, ports })
     }
@@ -525,6 +542,17 @@ mod tests {
         ] {
             assert!(SandboxError::CODES.contains(&c), "{c}");
         }
+    }
+
+    #[test]
+    fn a_microvm_scope_and_port_map_become_a_workload_network() {
+        let ports = ["8080:80".to_owned()];
+        assert_eq!(NetworkConfig::for_microvm(NetworkScope::None, &[]).unwrap(), None);
+        assert_eq!(NetworkConfig::for_microvm(NetworkScope::None, &ports).unwrap_err().code(), "E_CONFIG_NETWORK");
+        assert_eq!(NetworkConfig::for_microvm(NetworkScope::Group, &[]).unwrap(), None);
+        assert_eq!(NetworkConfig::for_microvm(NetworkScope::Group, &ports).unwrap(), Some(NetworkConfig { outbound: false, ports: ports.to_vec() }));
+        assert_eq!(NetworkConfig::for_microvm(NetworkScope::Public, &[]).unwrap(), Some(NetworkConfig { outbound: true, ports: vec![] }));
+        assert!(NetworkConfig::for_microvm(NetworkScope::Any, &ports).unwrap().unwrap().outbound);
     }
 
     #[test]

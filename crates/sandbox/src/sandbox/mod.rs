@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 pub use config::{
-    default_kernel, default_rootfs, guest_cache_dir, validate_sandbox_config_json, GuestImages,
+    default_kernel, default_rootfs, guest_cache_dir, validate_sandbox_config_json, GuestImages, NetworkConfig,
     SandboxConfig, DEFAULT_BOOT_TIMEOUT_MS, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, MAX_BOOT_TIMEOUT_MS,
     MAX_CPUS, MIN_BOOT_TIMEOUT_MS, MIN_MEMORY_MIB,
 };
