@@ -77,6 +77,7 @@ test('usage errors exit with status 2 and point to --help', async (t) => {
     [['run', '--timeout'], /needs a value/],
     [['run', '--json', '--tty', '--', 'true'], /do not go together/],
     [['info', 'extra'], /takes no arguments/],
+    [['run', '-p', '0:80', '--', 'true'], /network ports/],
   ]
   const results = await Promise.all(cases.map(([args]) => microcell(args)))
   for (const [i, [args, message]] of cases.entries()) {
@@ -132,6 +133,16 @@ booting('exec runs one shell string; a signal is 128+N; --timeout kills; -i pass
   t.is(stdin.code, 0)
   t.is(missing.code, 127)
   t.regex(missing.stderr, /\/no\/such\/program: not found in the guest \(ENOENT/)
+})
+
+booting('--net gives the command a network (the host loopback as 10.0.2.2); without it there is no eth0', async (t) => {
+  const [withNet, without] = await Promise.all([
+    microcell(['exec', '--net', 'ip -4 addr show eth0 | grep -o "inet [0-9./]*"']),
+    microcell(['exec', 'ls /sys/class/net | grep -c eth0']),
+  ])
+  t.is(withNet.code, 0, withNet.stderr)
+  t.is(withNet.stdout.trim(), 'inet 10.0.2.15/24')
+  t.is(without.code, 1, without.stderr)
 })
 
 booting('--json prints one machine-readable result (output collected, status, sandbox info)', async (t) => {
