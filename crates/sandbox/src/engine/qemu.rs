@@ -636,8 +636,9 @@ impl RunningVm for QemuVm {
     fn snapshot(&self, dir: &Path) -> Result<()> {
         let migration = dir.join(MIGRATION_FILE);
         let uri = format!("exec:cat > {}", shell_quote(&migration));
-        let paused = self.paused.load(Ordering::SeqCst);
         self.with_qmp(SandboxError::Snapshot, |qmp| {
+            // (Read under the monitor's lock, which pause and resume hold while they change it.)
+            let paused = self.paused.load(Ordering::SeqCst);
             // QEMU stops a running guest itself for the final pass and leaves it stopped
             // ("postmigrate"); a paused one is migrated as it is. The stream does not carry the
             // run state (`store-global-state=off`): restores run either way.
@@ -657,15 +658,19 @@ impl RunningVm for QemuVm {
     }
 
     fn pause(&self) -> Result<()> {
-        self.with_qmp(vm_state, |qmp| qmp.execute("stop", serde_json::json!({})).map(drop))?;
-        self.paused.store(true, Ordering::SeqCst);
-        Ok(())
+        self.with_qmp(vm_state, |qmp| {
+            qmp.execute("stop", serde_json::json!({}))?;
+            self.paused.store(true, Ordering::SeqCst);
+            Ok(())
+        })
     }
 
     fn resume(&self) -> Result<()> {
-        self.with_qmp(vm_state, |qmp| qmp.execute("cont", serde_json::json!({})).map(drop))?;
-        self.paused.store(false, Ordering::SeqCst);
-        Ok(())
+        self.with_qmp(vm_state, |qmp| {
+            qmp.execute("cont", serde_json::json!({}))?;
+            self.paused.store(false, Ordering::SeqCst);
+            Ok(())
+        })
     }
 
     fn is_paused(&self) -> bool {
