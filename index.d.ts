@@ -25,6 +25,7 @@ export type {
   BuiltMicroVmConfig,
   MetricsOptions,
   NetworkConfig,
+  Volume,
   SandboxMetrics,
   StopOptions,
   RunOptions,

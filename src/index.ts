@@ -30,7 +30,7 @@ export type { CloneOptions, RestoreOptions, SnapshotConfig, SnapshotDisk, Snapsh
 export { RestorePool, VmPool } from './pool.js'
 export type { PoolCloseOptions, PoolStats, RestorePoolOptions, VmPoolOptions } from './pool.js'
 export { Sandbox, SandboxBuilder } from './sandbox.js'
-export type { NetworkConfig, SandboxConfig, SandboxConfigInput, SandboxEngine, SandboxInfo, SandboxStopOptions } from './sandbox.js'
+export type { NetworkConfig, SandboxConfig, Volume, SandboxConfigInput, SandboxEngine, SandboxInfo, SandboxStopOptions } from './sandbox.js'
 export { hostInfo } from './host.js'
 export type { HostInfo } from './host.js'
 export { MicrocellError, CONFIG_ERROR_CODES, SANDBOX_ERROR_CODES } from './errors.js'

@@ -55,6 +55,23 @@ export interface SandboxConfig {
    * (the built-in VMM has no network device yet; engine `kvm` refuses it).
    */
   network?: NetworkConfig
+  /**
+   * Host directories shared into the guest (virtio-9p on engine `qemu`; at most 4), mounted
+   * at boot. Files the guest writes belong to this process's user on the host (the guest's
+   * owner and mode are kept in extended attributes). Engine `auto` picks `qemu` for them; a
+   * sandbox with volumes cannot be snapshotted (QEMU does not migrate a mounted 9p share).
+   */
+  volumes?: Volume[]
+}
+
+/** A host directory in the guest. */
+export interface Volume {
+  /** An existing host directory (made absolute by `build()`). */
+  host: string
+  /** Where the guest sees it: an absolute path other than `/`, without `,` `:` or spaces. */
+  guest: string
+  /** Read-only in the guest (and for the share). Default false. */
+  readOnly?: boolean
 }
 
 /** See `SandboxConfig.network`. */
@@ -188,6 +205,13 @@ export class SandboxBuilder {
   /** Extra guest kernel command line (e.g. `loglevel=8`). */
   kernelArgs(args: string): this {
     return this.#set('kernelArgs', args)
+  }
+
+  /** Shares host directory `host` into the guest at `guest` (repeatable; see `SandboxConfig.volumes`). */
+  volume(host: string, guest: string, options: { readOnly?: boolean } = {}): this {
+    const volume: Volume = { host, guest }
+    if (options.readOnly === true) volume.readOnly = true
+    return this.#set('volumes', [...(this.#config.volumes ?? []), volume])
   }
 
   /** Gives the guest a network (see `SandboxConfig.network`): `{}` for outbound access, `ports` to forward. */

@@ -52,7 +52,26 @@ pub fn setup() -> Cmdline {
     if let Some(net) = cmdline.get("microcell.net") {
         network(net);
     }
+    if let Some(volumes) = cmdline.get("microcell.volumes") {
+        mount_volumes(volumes);
+    }
     cmdline
+}
+
+/// `microcell.volumes=TAG:PATH:rw|ro,...`: host directories the engine shares over virtio-9p,
+/// mounted at PATH (made if missing). A failure is logged and the VM runs on without it.
+fn mount_volumes(list: &str) {
+    for entry in list.split(',') {
+        let [tag, path, mode] = entry.split(':').collect::<Vec<_>>()[..] else {
+            log!("microcell.volumes: {entry:?} is not TAG:PATH:rw|ro");
+            continue;
+        };
+        let flags = if mode == "ro" { libc::MS_RDONLY } else { 0 };
+        let _ = std::fs::create_dir_all(path);
+        if let Err(e) = sys::mount(tag, path, "9p", flags, "trans=virtio,version=9p2000.L,msize=262144") {
+            log!("volume {tag} on {path}: {e}");
+        }
+    }
 }
 
 /// `microcell.net=ADDR/PREFIX,GATEWAY,DNS`: the host gave the VM a network interface (`eth0`);

@@ -17,7 +17,7 @@ use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use sandbox::config::MicroVmConfig;
 use sandbox::console::{ConsoleReader, ConsoleStats as CoreConsoleStats};
-use sandbox::sandbox::NetworkConfig;
+use sandbox::sandbox::{NetworkConfig, Volume};
 use sandbox::{EngineChoice, SandboxConfig, VmExit, Workload, WorkloadStatus};
 
 use super::{coded, ConsoleStats};
@@ -147,6 +147,14 @@ fn sandbox_config(
         console_output: c.console_output.clone(),
         kernel_args: c.cmdline.clone(),
         network: NetworkConfig::for_microvm(c.scope, &c.port_map).map_err(sandbox_error)?,
+        volumes: c
+            .mapped_dirs
+            .iter()
+            .map(|d| {
+                let pair = sandbox::config::PathPair::parse(d).map_err(|e| coded(e.code(), e))?;
+                Ok(Volume { host: pair.host.into(), guest: pair.guest, read_only: false })
+            })
+            .collect::<Result<Vec<_>>>()?,
         ..Default::default()
     };
     if let Some(ms) = options.and_then(|o| o.boot_timeout_ms) {

@@ -27,7 +27,7 @@ use crate::agent_client::{agent_error, ready_from, AgentClient};
 use crate::config::{EnvPair, LinuxRlimit, MicroVmConfig};
 use crate::console::ConsoleReader;
 use crate::engine::{self, Engine, EngineSelection, RunningVm, VmExit};
-use crate::sandbox::snapshot::{io, SnapshotMeta};
+use crate::sandbox::snapshot::{io, refuse_volumes, SnapshotMeta};
 use crate::sandbox::{Result, SandboxConfig, SandboxError};
 
 /// Longest `microcell.exec=` word: x86 Linux keeps 2047 bytes of command line, and the engine's
@@ -255,7 +255,7 @@ impl Workload {
     /// returns once the VM runs. `config.bootTimeoutMs` bounds the wait for the agent.
     pub fn start(spec: &WorkloadSpec, config: SandboxConfig) -> Result<Workload> {
         let config = config.validate()?;
-        let selection = engine::select_with_net(config.engine, config.network.is_some())?;
+        let selection = engine::select_for_devices(config.engine, config.qemu_only_devices())?;
         let engine = engine::engine(selection.kind)?;
         Self::start_on(spec, config, engine.as_ref(), selection)
     }
@@ -303,6 +303,7 @@ impl Workload {
         if self.wait_timeout(Duration::ZERO).is_some() {
             return Err(vmm::Error::VmState("the workload VM has ended: there is nothing to snapshot".into()).into());
         }
+        refuse_volumes(&self.meta.config)?;
         std::fs::create_dir_all(dir).map_err(io(format!("cannot create snapshot directory {}", dir.display())))?;
         self.vm.snapshot(dir)?;
         self.meta.write(dir)

@@ -116,14 +116,19 @@ impl Engine for KvmEngine {
     }
 }
 
-/// Why the built-in VMM cannot give the guest a network (yet).
+/// Why the built-in VMM cannot give the guest a network or shared directories (yet).
 pub const NO_NET: &str = "the built-in VMM has no network device yet";
+pub const NO_SHARES: &str = "the built-in VMM has no shared-directory device (virtio-9p) yet";
 
 fn refuse_net(spec: &BootSpec) -> Result<()> {
-    match spec.net {
-        Some(_) => Err(SandboxError::EngineUnavailable { engine: EngineKind::Kvm, reason: format!("a network was asked for and {NO_NET}") }),
-        None => Ok(()),
-    }
+    let why = if spec.net.is_some() {
+        format!("a network was asked for and {NO_NET}")
+    } else if !spec.shares.is_empty() {
+        format!("volumes were asked for and {NO_SHARES}")
+    } else {
+        return Ok(());
+    };
+    Err(SandboxError::EngineUnavailable { engine: EngineKind::Kvm, reason: why })
 }
 
 /// Wires a VM the VMM starts (`start` gets the console writer) to the console sink, the exit

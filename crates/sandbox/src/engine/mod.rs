@@ -81,17 +81,15 @@ pub fn select(choice: EngineChoice) -> Result<EngineSelection> {
     select_for(choice, vmm::host::cached())
 }
 
-/// [`select`] for a guest that needs a network: `auto` then picks `qemu`, the engine with one.
-pub fn select_with_net(choice: EngineChoice, net: bool) -> Result<EngineSelection> {
-    Ok(with_net(choice, net, select(choice)?))
+/// [`select`] for a guest that needs devices only `qemu` has (`needs`: what and why, e.g. a
+/// network): `auto` then picks `qemu`.
+pub fn select_for_devices(choice: EngineChoice, needs: Option<String>) -> Result<EngineSelection> {
+    Ok(with_devices(choice, needs, select(choice)?))
 }
 
-fn with_net(choice: EngineChoice, net: bool, selection: EngineSelection) -> EngineSelection {
-    match (choice, net, selection.kind) {
-        (EngineChoice::Auto, true, EngineKind::Kvm) => EngineSelection {
-            kind: EngineKind::Qemu,
-            reason: format!("auto: a network was asked for and {}", kvm::NO_NET),
-        },
+fn with_devices(choice: EngineChoice, needs: Option<String>, selection: EngineSelection) -> EngineSelection {
+    match (choice, needs, selection.kind) {
+        (EngineChoice::Auto, Some(why), EngineKind::Kvm) => EngineSelection { kind: EngineKind::Qemu, reason: format!("auto: {why}") },
         _ => selection,
     }
 }
@@ -193,6 +191,17 @@ pub struct BootSpec {
     pub console_queue_bytes: Option<usize>,
     /// A network interface (the guest's `eth0`), or none.
     pub net: Option<NetSpec>,
+    /// Host directories shared into the guest (virtio-9p), each under its mount tag.
+    pub shares: Vec<Share>,
+}
+
+/// A host directory the guest mounts (`mount -t 9p TAG`); the guest side is on the kernel
+/// command line (`microcell.volumes=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    pub tag: String,
+    pub host: PathBuf,
+    pub read_only: bool,
 }
 
 /// The guest's network: user-mode NAT behind the engine (guest `10.0.2.15/24`, the host's
@@ -227,6 +236,7 @@ impl BootSpec {
             console_file: None,
             console_queue_bytes: None,
             net: None,
+            shares: Vec::new(),
         }
     }
 }
@@ -580,12 +590,12 @@ mod tests {
     fn a_network_moves_auto_to_qemu_and_only_auto() {
         let hw = select_for(EngineChoice::Auto, &host(true, true)).unwrap();
         assert_eq!(hw.kind, EngineKind::Kvm);
-        let net = with_net(EngineChoice::Auto, true, hw.clone());
+        let net = with_devices(EngineChoice::Auto, Some("a network was asked for".into()), hw.clone());
         assert_eq!(net.kind, EngineKind::Qemu);
         assert!(net.reason.contains("network"), "{}", net.reason);
-        assert_eq!(with_net(EngineChoice::Auto, false, hw.clone()).kind, EngineKind::Kvm);
+        assert_eq!(with_devices(EngineChoice::Auto, None, hw.clone()).kind, EngineKind::Kvm);
         let asked = select_for(EngineChoice::Kvm, &host(true, true)).unwrap();
-        assert_eq!(with_net(EngineChoice::Kvm, true, asked).kind, EngineKind::Kvm, "asked for: the engine says no at boot");
+        assert_eq!(with_devices(EngineChoice::Kvm, Some("x".into()), asked).kind, EngineKind::Kvm, "asked for: the engine says no at boot");
     }
 
     #[test]

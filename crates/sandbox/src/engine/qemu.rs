@@ -233,6 +233,18 @@ impl QemuEngine {
             push("-device");
             push("virtio-net-device,netdev=net0");
         }
+        for share in &spec.shares {
+            // mapped-xattr: files the guest makes are the QEMU process's on the host, their
+            // guest owner and mode kept in xattrs (no setuid files appear on the host).
+            let mut fsdev = format!("local,id={0},path={1},security_model=mapped-xattr", share.tag, qemu_opt_value(&share.host));
+            if share.read_only {
+                fsdev.push_str(",readonly=on");
+            }
+            push("-fsdev");
+            push(&fsdev);
+            push("-device");
+            push(&format!("virtio-9p-device,fsdev={0},mount_tag={0}", share.tag));
+        }
         if let Some(file) = incoming {
             push("-incoming");
             push(&format!("exec:cat {}", shell_quote(file)));

@@ -9,7 +9,12 @@ use serde::{Deserialize, Serialize};
 use super::error::{Result, SandboxError};
 use crate::config::microvm::NetworkScope;
 use crate::config::types::{normalize_guest_path, PortPair};
-use crate::engine::{BootSpec, EngineChoice, NetSpec, PortForward, GUEST_NET};
+use crate::engine::{BootSpec, EngineChoice, NetSpec, PortForward, Share, GUEST_NET};
+
+/// The mount tag of volume `i` (the guest finds it by this name).
+fn volume_tag(i: usize) -> String {
+    format!("mcvol{i}")
+}
 
 /// Guest memory when none is given, in MiB.
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
@@ -69,6 +74,9 @@ pub struct SandboxConfig {
     /// timer); kept here for the configuration's other users.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_duration_ms: Option<u32>,
+    /// Host directories shared into the guest (virtio-9p on engine `qemu`), mounted at boot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
     /// A network interface for the guest (`eth0`, user-mode NAT on engine `qemu`); none by
     /// default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,6 +85,55 @@ pub struct SandboxConfig {
     /// (default [`super::CONSOLE_QUEUE_BYTES`]; `consoleOutput` files get every byte anyway).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console_queue_bytes: Option<u32>,
+}
+
+/// Most volumes of one sandbox (virtio-mmio slots beside the disk, console and network).
+pub const MAX_VOLUMES: usize = 4;
+
+/// A host directory shared into the guest (camelCase JSON; unknown keys refused).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Volume {
+    /// An existing host directory (made absolute by validation).
+    pub host: PathBuf,
+    /// Where the guest mounts it: an absolute path, not `/`, without `,` `:` or spaces.
+    pub guest: String,
+    /// Mounted read-only, and refused writes on the host side too.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+fn volume_error(message: String) -> SandboxError {
+    SandboxError::config("E_CONFIG_VOLUME", message)
+}
+
+/// Checks and normalises the volumes: host directories exist (made absolute), guest paths are
+/// absolute, usable on the kernel command line, and neither the same nor nested.
+fn validate_volumes(volumes: &mut [Volume]) -> Result<()> {
+    if volumes.len() > MAX_VOLUMES {
+        return Err(volume_error(format!("{} volumes: give at most {MAX_VOLUMES}", volumes.len())));
+    }
+    for v in volumes.iter_mut() {
+        let host = std::fs::canonicalize(&v.host)
+            .ok()
+            .filter(|p| p.is_dir())
+            .ok_or_else(|| volume_error(format!("volume host path {} is not an existing directory: give one", v.host.display())))?;
+        v.host = host;
+        let guest = normalize_guest_path("volume guest path", &v.guest).map_err(|e| volume_error(e.to_string()))?;
+        if guest == "/" || guest.contains([',', ':']) || guest.chars().any(char::is_whitespace) {
+            return Err(volume_error(format!("volume guest path {guest:?} cannot be used: give an absolute path other than / without ',', ':' or spaces")));
+        }
+        v.guest = guest;
+    }
+    for (i, a) in volumes.iter().enumerate() {
+        for b in &volumes[i + 1..] {
+            let nested = |x: &str, y: &str| x == y || y.starts_with(&format!("{x}/"));
+            if nested(&a.guest, &b.guest) || nested(&b.guest, &a.guest) {
+                return Err(volume_error(format!("volume guest paths {} and {} overlap: give each its own directory", a.guest, b.guest)));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The guest's network (camelCase JSON; unknown keys refused).
@@ -161,6 +218,7 @@ impl Default for SandboxConfig {
             console_output: None,
             kernel_args: None,
             max_duration_ms: None,
+            volumes: Vec::new(),
             network: None,
             console_queue_bytes: None,
         }
@@ -249,6 +307,24 @@ impl SandboxConfig {
             console_file,
             console_queue_bytes: Some(self.console_queue()),
             net: self.network.as_ref().and_then(|n| n.net_spec().ok()),
+            shares: self
+                .volumes
+                .iter()
+                .enumerate()
+                .map(|(i, v)| Share { tag: volume_tag(i), host: v.host.clone(), read_only: v.read_only })
+                .collect(),
+        }
+    }
+
+    /// What this configuration needs that only engine `qemu` has, said for `auto`'s reason.
+    pub fn qemu_only_devices(&self) -> Option<String> {
+        use crate::engine::kvm::{NO_NET, NO_SHARES};
+        if self.network.is_some() {
+            Some(format!("a network was asked for and {NO_NET}"))
+        } else if !self.volumes.is_empty() {
+            Some(format!("volumes were asked for and {NO_SHARES}"))
+        } else {
+            None
         }
     }
 
@@ -317,6 +393,7 @@ impl SandboxConfig {
         if let Some(n) = &c.network {
             n.net_spec()?;
         }
+        validate_volumes(&mut c.volumes)?;
         if let Some(args) = &c.kernel_args {
             if args.len() > MAX_KERNEL_ARGS_LEN || !args.bytes().all(|b| (0x20..=0x7e).contains(&b))
             {
@@ -368,6 +445,15 @@ impl SandboxConfig {
         if self.network.is_some() {
             let (addr, gateway, dns) = GUEST_NET;
             parts.push(format!("microcell.net={addr},{gateway},{dns}"));
+        }
+        if !self.volumes.is_empty() {
+            let list: Vec<String> = self
+                .volumes
+                .iter()
+                .enumerate()
+                .map(|(i, v)| format!("{}:{}:{}", volume_tag(i), v.guest, if v.read_only { "ro" } else { "rw" }))
+                .collect();
+            parts.push(format!("microcell.volumes={}", list.join(",")));
         }
         if let Some(args) = &self.kernel_args {
             parts.push(args.trim().to_owned());
@@ -527,6 +613,13 @@ mod tests {
         assert_eq!(code(r#"{"network":{"ports":["70000"]}}"#), "E_CONFIG_NETWORK");
         assert_eq!(code(r#"{"network":{"ports":["80:1","80:2"]}}"#), "E_CONFIG_NETWORK");
         assert_eq!(code(r#"{"network":{"bogus":1}}"#), "E_CONFIG_JSON");
+        assert_eq!(code(r#"{"volumes":[{"host":"/tmp","guest":"/data"}]}"#), "OK");
+        assert_eq!(code(r#"{"volumes":[{"host":"/no/such/dir","guest":"/data"}]}"#), "E_CONFIG_VOLUME");
+        assert_eq!(code(r#"{"volumes":[{"host":"/tmp","guest":"data"}]}"#), "E_CONFIG_VOLUME");
+        assert_eq!(code(r#"{"volumes":[{"host":"/tmp","guest":"/"}]}"#), "E_CONFIG_VOLUME");
+        assert_eq!(code(r#"{"volumes":[{"host":"/tmp","guest":"/a,b"}]}"#), "E_CONFIG_VOLUME");
+        assert_eq!(code(r#"{"volumes":[{"host":"/tmp","guest":"/a"},{"host":"/tmp","guest":"/a/b"}]}"#), "E_CONFIG_VOLUME");
+        assert_eq!(code(r#"{"volumes":[{"host":"/tmp","guest":"/a","ro":true}]}"#), "E_CONFIG_JSON");
         assert_eq!(code(r#"{"kernel":""}"#), "E_CONFIG_JSON");
         for c in [
             "E_CONFIG_JSON",
@@ -539,6 +632,7 @@ mod tests {
             "E_CONFIG_CMDLINE",
             "E_CONFIG_CONSOLE",
             "E_CONFIG_NETWORK",
+            "E_CONFIG_VOLUME",
         ] {
             assert!(SandboxError::CODES.contains(&c), "{c}");
         }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 pub use config::{
-    default_kernel, default_rootfs, guest_cache_dir, validate_sandbox_config_json, GuestImages, NetworkConfig,
+    default_kernel, default_rootfs, guest_cache_dir, validate_sandbox_config_json, GuestImages, NetworkConfig, Volume,
     SandboxConfig, DEFAULT_BOOT_TIMEOUT_MS, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, MAX_BOOT_TIMEOUT_MS,
     MAX_CPUS, MIN_BOOT_TIMEOUT_MS, MIN_MEMORY_MIB,
 };
@@ -78,7 +78,7 @@ impl Sandbox {
     /// ready. Blocks for the boot (~1 s under TCG here; call it off any event loop thread).
     pub fn create(config: SandboxConfig) -> Result<Sandbox> {
         let config = config.validate()?;
-        let selection = engine::select_with_net(config.engine, config.network.is_some())?;
+        let selection = engine::select_for_devices(config.engine, config.qemu_only_devices())?;
         let engine = engine::engine(selection.kind).map_err(|e| match e {
             SandboxError::QemuNotFound(m) => {
                 SandboxError::QemuNotFound(format!("{m} (engine qemu: {})", selection.reason))

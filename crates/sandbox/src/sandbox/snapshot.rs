@@ -59,6 +59,17 @@ impl SnapshotMeta {
     }
 }
 
+/// A VM with volumes is not snapshotted: the host directories are not part of it, and QEMU does
+/// not migrate a mounted 9p share.
+pub(crate) fn refuse_volumes(config: &SandboxConfig) -> Result<()> {
+    if config.volumes.is_empty() {
+        return Ok(());
+    }
+    Err(SandboxError::Snapshot(
+        "a VM with volumes (or mappedDirs) cannot be snapshotted: its host directories are not part of it and are not migrated; copy what it needs in with fs.copyFromHost() instead".into(),
+    ))
+}
+
 /// What a snapshot directory's `sandbox.json` says (for callers that pick the restore path).
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -111,6 +122,7 @@ impl Sandbox {
     /// Writes a snapshot of this sandbox into `dir` (created if needed); the sandbox runs on.
     /// Take it while no command is running (in-flight commands do not survive a restore).
     pub fn snapshot(&self, dir: &Path) -> Result<()> {
+        refuse_volumes(&self.config)?;
         std::fs::create_dir_all(dir).map_err(io(format!("cannot create snapshot directory {}", dir.display())))?;
         self.vm.snapshot(dir)?;
         SnapshotMeta {
