@@ -96,6 +96,25 @@ perTier(test, 'files', (tier, engine) => {
     t.is((await sb.fs.read('/tmp/f1/empty')).length, 0)
   })
 
+  test(`${tier}: watch() reports creates, writes, renames, mode changes and removals in order, also in new subdirectories`, async (t) => {
+    const sb = await sandbox()
+    await sb.exec('mkdir', ['-p', '/tmp/watched'])
+    await rejectsWith(t, sb.fs.watch('/tmp/no-such-dir'), 'ENOENT')
+    const watcher = await sb.fs.watch('/tmp/watched', { recursive: true })
+    await sb.shell('echo a > /tmp/watched/f; mkdir /tmp/watched/sub; echo b > /tmp/watched/sub/g; mv /tmp/watched/f /tmp/watched/h; chmod 600 /tmp/watched/h; rm /tmp/watched/h')
+    const seen = []
+    for await (const c of watcher) {
+      const item = `${c.type} ${c.path}`
+      if (seen.at(-1) !== item) seen.push(item)
+      if (c.type === 'remove') watcher.close()
+    }
+    const expected = ['create /tmp/watched/f', 'write /tmp/watched/f', 'create /tmp/watched/sub', 'create /tmp/watched/sub/g', 'rename /tmp/watched/f', 'rename /tmp/watched/h', 'chmod /tmp/watched/h', 'remove /tmp/watched/h']
+    let at = 0
+    for (const e of seen) if (e === expected[at]) at++
+    t.is(at, expected.length, `in order ${JSON.stringify(expected)}, seen ${JSON.stringify(seen)}`)
+    t.is(await watcher.next(), null, 'closed')
+  })
+
   test(`${tier}: mkdir / list / rename / remove (recursive, force) / lstat of a symlink`, async (t) => {
     const sb = await sandbox()
     await sb.fs.mkdir('/tmp/d1/a/b', { recursive: true })

@@ -91,12 +91,60 @@ function reject<T>(f: () => Promise<T>): Promise<T> {
  * with a `MicrocellError` whose code is the errno's name (`ENOENT`, `EACCES`, `EISDIR`,
  * `ENOTDIR`, `EEXIST`, `ENOTEMPTY`, ...) and whose message names the guest path.
  */
+/** A change under a watched guest directory (`sandbox.fs.watch()`). */
+export interface WatchChange {
+  /** `overflow`: changes were lost (the guest's queue overflowed while this side read slowly). */
+  type: 'create' | 'write' | 'remove' | 'rename' | 'chmod' | 'overflow'
+  /** The guest path (for `rename`, one change for the old name and one for the new). */
+  path: string
+}
+
+/**
+ * Changes under a guest directory, in order, from when `watch()` resolved: an async iterable
+ * (`for await (const c of watcher)`) that ends after `close()` (or `await using`).
+ */
+export class FsWatcher implements AsyncIterable<WatchChange>, AsyncDisposable {
+  readonly #native: native.NativeWatchHandle
+
+  /** @internal Made by `sandbox.fs.watch()`. */
+  constructor(handle: native.NativeWatchHandle) {
+    this.#native = handle
+  }
+
+  /** The next change, or null once closed. */
+  async next(): Promise<WatchChange | null> {
+    const c = await this.#native.next()
+    return c === null ? null : { type: c.kind as WatchChange['type'], path: c.path }
+  }
+
+  /** Stops watching: the changes already sent are still given, then the iteration ends. */
+  close(): void {
+    this.#native.close()
+  }
+
+  async *[Symbol.asyncIterator](): AsyncIterator<WatchChange> {
+    for (let c = await this.next(); c !== null; c = await this.next()) yield c
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.close()
+  }
+}
+
 export class SandboxFs {
   readonly #ops: native.NativeSandboxOps
 
   /** @internal Made by `sandbox.fs`. */
   constructor(ops: native.NativeSandboxOps) {
     this.#ops = ops
+  }
+
+  /**
+   * Watches a guest directory (`recursive`: its subdirectories too, also ones made later);
+   * resolves once the guest watches it. Rejects with `ENOENT` / `ENOTDIR` (with the path).
+   */
+  watch(dir: string, options: { recursive?: boolean } = {}): Promise<FsWatcher> {
+    return reject(async () => new FsWatcher(await this.#ops.watch(guestPath(dir), options.recursive === true)))
   }
 
   /** A whole file. */

@@ -455,6 +455,10 @@ export class NativeSandboxOps {
     return new NativeFileReaderHandle(await callAsync(() => this.#sandbox.fsOpenRead(path, offset, length)))
   }
 
+  async watch(path: string, recursive: boolean): Promise<NativeWatchHandle> {
+    return new NativeWatchHandle(await callAsync(() => this.#sandbox.fsWatch(path, recursive)))
+  }
+
   async openWrite(path: string, o: NativeWriteOptions): Promise<NativeFileWriterHandle> {
     return new NativeFileWriterHandle(await callAsync(() => this.#sandbox.fsOpenWrite(path, o.mode, o.append, o.parents)))
   }
@@ -465,6 +469,23 @@ export class NativeSandboxOps {
 
   copyToHost(guest: string, host: string): Promise<NativeCopyInfo> {
     return callAsync(() => this.#sandbox.fsCopyToHost(guest, host))
+  }
+}
+
+/** A watch on a guest directory, with errors mapped. */
+export class NativeWatchHandle {
+  readonly #watch: Binding.NativeWatch
+
+  constructor(watch: Binding.NativeWatch) {
+    this.#watch = watch
+  }
+
+  next(): Promise<Binding.WatchChangeInfo | null> {
+    return callAsync(() => this.#watch.next())
+  }
+
+  close(): void {
+    call(() => this.#watch.close())
   }
 }
 

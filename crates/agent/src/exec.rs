@@ -223,6 +223,8 @@ struct InPipe {
 pub enum Fd {
     Out(usize),
     In,
+    /// A `Watch`'s inotify fd.
+    Watch,
 }
 
 /// One process of an `Exec`.
@@ -299,6 +301,7 @@ impl Proc {
         match which {
             Fd::Out(i) => self.read_out(i, out),
             Fd::In => self.write_in(out),
+            Fd::Watch => {}
         }
     }
 

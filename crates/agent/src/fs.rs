@@ -22,7 +22,7 @@ pub const WRITE_WINDOW: u32 = 4 << 20;
 /// File credit goes back in batches of at least this much.
 const CREDIT_BATCH: u64 = 1 << 20;
 
-fn checked(path: &str) -> Result<&Path, ErrorMsg> {
+pub(crate) fn checked(path: &str) -> Result<&Path, ErrorMsg> {
     if path.is_empty() || !path.starts_with('/') {
         return Err(invalid(format!("path {path:?} is not absolute: give a guest path starting with '/'")));
     }
@@ -32,7 +32,7 @@ fn checked(path: &str) -> Result<&Path, ErrorMsg> {
     Ok(Path::new(path))
 }
 
-fn err<'a>(op: &str, path: &'a str) -> impl FnOnce(io::Error) -> ErrorMsg + 'a {
+pub(crate) fn err<'a>(op: &str, path: &'a str) -> impl FnOnce(io::Error) -> ErrorMsg + 'a {
     let op = op.to_owned();
     move |e| os_error(&e, format!("{op} {path}: {e}"), Some(path))
 }

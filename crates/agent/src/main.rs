@@ -41,6 +41,7 @@ mod outq;
 mod session;
 mod sys;
 mod users;
+mod watch;
 mod workload;
 
 use channel::Channel;

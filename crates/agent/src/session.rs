@@ -14,6 +14,7 @@ use crate::exec::{Fd, Proc};
 use crate::fs::{self, ReadStream, WriteSink, WRITE_WINDOW};
 use crate::outq::OutQueue;
 use crate::sys;
+use crate::watch::Watcher;
 use crate::workload::Workload;
 
 const NO_WORKLOAD: &str = "this VM has no boot workload (no microcell.exec= on the kernel command line)";
@@ -38,6 +39,7 @@ pub struct Session {
     writes: HashMap<u32, WriteSink>,
     /// Write streams that failed: their remaining `FileData` is dropped without answers.
     dead_writes: HashSet<u32>,
+    watches: HashMap<u32, Watcher>,
     pub workload: Option<Workload>,
 }
 
@@ -55,6 +57,7 @@ impl Session {
             reads: HashMap::new(),
             writes: HashMap::new(),
             dead_writes: HashSet::new(),
+            watches: HashMap::new(),
             workload: None,
         }
     }
@@ -78,10 +81,11 @@ impl Session {
         self.reads.clear();
         self.writes.clear();
         self.dead_writes.clear();
+        self.watches.clear();
     }
 
     fn busy(&self, id: u32) -> bool {
-        self.execs.contains_key(&id) || self.reads.contains_key(&id) || self.writes.contains_key(&id)
+        self.execs.contains_key(&id) || self.reads.contains_key(&id) || self.writes.contains_key(&id) || self.watches.contains_key(&id)
     }
 
     pub fn handle(&mut self, frame: Frame, out: &mut OutQueue) -> Action {
@@ -124,7 +128,12 @@ impl Session {
                 out.final_msg(id, Message::Ok(()));
                 return Action::Poweroff;
             }
-            msg @ (Message::Exec(_) | Message::ReadFile(_) | Message::ReadTree(_) | Message::WriteFile(_) | Message::WriteTree(_))
+            msg @ (Message::Exec(_)
+            | Message::ReadFile(_)
+            | Message::ReadTree(_)
+            | Message::WriteFile(_)
+            | Message::WriteTree(_)
+            | Message::Watch(_))
                 if self.busy(id) =>
             {
                 out.final_msg(id, code_error(ErrorCode::BAD_STATE, format!("{}: id {id} is in use by a running request", msg.name())))
@@ -180,6 +189,16 @@ impl Session {
             Message::Mkdir(req) => Self::done(id, fs::mkdir(&req), out),
             Message::Remove(req) => Self::done(id, fs::remove(&req), out),
             Message::Rename(req) => Self::done(id, fs::rename(&req), out),
+            Message::Watch(req) => match Watcher::start(id, &req, out) {
+                Ok(w) => {
+                    self.watches.insert(id, w);
+                }
+                Err(e) => out.final_msg(id, Message::Error(e)),
+            },
+            Message::Unwatch(()) => match self.watches.remove(&id) {
+                Some(_) => out.final_msg(id, Message::Ok(())),
+                None => out.final_msg(id, code_error(ErrorCode::BAD_STATE, format!("Unwatch: id {id} is no watch"))),
+            },
             Message::WaitWorkload(()) => match &mut self.workload {
                 Some(w) => w.wait_request(id, out),
                 None => out.final_msg(id, code_error(ErrorCode::BAD_STATE, NO_WORKLOAD)),
@@ -204,6 +223,7 @@ impl Session {
             | Message::Exit(_)
             | Message::StatResult(_)
             | Message::DirEntries(_)
+            | Message::WatchEvent(_)
             | Message::WorkloadExit(_) => unreachable!("guest-to-host kinds are refused above"),
         }
         Action::Continue
@@ -298,10 +318,20 @@ impl Session {
         for p in self.execs.values() {
             p.poll_fds(room, fds, tokens);
         }
+        if room {
+            for (&id, w) in &self.watches {
+                fds.push((w.fd(), libc::POLLIN));
+                tokens.push((id, Fd::Watch));
+            }
+        }
     }
 
     pub fn fd_ready(&mut self, id: u32, which: Fd, out: &mut OutQueue) {
-        if let Some(p) = self.execs.get_mut(&id) {
+        if which == Fd::Watch {
+            if let Some(w) = self.watches.get_mut(&id) {
+                w.ready(id, out);
+            }
+        } else if let Some(p) = self.execs.get_mut(&id) {
             p.ready(which, out);
         }
     }

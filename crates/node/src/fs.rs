@@ -88,8 +88,25 @@ fn write_options(
     })
 }
 
+/// One change under a watched guest directory.
+#[napi(object)]
+pub struct WatchChangeInfo {
+    /// `create` | `write` | `remove` | `rename` | `chmod` | `overflow`
+    pub kind: String,
+    pub path: String,
+}
+
 #[napi]
 impl NativeSandbox {
+    /// Watches a guest directory (`recursive`: its subdirectories too); resolves once the guest
+    /// watches it. `ENOENT` / `ENOTDIR` with the path.
+    #[napi]
+    pub async fn fs_watch(&self, path: String, recursive: bool) -> Result<NativeWatch> {
+        let sb = self.sandbox()?;
+        let watch = blocking("fs watch", move || sb.watch(&path, recursive).map_err(sandbox_error)).await?;
+        Ok(NativeWatch { watch: Some(Arc::new(watch)) })
+    }
+
     /// `stat` (`follow`: through a final symlink).
     #[napi]
     pub async fn fs_stat(&self, path: String, follow: bool) -> Result<GuestStat> {
@@ -273,6 +290,41 @@ fn busy() -> Error {
         "E_INVALID_ARGUMENT",
         "one call at a time: the previous read or write of this stream has not settled",
     )
+}
+
+/// A watch on a guest directory. Made by `NativeSandbox.fsWatch`; dropping it (GC) stops it.
+#[napi]
+pub struct NativeWatch {
+    /// `None` only while being dropped.
+    watch: Option<Arc<sandbox::fs::DirWatch>>,
+}
+
+#[napi]
+impl NativeWatch {
+    /// The next change, or null once the watch is closed.
+    #[napi]
+    pub async fn next(&self) -> Result<Option<WatchChangeInfo>> {
+        let w = self.watch.clone().ok_or_else(busy)?;
+        let change = w.next_owned().await.map_err(sandbox_error)?;
+        Ok(change.map(|c| WatchChangeInfo { kind: c.kind.into(), path: c.path }))
+    }
+
+    /// Stops the watch: `next()` gives the changes already sent, then null.
+    #[napi]
+    pub fn close(&self) -> Result<()> {
+        match &self.watch {
+            Some(w) => w.close().map_err(sandbox_error),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for NativeWatch {
+    fn drop(&mut self) {
+        if let Some(w) = self.watch.take() {
+            drop_off_thread(w);
+        }
+    }
 }
 
 /// A guest file being read. Made by `NativeSandbox.fsOpenRead`.

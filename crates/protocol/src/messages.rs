@@ -35,6 +35,9 @@
 //! | `0x0210` | `FileData(Chunk)` | both | |
 //! | `0x0211` | [`StatResult`] | guest → host | |
 //! | `0x0212` | [`DirEntries`] | guest → host | |
+//! | `0x0213` | [`Watch`] | host → guest | [`WatchEvent`]s (the first: `READY`, once watching) until the host's `Unwatch`, then `Ok`; or [`ErrorMsg`] |
+//! | `0x0214` | [`WatchEvent`] | guest → host | |
+//! | `0x0215` | `Unwatch` | host → guest | (on the watch's id) the agent stops and answers `Ok` |
 //! | `0x0300` | `WaitWorkload` | host → guest | [`WorkloadExit`] when the boot workload ended, or [`ErrorMsg`] |
 //! | `0x0301` | [`WorkloadExit`] | guest → host | |
 //! | `0x0302` | `SignalWorkload(`[`Signal`]`)` | host → guest | `Ok`, or [`ErrorMsg`] (`BAD_STATE`: no workload, or it has ended) |
@@ -399,6 +402,39 @@ pub struct StatResult {
 }
 wire_struct!(StatResult { file_type, size, mode, uid, gid, mtime_ns, link_target });
 
+/// host → guest: report changes under `path` (a directory; its subdirectories too with
+/// `recursive`, including ones made later).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Watch {
+    pub path: String,
+    pub recursive: bool,
+}
+wire_struct!(Watch { path, recursive });
+
+/// guest → host: one change ([`watch_kind`]) of the guest path `path`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchEvent {
+    pub kind: u8,
+    pub path: String,
+}
+wire_struct!(WatchEvent { kind, path });
+
+/// The kinds of [`WatchEvent`].
+pub mod watch_kind {
+    /// Watching has begun (`path`: the watched directory); nothing before it is reported.
+    pub const READY: u8 = 0;
+    pub const CREATE: u8 = 1;
+    /// Written (and closed after writing).
+    pub const WRITE: u8 = 2;
+    pub const REMOVE: u8 = 3;
+    /// Renamed: one event for the old name, one for the new.
+    pub const RENAME: u8 = 4;
+    /// Mode, owner or times changed.
+    pub const CHMOD: u8 = 5;
+    /// Changes were lost (the guest's event queue overflowed while the host read slowly).
+    pub const OVERFLOW: u8 = 6;
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReadDir {
     pub path: String,
@@ -567,6 +603,9 @@ messages! {
     0x0210 FILE_DATA => FileData(Chunk),
     0x0211 STAT_RESULT => StatResult(StatResult),
     0x0212 DIR_ENTRIES => DirEntries(DirEntries),
+    0x0213 WATCH => Watch(Watch),
+    0x0214 WATCH_EVENT => WatchEvent(WatchEvent),
+    0x0215 UNWATCH => Unwatch(()),
     0x0300 WAIT_WORKLOAD => WaitWorkload(()),
     0x0301 WORKLOAD_EXIT => WorkloadExit(WorkloadExit),
     0x0302 SIGNAL_WORKLOAD => SignalWorkload(Signal),
@@ -591,6 +630,7 @@ impl Message {
                 | Message::Exit(_)
                 | Message::StatResult(_)
                 | Message::DirEntries(_)
+                | Message::WatchEvent(_)
                 | Message::WorkloadExit(_)
         )
     }

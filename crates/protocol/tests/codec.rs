@@ -172,6 +172,9 @@ impl Rng {
                 duration_ns: self.u64(),
                 error: self.opt(Rng::error_msg),
             }),
+            kind::WATCH => Message::Watch(Watch { path: self.string(), recursive: self.bool() }),
+            kind::WATCH_EVENT => Message::WatchEvent(WatchEvent { kind: self.u32() as u8, path: self.string() }),
+            kind::UNWATCH => Message::Unwatch(()),
             kind::SIGNAL_WORKLOAD => Message::SignalWorkload(Signal { signal: self.i32(), group: self.bool() }),
             other => panic!("test generator misses kind 0x{other:04x}"),
         }

@@ -234,7 +234,97 @@ impl Drop for FileWriteStream {
     }
 }
 
+/// One change under a watched guest directory ([`AgentClient::watch`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WatchChange {
+    /// `create` | `write` | `remove` | `rename` | `chmod` | `overflow` (changes were lost).
+    pub kind: &'static str,
+    pub path: String,
+}
+
+fn watch_kind_name(kind: u8) -> &'static str {
+    use protocol::watch_kind as k;
+    match kind {
+        k::CREATE => "create",
+        k::WRITE => "write",
+        k::REMOVE => "remove",
+        k::RENAME => "rename",
+        k::CHMOD => "chmod",
+        k::OVERFLOW => "overflow",
+        _ => "unknown",
+    }
+}
+
+/// A watch on a guest directory: its changes in order, until [`DirWatch::close`] (or drop).
+pub struct DirWatch {
+    pending: Pending,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl DirWatch {
+    /// The next change as a future (no thread waits); `Ok(None)` once the watch is closed.
+    pub async fn next(&self) -> Result<Option<WatchChange>> {
+        if self.pending.is_finished() {
+            return Ok(None);
+        }
+        let frame = self.pending.recv().await?;
+        Self::change(frame)
+    }
+
+    /// [`DirWatch::next`] on a shared handle: a `Send + 'static` future.
+    pub async fn next_owned(self: std::sync::Arc<Self>) -> Result<Option<WatchChange>> {
+        self.next().await
+    }
+
+    /// The next change, waiting at most `timeout` (`Ok(None)`: none came, or the watch is closed).
+    pub fn next_timeout(&self, timeout: Duration) -> Result<Option<WatchChange>> {
+        if self.pending.is_finished() {
+            return Ok(None);
+        }
+        match self.pending.wait_timeout(timeout)? {
+            Some(frame) => Self::change(frame),
+            None => Ok(None),
+        }
+    }
+
+    fn change(frame: protocol::Frame) -> Result<Option<WatchChange>> {
+        match frame.msg {
+            Message::WatchEvent(e) => Ok(Some(WatchChange { kind: watch_kind_name(e.kind), path: e.path })),
+            Message::Ok(()) => Ok(None),
+            Message::Error(e) => Err(agent_error("Watch", e)),
+            other => Err(SandboxError::Protocol(format!("expected WatchEvent, got {}", other.name()))),
+        }
+    }
+
+    /// Stops the watch (changes already sent still arrive, then `next` gives `None`).
+    pub fn close(&self) -> Result<()> {
+        if self.pending.is_finished() || self.closed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.pending.send(Message::Unwatch(()))
+    }
+}
+
+impl Drop for DirWatch {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
 impl AgentClient {
+    /// Watches guest directory `path` (its subdirectories too with `recursive`); returns once
+    /// the guest watches it: every change from then on is reported. `ENOENT` / `ENOTDIR` with
+    /// the path.
+    pub fn watch(&self, path: &str, recursive: bool) -> Result<DirWatch> {
+        guest_path(path)?;
+        let pending = self.send(Message::Watch(protocol::Watch { path: path.into(), recursive }))?;
+        match pending.wait(FS_STEP_TIMEOUT)?.msg {
+            Message::WatchEvent(e) if e.kind == protocol::watch_kind::READY => Ok(DirWatch { pending, closed: Default::default() }),
+            Message::Error(e) => Err(agent_error("Watch", e)),
+            other => Err(SandboxError::Protocol(format!("expected WatchEvent READY, got {}", other.name()))),
+        }
+    }
+
     fn one_shot(&self, msg: Message) -> Result<protocol::Frame> {
         self.request(msg, FS_STEP_TIMEOUT)
     }

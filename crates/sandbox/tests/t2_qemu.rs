@@ -172,3 +172,38 @@ fn t2_workload() {
     let _g = setup();
     workload(ENGINE);
 }
+
+#[test]
+fn t2_watch_reports_changes_in_order() {
+    let _g = setup();
+    let sb = sandbox::Sandbox::create(config(ENGINE)).expect("boots");
+    let run = |s: &str| {
+        let out = sb.exec_collect(&sandbox::ExecRequest::shell(s), Some(Duration::from_secs(20))).expect("exec");
+        assert_eq!(out.code(), Some(0), "{s}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run("mkdir -p /tmp/w");
+    assert_eq!(sb.watch("/tmp/nope", false).err().expect("refused").code(), "ENOENT");
+    let w = sb.watch("/tmp/w", true).expect("watch");
+    run("echo a > /tmp/w/f; mkdir /tmp/w/sub; echo b > /tmp/w/sub/g; mv /tmp/w/f /tmp/w/h; chmod 600 /tmp/w/h; rm /tmp/w/h");
+    let mut seen = Vec::new();
+    while let Some(c) = w.next_timeout(Duration::from_secs(5)).expect("event") {
+        let item = format!("{} {}", c.kind, c.path);
+        if !seen.contains(&item) {
+            seen.push(item);
+        }
+        if c.kind == "remove" {
+            break;
+        }
+    }
+    let expect = ["create /tmp/w/f", "write /tmp/w/f", "create /tmp/w/sub", "create /tmp/w/sub/g", "write /tmp/w/sub/g", "rename /tmp/w/f", "rename /tmp/w/h", "chmod /tmp/w/h", "remove /tmp/w/h"];
+    let mut at = 0;
+    for e in &seen {
+        if at < expect.len() && e == expect[at] {
+            at += 1;
+        }
+    }
+    assert_eq!(at, expect.len(), "in order: {expect:?}\nseen: {seen:?}");
+    w.close().unwrap();
+    assert_eq!(w.next_timeout(Duration::from_secs(5)).unwrap(), None, "closed");
+    sb.stop(Duration::from_secs(5));
+}

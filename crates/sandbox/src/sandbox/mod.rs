@@ -226,6 +226,11 @@ impl Sandbox {
         self.agent.exists(path)
     }
 
+    /// Watches a guest directory ([`AgentClient::watch`]).
+    pub fn watch(&self, path: &str, recursive: bool) -> Result<crate::fs::DirWatch> {
+        self.agent.watch(path, recursive)
+    }
+
     /// Copies a host file or tree into the guest ([`AgentClient::copy_from_host`]).
     pub fn copy_from_host(&self, host: &std::path::Path, guest: &str) -> Result<CopyStats> {
         self.agent.copy_from_host(host, guest)
