@@ -10,6 +10,8 @@ import type {
   SandboxInfo,
   SandboxMetrics,
   SandboxStopOptions,
+  Volume,
+  WatchChange,
 } from 'microcell'
 
 const host: HostInfo = hostInfo()
@@ -61,6 +63,13 @@ async function run(): Promise<void> {
   const running: Sandbox[] = Sandbox.list({ name: 'limited' })
   const big = await limited.exec('cat', ['/big'], { maxOutputBytes: 1 << 20 })
   console.log(expires, paused, m.cpuUsedPct, m.hostRssMib ?? 'in-process', running.length, big.stdout.length)
+  const volume: Volume = { host: '/src', guest: '/app', readOnly: true }
+  const shared = await Sandbox.builder('shared').volume(volume.host, volume.guest, { readOnly: true }).network({ outbound: false, ports: ['8080:80'] }).create()
+  const watcher = await shared.fs.watch('/app', { recursive: true })
+  for await (const change of watcher) {
+    const c: WatchChange = change
+    if (c.type === 'remove') watcher.close()
+  }
 }
 
 run().catch((err: unknown) => {
