@@ -15,6 +15,7 @@ test('the package exports exactly its public API', (t) => {
       'CONFIG_ERROR_CODES',
       'ExecProcess',
       'ExecResult',
+      'FsWatcher',
       'MicroVm',
       'MicroVmBuilder',
       'MicrocellError',
