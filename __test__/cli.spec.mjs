@@ -2,6 +2,7 @@
 // commands that boot a sandbox use engine 'auto' (QEMU here, TCG: about a second a boot).
 import { execFile } from 'node:child_process'
 import fs from 'node:fs'
+import os from 'node:os'
 import path from 'node:path'
 
 import test from 'ava'
@@ -78,6 +79,8 @@ test('usage errors exit with status 2 and point to --help', async (t) => {
     [['run', '--json', '--tty', '--', 'true'], /do not go together/],
     [['info', 'extra'], /takes no arguments/],
     [['run', '-p', '0:80', '--', 'true'], /network ports/],
+    [['run', '--volume', '/tmp', '--', 'true'], /HOST:GUEST/],
+    [['run', '--volume', '/no/such/dir:/data', '--', 'true'], /not an existing directory/],
   ]
   const results = await Promise.all(cases.map(([args]) => microcell(args)))
   for (const [i, [args, message]] of cases.entries()) {
@@ -133,6 +136,22 @@ booting('exec runs one shell string; a signal is 128+N; --timeout kills; -i pass
   t.is(stdin.code, 0)
   t.is(missing.code, 127)
   t.regex(missing.stderr, /\/no\/such\/program: not found in the guest \(ENOENT/)
+})
+
+booting('--volume shares a host directory (read-only with :ro)', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'microcell-cli-vol-'))
+  try {
+    fs.writeFileSync(path.join(dir, 'in.txt'), 'host data\n')
+    const r = await microcell(['exec', '-V', `${dir}:/data`, 'cat /data/in.txt && echo guest > /data/out.txt'])
+    t.is(r.code, 0, r.stderr)
+    t.is(r.stdout, 'host data\n')
+    t.is(fs.readFileSync(path.join(dir, 'out.txt'), 'utf8'), 'guest\n')
+    const ro = await microcell(['exec', '--volume', `${dir}:/data:ro`, 'echo x > /data/nope'])
+    t.not(ro.code, 0)
+    t.false(fs.existsSync(path.join(dir, 'nope')))
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true })
+  }
 })
 
 booting('--net gives the command a network (the host loopback as 10.0.2.2); without it there is no eth0', async (t) => {

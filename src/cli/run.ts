@@ -16,6 +16,7 @@ export const RUN_OPTIONS: OptionSpec[] = [
   { name: 'interactive', short: 'i', kind: 'flag', help: "pass this process's stdin to the command (else it reads /dev/null)" },
   { name: 'tty', short: 't', kind: 'flag', help: 'run the command on a terminal (stderr merges into stdout)' },
   { name: 'boot-timeout', kind: 'string', value: 'MS', help: 'how long the guest has to boot (default 30000)' },
+  { name: 'volume', short: 'V', kind: 'list', value: 'HOST:GUEST[:ro]', help: 'share a host directory into the guest (repeatable; engine qemu)' },
   { name: 'net', kind: 'flag', help: 'give the guest a network with outbound access (user-mode NAT; engine qemu)' },
   { name: 'publish', short: 'p', kind: 'list', value: 'HOST:GUEST', help: "forward a TCP port of this host's loopback into the guest (repeatable; a network without outbound access unless --net)" },
   { name: 'kernel', kind: 'string', value: 'PATH', help: 'guest kernel (default: the one scripts/setup.sh built)' },
@@ -67,6 +68,14 @@ function plan(command: 'run' | 'exec', p: Parsed): { plan: Plan; builder: Return
   }
   const bootTimeout = intOption(p, 'boot-timeout', 1, 2 ** 32 - 1)
   if (bootTimeout !== undefined) builder.bootTimeoutMs(bootTimeout)
+  for (const v of listOption(p, 'volume')) {
+    const parts = v.split(':')
+    const readOnly = parts.length === 3 && parts[2] === 'ro'
+    if (parts.length < 2 || parts.length > 3 || (parts.length === 3 && !readOnly) || !parts[0] || !parts[1]) {
+      throw new UsageError(`--volume ${JSON.stringify(v)}: write it as HOST:GUEST or HOST:GUEST:ro`)
+    }
+    builder.volume(parts[0], parts[1], { readOnly })
+  }
   const ports = listOption(p, 'publish')
   if (flag(p, 'net') || ports.length > 0) builder.network({ outbound: flag(p, 'net'), ...(ports.length > 0 ? { ports } : {}) })
   const kernel = stringOption(p, 'kernel')
