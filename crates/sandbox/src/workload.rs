@@ -151,14 +151,12 @@ pub fn cmdline_with_spec(base: &str, spec: &WorkloadSpec) -> Result<String> {
     Ok(with_word(base, &check_spec(spec)?))
 }
 
-/// `base` plus the `microcell.exec=` word, after `quiet`: the console is the program's stdout
-/// and stderr, and kernel notices would land in the middle of its lines (a `loglevel=` in
-/// `base` comes later and wins).
+/// `base` plus the `microcell.exec=` word.
 pub(crate) fn with_word(base: &str, word: &str) -> String {
     if base.trim().is_empty() {
-        format!("quiet {word}")
+        word.to_owned()
     } else {
-        format!("quiet {} {word}", base.trim())
+        format!("{} {word}", base.trim())
     }
 }
 
@@ -552,7 +550,7 @@ mod tests {
         assert_eq!(s.env, [("A".to_owned(), "x y=z".to_owned())]);
         assert_eq!(s.rlimits, [Rlimit { resource: 7, soft: 1024, hard: 1024 }]);
         let line = cmdline_with_spec("console=ttyS0", &s).unwrap();
-        assert!(line.starts_with("quiet console=ttyS0 microcell.exec=") && !line[20..].contains(' '), "{line}");
+        assert!(line.starts_with("console=ttyS0 microcell.exec=") && !line[14..].contains(' '));
         assert_eq!(spec_from_parts("", &[], &[], None, &[]).unwrap_err().code(), "E_INVALID_ARGUMENT");
         assert_eq!(spec_from_parts("/x", &[], &["NOEQUALS".into()], None, &[]).unwrap_err().code(), "E_INVALID_ARGUMENT");
         assert_eq!(spec_from_parts("/x", &[], &[], None, &["RLIMIT_BOGUS=1:1".into()]).unwrap_err().code(), "E_INVALID_ARGUMENT");

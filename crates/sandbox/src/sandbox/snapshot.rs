@@ -53,7 +53,10 @@ impl SnapshotMeta {
     pub fn boot_spec(&self, config: &SandboxConfig, console_output: Option<PathBuf>) -> BootSpec {
         let mut spec = config.boot_spec(self.kernel.clone(), self.rootfs.clone(), console_output);
         if let Some(word) = &self.workload {
-            spec.extra_cmdline = crate::workload::with_word(&spec.extra_cmdline, word);
+            // `quiet` first: a workload's console is its program's stdout and stderr, where
+            // kernel notices would land mid-line (a `loglevel=` in the user's args comes later
+            // and wins).
+            spec.extra_cmdline = crate::workload::with_word(&format!("quiet {}", spec.extra_cmdline), word);
         }
         spec
     }
