@@ -25,6 +25,20 @@ export const tiers = [
   },
 ]
 
+/**
+ * A T2 test that needs engine 'qemu' itself (networks, volumes: the built-in VMM has neither
+ * device): `test.serial` where T2 runs, else a skipped test that prints why.
+ */
+export function t2Test(test, title, fn) {
+  const { skip } = tiers.find((x) => x.tier === 'T2')
+  if (skip !== null) {
+    console.log(`# SKIP T2 (${title}) skipped: ${skip}`)
+    test.skip(`T2 (${title}) skipped: ${skip}`, () => {})
+    return
+  }
+  test.serial(`T2: ${title}`, fn)
+}
+
 /** Runs `suite(tier, engine)` for each tier that can run; registers a skipped test (printing why) for the others. */
 export function perTier(test, what, suite) {
   for (const { tier, engine, skip } of tiers) {

@@ -11,9 +11,7 @@ import test from 'ava'
 import { MicrocellError, Sandbox } from 'microcell'
 
 import { within } from './helpers.mjs'
-import { host, requireGuestImages } from './guest.mjs'
-
-const qemuSkip = host.qemu === null ? `QEMU is not installed here: ${host.qemuUnavailable}` : null
+import { requireGuestImages, t2Test } from './guest.mjs'
 
 /** A free TCP port on the host's loopback. */
 function freePort() {
@@ -56,8 +54,7 @@ test('network configuration errors are coded at build()', (t) => {
   t.deepEqual(Sandbox.builder('n').network({ outbound: false, ports: ['22'] }).build().network, { outbound: false, ports: ['22'] })
 })
 
-test.serial('T2: no network unless asked for; with one, the guest reaches the host and forwarded ports reach the guest', async (t) => {
-  if (qemuSkip !== null) return t.pass(`skipped: ${qemuSkip}`)
+t2Test(test, 'no network unless asked for; with one, the guest reaches the host and forwarded ports reach the guest', async (t) => {
   requireGuestImages()
   const server = http.createServer((req, res) => res.end(`hello from the host ${req.url}`))
   await new Promise((r) => server.listen(0, '127.0.0.1', r))

@@ -9,9 +9,7 @@ import test from 'ava'
 import { MicroVm, MicrocellError, Sandbox, defaultGuest } from 'microcell'
 
 import { tempDir } from './helpers.mjs'
-import { host, requireGuestImages } from './guest.mjs'
-
-const qemuSkip = host.qemu === null ? `QEMU is not installed here: ${host.qemuUnavailable}` : null
+import { requireGuestImages, t2Test } from './guest.mjs'
 
 test('volume configuration errors are coded at build(); host paths are made absolute', (t) => {
   const dir = tempDir()
@@ -26,8 +24,7 @@ test('volume configuration errors are coded at build(); host paths are made abso
   t.deepEqual(Sandbox.builder('v').volume(rel, '/data/', { readOnly: true }).build().volumes, [{ host: fs.realpathSync(dir), guest: '/data', readOnly: true }])
 })
 
-test.serial('T2: a volume is shared both ways; a read-only one refuses writes; a sandbox with volumes is not snapshotted', async (t) => {
-  if (qemuSkip !== null) return t.pass(`skipped: ${qemuSkip}`)
+t2Test(test, 'a volume is shared both ways; a read-only one refuses writes; a sandbox with volumes is not snapshotted', async (t) => {
   requireGuestImages()
   const rw = tempDir()
   const ro = tempDir()
@@ -55,8 +52,7 @@ test.serial('T2: a volume is shared both ways; a read-only one refuses writes; a
   }
 })
 
-test.serial("T2: a workload VM's mappedDirs are its volumes", async (t) => {
-  if (qemuSkip !== null) return t.pass(`skipped: ${qemuSkip}`)
+t2Test(test, "a workload VM's mappedDirs are its volumes", async (t) => {
   requireGuestImages()
   const dir = tempDir()
   fs.writeFileSync(path.join(dir, 'in.txt'), 'data for the workload\n')

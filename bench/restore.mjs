@@ -413,7 +413,7 @@ write('restore', results, [
   '  (`vm.timings.firstExitNs`, the KVM exit timestamp taken by the vCPU thread, same clock as `process.hrtime.bigint()`); the guest\'s next instruction is a port read, so this is restore → first guest instruction.',
   '  `restore_call_to_resolved`: the same start to the promise resolving (vCPUs started). 3 warm-up runs dropped; each VM killed after its first exit, outside the timed span.',
   `- RestorePool: size 4; before each acquire the previous acquire's background refill is awaited (\`pool.filled()\`), so every timed acquire restores into a ready shell (${poolStats.join('; ')}).`,
-  '  `Snapshot.restore()` restores into the spare shell the loaded snapshot keeps (made after the load and after each restore, off the latency path; 5 ms idle before each timed restore lets it be made);',
+  '  `Snapshot.restore()` restores into the spare shell the loaded snapshot keeps (made after each restore, off the latency path; 5 ms idle before each timed restore lets it be made; the first restore, a warm-up, makes its shell inline);',
   '  back-to-back restores faster than a shell is made (~0.8 ms) make theirs inline (KVM VM, memory slot, irqchip, PIT, vCPU): bursts are what the pool is for.',
   `- ${densityNote}`,
   '- QEMU: `qemu-system-x86_64 -M microvm -enable-kvm`, the same guest, command line and RAM; the running guest migrated with QMP `migrate exec:cat > FILE`, then each run spawns',

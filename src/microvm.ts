@@ -16,7 +16,7 @@ import type {
 } from './config.js'
 import { MicrocellError } from './errors.js'
 import * as native from './internal/native.js'
-import { Snapshot, snapshotTaken, type SnapshotOptions } from './snapshot.js'
+import { snapshotTaken, workloadSnapshotTaken, type Snapshot, type SnapshotOptions } from './snapshot.js'
 
 /** Options of `stop()`. */
 export interface StopOptions {
@@ -566,8 +566,7 @@ export class MicroVm implements AsyncDisposable {
       if (options.incremental === true) {
         throw new MicrocellError('E_INVALID_ARGUMENT', 'a workload VM is snapshotted by its engine, whole: incremental snapshots are for VMs on the built-in VMM')
       }
-      await this.#workload.handle.snapshot(dir)
-      return Snapshot.load(dir)
+      return workloadSnapshotTaken(dir, await this.#workload.handle.snapshot(dir))
     }
     const bytes = await this.#native!.snapshot(dir, options.incremental === true)
     return snapshotTaken(dir, bytes)

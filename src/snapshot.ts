@@ -142,7 +142,7 @@ export class Snapshot {
     if (typeof dir !== 'string' || dir.length === 0) {
       throw new MicrocellError('E_INVALID_ARGUMENT', 'Snapshot.load() needs a directory path (a non-empty string)')
     }
-    const info = native.snapshotInfo(dir)
+    const info = await native.snapshotInfo(dir)
     if (info?.kind === 'sandbox') {
       throw new MicrocellError('E_SNAPSHOT', `${dir} is a sandbox snapshot: restore it with Sandbox.fromSnapshot(dir)`)
     }
@@ -219,6 +219,11 @@ export function nativeSnapshot(snapshot: Snapshot): native.NativeSnapshotHandle 
     throw new MicrocellError('E_INVALID_ARGUMENT', 'not a Snapshot: get one from Snapshot.load() or vm.snapshot()')
   }
   return handle
+}
+
+/** The workload snapshot a workload VM's `snapshot()` just wrote, from what it says of it. Internal. */
+export function workloadSnapshotTaken(dir: string, info: native.NativeSnapshotInfo): Snapshot {
+  return constructWorkload(dir, info)
 }
 
 /** Loads the snapshot `vm.snapshot()` just wrote. Internal. */

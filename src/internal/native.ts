@@ -513,8 +513,8 @@ export class NativeWorkloadHandle {
     return callAsync(() => this.#workload.signal(signal))
   }
 
-  snapshot(dir: string): Promise<void> {
-    return callAsync(() => this.#workload.snapshot(dir))
+  async snapshot(dir: string): Promise<NativeSnapshotInfo> {
+    return (await callAsync(() => this.#workload.snapshot(dir))) as unknown as NativeSnapshotInfo
   }
 
   pause(): Promise<void> {
@@ -571,8 +571,8 @@ export interface NativeSnapshotInfo {
   cmdline: string
 }
 
-export function snapshotInfo(dir: string): NativeSnapshotInfo | null {
-  return call(() => binding().snapshotInfo(dir)) as unknown as NativeSnapshotInfo | null
+export async function snapshotInfo(dir: string): Promise<NativeSnapshotInfo | null> {
+  return (await callAsync(() => binding().snapshotInfo(dir))) as unknown as NativeSnapshotInfo | null
 }
 
 /** Raises the native log level (process-wide); returns the level in effect. */

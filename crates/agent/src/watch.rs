@@ -47,7 +47,7 @@ impl Watcher {
         let mut w = Watcher { fd, dirs: HashMap::new(), root: req.path.clone(), recursive: req.recursive };
         w.add(root).map_err(err("watch", &req.path))?;
         if w.recursive {
-            w.add_tree(root, None);
+            w.add_tree(root, id, out, false);
         }
         out.msg(id, Message::WatchEvent(WatchEvent { kind: watch_kind::READY, path: req.path.clone() }));
         Ok(w)
@@ -70,19 +70,16 @@ impl Watcher {
 
     /// Watches the directories below `dir`; with `report`, queues a `CREATE` for each entry found
     /// (a directory made under a watched one may have filled before its own watch began).
-    fn add_tree(&mut self, dir: &Path, mut report: Option<(u32, &mut OutQueue)>) {
+    fn add_tree(&mut self, dir: &Path, id: u32, out: &mut OutQueue, report: bool) {
         let Ok(entries) = std::fs::read_dir(dir) else { return };
         for e in entries.flatten() {
             let path = e.path();
-            if let Some((id, out)) = report.as_mut() {
-                out.msg(*id, event(watch_kind::CREATE, &path));
+            if report {
+                out.msg(id, event(watch_kind::CREATE, &path));
             }
             let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
             if is_dir && self.dirs.len() < MAX_DIRS && self.add(&path).is_ok() {
-                match report.as_mut() {
-                    Some((id, out)) => self.add_tree(&path, Some((*id, &mut **out))),
-                    None => self.add_tree(&path, None),
-                }
+                self.add_tree(&path, id, out, report);
             }
         }
     }
@@ -137,7 +134,7 @@ impl Watcher {
         out.msg(id, event(kind, &path));
         let new_dir = mask & libc::IN_ISDIR != 0 && mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0;
         if self.recursive && new_dir && self.dirs.len() < MAX_DIRS && self.add(&path).is_ok() {
-            self.add_tree(&path, Some((id, out)));
+            self.add_tree(&path, id, out, true);
         }
     }
 }

@@ -83,15 +83,14 @@ pub async fn load_snapshot(dir: String) -> Result<NativeSnapshot> {
         LoadedSnapshot::load(&path).map_err(vmm_error)
     })
     .await?;
-    let snapshot = Arc::new(snapshot);
-    let spare = Arc::new(Spare::default());
-    spare.refill(&snapshot);
-    Ok(NativeSnapshot { snapshot, dir, spare })
+    // No spare shell yet: a snapshot that is never restored (most of those `vm.snapshot()` writes
+    // in a loop) costs no VM; the first restore's `refillSpare` makes one.
+    Ok(NativeSnapshot { snapshot: Arc::new(snapshot), dir, spare: Arc::default() })
 }
 
-/// One shell made ahead for a `restore()` without a shell of its own: made after the load and
-/// again after each restore (`refillSpare`), on the blocking pool, so that a plain restore does
-/// not make one on its latency path (the pools keep shells of their own).
+/// One shell made ahead for a `restore()` without a shell of its own: made after each restore
+/// (`refillSpare`), on the blocking pool, so that every plain restore after the first does not
+/// make one on its latency path (the pools keep shells of their own).
 #[derive(Default)]
 struct Spare {
     shell: Mutex<Option<VmShell>>,

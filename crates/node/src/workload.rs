@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
-use sandbox::config::MicroVmConfig;
+use sandbox::config::{MicroVmConfig, ParsedOptions};
 use sandbox::console::{ConsoleReader, ConsoleStats as CoreConsoleStats};
 use sandbox::sandbox::{NetworkConfig, Volume};
 use sandbox::{EngineChoice, SandboxConfig, VmExit, Workload, WorkloadStatus};
@@ -121,6 +121,7 @@ fn end_info(
 /// the guest platform's), root disk, console file, and `cmdline` appended as kernel arguments.
 fn sandbox_config(
     c: &MicroVmConfig,
+    parsed: &ParsedOptions,
     options: Option<&WorkloadStartOptions>,
 ) -> Result<SandboxConfig> {
     let disk = c.rootfs.as_ref().and_then(|r| r.disk()).ok_or_else(|| {
@@ -146,15 +147,12 @@ fn sandbox_config(
         rootfs: Some(disk.to_path_buf()),
         console_output: c.console_output.clone(),
         kernel_args: c.cmdline.clone(),
-        network: NetworkConfig::for_microvm(c.scope, &c.port_map).map_err(sandbox_error)?,
-        volumes: c
+        network: NetworkConfig::for_microvm(c.scope, &c.port_map),
+        volumes: parsed
             .mapped_dirs
             .iter()
-            .map(|d| {
-                let pair = sandbox::config::PathPair::parse(d).map_err(|e| coded(e.code(), e))?;
-                Ok(Volume { host: pair.host.into(), guest: pair.guest, read_only: false })
-            })
-            .collect::<Result<Vec<_>>>()?,
+            .map(|d| Volume { host: d.host.clone().into(), guest: d.guest.clone(), read_only: false })
+            .collect(),
         ..Default::default()
     };
     if let Some(ms) = options.and_then(|o| o.boot_timeout_ms) {
@@ -176,11 +174,11 @@ pub async fn start_workload(
 ) -> Result<NativeWorkload> {
     let workload = blocking("workload start", move || {
         let c = MicroVmConfig::from_json(&config_json).map_err(|e| coded(e.code(), e))?;
-        c.validate().map_err(|e| coded(e.code(), e))?;
+        let parsed = c.validate().map_err(|e| coded(e.code(), e))?;
         let spec = sandbox::workload::spec_from_microvm_config(&c)
             .map_err(sandbox_error)?
             .ok_or_else(|| coded("E_CONFIG_MISSING", "execPath is required for a workload VM"))?;
-        let config = sandbox_config(&c, options.as_ref())?;
+        let config = sandbox_config(&c, &parsed, options.as_ref())?;
         Workload::start(&spec, config).map_err(sandbox_error)
     })
     .await?;
@@ -213,10 +211,17 @@ pub async fn restore_workload(dir: String, options: Option<WorkloadRestoreVmOpti
 
 /// What `dir/sandbox.json` says (`kind`: `sandbox` | `workload`, engine, memoryMib, cpus,
 /// kernel, rootfs, cmdline), or null when there is none (a built-in VMM snapshot).
-#[napi(ts_return_type = "Record<string, unknown> | null")]
-pub fn snapshot_info(dir: String) -> Result<Option<serde_json::Value>> {
-    let info = sandbox::sandbox::snapshot_info(std::path::Path::new(&dir)).map_err(sandbox_error)?;
-    info.map(|i| serde_json::to_value(i).map_err(|e| coded("E_INTERNAL", e))).transpose()
+#[napi(ts_return_type = "Promise<Record<string, unknown> | null>")]
+pub async fn snapshot_info(dir: String) -> Result<Option<serde_json::Value>> {
+    let info = blocking("snapshot info", move || {
+        sandbox::sandbox::snapshot_info(std::path::Path::new(&dir)).map_err(sandbox_error)
+    })
+    .await?;
+    info.map(info_json).transpose()
+}
+
+fn info_json(info: sandbox::sandbox::SnapshotInfo) -> Result<serde_json::Value> {
+    serde_json::to_value(info).map_err(|e| coded("E_INTERNAL", e))
 }
 
 enum State {
@@ -344,11 +349,13 @@ impl NativeWorkload {
     }
 
     /// Writes a snapshot of the VM into `dir` (the engine's files and `sandbox.json` with the
-    /// workload); the VM runs on (a paused one stays paused). `E_VM_STATE` once it has ended.
-    #[napi]
-    pub async fn snapshot(&self, dir: String) -> Result<()> {
+    /// workload); the VM runs on (a paused one stays paused). Resolves with what `snapshotInfo`
+    /// would read back. `E_VM_STATE` once it has ended.
+    #[napi(ts_return_type = "Promise<Record<string, unknown>>")]
+    pub async fn snapshot(&self, dir: String) -> Result<serde_json::Value> {
         let w = self.live().ok_or_else(|| coded("E_VM_STATE", "the workload VM has ended: there is nothing to snapshot"))?;
-        blocking("workload snapshot", move || w.snapshot(std::path::Path::new(&dir)).map_err(sandbox_error)).await
+        let info = blocking("workload snapshot", move || w.snapshot(std::path::Path::new(&dir)).map_err(sandbox_error)).await?;
+        info_json(info)
     }
 
     /// Stops the guest's vCPUs (the program with them); resolves once they have stopped.

@@ -27,7 +27,7 @@ use crate::agent_client::{agent_error, ready_from, AgentClient};
 use crate::config::{EnvPair, LinuxRlimit, MicroVmConfig};
 use crate::console::ConsoleReader;
 use crate::engine::{self, Engine, EngineSelection, RunningVm, VmExit};
-use crate::sandbox::snapshot::{io, refuse_volumes, SnapshotMeta};
+use crate::sandbox::snapshot::{io, refuse_volumes, SnapshotInfo, SnapshotMeta};
 use crate::sandbox::{Result, SandboxConfig, SandboxError};
 
 /// Longest `microcell.exec=` word: x86 Linux keeps 2047 bytes of command line, and the engine's
@@ -266,7 +266,7 @@ impl Workload {
         let images = config.guest_images()?;
         let word = check_spec(spec)?;
         let meta = SnapshotMeta { config, engine: selection.kind, kernel: images.kernel, rootfs: images.rootfs, workload: Some(word) };
-        let boot = meta.boot_spec(&meta.config, meta.config.console_output.clone());
+        let boot = meta.boot_spec(meta.config.console_output.clone());
         tracing::info!(engine = %selection.kind, argv0 = %spec.argv[0], "booting a workload VM");
         let vm: Arc<dyn RunningVm> = Arc::from(engine.boot(&boot)?);
         Self::spawn_watcher(vm, meta, selection)
@@ -289,7 +289,7 @@ impl Workload {
         }
         meta.config = meta.config.validate()?;
         let engine = engine::engine(meta.engine)?;
-        let boot = meta.boot_spec(&meta.config, options.console_output);
+        let boot = meta.boot_spec(options.console_output);
         let selection = EngineSelection { kind: meta.engine, reason: format!("restored from {}", dir.display()) };
         let vm: Arc<dyn RunningVm> = Arc::from(engine.restore(dir, &boot)?);
         Self::spawn_watcher(vm, meta, selection)
@@ -298,15 +298,18 @@ impl Workload {
     /// Writes a snapshot of the VM into `dir` (created if needed): the engine's (memory,
     /// devices, root disk) and `sandbox.json` with the workload; the VM runs on (a paused one
     /// stays paused). [`Workload::restore`] starts copies of it, each running the program on
-    /// from where it was.
-    pub fn snapshot(&self, dir: &Path) -> Result<()> {
+    /// from where it was. Returns what `sandbox.json` says (as [`snapshot_info`] would read it).
+    ///
+    /// [`snapshot_info`]: crate::sandbox::snapshot_info
+    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo> {
         if self.wait_timeout(Duration::ZERO).is_some() {
             return Err(vmm::Error::VmState("the workload VM has ended: there is nothing to snapshot".into()).into());
         }
         refuse_volumes(&self.meta.config)?;
         std::fs::create_dir_all(dir).map_err(io(format!("cannot create snapshot directory {}", dir.display())))?;
         self.vm.snapshot(dir)?;
-        self.meta.write(dir)
+        self.meta.write(dir)?;
+        Ok(self.meta.info())
     }
 
     /// The watcher thread of a booted or restored VM: the status over the channel, else from

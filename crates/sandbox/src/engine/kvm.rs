@@ -61,7 +61,7 @@ impl Engine for KvmEngine {
     }
 
     fn boot(&self, spec: &BootSpec) -> Result<Box<dyn RunningVm>> {
-        refuse_net(spec)?;
+        refuse_missing_devices(spec)?;
         let dir = RunDir::create("kvm").map_err(|source| SandboxError::HostIo {
             what: format!(
                 "cannot create a per-VM directory in {}",
@@ -109,26 +109,29 @@ impl Engine for KvmEngine {
     }
 
     fn restore(&self, dir: &Path, spec: &BootSpec) -> Result<Box<dyn RunningVm>> {
-        refuse_net(spec)?;
+        refuse_missing_devices(spec)?;
         let snapshot = vmm::LoadedSnapshot::load(dir)?;
         // The VMM gives the clone its own copy of the snapshot's root disk.
         launch(spec, None, |console| vmm::Vm::restore(&snapshot, console, vmm::RestoreOptions::default()))
     }
 }
 
-/// Why the built-in VMM cannot give the guest a network or shared directories (yet).
-pub const NO_NET: &str = "the built-in VMM has no network device yet";
-pub const NO_SHARES: &str = "the built-in VMM has no shared-directory device (virtio-9p) yet";
+/// What a guest asks for that the built-in VMM has no device for yet (virtio-net for a network,
+/// virtio-9p for volumes), said the same in its refusal and in `auto`'s reason; `None` when it
+/// has all it needs.
+pub fn missing_devices(net: bool, shares: bool) -> Option<String> {
+    match (net, shares) {
+        (false, false) => None,
+        (true, _) => Some("a network was asked for and the built-in VMM has no network device yet".into()),
+        (false, true) => Some("volumes were asked for and the built-in VMM has no shared-directory device (virtio-9p) yet".into()),
+    }
+}
 
-fn refuse_net(spec: &BootSpec) -> Result<()> {
-    let why = if spec.net.is_some() {
-        format!("a network was asked for and {NO_NET}")
-    } else if !spec.shares.is_empty() {
-        format!("volumes were asked for and {NO_SHARES}")
-    } else {
-        return Ok(());
-    };
-    Err(SandboxError::EngineUnavailable { engine: EngineKind::Kvm, reason: why })
+fn refuse_missing_devices(spec: &BootSpec) -> Result<()> {
+    match missing_devices(spec.net.is_some(), !spec.shares.is_empty()) {
+        Some(reason) => Err(SandboxError::EngineUnavailable { engine: EngineKind::Kvm, reason }),
+        None => Ok(()),
+    }
 }
 
 /// Wires a VM the VMM starts (`start` gets the console writer) to the console sink, the exit

@@ -155,21 +155,17 @@ fn yes() -> bool {
 }
 
 impl NetworkConfig {
-    /// A MicroVm's `scope` and `portMap` as a workload VM's network: `none` — no interface
-    /// (`portMap` then refused with `E_CONFIG_NETWORK`); `group` (the default) — an interface
-    /// only for forwarded ports, no way out (there is no group of sandboxes to reach yet);
-    /// `public` / `any` — outbound access (user-mode NAT cannot tell private addresses apart).
-    pub fn for_microvm(scope: NetworkScope, port_map: &[String]) -> Result<Option<NetworkConfig>> {
+    /// A MicroVm's `scope` and `portMap` (validated: no ports with scope `none`) as a workload
+    /// VM's network: `none` — no interface; `group` (the default) — an interface only for
+    /// forwarded ports, no way out (there is no group of sandboxes to reach yet); `public` /
+    /// `any` — outbound access (user-mode NAT cannot tell private addresses apart).
+    pub fn for_microvm(scope: NetworkScope, port_map: &[String]) -> Option<NetworkConfig> {
         let ports = port_map.to_vec();
         match scope {
-            NetworkScope::None if !ports.is_empty() => Err(SandboxError::config(
-                "E_CONFIG_NETWORK",
-                "portMap needs a network: give scope 'group', 'public' or 'any', or no portMap",
-            )),
-            NetworkScope::None => Ok(None),
-            NetworkScope::Group if ports.is_empty() => Ok(None),
-            NetworkScope::Group => Ok(Some(NetworkConfig { outbound: false, ports })),
-            NetworkScope::Public | NetworkScope::Any => Ok(Some(NetworkConfig { outbound: true, ports })),
+            NetworkScope::None => None,
+            NetworkScope::Group if ports.is_empty() => None,
+            NetworkScope::Group => Some(NetworkConfig { outbound: false, ports }),
+            NetworkScope::Public | NetworkScope::Any => Some(NetworkConfig { outbound: true, ports }),
         }
     }
 }
@@ -318,15 +314,9 @@ impl SandboxConfig {
 
     /// What this configuration needs that only engine `qemu` has, said for `auto`'s reason.
     pub fn qemu_only_devices(&self) -> Option<String> {
-        use crate::engine::kvm::{NO_NET, NO_SHARES};
-        if self.network.is_some() {
-            Some(format!("a network was asked for and {NO_NET}"))
-        } else if !self.volumes.is_empty() {
-            Some(format!("volumes were asked for and {NO_SHARES}"))
-        } else {
-            None
-        }
+        crate::engine::kvm::missing_devices(self.network.is_some(), !self.volumes.is_empty())
     }
+
 
     /// The console queue to keep: `consoleQueueBytes`, else the default.
     pub fn console_queue(&self) -> usize {
@@ -641,12 +631,11 @@ mod tests {
     #[test]
     fn a_microvm_scope_and_port_map_become_a_workload_network() {
         let ports = ["8080:80".to_owned()];
-        assert_eq!(NetworkConfig::for_microvm(NetworkScope::None, &[]).unwrap(), None);
-        assert_eq!(NetworkConfig::for_microvm(NetworkScope::None, &ports).unwrap_err().code(), "E_CONFIG_NETWORK");
-        assert_eq!(NetworkConfig::for_microvm(NetworkScope::Group, &[]).unwrap(), None);
-        assert_eq!(NetworkConfig::for_microvm(NetworkScope::Group, &ports).unwrap(), Some(NetworkConfig { outbound: false, ports: ports.to_vec() }));
-        assert_eq!(NetworkConfig::for_microvm(NetworkScope::Public, &[]).unwrap(), Some(NetworkConfig { outbound: true, ports: vec![] }));
-        assert!(NetworkConfig::for_microvm(NetworkScope::Any, &ports).unwrap().unwrap().outbound);
+        assert_eq!(NetworkConfig::for_microvm(NetworkScope::None, &[]), None);
+        assert_eq!(NetworkConfig::for_microvm(NetworkScope::Group, &[]), None);
+        assert_eq!(NetworkConfig::for_microvm(NetworkScope::Group, &ports), Some(NetworkConfig { outbound: false, ports: ports.to_vec() }));
+        assert_eq!(NetworkConfig::for_microvm(NetworkScope::Public, &[]), Some(NetworkConfig { outbound: true, ports: vec![] }));
+        assert!(NetworkConfig::for_microvm(NetworkScope::Any, &ports).unwrap().outbound);
     }
 
     #[test]

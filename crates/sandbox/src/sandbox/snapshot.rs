@@ -39,6 +39,19 @@ impl SnapshotMeta {
             .map_err(io(format!("cannot write {}", dir.join(SANDBOX_FILE).display())))
     }
 
+    /// What [`snapshot_info`] says of it.
+    pub fn info(&self) -> SnapshotInfo {
+        SnapshotInfo {
+            kind: if self.workload.is_some() { "workload" } else { "sandbox" },
+            engine: self.engine,
+            memory_mib: self.config.memory_mib,
+            cpus: self.config.cpus,
+            kernel: self.kernel.clone(),
+            rootfs: self.rootfs.clone(),
+            cmdline: self.boot_spec(None).extra_cmdline,
+        }
+    }
+
     /// Reads `dir/sandbox.json`.
     pub fn read(dir: &Path) -> Result<SnapshotMeta> {
         let path = dir.join(SANDBOX_FILE);
@@ -50,8 +63,8 @@ impl SnapshotMeta {
     }
 
     /// How the engine restores it: the VM's shape and kernel command line as at its boot.
-    pub fn boot_spec(&self, config: &SandboxConfig, console_output: Option<PathBuf>) -> BootSpec {
-        let mut spec = config.boot_spec(self.kernel.clone(), self.rootfs.clone(), console_output);
+    pub fn boot_spec(&self, console_output: Option<PathBuf>) -> BootSpec {
+        let mut spec = self.config.boot_spec(self.kernel.clone(), self.rootfs.clone(), console_output);
         if let Some(word) = &self.workload {
             // `quiet` first: a workload's console is its program's stdout and stderr, where
             // kernel notices would land mid-line (a `loglevel=` in the user's args comes later
@@ -95,17 +108,7 @@ pub fn snapshot_info(dir: &Path) -> Result<Option<SnapshotInfo>> {
     if !dir.join(SANDBOX_FILE).exists() {
         return Ok(None);
     }
-    let meta = SnapshotMeta::read(dir)?;
-    let spec = meta.boot_spec(&meta.config, None);
-    Ok(Some(SnapshotInfo {
-        kind: if meta.workload.is_some() { "workload" } else { "sandbox" },
-        engine: meta.engine,
-        memory_mib: meta.config.memory_mib,
-        cpus: meta.config.cpus,
-        kernel: meta.kernel,
-        rootfs: meta.rootfs,
-        cmdline: spec.extra_cmdline,
-    }))
+    Ok(Some(SnapshotMeta::read(dir)?.info()))
 }
 
 /// What a restored sandbox may change.
@@ -141,17 +144,18 @@ impl Sandbox {
     /// Starts a new sandbox from a snapshot directory; returns once its agent answers.
     pub fn restore(dir: &Path, options: RestoreOptions) -> Result<Sandbox> {
         let t0 = Instant::now();
-        let meta = SnapshotMeta::read(dir)?;
+        let mut meta = SnapshotMeta::read(dir)?;
         if meta.workload.is_some() {
             return Err(SandboxError::Snapshot(format!(
                 "{} is a snapshot of a workload VM: restore it with Snapshot.load(dir) (Workload::restore), not as a sandbox",
                 dir.display()
             )));
         }
-        let config = meta.config.validate()?;
+        meta.config = meta.config.validate()?;
+        let config = meta.config.clone();
         let engine = engine::engine(meta.engine)?;
         let detail = engine.describe();
-        let spec = meta.boot_spec(&config, options.console_output.clone());
+        let spec = meta.boot_spec(options.console_output.clone());
         let vm = engine.restore(dir, &spec)?;
         let timeout = options.timeout.unwrap_or(Duration::from_millis(u64::from(config.boot_timeout_ms)));
         let (agent, ready) = connect(vm.as_ref(), &detail, t0 + timeout, timeout)?;
