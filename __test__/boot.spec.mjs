@@ -191,7 +191,8 @@ kvm('pending wait() and readConsole() hold no libuv threadpool thread', async (t
   t.true(vms.every((vm) => vm.exitStatus.reason === 'killed'))
 })
 
-;(skipReason ? test : test.skip)('without a usable /dev/kvm, start() rejects with E_NO_KVM', async (t) => {
+if (!skipReason) console.log('# SKIP without a usable /dev/kvm (E_NO_KVM): skipped, this host has a usable /dev/kvm')
+;(skipReason ? test : test.skip)(`without a usable /dev/kvm, start() rejects with E_NO_KVM${skipReason ? '' : ' (skipped: this host has a usable /dev/kvm)'}`, async (t) => {
   const err = await t.throwsAsync(MicroVm.builder().kernel(guest('hello.pvh.elf')).memoryMib(64).start(), {
     instanceOf: MicrocellError,
   })
