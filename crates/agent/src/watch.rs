@@ -68,16 +68,21 @@ impl Watcher {
         Ok(())
     }
 
-    /// Watches the directories below `dir`; with `report`, queues a `CREATE` for each entry found
-    /// (a directory made under a watched one may have filled before its own watch began).
+    /// Watches the directories below `dir`; with `report`, queues a `CREATE` for each entry found,
+    /// and a `WRITE` for each file that already has contents (a directory made under a watched one
+    /// may have filled before its own watch began; such a write may then be reported twice).
     fn add_tree(&mut self, dir: &Path, id: u32, out: &mut OutQueue, report: bool) {
         let Ok(entries) = std::fs::read_dir(dir) else { return };
         for e in entries.flatten() {
             let path = e.path();
+            let meta = e.metadata().ok();
             if report {
                 out.msg(id, event(watch_kind::CREATE, &path));
+                if meta.as_ref().is_some_and(|m| m.is_file() && m.len() > 0) {
+                    out.msg(id, event(watch_kind::WRITE, &path));
+                }
             }
-            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            let is_dir = meta.is_some_and(|m| m.is_dir());
             if is_dir && self.dirs.len() < MAX_DIRS && self.add(&path).is_ok() {
                 self.add_tree(&path, id, out, report);
             }
