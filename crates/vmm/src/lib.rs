@@ -15,5 +15,6 @@ pub mod vmm;
 pub mod vstate;
 
 pub use error::{Error, Result};
-pub use vmm::{BlockDeviceConfig, LoadedSnapshot, RestoreOptions, Timings, Vm, VmConfig, CONTROL_PORT_NAME, DEFAULT_CMDLINE};
+pub use devices::virtio::net::egress::EgressPolicy;
+pub use vmm::{BlockDeviceConfig, LoadedSnapshot, NetworkConfig, RestoreOptions, Timings, Vm, VmConfig, CONTROL_PORT_NAME, DEFAULT_CMDLINE};
 pub use vstate::lifecycle::ExitReason;

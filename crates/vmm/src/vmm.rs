@@ -24,6 +24,8 @@ use crate::devices::virtio::persist::TransportState;
 use crate::devices::virtio::MmioTransport;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::console::Console;
+use crate::devices::virtio::net::egress::EgressPolicy;
+use crate::devices::virtio::net::Net;
 use crate::event_loop::{EventLoop, EventLoopHandle};
 use crate::devices::Bus;
 use crate::error::{Error, Result};
@@ -52,6 +54,17 @@ pub struct BlockDeviceConfig {
     pub read_only: bool,
 }
 
+/// The guest's network interface. The network behind it is whatever process the caller connects
+/// to `Vm::take_network()` (passt in microcell's sandboxes).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkConfig {
+    pub mac: [u8; 6],
+    /// What the guest may send; enforced by the device on every frame.
+    #[serde(default)]
+    pub egress: EgressPolicy,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VmConfig {
@@ -66,6 +79,9 @@ pub struct VmConfig {
     /// Adds a virtio-console port named `agent`: the host end is `Vm::take_channel()`.
     #[serde(default)]
     pub control_channel: bool,
+    /// Adds a virtio-net device: the host end of its frame stream is `Vm::take_network()`.
+    #[serde(default)]
+    pub network: Option<NetworkConfig>,
     /// Boot a Linux kernel even where `host::detect()` says it cannot run (to study how far it gets).
     #[serde(default)]
     pub allow_unsupported_host: bool,
@@ -178,8 +194,15 @@ struct Assembly {
     event_loop: EventLoop,
     serial: Arc<Mutex<Serial>>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
-    channel: Option<UnixStream>,
+    host_ends: HostEnds,
     cmdline_entries: Vec<String>,
+}
+
+/// The host ends of the VM's sockets, until their users take them.
+#[derive(Default)]
+struct HostEnds {
+    channel: Option<UnixStream>,
+    network: Option<UnixStream>,
 }
 
 /// Device state to start from (a snapshot's), or None for fresh devices.
@@ -260,6 +283,17 @@ fn assemble(
     } else {
         None
     };
+    let network = match &config.network {
+        Some(net) => {
+            let (host_end, device_end) = UnixStream::pair().map_err(Error::Thread)?;
+            let fd = device_end.as_raw_fd();
+            let device = Net::new(net.mac, net.egress.clone(), device_end, event_loop.interest(fd)).map_err(Error::Thread)?;
+            let state = next_state();
+            virtio.push(devices.attach(vm.fd(), &memory, &mut mmio_bus, &mut event_loop, Box::new(device), state)?);
+            Some(host_end)
+        }
+        None => None,
+    };
     if next_state().is_some() {
         return Err(Error::Snapshot("the snapshot has more virtio devices than the configuration".into()));
     }
@@ -271,7 +305,7 @@ fn assemble(
         event_loop,
         serial,
         virtio,
-        channel,
+        host_ends: HostEnds { channel, network },
         cmdline_entries: devices.cmdline_entries,
     })
 }
@@ -370,7 +404,7 @@ pub struct RestoreOptions {
 pub struct Vm {
     lifecycle: Arc<Lifecycle>,
     machine: Option<Arc<Machine>>,
-    channel: Mutex<Option<UnixStream>>,
+    host_ends: Mutex<HostEnds>,
     start_ns: u64,
     running_ns: u64,
 }
@@ -557,7 +591,7 @@ impl Vm {
         Ok(Vm {
             lifecycle,
             machine: Some(machine),
-            channel: Mutex::new(a.channel),
+            host_ends: Mutex::new(a.host_ends),
             start_ns,
             running_ns: monotonic_ns(),
         })
@@ -753,7 +787,13 @@ impl Vm {
 
     /// The host end of the control channel (once; later calls return None).
     pub fn take_channel(&self) -> Option<UnixStream> {
-        lock(&self.channel).take()
+        lock(&self.host_ends).channel.take()
+    }
+
+    /// The host end of the network device's frame stream (once; later calls return None): each
+    /// frame after its length as a 4-byte big-endian number, as passt's `--fd` expects.
+    pub fn take_network(&self) -> Option<UnixStream> {
+        lock(&self.host_ends).network.take()
     }
 
     pub fn timings(&self) -> Timings {

@@ -6,6 +6,7 @@
 pub mod block;
 pub mod console;
 pub mod mmio;
+pub mod net;
 pub mod persist;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -18,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use mmio::MmioTransport;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_CONSOLE: u32 = 3;
 
