@@ -26,8 +26,7 @@ export const tiers = [
 ]
 
 /**
- * A T2 test that needs engine 'qemu' itself (networks, volumes: the built-in VMM has neither
- * device): `test.serial` where T2 runs, else a skipped test that prints why.
+ * A T2 test that needs engine 'qemu' itself (volumes: the built-in VMM has no virtio-9p): `test.serial` where T2 runs, else a skipped test that prints why.
  */
 export function t2Test(test, title, fn) {
   const { skip } = tiers.find((x) => x.tier === 'T2')

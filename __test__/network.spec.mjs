@@ -1,6 +1,7 @@
 // Sandbox networking: none by default; `network: {}` gives the guest eth0 behind user-mode NAT
-// (engine qemu), `outbound: false` cuts it off, `ports` forward host loopback ports into it.
-// T2 on engine 'qemu'; engine 'kvm' has no network device yet (refused, and 'auto' picks qemu).
+// (slirp on engine qemu, passt behind the VMM's virtio-net on engine kvm), `outbound: false`
+// cuts it off, `ports` forward host loopback ports into it. T2 on engine 'qemu', T3 on 'kvm'
+// (skipped, saying why, where the built-in VMM cannot boot Linux).
 // Nothing here leaves this machine: the "outside" is an HTTP server on the host's loopback,
 // which the guest reaches as 10.0.2.2.
 import http from 'node:http'
@@ -11,7 +12,7 @@ import test from 'ava'
 import { MicrocellError, Sandbox } from 'microcell'
 
 import { within } from './helpers.mjs'
-import { requireGuestImages, t2Test } from './guest.mjs'
+import { perTier, requireGuestImages } from './guest.mjs'
 
 /** A free TCP port on the host's loopback. */
 function freePort() {
@@ -54,16 +55,16 @@ test('network configuration errors are coded at build()', (t) => {
   t.deepEqual(Sandbox.builder('n').network({ outbound: false, ports: ['22'] }).build().network, { outbound: false, ports: ['22'] })
 })
 
-t2Test(test, 'no network unless asked for; with one, the guest reaches the host and forwarded ports reach the guest', async (t) => {
+perTier(test, 'network', (tier, engine) => test.serial(`${tier}: no network unless asked for; with one, the guest reaches the host and forwarded ports reach the guest`, async (t) => {
   requireGuestImages()
   const server = http.createServer((req, res) => res.end(`hello from the host ${req.url}`))
   await new Promise((r) => server.listen(0, '127.0.0.1', r))
   const hostPort = server.address().port
   const forwarded = await freePort()
   const [plain, open, closed] = await Promise.all([
-    Sandbox.builder('net-none').engine('qemu').memory(256).create(),
-    Sandbox.builder('net-open').engine('qemu').memory(256).network({}).create(),
-    Sandbox.builder('net-closed').engine('qemu').memory(256).network({ outbound: false, ports: [`${forwarded}:8080`] }).create(),
+    Sandbox.builder('net-none').engine(engine).memory(256).create(),
+    Sandbox.builder('net-open').engine(engine).memory(256).network({}).create(),
+    Sandbox.builder('net-closed').engine(engine).memory(256).network({ outbound: false, ports: [`${forwarded}:8080`] }).create(),
   ])
   try {
     // No NIC by default (loopback only, and up).
@@ -87,4 +88,4 @@ t2Test(test, 'no network unless asked for; with one, the guest reaches the host 
     await Promise.all([plain.kill(), open.kill(), closed.kill()])
     server.close()
   }
-})
+}))

@@ -23,7 +23,7 @@ node -e '
   }'
 echo "cargo $(cargo --version | cut -d' ' -f2), node $(node --version), npm $(npm --version 2>/dev/null)"
 
-step "system packages (gcc, binutils, libc6-dev, qemu-system-x86)"
+step "system packages (gcc, binutils, libc6-dev, qemu-system-x86, passt)"
 missing=()
 command -v gcc >/dev/null || missing+=(gcc)
 command -v ld >/dev/null || missing+=(binutils)
@@ -31,6 +31,8 @@ dpkg-query -W -f='${Status}' libc6-dev 2>/dev/null | grep -q "install ok install
 # QEMU: the engine for Linux guests where our VMM cannot boot them (PVM or no KVM), and the
 # peer the benchmarks compare against.
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+# passt: the user-mode network behind the built-in VMM's virtio-net (engine kvm).
+command -v passt >/dev/null || missing+=(passt)
 if [ ${#missing[@]} -eq 0 ]; then
   echo "all present"
 elif command -v apt-get >/dev/null; then

@@ -48,11 +48,13 @@ export interface SandboxConfig {
    */
   maxDurationMs?: number
   /**
-   * A network interface for the guest (`eth0`: user-mode NAT on engine `qemu`, guest
-   * `10.0.2.15`, the host's loopback as `10.0.2.2`); none by default. `outbound` (default true):
-   * whether the guest may open connections out; `ports`: TCP ports of the host's loopback
-   * forwarded into the guest, `"HOST:GUEST"` or `"PORT"`. Engine `auto` picks `qemu` for it
-   * (the built-in VMM has no network device yet; engine `kvm` refuses it).
+   * A network interface for the guest (`eth0` behind user-mode NAT: QEMU's slirp on engine
+   * `qemu`, passt behind the built-in VMM's virtio-net on engine `kvm`; guest `10.0.2.15`, the
+   * host's loopback as `10.0.2.2`, DNS `10.0.2.3`); none by default. `outbound` (default true):
+   * whether the guest may open connections out (on engine `kvm` the VMM drops every other frame
+   * the guest sends); `ports`: TCP ports of the host's loopback forwarded into the guest,
+   * `"HOST:GUEST"` or `"PORT"`. Engine `kvm` needs `passt` installed (`auto` picks `qemu`
+   * without it, and says so).
    */
   network?: NetworkConfig
   /**

@@ -14,8 +14,13 @@
  *
  * Expectations from the command line (see README.md):
  *   tg.nblk=<n> tg.ncon=<n>                 how many block / console devices to expect
+ *   tg.nnet=<n>                             how many net devices (none when absent)
  *   tg.blk<i>=<sectors>:<fnv1a32 of the first 8 sectors, hex>   per block device, in MMIO order
  *   tg.blk<i>ro=1                           block device <i> is read-only
+ *   tg.net<i>=<mac>,<ip>,<gateway ip>,<udp port>,<reply|blocked>  per net device: its MAC and
+ *                                           address, the peer that answers ARP for the gateway
+ *                                           and echoes UDP to <udp port> XOR 0x5a (reply), or
+ *                                           drops it (blocked)
  *
  * For snapshot/restore tests (crates/vmm/tests/snapshot.rs), optionally:
  *   tg.con_first=1     check the console devices before the block devices: the guest then waits
@@ -84,6 +89,7 @@
 #define F_VERSION_1 (1ULL << 32)
 #define INT_USED_RING 1
 
+#define TYPE_NET 1
 #define TYPE_BLOCK 2
 #define TYPE_CONSOLE 3
 
@@ -117,8 +123,32 @@
 #define CON_GREETING "microcell host says hello\n" /* the host's first bytes (src/lib.rs) */
 #define CON_ROUND2_LEN 6000 /* more than all CON_RX_BUFS buffers: the device must wait for reposts */
 
+#define NET_F_MAC (1ULL << 5)
+#define NET_F_CTRL_VQ (1ULL << 17)
+#define NET_F_MQ (1ULL << 22)
+#define NET_Q_RX 0
+#define NET_Q_TX 1
+#define NET_HDR 12          /* struct virtio_net_hdr_v1 (VERSION_1: num_buffers always there) */
+#define NET_MTU_FRAME 1514  /* the largest frame a receive buffer must hold (no FCS) */
+#define NET_RX_BUFS 10      /* 5 as one descriptor, 5 as two: 15 of the 16 descriptors */
+#define NET_RX_ONE 5        /* buffers 0..4: one descriptor each, 2048 bytes */
+#define NET_RX_BUF 2048
+#define NET_RX_DATA 1526    /* the second descriptor of a two-descriptor buffer (frame + 12) */
+#define NET_TX_QSZ 64       /* NET_BATCH frames in flight, half of them as two descriptors */
+#define NET_TX_SLOT 128     /* bytes per transmit buffer: header at +0, frame at +12 or +32 */
+#define NET_TX_SLOTS 34     /* NET_BATCH, then the ARP reply's and the other frames' */
+#define NET_SLOT_ARP NET_BATCH
+#define NET_SLOT_SEND (NET_BATCH + 1)
+#define NET_BATCH 32        /* src/lib.rs VIRTIO_NET_BATCH */
+#define NET_GUEST_PORT 40000 /* src/lib.rs VIRTIO_NET_GUEST_UDP_PORT */
+#define NET_PING "microcell net ping"
+#define NET_BATCH_PREFIX "microcell net batch " /* then two decimal digits */
+#define NET_BLOCKED_MS 500  /* expect=blocked: no reply within this long */
+
 /* ---- split virtqueues (§2.7) ---- */
-#define QSZ 16
+#define QSZ 16     /* entries of a queue, unless its driver asks for more (vq.size) */
+#define QSZ_MAX 64 /* what still fits the one-page layout: desc 0x000, avail 0x800, used 0xc00 */
+_Static_assert(NET_TX_QSZ <= QSZ_MAX && NET_BATCH / 2 * 3 + 4 <= NET_TX_QSZ, "net transmit descriptors");
 #define D_NEXT 1
 #define D_WRITE 2
 
@@ -128,19 +158,19 @@ struct desc {
     uint16_t flags, next;
 };
 struct avail {
-    uint16_t flags, idx, ring[QSZ], used_event;
+    uint16_t flags, idx, ring[]; /* vq.size entries (no VIRTIO_F_EVENT_IDX: nothing after them) */
 };
 struct used_elem {
     uint32_t id, len;
 };
 struct used {
     uint16_t flags, idx;
-    struct used_elem ring[QSZ];
-    uint16_t avail_event;
+    struct used_elem ring[]; /* vq.size entries */
 };
 
 struct vq {
     unsigned index;
+    uint16_t size;          /* QSZ, or what the driver set before init_device (<= QSZ_MAX) */
     volatile struct desc *desc;
     volatile struct avail *avail;
     volatile struct used *used;
@@ -193,11 +223,12 @@ static inline uint64_t rdtsc(void)
     __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
     return (uint64_t)hi << 32 | lo;
 }
-static void zero(uint64_t addr, uint64_t n)
+static void fill(uint64_t addr, uint64_t n, uint8_t v)
 {
     void *p = phys(addr);
-    __asm__ volatile("rep stosb" : "+D"(p), "+c"(n) : "a"(0) : "memory");
+    __asm__ volatile("rep stosb" : "+D"(p), "+c"(n) : "a"(v) : "memory");
 }
+static void zero(uint64_t addr, uint64_t n) { fill(addr, n, 0); }
 static void copy(uint64_t dst, uint64_t src, uint64_t n)
 {
     void *d = phys(dst), *s = phys(src);
@@ -387,20 +418,25 @@ static int expired(uint64_t t0, uint32_t k0, uint32_t ms)
     return rdtsc() - t0 > (uint64_t)ms * 4000000; /* ~4 GHz at most */
 }
 
-/* Waits until the interrupt handler has seen a used entry of q that the driver has not consumed.
- * 0: it has; otherwise why not. A completion that is only found when the time is up (its
- * interrupt never came) is counted in d->lost and handed over anyway. */
-static const char *wait_used(struct vdev *d, struct vq *q)
+static const char WAIT_QUIET[] = "nothing came in time";
+
+/* Waits until the interrupt handler has seen a used entry of q that the driver has not consumed,
+ * at most until `ms` after (t0, k0) (rdtsc, ticks). 0: it has; otherwise why not. A completion
+ * that is only found when the time is up (its interrupt never came) is counted in d->lost and
+ * handed over anyway, except in a quiet wait (one meant to run out: it returns WAIT_QUIET). */
+static const char *wait_used_until(struct vdev *d, struct vq *q, uint64_t t0, uint32_t k0, uint32_t ms, int quiet)
 {
-    uint64_t t0 = rdtsc();
-    uint32_t k0 = ticks;
     for (;;) {
         cli();
         if (q->seen != q->last_used) {
             sti();
             return 0;
         }
-        if (expired(t0, k0, lost_any ? WAIT_MS_LOST : wait_ms)) {
+        if (expired(t0, k0, ms)) {
+            if (quiet) {
+                sti();
+                return WAIT_QUIET;
+            }
             uint16_t idx = q->used->idx;
             if (idx != q->last_used) {
                 d->lost++;
@@ -419,13 +455,21 @@ static const char *wait_used(struct vdev *d, struct vq *q)
     }
 }
 
+/* How long a wait for a completion lasts from now on. */
+static uint32_t wait_limit(void) { return lost_any ? WAIT_MS_LOST : wait_ms; }
+
+static const char *wait_used(struct vdev *d, struct vq *q)
+{
+    return wait_used_until(d, q, rdtsc(), ticks, wait_limit(), 0);
+}
+
 /* Takes the next used entry the interrupt handler has seen. */
 static int pop_used(struct vdev *d, struct vq *q, uint32_t *id, uint32_t *len)
 {
     if (q->seen == q->last_used)
         return 0;
     barrier();
-    volatile struct used_elem *e = &q->used->ring[q->last_used % QSZ];
+    volatile struct used_elem *e = &q->used->ring[q->last_used % q->size];
     *id = e->id;
     *len = e->len;
     q->last_used++;
@@ -444,7 +488,7 @@ static void set_desc(struct vq *q, unsigned i, uint64_t addr, uint32_t len, uint
 /* Makes chain `head` available (without notifying). */
 static void submit(struct vq *q, uint16_t head)
 {
-    q->avail->ring[q->avail_idx % QSZ] = head;
+    q->avail->ring[q->avail_idx % q->size] = head;
     barrier();
     q->avail->idx = ++q->avail_idx;
 }
@@ -457,8 +501,22 @@ static void notify(struct vdev *d, struct vq *q)
 
 /* ---- device initialization (§3.1.1) ---- */
 
+/* How many queues d has, of which the driver sets up the first nq: a virtio-net device also has
+ * a control queue when it offers VIRTIO_NET_F_CTRL_VQ, and two per queue pair with
+ * VIRTIO_NET_F_MQ (§5.1.2), used or not. */
+static unsigned device_queues(struct vdev *d, unsigned nq)
+{
+    if (d->type != TYPE_NET)
+        return nq;
+    unsigned pairs = 1;
+    if (d->offered & NET_F_MQ)
+        pairs = *(volatile uint16_t *)phys(d->base + R_CONFIG + 8); /* max_virtqueue_pairs */
+    return 2 * pairs + !!(d->offered & NET_F_CTRL_VQ);
+}
+
 /* Resets d, negotiates features (VERSION_1 plus `wanted` where offered) and sets up nq queues of
- * QSZ entries. Returns the accepted features; sets d->broken on a failure. */
+ * QSZ entries (or d->q[i].size where the caller set one). Returns the accepted features; sets
+ * d->broken on a failure. */
 static uint64_t init_device(struct vdev *d, unsigned want_type, uint64_t wanted, int nq)
 {
     const char *check = cname(d, "transport");
@@ -515,6 +573,8 @@ static uint64_t init_device(struct vdev *d, unsigned want_type, uint64_t wanted,
     for (int i = 0; i < nq && !qerr; i++) {
         struct vq *q = &d->q[i];
         uint64_t page = alloc_pages(1);
+        if (!q->size)
+            q->size = QSZ;
         q->index = (unsigned)i;
         q->desc = phys(page);
         q->avail = phys(page + 0x800);
@@ -523,11 +583,11 @@ static uint64_t init_device(struct vdev *d, unsigned want_type, uint64_t wanted,
         uint32_t max = rd(d, R_QUEUE_NUM_MAX);
         if (rd(d, R_QUEUE_READY) != 0)
             qerr = "QueueReady before setup is not 0 on queue ", qerr_val = (uint64_t)i;
-        else if (max < QSZ)
+        else if (max < q->size)
             qerr = "QueueNumMax too small on queue ", qerr_val = (uint64_t)i;
         if (qerr)
             break;
-        wr(d, R_QUEUE_NUM, QSZ);
+        wr(d, R_QUEUE_NUM, q->size);
         wr(d, R_QUEUE_DESC, (uint32_t)page);
         wr(d, R_QUEUE_DESC + 4, (uint32_t)(page >> 32));
         wr(d, R_QUEUE_DRIVER, (uint32_t)(page + 0x800));
@@ -540,9 +600,10 @@ static uint64_t init_device(struct vdev *d, unsigned want_type, uint64_t wanted,
         d->nq = i + 1;
     }
     /* The queue after the last one the device has must not exist (QueueNumMax 0). */
-    wr(d, R_QUEUE_SEL, (uint32_t)nq);
+    unsigned last = device_queues(d, (unsigned)nq);
+    wr(d, R_QUEUE_SEL, last);
     if (!qerr && rd(d, R_QUEUE_NUM_MAX) != 0)
-        qerr = "QueueNumMax is not 0 for the queue after the last, queue ", qerr_val = (uint64_t)nq;
+        qerr = "QueueNumMax is not 0 for the queue after the last, queue ", qerr_val = last;
     if (qerr) {
         fail_begin(cname(d, "queues"));
         puts_serial(qerr);
@@ -812,7 +873,7 @@ static void blk_reinit(struct vdev *d, struct blk *b, int have, uint32_t want_fn
     q->used = phys(page + 0xc00);
     q->avail_idx = q->last_used = q->seen = 0;
     sti();
-    wr(d, R_QUEUE_NUM, QSZ);
+    wr(d, R_QUEUE_NUM, q->size);
     wr(d, R_QUEUE_DESC, (uint32_t)page);
     wr(d, R_QUEUE_DESC + 4, (uint32_t)(page >> 32));
     wr(d, R_QUEUE_DRIVER, (uint32_t)(page + 0x800));
@@ -1331,6 +1392,581 @@ static void con_checks(struct vdev *d)
     }
 }
 
+/* ---- virtio-net ---- */
+struct net {
+    uint8_t mac[6], ip[4], gw[4], gw_mac[6]; /* tg.net<i>; gw_mac from the ARP check */
+    uint16_t port;
+    int reply;          /* expect=reply (else blocked) */
+    uint64_t rx;        /* NET_RX_BUFS x NET_RX_BUF */
+    uint64_t rx_hdr;    /* the header descriptors of the two-descriptor buffers, 16 bytes apart */
+    uint64_t tx;        /* NET_TX_SLOTS x NET_TX_SLOT */
+    uint64_t frame;     /* the received frame being looked at, copied out of its buffer */
+    uint64_t build;     /* the frame being made, copied into its transmit slot */
+    uint32_t rx_posted; /* receive buffers the device has, by buffer */
+    uint64_t tx_busy;   /* transmit chains the device has, by head descriptor */
+    uint16_t ip_id;
+    uint32_t rx_frames, rx_ignored, rx_reposted, tx_frames, arp_answered, num_buffers_unset;
+};
+
+/* What a received frame is to the waits below. */
+enum { NET_OTHER, NET_ARP_ASKED, NET_ARP_GW, NET_UDP };
+
+static const uint8_t MAC_BROADCAST[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+static const uint8_t MAC_ZERO[6];
+
+static void put16(uint8_t *p, uint32_t v) { p[0] = (uint8_t)(v >> 8), p[1] = (uint8_t)v; } /* big endian */
+static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static int same(const void *a, const void *b, unsigned n)
+{
+    const uint8_t *x = a, *y = b;
+    while (n--)
+        if (*x++ != *y++)
+            return 0;
+    return 1;
+}
+
+/* The Internet checksum (RFC 1071) of n bytes (n even): 0 over a header that has a right one. */
+static uint16_t ip_sum(const uint8_t *p, unsigned n)
+{
+    uint32_t s = 0;
+    for (unsigned i = 0; i < n; i += 2)
+        s += get16(p + i);
+    while (s >> 16)
+        s = (s & 0xffff) + (s >> 16);
+    return (uint16_t)~s;
+}
+
+static void put_mac(const uint8_t *m)
+{
+    for (int i = 0; i < 6; i++) {
+        if (i)
+            putc_serial(':');
+        putc_serial("0123456789abcdef"[m[i] >> 4]);
+        putc_serial("0123456789abcdef"[m[i] & 15]);
+    }
+}
+
+static int hex_digit(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    return c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* tg.net<i>=<mac>,<ip>,<gateway ip>,<udp port>,<reply|blocked> */
+static int parse_net(const char *s, struct net *n)
+{
+    for (int i = 0; i < 6; i++) {
+        if (i && *s++ != ':')
+            return 0;
+        int hi = hex_digit(s[0]), lo = hi < 0 ? -1 : hex_digit(s[1]);
+        if (lo < 0)
+            return 0;
+        n->mac[i] = (uint8_t)(hi << 4 | lo), s += 2;
+    }
+    for (int k = 0; k < 2; k++) {
+        uint8_t *ip = k ? n->gw : n->ip;
+        for (int i = 0; i < 4; i++) {
+            uint64_t v;
+            if (*s++ != (i ? '.' : ','))
+                return 0;
+            if (!parse_u64(s, &v, &s) || v > 255)
+                return 0;
+            ip[i] = (uint8_t)v;
+        }
+    }
+    uint64_t port;
+    if (*s++ != ',' || !parse_u64(s, &port, &s) || port == 0 || port > 0xffff || *s++ != ',')
+        return 0;
+    n->port = (uint16_t)port;
+    const char *w = s[0] == 'r' ? "reply" : "blocked";
+    while (*w && *s == *w)
+        s++, w++;
+    n->reply = s[-1] == 'y';
+    return !*w && (*s == ' ' || *s == 0);
+}
+
+/* Receive buffer b: one 2048-byte descriptor (b < NET_RX_ONE), or a 12-byte header descriptor
+ * chained to a NET_RX_DATA one, the two apart in memory. */
+static uint16_t net_rx_head(unsigned b) { return (uint16_t)(b < NET_RX_ONE ? b : NET_RX_ONE + 2 * (b - NET_RX_ONE)); }
+static int net_rx_buf(uint32_t head)
+{
+    if (head < NET_RX_ONE)
+        return (int)head;
+    if (head < NET_RX_ONE + 2 * (NET_RX_BUFS - NET_RX_ONE) && (head - NET_RX_ONE) % 2 == 0)
+        return (int)(NET_RX_ONE + (head - NET_RX_ONE) / 2);
+    return -1;
+}
+static uint64_t net_rx_hdr(struct net *n, unsigned b)
+{
+    return b < NET_RX_ONE ? n->rx + b * NET_RX_BUF : n->rx_hdr + b * 16;
+}
+static uint64_t net_rx_data(struct net *n, unsigned b)
+{
+    return b < NET_RX_ONE ? n->rx + b * NET_RX_BUF + NET_HDR : n->rx + b * NET_RX_BUF;
+}
+
+/* Makes receive buffer b available (without notifying). Its header is poisoned, so that a device
+ * that does not write one is caught, except num_buffers: 0 there is counted, not failed (§5.1.6.4
+ * wants 1 without VIRTIO_NET_F_MRG_RXBUF, but QEMU 7.2 and older vhost-net leave it unwritten,
+ * and Linux ignores it then). */
+static void net_rx_post(struct vdev *d, struct net *n, unsigned b)
+{
+    struct vq *q = &d->q[NET_Q_RX];
+    uint16_t h = net_rx_head(b);
+    fill(net_rx_hdr(n, b), NET_HDR - 2, 0xff);
+    zero(net_rx_hdr(n, b) + NET_HDR - 2, 2);
+    if (b < NET_RX_ONE) {
+        set_desc(q, h, n->rx + b * NET_RX_BUF, NET_RX_BUF, D_WRITE, 0);
+    } else {
+        set_desc(q, h, net_rx_hdr(n, b), NET_HDR, D_WRITE | D_NEXT, (uint16_t)(h + 1));
+        set_desc(q, h + 1, net_rx_data(n, b), NET_RX_DATA, D_WRITE, 0);
+    }
+    n->rx_posted |= 1u << b;
+    submit(q, h);
+}
+
+/* Transmit slot s: batch frame s (s < NET_BATCH; odd ones as two descriptors, so three
+ * descriptors per pair), then NET_SLOT_ARP and NET_SLOT_SEND with two descriptors each. The
+ * frame follows the header (one descriptor) or lies apart from it (two). */
+static uint16_t net_tx_head(unsigned s)
+{
+    return (uint16_t)(s < NET_BATCH ? 3 * (s / 2) + (s & 1) : 3 * NET_BATCH / 2 + 2 * (s - NET_BATCH));
+}
+static uint64_t net_tx_frame(struct net *n, unsigned s, int two)
+{
+    return n->tx + s * NET_TX_SLOT + (two ? 32 : NET_HDR);
+}
+
+/* Takes the transmit completions the interrupt handler has seen. 0 or what was wrong. */
+static const char *net_tx_reap(struct vdev *d, struct net *n)
+{
+    uint32_t id, len;
+    while (pop_used(d, &d->q[NET_Q_TX], &id, &len)) {
+        if (id >= NET_TX_QSZ || !(n->tx_busy >> id & 1))
+            return "a transmit used id that is not an outstanding chain head";
+        n->tx_busy &= ~(1ULL << id);
+    }
+    return 0;
+}
+
+/* Waits until the device has completed every transmit chain whose head is in mask. */
+static const char *net_tx_wait(struct vdev *d, struct net *n, uint64_t mask)
+{
+    const char *err = net_tx_reap(d, n);
+    while (!err && (n->tx_busy & mask)) {
+        err = wait_used(d, &d->q[NET_Q_TX]);
+        if (!err)
+            err = net_tx_reap(d, n);
+    }
+    return err;
+}
+
+/* Sends the frame at n->build (len bytes) from slot s behind a zero header, as one descriptor or
+ * two; notifies unless the caller gathers several under one notification. */
+static const char *net_send(struct vdev *d, struct net *n, unsigned s, int two, uint32_t len, int kick)
+{
+    struct vq *q = &d->q[NET_Q_TX];
+    uint16_t h = net_tx_head(s);
+    const char *err = net_tx_wait(d, n, 1ULL << h); /* the slot's last frame is gone */
+    if (err)
+        return err;
+    uint64_t hdr = n->tx + s * NET_TX_SLOT;
+    zero(hdr, NET_HDR);
+    copy(net_tx_frame(n, s, two), n->build, len);
+    if (two) {
+        set_desc(q, h, hdr, NET_HDR, D_NEXT, (uint16_t)(h + 1));
+        set_desc(q, h + 1, net_tx_frame(n, s, 1), len, 0, 0);
+    } else {
+        set_desc(q, h, hdr, NET_HDR + len, 0, 0);
+    }
+    n->tx_busy |= 1ULL << h;
+    n->tx_frames++;
+    submit(q, h);
+    if (kick)
+        notify(d, q);
+    return 0;
+}
+
+static void net_eth(uint8_t *f, const uint8_t *dst, const uint8_t *src, uint16_t type)
+{
+    memcpy(f, dst, 6);
+    memcpy(f + 6, src, 6);
+    put16(f + 12, type);
+}
+
+/* An ARP packet from the guest (RFC 826, Ethernet/IPv4) at n->build; returns its length. */
+static uint32_t net_arp_frame(struct net *n, const uint8_t *eth_dst, uint16_t op, const uint8_t *tha,
+                              const uint8_t *tpa)
+{
+    uint8_t *f = phys(n->build), *a = f + 14;
+    net_eth(f, eth_dst, n->mac, 0x0806);
+    put16(a, 1);
+    put16(a + 2, 0x0800);
+    a[4] = 6, a[5] = 4;
+    put16(a + 6, op);
+    memcpy(a + 8, n->mac, 6);
+    memcpy(a + 14, n->ip, 4);
+    memcpy(a + 18, tha, 6);
+    memcpy(a + 24, tpa, 4);
+    return 14 + 28;
+}
+
+/* An IPv4/UDP datagram guest:NET_GUEST_PORT -> gateway:port at n->build (TTL 64, no UDP
+ * checksum); returns its length. */
+static uint32_t net_udp_frame(struct net *n, const void *payload, uint32_t plen)
+{
+    uint8_t *f = phys(n->build), *ip = f + 14, *u = ip + 20;
+    net_eth(f, n->gw_mac, n->mac, 0x0800);
+    ip[0] = 0x45, ip[1] = 0;
+    put16(ip + 2, 20 + 8 + plen);
+    put16(ip + 4, n->ip_id++);
+    put16(ip + 6, 0);
+    ip[8] = 64, ip[9] = 17;
+    put16(ip + 10, 0);
+    memcpy(ip + 12, n->ip, 4);
+    memcpy(ip + 16, n->gw, 4);
+    put16(ip + 10, ip_sum(ip, 20));
+    put16(u, NET_GUEST_PORT);
+    put16(u + 2, n->port);
+    put16(u + 4, 8 + plen);
+    put16(u + 6, 0);
+    memcpy(u + 8, payload, plen);
+    return 14 + 20 + 8 + plen;
+}
+
+/* The next received frame, copied to n->frame (*len bytes, without the virtio header, which is
+ * checked); its buffer goes back to the device at once. Waits at most until `ms` after (t0, k0);
+ * quiet as in wait_used_until. */
+static const char *net_recv(struct vdev *d, struct net *n, uint64_t t0, uint32_t k0, uint32_t ms, int quiet,
+                            uint32_t *len)
+{
+    struct vq *q = &d->q[NET_Q_RX];
+    uint32_t id, used;
+    const char *err = wait_used_until(d, q, t0, k0, ms, quiet);
+    if (!err)
+        err = net_tx_reap(d, n); /* by the way: transmit slots free again */
+    if (err)
+        return err;
+    if (!pop_used(d, q, &id, &used))
+        return "receive used ring empty";
+    int b = net_rx_buf(id);
+    if (b < 0 || !(n->rx_posted >> b & 1))
+        return "a receive used id that is not a posted buffer's head";
+    n->rx_posted &= ~(1u << b);
+    if (used < NET_HDR + 14 || used > NET_HDR + NET_MTU_FRAME)
+        return "receive used length is not a 12-byte header and an Ethernet frame (14..1514 bytes)";
+    const volatile uint8_t *h = phys(net_rx_hdr(n, (unsigned)b));
+    if (h[0] != 0 || h[1] != 0) /* flags, gso_type: no offloads were negotiated */
+        return "receive header flags or gso_type not 0";
+    uint16_t num_buffers = (uint16_t)(h[10] | h[11] << 8);
+    if (num_buffers == 0)
+        n->num_buffers_unset++;
+    else if (num_buffers != 1)
+        return "receive header num_buffers is not 1";
+    *len = used - NET_HDR;
+    copy(n->frame, net_rx_data(n, (unsigned)b), *len);
+    net_rx_post(d, n, (unsigned)b);
+    notify(d, q);
+    n->rx_frames++, n->rx_reposted++;
+    return 0;
+}
+
+/* Looks at the frame in n->frame: answers an ARP request for the guest's address (a peer such as
+ * passt or slirp asks before it sends), and says what it is: the gateway's ARP reply (its MAC
+ * noted), a UDP datagram gateway:port -> guest:NET_GUEST_PORT (*payload, *plen), or NET_OTHER
+ * (another protocol, address or MAC: a driver drops those). */
+static const char *net_input(struct vdev *d, struct net *n, uint32_t len, int *kind, const uint8_t **payload,
+                             uint32_t *plen)
+{
+    const uint8_t *f = phys(n->frame);
+    *kind = NET_OTHER;
+    if (!same(f, n->mac, 6) && !same(f, MAC_BROADCAST, 6))
+        return 0;
+    uint16_t type = get16(f + 12);
+    const uint8_t *a = f + 14;
+    if (type == 0x0806 && len >= 14 + 28 && get16(a) == 1 && get16(a + 2) == 0x0800 && a[4] == 6 && a[5] == 4) {
+        uint16_t op = get16(a + 6);
+        if (op == 1 && same(a + 24, n->ip, 4)) {
+            uint8_t sha[6], spa[4];
+            memcpy(sha, a + 8, 6);
+            memcpy(spa, a + 14, 4);
+            uint32_t flen = net_arp_frame(n, sha, 2, sha, spa);
+            n->arp_answered++;
+            *kind = NET_ARP_ASKED;
+            return net_send(d, n, NET_SLOT_ARP, 1, flen, 1);
+        }
+        if (op == 2 && same(a + 14, n->gw, 4) && same(a + 24, n->ip, 4)) {
+            memcpy(n->gw_mac, a + 8, 6);
+            *kind = NET_ARP_GW;
+        }
+        return 0;
+    }
+    const uint8_t *ip = f + 14;
+    if (type != 0x0800 || len < 14 + 20 + 8 || ip[0] >> 4 != 4 || ip[9] != 17)
+        return 0;
+    uint32_t ihl = (ip[0] & 15) * 4u, tot = get16(ip + 2);
+    if (ihl < 20 || tot < ihl + 8 || 14 + tot > len || (get16(ip + 6) & 0x3fff)) /* no fragments */
+        return 0;
+    const uint8_t *u = ip + ihl;
+    if (!same(ip + 12, n->gw, 4) || !same(ip + 16, n->ip, 4) || get16(u) != n->port || get16(u + 2) != NET_GUEST_PORT)
+        return 0;
+    if (ip_sum(ip, ihl) != 0)
+        return "a datagram from the gateway has a wrong IPv4 header checksum";
+    if (get16(u + 4) < 8 || get16(u + 4) > tot - ihl)
+        return "a datagram from the gateway has a wrong UDP length";
+    *kind = NET_UDP;
+    *payload = u + 8;
+    *plen = get16(u + 4) - 8u;
+    return 0;
+}
+
+/* Receives until a frame of kind `want` comes (0), answering ARP requests and dropping other
+ * frames, for at most ms (quiet as in wait_used_until). */
+static const char *net_wait(struct vdev *d, struct net *n, int want, uint32_t ms, int quiet, const uint8_t **payload,
+                            uint32_t *plen)
+{
+    uint64_t t0 = rdtsc();
+    uint32_t k0 = ticks;
+    for (;;) {
+        uint32_t len;
+        int kind;
+        const char *err = net_recv(d, n, t0, k0, ms, quiet, &len);
+        if (!err)
+            err = net_input(d, n, len, &kind, payload, plen);
+        if (err || kind == want)
+            return err;
+        if (kind != NET_ARP_ASKED)
+            n->rx_ignored++;
+    }
+}
+
+static void net_fail(struct vdev *d, const char *what, const char *doing, const char *err)
+{
+    fail_begin(cname(d, what));
+    puts_serial(doing);
+    puts_serial(": ");
+    puts_serial(err);
+    fail_end();
+    d->broken = what;
+}
+
+/* One datagram out (two descriptors), then its echo back, or (blocked) nothing back. */
+static void net_udp(struct vdev *d, struct net *n)
+{
+    const char *check = cname(d, "udp");
+    uint32_t plen = sizeof(NET_PING) - 1, got_len = 0;
+    const uint8_t *got = 0;
+    const char *err = net_send(d, n, NET_SLOT_SEND, 1, net_udp_frame(n, NET_PING, plen), 1);
+    if (!err)
+        err = net_tx_wait(d, n, ~0ULL);
+    if (err) {
+        net_fail(d, "udp", "transmit", err);
+        return;
+    }
+    if (!n->reply) {
+        err = net_wait(d, n, NET_UDP, NET_BLOCKED_MS, 1, &got, &got_len);
+        if (err == WAIT_QUIET)
+            ok(check);
+        else if (err)
+            net_fail(d, "udp", "receive", err);
+        else
+            fail(check, got_len == plen && got[0] == (uint8_t)(NET_PING[0] ^ CON_XOR)
+                            ? "the echo came back (expect=blocked)"
+                            : "a datagram came back from the gateway's port (expect=blocked)");
+        return;
+    }
+    err = net_wait(d, n, NET_UDP, wait_limit(), 0, &got, &got_len);
+    if (err) {
+        net_fail(d, "udp", "waiting for the echo", err);
+        return;
+    }
+    if (got_len != plen) {
+        fail_val2(check, "echo payload bytes", got_len, plen);
+        return;
+    }
+    for (uint32_t i = 0; i < plen; i++)
+        if (got[i] != (uint8_t)(NET_PING[i] ^ CON_XOR)) {
+            fail_begin(check);
+            puts_serial("echo payload byte ");
+            put_dec(i);
+            puts_serial(" = ");
+            put_hex(got[i]);
+            puts_serial(", want ");
+            put_hex((uint8_t)(NET_PING[i] ^ CON_XOR));
+            fail_end();
+            return;
+        }
+    ok(check);
+}
+
+/* NET_BATCH datagrams made available at once under one notification (even ones as one
+ * descriptor, odd ones as two), their echoes back in any order, each once: more than the
+ * receive buffers, so the device waits for them to be posted again. */
+static void net_batch(struct vdev *d, struct net *n)
+{
+    const char *what = "udp_batch";
+    const uint32_t plen = sizeof(NET_BATCH_PREFIX) - 1 + 2;
+    char payload[sizeof(NET_BATCH_PREFIX) + 2];
+    const char *err = 0;
+    memcpy(payload, NET_BATCH_PREFIX, sizeof(NET_BATCH_PREFIX) - 1);
+    uint64_t batch_heads = 0;
+    for (unsigned i = 0; i < NET_BATCH && !err; i++) {
+        payload[plen - 2] = (char)('0' + i / 10);
+        payload[plen - 1] = (char)('0' + i % 10);
+        err = net_send(d, n, i, i & 1, net_udp_frame(n, payload, plen), 0);
+        batch_heads |= 1ULL << net_tx_head(i);
+    }
+    if (err) {
+        net_fail(d, what, "transmit", err);
+        return;
+    }
+    notify(d, &d->q[NET_Q_TX]);
+
+    uint32_t seen = 0, replies = 0, reposted = n->rx_reposted;
+    uint64_t t0 = rdtsc();
+    uint32_t k0 = ticks, ms = wait_limit();
+    while (replies < NET_BATCH && !err) {
+        uint32_t len, got_len = 0;
+        const uint8_t *got = 0;
+        int kind;
+        err = net_recv(d, n, t0, k0, ms, 0, &len);
+        if (!err)
+            err = net_input(d, n, len, &kind, &got, &got_len);
+        if (err)
+            break;
+        if (kind != NET_UDP) {
+            n->rx_ignored += kind != NET_ARP_ASKED;
+            continue;
+        }
+        int good = got_len == plen;
+        for (uint32_t i = 0; good && i < plen - 2; i++)
+            good = got[i] == (uint8_t)(payload[i] ^ CON_XOR);
+        unsigned hi = (got[plen - 2] ^ CON_XOR) - '0', lo = (got[plen - 1] ^ CON_XOR) - '0', k = hi * 10 + lo;
+        if (!good || hi > 9 || lo > 9 || k >= NET_BATCH)
+            err = "a datagram from the gateway that is no batch datagram's echo";
+        else if (seen >> k & 1)
+            err = "an echo came twice";
+        else
+            seen |= 1u << k, replies++;
+    }
+    const char *tx_err = net_tx_wait(d, n, batch_heads);
+    unsigned sent = 0;
+    for (unsigned i = 0; i < NET_BATCH; i++)
+        sent += !(n->tx_busy >> net_tx_head(i) & 1);
+    puts_serial("TG info ");
+    puts_serial(d->name);
+    puts_serial(" batch tx=");
+    put_dec(sent);
+    puts_serial(" rx=");
+    put_dec(replies);
+    puts_serial(" rx_buffers_reposted=");
+    put_dec(n->rx_reposted - reposted);
+    putc_serial('\n');
+    if (err || tx_err) {
+        fail_begin(cname(d, what));
+        puts_serial(err ? "receive: " : "transmit: ");
+        puts_serial(err ? err : tx_err);
+        puts_serial(" (");
+        put_dec(replies);
+        puts_serial(" of 32 echoes, ");
+        put_dec(sent);
+        puts_serial(" of 32 sent)");
+        fail_end();
+        d->broken = what;
+        return;
+    }
+    ok(cname(d, what));
+}
+
+static void net_checks(struct vdev *d)
+{
+    struct net n = {0};
+    n.rx = alloc_pages(NET_RX_BUFS * NET_RX_BUF / 4096);
+    n.rx_hdr = alloc_pages(1);
+    n.tx = alloc_pages((NET_TX_SLOTS * NET_TX_SLOT + 4095) / 4096);
+    n.frame = alloc_pages(1);
+    n.build = n.frame + 2048;
+    n.ip_id = 1;
+    d->q[NET_Q_TX].size = NET_TX_QSZ; /* NET_BATCH frames in flight at once */
+    init_device(d, TYPE_NET, NET_F_MAC, 2);
+    const char *v = param_n("net", d->index, "");
+    int have = v && parse_net(v, &n);
+
+    if (!skipped(d, "features")) {
+        if (!(d->offered & NET_F_MAC))
+            fail_val2(cname(d, "features"), "VIRTIO_NET_F_MAC offered", 0, 1);
+        else
+            ok(cname(d, "features"));
+    }
+    if (!skipped(d, "mac")) {
+        uint8_t mac[6];
+        uint32_t gen;
+        do { /* byte-wise: 8-bit fields take 8-bit accesses (§4.2.2.2) */
+            gen = rd(d, R_CONFIG_GENERATION);
+            for (int i = 0; i < 6; i++)
+                mac[i] = *(volatile uint8_t *)phys(d->base + R_CONFIG + (unsigned)i);
+        } while (gen != rd(d, R_CONFIG_GENERATION));
+        if (!have) {
+            fail(cname(d, "mac"), "no tg.net<i>=<mac>,<ip>,<gateway>,<udp port>,<reply|blocked> on the command line");
+            d->broken = "mac";
+        } else if (!same(mac, n.mac, 6)) {
+            fail_begin(cname(d, "mac"));
+            puts_serial("config space MAC ");
+            put_mac(mac);
+            puts_serial(", want ");
+            put_mac(n.mac);
+            fail_end();
+        } else {
+            ok(cname(d, "mac"));
+        }
+    }
+
+    /* Receive buffers first (after DRIVER_OK: §3.1.1), then who-has gateway. */
+    if (!skipped(d, "arp")) {
+        for (unsigned b = 0; b < NET_RX_BUFS; b++)
+            net_rx_post(d, &n, b);
+        notify(d, &d->q[NET_Q_RX]);
+        const uint8_t *unused;
+        uint32_t unused_len;
+        const char *err = net_send(d, &n, NET_SLOT_SEND, 0, net_arp_frame(&n, MAC_BROADCAST, 1, MAC_ZERO, n.gw), 1);
+        if (!err)
+            err = net_tx_wait(d, &n, ~0ULL);
+        if (err) {
+            net_fail(d, "arp", "transmit", err);
+        } else if ((err = net_wait(d, &n, NET_ARP_GW, wait_limit(), 0, &unused, &unused_len)) != 0) {
+            net_fail(d, "arp", "waiting for the gateway's ARP reply", err);
+        } else {
+            puts_serial("TG info ");
+            puts_serial(d->name);
+            puts_serial(" gateway_mac=");
+            put_mac(n.gw_mac);
+            putc_serial('\n');
+            ok(cname(d, "arp"));
+        }
+    }
+    if (!skipped(d, "udp"))
+        net_udp(d, &n);
+    if ((n.reply || !have) && !skipped(d, "udp_batch")) /* without tg.net<i>: "not run" */
+        net_batch(d, &n);
+
+    puts_serial("TG info ");
+    puts_serial(d->name);
+    puts_serial(" frames rx=");
+    put_dec(n.rx_frames);
+    puts_serial(" ignored=");
+    put_dec(n.rx_ignored);
+    puts_serial(" arp_answered=");
+    put_dec(n.arp_answered);
+    puts_serial(" tx=");
+    put_dec(n.tx_frames);
+    puts_serial(" num_buffers_unset=");
+    put_dec(n.num_buffers_unset);
+    putc_serial('\n');
+}
+
 /* ---- main ---- */
 static void report_interrupts(struct vdev *d)
 {
@@ -1400,25 +2036,36 @@ void tg_main(void)
     find_devices();
 
     /* Identify the devices and check them against tg.nblk / tg.ncon. */
-    unsigned nblk = 0, ncon = 0, nother = 0;
+    unsigned nblk = 0, ncon = 0, nnet = 0, nother = 0;
     for (int i = 0; i < ndevs; i++) {
         struct vdev *d = &devs[i];
         d->type = rd(d, R_DEVICE_ID);
-        const char *prefix = d->type == TYPE_BLOCK ? "blk" : d->type == TYPE_CONSOLE ? "con" : "dev";
-        d->index = d->type == TYPE_BLOCK ? nblk++ : d->type == TYPE_CONSOLE ? ncon++ : nother++;
+        const char *prefix = d->type == TYPE_BLOCK     ? "blk"
+                             : d->type == TYPE_CONSOLE ? "con"
+                             : d->type == TYPE_NET     ? "net"
+                                                       : "dev";
+        d->index = d->type == TYPE_BLOCK     ? nblk++
+                   : d->type == TYPE_CONSOLE ? ncon++
+                   : d->type == TYPE_NET     ? nnet++
+                                             : nother++;
         for (int k = 0; k < 3; k++)
             d->name[k] = prefix[k];
         d->name[3] = (char)('0' + d->index);
         by_gsi[d->gsi] = d;
     }
-    uint64_t want_blk = 0, want_con = 0;
-    const char *vb = cmdline_param(cmdline, "tg.nblk"), *vc = cmdline_param(cmdline, "tg.ncon");
+    uint64_t want_blk = 0, want_con = 0, want_net = 0; /* no tg.nnet: no net devices */
+    const char *vb = cmdline_param(cmdline, "tg.nblk"), *vc = cmdline_param(cmdline, "tg.ncon"),
+               *vn = cmdline_param(cmdline, "tg.nnet");
     if (!vb || !vc || !parse_u64(vb, &want_blk, 0) || !parse_u64(vc, &want_con, 0))
         fail("virtio.devices", "no tg.nblk=<n> tg.ncon=<n> on the command line");
+    else if (vn && !parse_u64(vn, &want_net, 0))
+        fail("virtio.devices", "tg.nnet=<n> is malformed");
     else if (nblk != want_blk)
         fail_val2("virtio.devices", "block devices", nblk, want_blk);
     else if (ncon != want_con)
         fail_val2("virtio.devices", "console devices", ncon, want_con);
+    else if (nnet != want_net)
+        fail_val2("virtio.devices", "net devices", nnet, want_net);
     else if (nother)
         fail_val2("virtio.devices", "devices of other types", nother, 0);
     else
@@ -1436,9 +2083,11 @@ void tg_main(void)
             blk_checks(d);
         else if (d->type == TYPE_CONSOLE && !con_first)
             con_checks(d);
+        else if (d->type == TYPE_NET)
+            net_checks(d);
     }
     for (int i = 0; i < ndevs; i++)
-        if (devs[i].type == TYPE_BLOCK || devs[i].type == TYPE_CONSOLE)
+        if (devs[i].type == TYPE_BLOCK || devs[i].type == TYPE_CONSOLE || devs[i].type == TYPE_NET)
             report_interrupts(&devs[i]);
     puts_serial("TG info timer ticks=");
     put_dec(ticks);

@@ -21,7 +21,8 @@ pub const TRIPLEFAULT: &str = "triplefault.pvh.elf";
 /// Writes a byte to each of `tg.pages=<n>` pages from 16 MiB, prints `TG touched <n>`, halts.
 pub const MEMTOUCH: &str = "memtouch.pvh.elf";
 /// Drives every `virtio_mmio.device=` of its command line with an interrupt-driven driver
-/// (virtio-blk, virtio-console), expectations from [`virtio_cmdline`]; reports like bootcheck.
+/// (virtio-blk, virtio-console, virtio-net), expectations from [`virtio_cmdline`] (and
+/// [`virtio_net_cmdline`]); reports like bootcheck.
 pub const VIRTIO: &str = "virtio.pvh.elf";
 /// Fills pages from a seed and computes over them in steps (`TG step <i>`), then prints
 /// `TG result <hex>` (= [`compute_expected`]) and resets; command line from [`compute_cmdline`].
@@ -81,12 +82,46 @@ pub fn virtio_cmdline(disks: &[(&[u8], bool)], consoles: u32) -> String {
     s
 }
 
+/// What the virtio guest expects of net device `index` (in MMIO order of the net devices):
+/// `tg.net<i>=<mac>,<guest ip>,<gateway ip>,<udp port>,<reply|blocked>`, e.g.
+/// `tg.net0=02:4d:43:00:00:01,10.0.2.15,10.0.2.2,5555,reply`. The caller adds `tg.nnet=<n>`
+/// (absent means no net devices). The guest ARPs for the gateway, then sends UDP from
+/// `guest_ip:`[`VIRTIO_NET_GUEST_UDP_PORT`] to `gateway_ip:udp_port` ([`VIRTIO_NET_PING`], then
+/// [`VIRTIO_NET_BATCH`] datagrams of [`virtio_net_batch_payload`]) and expects each back with every
+/// payload byte XOR [`VIRTIO_ECHO_XOR`] (`expect_reply`), or no reply within 500 ms.
+pub fn virtio_net_cmdline(
+    index: usize,
+    mac: [u8; 6],
+    guest_ip: [u8; 4],
+    gateway_ip: [u8; 4],
+    udp_port: u16,
+    expect_reply: bool,
+) -> String {
+    let mac = mac.map(|b| format!("{b:02x}")).join(":");
+    let ip = |a: [u8; 4]| a.map(|b| b.to_string()).join(".");
+    let expect = if expect_reply { "reply" } else { "blocked" };
+    format!("tg.net{index}={mac},{},{},{udp_port},{expect}", ip(guest_ip), ip(gateway_ip))
+}
+
+/// The UDP port the virtio guest sends from (and expects replies to) on every net device.
+pub const VIRTIO_NET_GUEST_UDP_PORT: u16 = 40000;
+/// How many datagrams `net<i>.udp_batch` makes available at once (under one notification).
+pub const VIRTIO_NET_BATCH: usize = 32;
+/// The payload of the single datagram of `net<i>.udp` (guest/virtio.c `NET_PING`).
+pub const VIRTIO_NET_PING: &[u8] = b"microcell net ping";
+
+/// The payload of batch datagram `i` (< [`VIRTIO_NET_BATCH`]): `microcell net batch NN`.
+pub fn virtio_net_batch_payload(i: usize) -> Vec<u8> {
+    format!("microcell net batch {i:02}").into_bytes()
+}
+
 /// Sectors at the start of each disk whose checksum the virtio guest compares.
 pub const VIRTIO_CHECKED_SECTORS: usize = 8;
 /// The virtio guest writes [`virtio_blk_pattern`] to this many sectors at the end of each
 /// writable disk.
 pub const VIRTIO_WRITTEN_SECTORS: usize = 4;
-/// What the virtio guest echoes through the console expects the host to do to every byte.
+/// What the virtio guest expects the host to do to every byte it echoes (console bytes, UDP
+/// payloads).
 pub const VIRTIO_ECHO_XOR: u8 = 0x5a;
 /// What the virtio guest expects to receive on the console port first, before it sends anything
 /// (the host writes it as soon as the VM starts; guest/virtio.c `CON_GREETING`).
@@ -274,6 +309,15 @@ mod tests {
         let fnv = fnv1a32(&disk[..8 * 512]);
         assert_eq!(cmdline, format!("tg.nblk=2 tg.ncon=1 tg.blk0=16:{fnv:08x} tg.blk1=12:{fnv:08x} tg.blk1ro=1"));
         assert_eq!(virtio_blk_pattern(0, 0), 0xc3);
+        assert_eq!(
+            virtio_net_cmdline(0, [2, 0x4d, 0x43, 0, 0, 1], [10, 0, 2, 15], [10, 0, 2, 2], 5555, true),
+            "tg.net0=02:4d:43:00:00:01,10.0.2.15,10.0.2.2,5555,reply"
+        );
+        assert_eq!(
+            virtio_net_cmdline(1, [0xaa; 6], [192, 168, 1, 10], [192, 168, 1, 1], 9, false),
+            "tg.net1=aa:aa:aa:aa:aa:aa,192.168.1.10,192.168.1.1,9,blocked"
+        );
+        assert_eq!(virtio_net_batch_payload(7), b"microcell net batch 07");
         assert_eq!(virtio_blk_pattern(1, 1), 0xc3 ^ 29 ^ 7);
     }
 }

@@ -12,6 +12,9 @@
 //!   ordinary writable disk and the image stays as built. (A read-only root would
 //!   need the agent to set up an overlay; a block-level copy-on-write device in the VMM would
 //!   remove the copy altogether — both later, if the copy ever shows in profiles.)
+//! - Network (`spec.net`): the VMM's virtio-net device, its frame stream handed to a passt
+//!   process (`passt.rs`) that gives the guest the same NAT, gateway, DNS and forwarded ports as
+//!   QEMU's slirp on the qemu engine; the VMM applies the egress policy (`outbound`).
 //! - Linux boots here only on hardware KVM; [`super::select`] refuses `kvm` elsewhere, and the
 //!   VMM itself refuses a Linux kernel on such hosts (`E_UNSUPPORTED_GUEST`). Freestanding
 //!   guests (crates/testguest) run everywhere KVM does, which the tests use for the plumbing.
@@ -22,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{
-    clone_image, BootSpec, Engine, EngineKind, ExitSlot, RunDir, RunningVm, Tail,
+    clone_image, passt, BootSpec, Engine, EngineKind, ExitSlot, RunDir, RunningVm, Tail,
     TailWriter, CONSOLE_TAIL_BYTES, CONSOLE_TAIL_LINES,
 };
 use crate::console::{self, ConsoleHandle, ConsoleOptions, ConsoleReader, ConsoleStats};
@@ -62,13 +65,7 @@ impl Engine for KvmEngine {
 
     fn boot(&self, spec: &BootSpec) -> Result<Box<dyn RunningVm>> {
         refuse_missing_devices(spec)?;
-        let dir = RunDir::create("kvm").map_err(|source| SandboxError::HostIo {
-            what: format!(
-                "cannot create a per-VM directory in {}",
-                std::env::temp_dir().display()
-            ),
-            source,
-        })?;
+        let dir = run_dir()?;
         let disk = dir.path().join("rootfs.img");
         let t = std::time::Instant::now();
         let reflink = clone_image(&spec.rootfs, &disk).map_err(|source| {
@@ -102,29 +99,40 @@ impl Engine for KvmEngine {
                 read_only: false,
             }],
             control_channel: true,
+            network: spec.net.as_ref().map(passt::network_config),
             allow_unsupported_host: false,
             ..Default::default()
         };
-        launch(spec, Some(dir), |console| vmm::Vm::start(&config, console))
+        launch(spec, dir, |console| vmm::Vm::start(&config, console))
     }
 
     fn restore(&self, dir: &Path, spec: &BootSpec) -> Result<Box<dyn RunningVm>> {
         refuse_missing_devices(spec)?;
         let snapshot = vmm::LoadedSnapshot::load(dir)?;
-        // The VMM gives the clone its own copy of the snapshot's root disk.
-        launch(spec, None, |console| vmm::Vm::restore(&snapshot, console, vmm::RestoreOptions::default()))
+        // The VMM gives the clone its own copy of the snapshot's root disk; the run directory
+        // holds what else the clone needs on the host (passt's pid file).
+        launch(spec, run_dir()?, |console| vmm::Vm::restore(&snapshot, console, vmm::RestoreOptions::default()))
     }
 }
 
-/// What a guest asks for that the built-in VMM has no device for yet (virtio-net for a network,
-/// virtio-9p for volumes), said the same in its refusal and in `auto`'s reason; `None` when it
-/// has all it needs.
+/// What a guest asks for that the built-in VMM cannot give it here (virtio-9p for volumes, which
+/// it has not; passt behind its network device, when not installed), said the same in its
+/// refusal and in `auto`'s reason; `None` when it has all it needs.
 pub fn missing_devices(net: bool, shares: bool) -> Option<String> {
-    match (net, shares) {
-        (false, false) => None,
-        (true, _) => Some("a network was asked for and the built-in VMM has no network device yet".into()),
-        (false, true) => Some("volumes were asked for and the built-in VMM has no shared-directory device (virtio-9p) yet".into()),
+    if shares {
+        return Some("volumes were asked for and the built-in VMM has no shared-directory device (virtio-9p) yet".into());
     }
+    match passt::find_passt() {
+        Err(e) if net => Some(format!("a network was asked for and the built-in VMM's network needs passt: {e}")),
+        _ => None,
+    }
+}
+
+fn run_dir() -> Result<RunDir> {
+    RunDir::create("kvm").map_err(|source| SandboxError::HostIo {
+        what: format!("cannot create a per-VM directory in {}", std::env::temp_dir().display()),
+        source,
+    })
 }
 
 fn refuse_missing_devices(spec: &BootSpec) -> Result<()> {
@@ -135,10 +143,10 @@ fn refuse_missing_devices(spec: &BootSpec) -> Result<()> {
 }
 
 /// Wires a VM the VMM starts (`start` gets the console writer) to the console sink, the exit
-/// slot and a watcher thread.
+/// slot, a watcher thread and, with a network, passt.
 fn launch(
     spec: &BootSpec,
-    dir: Option<RunDir>,
+    dir: RunDir,
     start: impl FnOnce(Box<dyn std::io::Write + Send>) -> vmm::Result<vmm::Vm>,
 ) -> Result<Box<dyn RunningVm>> {
     let (sink, console) = console::channel(&ConsoleOptions {
@@ -159,6 +167,15 @@ fn launch(
         Err(e) => {
             console.close();
             return Err(e.into());
+        }
+    };
+    let network = match attach_network(spec, &vm, dir.path()) {
+        Ok(network) => network,
+        Err(e) => {
+            vm.kill();
+            let _ = vm.wait();
+            console.close();
+            return Err(e);
         }
     };
     let channel = vm.take_channel();
@@ -191,8 +208,20 @@ fn launch(
         console,
         reader,
         tail,
+        _network: network,
         _dir: dir,
     }))
+}
+
+/// Starts passt on the VM's network socket when the spec has a network.
+fn attach_network(spec: &BootSpec, vm: &vmm::Vm, run_dir: &Path) -> Result<Option<passt::Passt>> {
+    match (&spec.net, vm.take_network()) {
+        (Some(net), Some(socket)) => passt::Passt::start(socket, net, run_dir).map(Some),
+        (None, None) => Ok(None),
+        _ => Err(SandboxError::Snapshot(
+            "the snapshot and the configuration disagree on the network: restore with the network the VM was snapshotted with".into(),
+        )),
+    }
 }
 
 /// A VM on the built-in VMM.
@@ -203,9 +232,11 @@ struct KvmVm {
     console: ConsoleHandle,
     reader: Option<ConsoleReader>,
     tail: Tail,
+    /// passt, killed once the VM is (it also exits when its socket closes).
+    _network: Option<passt::Passt>,
     /// Dropped last: the root disk copy goes when the VM does (a restored VM's copy is the
     /// VMM's own).
-    _dir: Option<RunDir>,
+    _dir: RunDir,
 }
 
 impl RunningVm for KvmVm {

@@ -28,6 +28,7 @@ use crate::console::{ConsoleReader, ConsoleStats};
 use crate::sandbox::{Result, SandboxError};
 
 pub mod kvm;
+pub mod passt;
 pub mod qemu;
 mod qmp;
 mod spawn;

@@ -102,39 +102,17 @@ impl Accel {
 
 /// Finds QEMU: `MICROCELL_QEMU` (a path), else `qemu-system-x86_64` on `PATH`.
 pub fn find_qemu() -> Result<PathBuf> {
-    let install =
-        "install it with `apt-get install qemu-system-x86` (Debian/Ubuntu) or your distribution's \
-                   qemu-system-x86 package, or set MICROCELL_QEMU to the binary";
-    if let Some(p) = std::env::var_os("MICROCELL_QEMU").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        return if is_executable(&p) {
-            Ok(p)
-        } else {
-            Err(SandboxError::QemuNotFound(format!(
-                "MICROCELL_QEMU={} is not an executable file: {install}",
-                p.display()
-            )))
-        };
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(QEMU_BINARY))
-        .find(|p| is_executable(p))
-        .ok_or_else(|| {
-            SandboxError::QemuNotFound(format!(
-                "{QEMU_BINARY} was not found on PATH, and the QEMU engine needs it: {install}"
-            ))
-        })
+    spawn::find_program("MICROCELL_QEMU", QEMU_BINARY).map_err(|e| {
+        SandboxError::QemuNotFound(format!(
+            "{e}, and the QEMU engine needs it: install it with `apt-get install qemu-system-x86` (Debian/Ubuntu) \
+             or your distribution's qemu-system-x86 package, or set MICROCELL_QEMU to the binary"
+        ))
+    })
 }
 
 /// Single-quotes a path for the `/bin/sh -c` QEMU runs `exec:` migration commands with.
 fn shell_quote(p: &Path) -> String {
     format!("'{}'", p.to_string_lossy().replace('\'', "'\\''"))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// Escapes a value for QEMU's `key=value,...` option syntax (a comma is written twice).
@@ -312,7 +290,7 @@ impl QemuEngine {
             message: format!("{what}: {e}"),
         };
         // A missing QEMU is the likelier mistake; say so before copying any disk.
-        if !is_executable(&self.binary) {
+        if !spawn::is_executable(&self.binary) {
             return Err(SandboxError::QemuNotFound(format!(
                 "{} cannot be executed: install it with `apt-get install qemu-system-x86` or set MICROCELL_QEMU",
                 self.binary.display()
@@ -363,13 +341,7 @@ impl QemuEngine {
         // SAFETY: only async-signal-safe calls (prctl, getppid, dup2, fcntl) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The parent died before prctl took effect: nobody would ever kill this QEMU.
-                if libc::getppid() as u32 != parent {
-                    return Err(std::io::Error::other("the parent process ended"));
-                }
+                spawn::die_with_parent(parent)?;
                 // Move the monitor out of the way first if it sits where the channel goes.
                 let qmp_fd = if qmp_fd == CHANNEL_FD { libc::dup(qmp_fd) } else { qmp_fd };
                 for (from, to) in [(fd, CHANNEL_FD), (qmp_fd, QMP_FD)] {

@@ -6,6 +6,7 @@
 //! thread that lives as long as the process.
 
 use std::io;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Mutex, OnceLock};
@@ -40,4 +41,38 @@ pub(crate) fn spawn(cmd: Command) -> io::Result<Child> {
     reply_rx
         .recv()
         .map_err(|_| io::Error::other("the spawner thread has ended"))?
+}
+
+/// In a child between fork and exec: asks for SIGKILL when this process ends, and fails if it
+/// already has (then nobody would ever kill the child). Async-signal-safe.
+pub(crate) fn die_with_parent(parent: u32) -> io::Result<()> {
+    // SAFETY: prctl and getppid take no pointers and are async-signal-safe.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::getppid() as u32 != parent {
+            return Err(io::Error::other("the parent process ended"));
+        }
+    }
+    Ok(())
+}
+
+/// Finds a helper program: the path in `env_var` if set, else `name` on `PATH`. The error says
+/// which was tried.
+pub(crate) fn find_program(env_var: &str, name: &str) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os(env_var).filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        return if is_executable(&p) { Ok(p) } else { Err(format!("{env_var}={} is not an executable file", p.display())) };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
+        .ok_or_else(|| format!("{name} was not found on PATH"))
+}
+
+pub(crate) fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }

@@ -11,6 +11,7 @@
 
 pub mod egress;
 
+use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 
@@ -65,9 +66,10 @@ pub struct Net {
     rx_start: usize,
     /// What one read lands in.
     scratch: Box<[u8]>,
-    /// Framed guest frames not yet written to the socket, from `tx_start`.
-    tx: Vec<u8>,
-    tx_start: usize,
+    /// Framed guest frames not yet written to the socket; `tx_sent` bytes of the first are.
+    tx: VecDeque<Vec<u8>>,
+    tx_sent: usize,
+    tx_bytes: usize,
     host_closed: bool,
     /// The fd is armed for nothing but a one-shot hang-up report (see `set_interest`).
     parked: bool,
@@ -92,8 +94,9 @@ impl Net {
             rx: Vec::new(),
             rx_start: 0,
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
-            tx: Vec::new(),
-            tx_start: 0,
+            tx: VecDeque::new(),
+            tx_sent: 0,
+            tx_bytes: 0,
             host_closed: false,
             parked: false,
             drops: Drops::default(),
@@ -119,7 +122,7 @@ impl Net {
         if self.active.is_some() && !self.host_closed && !self.frame_waiting() {
             events |= EventSet::IN | EventSet::READ_HANG_UP;
         }
-        if self.tx_start < self.tx.len() && !self.host_closed {
+        if !self.tx.is_empty() && !self.host_closed {
             events |= EventSet::OUT;
         }
         if events.is_empty() {
@@ -220,11 +223,23 @@ impl Net {
         self.set_interest();
     }
 
-    /// Writes what waits for the socket; false when it would block.
+    /// Writes what waits for the socket, one frame per write; false when it would block.
+    ///
+    /// One write per frame keeps a length prefix in the same socket buffer as the start of its
+    /// frame: a reader that sees a prefix alone may lose the stream (passt of 2023 drops the 1-4
+    /// bytes a read ends with), and the kernel splits a write only between buffers, each much
+    /// larger than a prefix.
     fn flush_tx(&mut self) -> bool {
-        while self.tx_start < self.tx.len() {
-            match self.host.write(&self.tx[self.tx_start..]) {
-                Ok(n) => self.tx_start += n,
+        while let Some(front) = self.tx.front() {
+            match self.host.write(&front[self.tx_sent..]) {
+                Ok(n) => {
+                    self.tx_sent += n;
+                    if self.tx_sent == front.len() {
+                        self.tx_bytes -= front.len();
+                        self.tx_sent = 0;
+                        self.tx.pop_front();
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -237,7 +252,8 @@ impl Net {
             }
         }
         self.tx.clear();
-        self.tx_start = 0;
+        self.tx_sent = 0;
+        self.tx_bytes = 0;
         true
     }
 
@@ -246,7 +262,7 @@ impl Net {
     fn guest_to_host(&mut self) {
         let mut frame = Vec::new();
         loop {
-            if !self.flush_tx() && self.tx.len() - self.tx_start >= TX_HIGH_WATER {
+            if !self.flush_tx() && self.tx_bytes >= TX_HIGH_WATER {
                 break;
             }
             let Some(a) = self.active.as_mut() else { break };
@@ -275,8 +291,11 @@ impl Net {
                 Some(_) if self.host_closed => {}
                 Some(b) if !self.egress.allows(b) => self.drops.egress += 1,
                 Some(b) => {
-                    self.tx.extend_from_slice(&(b.len() as u32).to_be_bytes());
-                    self.tx.extend_from_slice(b);
+                    let mut framed = Vec::with_capacity(LENGTH_PREFIX + b.len());
+                    framed.extend_from_slice(&(b.len() as u32).to_be_bytes());
+                    framed.extend_from_slice(b);
+                    self.tx_bytes += framed.len();
+                    self.tx.push_back(framed);
                 }
             }
         }

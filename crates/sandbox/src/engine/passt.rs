@@ -1,0 +1,185 @@
+//! The network behind a VM of the built-in VMM: passt (<https://passt.top>), user-mode
+//! networking in a process of its own, joined to the VMM's virtio-net device by a socketpair it
+//! gets as `--fd` (the VMM writes each frame after its 4-byte length, passt's framing).
+//!
+//! The guest sees what QEMU's slirp gives it on the qemu engine ([`GUEST_NET`]): `10.0.2.15/24`,
+//! the host's loopback as the gateway `10.0.2.2`, DNS forwarded from `10.0.2.3` to the host's
+//! resolver, forwarded TCP ports on the host's `127.0.0.1`. passt needs no privileges and keeps
+//! no state the VMM must snapshot: a restored VM gets a new passt. What the guest may send is
+//! the VMM's egress policy (`NetSpec::outbound`), checked on every frame before passt sees it.
+//!
+//! The process is tied to ours (killed with it), killed and reaped when the VM is dropped, and
+//! exits by itself when the VM's end of the socket closes.
+
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{spawn, EngineKind, NetSpec, Tail, GUEST_NET};
+use crate::sandbox::{Result, SandboxError};
+
+const PASST_BINARY: &str = "passt";
+const INSTALL: &str = "install it with `apt-get install passt` (Debian/Ubuntu) or your distribution's passt package, \
+                       or set MICROCELL_PASST to the binary";
+/// How long passt may take to bind its ports and say so (its pid file); ~20 ms here.
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The guest's MAC address: one per VM is enough, each VM has a passt of its own.
+pub const GUEST_MAC: [u8; 6] = [0x02, 0x4d, 0x43, 0x00, 0x00, 0x01];
+
+/// Finds passt: `MICROCELL_PASST` (a path), else `passt` on `PATH`. The error says how to get it.
+pub fn find_passt() -> std::result::Result<PathBuf, String> {
+    spawn::find_program("MICROCELL_PASST", PASST_BINARY).map_err(|e| format!("{e}: {INSTALL}"))
+}
+
+/// The VMM's network device for a spec: the guest MAC, and the egress policy from `outbound`
+/// and the forwarded ports (the guest may answer on those either way).
+pub fn network_config(net: &NetSpec) -> vmm::NetworkConfig {
+    vmm::NetworkConfig {
+        mac: GUEST_MAC,
+        egress: vmm::EgressPolicy { outbound: net.outbound, inbound_tcp_ports: net.ports.iter().map(|p| p.guest).collect() },
+    }
+}
+
+/// passt's arguments for `net`, with the VM's socket as `fd` and the pid file it writes once
+/// its ports are bound.
+pub fn args(net: &NetSpec, fd: i32, pid_file: &Path) -> Vec<String> {
+    let (addr, gateway, dns) = GUEST_NET;
+    let (ip, prefix) = addr.split_once('/').unwrap_or((addr, "24"));
+    let mut a: Vec<String> = ["--foreground", "--quiet", "--fd", &fd.to_string(), "--pid"].iter().map(|s| s.to_string()).collect();
+    a.push(pid_file.display().to_string());
+    a.extend(
+        ["--ipv4-only", "--address", ip, "--netmask", prefix, "--gateway", gateway, "--mtu", "1500", "--dns-forward", dns, "--dns", dns, "--no-dhcp"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    for p in &net.ports {
+        a.push("--tcp-ports".into());
+        a.push(format!("127.0.0.1/{}:{}", p.host, p.guest));
+    }
+    a
+}
+
+fn start_error(message: String) -> SandboxError {
+    SandboxError::EngineStart { engine: EngineKind::Kvm, message }
+}
+
+/// A running passt, killed and reaped on drop.
+pub struct Passt {
+    child: Child,
+}
+
+impl Passt {
+    /// Starts passt on `socket` (the VM's `Vm::take_network()`) and waits until its ports are
+    /// bound. `run_dir` holds its pid file.
+    pub fn start(socket: UnixStream, net: &NetSpec, run_dir: &Path) -> Result<Passt> {
+        let binary = find_passt().map_err(|reason| SandboxError::EngineUnavailable { engine: EngineKind::Kvm, reason })?;
+        // A taken host port is the likely failure: say which, before passt exits over it.
+        for p in &net.ports {
+            if let Err(e) = TcpListener::bind((Ipv4Addr::LOCALHOST, p.host)) {
+                return Err(start_error(format!(
+                    "host port {} cannot be forwarded to the guest's port {} ({e}): choose another host port",
+                    p.host, p.guest
+                )));
+            }
+        }
+        // passt started as root drops to `nobody` before it opens its pid file, which then could
+        // not reach a file in our private run directory by its path; it gets the file as an
+        // inherited fd instead (`/proc/self/fd/N` needs no access to the directory).
+        let pid_path = run_dir.join("passt.pid");
+        let pid_file = std::fs::File::create(&pid_path)
+            .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(0o622)).map(|()| f))
+            .map_err(|e| start_error(format!("cannot create {} ({e})", pid_path.display())))?;
+        let (fd, pid_fd) = (socket.as_raw_fd(), pid_file.as_raw_fd());
+        let mut cmd = Command::new(&binary);
+        cmd.args(args(net, fd, Path::new(&format!("/proc/self/fd/{pid_fd}"))))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let parent = std::process::id();
+        // SAFETY: only async-signal-safe calls (prctl, getppid, fcntl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                spawn::die_with_parent(parent)?;
+                // Both cross exec (std opens every fd close-on-exec).
+                for keep in [fd, pid_fd] {
+                    if libc::fcntl(keep, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = spawn::spawn(cmd).map_err(|e| start_error(format!("cannot start {} ({e}): {INSTALL}", binary.display())))?;
+        drop((socket, pid_file));
+        let stderr = Tail::new(2 << 10);
+        if let Some(out) = child.stderr.take() {
+            let tail = stderr.clone();
+            let _ = std::thread::Builder::new().name("mc-passt-log".into()).spawn(move || {
+                for line in BufReader::new(out).lines().map_while(std::result::Result::ok) {
+                    tracing::debug!(target: "microcell::passt", "{line}");
+                    tail.push(format!("{line}\n").as_bytes());
+                }
+            });
+        }
+        let mut passt = Passt { child };
+        let started = Instant::now();
+        loop {
+            if std::fs::read_to_string(&pid_path).is_ok_and(|s| !s.trim().is_empty()) {
+                tracing::debug!(ms = started.elapsed().as_millis() as u64, "passt ready");
+                return Ok(passt);
+            }
+            if let Ok(Some(status)) = passt.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(20)); // let the log thread read the last words
+                return Err(start_error(format!("passt exited at start ({status}): {}", stderr.text(5).trim())));
+            }
+            if started.elapsed() > READY_TIMEOUT {
+                return Err(start_error(format!("passt did not start within {READY_TIMEOUT:?}: {}", stderr.text(5).trim())));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Passt {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Passt {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::PortForward;
+
+    #[test]
+    fn args_give_the_guest_slirps_addresses_and_forward_host_loopback_ports() {
+        let net = NetSpec { outbound: false, ports: vec![PortForward { host: 8080, guest: 80 }, PortForward { host: 2222, guest: 22 }] };
+        let a = args(&net, 7, Path::new("/run/x/passt.pid")).join(" ");
+        assert!(a.starts_with("--foreground --quiet --fd 7 --pid /run/x/passt.pid --ipv4-only"), "{a}");
+        assert!(a.contains("--address 10.0.2.15 --netmask 24 --gateway 10.0.2.2"), "{a}");
+        assert!(a.contains("--dns-forward 10.0.2.3 --dns 10.0.2.3"), "{a}");
+        assert!(a.ends_with("--tcp-ports 127.0.0.1/8080:80 --tcp-ports 127.0.0.1/2222:22"), "{a}");
+    }
+
+    #[test]
+    fn the_egress_policy_follows_outbound_and_lets_the_guest_answer_on_forwarded_ports() {
+        let net = NetSpec { outbound: false, ports: vec![PortForward { host: 8080, guest: 80 }] };
+        let c = network_config(&net);
+        assert_eq!(c.mac, GUEST_MAC);
+        assert_eq!(c.egress, vmm::EgressPolicy { outbound: false, inbound_tcp_ports: vec![80] });
+        assert!(network_config(&NetSpec { outbound: true, ports: vec![] }).egress.outbound);
+    }
+}
