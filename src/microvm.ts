@@ -121,7 +121,11 @@ export class MicroVmBuilder {
     return this.#set('portMap', [...ports])
   }
 
-  /** Network scope: none, group (default), public, any. */
+  /**
+   * Network scope: `none` (no interface), `group` (default: only `portMap`'s forwarded ports,
+   * no way out), `public` (outbound to public addresses only), `any` (outbound anywhere, the
+   * host's loopback as `10.0.2.2` included).
+   */
   scope(scope: NetworkScope): this {
     return this.#set('scope', scope)
   }

@@ -48,13 +48,13 @@ export interface SandboxConfig {
    */
   maxDurationMs?: number
   /**
-   * A network interface for the guest (`eth0` behind user-mode NAT: QEMU's slirp on engine
-   * `qemu`, passt behind the built-in VMM's virtio-net on engine `kvm`; guest `10.0.2.15`, the
-   * host's loopback as `10.0.2.2`, DNS `10.0.2.3`); none by default. `outbound` (default true):
-   * whether the guest may open connections out (on engine `kvm` the VMM drops every other frame
-   * the guest sends); `ports`: TCP ports of the host's loopback forwarded into the guest,
-   * `"HOST:GUEST"` or `"PORT"`. Engine `kvm` needs `passt` installed (`auto` picks `qemu`
-   * without it, and says so).
+   * A network interface for the guest (`eth0` behind user-mode NAT: a `passt` process behind
+   * the VM's virtio-net, on either engine; guest `10.0.2.15`, the host's loopback as `10.0.2.2`,
+   * DNS `10.0.2.3`); none by default. `outbound` (default true): whether the guest may open
+   * connections out; `deny`/`allow`: where to; `ports`: TCP ports of the host's loopback
+   * forwarded into the guest, `"HOST:GUEST"` or `"PORT"`. Every frame the guest sends passes
+   * this policy on the host before it reaches the network. Needs `passt` installed
+   * (`scripts/setup.sh` installs it).
    */
   network?: NetworkConfig
   /**
@@ -80,6 +80,15 @@ export interface Volume {
 export interface NetworkConfig {
   outbound?: boolean
   ports?: string[]
+  /**
+   * With `outbound`: destinations the guest may not reach: `"a.b.c.d"`, `"a.b.c.d/n"`,
+   * `"private"` (loopback, RFC 1918, CGNAT, link-local with cloud metadata; the host's loopback
+   * `10.0.2.2` is inside) or `"host"` (`10.0.2.2` alone). DNS to the guest's resolver stays open.
+   * `deny: ['private']` is "public internet only".
+   */
+  deny?: string[]
+  /** Destinations that stay reachable inside a denied one (same forms); `allow` wins. */
+  allow?: string[]
 }
 
 /** What `Sandbox.create()` accepts: a built config, or any part of one (defaults apply). */

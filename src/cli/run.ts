@@ -17,7 +17,9 @@ export const RUN_OPTIONS: OptionSpec[] = [
   { name: 'tty', short: 't', kind: 'flag', help: 'run the command on a terminal (stderr merges into stdout)' },
   { name: 'boot-timeout', kind: 'string', value: 'MS', help: 'how long the guest has to boot (default 30000)' },
   { name: 'volume', short: 'V', kind: 'list', value: 'HOST:GUEST[:ro]', help: 'share a host directory into the guest (repeatable; engine qemu)' },
-  { name: 'net', kind: 'flag', help: 'give the guest a network with outbound access (user-mode NAT; engine qemu)' },
+  { name: 'net', kind: 'flag', help: 'give the guest a network with outbound access (user-mode NAT through passt)' },
+  { name: 'deny', kind: 'list', value: 'NET', help: 'with --net: a destination the guest may not reach: a.b.c.d[/n], private or host (repeatable)' },
+  { name: 'allow', kind: 'list', value: 'NET', help: 'with --net: a destination that stays reachable inside a denied one (repeatable)' },
   { name: 'publish', short: 'p', kind: 'list', value: 'HOST:GUEST', help: "forward a TCP port of this host's loopback into the guest (repeatable; a network without outbound access unless --net)" },
   { name: 'kernel', kind: 'string', value: 'PATH', help: 'guest kernel (default: the one scripts/setup.sh built)' },
   { name: 'rootfs', kind: 'string', value: 'PATH', help: 'guest root disk (default: the one scripts/setup.sh built)' },
@@ -77,7 +79,15 @@ function plan(command: 'run' | 'exec', p: Parsed): { plan: Plan; builder: Return
     builder.volume(parts[0], parts[1], { readOnly })
   }
   const ports = listOption(p, 'publish')
-  if (flag(p, 'net') || ports.length > 0) builder.network({ outbound: flag(p, 'net'), ...(ports.length > 0 ? { ports } : {}) })
+  const [deny, allow] = [listOption(p, 'deny'), listOption(p, 'allow')]
+  if (flag(p, 'net') || ports.length > 0 || deny.length > 0 || allow.length > 0) {
+    builder.network({
+      outbound: flag(p, 'net'),
+      ...(ports.length > 0 ? { ports } : {}),
+      ...(deny.length > 0 ? { deny } : {}),
+      ...(allow.length > 0 ? { allow } : {}),
+    })
+  }
   const kernel = stringOption(p, 'kernel')
   if (kernel !== undefined) builder.kernel(kernel)
   const rootfs = stringOption(p, 'rootfs')

@@ -98,6 +98,15 @@ fn network(spec: &str) {
     if let Err(e) = std::fs::write("/etc/resolv.conf", format!("nameserver {dns}\n")) {
         log!("/etc/resolv.conf: {e}");
     }
+    // Ask for the gateway once: the host's network learns our MAC from it (passt sends to the
+    // guest's learned address; until then a forwarded connection would reach nobody, and a guest
+    // without outbound access may never send anything else), and our ARP cache gets the gateway.
+    let ip = addr.split('/').next().unwrap_or(addr);
+    match std::process::Command::new("/bin/arping").args(["-q", "-f", "-c", "1", "-w", "1", "-I", "eth0", "-s", ip, gateway]).status() {
+        Ok(s) if s.success() => {}
+        Ok(s) => log!("arping {gateway}: {s} (no answer from the host's network)"),
+        Err(e) => log!("arping {gateway}: {e}"),
+    }
 }
 
 /// The kernel command line, as `key=value` words.

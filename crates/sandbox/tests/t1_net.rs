@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sandbox::engine::passt::{self, Passt};
-use sandbox::engine::{NetSpec, PortForward};
+use sandbox::engine::{EngineKind, NetSpec, PortForward};
 
 const GUEST_IP: [u8; 4] = [10, 0, 2, 15];
 const GATEWAY_IP: [u8; 4] = [10, 0, 2, 2];
@@ -115,7 +115,7 @@ fn passt_answers_for_the_gateway_and_carries_udp_to_the_hosts_loopback() {
     let (mut ours, theirs) = UnixStream::pair().unwrap();
     let dir = run_dir();
     let t = Instant::now();
-    let _passt = Passt::start(theirs, &NetSpec { outbound: true, ports: vec![] }, dir.path()).expect("passt starts");
+    let _passt = Passt::start(theirs, &NetSpec { outbound: true, ..Default::default() }, dir.path(), EngineKind::Kvm).expect("passt starts");
     say(&format!("passt ready in {} ms", t.elapsed().as_millis()));
     let mac = passt::GUEST_MAC;
     send_frame(&mut ours, &arp_request(mac));
@@ -140,7 +140,7 @@ fn a_taken_host_port_is_a_coded_error_that_names_it() {
     let port = taken.local_addr().unwrap().port();
     let (_ours, theirs) = UnixStream::pair().unwrap();
     let dir = run_dir();
-    let err = Passt::start(theirs, &NetSpec { outbound: true, ports: vec![PortForward { host: port, guest: 80 }] }, dir.path())
+    let err = Passt::start(theirs, &NetSpec { outbound: true, ports: vec![PortForward { host: port, guest: 80 }], ..Default::default() }, dir.path(), EngineKind::Kvm)
         .err()
         .expect("refused");
     assert_eq!(err.code(), "E_ENGINE_START");
@@ -159,14 +159,14 @@ fn passt_goes_when_dropped_and_when_the_vm_end_closes() {
     };
     let dir = run_dir();
     let (_ours, theirs) = UnixStream::pair().unwrap();
-    let p = Passt::start(theirs, &NetSpec { outbound: true, ports: vec![] }, dir.path()).unwrap();
+    let p = Passt::start(theirs, &NetSpec { outbound: true, ..Default::default() }, dir.path(), EngineKind::Kvm).unwrap();
     let pid = p.pid();
     assert!(runs(pid));
     drop(p);
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "killed and reaped on drop");
 
     let (ours, theirs) = UnixStream::pair().unwrap();
-    let p = Passt::start(theirs, &NetSpec { outbound: true, ports: vec![] }, dir.path()).unwrap();
+    let p = Passt::start(theirs, &NetSpec { outbound: true, ..Default::default() }, dir.path(), EngineKind::Kvm).unwrap();
     let pid = p.pid();
     drop(ours); // the VM's end: the VM has gone
     let t = Instant::now();
@@ -195,7 +195,7 @@ impl Write for Capture {
 /// UDP echo server on the host's loopback; returns the guest's report and what the server got.
 fn run_net_guest(outbound: bool) -> (testguest::Report, String, Vec<Vec<u8>>) {
     let (port, got) = echo_server();
-    let net = NetSpec { outbound, ports: vec![] };
+    let net = NetSpec { outbound, ..Default::default() };
     let cmdline = format!(
         "tg.nblk=0 tg.ncon=0 tg.nnet=1 {}",
         testguest::virtio_net_cmdline(0, passt::GUEST_MAC, GUEST_IP, GATEWAY_IP, port, outbound)
@@ -212,7 +212,7 @@ fn run_net_guest(outbound: bool) -> (testguest::Report, String, Vec<Vec<u8>>) {
     let t = Instant::now();
     let vm = vmm::Vm::start(&config, Box::new(console.clone())).expect("VM starts");
     let dir = run_dir();
-    let _passt = Passt::start(vm.take_network().expect("a network socket"), &net, dir.path()).expect("passt starts");
+    let _passt = Passt::start(vm.take_network().expect("a network socket"), &net, dir.path(), EngineKind::Kvm).expect("passt starts");
     let reason = vm.wait_timeout(Duration::from_secs(60)).unwrap_or_else(|| {
         vm.kill();
         panic!("guest did not end within 60 s; console:\n{}", String::from_utf8_lossy(&console.0.lock().unwrap()))

@@ -115,17 +115,10 @@ impl Engine for KvmEngine {
     }
 }
 
-/// What a guest asks for that the built-in VMM cannot give it here (virtio-9p for volumes, which
-/// it has not; passt behind its network device, when not installed), said the same in its
-/// refusal and in `auto`'s reason; `None` when it has all it needs.
-pub fn missing_devices(net: bool, shares: bool) -> Option<String> {
-    if shares {
-        return Some("volumes were asked for and the built-in VMM has no shared-directory device (virtio-9p) yet".into());
-    }
-    match passt::find_passt() {
-        Err(e) if net => Some(format!("a network was asked for and the built-in VMM's network needs passt: {e}")),
-        _ => None,
-    }
+/// What a guest asks for that the built-in VMM has no device for (virtio-9p for volumes), said
+/// the same in its refusal and in `auto`'s reason; `None` when it has all it needs.
+pub fn missing_devices(shares: bool) -> Option<String> {
+    shares.then(|| "volumes were asked for and the built-in VMM has no shared-directory device (virtio-9p) yet".into())
 }
 
 fn run_dir() -> Result<RunDir> {
@@ -136,7 +129,7 @@ fn run_dir() -> Result<RunDir> {
 }
 
 fn refuse_missing_devices(spec: &BootSpec) -> Result<()> {
-    match missing_devices(spec.net.is_some(), !spec.shares.is_empty()) {
+    match missing_devices(!spec.shares.is_empty()) {
         Some(reason) => Err(SandboxError::EngineUnavailable { engine: EngineKind::Kvm, reason }),
         None => Ok(()),
     }
@@ -216,7 +209,7 @@ fn launch(
 /// Starts passt on the VM's network socket when the spec has a network.
 fn attach_network(spec: &BootSpec, vm: &vmm::Vm, run_dir: &Path) -> Result<Option<passt::Passt>> {
     match (&spec.net, vm.take_network()) {
-        (Some(net), Some(socket)) => passt::Passt::start(socket, net, run_dir).map(Some),
+        (Some(net), Some(socket)) => passt::Passt::start(socket, net, run_dir, EngineKind::Kvm).map(Some),
         (None, None) => Ok(None),
         _ => Err(SandboxError::Snapshot(
             "the snapshot and the configuration disagree on the network: restore with the network the VM was snapshotted with".into(),

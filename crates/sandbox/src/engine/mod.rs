@@ -205,8 +205,8 @@ pub struct Share {
     pub read_only: bool,
 }
 
-/// The guest's network: user-mode NAT behind the engine (guest `10.0.2.15/24`, the host's
-/// loopback reachable as `10.0.2.2`, DNS at `10.0.2.3`).
+/// The guest's network: user-mode NAT (passt) behind the engine (guest `10.0.2.15/24`, the
+/// host's loopback reachable as `10.0.2.2`, DNS at `10.0.2.3`), with the egress policy between.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NetSpec {
     /// Whether the guest may open connections out (to the host and beyond); forwarded ports
@@ -214,6 +214,9 @@ pub struct NetSpec {
     pub outbound: bool,
     /// TCP ports of the host's loopback forwarded to the guest.
     pub ports: Vec<PortForward>,
+    /// With `outbound`: networks the guest may not reach, except those in `allow`.
+    pub deny: Vec<vmm::Ipv4Net>,
+    pub allow: Vec<vmm::Ipv4Net>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -591,9 +594,9 @@ mod tests {
     fn a_network_moves_auto_to_qemu_and_only_auto() {
         let hw = select_for(EngineChoice::Auto, &host(true, true)).unwrap();
         assert_eq!(hw.kind, EngineKind::Kvm);
-        let net = with_devices(EngineChoice::Auto, Some("a network was asked for".into()), hw.clone());
+        let net = with_devices(EngineChoice::Auto, Some("volumes were asked for".into()), hw.clone());
         assert_eq!(net.kind, EngineKind::Qemu);
-        assert!(net.reason.contains("network"), "{}", net.reason);
+        assert!(net.reason.contains("volumes"), "{}", net.reason);
         assert_eq!(with_devices(EngineChoice::Auto, None, hw.clone()).kind, EngineKind::Kvm);
         let asked = select_for(EngineChoice::Kvm, &host(true, true)).unwrap();
         assert_eq!(with_devices(EngineChoice::Kvm, Some("x".into()), asked).kind, EngineKind::Kvm, "asked for: the engine says no at boot");

@@ -11,7 +11,7 @@
 //! The process is tied to ours (killed with it), killed and reaped when the VM is dropped, and
 //! exits by itself when the VM's end of the socket closes.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -42,7 +42,13 @@ pub fn find_passt() -> std::result::Result<PathBuf, String> {
 pub fn network_config(net: &NetSpec) -> vmm::NetworkConfig {
     vmm::NetworkConfig {
         mac: GUEST_MAC,
-        egress: vmm::EgressPolicy { outbound: net.outbound, inbound_tcp_ports: net.ports.iter().map(|p| p.guest).collect() },
+        egress: vmm::EgressPolicy {
+            outbound: net.outbound,
+            inbound_tcp_ports: net.ports.iter().map(|p| p.guest).collect(),
+            deny: net.deny.clone(),
+            allow: net.allow.clone(),
+            dns: GUEST_NET.2.parse::<std::net::Ipv4Addr>().ok().map(|a| a.octets()),
+        },
     }
 }
 
@@ -65,8 +71,8 @@ pub fn args(net: &NetSpec, fd: i32, pid_file: &Path) -> Vec<String> {
     a
 }
 
-fn start_error(message: String) -> SandboxError {
-    SandboxError::EngineStart { engine: EngineKind::Kvm, message }
+fn start_error(engine: EngineKind, message: String) -> SandboxError {
+    SandboxError::EngineStart { engine, message }
 }
 
 /// A running passt, killed and reaped on drop.
@@ -75,10 +81,11 @@ pub struct Passt {
 }
 
 impl Passt {
-    /// Starts passt on `socket` (the VM's `Vm::take_network()`) and waits until its ports are
-    /// bound. `run_dir` holds its pid file.
-    pub fn start(socket: UnixStream, net: &NetSpec, run_dir: &Path) -> Result<Passt> {
-        let binary = find_passt().map_err(|reason| SandboxError::EngineUnavailable { engine: EngineKind::Kvm, reason })?;
+    /// Starts passt on `socket` (the VM's `Vm::take_network()`, or [`filter`]'s) and waits until
+    /// its ports are bound. `run_dir` holds its pid file; errors name `engine`.
+    pub fn start(socket: UnixStream, net: &NetSpec, run_dir: &Path, engine: EngineKind) -> Result<Passt> {
+        let start_error = |message| start_error(engine, message);
+        let binary = find_passt().map_err(|reason| SandboxError::EngineUnavailable { engine, reason })?;
         // A taken host port is the likely failure: say which, before passt exits over it.
         for p in &net.ports {
             if let Err(e) = TcpListener::bind((Ipv4Addr::LOCALHOST, p.host)) {
@@ -152,6 +159,48 @@ impl Passt {
     }
 }
 
+/// Puts the egress policy between a VM whose network device does not apply it (QEMU's
+/// virtio-net) and passt: returns the socket to give passt. Two threads copy frames, the guest's
+/// through `policy`, passt's as they come; when either side closes, both sockets are shut down
+/// and the threads end (QEMU gone → passt sees EOF and exits, and the reverse).
+pub fn filter(vm: UnixStream, policy: vmm::EgressPolicy) -> std::io::Result<UnixStream> {
+    let (ours, for_passt) = UnixStream::pair()?;
+    let (vm_reader, ours_writer) = (vm.try_clone()?, ours.try_clone()?);
+    std::thread::Builder::new().name("mc-net-out".into()).spawn(move || {
+        let _ = guest_frames(vm_reader, &ours_writer, &policy);
+        let _ = ours_writer.shutdown(std::net::Shutdown::Both);
+    })?;
+    std::thread::Builder::new().name("mc-net-in".into()).spawn(move || {
+        // passt to the guest: the stream as it is (QEMU reassembles frames across reads).
+        let _ = std::io::copy(&mut &ours, &mut &vm);
+        let _ = vm.shutdown(std::net::Shutdown::Both);
+        let _ = ours.shutdown(std::net::Shutdown::Both);
+    })?;
+    Ok(for_passt)
+}
+
+/// Copies length-prefixed frames from `vm` to `out` while `policy` allows them, one write per
+/// frame (see the VMM's net device); ends at EOF or on a stream that is not frames.
+fn guest_frames(mut vm: UnixStream, mut out: &UnixStream, policy: &vmm::EgressPolicy) -> std::io::Result<()> {
+    let mut frame = Vec::new();
+    loop {
+        let mut prefix = [0u8; 4];
+        vm.read_exact(&mut prefix)?;
+        let len = u32::from_be_bytes(prefix) as usize;
+        if len > vmm::MAX_FRAME {
+            tracing::error!("the VM sent a frame of {len} bytes (at most {}): its network is stopped", vmm::MAX_FRAME);
+            return Ok(());
+        }
+        frame.clear();
+        frame.extend_from_slice(&prefix);
+        frame.resize(4 + len, 0);
+        vm.read_exact(&mut frame[4..])?;
+        if policy.allows(&frame[4..]) {
+            out.write_all(&frame)?;
+        }
+    }
+}
+
 impl Drop for Passt {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -163,10 +212,11 @@ impl Drop for Passt {
 mod tests {
     use super::*;
     use crate::engine::PortForward;
+    use std::time::Duration;
 
     #[test]
     fn args_give_the_guest_slirps_addresses_and_forward_host_loopback_ports() {
-        let net = NetSpec { outbound: false, ports: vec![PortForward { host: 8080, guest: 80 }, PortForward { host: 2222, guest: 22 }] };
+        let net = NetSpec { ports: vec![PortForward { host: 8080, guest: 80 }, PortForward { host: 2222, guest: 22 }], ..Default::default() };
         let a = args(&net, 7, Path::new("/run/x/passt.pid")).join(" ");
         assert!(a.starts_with("--foreground --quiet --fd 7 --pid /run/x/passt.pid --ipv4-only"), "{a}");
         assert!(a.contains("--address 10.0.2.15 --netmask 24 --gateway 10.0.2.2"), "{a}");
@@ -175,11 +225,49 @@ mod tests {
     }
 
     #[test]
+    fn the_filter_passes_allowed_guest_frames_whole_and_the_networks_stream_as_is() {
+        let (mut vm, qemu_end) = UnixStream::pair().unwrap();
+        let mut passt_end = filter(qemu_end, vmm::EgressPolicy::default()).unwrap();
+        passt_end.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        vm.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let frame = |ethertype: u16, len: usize| {
+            let mut f = vec![0xff; 12];
+            f.extend_from_slice(&ethertype.to_be_bytes());
+            f.resize(len, 0xab);
+            let mut framed = (f.len() as u32).to_be_bytes().to_vec();
+            framed.extend(f);
+            framed
+        };
+        // An IPv4 frame (refused without outbound), then ARP, written in pieces.
+        let (ipv4, arp) = (frame(0x0800, 60), frame(0x0806, 42));
+        let both = [ipv4.clone(), arp.clone()].concat();
+        for piece in both.chunks(7) {
+            vm.write_all(piece).unwrap();
+        }
+        let mut got = vec![0u8; arp.len()];
+        passt_end.read_exact(&mut got).unwrap();
+        assert_eq!(got, arp, "only the ARP frame, whole");
+        // The other way the bytes pass untouched.
+        passt_end.write_all(&ipv4).unwrap();
+        let mut back = vec![0u8; ipv4.len()];
+        vm.read_exact(&mut back).unwrap();
+        assert_eq!(back, ipv4);
+        // The VM's end closing closes passt's.
+        drop(vm);
+        let mut rest = Vec::new();
+        assert_eq!(passt_end.read_to_end(&mut rest).unwrap(), 0, "EOF for passt");
+    }
+
+    #[test]
     fn the_egress_policy_follows_outbound_and_lets_the_guest_answer_on_forwarded_ports() {
-        let net = NetSpec { outbound: false, ports: vec![PortForward { host: 8080, guest: 80 }] };
+        let deny: Vec<vmm::Ipv4Net> = vec!["10.0.0.0/8".parse().unwrap()];
+        let net = NetSpec { outbound: false, ports: vec![PortForward { host: 8080, guest: 80 }], deny: deny.clone(), allow: vec![] };
         let c = network_config(&net);
         assert_eq!(c.mac, GUEST_MAC);
-        assert_eq!(c.egress, vmm::EgressPolicy { outbound: false, inbound_tcp_ports: vec![80] });
-        assert!(network_config(&NetSpec { outbound: true, ports: vec![] }).egress.outbound);
+        assert_eq!(
+            c.egress,
+            vmm::EgressPolicy { outbound: false, inbound_tcp_ports: vec![80], deny, allow: vec![], dns: Some([10, 0, 2, 3]) }
+        );
+        assert!(network_config(&NetSpec { outbound: true, ..Default::default() }).egress.outbound);
     }
 }

@@ -38,7 +38,7 @@ use serde::Serialize;
 
 use super::qmp::Qmp;
 use super::{
-    clone_image, clone_image_replacing, spawn, BootSpec, Engine, EngineKind, ExitSlot, RunDir, RunningVm,
+    clone_image, clone_image_replacing, passt, spawn, BootSpec, Engine, EngineKind, ExitSlot, RunDir, RunningVm,
     Tail, TailWriter, VmExit, CONSOLE_TAIL_BYTES, CONSOLE_TAIL_LINES,
 };
 use crate::console::{
@@ -57,6 +57,8 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 root=/dev/vda rw reboot=t panic=1"
 const CHANNEL_FD: RawFd = 3;
 /// The fd number QEMU finds its QMP monitor socket at.
 const QMP_FD: RawFd = 4;
+/// The network's frame stream in QEMU (`-netdev socket,fd=`), when the spec has one.
+const NET_FD: RawFd = 5;
 /// In a snapshot directory: QEMU's migration stream and the root disk.
 pub const MIGRATION_FILE: &str = "qemu.mig";
 pub const SNAPSHOT_DISK: &str = "rootfs.img";
@@ -196,20 +198,14 @@ impl QemuEngine {
         // Restores run whatever the run state of the VM the snapshot was taken of (a paused one).
         push("-global");
         push("migration.store-global-state=off");
-        if let Some(net) = &spec.net {
-            // User-mode NAT (slirp): no host privileges, no bridge. `restrict=on` cuts the guest
-            // off from the host and beyond; forwarded ports still come in.
-            let mut netdev = String::from("user,id=net0,net=10.0.2.0/24");
-            if !net.outbound {
-                netdev.push_str(",restrict=on");
-            }
-            for p in &net.ports {
-                netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", p.host, p.guest));
-            }
+        if spec.net.is_some() {
+            // The frames go over a socket (fd NET_FD) through the egress policy to passt, as on
+            // the built-in VMM: one network, one policy, whichever engine.
             push("-netdev");
-            push(&netdev);
+            push(&format!("socket,id=net0,fd={NET_FD}"));
             push("-device");
-            push("virtio-net-device,netdev=net0");
+            let mac = passt::GUEST_MAC.map(|b| format!("{b:02x}")).join(":");
+            push(&format!("virtio-net-device,netdev=net0,mac={mac}"));
         }
         for share in &spec.shares {
             // mapped-xattr: files the guest makes are the QEMU process's on the host, their
@@ -315,6 +311,16 @@ impl QemuEngine {
                 }
             }
         })?;
+        // The network first: a host port that cannot be forwarded fails before QEMU starts.
+        let network = match &spec.net {
+            Some(net) => {
+                let (ours, qemu_end) = UnixStream::pair().map_err(|e| start_err("cannot create the network socketpair", e))?;
+                let for_passt = passt::filter(ours, passt::network_config(net).egress)
+                    .map_err(|e| start_err("cannot start the network's filter threads", e))?;
+                Some((passt::Passt::start(for_passt, net, run_dir.path(), EngineKind::Qemu)?, qemu_end))
+            }
+            None => None,
+        };
         let (host_end, guest_end) =
             UnixStream::pair().map_err(|e| start_err("cannot create the control socketpair", e))?;
         let (qmp_host, qmp_guest) =
@@ -336,20 +342,28 @@ impl QemuEngine {
             .stderr(Stdio::piped());
         cmd.process_group(0);
         let parent = std::process::id();
-        let fd = guest_end.as_raw_fd();
-        let qmp_fd = qmp_guest.as_raw_fd();
+        let moves = [
+            (guest_end.as_raw_fd(), CHANNEL_FD),
+            (qmp_guest.as_raw_fd(), QMP_FD),
+            (network.as_ref().map_or(-1, |(_, qemu_end)| qemu_end.as_raw_fd()), NET_FD),
+        ];
         // SAFETY: only async-signal-safe calls (prctl, getppid, dup2, fcntl) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 spawn::die_with_parent(parent)?;
-                // Move the monitor out of the way first if it sits where the channel goes.
-                let qmp_fd = if qmp_fd == CHANNEL_FD { libc::dup(qmp_fd) } else { qmp_fd };
-                for (from, to) in [(fd, CHANNEL_FD), (qmp_fd, QMP_FD)] {
-                    if from == to {
-                        if libc::fcntl(from, libc::F_SETFD, 0) < 0 {
+                // Lift every fd above the targets first (close-on-exec), so that no dup2 below
+                // lands on one still to be moved; dup2 then leaves each target open across exec.
+                let mut lifted = [-1; 3];
+                for (slot, (from, _)) in lifted.iter_mut().zip(moves) {
+                    if from >= 0 {
+                        *slot = libc::fcntl(from, libc::F_DUPFD_CLOEXEC, 16);
+                        if *slot < 0 {
                             return Err(std::io::Error::last_os_error());
                         }
-                    } else if libc::dup2(from, to) < 0 {
+                    }
+                }
+                for (from, (_, to)) in lifted.into_iter().zip(moves) {
+                    if from >= 0 && libc::dup2(from, to) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
@@ -368,6 +382,7 @@ impl QemuEngine {
         })?;
         drop(guest_end);
         drop(qmp_guest);
+        let network = network.map(|(passt, _qemu_end)| passt);
         let pid = child.id();
         tracing::debug!(pid, accel = self.accel.name(), "qemu started");
 
@@ -426,6 +441,7 @@ impl QemuEngine {
             exit,
             qmp: Mutex::new(QmpState::Unconnected(qmp_host)),
             paused: AtomicBool::new(false),
+            _network: network,
             _run_dir: run_dir,
             channel: Mutex::new(Some(host_end)),
             console,
@@ -576,6 +592,8 @@ struct QemuVm {
     qmp: Mutex<QmpState>,
     /// Stopped by `pause()` (QMP `stop`) and not `cont`inued since.
     paused: AtomicBool,
+    /// passt (and the filter threads before it), when the VM has a network.
+    _network: Option<passt::Passt>,
     /// The per-VM directory with the root disk copy; removed after QEMU is gone (field order).
     _run_dir: RunDir,
     channel: Mutex<Option<UnixStream>>,
@@ -770,16 +788,17 @@ mod tests {
     }
 
     #[test]
-    fn a_network_is_user_mode_nat_with_forwarded_ports() {
+    fn a_network_is_a_frame_stream_on_fd_5() {
         let engine = QemuEngine::new("/usr/bin/qemu-system-x86_64", Accel::Tcg);
         let mut spec = BootSpec::new("/k", "/r");
         let joined = |spec: &BootSpec| engine.args(spec, Path::new("/d"), None).iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
         assert!(!joined(&spec).contains("netdev"), "no network unless asked for");
-        spec.net = Some(NetSpec { outbound: false, ports: vec![PortForward { host: 8080, guest: 80 }] });
+        spec.net = Some(NetSpec { ports: vec![PortForward { host: 8080, guest: 80 }], ..Default::default() });
         let a = joined(&spec);
-        assert!(a.contains("-netdev user,id=net0,net=10.0.2.0/24,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80 -device virtio-net-device,netdev=net0"), "{a}");
-        spec.net = Some(NetSpec { outbound: true, ports: vec![] });
-        assert!(joined(&spec).contains("-netdev user,id=net0,net=10.0.2.0/24 -device"));
+        assert!(
+            a.contains("-netdev socket,id=net0,fd=5 -device virtio-net-device,netdev=net0,mac=02:4d:43:00:00:01"),
+            "{a}"
+        );
     }
 
     #[test]

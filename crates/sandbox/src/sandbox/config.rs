@@ -148,6 +148,34 @@ pub struct NetworkConfig {
     /// (the same number on both sides).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<String>,
+    /// With `outbound`: destinations the guest may not reach — `"a.b.c.d"`, `"a.b.c.d/n"`,
+    /// `"private"` (loopback, RFC 1918, CGNAT, link-local with cloud metadata, this network;
+    /// the host's loopback `10.0.2.2` is inside) or `"host"` (`10.0.2.2` alone). DNS to the
+    /// guest's resolver stays open.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+    /// Destinations that stay reachable inside a denied one (same forms); `allow` wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+}
+
+/// What `"private"` stands for in `deny`/`allow`.
+pub const PRIVATE_NETWORKS: [&str; 7] =
+    ["0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16"];
+
+/// One `deny`/`allow` entry as networks; `E_CONFIG_NETWORK` naming the entry otherwise.
+fn destinations(list: &str, entries: &[String]) -> Result<Vec<vmm::Ipv4Net>> {
+    let mut nets = Vec::new();
+    for e in entries {
+        match e.as_str() {
+            "private" => nets.extend(PRIVATE_NETWORKS.iter().map(|n| n.parse::<vmm::Ipv4Net>().expect("valid"))),
+            "host" => nets.push(format!("{}/32", GUEST_NET.1).parse().expect("valid")),
+            other => nets.push(other.parse().map_err(|m| {
+                SandboxError::config("E_CONFIG_NETWORK", format!("network {list}: {m}; give an IPv4 address, a.b.c.d/prefix, \"private\" or \"host\""))
+            })?),
+        }
+    }
+    Ok(nets)
 }
 
 fn yes() -> bool {
@@ -157,15 +185,17 @@ fn yes() -> bool {
 impl NetworkConfig {
     /// A MicroVm's `scope` and `portMap` (validated: no ports with scope `none`) as a workload
     /// VM's network: `none` — no interface; `group` (the default) — an interface only for
-    /// forwarded ports, no way out (there is no group of sandboxes to reach yet); `public` /
-    /// `any` — outbound access (user-mode NAT cannot tell private addresses apart).
+    /// forwarded ports, no way out (there is no group of sandboxes to reach yet); `public` —
+    /// outbound to public addresses only (`deny: ["private"]`); `any` — outbound anywhere.
     pub fn for_microvm(scope: NetworkScope, port_map: &[String]) -> Option<NetworkConfig> {
         let ports = port_map.to_vec();
+        let config = |outbound, deny: &[&str]| NetworkConfig { outbound, ports: ports.clone(), deny: deny.iter().map(|d| d.to_string()).collect(), allow: vec![] };
         match scope {
             NetworkScope::None => None,
             NetworkScope::Group if ports.is_empty() => None,
-            NetworkScope::Group => Some(NetworkConfig { outbound: false, ports }),
-            NetworkScope::Public | NetworkScope::Any => Some(NetworkConfig { outbound: true, ports }),
+            NetworkScope::Group => Some(config(false, &[])),
+            NetworkScope::Public => Some(config(true, &["private"])),
+            NetworkScope::Any => Some(config(true, &[])),
         }
     }
 }
@@ -185,7 +215,13 @@ impl NetworkConfig {
             }
             ports.push(PortForward { host: pair.host, guest: pair.guest });
         }
-        Ok(NetSpec { outbound: self.outbound, ports })
+        if !self.outbound && (!self.deny.is_empty() || !self.allow.is_empty()) {
+            return Err(SandboxError::config(
+                "E_CONFIG_NETWORK",
+                "network deny/allow choose where outbound traffic may go, and outbound is false: drop them or set outbound",
+            ));
+        }
+        Ok(NetSpec { outbound: self.outbound, ports, deny: destinations("deny", &self.deny)?, allow: destinations("allow", &self.allow)? })
     }
 }
 
@@ -314,7 +350,7 @@ impl SandboxConfig {
 
     /// What this configuration needs that only engine `qemu` has, said for `auto`'s reason.
     pub fn qemu_only_devices(&self) -> Option<String> {
-        crate::engine::kvm::missing_devices(self.network.is_some(), !self.volumes.is_empty())
+        crate::engine::kvm::missing_devices(!self.volumes.is_empty())
     }
 
 
@@ -603,6 +639,10 @@ mod tests {
         assert_eq!(code(r#"{"network":{"ports":["70000"]}}"#), "E_CONFIG_NETWORK");
         assert_eq!(code(r#"{"network":{"ports":["80:1","80:2"]}}"#), "E_CONFIG_NETWORK");
         assert_eq!(code(r#"{"network":{"bogus":1}}"#), "E_CONFIG_JSON");
+        assert_eq!(code(r#"{"network":{"deny":["private"],"allow":["10.0.2.2","192.168.1.0/24"]}}"#), "OK");
+        assert_eq!(code(r#"{"network":{"deny":["10.0.0.0/33"]}}"#), "E_CONFIG_NETWORK");
+        assert_eq!(code(r#"{"network":{"allow":["example.com"]}}"#), "E_CONFIG_NETWORK");
+        assert_eq!(code(r#"{"network":{"outbound":false,"deny":["host"]}}"#), "E_CONFIG_NETWORK");
         assert_eq!(code(r#"{"volumes":[{"host":"/tmp","guest":"/data"}]}"#), "OK");
         assert_eq!(code(r#"{"volumes":[{"host":"/no/such/dir","guest":"/data"}]}"#), "E_CONFIG_VOLUME");
         assert_eq!(code(r#"{"volumes":[{"host":"/tmp","guest":"data"}]}"#), "E_CONFIG_VOLUME");
@@ -629,13 +669,33 @@ mod tests {
     }
 
     #[test]
+    fn deny_and_allow_name_networks_private_and_host_included() {
+        let net = |deny: &[&str], allow: &[&str]| {
+            NetworkConfig { outbound: true, ports: vec![], deny: deny.iter().map(|s| s.to_string()).collect(), allow: allow.iter().map(|s| s.to_string()).collect() }
+                .net_spec()
+                .unwrap()
+        };
+        let spec = net(&["private"], &["host"]);
+        assert_eq!(spec.deny.len(), PRIVATE_NETWORKS.len());
+        assert!(spec.deny.iter().any(|n| n.contains([169, 254, 169, 254])), "cloud metadata is private");
+        assert!(spec.deny.iter().any(|n| n.contains([10, 0, 2, 2])), "so is the host's loopback");
+        assert!(!spec.deny.iter().any(|n| n.contains([8, 8, 8, 8])));
+        assert_eq!(spec.allow, vec!["10.0.2.2/32".parse().unwrap()]);
+        let err = NetworkConfig { outbound: true, ports: vec![], deny: vec!["10.0.0.0/8".into(), "nope".into()], allow: vec![] }.net_spec().unwrap_err();
+        assert!(err.to_string().contains("\"nope\"") && err.to_string().contains("\"private\""), "{err}");
+    }
+
+    #[test]
     fn a_microvm_scope_and_port_map_become_a_workload_network() {
         let ports = ["8080:80".to_owned()];
         assert_eq!(NetworkConfig::for_microvm(NetworkScope::None, &[]), None);
         assert_eq!(NetworkConfig::for_microvm(NetworkScope::Group, &[]), None);
-        assert_eq!(NetworkConfig::for_microvm(NetworkScope::Group, &ports), Some(NetworkConfig { outbound: false, ports: ports.to_vec() }));
-        assert_eq!(NetworkConfig::for_microvm(NetworkScope::Public, &[]), Some(NetworkConfig { outbound: true, ports: vec![] }));
-        assert!(NetworkConfig::for_microvm(NetworkScope::Any, &ports).unwrap().outbound);
+        let group = NetworkConfig::for_microvm(NetworkScope::Group, &ports).unwrap();
+        assert_eq!((group.outbound, group.ports), (false, ports.to_vec()));
+        let public = NetworkConfig::for_microvm(NetworkScope::Public, &[]).unwrap();
+        assert_eq!((public.outbound, public.deny), (true, vec!["private".to_string()]));
+        let any = NetworkConfig::for_microvm(NetworkScope::Any, &ports).unwrap();
+        assert!(any.outbound && any.deny.is_empty());
     }
 
     #[test]

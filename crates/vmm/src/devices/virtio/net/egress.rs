@@ -9,6 +9,7 @@ const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETHERTYPE_ARP: u16 = 0x0806;
 const ETHERTYPE_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
 const IPV6_HEADER: usize = 40;
 const TCP_ACK: u8 = 0x10;
 const TCP_RST: u8 = 0x04;
@@ -16,21 +17,58 @@ const TCP_RST: u8 = 0x04;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EgressPolicy {
-    /// The guest may open connections and send datagrams anywhere the host network reaches.
+    /// The guest may open connections and send datagrams (to the destinations below).
     pub outbound: bool,
-    /// TCP ports the guest serves (forwarded to it from the host). Without `outbound`, the guest
-    /// may still answer on these: its segments from them pass when they acknowledge or reset
-    /// (a bare SYN from one would be the guest opening a connection, and is dropped).
+    /// TCP ports the guest serves (forwarded to it from the host). The guest may always answer
+    /// on these, whatever else is refused: its segments from them pass when they acknowledge or
+    /// reset (a bare SYN from one would be the guest opening a connection).
     #[serde(default)]
     pub inbound_tcp_ports: Vec<u16>,
+    /// With `outbound`: IPv4 networks the guest may not reach (a deny rule also stops IPv6,
+    /// which the rules cannot describe)...
+    #[serde(default)]
+    pub deny: Vec<Ipv4Net>,
+    /// ...except these, which pass even inside a denied network.
+    #[serde(default)]
+    pub allow: Vec<Ipv4Net>,
+    /// The guest's DNS server: with `outbound`, port 53 on it always passes (names must resolve
+    /// for the allowed destinations to be found).
+    #[serde(default)]
+    pub dns: Option<[u8; 4]>,
+}
+
+/// An IPv4 network, `a.b.c.d/prefix`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ipv4Net {
+    pub addr: [u8; 4],
+    pub prefix: u8,
+}
+
+impl Ipv4Net {
+    pub fn contains(&self, ip: [u8; 4]) -> bool {
+        let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix.min(32))).unwrap_or(0);
+        u32::from_be_bytes(ip) & mask == u32::from_be_bytes(self.addr) & mask
+    }
+}
+
+impl std::str::FromStr for Ipv4Net {
+    type Err = String;
+
+    /// `a.b.c.d` (a /32) or `a.b.c.d/n` with n in 0..=32.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = s.split_once('/').map_or((s, None), |(a, p)| (a, Some(p)));
+        let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| format!("{s:?} is not an IPv4 address or a.b.c.d/prefix network"))?;
+        let prefix = match prefix {
+            None => 32,
+            Some(p) => p.parse::<u8>().ok().filter(|&p| p <= 32).ok_or_else(|| format!("{s:?}: the prefix must be 0 to 32"))?,
+        };
+        Ok(Ipv4Net { addr: addr.octets(), prefix })
+    }
 }
 
 impl EgressPolicy {
     /// Whether `frame` (Ethernet, no FCS) may leave the VM.
     pub fn allows(&self, frame: &[u8]) -> bool {
-        if self.outbound {
-            return true;
-        }
         let Some(ethertype) = frame.get(12..ETH_HEADER).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
             return false;
         };
@@ -39,17 +77,35 @@ impl EgressPolicy {
             // Address resolution on the link: the guest must answer "who has" for forwarded
             // connections to reach it.
             ETHERTYPE_ARP => true,
-            ETHERTYPE_IPV4 => {
-                let Some(&version_ihl) = ip.first() else { return false };
-                let header = usize::from(version_ihl & 0x0f) * 4;
-                let fragment = ip.get(6..8).map(|b| u16::from_be_bytes([b[0], b[1]]) & 0x1fff);
-                // A later fragment carries no TCP header to judge by.
-                version_ihl >> 4 == 4 && header >= 20 && fragment == Some(0) && ip.get(9) == Some(&IPPROTO_TCP) && self.answers(ip.get(header..))
-            }
+            ETHERTYPE_IPV4 => self.allows_ipv4(ip),
+            ETHERTYPE_IPV6 if self.outbound && self.deny.is_empty() => true,
             // No extension headers: a TCP answer from a server has none.
             ETHERTYPE_IPV6 => ip.first().is_some_and(|v| v >> 4 == 6) && ip.get(6) == Some(&IPPROTO_TCP) && self.answers(ip.get(IPV6_HEADER..)),
-            _ => false,
+            _ => self.outbound && self.deny.is_empty(),
         }
+    }
+
+    fn allows_ipv4(&self, ip: &[u8]) -> bool {
+        let Some(&version_ihl) = ip.first() else { return false };
+        let header = usize::from(version_ihl & 0x0f) * 4;
+        if version_ihl >> 4 != 4 || header < 20 || ip.len() < header {
+            return false;
+        }
+        let destination: [u8; 4] = ip[16..20].try_into().expect("4 bytes");
+        let protocol = ip[9];
+        // A later fragment carries no transport header to judge by; it goes where its first did.
+        let first_fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff == 0;
+        let transport = first_fragment.then(|| &ip[header..]);
+        if self.outbound {
+            let dns = self.dns == Some(destination)
+                && (protocol == IPPROTO_TCP || protocol == IPPROTO_UDP)
+                && transport.and_then(|t| t.get(2..4)).is_some_and(|p| u16::from_be_bytes([p[0], p[1]]) == 53);
+            let denied = self.deny.iter().any(|n| n.contains(destination)) && !self.allow.iter().any(|n| n.contains(destination));
+            if dns || !denied {
+                return true;
+            }
+        }
+        protocol == IPPROTO_TCP && self.answers(transport)
     }
 
     /// A TCP segment from a served port that acknowledges or resets.
@@ -103,15 +159,68 @@ mod tests {
     }
 
     fn closed(ports: &[u16]) -> EgressPolicy {
-        EgressPolicy { outbound: false, inbound_tcp_ports: ports.to_vec() }
+        EgressPolicy { outbound: false, inbound_tcp_ports: ports.to_vec(), ..Default::default() }
+    }
+
+    fn ipv4_to(destination: [u8; 4], protocol: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = ipv4(protocol, 0, payload);
+        f[ETH_HEADER + 16..ETH_HEADER + 20].copy_from_slice(&destination);
+        f
+    }
+
+    fn udp_to(port: u16) -> Vec<u8> {
+        let mut u = vec![0u8; 8];
+        u[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        u[2..4].copy_from_slice(&port.to_be_bytes());
+        u
+    }
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn networks_parse_and_match() {
+        assert_eq!(net("10.0.0.0/8"), Ipv4Net { addr: [10, 0, 0, 0], prefix: 8 });
+        assert_eq!(net("1.2.3.4"), Ipv4Net { addr: [1, 2, 3, 4], prefix: 32 });
+        assert!(net("10.0.0.0/8").contains([10, 200, 1, 1]));
+        assert!(!net("10.0.0.0/8").contains([11, 0, 0, 1]));
+        assert!(net("0.0.0.0/0").contains([8, 8, 8, 8]));
+        assert!(net("192.168.1.77/24").contains([192, 168, 1, 1]), "host bits are ignored");
+        for bad in ["10.0.0/8", "10.0.0.0/33", "10.0.0.0/x", "::1", "", "host"] {
+            assert!(bad.parse::<Ipv4Net>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn deny_and_allow_pick_destinations_allow_winning() {
+        let p = EgressPolicy {
+            outbound: true,
+            deny: vec![net("10.0.0.0/8"), net("192.168.0.0/16")],
+            allow: vec![net("10.0.2.2")],
+            dns: Some([10, 0, 2, 3]),
+            inbound_tcp_ports: vec![8080],
+        };
+        assert!(p.allows(&ipv4_to([1, 1, 1, 1], IPPROTO_TCP, &tcp(40000, SYN))), "a public address");
+        assert!(!p.allows(&ipv4_to([10, 1, 2, 3], IPPROTO_TCP, &tcp(40000, SYN))), "a denied network");
+        assert!(!p.allows(&ipv4_to([192, 168, 1, 1], 17, &udp_to(9))), "UDP into a denied network");
+        assert!(p.allows(&ipv4_to([10, 0, 2, 2], IPPROTO_TCP, &tcp(40000, SYN))), "allowed inside a denied network");
+        assert!(p.allows(&ipv4_to([10, 0, 2, 3], 17, &udp_to(53))), "DNS to the resolver");
+        assert!(!p.allows(&ipv4_to([10, 0, 2, 3], 17, &udp_to(54))), "not DNS");
+        assert!(p.allows(&ipv4_to([10, 9, 9, 9], IPPROTO_TCP, &tcp(8080, SYN_ACK))), "an answer from a served port");
+        assert!(!p.allows(&ipv6(IPPROTO_TCP, &tcp(40000, SYN))), "IPv6 with deny rules");
+        assert!(p.allows(&eth(ETHERTYPE_ARP, &[0; 28])));
+        let open = EgressPolicy { outbound: true, ..Default::default() };
+        assert!(open.allows(&ipv6(IPPROTO_TCP, &tcp(40000, SYN))), "IPv6 without rules");
     }
 
     #[test]
     fn outbound_lets_everything_pass() {
-        let open = EgressPolicy { outbound: true, inbound_tcp_ports: vec![] };
-        for f in [ipv4(17, 0, &[0; 8]), ipv4(IPPROTO_TCP, 0, &tcp(5000, SYN)), ipv6(58, &[0; 8]), vec![1, 2, 3]] {
+        let open = EgressPolicy { outbound: true, ..Default::default() };
+        for f in [ipv4(17, 0, &[0; 8]), ipv4(IPPROTO_TCP, 0, &tcp(5000, SYN)), ipv6(58, &[0; 8]), eth(0x88cc, &[0; 40])] {
             assert!(open.allows(&f));
         }
+        assert!(!open.allows(&[1, 2, 3]), "not a frame");
     }
 
     #[test]
@@ -128,6 +237,7 @@ mod tests {
         assert!(!p.allows(&ipv4(1, 0, &[8, 0, 0, 0])), "ICMP");
         assert!(!p.allows(&ipv6(58, &[0; 8])), "ICMPv6");
         assert!(!p.allows(&ipv4(IPPROTO_TCP, 185, &tcp(80, TCP_ACK))), "a later fragment");
+        assert!(!p.allows(&ipv4(17, 0, &udp_to(53))), "DNS too");
         assert!(!p.allows(&eth(0x8100, &[0; 40])), "VLAN-tagged");
     }
 

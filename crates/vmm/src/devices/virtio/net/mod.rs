@@ -1,7 +1,7 @@
 //! virtio-net (virtio 1.2 §5.1): one receive and one transmit queue, a MAC address, no offloads.
 //!
 //! The host end is a Unix stream socket carrying Ethernet frames, each after its length as a
-//! 4-byte big-endian number: the framing of QEMU's `-netdev stream` and of passt, so the network
+//! 4-byte big-endian number: the framing of QEMU's `-netdev socket`/`stream` and of passt, so the network
 //! behind the VM is another process the VMM knows nothing about. Every frame the guest sends
 //! passes the egress policy first.
 //!
@@ -397,6 +397,8 @@ mod tests {
     const NEXT: u16 = 1;
     const BUF: u64 = 0x10000;
     const MAC: [u8; 6] = [2, 0x4d, 0x43, 0, 0, 1];
+    /// An ethertype the egress policy passes with `outbound` whatever the body (not IP).
+    const LOCAL_EXPERIMENTAL: u16 = 0x88b5;
 
     struct Rig<'a> {
         mem: &'a GuestRam,
@@ -430,7 +432,7 @@ mod tests {
     }
 
     fn open() -> EgressPolicy {
-        EgressPolicy { outbound: true, inbound_tcp_ports: vec![] }
+        EgressPolicy { outbound: true, ..Default::default() }
     }
 
     fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
@@ -480,7 +482,7 @@ mod tests {
     fn guest_frames_reach_the_host_framed_without_their_header() {
         let mem = memory();
         let mut r = rig(&mem, open());
-        let (a, b) = (frame(0x0800, 60, 1), frame(0x0800, 1514, 2));
+        let (a, b) = (frame(LOCAL_EXPERIMENTAL, 60, 1), frame(LOCAL_EXPERIMENTAL, 1514, 2));
         // One descriptor: header and frame together.
         r.mem.write_slice(&[0u8; HEADER], GuestAddress(BUF)).unwrap();
         r.mem.write_slice(&a, GuestAddress(BUF + HEADER as u64)).unwrap();
@@ -500,7 +502,7 @@ mod tests {
     #[test]
     fn the_egress_policy_drops_frames_before_the_host_sees_them() {
         let mem = memory();
-        let mut r = rig(&mem, EgressPolicy { outbound: false, inbound_tcp_ports: vec![] });
+        let mut r = rig(&mem, EgressPolicy::default());
         let (udp, arp) = (frame(0x0800, 60, 3), frame(0x0806, 42, 4));
         for (i, f) in [&udp, &arp].iter().enumerate() {
             let at = BUF + 0x1000 * i as u64;
@@ -576,7 +578,7 @@ mod tests {
         let mem = memory();
         let mut r = rig(&mem, open());
         drop(std::mem::replace(&mut r.host, UnixStream::pair().unwrap().0));
-        let f = frame(0x0800, 60, 9);
+        let f = frame(LOCAL_EXPERIMENTAL, 60, 9);
         r.mem.write_slice(&f, GuestAddress(BUF + HEADER as u64)).unwrap();
         for i in 0..3u16 {
             r.queues[TX].add_desc_chains(&[desc(BUF, (HEADER + f.len()) as u32, 0, 0)], i).unwrap();
