@@ -265,3 +265,38 @@ fn without_outbound_the_device_drops_what_the_guest_sends_but_arp() {
     assert!(report.passed.iter().any(|c| c == "net0.arp"), "ARP still resolves:\n{out}");
     assert!(got.is_empty(), "nothing reached the host: {got:?}");
 }
+
+#[test]
+fn a_restored_vm_announces_the_guests_mac_to_its_new_network() {
+    if !kvm_or_skip("virtio-net restore") {
+        return;
+    }
+    let net = NetSpec { outbound: true, ..Default::default() };
+    // The guest waits long for an ARP answer nobody gives: a point to snapshot at with the
+    // device active.
+    let cmdline = format!(
+        "tg.nblk=0 tg.ncon=0 tg.nnet=1 tg.wait_ms=30000 {}",
+        testguest::virtio_net_cmdline(0, passt::GUEST_MAC, GUEST_IP, GATEWAY_IP, 9, true)
+    );
+    let config = vmm::VmConfig {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel: testguest::path(testguest::VIRTIO),
+        cmdline,
+        network: Some(passt::network_config(&net)),
+        ..Default::default()
+    };
+    let vm = vmm::Vm::start(&config, Box::new(Capture::default())).expect("VM starts");
+    let mut stream = vm.take_network().unwrap();
+    let arp = recv_frame(&mut stream, 0x0806);
+    assert_eq!(&arp[6..12], &passt::GUEST_MAC, "the guest's ARP request: its driver is up");
+    let dir = run_dir();
+    vm.snapshot(dir.path(), false).expect("snapshot");
+    vm.kill();
+    let snapshot = vmm::LoadedSnapshot::load(dir.path()).unwrap();
+    let clone = vmm::Vm::restore(&snapshot, Box::new(Capture::default()), vmm::RestoreOptions::default()).expect("restore");
+    let mut stream = clone.take_network().expect("a new network socket");
+    let first = recv_frame(&mut stream, 0x8035);
+    assert_eq!(&first[6..12], &passt::GUEST_MAC, "a RARP announce from the guest's MAC");
+    clone.kill();
+}

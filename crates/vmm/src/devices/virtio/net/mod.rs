@@ -371,6 +371,33 @@ impl VirtioDevice for Net {
 
     // No state beyond the queues: a restored VM gets a new socket (a new network process), whose
     // stream starts at a frame boundary, so half-sent or half-read frames are not kept.
+
+    /// Restored (and active): announces the guest's MAC to the new network behind the socket, as
+    /// QEMU does after a migration. passt sends to the MAC it has seen from the guest; a guest
+    /// that sends nothing by itself (a server without outbound access) would stay unreachable.
+    fn restore_state(&mut self, _state: &[u8]) -> Result<(), String> {
+        let frame = rarp_announce(self.config[..6].try_into().expect("6 bytes"));
+        let mut framed = (frame.len() as u32).to_be_bytes().to_vec();
+        framed.extend_from_slice(&frame);
+        self.tx_bytes += framed.len();
+        self.tx.push_back(framed);
+        self.set_interest();
+        Ok(())
+    }
+}
+
+/// A RARP request from `mac` (ethertype 0x8035, padded to the 60-byte minimum): the frame QEMU's
+/// self-announce sends; it names the MAC and claims no address.
+fn rarp_announce(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x80, 0x35, 0, 1, 0x08, 0x00, 6, 4, 0, 3]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(60, 0);
+    f
 }
 
 impl Drop for Net {
@@ -571,6 +598,19 @@ mod tests {
         assert!(r.dev.host_closed);
         assert!(r.dev.rx.is_empty());
         assert_eq!(r.dev.drops.malformed, 1);
+    }
+
+    #[test]
+    fn a_restored_device_announces_the_guests_mac_first() {
+        let mem = memory();
+        let mut r = rig(&mem, EgressPolicy::default());
+        r.dev.restore_state(&[]).unwrap();
+        r.dev.host_event(EventSet::OUT);
+        let f = read_framed(&mut r.host);
+        assert_eq!(f.len(), 60);
+        assert_eq!(&f[6..12], &MAC, "from the guest's MAC");
+        assert_eq!(&f[12..14], &[0x80, 0x35], "RARP");
+        assert_eq!(&f[22..28], &MAC);
     }
 
     #[test]
