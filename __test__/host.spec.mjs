@@ -24,6 +24,7 @@ test('the package exports exactly its public API', (t) => {
       'Sandbox',
       'SandboxBuilder',
       'SandboxFs',
+      'SandboxPool',
       'Snapshot',
       'VmPool',
       'defaultGuest',

@@ -2,13 +2,14 @@ import type { ExitStatus, MicroVmConfigInput, StartOptions } from './config.js'
 import { MicrocellError } from './errors.js'
 import type * as native from './internal/native.js'
 import { MicroVm, microVmFromNative } from './microvm.js'
+import { Sandbox, type SandboxConfig, type SandboxConfigInput } from './sandbox.js'
 import { nativeRestoreOptions, nativeSnapshot, type RestoreOptions, type Snapshot } from './snapshot.js'
 
 /** What a pool is doing, and has done. */
 export interface PoolStats {
   /** How many the pool keeps ready. */
   size: number
-  /** Ready now: empty VM shells (RestorePool) or booted VMs (VmPool). */
+  /** Ready now: empty VM shells (RestorePool), booted VMs (VmPool) or sandboxes (SandboxPool). */
   ready: number
   /** Being made in the background now. */
   filling: number
@@ -22,7 +23,7 @@ export interface PoolStats {
   refillErrors: number
   /** The last background fill error, if any. */
   lastRefillError: MicrocellError | null
-  /** VmPool: ready VMs that ended on their own before anyone acquired them (replaced). */
+  /** VmPool, SandboxPool: ready ones that ended on their own before anyone acquired them (replaced). */
   expired: number
   /** `close()` was called. */
   closed: boolean
@@ -49,11 +50,18 @@ function closedError(): MicrocellError {
   return new MicrocellError('E_POOL_CLOSED', 'the pool is closed: make a new pool to acquire more VMs')
 }
 
+/** What a pool hands out: something that ends, and can be ended. */
+interface Running {
+  wait(): Promise<ExitStatus>
+  kill(): Promise<ExitStatus>
+}
+
 /**
- * The machinery both pools share: `size` items kept ready, made `concurrency` at a time in the
- * background, a backoff after failures, the VMs handed out (each exactly once) and their stats.
+ * The machinery the pools share: `size` items kept ready, made `concurrency` at a time in the
+ * background, a backoff after failures, the VMs (or sandboxes) handed out, each exactly once, and
+ * their stats.
  */
-abstract class WarmPool<T> implements AsyncDisposable {
+abstract class WarmPool<T, Out extends Running = MicroVm> implements AsyncDisposable {
   readonly size: number
   readonly #concurrency: number
   readonly #ready: T[] = []
@@ -62,8 +70,8 @@ abstract class WarmPool<T> implements AsyncDisposable {
   readonly #background = new Set<Promise<unknown>>()
   #errorsInRow = 0
   #backoff: NodeJS.Timeout | undefined
-  readonly #live = new Set<MicroVm>()
-  readonly #handedOut = new WeakSet<MicroVm>()
+  readonly #live = new Set<Out>()
+  readonly #handedOut = new WeakSet<Out>()
   readonly #waiters: { resolve: () => void; reject: (err: unknown) => void }[] = []
   readonly #stats = { acquired: 0, misses: 0, refillErrors: 0, expired: 0 }
   #lastRefillError: MicrocellError | null = null
@@ -135,7 +143,7 @@ abstract class WarmPool<T> implements AsyncDisposable {
   }
 
   /** Counts a VM handed out and follows it until it ends. */
-  protected handOut(vm: MicroVm): MicroVm {
+  protected handOut(vm: Out): Out {
     this.#stats.acquired++
     this.#handedOut.add(vm)
     this.#live.add(vm)
@@ -150,9 +158,9 @@ abstract class WarmPool<T> implements AsyncDisposable {
    * Ends a VM acquired from this pool (it is killed, never handed out again); resolves with how
    * it ended. `E_INVALID_ARGUMENT` for a VM this pool did not hand out.
    */
-  async release(vm: MicroVm): Promise<ExitStatus> {
-    if (!(vm instanceof MicroVm) || !this.#handedOut.has(vm)) {
-      throw new MicrocellError('E_INVALID_ARGUMENT', 'release() takes a VM acquired from this pool')
+  async release(vm: Out): Promise<ExitStatus> {
+    if (typeof vm !== 'object' || vm === null || !this.#handedOut.has(vm)) {
+      throw new MicrocellError('E_INVALID_ARGUMENT', 'release() takes what was acquired from this pool')
     }
     return vm.kill()
   }
@@ -361,5 +369,87 @@ export class VmPool extends WarmPool<MicroVm> {
     } finally {
       this.refill()
     }
+  }
+}
+
+/** Options of `new SandboxPool()`: a configuration to create from, or a snapshot to restore. */
+export interface SandboxPoolOptions {
+  /** What every sandbox is created with (validated by the constructor: `E_CONFIG_*`). */
+  config?: SandboxConfigInput
+  /**
+   * Or: a snapshot directory (`sandbox.snapshot(dir)`) every sandbox is restored from, each an
+   * independent clone. Its configuration's `maxDurationMs`, if any, applies from `acquire()`.
+   */
+  snapshot?: string
+  /** Sandboxes kept ready (default 2). */
+  size?: number
+  /** Sandboxes made at once in the background (default 1). */
+  concurrency?: number
+}
+
+/**
+ * Keeps `size` sandboxes up (created from `config`, or restored from `snapshot`) so that
+ * `acquire()` hands one out at once, each exactly once, and makes a replacement in the
+ * background: a request gets a ready sandbox of its own without waiting for a boot. A ready
+ * sandbox that ends before it is acquired is replaced (`stats().expired`). `maxDurationMs`
+ * counts from `acquire()`, not from when the sandbox was made. Ready sandboxes are listed by
+ * `Sandbox.list()` like any other.
+ */
+export class SandboxPool extends WarmPool<Sandbox, Sandbox> {
+  /** The configuration sandboxes are created with (null for a snapshot's pool). */
+  readonly config: SandboxConfig | null
+  readonly snapshot: string | null
+  readonly #maxDurationMs: number | undefined
+
+  constructor(options: SandboxPoolOptions) {
+    const o = (options ?? {}) as Partial<SandboxPoolOptions>
+    if ((o.config === undefined) === (o.snapshot === undefined)) {
+      throw new MicrocellError('E_INVALID_ARGUMENT', 'new SandboxPool() takes a config or a snapshot directory, one of the two')
+    }
+    if (o.snapshot !== undefined && (typeof o.snapshot !== 'string' || o.snapshot === '')) {
+      throw new MicrocellError('E_INVALID_ARGUMENT', `snapshot must be a snapshot directory, got ${String(o.snapshot)}`)
+    }
+    const config = o.config === undefined ? null : Sandbox.validate(o.config)
+    super(checkCount('size', o.size, 2, 0), checkCount('concurrency', o.concurrency, 1, 1))
+    this.config = config
+    this.snapshot = o.snapshot ?? null
+    this.#maxDurationMs = config?.maxDurationMs
+    this.start()
+  }
+
+  protected make(): Promise<Sandbox> {
+    if (this.config === null) return Sandbox.fromSnapshot(this.snapshot as string)
+    // The deadline starts at acquire(): made without it.
+    const { maxDurationMs: _, ...config } = this.config
+    return Sandbox.create(config)
+  }
+
+  protected async dispose(sandbox: Sandbox): Promise<void> {
+    await sandbox.kill()
+  }
+
+  protected override added(sandbox: Sandbox): void {
+    void sandbox.wait().then(() => this.expire(sandbox))
+  }
+
+  /**
+   * A ready sandbox (or one made now when none is ready: a miss); its `maxDurationMs` starts
+   * now. `E_POOL_CLOSED` after `close()`.
+   */
+  async acquire(): Promise<Sandbox> {
+    this.checkOpen()
+    let sandbox = this.take((sb) => sb.exitStatus === null)
+    if (sandbox) {
+      this.refill()
+    } else {
+      try {
+        sandbox = await this.make()
+      } finally {
+        this.refill()
+      }
+    }
+    const ms = this.#maxDurationMs ?? sandbox.config.maxDurationMs
+    if (ms !== undefined) sandbox.setMaxDuration(ms)
+    return this.handOut(sandbox)
   }
 }

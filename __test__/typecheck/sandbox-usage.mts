@@ -1,5 +1,5 @@
 // Compiled (not run) by types.spec.mjs: a TypeScript user of the Sandbox API.
-import { Sandbox, SandboxBuilder, MicrocellError, SANDBOX_ERROR_CODES, hostInfo } from 'microcell'
+import { Sandbox, SandboxBuilder, SandboxPool, MicrocellError, SANDBOX_ERROR_CODES, hostInfo } from 'microcell'
 import type {
   ExitStatus,
   HostInfo,
@@ -9,6 +9,7 @@ import type {
   SandboxErrorCode,
   SandboxInfo,
   SandboxMetrics,
+  SandboxPoolOptions,
   SandboxStopOptions,
   Volume,
   WatchChange,
@@ -77,3 +78,17 @@ run().catch((err: unknown) => {
     console.log(err.code)
   }
 })
+
+// A warm pool of sandboxes: acquire one per request, release it after.
+async function servePooled(): Promise<string> {
+  const poolOptions: SandboxPoolOptions = { config: { memoryMib: 256, maxDurationMs: 60_000 }, size: 4 }
+  await using pool = new SandboxPool(poolOptions)
+  await pool.filled()
+  const sb: Sandbox = await pool.acquire()
+  const out = (await sb.exec('echo', ['hi'])).stdoutText()
+  const ended: ExitStatus = await pool.release(sb)
+  const fromSnapshot = new SandboxPool({ snapshot: '/tmp/snap', size: 1 })
+  await fromSnapshot.close({ killAcquired: true })
+  return out + ended.reason + pool.stats().misses
+}
+void servePooled
