@@ -1,7 +1,8 @@
 // `npm run bench:boot`: Sandbox.create() → the guest agent ready, per engine available here
 // (qemu always where QEMU is installed; kvm where the built-in VMM boots Linux), graceful
 // stop(), and the raw QEMU process (same machine, kernel and root disk, no microcell) from
-// spawn to its first serial byte and to the agent's ready banner; plus the guest image sizes
+// spawn to its first serial byte and to the agent's ready banner; a sandbox per request (boot,
+// snapshot restore, SandboxPool) to its first command's result; plus the guest image sizes
 // against their targets. Not a test: numbers go to bench/results/boot.{json,md}.
 import { execFileSync, spawn } from 'node:child_process'
 import fs from 'node:fs'
@@ -10,7 +11,7 @@ import os from 'node:os'
 import path from 'node:path'
 import zlib from 'node:zlib'
 
-import { Sandbox, hostInfo } from 'microcell'
+import { Sandbox, SandboxPool, hostInfo } from 'microcell'
 
 import { qemuBinary, summary, write } from './lib.mjs'
 
@@ -212,6 +213,65 @@ if (q) {
       '(printed once it has opened its port); first agent byte = its answer on the control channel to one byte the host wrote at once (an error frame, as Hello gets Ready).',
   )
 }
+
+/**
+ * A sandbox per request, ready to serve it: the time from asking for one to the result of its
+ * first command (`exec('true')`), made three ways on `engine` — booted (`Sandbox.create`),
+ * restored from a snapshot of a booted one (`Sandbox.fromSnapshot`), and taken from a filled
+ * `SandboxPool` (waited back to full between requests, so each measures a warm acquire).
+ */
+async function perRequest(engine) {
+  const firstExec = async (get) => {
+    const t0 = process.hrtime.bigint()
+    const sb = await get()
+    const r = await sb.exec('true')
+    const t1 = process.hrtime.bigint()
+    if (r.exitCode !== 0) throw new Error(`exec true: ${JSON.stringify(r)}`)
+    await sb.kill()
+    return ms(t1 - t0)
+  }
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'microcell-bench-snap-'))
+  const origin = await Sandbox.builder('bench-origin').engine(engine).memory(256).create()
+  await origin.snapshot(dir)
+  await origin.kill()
+  const pool = new SandboxPool({ config: { engine, memoryMib: 256 }, size: 2 })
+  const created = []
+  const restored = []
+  const pooled = []
+  try {
+    for (let i = -1; i < RUNS; i++) {
+      const c = await firstExec(() => Sandbox.builder('bench-req').engine(engine).memory(256).create())
+      const r = await firstExec(() => Sandbox.fromSnapshot(dir))
+      await pool.filled()
+      const p = await firstExec(async () => {
+        const sb = await pool.acquire()
+        return sb
+      })
+      if (i < 0) continue
+      created.push(c)
+      restored.push(r)
+      pooled.push(p)
+    }
+  } finally {
+    await pool.close({ killAcquired: true })
+    fs.rmSync(dir, { recursive: true, force: true })
+  }
+  if (pool.stats().misses !== 0) notes.push(`SandboxPool: ${pool.stats().misses} acquires missed (made on the spot).`)
+  const kase = `engine ${engine}, 256MiB, 1 vCPU`
+  results.push(
+    summary('microcell Sandbox', kase, 'create_to_first_exec', 'ms', created),
+    summary('microcell Sandbox', kase, 'fromSnapshot_to_first_exec', 'ms', restored),
+    summary('microcell SandboxPool', `${kase}, size 2, warm`, 'acquire_to_first_exec', 'ms', pooled),
+  )
+  const p50 = (v) => summary('', '', '', '', v).p50
+  notes.push(
+    `Per request on engine ${engine} (p50): a booted sandbox's first command result ${p50(created).toFixed(0)} ms, a restored clone's ${p50(restored).toFixed(0)} ms ` +
+      `(${(p50(created) / p50(restored)).toFixed(1)}x faster), a pooled one's ${p50(pooled).toFixed(1)} ms (${(p50(created) / p50(pooled)).toFixed(0)}x faster than booting): ` +
+      'the pool moves the boot or restore off the request; the sandbox is then made in the background for the next one.',
+  )
+}
+for (const engine of engines) await perRequest(engine)
+
 results.push(...imageSizes())
 notes.unshift(
   `Sandbox: wall time of \`Sandbox.builder('bench').engine(E).create()\` (default ${MIB} MiB) in one Node process, ${RUNS} runs after 1 warm-up, ` +

@@ -1,12 +1,13 @@
-//! The network behind a VM of the built-in VMM: passt (<https://passt.top>), user-mode
-//! networking in a process of its own, joined to the VMM's virtio-net device by a socketpair it
-//! gets as `--fd` (the VMM writes each frame after its 4-byte length, passt's framing).
+//! The network behind a VM, on either engine: passt (<https://passt.top>), user-mode networking
+//! in a process of its own, joined to the VM's virtio-net by a socketpair it gets as `--fd`
+//! (each frame after its 4-byte length, passt's framing). The built-in VMM's device writes to
+//! it directly; QEMU's (`-netdev socket`) goes through [`filter`]'s threads.
 //!
-//! The guest sees what QEMU's slirp gives it on the qemu engine ([`GUEST_NET`]): `10.0.2.15/24`,
-//! the host's loopback as the gateway `10.0.2.2`, DNS forwarded from `10.0.2.3` to the host's
-//! resolver, forwarded TCP ports on the host's `127.0.0.1`. passt needs no privileges and keeps
-//! no state the VMM must snapshot: a restored VM gets a new passt. What the guest may send is
-//! the VMM's egress policy (`NetSpec::outbound`), checked on every frame before passt sees it.
+//! The guest gets slirp's familiar addresses ([`GUEST_NET`]): `10.0.2.15/24`, the host's
+//! loopback as the gateway `10.0.2.2`, DNS forwarded from `10.0.2.3` to the host's resolver,
+//! forwarded TCP ports on the host's `127.0.0.1`. passt needs no privileges and keeps no state
+//! a snapshot must hold: a restored VM gets a new passt. What the guest may send is the egress
+//! policy (`vmm::EgressPolicy`), checked on every frame before passt sees it.
 //!
 //! The process is tied to ours (killed with it), killed and reaped when the VM is dropped, and
 //! exits by itself when the VM's end of the socket closes.
