@@ -27,6 +27,7 @@ export type {
   BuiltMicroVmConfig,
   MetricsOptions,
   NetworkConfig,
+  NetworkUpdate,
   Volume,
   SandboxMetrics,
   StopOptions,

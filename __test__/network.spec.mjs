@@ -4,8 +4,11 @@
 // (skipped, saying why, where the built-in VMM cannot boot Linux).
 // Nothing here leaves this machine: the "outside" is an HTTP server on the host's loopback,
 // which the guest reaches as 10.0.2.2.
+import fs from 'node:fs'
 import http from 'node:http'
 import net from 'node:net'
+import os from 'node:os'
+import path from 'node:path'
 
 import test from 'ava'
 
@@ -113,5 +116,41 @@ perTier(test, 'network policy', (tier, engine) => test.serial(`${tier}: deny and
   } finally {
     await Promise.all([publicOnly.kill(), publicAndHost.kill()])
     server.close()
+  }
+}))
+
+perTier(test, 'live network policy', (tier, engine) => test.serial(`${tier}: updateNetwork() changes what the guest reaches while it runs; snapshots keep it`, async (t) => {
+  requireGuestImages()
+  const server = http.createServer((req, res) => res.end(`hello ${req.url}`))
+  await new Promise((r) => server.listen(0, '127.0.0.1', r))
+  const url = `http://10.0.2.2:${server.address().port}/live`
+  const sb = await Sandbox.builder('net-live').engine(engine).memory(256).network({}).create()
+  const plain = await Sandbox.builder('net-live-none').engine(engine).memory(256).create()
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mc-net-live-'))
+  let clone = null
+  try {
+    const wget = (box, timeoutMs) => box.exec('wget', ['-q', '-O', '-', url], { timeoutMs })
+    t.is((await wget(sb, 20_000)).stdoutText(), 'hello /live')
+    t.deepEqual(await sb.updateNetwork({ deny: ['host'] }), { outbound: true, deny: ['host'] })
+    t.deepEqual(sb.network, { outbound: true, deny: ['host'] })
+    t.deepEqual(sb.config.network, { outbound: true }, 'config stays as made')
+    t.true((await wget(sb, 5000)).timedOut, 'denied now: dropped')
+    // Bad updates change nothing.
+    await t.throwsAsync(sb.updateNetwork({ deny: ['nope'] }), { instanceOf: MicrocellError, code: 'E_CONFIG_NETWORK' })
+    await t.throwsAsync(sb.updateNetwork({ ports: ['80'] }), { instanceOf: MicrocellError, code: 'E_CONFIG_JSON' })
+    await t.throwsAsync(plain.updateNetwork({ outbound: false }), { instanceOf: MicrocellError, code: 'E_VM_STATE' })
+    t.is(plain.network, null)
+    t.deepEqual(sb.network, { outbound: true, deny: ['host'] })
+    // A snapshot keeps the policy in force: its clone is denied too, until it allows again.
+    await sb.snapshot(dir)
+    clone = await Sandbox.fromSnapshot(dir)
+    t.deepEqual(clone.network, { outbound: true, deny: ['host'] })
+    t.true((await wget(clone, 5000)).timedOut, 'the clone inherits the denial')
+    await clone.updateNetwork({ deny: [] })
+    t.is((await wget(clone, 20_000)).stdoutText(), 'hello /live')
+  } finally {
+    await Promise.all([sb.kill(), plain.kill(), clone?.kill()])
+    server.close()
+    fs.rmSync(dir, { recursive: true, force: true })
   }
 }))

@@ -30,7 +30,7 @@ export type { CloneOptions, RestoreOptions, SnapshotConfig, SnapshotDisk, Snapsh
 export { RestorePool, SandboxPool, VmPool } from './pool.js'
 export type { PoolCloseOptions, PoolStats, RestorePoolOptions, SandboxPoolOptions, VmPoolOptions } from './pool.js'
 export { Sandbox, SandboxBuilder } from './sandbox.js'
-export type { NetworkConfig, SandboxConfig, Volume, SandboxConfigInput, SandboxEngine, SandboxInfo, SandboxStopOptions } from './sandbox.js'
+export type { NetworkConfig, NetworkUpdate, SandboxConfig, Volume, SandboxConfigInput, SandboxEngine, SandboxInfo, SandboxStopOptions } from './sandbox.js'
 export { hostInfo } from './host.js'
 export type { HostInfo } from './host.js'
 export { MicrocellError, CONFIG_ERROR_CODES, SANDBOX_ERROR_CODES } from './errors.js'

@@ -91,6 +91,13 @@ export interface NetworkConfig {
   allow?: string[]
 }
 
+/** `sandbox.updateNetwork()`: what is given replaces what is in force (ports cannot change). */
+export interface NetworkUpdate {
+  outbound?: boolean
+  deny?: string[]
+  allow?: string[]
+}
+
 /** What `Sandbox.create()` accepts: a built config, or any part of one (defaults apply). */
 export type SandboxConfigInput = Partial<SandboxConfig>
 
@@ -417,9 +424,26 @@ export class Sandbox implements AsyncDisposable {
     return this.#info
   }
 
-  /** The validated configuration it was made from. */
+  /** The validated configuration it was made from (its network as at the start: see `network`). */
   get config(): SandboxConfig {
     return JSON.parse(this.#native.config()) as SandboxConfig
+  }
+
+  /** The network in force now (as made, then as `updateNetwork()` left it); null without one. */
+  get network(): NetworkConfig | null {
+    const json = this.#native.network()
+    return json === null ? null : (JSON.parse(json) as NetworkConfig)
+  }
+
+  /**
+   * Changes where the guest may send while it runs, from the next packet (connections already
+   * open to a now denied destination stop getting through); snapshots taken later keep it.
+   * Resolves with the network now in force. `E_CONFIG_NETWORK` for a policy that does not
+   * validate, `E_CONFIG_JSON` for an unknown key (`ports` cannot change), `E_VM_STATE` for a
+   * sandbox made without a network.
+   */
+  async updateNetwork(update: NetworkUpdate): Promise<NetworkConfig> {
+    return JSON.parse(await this.#native.updateNetwork(JSON.stringify(update ?? {}))) as NetworkConfig
   }
 
   /** Resolves when the VM has ended (the console and `consoleOutput` are complete by then). */

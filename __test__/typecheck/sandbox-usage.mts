@@ -10,6 +10,8 @@ import type {
   SandboxInfo,
   SandboxMetrics,
   SandboxPoolOptions,
+  NetworkConfig,
+  NetworkUpdate,
   SandboxStopOptions,
   Volume,
   WatchChange,
@@ -92,3 +94,11 @@ async function servePooled(): Promise<string> {
   return out + ended.reason + pool.stats().misses
 }
 void servePooled
+
+// The network policy of a running sandbox.
+async function tighten(sb: Sandbox): Promise<NetworkConfig | null> {
+  const update: NetworkUpdate = { deny: ['private'], allow: ['host'] }
+  const now: NetworkConfig = await sb.updateNetwork(update)
+  return now.outbound ? sb.network : null
+}
+void tighten

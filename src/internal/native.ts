@@ -288,6 +288,16 @@ export class NativeSandboxHandle {
   isPaused(): boolean {
     return call(() => this.#sandbox.isPaused())
   }
+
+  /** The network in force (JSON), or null. */
+  network(): string | null {
+    return call(() => this.#sandbox.network()) ?? null
+  }
+
+  /** Changes the network policy (JSON); resolves with the network in force (JSON). */
+  updateNetwork(updateJson: string): Promise<string> {
+    return callAsync(() => this.#sandbox.updateNetwork(updateJson))
+  }
 }
 
 /** Starts a sandbox from a snapshot directory; resolves once its agent answers. */

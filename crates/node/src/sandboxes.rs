@@ -193,6 +193,28 @@ impl NativeSandbox {
         self.live().is_some_and(|s| s.is_paused())
     }
 
+    /// The network in force now as JSON (`NetworkConfig`), or null for a sandbox without one.
+    #[napi]
+    pub fn network(&self) -> Result<Option<String>> {
+        let sandbox = self.any_state()?;
+        sandbox.network().map(|n| serde_json::to_string(&n).map_err(|e| coded("E_INTERNAL", e))).transpose()
+    }
+
+    /// Changes the network policy (JSON `{ outbound?, deny?, allow? }`) from the guest's next
+    /// frame; resolves with the network now in force (JSON). `E_CONFIG_JSON` / `E_CONFIG_NETWORK`
+    /// for a bad update, `E_VM_STATE` without a network.
+    #[napi]
+    pub async fn update_network(&self, update_json: String) -> Result<String> {
+        let update: sandbox::sandbox::NetworkUpdate =
+            serde_json::from_str(&update_json).map_err(|e| coded("E_CONFIG_JSON", format!("network update: {e}")))?;
+        let sandbox = self.any_state()?;
+        blocking("network update", move || {
+            let net = sandbox.update_network(&update).map_err(sandbox_error)?;
+            serde_json::to_string(&net).map_err(|e| coded("E_INTERNAL", e))
+        })
+        .await
+    }
+
     /// How the sandbox came up (`ReadyInfo`, camelCase): engine, engineReason, engineDetail,
     /// pid, kernel, rootfs, kernelRelease, agent, hostname, protocolVersion, features, bootMs,
     /// guestBootNs, agentStartNs, name.

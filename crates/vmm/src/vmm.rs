@@ -24,7 +24,7 @@ use crate::devices::virtio::persist::TransportState;
 use crate::devices::virtio::MmioTransport;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::console::Console;
-use crate::devices::virtio::net::egress::EgressPolicy;
+use crate::devices::virtio::net::egress::{EgressPolicy, LivePolicy};
 use crate::devices::virtio::net::Net;
 use crate::event_loop::{EventLoop, EventLoopHandle};
 use crate::devices::Bus;
@@ -195,6 +195,7 @@ struct Assembly {
     serial: Arc<Mutex<Serial>>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     host_ends: HostEnds,
+    egress: Option<LivePolicy>,
     cmdline_entries: Vec<String>,
 }
 
@@ -283,16 +284,17 @@ fn assemble(
     } else {
         None
     };
-    let network = match &config.network {
+    let (network, egress) = match &config.network {
         Some(net) => {
             let (host_end, device_end) = UnixStream::pair().map_err(Error::Thread)?;
             let fd = device_end.as_raw_fd();
-            let device = Net::new(net.mac, net.egress.clone(), device_end, event_loop.interest(fd)).map_err(Error::Thread)?;
+            let egress = LivePolicy::new(net.egress.clone());
+            let device = Net::new(net.mac, egress.clone(), device_end, event_loop.interest(fd)).map_err(Error::Thread)?;
             let state = next_state();
             virtio.push(devices.attach(vm.fd(), &memory, &mut mmio_bus, &mut event_loop, Box::new(device), state)?);
-            Some(host_end)
+            (Some(host_end), Some(egress))
         }
-        None => None,
+        None => (None, None),
     };
     if next_state().is_some() {
         return Err(Error::Snapshot("the snapshot has more virtio devices than the configuration".into()));
@@ -306,6 +308,7 @@ fn assemble(
         serial,
         virtio,
         host_ends: HostEnds { channel, network },
+        egress,
         cmdline_entries: devices.cmdline_entries,
     })
 }
@@ -405,6 +408,8 @@ pub struct Vm {
     lifecycle: Arc<Lifecycle>,
     machine: Option<Arc<Machine>>,
     host_ends: Mutex<HostEnds>,
+    /// The network device's policy (shared with it), when the VM has one.
+    egress: Option<LivePolicy>,
     start_ns: u64,
     running_ns: u64,
 }
@@ -592,6 +597,7 @@ impl Vm {
             lifecycle,
             machine: Some(machine),
             host_ends: Mutex::new(a.host_ends),
+            egress: a.egress,
             start_ns,
             running_ns: monotonic_ns(),
         })
@@ -747,6 +753,10 @@ impl Vm {
         // and named relative to the snapshot directory (`load` resolves them), so that the
         // directory can be moved or copied whole. Read-only disks stay where they are.
         let mut config = m.config.clone();
+        // The policy in force now, which may have changed since the start.
+        if let (Some(net), Some(live)) = (config.network.as_mut(), &self.egress) {
+            net.egress = live.get();
+        }
         let mut disks = Vec::new();
         let mut writable = 0;
         for disk in config.block_devices.iter_mut() {
@@ -794,6 +804,14 @@ impl Vm {
     /// frame after its length as a 4-byte big-endian number, as passt's `--fd` expects.
     pub fn take_network(&self) -> Option<UnixStream> {
         lock(&self.host_ends).network.take()
+    }
+
+    /// Replaces the network device's egress policy, from the next frame the guest sends (and in
+    /// snapshots taken after). `E_CONFIG` for a VM without a network device.
+    pub fn set_egress(&self, policy: EgressPolicy) -> Result<()> {
+        let live = self.egress.as_ref().ok_or_else(|| Error::Config("the VM has no network device: its policy cannot be set".into()))?;
+        live.set(policy);
+        Ok(())
     }
 
     pub fn timings(&self) -> Timings {

@@ -259,6 +259,13 @@ impl RunningVm for KvmVm {
         self.vm.is_paused()
     }
 
+    fn set_egress(&self, policy: vmm::EgressPolicy) -> Result<()> {
+        if self._network.is_none() {
+            return Err(super::no_network());
+        }
+        Ok(self.vm.set_egress(policy)?)
+    }
+
     fn pid(&self) -> Option<u32> {
         None
     }

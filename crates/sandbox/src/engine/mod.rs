@@ -257,6 +257,11 @@ pub trait Engine: Send + Sync {
     fn restore(&self, dir: &Path, spec: &BootSpec) -> Result<Box<dyn RunningVm>>;
 }
 
+/// The error of a network change for a VM made without a network.
+pub(crate) fn no_network() -> crate::sandbox::SandboxError {
+    vmm::Error::VmState("the VM has no network: give it one when it is made (network: {...})".into()).into()
+}
+
 /// The error of a pause or resume of a VM that has ended.
 pub(crate) fn ended_error(what: &str) -> crate::sandbox::SandboxError {
     vmm::Error::VmState(format!("the VM has ended: it cannot be {what}")).into()
@@ -275,6 +280,9 @@ pub trait RunningVm: Send + Sync {
     /// Lets a paused VM run again; nothing to do when it is not paused.
     fn resume(&self) -> Result<()>;
     fn is_paused(&self) -> bool;
+    /// Replaces the egress policy of the VM's network, from the next frame the guest sends.
+    /// `E_VM_STATE` for a VM without a network.
+    fn set_egress(&self, policy: vmm::EgressPolicy) -> Result<()>;
     /// The QEMU process id; `None` for the in-process VMM.
     fn pid(&self) -> Option<u32>;
     /// The host end of the control channel (once; later calls return `None`).

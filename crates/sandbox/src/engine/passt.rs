@@ -164,7 +164,7 @@ impl Passt {
 /// virtio-net) and passt: returns the socket to give passt. Two threads copy frames, the guest's
 /// through `policy`, passt's as they come; when either side closes, both sockets are shut down
 /// and the threads end (QEMU gone → passt sees EOF and exits, and the reverse).
-pub fn filter(vm: UnixStream, policy: vmm::EgressPolicy) -> std::io::Result<UnixStream> {
+pub fn filter(vm: UnixStream, policy: vmm::LivePolicy) -> std::io::Result<UnixStream> {
     let (ours, for_passt) = UnixStream::pair()?;
     let (vm_reader, ours_writer) = (vm.try_clone()?, ours.try_clone()?);
     std::thread::Builder::new().name("mc-net-out".into()).spawn(move || {
@@ -182,7 +182,7 @@ pub fn filter(vm: UnixStream, policy: vmm::EgressPolicy) -> std::io::Result<Unix
 
 /// Copies length-prefixed frames from `vm` to `out` while `policy` allows them, one write per
 /// frame (see the VMM's net device); ends at EOF or on a stream that is not frames.
-fn guest_frames(mut vm: UnixStream, mut out: &UnixStream, policy: &vmm::EgressPolicy) -> std::io::Result<()> {
+fn guest_frames(mut vm: UnixStream, mut out: &UnixStream, policy: &vmm::LivePolicy) -> std::io::Result<()> {
     let mut frame = Vec::new();
     loop {
         let mut prefix = [0u8; 4];
@@ -228,7 +228,7 @@ mod tests {
     #[test]
     fn the_filter_passes_allowed_guest_frames_whole_and_the_networks_stream_as_is() {
         let (mut vm, qemu_end) = UnixStream::pair().unwrap();
-        let mut passt_end = filter(qemu_end, vmm::EgressPolicy::default()).unwrap();
+        let mut passt_end = filter(qemu_end, vmm::LivePolicy::default()).unwrap();
         passt_end.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         vm.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let frame = |ethertype: u16, len: usize| {

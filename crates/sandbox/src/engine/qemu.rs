@@ -315,9 +315,9 @@ impl QemuEngine {
         let network = match &spec.net {
             Some(net) => {
                 let (ours, qemu_end) = UnixStream::pair().map_err(|e| start_err("cannot create the network socketpair", e))?;
-                let for_passt = passt::filter(ours, passt::network_config(net).egress)
-                    .map_err(|e| start_err("cannot start the network's filter threads", e))?;
-                Some((passt::Passt::start(for_passt, net, run_dir.path(), EngineKind::Qemu)?, qemu_end))
+                let egress = vmm::LivePolicy::new(passt::network_config(net).egress);
+                let for_passt = passt::filter(ours, egress.clone()).map_err(|e| start_err("cannot start the network's filter threads", e))?;
+                Some((passt::Passt::start(for_passt, net, run_dir.path(), EngineKind::Qemu)?, egress, qemu_end))
             }
             None => None,
         };
@@ -345,7 +345,7 @@ impl QemuEngine {
         let moves = [
             (guest_end.as_raw_fd(), CHANNEL_FD),
             (qmp_guest.as_raw_fd(), QMP_FD),
-            (network.as_ref().map_or(-1, |(_, qemu_end)| qemu_end.as_raw_fd()), NET_FD),
+            (network.as_ref().map_or(-1, |(_, _, qemu_end)| qemu_end.as_raw_fd()), NET_FD),
         ];
         // SAFETY: only async-signal-safe calls (prctl, getppid, dup2, fcntl) between fork and exec.
         unsafe {
@@ -382,7 +382,7 @@ impl QemuEngine {
         })?;
         drop(guest_end);
         drop(qmp_guest);
-        let network = network.map(|(passt, _qemu_end)| passt);
+        let network = network.map(|(passt, egress, _qemu_end)| (passt, egress));
         let pid = child.id();
         tracing::debug!(pid, accel = self.accel.name(), "qemu started");
 
@@ -441,7 +441,7 @@ impl QemuEngine {
             exit,
             qmp: Mutex::new(QmpState::Unconnected(qmp_host)),
             paused: AtomicBool::new(false),
-            _network: network,
+            network,
             _run_dir: run_dir,
             channel: Mutex::new(Some(host_end)),
             console,
@@ -592,8 +592,8 @@ struct QemuVm {
     qmp: Mutex<QmpState>,
     /// Stopped by `pause()` (QMP `stop`) and not `cont`inued since.
     paused: AtomicBool,
-    /// passt (and the filter threads before it), when the VM has a network.
-    _network: Option<passt::Passt>,
+    /// passt and the policy of the filter threads before it, when the VM has a network.
+    network: Option<(passt::Passt, vmm::LivePolicy)>,
     /// The per-VM directory with the root disk copy; removed after QEMU is gone (field order).
     _run_dir: RunDir,
     channel: Mutex<Option<UnixStream>>,
@@ -677,6 +677,12 @@ impl RunningVm for QemuVm {
 
     fn is_paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst) && self.exit.get().is_none()
+    }
+
+    fn set_egress(&self, policy: vmm::EgressPolicy) -> Result<()> {
+        let (_, live) = self.network.as_ref().ok_or_else(super::no_network)?;
+        live.set(policy);
+        Ok(())
     }
 
     fn pid(&self) -> Option<u32> {

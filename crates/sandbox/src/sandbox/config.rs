@@ -159,6 +159,16 @@ pub struct NetworkConfig {
     pub allow: Vec<String>,
 }
 
+/// A change of a running sandbox's network policy (camelCase JSON; unknown keys refused):
+/// what is given replaces what was in force.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkUpdate {
+    pub outbound: Option<bool>,
+    pub deny: Option<Vec<String>>,
+    pub allow: Option<Vec<String>>,
+}
+
 /// What `"private"` stands for in `deny`/`allow`.
 pub const PRIVATE_NETWORKS: [&str; 7] =
     ["0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16"];

@@ -11,12 +11,13 @@ mod config;
 mod error;
 pub(crate) mod snapshot;
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 pub use config::{
-    default_kernel, default_rootfs, guest_cache_dir, validate_sandbox_config_json, GuestImages, NetworkConfig, Volume,
+    default_kernel, default_rootfs, guest_cache_dir, validate_sandbox_config_json, GuestImages, NetworkConfig, NetworkUpdate, Volume,
     SandboxConfig, DEFAULT_BOOT_TIMEOUT_MS, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, MAX_BOOT_TIMEOUT_MS,
     MAX_CPUS, MIN_BOOT_TIMEOUT_MS, MIN_MEMORY_MIB,
 };
@@ -68,6 +69,8 @@ pub struct ReadyInfo {
 /// A running sandbox. Dropping it kills the VM (and reaps QEMU) if it still runs.
 pub struct Sandbox {
     config: SandboxConfig,
+    /// The network in force: the configuration's, then each `update_network`'s.
+    network: Mutex<Option<NetworkConfig>>,
     info: ReadyInfo,
     agent: AgentClient,
     vm: Box<dyn RunningVm>,
@@ -130,12 +133,11 @@ impl Sandbox {
             guest_boot_ns: ready.boot_ns,
             agent_start_ns: ready.agent_start_ns,
         };
-        Ok(Sandbox {
-            config,
-            info,
-            agent,
-            vm,
-        })
+        Ok(Sandbox::assemble(config, info, agent, vm))
+    }
+
+    pub(crate) fn assemble(config: SandboxConfig, info: ReadyInfo, agent: AgentClient, vm: Box<dyn RunningVm>) -> Sandbox {
+        Sandbox { network: Mutex::new(config.network.clone()), config, info, agent, vm }
     }
 
     /// How the sandbox came up (engine and why, kernel release, boot time, ...).
@@ -143,9 +145,41 @@ impl Sandbox {
         &self.info
     }
 
-    /// The validated configuration.
+    /// The validated configuration it was made with (its network as at the start: see
+    /// [`Sandbox::network`]).
     pub fn config(&self) -> &SandboxConfig {
         &self.config
+    }
+
+    /// The network in force now (`None`: the sandbox has none).
+    pub fn network(&self) -> Option<NetworkConfig> {
+        self.network.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Changes where the guest may send, while it runs: from the next frame it sends, and in
+    /// snapshots taken after. Fields left out keep their value; forwarded ports cannot change.
+    /// `E_CONFIG_NETWORK` for a policy that does not validate, `E_VM_STATE` for a sandbox made
+    /// without a network. Returns the network now in force.
+    pub fn update_network(&self, update: &NetworkUpdate) -> Result<NetworkConfig> {
+        let mut current = self.network.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(net) = current.as_ref() else {
+            return Err(crate::engine::no_network());
+        };
+        let next = NetworkConfig {
+            outbound: update.outbound.unwrap_or(net.outbound),
+            ports: net.ports.clone(),
+            deny: update.deny.clone().unwrap_or_else(|| net.deny.clone()),
+            allow: update.allow.clone().unwrap_or_else(|| net.allow.clone()),
+        };
+        let spec = next.net_spec()?;
+        self.vm.set_egress(crate::engine::passt::network_config(&spec).egress)?;
+        *current = Some(next.clone());
+        Ok(next)
+    }
+
+    /// The configuration as it stands now (the network in force), for snapshots.
+    pub(crate) fn current_config(&self) -> SandboxConfig {
+        SandboxConfig { network: self.network(), ..self.config.clone() }
     }
 
     /// The agent client, for requests beyond the lifecycle.

@@ -132,7 +132,7 @@ impl Sandbox {
         std::fs::create_dir_all(dir).map_err(io(format!("cannot create snapshot directory {}", dir.display())))?;
         self.vm.snapshot(dir)?;
         SnapshotMeta {
-            config: self.config.clone(),
+            config: self.current_config(),
             engine: self.info.engine,
             kernel: self.info.kernel.clone(),
             rootfs: self.info.rootfs.clone(),
@@ -176,6 +176,6 @@ impl Sandbox {
             guest_boot_ns: ready.boot_ns,
             agent_start_ns: ready.agent_start_ns,
         };
-        Ok(Sandbox { config, info, agent, vm })
+        Ok(Sandbox::assemble(config, info, agent, vm))
     }
 }

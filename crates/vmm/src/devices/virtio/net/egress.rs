@@ -37,6 +37,30 @@ pub struct EgressPolicy {
     pub dns: Option<[u8; 4]>,
 }
 
+/// The policy a running VM's frames are checked against, changeable while they flow: the
+/// device (or a filter before the network) and its owner share it.
+#[derive(Clone, Debug, Default)]
+pub struct LivePolicy(std::sync::Arc<std::sync::RwLock<EgressPolicy>>);
+
+impl LivePolicy {
+    pub fn new(policy: EgressPolicy) -> LivePolicy {
+        LivePolicy(std::sync::Arc::new(std::sync::RwLock::new(policy)))
+    }
+
+    pub fn get(&self) -> EgressPolicy {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Takes effect from the next frame.
+    pub fn set(&self, policy: EgressPolicy) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = policy;
+    }
+
+    pub fn allows(&self, frame: &[u8]) -> bool {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).allows(frame)
+    }
+}
+
 /// An IPv4 network, `a.b.c.d/prefix`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ipv4Net {

@@ -19,7 +19,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::Bytes;
 use vmm_sys_util::epoll::EventSet;
 
-use self::egress::EgressPolicy;
+use self::egress::LivePolicy;
 use super::{read_config_bytes, Activation, Interrupt, VirtioDevice, INT_USED_RING, TYPE_NET};
 use crate::event_loop::Interest;
 use crate::vstate::memory::GuestRam;
@@ -57,7 +57,7 @@ struct Drops {
 
 pub struct Net {
     config: [u8; 10],
-    egress: EgressPolicy,
+    egress: LivePolicy,
     host: UnixStream,
     interest: Interest,
     active: Option<Active>,
@@ -79,7 +79,7 @@ pub struct Net {
 impl Net {
     /// `host` is the device's end of the frame stream; `interest` its registration with the
     /// event loop.
-    pub fn new(mac: [u8; 6], egress: EgressPolicy, host: UnixStream, interest: Interest) -> std::io::Result<Self> {
+    pub fn new(mac: [u8; 6], egress: LivePolicy, host: UnixStream, interest: Interest) -> std::io::Result<Self> {
         host.set_nonblocking(true)?;
         // mac, status (read only with STATUS), max_virtqueue_pairs (read only with MQ)
         let mut config = [0u8; 10];
@@ -412,6 +412,7 @@ impl Drop for Net {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::net::egress::EgressPolicy;
     use crate::event_loop::EventLoop;
     use std::os::fd::AsRawFd;
     use std::time::Duration;
@@ -440,7 +441,7 @@ mod tests {
         let (host, device_end) = UnixStream::pair().unwrap();
         let mut el = EventLoop::new().unwrap();
         let fd = device_end.as_raw_fd();
-        let mut dev = Net::new(MAC, egress, device_end, el.interest(fd)).unwrap();
+        let mut dev = Net::new(MAC, LivePolicy::new(egress), device_end, el.interest(fd)).unwrap();
         el.add(fd, EventSet::empty(), Box::new(|_| {})).unwrap();
         let queues: Vec<_> = (0..2).map(|i| MockSplitQueue::create(mem, GuestAddress(i * 0x1000), 16)).collect();
         let interrupt = Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
