@@ -51,8 +51,8 @@ export interface SandboxConfig {
    * A network interface for the guest (`eth0` behind user-mode NAT: a `passt` process behind
    * the VM's virtio-net, on either engine; guest `10.0.2.15`, the host's loopback as `10.0.2.2`,
    * DNS `10.0.2.3`); none by default. `outbound` (default true): whether the guest may open
-   * connections out; `deny`/`allow`: where to; `ports`: TCP ports of the host's loopback
-   * forwarded into the guest, `"HOST:GUEST"` or `"PORT"`. Every frame the guest sends passes
+   * connections out; `deny`/`allow`: where to; `ports`: ports of the host's loopback
+   * forwarded into the guest, `"HOST:GUEST"` or `"PORT"`, TCP unless followed by `/udp`. Every frame the guest sends passes
    * this policy on the host before it reaches the network. Needs `passt` installed
    * (`scripts/setup.sh` installs it).
    */

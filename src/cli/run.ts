@@ -20,7 +20,7 @@ export const RUN_OPTIONS: OptionSpec[] = [
   { name: 'net', kind: 'flag', help: 'give the guest a network with outbound access (user-mode NAT through passt)' },
   { name: 'deny', kind: 'list', value: 'NET', help: 'with --net: a destination the guest may not reach: a.b.c.d[/n], private or host (repeatable)' },
   { name: 'allow', kind: 'list', value: 'NET', help: 'with --net: a destination that stays reachable inside a denied one (repeatable)' },
-  { name: 'publish', short: 'p', kind: 'list', value: 'HOST:GUEST', help: "forward a TCP port of this host's loopback into the guest (repeatable; a network without outbound access unless --net)" },
+  { name: 'publish', short: 'p', kind: 'list', value: 'HOST:GUEST[/udp]', help: "forward a TCP (or /udp) port of this host's loopback into the guest (repeatable; a network without outbound access unless --net)" },
   { name: 'kernel', kind: 'string', value: 'PATH', help: 'guest kernel (default: the one scripts/setup.sh built)' },
   { name: 'rootfs', kind: 'string', value: 'PATH', help: 'guest root disk (default: the one scripts/setup.sh built)' },
   { name: 'json', kind: 'flag', help: 'collect the output and print one JSON object with the result' },

@@ -140,11 +140,11 @@ fn a_taken_host_port_is_a_coded_error_that_names_it() {
     let port = taken.local_addr().unwrap().port();
     let (_ours, theirs) = UnixStream::pair().unwrap();
     let dir = run_dir();
-    let err = Passt::start(theirs, &NetSpec { outbound: true, ports: vec![PortForward { host: port, guest: 80 }], ..Default::default() }, dir.path(), EngineKind::Kvm)
+    let err = Passt::start(theirs, &NetSpec { outbound: true, ports: vec![PortForward { host: port, guest: 80, udp: false }], ..Default::default() }, dir.path(), EngineKind::Kvm)
         .err()
         .expect("refused");
     assert_eq!(err.code(), "E_ENGINE_START");
-    assert!(err.to_string().contains(&format!("host port {port}")), "{err}");
+    assert!(err.to_string().contains(&format!("host TCP port {port}")), "{err}");
 }
 
 #[test]
@@ -191,14 +191,15 @@ impl Write for Capture {
     }
 }
 
-/// Boots the virtio test guest with one net device behind passt (`outbound` as given), with a
-/// UDP echo server on the host's loopback; returns the guest's report and what the server got.
-fn run_net_guest(outbound: bool) -> (testguest::Report, String, Vec<Vec<u8>>) {
+/// Boots the virtio test guest with one net device behind passt, with a UDP echo server on the
+/// host's loopback; `net(port)` is the network for the server's port, `reply` whether the guest
+/// should hear back. Returns the guest's report, its console and what the server got.
+fn run_net_guest(net: impl Fn(u16) -> NetSpec, reply: bool) -> (testguest::Report, String, Vec<Vec<u8>>) {
     let (port, got) = echo_server();
-    let net = NetSpec { outbound, ..Default::default() };
+    let net = net(port);
     let cmdline = format!(
         "tg.nblk=0 tg.ncon=0 tg.nnet=1 {}",
-        testguest::virtio_net_cmdline(0, passt::GUEST_MAC, GUEST_IP, GATEWAY_IP, port, outbound)
+        testguest::virtio_net_cmdline(0, passt::GUEST_MAC, GUEST_IP, GATEWAY_IP, port, reply)
     );
     let config = vmm::VmConfig {
         vcpus: 1,
@@ -219,7 +220,7 @@ fn run_net_guest(outbound: bool) -> (testguest::Report, String, Vec<Vec<u8>>) {
     });
     assert_eq!(reason, vmm::ExitReason::Reset);
     let out = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
-    say(&format!("virtio-net guest (outbound {outbound}) ran in {:?}", t.elapsed()));
+    say(&format!("virtio-net guest ({net:?}) ran in {:?}", t.elapsed()));
     let got = got.lock().unwrap().clone();
     (testguest::Report::parse(&out), out, got)
 }
@@ -237,7 +238,7 @@ fn the_virtio_net_guest_reaches_the_host_through_passt() {
     if !kvm_or_skip("virtio-net guest") || !passt_or_skip("virtio-net guest") {
         return;
     }
-    let (report, out, got) = run_net_guest(true);
+    let (report, out, got) = run_net_guest(|_| NetSpec { outbound: true, ..Default::default() }, true);
     assert!(report.all_passed(), "failed: {:?}\nconsole:\n{out}", report.failed);
     for check in ["net0.features", "net0.mac", "net0.arp", "net0.udp", "net0.udp_batch", "net0.interrupts"] {
         assert!(report.passed.iter().any(|c| c == check), "{check} did not run:\n{out}");
@@ -260,10 +261,26 @@ fn without_outbound_the_device_drops_what_the_guest_sends_but_arp() {
     if !kvm_or_skip("virtio-net egress") || !passt_or_skip("virtio-net egress") {
         return;
     }
-    let (report, out, got) = run_net_guest(false);
+    let (report, out, got) = run_net_guest(|_| NetSpec::default(), false);
     assert!(report.all_passed(), "failed: {:?}\nconsole:\n{out}", report.failed);
     assert!(report.passed.iter().any(|c| c == "net0.arp"), "ARP still resolves:\n{out}");
     assert!(got.is_empty(), "nothing reached the host: {got:?}");
+}
+
+#[test]
+fn without_outbound_a_forwarded_udp_port_still_answers() {
+    if !kvm_or_skip("virtio-net udp port") || !passt_or_skip("virtio-net udp port") {
+        return;
+    }
+    // The guest sends from its UDP port 40000: forwarded, its datagrams pass as answers.
+    let guest_port = testguest::VIRTIO_NET_GUEST_UDP_PORT;
+    let spare = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (report, out, got) = run_net_guest(
+        |_| NetSpec { ports: vec![PortForward { host: spare, guest: guest_port, udp: true }], ..Default::default() },
+        true,
+    );
+    assert!(report.all_passed(), "failed: {:?}\nconsole:\n{out}", report.failed);
+    assert_eq!(got.len(), 1 + testguest::VIRTIO_NET_BATCH, "every datagram reached the host");
 }
 
 #[test]

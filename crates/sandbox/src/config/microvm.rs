@@ -333,11 +333,12 @@ impl MicroVmConfig {
 
         for entry in &self.port_map {
             let pair = PortPair::parse(entry)?;
-            if let Some(previous) = parsed.port_map.iter().find(|p| p.host == pair.host) {
+            if let Some(previous) = parsed.port_map.iter().find(|p| p.host == pair.host && p.udp == pair.udp) {
                 return Err(ConfigError::Port {
                     value: entry.clone(),
                     reason: format!(
-                        "host port {} is already forwarded (by {previous}): forward each host port once",
+                        "host {} port {} is already forwarded (by {previous}): forward each host port once",
+                        pair.protocol(),
                         pair.host
                     ),
                 });

@@ -113,16 +113,24 @@ impl fmt::Display for PathPair {
     }
 }
 
-/// A forwarded port: `"host:guest"`, or `"port"` for the same port on both sides.
+/// A forwarded port: `"host:guest"`, or `"port"` for the same port on both sides, TCP unless
+/// it ends in `/udp` (`/tcp` may be written too, docker's convention).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortPair {
     pub host: u16,
     pub guest: u16,
+    pub udp: bool,
 }
 
 impl PortPair {
     pub fn parse(value: &str) -> Result<PortPair, ConfigError> {
-        let parts: Vec<&str> = value.split(':').collect();
+        let (ports, udp) = match value.rsplit_once('/') {
+            Some((ports, "udp")) => (ports, true),
+            Some((ports, "tcp")) => (ports, false),
+            Some(_) => ("", false), // an unknown protocol: the shape error below
+            None => (value, false),
+        };
+        let parts: Vec<&str> = ports.split(':').collect();
         let (host, guest) = match parts[..] {
             [single] if !single.is_empty() => (single, single),
             [host, guest] if !host.is_empty() && !guest.is_empty() => (host, guest),
@@ -130,13 +138,22 @@ impl PortPair {
                 what: "portMap",
                 value: value.to_string(),
                 expected:
-                    "\"8080:80\" (host port:guest port) or \"3000\" (the same port on both sides)",
+                    "\"8080:80\" (host port:guest port), \"3000\" (the same port on both sides), then \"/udp\" for UDP",
             }),
         };
         Ok(PortPair {
             host: parse_port(value, host)?,
             guest: parse_port(value, guest)?,
+            udp,
         })
+    }
+
+    pub fn protocol(&self) -> &'static str {
+        if self.udp {
+            "udp"
+        } else {
+            "tcp"
+        }
     }
 }
 
@@ -163,7 +180,7 @@ fn parse_port(entry: &str, port: &str) -> Result<u16, ConfigError> {
 
 impl fmt::Display for PortPair {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.host, self.guest)
+        write!(f, "{}:{}{}", self.host, self.guest, if self.udp { "/udp" } else { "" })
     }
 }
 
@@ -509,28 +526,14 @@ mod tests {
 
     #[test]
     fn port_pairs() {
-        assert_eq!(
-            PortPair::parse("8080:80").unwrap(),
-            PortPair {
-                host: 8080,
-                guest: 80
-            }
-        );
-        assert_eq!(
-            PortPair::parse("3000").unwrap(),
-            PortPair {
-                host: 3000,
-                guest: 3000
-            }
-        );
-        assert_eq!(
-            PortPair::parse("65535:1").unwrap(),
-            PortPair {
-                host: 65535,
-                guest: 1
-            }
-        );
-        for bad in ["", ":", "80:", ":80", "1:2:3"] {
+        let pair = |host, guest, udp| PortPair { host, guest, udp };
+        assert_eq!(PortPair::parse("8080:80").unwrap(), pair(8080, 80, false));
+        assert_eq!(PortPair::parse("3000").unwrap(), pair(3000, 3000, false));
+        assert_eq!(PortPair::parse("65535:1").unwrap(), pair(65535, 1, false));
+        assert_eq!(PortPair::parse("5353:53/udp").unwrap(), pair(5353, 53, true));
+        assert_eq!(PortPair::parse("22/tcp").unwrap(), pair(22, 22, false));
+        assert_eq!(PortPair::parse("5353:53/udp").unwrap().to_string(), "5353:53/udp");
+        for bad in ["", ":", "80:", ":80", "1:2:3", "80/sctp", "/udp", "80:81/"] {
             assert_eq!(
                 PortPair::parse(bad).unwrap_err().code(),
                 "E_CONFIG_PAIR",

@@ -212,17 +212,19 @@ pub struct NetSpec {
     /// Whether the guest may open connections out (to the host and beyond); forwarded ports
     /// work either way.
     pub outbound: bool,
-    /// TCP ports of the host's loopback forwarded to the guest.
+    /// Ports of the host's loopback forwarded to the guest.
     pub ports: Vec<PortForward>,
     /// With `outbound`: networks the guest may not reach, except those in `allow`.
     pub deny: Vec<vmm::Ipv4Net>,
     pub allow: Vec<vmm::Ipv4Net>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PortForward {
     pub host: u16,
     pub guest: u16,
+    /// UDP rather than TCP.
+    pub udp: bool,
 }
 
 /// The guest side of [`NetSpec`] (slirp's defaults): address/prefix, gateway, DNS server.

@@ -13,7 +13,7 @@
 //! exits by itself when the VM's end of the socket closes.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::fs::PermissionsExt;
@@ -45,7 +45,8 @@ pub fn network_config(net: &NetSpec) -> vmm::NetworkConfig {
         mac: GUEST_MAC,
         egress: vmm::EgressPolicy {
             outbound: net.outbound,
-            inbound_tcp_ports: net.ports.iter().map(|p| p.guest).collect(),
+            inbound_tcp_ports: net.ports.iter().filter(|p| !p.udp).map(|p| p.guest).collect(),
+            inbound_udp_ports: net.ports.iter().filter(|p| p.udp).map(|p| p.guest).collect(),
             deny: net.deny.clone(),
             allow: net.allow.clone(),
             dns: GUEST_NET.2.parse::<std::net::Ipv4Addr>().ok().map(|a| a.octets()),
@@ -66,7 +67,7 @@ pub fn args(net: &NetSpec, fd: i32, pid_file: &Path) -> Vec<String> {
             .map(|s| s.to_string()),
     );
     for p in &net.ports {
-        a.push("--tcp-ports".into());
+        a.push(if p.udp { "--udp-ports" } else { "--tcp-ports" }.into());
         a.push(format!("127.0.0.1/{}:{}", p.host, p.guest));
     }
     a
@@ -89,9 +90,15 @@ impl Passt {
         let binary = find_passt().map_err(|reason| SandboxError::EngineUnavailable { engine, reason })?;
         // A taken host port is the likely failure: say which, before passt exits over it.
         for p in &net.ports {
-            if let Err(e) = TcpListener::bind((Ipv4Addr::LOCALHOST, p.host)) {
+            let taken = if p.udp {
+                UdpSocket::bind((Ipv4Addr::LOCALHOST, p.host)).err()
+            } else {
+                TcpListener::bind((Ipv4Addr::LOCALHOST, p.host)).err()
+            };
+            if let Some(e) = taken {
+                let protocol = if p.udp { "UDP" } else { "TCP" };
                 return Err(start_error(format!(
-                    "host port {} cannot be forwarded to the guest's port {} ({e}): choose another host port",
+                    "host {protocol} port {} cannot be forwarded to the guest's port {} ({e}): choose another host port",
                     p.host, p.guest
                 )));
             }
@@ -217,12 +224,15 @@ mod tests {
 
     #[test]
     fn args_give_the_guest_slirps_addresses_and_forward_host_loopback_ports() {
-        let net = NetSpec { ports: vec![PortForward { host: 8080, guest: 80 }, PortForward { host: 2222, guest: 22 }], ..Default::default() };
+        let net = NetSpec {
+            ports: vec![PortForward { host: 8080, guest: 80, udp: false }, PortForward { host: 2222, guest: 22, udp: false }, PortForward { host: 5353, guest: 53, udp: true }],
+            ..Default::default()
+        };
         let a = args(&net, 7, Path::new("/run/x/passt.pid")).join(" ");
         assert!(a.starts_with("--foreground --quiet --fd 7 --pid /run/x/passt.pid --ipv4-only"), "{a}");
         assert!(a.contains("--address 10.0.2.15 --netmask 24 --gateway 10.0.2.2"), "{a}");
         assert!(a.contains("--dns-forward 10.0.2.3 --dns 10.0.2.3"), "{a}");
-        assert!(a.ends_with("--tcp-ports 127.0.0.1/8080:80 --tcp-ports 127.0.0.1/2222:22"), "{a}");
+        assert!(a.ends_with("--tcp-ports 127.0.0.1/8080:80 --tcp-ports 127.0.0.1/2222:22 --udp-ports 127.0.0.1/5353:53"), "{a}");
     }
 
     #[test]
@@ -262,12 +272,17 @@ mod tests {
     #[test]
     fn the_egress_policy_follows_outbound_and_lets_the_guest_answer_on_forwarded_ports() {
         let deny: Vec<vmm::Ipv4Net> = vec!["10.0.0.0/8".parse().unwrap()];
-        let net = NetSpec { outbound: false, ports: vec![PortForward { host: 8080, guest: 80 }], deny: deny.clone(), allow: vec![] };
+        let net = NetSpec {
+            outbound: false,
+            ports: vec![PortForward { host: 8080, guest: 80, udp: false }, PortForward { host: 5353, guest: 53, udp: true }],
+            deny: deny.clone(),
+            allow: vec![],
+        };
         let c = network_config(&net);
         assert_eq!(c.mac, GUEST_MAC);
         assert_eq!(
             c.egress,
-            vmm::EgressPolicy { outbound: false, inbound_tcp_ports: vec![80], deny, allow: vec![], dns: Some([10, 0, 2, 3]) }
+            vmm::EgressPolicy { outbound: false, inbound_tcp_ports: vec![80], inbound_udp_ports: vec![53], deny, allow: vec![], dns: Some([10, 0, 2, 3]) }
         );
         assert!(network_config(&NetSpec { outbound: true, ..Default::default() }).egress.outbound);
     }

@@ -799,7 +799,7 @@ mod tests {
         let mut spec = BootSpec::new("/k", "/r");
         let joined = |spec: &BootSpec| engine.args(spec, Path::new("/d"), None).iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
         assert!(!joined(&spec).contains("netdev"), "no network unless asked for");
-        spec.net = Some(NetSpec { ports: vec![PortForward { host: 8080, guest: 80 }], ..Default::default() });
+        spec.net = Some(NetSpec { ports: vec![PortForward { host: 8080, guest: 80, udp: false }], ..Default::default() });
         let a = joined(&spec);
         assert!(
             a.contains("-netdev socket,id=net0,fd=5 -device virtio-net-device,netdev=net0,mac=02:4d:43:00:00:01"),

@@ -217,13 +217,13 @@ impl NetworkConfig {
         let mut ports: Vec<PortForward> = Vec::new();
         for p in &self.ports {
             let pair = PortPair::parse(p).map_err(|e| SandboxError::config("E_CONFIG_NETWORK", format!("network ports: {e}")))?;
-            if ports.iter().any(|q| q.host == pair.host) {
+            if ports.iter().any(|q| q.host == pair.host && q.udp == pair.udp) {
                 return Err(SandboxError::config(
                     "E_CONFIG_NETWORK",
-                    format!("network port {p:?} forwards host port {} a second time: give each host port once", pair.host),
+                    format!("network port {p:?} forwards host {} port {} a second time: give each host port once", pair.protocol(), pair.host),
                 ));
             }
-            ports.push(PortForward { host: pair.host, guest: pair.guest });
+            ports.push(PortForward { host: pair.host, guest: pair.guest, udp: pair.udp });
         }
         if !self.outbound && (!self.deny.is_empty() || !self.allow.is_empty()) {
             return Err(SandboxError::config(

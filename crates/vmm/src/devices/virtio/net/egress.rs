@@ -24,6 +24,10 @@ pub struct EgressPolicy {
     /// reset (a bare SYN from one would be the guest opening a connection).
     #[serde(default)]
     pub inbound_tcp_ports: Vec<u16>,
+    /// UDP ports the guest serves: its datagrams from them always pass (UDP has no handshake
+    /// to tell an answer by; the network behind forwards answers to whoever asked).
+    #[serde(default)]
+    pub inbound_udp_ports: Vec<u16>,
     /// With `outbound`: IPv4 networks the guest may not reach (a deny rule also stops IPv6,
     /// which the rules cannot describe)...
     #[serde(default)]
@@ -129,7 +133,13 @@ impl EgressPolicy {
                 return true;
             }
         }
-        protocol == IPPROTO_TCP && self.answers(transport)
+        match protocol {
+            IPPROTO_TCP => self.answers(transport),
+            IPPROTO_UDP => transport
+                .and_then(|t| t.get(0..2))
+                .is_some_and(|p| self.inbound_udp_ports.contains(&u16::from_be_bytes([p[0], p[1]]))),
+            _ => false,
+        }
     }
 
     /// A TCP segment from a served port that acknowledges or resets.
@@ -224,6 +234,7 @@ mod tests {
             allow: vec![net("10.0.2.2")],
             dns: Some([10, 0, 2, 3]),
             inbound_tcp_ports: vec![8080],
+            inbound_udp_ports: vec![],
         };
         assert!(p.allows(&ipv4_to([1, 1, 1, 1], IPPROTO_TCP, &tcp(40000, SYN))), "a public address");
         assert!(!p.allows(&ipv4_to([10, 1, 2, 3], IPPROTO_TCP, &tcp(40000, SYN))), "a denied network");
@@ -262,6 +273,9 @@ mod tests {
         assert!(!p.allows(&ipv6(58, &[0; 8])), "ICMPv6");
         assert!(!p.allows(&ipv4(IPPROTO_TCP, 185, &tcp(80, TCP_ACK))), "a later fragment");
         assert!(!p.allows(&ipv4(17, 0, &udp_to(53))), "DNS too");
+        let udp_server = EgressPolicy { inbound_udp_ports: vec![40000], ..closed(&[]) };
+        assert!(udp_server.allows(&ipv4(17, 0, &udp_to(53))), "a datagram from a served UDP port (udp_to sends from 40000)");
+        assert!(!closed(&[40000]).allows(&ipv4(17, 0, &udp_to(53))), "a TCP-served port says nothing for UDP");
         assert!(!p.allows(&eth(0x8100, &[0; 40])), "VLAN-tagged");
     }
 
