@@ -258,6 +258,7 @@ perTier(test, 'exec', (tier, engine) => {
     t.true(Math.abs(idle.memUsedMib + idle.memAvailableMib - idle.memTotalMib) < 0.5)
     t.true(idle.diskTotalMib > 10 && idle.diskUsedMib > 0 && idle.diskUsedMib < idle.diskTotalMib, JSON.stringify(idle))
     t.true(idle.uptimeS > 0 && idle.loadAvg.length === 3)
+    t.is(idle.network, null, 'no network, no counters')
     if (engine === 'qemu') t.true(idle.hostRssMib > 10, `${idle.hostRssMib}`)
     else t.is(idle.hostRssMib, null)
     // A busy loop in the guest shows as CPU use.

@@ -85,6 +85,8 @@ perTier(test, 'network', (tier, engine) => test.serial(`${tier}: no network unle
     t.regex((await open.shell('cat /etc/resolv.conf')).stdoutText(), /nameserver 10\.0\.2\.3/)
     const got = await open.exec('wget', ['-q', '-O', '-', `http://10.0.2.2:${hostPort}/from-guest`], { timeoutMs: 20_000 })
     t.is(got.stdoutText(), 'hello from the host /from-guest', got.stderrText())
+    const { network: counters } = await open.metrics()
+    t.true(counters.rxBytes > 0 && counters.txBytes > 0 && counters.rxPackets > 0 && counters.txPackets > 0, JSON.stringify(counters))
 
     // outbound: false: the host is out of reach; a forwarded port reaches the guest's server.
     // Dropped, not refused: the connection attempt hangs until the exec's timeout.

@@ -26,6 +26,8 @@ export interface SandboxMetrics {
   uptimeS: number
   /** RSS of the engine's process on the host (QEMU), MiB; null on the built-in VMM, which runs in this process. */
   hostRssMib: number | null
+  /** The guest's `eth0` since boot (bytes and packets each way); null for a sandbox without a network. */
+  network: { rxBytes: number; txBytes: number; rxPackets: number; txPackets: number } | null
 }
 
 /** The guest side, one exec: sections a parser can find whatever each command prints. */
@@ -40,6 +42,7 @@ export function metricsScript(intervalMs: number): string {
     'echo @disk; stat -f -c "%b %f %S" /',
     'echo @load; cat /proc/loadavg',
     'echo @up; cat /proc/uptime',
+    'echo @net; grep "^ *eth0:" /proc/net/dev || true',
   ].join('; ')
 }
 
@@ -104,7 +107,15 @@ export function parseMetrics(text: string, hostPid: number | null): SandboxMetri
     loadAvg: [load[0] ?? 0, load[1] ?? 0, load[2] ?? 0],
     uptimeS: numbers(one('up')[0]!)[0] ?? 0,
     hostRssMib: hostPid === null ? null : hostRss(hostPid),
+    network: eth0(sections.get('net')?.[0]?.[0]),
   }
+}
+
+/** `/proc/net/dev`'s eth0 line: `eth0: rxBytes rxPackets errs drop fifo frame compressed multicast txBytes txPackets ...`. */
+function eth0(line: string | undefined): SandboxMetrics['network'] {
+  if (line === undefined) return null
+  const f = line.slice(line.indexOf(':') + 1).trim().split(/\s+/).map(Number)
+  return { rxBytes: f[0] ?? 0, rxPackets: f[1] ?? 0, txBytes: f[8] ?? 0, txPackets: f[9] ?? 0 }
 }
 
 function hostRss(pid: number): number | null {
