@@ -12,10 +12,9 @@ use std::os::unix::net::UnixStream;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
-use crate::vstate::memory::GuestRam;
 use vmm_sys_util::epoll::EventSet;
 
-use super::{read_config_bytes, Activation, Interrupt, VirtioDevice, INT_USED_RING, TYPE_CONSOLE};
+use super::{read_config_bytes, Activation, ActiveQueues, SocketInterest, VirtioDevice, TYPE_CONSOLE};
 use crate::event_loop::Interest;
 
 const F_MULTIPORT: u64 = 1 << 1;
@@ -43,13 +42,6 @@ fn control(id: u32, event: u16, value: u16, extra: &[u8]) -> Vec<u8> {
     m
 }
 
-struct Active {
-    mem: GuestRam,
-    queues: Vec<Queue>,
-    interrupt: Interrupt,
-    irq_pending: bool,
-}
-
 /// A guest transmit chain not yet fully written to the host socket.
 struct PendingTx {
     head: u16,
@@ -59,13 +51,11 @@ struct PendingTx {
 pub struct Console {
     port_name: String,
     host: UnixStream,
-    interest: Interest,
-    active: Option<Active>,
+    interest: SocketInterest,
+    active: Option<ActiveQueues>,
     pending_control: VecDeque<Vec<u8>>,
     pending_tx: Option<PendingTx>,
     host_closed: bool,
-    /// The fd is registered for nothing but a one-shot hang-up report (see `set_interest`).
-    parked: bool,
     config: [u8; 12],
 }
 
@@ -79,12 +69,11 @@ impl Console {
         Ok(Console {
             port_name: port_name.to_owned(),
             host,
-            interest,
+            interest: SocketInterest::new(interest),
             active: None,
             pending_control: VecDeque::new(),
             pending_tx: None,
             host_closed: false,
-            parked: false,
             config,
         })
     }
@@ -93,44 +82,14 @@ impl Console {
         self.set_interest(self.active.is_some() && !self.host_closed);
     }
 
-    /// Registers what the device waits for on the socket: readable when it can receive, writable
-    /// while a transmit chain is pending. With nothing to wait for, the fd is armed one-shot
-    /// only: a hang-up cannot be masked (epoll always reports EPOLLHUP) and, level-triggered, it
-    /// would be reported again and again, spinning the event loop while the device is not
-    /// reading (no driver yet, no guest receive buffers). It is not armed again until the device
-    /// has something to wait for; a guest posting buffers gets there through `queue_notify`.
+    /// Readable when it can receive, writable while a transmit chain is pending.
     fn set_interest(&mut self, can_receive: bool) {
-        let mut events = EventSet::empty();
-        if can_receive {
-            events |= EventSet::IN | EventSet::READ_HANG_UP;
-        }
-        if self.pending_tx.is_some() {
-            events |= EventSet::OUT;
-        }
-        if events.is_empty() {
-            if !self.parked {
-                self.parked = true;
-                self.interest.set(EventSet::ONE_SHOT);
-            }
-        } else {
-            self.parked = false;
-            self.interest.set(events);
-        }
-    }
-
-    /// Marks that the driver must hear about queue `index`; `raise_interrupt` sends one
-    /// interrupt for everything marked while handling an event (two back-to-back signals would
-    /// look like a spurious interrupt to the guest).
-    fn notify(a: &mut Active, index: usize) {
-        if a.queues[index].needs_notification(&a.mem).unwrap_or(true) {
-            a.irq_pending = true;
-        }
+        self.interest.set(can_receive, self.pending_tx.is_some());
     }
 
     fn raise_interrupt(&mut self) {
-        if let Some(a) = self.active.as_mut().filter(|a| a.irq_pending) {
-            a.irq_pending = false;
-            a.interrupt.signal(INT_USED_RING);
+        if let Some(a) = self.active.as_mut() {
+            a.raise_interrupt();
         }
     }
 
@@ -185,7 +144,7 @@ impl Console {
             }
         }
         if used {
-            Self::notify(a, RX);
+            a.notify(RX);
         }
         // No guest buffers: stop reading the socket until the guest posts some.
         self.set_interest(guest_has_room && !self.host_closed);
@@ -236,7 +195,7 @@ impl Console {
             }
         }
         if used {
-            Self::notify(a, TX);
+            a.notify(TX);
         }
         self.update_interest();
     }
@@ -263,7 +222,7 @@ impl Console {
             self.pending_control.pop_front();
         }
         if used {
-            Self::notify(a, CTRL_RX);
+            a.notify(CTRL_RX);
         }
     }
 
@@ -280,7 +239,7 @@ impl Console {
             }
             let _ = a.queues[CTRL_TX].add_used(&a.mem, head, 0);
         }
-        Self::notify(a, CTRL_TX);
+        a.notify(CTRL_TX);
         for m in msgs {
             let id = u32::from_le_bytes(m[0..4].try_into().unwrap());
             let event = u16::from_le_bytes([m[4], m[5]]);
@@ -320,7 +279,7 @@ impl VirtioDevice for Console {
         if activation.acked_features & F_MULTIPORT == 0 {
             tracing::warn!("virtio-console: driver did not accept MULTIPORT; the named port will not appear");
         }
-        self.active = Some(Active { mem: activation.mem, queues: activation.queues, interrupt: activation.interrupt, irq_pending: false });
+        self.active = Some(ActiveQueues::new(activation));
         self.update_interest();
     }
 
@@ -387,6 +346,8 @@ struct ConsoleState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::{Interrupt, INT_USED_RING};
+    use crate::vstate::memory::GuestRam;
     use crate::event_loop::EventLoop;
     use std::io::{Read, Write};
     use std::os::fd::AsRawFd;

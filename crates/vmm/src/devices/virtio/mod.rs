@@ -12,7 +12,10 @@ pub mod persist;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::event_loop::Interest;
 use crate::vstate::memory::GuestRam;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -104,6 +107,71 @@ pub trait VirtioDevice: Send {
     /// Restores `save_state`'s bytes; called after `activate` when the device was active.
     fn restore_state(&mut self, _state: &[u8]) -> Result<(), String> {
         Ok(())
+    }
+}
+
+/// A device's queues once the driver has set DRIVER_OK, and whether it owes the driver an
+/// interrupt: `notify` marks what the driver must hear about while an event is handled,
+/// `raise_interrupt` then sends one interrupt for all of it (two back-to-back signals would look
+/// like a spurious interrupt to the guest).
+pub struct ActiveQueues {
+    pub mem: GuestRam,
+    pub queues: Vec<Queue>,
+    interrupt: Interrupt,
+    irq_pending: bool,
+}
+
+impl ActiveQueues {
+    pub fn new(activation: Activation) -> ActiveQueues {
+        ActiveQueues { mem: activation.mem, queues: activation.queues, interrupt: activation.interrupt, irq_pending: false }
+    }
+
+    /// The driver must hear about queue `index` (unless it said it need not).
+    pub fn notify(&mut self, index: usize) {
+        if self.queues[index].needs_notification(&self.mem).unwrap_or(true) {
+            self.irq_pending = true;
+        }
+    }
+
+    pub fn raise_interrupt(&mut self) {
+        if std::mem::take(&mut self.irq_pending) {
+            self.interrupt.signal(INT_USED_RING);
+        }
+    }
+}
+
+/// What a device waits for on its host socket. With nothing to wait for, the fd is armed
+/// one-shot only: a hang-up cannot be masked (epoll always reports EPOLLHUP) and, level-triggered,
+/// it would be reported again and again, spinning the event loop while the device is not reading
+/// (no driver yet, no guest buffers). It is armed again once the device has something to wait
+/// for; a guest posting buffers gets there through `queue_notify`.
+pub struct SocketInterest {
+    interest: Interest,
+    parked: bool,
+}
+
+impl SocketInterest {
+    pub fn new(interest: Interest) -> SocketInterest {
+        SocketInterest { interest, parked: false }
+    }
+
+    pub fn set(&mut self, readable: bool, writable: bool) {
+        let mut events = EventSet::empty();
+        if readable {
+            events |= EventSet::IN | EventSet::READ_HANG_UP;
+        }
+        if writable {
+            events |= EventSet::OUT;
+        }
+        if events.is_empty() {
+            if !self.parked {
+                self.parked = true;
+                self.interest.set(EventSet::ONE_SHOT);
+            }
+        } else {
+            self.parked = false;
+            self.interest.set(events);
+        }
     }
 }
 

@@ -20,9 +20,8 @@ use vm_memory::Bytes;
 use vmm_sys_util::epoll::EventSet;
 
 use self::egress::LivePolicy;
-use super::{read_config_bytes, Activation, Interrupt, VirtioDevice, INT_USED_RING, TYPE_NET};
+use super::{read_config_bytes, Activation, ActiveQueues, SocketInterest, VirtioDevice, TYPE_NET};
 use crate::event_loop::Interest;
-use crate::vstate::memory::GuestRam;
 
 const F_MAC: u64 = 1 << 5;
 const QUEUE_SIZE: u16 = 256;
@@ -40,13 +39,6 @@ const READ_CHUNK: usize = 64 << 10;
 /// Guest frames waiting for the socket beyond which the transmit queue is not read.
 const TX_HIGH_WATER: usize = 256 << 10;
 
-struct Active {
-    mem: GuestRam,
-    queues: Vec<Queue>,
-    interrupt: Interrupt,
-    irq_pending: bool,
-}
-
 /// Frames dropped, by reason (logged when the device goes away).
 #[derive(Default, Debug)]
 struct Drops {
@@ -59,8 +51,8 @@ pub struct Net {
     config: [u8; 10],
     egress: LivePolicy,
     host: UnixStream,
-    interest: Interest,
-    active: Option<Active>,
+    interest: SocketInterest,
+    active: Option<ActiveQueues>,
     /// Bytes read from the socket and not yet delivered, from `rx_start`.
     rx: Vec<u8>,
     rx_start: usize,
@@ -71,8 +63,6 @@ pub struct Net {
     tx_sent: usize,
     tx_bytes: usize,
     host_closed: bool,
-    /// The fd is armed for nothing but a one-shot hang-up report (see `set_interest`).
-    parked: bool,
     drops: Drops,
 }
 
@@ -89,7 +79,7 @@ impl Net {
             config,
             egress,
             host,
-            interest,
+            interest: SocketInterest::new(interest),
             active: None,
             rx: Vec::new(),
             rx_start: 0,
@@ -98,7 +88,6 @@ impl Net {
             tx_sent: 0,
             tx_bytes: 0,
             host_closed: false,
-            parked: false,
             drops: Drops::default(),
         })
     }
@@ -113,39 +102,15 @@ impl Net {
         whole_frame(&self.rx[self.rx_start..]).is_some()
     }
 
-    /// Registers what the device waits for: readable while it wants host frames, writable while
-    /// guest frames wait. With nothing to wait for the fd is armed one-shot only, because a
-    /// hang-up cannot be masked and, level-triggered, would spin the event loop (as in the
-    /// console); `queue_notify` arms it again when the guest posts buffers.
+    /// Readable while it wants host frames, writable while guest frames wait.
     fn set_interest(&mut self) {
-        let mut events = EventSet::empty();
-        if self.active.is_some() && !self.host_closed && !self.frame_waiting() {
-            events |= EventSet::IN | EventSet::READ_HANG_UP;
-        }
-        if !self.tx.is_empty() && !self.host_closed {
-            events |= EventSet::OUT;
-        }
-        if events.is_empty() {
-            if !self.parked {
-                self.parked = true;
-                self.interest.set(EventSet::ONE_SHOT);
-            }
-        } else {
-            self.parked = false;
-            self.interest.set(events);
-        }
-    }
-
-    fn notify(a: &mut Active, index: usize) {
-        if a.queues[index].needs_notification(&a.mem).unwrap_or(true) {
-            a.irq_pending = true;
-        }
+        let open = !self.host_closed;
+        self.interest.set(open && self.active.is_some() && !self.frame_waiting(), open && !self.tx.is_empty());
     }
 
     fn raise_interrupt(&mut self) {
-        if let Some(a) = self.active.as_mut().filter(|a| a.irq_pending) {
-            a.irq_pending = false;
-            a.interrupt.signal(INT_USED_RING);
+        if let Some(a) = self.active.as_mut() {
+            a.raise_interrupt();
         }
     }
 
@@ -188,7 +153,7 @@ impl Net {
             used = true;
         }
         if used {
-            Self::notify(a, RX);
+            a.notify(RX);
         }
         // Keep only the undelivered bytes (at most a frame and a read).
         self.rx.drain(..self.rx_start);
@@ -284,7 +249,7 @@ impl Net {
                 }
             }
             let _ = a.queues[TX].add_used(&a.mem, head, 0);
-            Self::notify(a, TX);
+            a.notify(TX);
             let body = frame.get(HEADER..).filter(|b| ok && b.len() >= 14);
             match body {
                 None => self.drops.malformed += 1,
@@ -332,7 +297,7 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, activation: Activation) {
-        self.active = Some(Active { mem: activation.mem, queues: activation.queues, interrupt: activation.interrupt, irq_pending: false });
+        self.active = Some(ActiveQueues::new(activation));
         self.set_interest();
     }
 
@@ -412,6 +377,8 @@ impl Drop for Net {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::{Interrupt, INT_USED_RING};
+    use crate::vstate::memory::GuestRam;
     use crate::devices::virtio::net::egress::EgressPolicy;
     use crate::event_loop::EventLoop;
     use std::os::fd::AsRawFd;
