@@ -128,6 +128,20 @@ abstract class WarmPool<T, Out extends Running = MicroVm> implements AsyncDispos
     return undefined
   }
 
+  /** A ready item that `usable` accepts, else one made now (a miss); refills either way. */
+  protected async takeOrMake(usable: (item: T) => boolean): Promise<T> {
+    const ready = this.take(usable)
+    if (ready !== undefined) {
+      this.refill()
+      return ready
+    }
+    try {
+      return await this.make()
+    } finally {
+      this.refill()
+    }
+  }
+
   /** Removes a ready item that went bad while waiting (VmPool: the VM ended); refills. */
   protected expire(item: T): void {
     const i = this.#ready.indexOf(item)
@@ -359,16 +373,7 @@ export class VmPool extends WarmPool<MicroVm> {
   /** A booted VM (or one booted now when none is ready: a miss). `E_POOL_CLOSED` after `close()`. */
   async acquire(): Promise<MicroVm> {
     this.checkOpen()
-    const ready = this.take((vm) => vm.exitStatus === null)
-    if (ready) {
-      this.refill()
-      return this.handOut(ready)
-    }
-    try {
-      return this.handOut(await MicroVm.start(this.config, this.#startOptions))
-    } finally {
-      this.refill()
-    }
+    return this.handOut(await this.takeOrMake((vm) => vm.exitStatus === null))
   }
 }
 
@@ -438,16 +443,7 @@ export class SandboxPool extends WarmPool<Sandbox, Sandbox> {
    */
   async acquire(): Promise<Sandbox> {
     this.checkOpen()
-    let sandbox = this.take((sb) => sb.exitStatus === null)
-    if (sandbox) {
-      this.refill()
-    } else {
-      try {
-        sandbox = await this.make()
-      } finally {
-        this.refill()
-      }
-    }
+    const sandbox = await this.takeOrMake((sb) => sb.exitStatus === null)
     const ms = this.#maxDurationMs ?? sandbox.config.maxDurationMs
     if (ms !== undefined) sandbox.setMaxDuration(ms)
     return this.handOut(sandbox)
