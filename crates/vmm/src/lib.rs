@@ -16,6 +16,6 @@ pub mod vstate;
 
 pub use error::{Error, Result};
 pub use devices::virtio::net::egress::{EgressPolicy, Ipv4Net, LivePolicy};
-pub use devices::virtio::net::MAX_FRAME;
+pub use devices::virtio::net::{size_stream_buffers, MAX_FRAME};
 pub use vmm::{BlockDeviceConfig, LoadedSnapshot, NetworkConfig, RestoreOptions, Timings, Vm, VmConfig, CONTROL_PORT_NAME, DEFAULT_CMDLINE};
 pub use vstate::lifecycle::ExitReason;

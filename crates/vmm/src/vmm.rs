@@ -25,7 +25,7 @@ use crate::devices::virtio::MmioTransport;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::console::Console;
 use crate::devices::virtio::net::egress::{EgressPolicy, LivePolicy};
-use crate::devices::virtio::net::Net;
+use crate::devices::virtio::net::{size_stream_buffers, Net};
 use crate::event_loop::{EventLoop, EventLoopHandle};
 use crate::devices::Bus;
 use crate::error::{Error, Result};
@@ -287,6 +287,8 @@ fn assemble(
     let (network, egress) = match &config.network {
         Some(net) => {
             let (host_end, device_end) = UnixStream::pair().map_err(Error::Thread)?;
+            size_stream_buffers(&host_end);
+            size_stream_buffers(&device_end);
             let fd = device_end.as_raw_fd();
             let egress = LivePolicy::new(net.egress.clone());
             let device = Net::new(net.mac, egress.clone(), device_end, event_loop.interest(fd)).map_err(Error::Thread)?;

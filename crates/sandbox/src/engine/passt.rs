@@ -173,14 +173,23 @@ impl Passt {
 /// and the threads end (QEMU gone → passt sees EOF and exits, and the reverse).
 pub fn filter(vm: UnixStream, policy: vmm::LivePolicy) -> std::io::Result<UnixStream> {
     let (ours, for_passt) = UnixStream::pair()?;
+    for s in [&vm, &ours, &for_passt] {
+        vmm::size_stream_buffers(s);
+    }
     let (vm_reader, ours_writer) = (vm.try_clone()?, ours.try_clone()?);
     std::thread::Builder::new().name("mc-net-out".into()).spawn(move || {
         let _ = guest_frames(vm_reader, &ours_writer, &policy);
         let _ = ours_writer.shutdown(std::net::Shutdown::Both);
     })?;
     std::thread::Builder::new().name("mc-net-in".into()).spawn(move || {
-        // passt to the guest: the stream as it is (QEMU reassembles frames across reads).
-        let _ = std::io::copy(&mut &ours, &mut &vm);
+        // passt to the guest: the stream as it is (QEMU reassembles frames across reads), in
+        // large reads (io::copy's 8 KiB would be four syscalls a 64 KiB frame).
+        let mut buf = vec![0u8; 256 << 10];
+        while let Ok(n) = (&ours).read(&mut buf) {
+            if n == 0 || (&vm).write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
         let _ = vm.shutdown(std::net::Shutdown::Both);
         let _ = ours.shutdown(std::net::Shutdown::Both);
     })?;

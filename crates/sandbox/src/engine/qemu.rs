@@ -315,6 +315,7 @@ impl QemuEngine {
         let network = match &spec.net {
             Some(net) => {
                 let (ours, qemu_end) = UnixStream::pair().map_err(|e| start_err("cannot create the network socketpair", e))?;
+                vmm::size_stream_buffers(&qemu_end);
                 let egress = vmm::LivePolicy::new(passt::network_config(net).egress);
                 let for_passt = passt::filter(ours, egress.clone()).map_err(|e| start_err("cannot start the network's filter threads", e))?;
                 Some((passt::Passt::start(for_passt, net, run_dir.path(), EngineKind::Qemu)?, egress, qemu_end))
