@@ -164,12 +164,15 @@ function suite(tier, engine, skipReason) {
   test.serial(`${tier}: maxDurationMs kills the sandbox at its deadline (code E_MAX_DURATION); setMaxDuration() moves it`, async (t) => {
     if (!requireGuestImages(t)) return
     const [a, b] = await Promise.all([
-      builder(`${tier.toLowerCase()}-short`).maxDurationMs(2000).create(),
-      builder(`${tier.toLowerCase()}-moved`).maxDurationMs(600_000).create(),
+      builder(`${tier.toLowerCase()}-short`).maxDurationMs(2000).metadata({ suite: 'deadline', which: 'a' }).create(),
+      builder(`${tier.toLowerCase()}-moved`).maxDurationMs(600_000).metadata({ suite: 'deadline', which: 'b' }).create(),
     ])
     try {
       t.true(Sandbox.list().includes(a) && Sandbox.list().includes(b))
       t.deepEqual(Sandbox.list({ name: `${tier.toLowerCase()}-short` }), [a])
+      t.deepEqual(Sandbox.list({ metadata: { suite: 'deadline' } }), [a, b])
+      t.deepEqual(Sandbox.list({ metadata: { suite: 'deadline', which: 'b' } }), [b])
+      t.deepEqual(Sandbox.list({ metadata: { suite: 'other' } }), [])
       const t0 = Date.now()
       t.true(a.expiresAt !== null && a.expiresAt > t0 && a.expiresAt <= t0 + 2000)
       b.setMaxDuration(1000)
@@ -324,3 +327,13 @@ if (!host.canBootLinux) {
     t.deepEqual(qemuChildren(), [])
   })
 }
+
+test('metadata: labels validated at build(), kept in the config', (t) => {
+  const config = Sandbox.builder('labels').metadata('team', 'infra').metadata({ request: 'r-1' }).build()
+  t.deepEqual(config.metadata, { team: 'infra', request: 'r-1' })
+  const code = (metadata) => t.throws(() => Sandbox.validate({ metadata }), { instanceOf: MicrocellError }).code
+  t.is(code({ '': 'x' }), 'E_CONFIG_METADATA')
+  t.is(code({ k: 'a\nb' }), 'E_CONFIG_METADATA')
+  t.is(code(Object.fromEntries(Array.from({ length: 65 }, (_, i) => [`k${i}`, 'v']))), 'E_CONFIG_METADATA')
+  t.is(code({ k: 1 }), 'E_CONFIG_JSON')
+})

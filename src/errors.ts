@@ -42,7 +42,7 @@ export type ConfigErrorCode = (typeof CONFIG_ERROR_CODES)[number]
 /**
  * The codes `Sandbox.create()` and a sandbox's methods reject with, beside the configuration's
  * (`E_CONFIG_JSON`, `E_CONFIG_NAME`, `E_CONFIG_MEMORY`, `E_CONFIG_VCPUS`, `E_CONFIG_ENV`,
- * `E_CONFIG_GUEST_PATH`, `E_CONFIG_TIMEOUT`, `E_CONFIG_CMDLINE`, `E_CONFIG_CONSOLE`, `E_CONFIG_NETWORK`, `E_CONFIG_VOLUME`, also thrown by
+ * `E_CONFIG_GUEST_PATH`, `E_CONFIG_TIMEOUT`, `E_CONFIG_CMDLINE`, `E_CONFIG_CONSOLE`, `E_CONFIG_NETWORK`, `E_CONFIG_VOLUME`, `E_CONFIG_METADATA`, also thrown by
  * `build()`):
  * - `E_GUEST_IMAGE_MISSING`: the guest kernel or root disk is not there (run `scripts/setup.sh`);
  * - `E_QEMU_NOT_FOUND`: the QEMU engine was chosen and `qemu-system-x86_64` is not installed;

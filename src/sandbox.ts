@@ -41,6 +41,11 @@ export interface SandboxConfig {
   /** Console bytes kept for a slow reader of `sandbox.console`, 1 to 2^30 (default 64 KiB). */
   consoleQueueBytes?: number
   /**
+   * Your own labels (at most 64; keys 1-64, values up to 512 printable characters):
+   * `Sandbox.list({ metadata })` selects by them, snapshots keep them. `E_CONFIG_METADATA`.
+   */
+  metadata?: Record<string, string>
+  /**
    * The sandbox's longest life in milliseconds (1 to 4294967295; default: none): it is killed
    * this long after `create()` / `fromSnapshot()` resolved, unless `setMaxDuration()` moves the
    * deadline; its exit status then has `code: 'E_MAX_DURATION'`. (The deadline's timer holds the
@@ -247,6 +252,14 @@ export class SandboxBuilder {
     return this.#set('consoleQueueBytes', bytes)
   }
 
+  /** Adds labels (`metadata(key, value)` or `metadata({ ... })`; see `SandboxConfig.metadata`). */
+  metadata(keyOrLabels: string | Record<string, string>, value?: string): this {
+    const metadata = { ...this.#config.metadata }
+    if (typeof keyOrLabels === 'string') metadata[keyOrLabels] = value as string
+    else Object.assign(metadata, keyOrLabels)
+    return this.#set('metadata', metadata)
+  }
+
   /**
    * Validates the configuration and returns it as plain JSON (defaults filled in). Throws a
    * `MicrocellError` with an `E_CONFIG_*` code. The guest images are checked by `create()`.
@@ -341,9 +354,11 @@ export class Sandbox implements AsyncDisposable {
 
   /**
    * The sandboxes of this process that are still running (created or restored, not ended), in
-   * the order they were made; `name` keeps those of that name.
+   * the order they were made; `name` keeps those of that name, `metadata` those whose metadata
+   * has every one of its entries.
    */
-  static list(filter: { name?: string } = {}): Sandbox[] {
+  static list(filter: { name?: string; metadata?: Record<string, string> } = {}): Sandbox[] {
+    const wanted = Object.entries(filter.metadata ?? {})
     const running: Sandbox[] = []
     for (const ref of made) {
       const sb = ref.deref()
@@ -351,7 +366,12 @@ export class Sandbox implements AsyncDisposable {
         made.delete(ref)
         continue
       }
-      if (filter.name === undefined || sb.info.name === filter.name) running.push(sb)
+      if (filter.name !== undefined && sb.info.name !== filter.name) continue
+      if (wanted.length > 0) {
+        const labels = sb.config.metadata ?? {}
+        if (!wanted.every(([k, v]) => labels[k] === v)) continue
+      }
+      running.push(sb)
     }
     return running
   }

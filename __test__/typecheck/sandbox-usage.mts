@@ -102,3 +102,10 @@ async function tighten(sb: Sandbox): Promise<NetworkConfig | null> {
   return now.outbound ? sb.network : null
 }
 void tighten
+
+// Labels, and selecting by them.
+const labelled: SandboxConfig = Sandbox.builder('labelled').metadata('team', 'infra').metadata({ request: 'r-1' }).build()
+const team: string | undefined = labelled.metadata?.team
+const mine: Sandbox[] = Sandbox.list({ metadata: { team: 'infra' } })
+void team
+void mine

@@ -81,6 +81,10 @@ pub struct SandboxConfig {
     /// default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
+    /// The caller's own labels (`Sandbox.list({ metadata })` selects by them; snapshots keep
+    /// them): at most 64, keys 1-64 and values 0-512 printable characters.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
     /// Console bytes kept for a slow reader of the console stream before the oldest are dropped
     /// (default [`super::CONSOLE_QUEUE_BYTES`]; `consoleOutput` files get every byte anyway).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -131,6 +135,27 @@ fn validate_volumes(volumes: &mut [Volume]) -> Result<()> {
             if nested(&a.guest, &b.guest) || nested(&b.guest, &a.guest) {
                 return Err(volume_error(format!("volume guest paths {} and {} overlap: give each its own directory", a.guest, b.guest)));
             }
+        }
+    }
+    Ok(())
+}
+
+pub const MAX_METADATA_ENTRIES: usize = 64;
+const MAX_METADATA_KEY: usize = 64;
+const MAX_METADATA_VALUE: usize = 512;
+
+fn validate_metadata(metadata: &BTreeMap<String, String>) -> Result<()> {
+    let err = |m: String| SandboxError::config("E_CONFIG_METADATA", m);
+    if metadata.len() > MAX_METADATA_ENTRIES {
+        return Err(err(format!("{} metadata entries: give at most {MAX_METADATA_ENTRIES}", metadata.len())));
+    }
+    let printable = |s: &str| !s.chars().any(char::is_control);
+    for (k, v) in metadata {
+        if k.is_empty() || k.chars().count() > MAX_METADATA_KEY || !printable(k) {
+            return Err(err(format!("metadata key {k:?}: give 1 to {MAX_METADATA_KEY} printable characters")));
+        }
+        if v.chars().count() > MAX_METADATA_VALUE || !printable(v) {
+            return Err(err(format!("metadata value of {k:?}: give at most {MAX_METADATA_VALUE} printable characters")));
         }
     }
     Ok(())
@@ -262,6 +287,7 @@ impl Default for SandboxConfig {
             max_duration_ms: None,
             volumes: Vec::new(),
             network: None,
+            metadata: BTreeMap::new(),
             console_queue_bytes: None,
         }
     }
@@ -430,6 +456,7 @@ impl SandboxConfig {
             n.net_spec()?;
         }
         validate_volumes(&mut c.volumes)?;
+        validate_metadata(&c.metadata)?;
         if let Some(args) = &c.kernel_args {
             if args.len() > MAX_KERNEL_ARGS_LEN || !args.bytes().all(|b| (0x20..=0x7e).contains(&b))
             {
@@ -649,6 +676,10 @@ mod tests {
         assert_eq!(code(r#"{"network":{"ports":["70000"]}}"#), "E_CONFIG_NETWORK");
         assert_eq!(code(r#"{"network":{"ports":["80:1","80:2"]}}"#), "E_CONFIG_NETWORK");
         assert_eq!(code(r#"{"network":{"bogus":1}}"#), "E_CONFIG_JSON");
+        assert_eq!(code(r#"{"metadata":{"team":"infra","request":"r-1"}}"#), "OK");
+        assert_eq!(code(r#"{"metadata":{"":"x"}}"#), "E_CONFIG_METADATA");
+        assert_eq!(code(r#"{"metadata":{"k":"a\nb"}}"#), "E_CONFIG_METADATA");
+        assert_eq!(code(r#"{"metadata":{"k":1}}"#), "E_CONFIG_JSON");
         assert_eq!(code(r#"{"network":{"deny":["private"],"allow":["10.0.2.2","192.168.1.0/24"]}}"#), "OK");
         assert_eq!(code(r#"{"network":{"deny":["10.0.0.0/33"]}}"#), "E_CONFIG_NETWORK");
         assert_eq!(code(r#"{"network":{"allow":["example.com"]}}"#), "E_CONFIG_NETWORK");
@@ -673,6 +704,7 @@ mod tests {
             "E_CONFIG_CONSOLE",
             "E_CONFIG_NETWORK",
             "E_CONFIG_VOLUME",
+            "E_CONFIG_METADATA",
         ] {
             assert!(SandboxError::CODES.contains(&c), "{c}");
         }

@@ -179,6 +179,7 @@ impl SandboxError {
         "E_CONFIG_CONSOLE",
         "E_CONFIG_NETWORK",
         "E_CONFIG_VOLUME",
+        "E_CONFIG_METADATA",
         "E_GUEST_IMAGE_MISSING",
         "E_QEMU_NOT_FOUND",
         "E_NO_KVM",
