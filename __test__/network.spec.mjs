@@ -156,3 +156,30 @@ perTier(test, 'live network policy', (tier, engine) => test.serial(`${tier}: upd
     fs.rmSync(dir, { recursive: true, force: true })
   }
 }))
+
+perTier(test, 'clones with ports', (tier, engine) => test.serial(`${tier}: clones of a snapshot with forwarded ports run side by side on ports of their own`, async (t) => {
+  requireGuestImages()
+  const [p0, p1, p2] = [await freePort(), await freePort(), await freePort()]
+  const origin = await Sandbox.builder('net-origin').engine(engine).memory(256).network({ outbound: false, ports: [`${p0}:8080`] }).create()
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mc-net-clones-'))
+  const clones = []
+  try {
+    await origin.shell('mkdir -p /tmp/www && echo origin > /tmp/www/index.html && httpd -p 8080 -h /tmp/www')
+    t.is(await within(hostGet(p0, '/index.html'), 40_000, 'the origin'), 'origin\n')
+    await origin.snapshot(dir)
+    for (const port of [p1, p2]) clones.push(await Sandbox.fromSnapshot(dir, { ports: [`${port}:8080`] }))
+    t.deepEqual(clones.map((c) => c.network.ports), [[`${p1}:8080`], [`${p2}:8080`]])
+    await clones[0].shell('echo first > /tmp/www/index.html')
+    await clones[1].shell('echo second > /tmp/www/index.html')
+    // The server in each clone is the origin's, carried over by the snapshot.
+    t.is(await within(hostGet(p1, '/index.html'), 40_000, 'the first clone'), 'first\n')
+    t.is(await within(hostGet(p2, '/index.html'), 40_000, 'the second clone'), 'second\n')
+    t.is(await hostGet(p0, '/index.html'), 'origin\n')
+    const taken = await t.throwsAsync(Sandbox.fromSnapshot(dir), { instanceOf: MicrocellError })
+    t.is(taken.code, 'E_ENGINE_START', taken.message)
+    t.regex(taken.message, new RegExp(`host TCP port ${p0}`))
+  } finally {
+    await Promise.all([origin.kill(), ...clones.map((c) => c.kill())])
+    fs.rmSync(dir, { recursive: true, force: true })
+  }
+}))

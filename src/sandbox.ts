@@ -402,11 +402,13 @@ export class Sandbox implements AsyncDisposable {
   /**
    * Starts a new sandbox from a snapshot directory (`sandbox.snapshot(dir)`): nothing boots,
    * the VM resumes where it was, and the guest sets its clock and reseeds its RNG from the
-   * host. Each call is an independent clone (its own memory and root disk copy). Rejects with
-   * `E_SNAPSHOT*`, `E_QEMU_NOT_FOUND`, `E_BOOT_TIMEOUT`, ...
+   * host. Each call is an independent clone (its own memory and root disk copy). `ports`
+   * replaces the snapshot's forwarded ports (`"HOST:GUEST[/udp]"`): clones of a snapshot whose
+   * network forwards ports need host ports of their own to run side by side. Rejects with
+   * `E_SNAPSHOT*`, `E_QEMU_NOT_FOUND`, `E_BOOT_TIMEOUT`, `E_CONFIG_NETWORK`, ...
    */
-  static async fromSnapshot(dir: string, options: { consoleOutput?: string } = {}): Promise<Sandbox> {
-    return new Sandbox(await native.restoreSandbox(dir, options.consoleOutput))
+  static async fromSnapshot(dir: string, options: { consoleOutput?: string; ports?: string[] } = {}): Promise<Sandbox> {
+    return new Sandbox(await native.restoreSandbox(dir, options.consoleOutput, options.ports))
   }
 
   /**

@@ -301,8 +301,8 @@ export class NativeSandboxHandle {
 }
 
 /** Starts a sandbox from a snapshot directory; resolves once its agent answers. */
-export async function restoreSandbox(dir: string, consoleOutput?: string): Promise<NativeSandboxHandle> {
-  return new NativeSandboxHandle(await callAsync(() => binding().restoreSandbox(dir, consoleOutput)))
+export async function restoreSandbox(dir: string, consoleOutput?: string, ports?: string[]): Promise<NativeSandboxHandle> {
+  return new NativeSandboxHandle(await callAsync(() => binding().restoreSandbox(dir, consoleOutput, ports)))
 }
 
 /** Validates a SandboxConfig JSON; returns it normalised (defaults filled in). */

@@ -59,9 +59,9 @@ pub async fn create_sandbox(config_json: String) -> Result<NativeSandbox> {
 /// Starts a sandbox from a snapshot directory (`NativeSandbox.snapshot`) and resolves once its
 /// agent answers; rejects with `E_SNAPSHOT*`, `E_QEMU_NOT_FOUND`, `E_BOOT_TIMEOUT`, ...
 #[napi]
-pub async fn restore_sandbox(dir: String, console_output: Option<String>) -> Result<NativeSandbox> {
+pub async fn restore_sandbox(dir: String, console_output: Option<String>, ports: Option<Vec<String>>) -> Result<NativeSandbox> {
     let sandbox = blocking("sandbox restore", move || {
-        let options = sandbox::SandboxRestoreOptions { console_output: console_output.map(Into::into), timeout: None };
+        let options = sandbox::SandboxRestoreOptions { console_output: console_output.map(Into::into), timeout: None, ports };
         Sandbox::restore(std::path::Path::new(&dir), options).map_err(sandbox_error)
     })
     .await?;

@@ -118,6 +118,9 @@ pub struct RestoreOptions {
     pub console_output: Option<PathBuf>,
     /// How long the agent may take to answer (default: the snapshot's `bootTimeoutMs`).
     pub timeout: Option<Duration>,
+    /// Forwarded ports instead of the snapshot's network's (`"HOST:GUEST[/udp]"`): other host
+    /// ports let clones of one snapshot run side by side.
+    pub ports: Option<Vec<String>>,
 }
 
 pub(crate) fn io(what: String) -> impl FnOnce(std::io::Error) -> SandboxError {
@@ -151,12 +154,22 @@ impl Sandbox {
                 dir.display()
             )));
         }
+        if let Some(ports) = options.ports.clone() {
+            let Some(network) = meta.config.network.as_mut() else {
+                return Err(SandboxError::config("E_CONFIG_NETWORK", format!("{} has no network: its clones have no ports to forward", dir.display())));
+            };
+            network.ports = ports;
+        }
         meta.config = meta.config.validate()?;
         let config = meta.config.clone();
         let engine = engine::engine(meta.engine)?;
         let detail = engine.describe();
         let spec = meta.boot_spec(options.console_output.clone());
         let vm = engine.restore(dir, &spec)?;
+        if let Some(net) = &spec.net {
+            // The policy from the configuration, whose ports may be this clone's own.
+            vm.set_egress(crate::engine::passt::network_config(net).egress)?;
+        }
         let timeout = options.timeout.unwrap_or(Duration::from_millis(u64::from(config.boot_timeout_ms)));
         let (agent, ready) = connect(vm.as_ref(), &detail, t0 + timeout, timeout)?;
         let info = ReadyInfo {
