@@ -191,6 +191,18 @@ impl Write for Capture {
     }
 }
 
+/// The virtio test guest with `cmdline` and a net device for `net`.
+fn virtio_guest(cmdline: String, net: &NetSpec) -> vmm::VmConfig {
+    vmm::VmConfig {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel: testguest::path(testguest::VIRTIO),
+        cmdline,
+        network: Some(passt::network_config(net)),
+        ..Default::default()
+    }
+}
+
 /// Boots the virtio test guest with one net device behind passt, with a UDP echo server on the
 /// host's loopback; `net(port)` is the network for the server's port, `reply` whether the guest
 /// should hear back. Returns the guest's report, its console and what the server got.
@@ -201,14 +213,7 @@ fn run_net_guest(net: impl Fn(u16) -> NetSpec, reply: bool) -> (testguest::Repor
         "tg.nblk=0 tg.ncon=0 tg.nnet=1 {}",
         testguest::virtio_net_cmdline(0, passt::GUEST_MAC, GUEST_IP, GATEWAY_IP, port, reply)
     );
-    let config = vmm::VmConfig {
-        vcpus: 1,
-        memory_mib: 64,
-        kernel: testguest::path(testguest::VIRTIO),
-        cmdline,
-        network: Some(passt::network_config(&net)),
-        ..Default::default()
-    };
+    let config = virtio_guest(cmdline, &net);
     let console = Capture::default();
     let t = Instant::now();
     let vm = vmm::Vm::start(&config, Box::new(console.clone())).expect("VM starts");
@@ -295,14 +300,7 @@ fn a_restored_vm_announces_the_guests_mac_to_its_new_network() {
         "tg.nblk=0 tg.ncon=0 tg.nnet=1 tg.wait_ms=30000 {}",
         testguest::virtio_net_cmdline(0, passt::GUEST_MAC, GUEST_IP, GATEWAY_IP, 9, true)
     );
-    let config = vmm::VmConfig {
-        vcpus: 1,
-        memory_mib: 64,
-        kernel: testguest::path(testguest::VIRTIO),
-        cmdline,
-        network: Some(passt::network_config(&net)),
-        ..Default::default()
-    };
+    let config = virtio_guest(cmdline, &net);
     let vm = vmm::Vm::start(&config, Box::new(Capture::default())).expect("VM starts");
     let mut stream = vm.take_network().unwrap();
     let arp = recv_frame(&mut stream, 0x0806);

@@ -13,8 +13,8 @@
 //!   need the agent to set up an overlay; a block-level copy-on-write device in the VMM would
 //!   remove the copy altogether — both later, if the copy ever shows in profiles.)
 //! - Network (`spec.net`): the VMM's virtio-net device, its frame stream handed to a passt
-//!   process (`passt.rs`) that gives the guest the same NAT, gateway, DNS and forwarded ports as
-//!   QEMU's slirp on the qemu engine; the VMM applies the egress policy (`outbound`).
+//!   process (`passt.rs`): the same NAT, gateway, DNS and forwarded ports as on the qemu engine;
+//!   the device applies the egress policy itself.
 //! - Linux boots here only on hardware KVM; [`super::select`] refuses `kvm` elsewhere, and the
 //!   VMM itself refuses a Linux kernel on such hosts (`E_UNSUPPORTED_GUEST`). Freestanding
 //!   guests (crates/testguest) run everywhere KVM does, which the tests use for the plumbing.
@@ -201,7 +201,7 @@ fn launch(
         console,
         reader,
         tail,
-        _network: network,
+        network,
         _dir: dir,
     }))
 }
@@ -226,7 +226,7 @@ struct KvmVm {
     reader: Option<ConsoleReader>,
     tail: Tail,
     /// passt, killed once the VM is (it also exits when its socket closes).
-    _network: Option<passt::Passt>,
+    network: Option<passt::Passt>,
     /// Dropped last: the root disk copy goes when the VM does (a restored VM's copy is the
     /// VMM's own).
     _dir: RunDir,
@@ -260,7 +260,7 @@ impl RunningVm for KvmVm {
     }
 
     fn set_egress(&self, policy: vmm::EgressPolicy) -> Result<()> {
-        if self._network.is_none() {
+        if self.network.is_none() {
             return Err(super::no_network());
         }
         Ok(self.vm.set_egress(policy)?)
