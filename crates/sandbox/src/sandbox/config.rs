@@ -77,8 +77,8 @@ pub struct SandboxConfig {
     /// Host directories shared into the guest (virtio-9p on engine `qemu`), mounted at boot.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<Volume>,
-    /// A network interface for the guest (`eth0`, user-mode NAT on engine `qemu`); none by
-    /// default.
+    /// A network interface for the guest (`eth0` behind user-mode NAT: passt, with the egress
+    /// policy between, on either engine); none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
     /// The caller's own labels (`Sandbox.list({ metadata })` selects by them; snapshots keep
