@@ -18,6 +18,8 @@ test('new SandboxPool() takes a config or a snapshot, and checks its counts', (t
   t.is(code({ snapshot: '' }), 'E_INVALID_ARGUMENT')
   t.is(code({ config: {}, size: -1 }), 'E_INVALID_ARGUMENT')
   t.is(code({ config: { memoryMib: 1 } }), 'E_CONFIG_MEMORY')
+  t.is(code({ config: {}, ports: () => [] }), 'E_INVALID_ARGUMENT')
+  t.is(code({ snapshot: '/tmp/x', ports: ['80'] }), 'E_INVALID_ARGUMENT')
 })
 
 perTier(test, 'SandboxPool', (tier, engine) => {
@@ -62,17 +64,20 @@ perTier(test, 'SandboxPool', (tier, engine) => {
   test.serial(`${tier}: a pool of a snapshot's clones: each starts from the snapshot, apart from the others`, async (t) => {
     requireGuestImages()
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mc-pool-snap-'))
-    const origin = await Sandbox.builder('pool-origin').engine(engine).memory(256).create()
+    // Its network forwards a port: each clone gets a host port of its own from `ports`.
+    const origin = await Sandbox.builder('pool-origin').engine(engine).memory(256).network({ outbound: false, ports: ['8080'] }).create()
     try {
       await origin.shell('echo from-the-snapshot > /root/mark')
       await origin.snapshot(dir)
     } finally {
       await origin.kill()
     }
-    const pool = new SandboxPool({ snapshot: dir, size: 2 })
+    let next = 20000 + (process.pid % 20000)
+    const pool = new SandboxPool({ snapshot: dir, size: 2, ports: () => [`${next++}:8080`] })
     try {
       await pool.filled()
       const [a, b] = [await pool.acquire(), await pool.acquire()]
+      t.notDeepEqual(a.network.ports, b.network.ports)
       t.is((await a.shell('cat /root/mark')).stdoutText(), 'from-the-snapshot\n')
       await a.shell('echo changed > /root/mark')
       t.is((await b.shell('cat /root/mark')).stdoutText(), 'from-the-snapshot\n')

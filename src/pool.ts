@@ -386,6 +386,11 @@ export interface SandboxPoolOptions {
    * independent clone. Its configuration's `maxDurationMs`, if any, applies from `acquire()`.
    */
   snapshot?: string
+  /**
+   * With `snapshot`: the forwarded ports of each clone (`"HOST:GUEST[/udp]"`), asked for every
+   * clone made: clones of a snapshot whose network forwards ports need host ports of their own.
+   */
+  ports?: () => string[]
   /** Sandboxes kept ready (default 2). */
   size?: number
   /** Sandboxes made at once in the background (default 1). */
@@ -404,6 +409,7 @@ export class SandboxPool extends WarmPool<Sandbox, Sandbox> {
   /** The configuration sandboxes are created with (null for a snapshot's pool). */
   readonly config: SandboxConfig | null
   readonly snapshot: string | null
+  readonly #ports: (() => string[]) | undefined
   readonly #maxDurationMs: number | undefined
 
   constructor(options: SandboxPoolOptions) {
@@ -414,16 +420,20 @@ export class SandboxPool extends WarmPool<Sandbox, Sandbox> {
     if (o.snapshot !== undefined && (typeof o.snapshot !== 'string' || o.snapshot === '')) {
       throw new MicrocellError('E_INVALID_ARGUMENT', `snapshot must be a snapshot directory, got ${String(o.snapshot)}`)
     }
+    if (o.ports !== undefined && (typeof o.ports !== 'function' || o.snapshot === undefined)) {
+      throw new MicrocellError('E_INVALID_ARGUMENT', 'ports is a function giving each clone of the snapshot its ports (with snapshot only; a config has its own)')
+    }
     const config = o.config === undefined ? null : Sandbox.validate(o.config)
     super(checkCount('size', o.size, 2, 0), checkCount('concurrency', o.concurrency, 1, 1))
     this.config = config
     this.snapshot = o.snapshot ?? null
+    this.#ports = o.ports
     this.#maxDurationMs = config?.maxDurationMs
     this.start()
   }
 
   protected make(): Promise<Sandbox> {
-    if (this.config === null) return Sandbox.fromSnapshot(this.snapshot as string)
+    if (this.config === null) return Sandbox.fromSnapshot(this.snapshot as string, this.#ports ? { ports: this.#ports() } : {})
     // The deadline starts at acquire(): made without it.
     const { maxDurationMs: _, ...config } = this.config
     return Sandbox.create(config)
