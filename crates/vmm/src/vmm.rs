@@ -403,6 +403,9 @@ impl VmShell {
 pub struct RestoreOptions {
     /// Disk images to use instead of the snapshot's (e.g. per-clone copies), by index.
     pub block_devices: Option<Vec<BlockDeviceConfig>>,
+    /// The network device's MAC and policy instead of the snapshot's (a clone's own forwarded
+    /// ports); `E_CONFIG` when the snapshot has no network device.
+    pub network: Option<NetworkConfig>,
 }
 
 /// A running (or ended) VM. Dropping it kills the VM.
@@ -520,6 +523,12 @@ impl Vm {
                 )));
             }
             config.block_devices = disks;
+        }
+        if let Some(network) = options.network {
+            if config.network.is_none() {
+                return Err(Error::Config("the snapshot has no network device: a network cannot be given to its clone".into()));
+            }
+            config.network = Some(network);
         }
         if shell.memory_mib != config.memory_mib
             || shell.vcpus.len() != usize::from(config.vcpus)

@@ -556,7 +556,7 @@ fn virtio_devices_and_interrupts_work_after_restore() {
     let shell = snap.shell().expect("shell");
     let console = Capture::default();
     let t = Instant::now();
-    let vm = Vm::restore_in(shell, &snap, Box::new(console.clone()), RestoreOptions { block_devices: Some(disks) })
+    let vm = Vm::restore_in(shell, &snap, Box::new(console.clone()), RestoreOptions { block_devices: Some(disks), ..Default::default() })
         .expect("restore_in");
     let restore = t.elapsed();
     let mut clone = VirtioClone::new(vm, console, 0x5a, &vs.taken.prefix);
@@ -627,7 +627,7 @@ fn concurrent_clones_see_only_their_own_memory_and_leave_the_snapshot_unchanged(
             disks[0].path = copy.clone();
             copies.push(copy);
             let shell = snap.shell().expect("shell");
-            Vm::restore_in(shell, &snap, Box::new(console.clone()), RestoreOptions { block_devices: Some(disks) })
+            Vm::restore_in(shell, &snap, Box::new(console.clone()), RestoreOptions { block_devices: Some(disks), ..Default::default() })
                 .expect("restore_in")
         };
         clones.push((vm, console));

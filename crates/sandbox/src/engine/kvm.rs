@@ -111,7 +111,9 @@ impl Engine for KvmEngine {
         let snapshot = vmm::LoadedSnapshot::load(dir)?;
         // The VMM gives the clone its own copy of the snapshot's root disk; the run directory
         // holds what else the clone needs on the host (passt's pid file).
-        launch(spec, run_dir()?, |console| vmm::Vm::restore(&snapshot, console, vmm::RestoreOptions::default()))
+        // The network's policy follows the spec (a clone may forward ports of its own).
+        let options = vmm::RestoreOptions { network: spec.net.as_ref().map(passt::network_config), ..Default::default() };
+        launch(spec, run_dir()?, |console| vmm::Vm::restore(&snapshot, console, options))
     }
 }
 

@@ -178,7 +178,8 @@ pub fn filter(vm: UnixStream, policy: vmm::LivePolicy) -> std::io::Result<UnixSt
     }
     let (vm_reader, ours_writer) = (vm.try_clone()?, ours.try_clone()?);
     std::thread::Builder::new().name("mc-net-out".into()).spawn(move || {
-        let _ = guest_frames(vm_reader, &ours_writer, &policy);
+        // Buffered: a guest frame is two reads (its length, then it), mostly of one buffer.
+        let _ = guest_frames(BufReader::with_capacity(256 << 10, vm_reader), &ours_writer, &policy);
         let _ = ours_writer.shutdown(std::net::Shutdown::Both);
     })?;
     std::thread::Builder::new().name("mc-net-in".into()).spawn(move || {
@@ -198,7 +199,7 @@ pub fn filter(vm: UnixStream, policy: vmm::LivePolicy) -> std::io::Result<UnixSt
 
 /// Copies length-prefixed frames from `vm` to `out` while `policy` allows them, one write per
 /// frame (see the VMM's net device); ends at EOF or on a stream that is not frames.
-fn guest_frames(mut vm: UnixStream, mut out: &UnixStream, policy: &vmm::LivePolicy) -> std::io::Result<()> {
+fn guest_frames(mut vm: impl Read, mut out: &UnixStream, policy: &vmm::LivePolicy) -> std::io::Result<()> {
     let mut frame = Vec::new();
     loop {
         let mut prefix = [0u8; 4];

@@ -169,8 +169,8 @@ pub struct NetworkConfig {
     /// beyond (default true); forwarded ports work either way.
     #[serde(default = "yes")]
     pub outbound: bool,
-    /// TCP ports forwarded from the host's loopback into the guest: `"HOST:GUEST"` or `"PORT"`
-    /// (the same number on both sides).
+    /// Ports forwarded from the host's loopback into the guest: `"HOST:GUEST"` or `"PORT"` (the
+    /// same number on both sides), TCP unless followed by `/udp`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<String>,
     /// With `outbound`: destinations the guest may not reach — `"a.b.c.d"`, `"a.b.c.d/n"`,

@@ -166,10 +166,6 @@ impl Sandbox {
         let detail = engine.describe();
         let spec = meta.boot_spec(options.console_output.clone());
         let vm = engine.restore(dir, &spec)?;
-        if let Some(net) = &spec.net {
-            // The policy from the configuration, whose ports may be this clone's own.
-            vm.set_egress(crate::engine::passt::network_config(net).egress)?;
-        }
         let timeout = options.timeout.unwrap_or(Duration::from_millis(u64::from(config.boot_timeout_ms)));
         let (agent, ready) = connect(vm.as_ref(), &detail, t0 + timeout, timeout)?;
         let info = ReadyInfo {

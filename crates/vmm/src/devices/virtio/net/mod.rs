@@ -16,12 +16,14 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::Bytes;
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 
 use self::egress::LivePolicy;
 use super::{read_config_bytes, Activation, ActiveQueues, SocketInterest, VirtioDevice, TYPE_NET};
 use crate::event_loop::Interest;
+use crate::vstate::memory::GuestRam;
 
 const F_MAC: u64 = 1 << 5;
 const QUEUE_SIZE: u16 = 256;
@@ -58,9 +60,8 @@ pub struct Net {
     rx_start: usize,
     /// What one read lands in.
     scratch: Box<[u8]>,
-    /// Framed guest frames not yet written to the socket; `tx_sent` bytes of the first are.
-    tx: VecDeque<Vec<u8>>,
-    tx_sent: usize,
+    /// Guest frames not yet written to the socket, each behind its length prefix.
+    tx: VecDeque<Outgoing>,
     tx_bytes: usize,
     host_closed: bool,
     drops: Drops,
@@ -85,7 +86,6 @@ impl Net {
             rx_start: 0,
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
             tx: VecDeque::new(),
-            tx_sent: 0,
             tx_bytes: 0,
             host_closed: false,
             drops: Drops::default(),
@@ -118,35 +118,23 @@ impl Net {
     fn deliver(&mut self) {
         let Some(a) = self.active.as_mut() else { return };
         let mut used = false;
-        let mut packet = Vec::new();
+        let mut header = [0u8; HEADER];
+        header[NUM_BUFFERS_OFFSET..].copy_from_slice(&1u16.to_le_bytes());
         while let Some(len) = whole_frame(&self.rx[self.rx_start..]) {
             let Some(chain) = a.queues[RX].pop_descriptor_chain(&a.mem) else { break };
             let head = chain.head_index();
-            let frame = self.rx_start + LENGTH_PREFIX;
-            packet.clear();
-            packet.resize(HEADER, 0);
-            packet[NUM_BUFFERS_OFFSET..HEADER].copy_from_slice(&1u16.to_le_bytes());
-            packet.extend_from_slice(&self.rx[frame..frame + len]);
-            self.rx_start = frame + len;
+            let start = self.rx_start + LENGTH_PREFIX;
+            let frame = &self.rx[start..start + len];
+            self.rx_start = start + len;
             let room: usize = chain.clone().filter(|d| d.is_write_only()).map(|d| d.len() as usize).sum();
-            if room < packet.len() {
+            if room < HEADER + len {
                 // Dropped, and the buffer serves the next frame.
                 self.drops.too_big_for_guest += 1;
                 a.queues[RX].go_to_previous_position();
                 continue;
             }
-            let mut written = 0usize;
-            for desc in chain.filter(|d| d.is_write_only()) {
-                let n = (desc.len() as usize).min(packet.len() - written);
-                if a.mem.write_slice(&packet[written..written + n], desc.addr()).is_err() {
-                    tracing::warn!("virtio-net: receive buffer outside guest memory");
-                    break;
-                }
-                written += n;
-                if written == packet.len() {
-                    break;
-                }
-            }
+            // The header, then the frame, straight from the stream into the guest's buffers.
+            let written = write_across(&a.mem, chain.filter(|d| d.is_write_only()), [&header, frame]);
             if a.queues[RX].add_used(&a.mem, head, written as u32).is_err() {
                 break;
             }
@@ -195,13 +183,12 @@ impl Net {
     /// bytes a read ends with), and the kernel splits a write only between buffers, each much
     /// larger than a prefix.
     fn flush_tx(&mut self) -> bool {
-        while let Some(front) = self.tx.front() {
-            match self.host.write(&front[self.tx_sent..]) {
+        while let Some(front) = self.tx.front_mut() {
+            match self.host.write(&front.bytes[front.at..]) {
                 Ok(n) => {
-                    self.tx_sent += n;
-                    if self.tx_sent == front.len() {
-                        self.tx_bytes -= front.len();
-                        self.tx_sent = 0;
+                    front.at += n;
+                    self.tx_bytes -= n;
+                    if front.at == front.bytes.len() {
                         self.tx.pop_front();
                     }
                 }
@@ -217,7 +204,6 @@ impl Net {
             }
         }
         self.tx.clear();
-        self.tx_sent = 0;
         self.tx_bytes = 0;
         true
     }
@@ -225,7 +211,6 @@ impl Net {
     /// Copies guest frames out (freeing their buffers at once), through the egress policy, to the
     /// socket.
     fn guest_to_host(&mut self) {
-        let mut frame = Vec::new();
         loop {
             if !self.flush_tx() && self.tx_bytes >= TX_HIGH_WATER {
                 break;
@@ -233,7 +218,8 @@ impl Net {
             let Some(a) = self.active.as_mut() else { break };
             let Some(chain) = a.queues[TX].pop_descriptor_chain(&a.mem) else { break };
             let head = chain.head_index();
-            frame.clear();
+            // Gathered once: the header's last bytes become the length prefix in place.
+            let mut frame = Vec::new();
             let mut ok = true;
             for desc in chain.filter(|d| !d.is_write_only()) {
                 let len = desc.len() as usize;
@@ -255,17 +241,50 @@ impl Net {
                 None => self.drops.malformed += 1,
                 Some(_) if self.host_closed => {}
                 Some(b) if !self.egress.allows(b) => self.drops.egress += 1,
-                Some(b) => {
-                    let mut framed = Vec::with_capacity(LENGTH_PREFIX + b.len());
-                    framed.extend_from_slice(&(b.len() as u32).to_be_bytes());
-                    framed.extend_from_slice(b);
-                    self.tx_bytes += framed.len();
-                    self.tx.push_back(framed);
-                }
+                Some(_) => self.queue_tx(frame, HEADER - LENGTH_PREFIX),
             }
         }
         self.set_interest();
     }
+
+    /// Queues `bytes[at + LENGTH_PREFIX..]` as a frame, its length written over `bytes[at..]`.
+    fn queue_tx(&mut self, mut bytes: Vec<u8>, at: usize) {
+        let len = (bytes.len() - at - LENGTH_PREFIX) as u32;
+        bytes[at..at + LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
+        self.tx_bytes += bytes.len() - at;
+        self.tx.push_back(Outgoing { bytes, at });
+    }
+}
+
+/// A guest frame on its way to the socket: `bytes[at..]` is still to be written.
+struct Outgoing {
+    bytes: Vec<u8>,
+    at: usize,
+}
+
+/// Writes `parts` one after the other across `descriptors`; returns the bytes written (fewer
+/// when a buffer lies outside guest memory).
+fn write_across(mem: &GuestRam, descriptors: impl Iterator<Item = Descriptor>, parts: [&[u8]; 2]) -> usize {
+    let mut parts = parts.into_iter().filter(|p| !p.is_empty());
+    let (mut part, mut offset, mut written) = (parts.next(), 0usize, 0usize);
+    for desc in descriptors {
+        let (mut addr, end) = (desc.addr().0, desc.addr().0 + u64::from(desc.len()));
+        while let Some(p) = part.filter(|_| addr < end) {
+            let n = ((end - addr) as usize).min(p.len() - offset);
+            if mem.write_slice(&p[offset..offset + n], GuestAddress(addr)).is_err() {
+                tracing::warn!("virtio-net: receive buffer outside guest memory");
+                return written;
+            }
+            (addr, offset, written) = (addr + n as u64, offset + n, written + n);
+            if offset == p.len() {
+                (part, offset) = (parts.next(), 0);
+            }
+        }
+        if part.is_none() {
+            break;
+        }
+    }
+    written
 }
 
 /// The length a buffered stream announces for its next frame.
@@ -341,11 +360,9 @@ impl VirtioDevice for Net {
     /// QEMU does after a migration. passt sends to the MAC it has seen from the guest; a guest
     /// that sends nothing by itself (a server without outbound access) would stay unreachable.
     fn restore_state(&mut self, _state: &[u8]) -> Result<(), String> {
-        let frame = rarp_announce(self.config[..6].try_into().expect("6 bytes"));
-        let mut framed = (frame.len() as u32).to_be_bytes().to_vec();
-        framed.extend_from_slice(&frame);
-        self.tx_bytes += framed.len();
-        self.tx.push_back(framed);
+        let mut bytes = vec![0u8; LENGTH_PREFIX];
+        bytes.extend(rarp_announce(self.config[..6].try_into().expect("6 bytes")));
+        self.queue_tx(bytes, 0);
         self.set_interest();
         Ok(())
     }
