@@ -12,7 +12,7 @@ import test from 'ava'
 
 import { MicrocellError, SANDBOX_ERROR_CODES, Sandbox, SandboxBuilder, hostInfo } from 'microcell'
 
-import { qemuChildren } from './guest.mjs'
+import { qemuChildren, tiers } from './guest.mjs'
 import { root, tempDir, within } from './helpers.mjs'
 
 const host = hostInfo()
@@ -311,13 +311,7 @@ function suite(tier, engine, skipReason) {
   })
 }
 
-const qemuSkip = host.qemu === null ? `QEMU is not installed here: ${host.qemuUnavailable}` : null
-suite('T2', 'qemu', qemuSkip)
-
-const kvmSkip = host.canBootLinux
-  ? null
-  : `needs a host where the built-in VMM boots Linux (hardware KVM); this host: kvmFlavour=${host.kvmFlavour}: ${host.reason}`
-suite('T3', 'kvm', kvmSkip)
+for (const { tier, engine, skip } of tiers) suite(tier, engine, skip)
 
 if (!host.canBootLinux) {
   test('T3 here: engine "kvm" is refused with a coded error that says why and what to use', async (t) => {

@@ -118,9 +118,10 @@ export function rssSplit(pid, guestBytes) {
   return { guestKib: guest, otherKib: other }
 }
 
-export function write(name, results, notes = []) {
-  const doc = { benchmark: name, date: new Date().toISOString(), host: host(), results }
-  const dir = path.join(root, 'bench', 'results')
+/** Writes bench/results/<name>.{json,md} (or into MICROCELL_BENCH_RESULTS: the nested VM's way out). */
+export function write(name, results, notes = [], extraHost = {}) {
+  const doc = { benchmark: name, date: new Date().toISOString(), host: { ...host(), ...extraHost }, results }
+  const dir = process.env.MICROCELL_BENCH_RESULTS || path.join(root, 'bench', 'results')
   fs.mkdirSync(dir, { recursive: true })
   fs.writeFileSync(path.join(dir, `${name}.json`), JSON.stringify(doc, null, 2) + '\n')
   const h = doc.host

@@ -3,12 +3,16 @@
 #
 #   scripts/guest/build-kernel.sh            # build if needed
 #   MICROCELL_CACHE=/some/dir scripts/guest/build-kernel.sh
+#   scripts/guest/build-kernel.sh nested     # the L1 kernel of the nested T3 tier
 #
+# Flavours: `guest` (default) is the sandbox guest kernel (guest/kernel.config); `nested` is
+# the kernel of the nested tier's L1 VM (guest/kernel.config + guest/nested-host.config: KVM
+# with AMD SVM, namespaces and seccomp for passt), cached and built apart (kernel-nested-*).
 # Source: Debian's linux-source-6.1 (installed with apt-get if missing).
 # Config: `make ARCH=x86_64 tinyconfig` + guest/kernel.config, then olddefconfig; every
 #         option the fragment sets is checked afterwards (the build fails listing the misses).
 # Output: ${MICROCELL_CACHE:-$HOME/.cache/microcell}/kernel-<hash>/{vmlinux,bzImage,config,build.log,info}
-#         where <hash> = sha256(fragment, this script, linux-source package version);
+#         where <hash> = sha256(fragments, this script, linux-source package version);
 #         ${cache}/kernel-current -> kernel-<hash>.
 #         vmlinux is stripped, its segments packed (compact-elf.py: 15 -> 10 MiB), and it
 #         keeps its PVH note (XEN_ELFNOTE_PHYS32_ENTRY).
@@ -18,7 +22,12 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-fragment="$repo/guest/kernel.config"
+flavour=${1:-guest}
+case "$flavour" in
+  guest) fragments=("$repo/guest/kernel.config"); prefix=kernel ;;
+  nested) fragments=("$repo/guest/kernel.config" "$repo/guest/nested-host.config"); prefix=kernel-nested ;;
+  *) echo "usage: build-kernel.sh [guest|nested]" >&2; exit 2 ;;
+esac
 script="$here/build-kernel.sh"
 compactor="$here/compact-elf.py"
 cache=${MICROCELL_CACHE:-$HOME/.cache/microcell}
@@ -51,11 +60,11 @@ if [ -z "$srcver" ]; then
   [ -n "$srcver" ] && [ "$srcver" != "(none)" ] || die "apt knows no $pkg"
 fi
 
-hash=$( { cat "$fragment" "$script" "$compactor"; echo "$pkg=$srcver"; } | sha256sum | cut -c1-16)
-out="$cache/kernel-$hash"
+hash=$( { cat "${fragments[@]}" "$script" "$compactor"; echo "$pkg=$srcver"; } | sha256sum | cut -c1-16)
+out="$cache/$prefix-$hash"
 
 publish() {
-  ln -sfn "kernel-$hash" "$cache/kernel-current"
+  ln -sfn "$prefix-$hash" "$cache/$prefix-current"
   say "kernel: $out (vmlinux $(du -h "$out/vmlinux" | cut -f1), bzImage $(du -h "$out/bzImage" | cut -f1))"
   echo "$out/vmlinux"
 }
@@ -67,8 +76,8 @@ if [ -z "${MICROCELL_FORCE:-}" ] && [ -f "$out/vmlinux" ] && [ -f "$out/bzImage"
 fi
 
 mkdir -p "$cache"
-exec 9>"$cache/.kernel.lock"
-flock -n 9 || { say "waiting for another build holding $cache/.kernel.lock"; flock 9; }
+exec 9>"$cache/.$prefix.lock"
+flock -n 9 || { say "waiting for another build holding $cache/.$prefix.lock"; flock 9; }
 if [ -z "${MICROCELL_FORCE:-}" ] && [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
   say "built meanwhile by another run"
   publish
@@ -84,7 +93,7 @@ command -v python3 >/dev/null || need+=(python3-minimal)
 [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
 srcver=$(pkg_version "$pkg")
 # the hash must describe what is really built
-[ "$( { cat "$fragment" "$script" "$compactor"; echo "$pkg=$srcver"; } | sha256sum | cut -c1-16)" = "$hash" ] ||
+[ "$( { cat "${fragments[@]}" "$script" "$compactor"; echo "$pkg=$srcver"; } | sha256sum | cut -c1-16)" = "$hash" ] ||
   die "$pkg installed as $srcver, not the version the hash was computed for; run again"
 
 tarball=$(ls /usr/src/linux-source-6.1.tar.* 2>/dev/null | head -1)
@@ -98,16 +107,17 @@ if [ ! -f "$src/.unpacked" ]; then
 fi
 
 # One build directory per source version: a changed fragment rebuilds incrementally.
-build="$cache/build/linux-$srcver"
+suffix=""; [ "$flavour" = guest ] || suffix="-$flavour"
+build="$cache/build/linux-$srcver$suffix"
 mkdir -p "$build"
 log="$build/build.log"
 : >"$log"
 mk() { nice -n 10 make -C "$src" O="$build" ARCH=x86_64 "$@" >>"$log" 2>&1; }
 
 # --- 3. configure and check ----------------------------------------------------------------
-say "configuring: tinyconfig + guest/kernel.config"
+say "configuring: tinyconfig + ${fragments[*]#$repo/}"
 mk tinyconfig || { tail -30 "$log" >&2; die "make tinyconfig failed (log: $log)"; }
-cat "$fragment" >>"$build/.config"
+cat "${fragments[@]}" >>"$build/.config"
 mk olddefconfig || { tail -30 "$log" >&2; die "make olddefconfig failed (log: $log)"; }
 
 missing=()
@@ -119,13 +129,13 @@ while IFS= read -r line; do
     ! grep -qE "^${BASH_REMATCH[1]}=" "$build/.config" ||
       missing+=("${BASH_REMATCH[1]} (wanted unset, got: $(grep -E "^${BASH_REMATCH[1]}=" "$build/.config"))")
   fi
-done <"$fragment"
+done < <(cat "${fragments[@]}")
 if [ ${#missing[@]} -gt 0 ]; then
   printf '[build-kernel] ERROR: %d requested option(s) did not end up in .config (unmet dependencies?):\n' "${#missing[@]}" >&2
   printf '  %s\n' "${missing[@]}" >&2
   exit 1
 fi
-say "config ok: all $(grep -cE '^(CONFIG_|# CONFIG_.* is not set)' "$fragment") requested options set"
+say "config ok: all $(cat "${fragments[@]}" | grep -cE '^(CONFIG_|# CONFIG_.* is not set)') requested options set"
 
 # --- 4. build ------------------------------------------------------------------------------
 say "building vmlinux + bzImage with make -j$jobs (log: $log)"

@@ -9,6 +9,10 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "../../vmm/tests/common/kvm.rs"]
+mod kvm;
+use kvm::require_kvm;
+
 use sandbox::engine::passt::{self, Passt};
 use sandbox::engine::{EngineKind, NetSpec, PortForward};
 
@@ -20,14 +24,10 @@ fn say(line: &str) {
 }
 
 /// passt must be installed (scripts/setup.sh installs it); outside CI a missing one skips.
-fn passt_or_skip(test: &str) -> bool {
-    match passt::find_passt() {
-        Ok(_) => true,
-        Err(e) if std::env::var_os("CI").is_some() => panic!("{test}: CI must have passt: {e}"),
-        Err(e) => {
-            say(&format!("SKIP {test}: {e}"));
-            false
-        }
+/// passt is part of the set-up (scripts/setup.sh installs it): a missing one fails the test.
+fn require_passt(test: &str) {
+    if let Err(e) = passt::find_passt() {
+        panic!("{test}: needs passt (./scripts/setup.sh installs it): {e}");
     }
 }
 
@@ -108,9 +108,7 @@ fn udp_frame(src_mac: [u8; 6], dst_mac: &[u8], dst_port: u16, payload: &[u8]) ->
 
 #[test]
 fn passt_answers_for_the_gateway_and_carries_udp_to_the_hosts_loopback() {
-    if !passt_or_skip("passt") {
-        return;
-    }
+    require_passt("passt");
     let (port, got) = echo_server();
     let (mut ours, theirs) = UnixStream::pair().unwrap();
     let dir = run_dir();
@@ -133,9 +131,7 @@ fn passt_answers_for_the_gateway_and_carries_udp_to_the_hosts_loopback() {
 
 #[test]
 fn a_taken_host_port_is_a_coded_error_that_names_it() {
-    if !passt_or_skip("passt port") {
-        return;
-    }
+    require_passt("passt port");
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let (_ours, theirs) = UnixStream::pair().unwrap();
@@ -149,9 +145,7 @@ fn a_taken_host_port_is_a_coded_error_that_names_it() {
 
 #[test]
 fn passt_goes_when_dropped_and_when_the_vm_end_closes() {
-    if !passt_or_skip("passt lifetime") {
-        return;
-    }
+    require_passt("passt lifetime");
     // Whether a process runs (a zombie has exited; a reaped one is gone).
     let runs = |pid: u32| -> bool {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -230,19 +224,10 @@ fn run_net_guest(net: impl Fn(u16) -> NetSpec, reply: bool) -> (testguest::Repor
     (testguest::Report::parse(&out), out, got)
 }
 
-fn kvm_or_skip(test: &str) -> bool {
-    let host = vmm::host::cached();
-    if !host.kvm_device {
-        say(&format!("SKIP {test}: /dev/kvm is not usable here ({})", host.reason));
-    }
-    host.kvm_device
-}
-
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn the_virtio_net_guest_reaches_the_host_through_passt() {
-    if !kvm_or_skip("virtio-net guest") || !passt_or_skip("virtio-net guest") {
-        return;
-    }
+    require_kvm();
     let (report, out, got) = run_net_guest(|_| NetSpec { outbound: true, ..Default::default() }, true);
     assert!(report.all_passed(), "failed: {:?}\nconsole:\n{out}", report.failed);
     for check in ["net0.features", "net0.mac", "net0.arp", "net0.udp", "net0.udp_batch", "net0.interrupts"] {
@@ -262,10 +247,9 @@ fn the_virtio_net_guest_reaches_the_host_through_passt() {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn without_outbound_the_device_drops_what_the_guest_sends_but_arp() {
-    if !kvm_or_skip("virtio-net egress") || !passt_or_skip("virtio-net egress") {
-        return;
-    }
+    require_kvm();
     let (report, out, got) = run_net_guest(|_| NetSpec::default(), false);
     assert!(report.all_passed(), "failed: {:?}\nconsole:\n{out}", report.failed);
     assert!(report.passed.iter().any(|c| c == "net0.arp"), "ARP still resolves:\n{out}");
@@ -273,10 +257,9 @@ fn without_outbound_the_device_drops_what_the_guest_sends_but_arp() {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn without_outbound_a_forwarded_udp_port_still_answers() {
-    if !kvm_or_skip("virtio-net udp port") || !passt_or_skip("virtio-net udp port") {
-        return;
-    }
+    require_kvm();
     // The guest sends from its UDP port 40000: forwarded, its datagrams pass as answers.
     let guest_port = testguest::VIRTIO_NET_GUEST_UDP_PORT;
     let spare = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -289,10 +272,9 @@ fn without_outbound_a_forwarded_udp_port_still_answers() {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn a_restored_vm_announces_the_guests_mac_to_its_new_network() {
-    if !kvm_or_skip("virtio-net restore") {
-        return;
-    }
+    require_kvm();
     let net = NetSpec { outbound: true, ..Default::default() };
     // The guest waits long for an ARP answer nobody gives: a point to snapshot at with the
     // device active.

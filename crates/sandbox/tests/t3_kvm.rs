@@ -16,68 +16,60 @@ use sandbox::{Sandbox, SandboxConfig};
 
 const ENGINE: EngineChoice = EngineChoice::Kvm;
 
-/// The lock, or `None` (with the SKIP line printed) where T3 cannot run.
-fn t3(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
-    if let Some(reason) = t3_skip_reason() {
-        say(&format!("SKIP T3: {reason} [{test}]"));
-        return None;
-    }
+/// T3's lock, after checking the host can run it (the T3 tests are #[ignore]d elsewhere).
+fn t3() -> std::sync::MutexGuard<'static, ()> {
+    require_linux_kvm();
     let guard = serial();
     images();
-    Some(guard)
+    guard
 }
 
 #[test]
+#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host or in the nested VM (scripts/nested/run-t3.sh)"]
 fn t3_create_ready_stop() {
-    let Some(_g) = t3("create_ready_stop") else {
-        return;
-    };
+    let _g = t3();
     create_ready_stop(ENGINE, EngineKind::Kvm);
 }
 
 #[test]
+#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host or in the nested VM (scripts/nested/run-t3.sh)"]
 fn t3_exec_and_files() {
-    let Some(_g) = t3("exec_and_files") else {
-        return;
-    };
+    let _g = t3();
     exec_and_files(ENGINE);
 }
 
 #[test]
+#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host or in the nested VM (scripts/nested/run-t3.sh)"]
 fn t3_workload() {
-    let Some(_g) = t3("workload") else {
-        return;
-    };
+    let _g = t3();
     workload(ENGINE);
 }
 
 #[test]
+#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host or in the nested VM (scripts/nested/run-t3.sh)"]
 fn t3_twenty_cycles_leak_nothing() {
-    let Some(_g) = t3("twenty_cycles") else {
-        return;
-    };
+    let _g = t3();
     cycles(ENGINE, EngineKind::Kvm, 20);
 }
 
 #[test]
+#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host or in the nested VM (scripts/nested/run-t3.sh)"]
 fn t3_missing_kernel() {
-    let Some(_g) = t3("missing_kernel") else {
-        return;
-    };
+    let _g = t3();
     missing_kernel(ENGINE);
 }
 
 #[test]
+#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host or in the nested VM (scripts/nested/run-t3.sh)"]
 fn t3_corrupt_root_disk() {
-    let Some(_g) = t3("corrupt_root_disk") else {
-        return;
-    };
+    let _g = t3();
     corrupt_root(ENGINE);
 }
 
 #[test]
+#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host or in the nested VM (scripts/nested/run-t3.sh)"]
 fn t3_silent_agent_times_out() {
-    let Some(_g) = t3("silent_agent") else { return };
+    let _g = t3();
     silent_agent(ENGINE);
 }
 
@@ -105,14 +97,6 @@ fn engine_kvm_where_linux_cannot_boot_is_e_engine_unavailable() {
 
 // ---- the kvm engine's plumbing with freestanding test guests (T1 level) ----
 
-fn kvm_or_skip(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
-    if !vmm::host::cached().kvm_device {
-        say(&format!("SKIP kvm engine {test}: no usable /dev/kvm"));
-        return None;
-    }
-    Some(serial())
-}
-
 /// A small root disk for the test guests (they do not read it; the engine clones it).
 fn scratch_disk(dir: &std::path::Path) -> std::path::PathBuf {
     let p = dir.join("disk.img");
@@ -123,10 +107,10 @@ fn scratch_disk(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn kvm_engine_runs_a_guest_on_a_private_disk_copy_and_cleans_up() {
-    let Some(_g) = kvm_or_skip("plumbing") else {
-        return;
-    };
+    require_kvm();
+    let _g = serial();
     let dir = tempfile::tempdir().unwrap();
     let disk = scratch_disk(dir.path());
     let mut spec = BootSpec::new(testguest::path(testguest::HELLO), &disk);
@@ -168,10 +152,10 @@ fn kvm_engine_runs_a_guest_on_a_private_disk_copy_and_cleans_up() {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn kvm_engine_kill_and_drop_end_a_running_guest() {
-    let Some(_g) = kvm_or_skip("kill") else {
-        return;
-    };
+    require_kvm();
+    let _g = serial();
     let dir = tempfile::tempdir().unwrap();
     let disk = scratch_disk(dir.path());
     let mut spec = BootSpec::new(testguest::path(testguest::SPIN), &disk);
@@ -202,10 +186,10 @@ fn kvm_selection() -> EngineSelection {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn sandbox_on_kvm_a_guest_that_resets_is_e_agent_exited_with_its_console() {
-    let Some(_g) = kvm_or_skip("agent exited") else {
-        return;
-    };
+    require_kvm();
+    let _g = serial();
     let dir = tempfile::tempdir().unwrap();
     let cfg = SandboxConfig {
         kernel: Some(testguest::path(testguest::HELLO)),
@@ -227,10 +211,10 @@ fn sandbox_on_kvm_a_guest_that_resets_is_e_agent_exited_with_its_console() {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn sandbox_on_kvm_a_guest_that_never_answers_is_e_boot_timeout() {
-    let Some(_g) = kvm_or_skip("boot timeout") else {
-        return;
-    };
+    require_kvm();
+    let _g = serial();
     let dir = tempfile::tempdir().unwrap();
     let cfg = SandboxConfig {
         kernel: Some(testguest::path(testguest::HALT)),

@@ -195,6 +195,8 @@ struct Assembly {
     serial: Arc<Mutex<Serial>>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     host_ends: HostEnds,
+    /// The devices' ends of the host streams (clones), shut down when the VM ends.
+    device_ends: Vec<UnixStream>,
     egress: Option<LivePolicy>,
     cmdline_entries: Vec<String>,
 }
@@ -262,6 +264,7 @@ fn assemble(
     let mut event_loop = EventLoop::new().map_err(Error::Thread)?;
     let mut devices = DeviceManager::default();
     let mut virtio = Vec::new();
+    let mut device_ends = Vec::new();
     let mut transport_states = states.as_ref().map(|s| s.virtio.iter());
     let mut next_state = || transport_states.as_mut().and_then(Iterator::next);
     for (i, disk) in config.block_devices.iter().enumerate() {
@@ -276,6 +279,7 @@ fn assemble(
     }
     let channel = if config.control_channel {
         let (host_end, device_end) = UnixStream::pair().map_err(Error::Thread)?;
+        device_ends.push(device_end.try_clone().map_err(Error::Thread)?);
         let fd = device_end.as_raw_fd();
         let console = Console::new(CONTROL_PORT_NAME, device_end, event_loop.interest(fd)).map_err(Error::Thread)?;
         let state = next_state();
@@ -289,6 +293,7 @@ fn assemble(
             let (host_end, device_end) = UnixStream::pair().map_err(Error::Thread)?;
             size_stream_buffers(&host_end);
             size_stream_buffers(&device_end);
+            device_ends.push(device_end.try_clone().map_err(Error::Thread)?);
             let fd = device_end.as_raw_fd();
             let egress = LivePolicy::new(net.egress.clone());
             let device = Net::new(net.mac, egress.clone(), device_end, event_loop.interest(fd)).map_err(Error::Thread)?;
@@ -310,6 +315,7 @@ fn assemble(
         serial,
         virtio,
         host_ends: HostEnds { channel, network },
+        device_ends,
         egress,
         cmdline_entries: devices.cmdline_entries,
     })
@@ -583,6 +589,14 @@ impl Vm {
             carried_dirty: Mutex::new(Vec::new()),
         });
         let lifecycle = a.lifecycle;
+        // An ended VM hangs up its host streams, as an exiting QEMU process does: the other
+        // ends read what was sent, then end-of-stream (not silence).
+        let device_ends = a.device_ends;
+        lifecycle.set_on_end(Box::new(move || {
+            for s in &device_ends {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }));
         let ctx = Arc::new(RunContext {
             pio_bus: a.pio_bus,
             mmio_bus: a.mmio_bus,

@@ -32,7 +32,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
-use common::{kvm_or_skip, Capture};
+use common::{require_kvm, Capture};
 use testguest::{compute_cmdline, virtio_cmdline, Compute, Report, VIRTIO_ECHO_XOR, VIRTIO_GREETING};
 use vmm::{BlockDeviceConfig, ExitReason, LoadedSnapshot, RestoreOptions, Vm, VmConfig};
 
@@ -190,10 +190,9 @@ fn ticks_per_second() -> u64 {
 // ---- compute guest ----
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn compute_guest_prints_the_host_computed_result() {
-    if !kvm_or_skip("snapshot") {
-        return;
-    }
+    require_kvm();
     let _cpu = shared();
     let t = Instant::now();
     let console = Capture::default();
@@ -204,10 +203,9 @@ fn compute_guest_prints_the_host_computed_result() {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn ten_clones_of_a_mid_run_snapshot_finish_with_the_uninterrupted_result() {
-    if !kvm_or_skip("snapshot") {
-        return;
-    }
+    require_kvm();
     let _cpu = shared();
     let t0 = Instant::now();
     let dir = TempDir::new("clones");
@@ -271,10 +269,9 @@ fn ten_clones_of_a_mid_run_snapshot_finish_with_the_uninterrupted_result() {
 const CHILD_ENV: &str = "MC_SNAPSHOT_CHILD_DIR";
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn a_new_process_restores_from_the_snapshot_files_alone() {
-    if !kvm_or_skip("snapshot") {
-        return;
-    }
+    require_kvm();
     let _cpu = shared();
     let work = TempDir::new("child");
     let first = work.join("taken");
@@ -286,7 +283,7 @@ fn a_new_process_restores_from_the_snapshot_files_alone() {
 
     let t = Instant::now();
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["child_process_restore_helper", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
+        .args(["helper_child_process_restore", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
         .env(CHILD_ENV, &moved)
         .output()
         .expect("run the test binary again");
@@ -311,7 +308,7 @@ fn a_new_process_restores_from_the_snapshot_files_alone() {
 /// snapshot directory in MC_SNAPSHOT_CHILD_DIR; does nothing without it.
 #[test]
 #[ignore = "helper: run in a child process by a_new_process_restores_from_the_snapshot_files_alone"]
-fn child_process_restore_helper() {
+fn helper_child_process_restore() {
     let Some(dir) = std::env::var_os(CHILD_ENV) else {
         println!("nothing to do without {CHILD_ENV}");
         return;
@@ -327,10 +324,9 @@ fn child_process_restore_helper() {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn incremental_snapshot_writes_only_dirtied_pages_and_restores_to_the_result() {
-    if !kvm_or_skip("snapshot") {
-        return;
-    }
+    require_kvm();
     let _cpu = shared();
     let work = TempDir::new("incremental");
     let (full_dir, inc_dir, again_dir) = (work.join("full"), work.join("inc"), work.join("again"));
@@ -374,10 +370,9 @@ fn incremental_snapshot_writes_only_dirtied_pages_and_restores_to_the_result() {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn a_paused_vm_uses_no_cpu_and_resumes_to_the_result() {
-    if !kvm_or_skip("snapshot") {
-        return;
-    }
+    require_kvm();
     // Alone in the process: its CPU time is this VM's.
     let _cpu = CPU.write().unwrap_or_else(|p| p.into_inner());
     let c = Compute { rounds: 4, ..C }; // ~100 ms per step
@@ -541,10 +536,9 @@ fn assert_written_by_guest(before: &[u8], after: &[u8], who: &str) {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn virtio_devices_and_interrupts_work_after_restore() {
-    if !kvm_or_skip("snapshot") {
-        return;
-    }
+    require_kvm();
     let _cpu = shared();
     let vs = virtio_snapshot("virtio");
     let snap = LoadedSnapshot::load(&vs.dir).expect("load");
@@ -603,10 +597,9 @@ fn virtio_devices_and_interrupts_work_after_restore() {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn concurrent_clones_see_only_their_own_memory_and_leave_the_snapshot_unchanged() {
-    if !kvm_or_skip("snapshot") {
-        return;
-    }
+    require_kvm();
     let _cpu = shared();
     let vs = virtio_snapshot("isolation");
     let (mem, disk) = (vs.dir.join("vm.mem"), vs.dir.join("disk0.img"));
@@ -686,10 +679,9 @@ fn with_crc(mut bytes: Vec<u8>) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn damaged_snapshots_are_refused_with_a_code_before_any_guest_code_runs() {
-    if !kvm_or_skip("snapshot") {
-        return;
-    }
+    require_kvm();
     let _cpu = shared();
     let work = TempDir::new("bad");
     let good = work.join("good");
@@ -810,10 +802,9 @@ fn used_bytes(path: &Path) -> u64 {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn a_snapshot_that_runs_out_of_space_leaves_the_previous_one_intact() {
-    if !kvm_or_skip("snapshot") {
-        return;
-    }
+    require_kvm();
     let _cpu = shared();
     let work = TempDir::new("nospace");
     let dir = work.join("mnt");
@@ -848,10 +839,9 @@ fn a_snapshot_that_runs_out_of_space_leaves_the_previous_one_intact() {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn a_two_vcpu_vm_restores_mid_run() {
-    if !kvm_or_skip("snapshot") {
-        return;
-    }
+    require_kvm();
     let _cpu = shared();
     let work = TempDir::new("two-vcpus");
     let dir = work.join("snap");
@@ -875,10 +865,9 @@ fn tmp_name(dir: &Path, name: &str) -> PathBuf {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn a_snapshot_that_fails_writing_its_state_file_leaves_the_previous_one_intact() {
-    if !kvm_or_skip("snapshot") {
-        return;
-    }
+    require_kvm();
     let _cpu = shared();
     let work = TempDir::new("fail-state");
     let dir = work.join("snap");
@@ -899,10 +888,9 @@ fn a_snapshot_that_fails_writing_its_state_file_leaves_the_previous_one_intact()
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn a_failed_incremental_snapshot_does_not_lose_dirty_pages() {
-    if !kvm_or_skip("snapshot") {
-        return;
-    }
+    require_kvm();
     let _cpu = shared();
     let work = TempDir::new("fail-incremental");
     let (full_dir, failed_dir, inc_dir) = (work.join("full"), work.join("failed"), work.join("inc"));
@@ -923,10 +911,9 @@ fn a_failed_incremental_snapshot_does_not_lose_dirty_pages() {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn an_incremental_snapshot_of_a_clone_builds_on_its_own_snapshot_even_when_that_is_replaced() {
-    if !kvm_or_skip("snapshot") {
-        return;
-    }
+    require_kvm();
     let _cpu = shared();
     let work = TempDir::new("replaced-base");
     let (dir, inc_dir) = (work.join("snap"), work.join("inc"));
@@ -949,10 +936,9 @@ fn an_incremental_snapshot_of_a_clone_builds_on_its_own_snapshot_even_when_that_
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn a_full_snapshot_of_a_clone_keeps_pages_the_host_dropped_from_its_page_cache() {
-    if !kvm_or_skip("snapshot") {
-        return;
-    }
+    require_kvm();
     let _cpu = shared();
     let work = TempDir::new("evicted");
     let (dir, again) = (work.join("snap"), work.join("again"));
@@ -977,10 +963,9 @@ fn a_full_snapshot_of_a_clone_keeps_pages_the_host_dropped_from_its_page_cache()
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn a_snapshot_directory_with_disks_can_be_moved() {
-    if !kvm_or_skip("snapshot") {
-        return;
-    }
+    require_kvm();
     let _cpu = shared();
     let vs = virtio_snapshot("moved");
     let moved = vs.work.join("moved");
@@ -998,10 +983,9 @@ fn a_snapshot_directory_with_disks_can_be_moved() {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn a_memory_file_from_another_snapshot_is_refused() {
-    if !kvm_or_skip("snapshot") {
-        return;
-    }
+    require_kvm();
     let _cpu = shared();
     let work = TempDir::new("mixed");
     let (a, b) = (work.join("a"), work.join("b"));
@@ -1016,10 +1000,9 @@ fn a_memory_file_from_another_snapshot_is_refused() {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn two_vms_snapshotting_into_one_directory_at_once_both_succeed() {
-    if !kvm_or_skip("snapshot") {
-        return;
-    }
+    require_kvm();
     let _cpu = shared();
     let work = TempDir::new("samedir");
     let dir = work.join("s");

@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{kvm_or_skip, Capture};
+use common::{require_kvm, Capture};
 use testguest::{bootcheck_cmdline, Report};
 use vmm::{ExitReason, Vm, VmConfig};
 
@@ -32,9 +32,7 @@ fn initrd(len: usize, tag: &str) -> (PathBuf, Vec<u8>) {
 }
 
 fn bootcheck(guest: &str, memory_mib: u32, vcpus: u8, initrd_len: Option<usize>) {
-    if !kvm_or_skip("bootcheck") {
-        return;
-    }
+    require_kvm();
     let rd = initrd_len.map(|n| initrd(n, &format!("{guest}-{memory_mib}-{vcpus}")));
     let cmdline = bootcheck_cmdline(memory_mib.into(), vcpus.into(), rd.as_ref().map(|r| r.1.as_slice()));
     let mut cfg = config(guest, memory_mib, vcpus, &cmdline);
@@ -51,6 +49,7 @@ fn bootcheck(guest: &str, memory_mib: u32, vcpus: u8, initrd_len: Option<usize>)
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn bootcheck_pvh_all_layouts() {
     bootcheck(testguest::BOOTCHECK_PVH, 256, 1, None);
     bootcheck(testguest::BOOTCHECK_PVH, 64, 2, Some(100_001));
@@ -58,6 +57,7 @@ fn bootcheck_pvh_all_layouts() {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn bootcheck_elf_linux64_all_layouts() {
     bootcheck(testguest::BOOTCHECK_ELF, 256, 1, None);
     bootcheck(testguest::BOOTCHECK_ELF, 1536, 3, Some(100_001));
@@ -65,26 +65,25 @@ fn bootcheck_elf_linux64_all_layouts() {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn bootcheck_bzimage_all_layouts() {
     bootcheck(testguest::BOOTCHECK_BZIMAGE, 128, 1, Some(1));
     bootcheck(testguest::BOOTCHECK_BZIMAGE, 3400, 4, Some(65_536));
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn hello_prints_through_the_serial_port_and_resets() {
-    if !kvm_or_skip("hello") {
-        return;
-    }
+    require_kvm();
     let (reason, out) = run_to_end(&config(testguest::HELLO, 32, 1, "console=ttyS0"));
     assert_eq!(out, "Hello from a microcell test guest\n");
     assert_eq!(reason, ExitReason::Reset);
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn triple_fault_ends_the_vm_with_an_error() {
-    if !kvm_or_skip("triplefault") {
-        return;
-    }
+    require_kvm();
     let (reason, out) = run_to_end(&config(testguest::TRIPLEFAULT, 32, 1, ""));
     assert_eq!(out, "TG triplefault\n");
     match reason {
@@ -114,20 +113,18 @@ fn ends_promptly(guest: &str, banner: &str, end: fn(&Vm), expected: ExitReason) 
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn stop_and_kill_end_halted_and_spinning_guests() {
-    if !kvm_or_skip("stop/kill") {
-        return;
-    }
+    require_kvm();
     ends_promptly(testguest::HALT, "TG halt\n", Vm::stop, ExitReason::Stopped);
     ends_promptly(testguest::SPIN, "TG spin\n", Vm::stop, ExitReason::Stopped);
     ends_promptly(testguest::SPIN, "TG spin\n", Vm::kill, ExitReason::Killed);
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn dropping_a_running_vm_ends_it() {
-    if !kvm_or_skip("drop") {
-        return;
-    }
+    require_kvm();
     for _ in 0..5 {
         let vm = Vm::start(&config(testguest::SPIN, 32, 1, ""), Box::new(std::io::sink())).unwrap();
         drop(vm);
@@ -139,10 +136,9 @@ fn dropping_a_running_vm_ends_it() {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn memtouch_writes_the_pages_it_is_asked_to() {
-    if !kvm_or_skip("memtouch") {
-        return;
-    }
+    require_kvm();
     let console = Capture::default();
     let vm = Vm::start(&config(testguest::MEMTOUCH, 64, 1, "tg.pages=200"), Box::new(console.clone())).unwrap();
     let t = Instant::now();
@@ -155,10 +151,9 @@ fn memtouch_writes_the_pages_it_is_asked_to() {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn bad_inputs_get_coded_errors_before_anything_runs() {
-    if !kvm_or_skip("bad inputs") {
-        return;
-    }
+    require_kvm();
     let start = |c: &VmConfig| Vm::start(c, Box::new(std::io::sink())).err().expect("refused").code();
     let dir = std::env::temp_dir();
     let garbage = dir.join(format!("mc-garbage-{}", std::process::id()));
@@ -183,4 +178,19 @@ fn bad_inputs_get_coded_errors_before_anything_runs() {
     assert_eq!(start(&c), "E_INITRD");
     std::fs::remove_file(big).ok();
     std::fs::remove_file(garbage).ok();
+}
+
+#[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
+fn an_ended_vm_hangs_up_its_host_streams() {
+    require_kvm();
+    // The guest never touches the console device: the host's end must still see the VM's end
+    // as end-of-stream (the agent client's E_CHANNEL_CLOSED), not silence.
+    let config = VmConfig { control_channel: true, ..config(testguest::HELLO, 32, 1, "console=ttyS0") };
+    let vm = Vm::start(&config, Box::new(Capture::default())).expect("VM starts");
+    let mut channel = vm.take_channel().expect("a control channel");
+    assert_eq!(vm.wait_timeout(Duration::from_secs(30)), Some(ExitReason::Reset));
+    channel.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(std::io::Read::read(&mut channel, &mut buf).expect("EOF, not a timeout"), 0);
 }

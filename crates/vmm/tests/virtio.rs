@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{kvm_or_skip, Capture};
+use common::{require_kvm, Capture};
 use testguest::{virtio_blk_pattern, virtio_cmdline, Report, VIRTIO_ECHO_XOR, VIRTIO_GREETING, VIRTIO_WRITTEN_SECTORS};
 use vmm::{BlockDeviceConfig, ExitReason, Vm, VmConfig};
 
@@ -63,10 +63,9 @@ fn echo(mut channel: UnixStream, received: Arc<Mutex<Vec<u8>>>) {
 }
 
 #[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn virtio_guest_drives_blk_and_console_with_interrupts() {
-    if !kvm_or_skip("virtio") {
-        return;
-    }
+    require_kvm();
     let rw_content = image_content(256, 1); // 128 KiB
     let ro_content = image_content(100, 2); // 50 KiB
     let rw = TempImage::new("rw", &rw_content);

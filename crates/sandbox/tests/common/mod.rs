@@ -49,11 +49,10 @@ pub fn require_qemu() {
     }
 }
 
-/// `Some(reason)` when T3 cannot run here (the built-in VMM cannot boot Linux).
-pub fn t3_skip_reason() -> Option<String> {
-    let host = vmm::host::cached();
-    (!host.can_boot_linux).then(|| format!("host.can_boot_linux is false: {}", host.reason))
-}
+#[path = "../../../vmm/tests/common/kvm.rs"]
+mod kvm;
+#[allow(unused_imports)]
+pub use kvm::{require_kvm, require_linux_kvm};
 
 pub fn config(engine: EngineChoice) -> SandboxConfig {
     SandboxConfig {

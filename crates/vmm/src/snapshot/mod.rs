@@ -28,7 +28,7 @@ use crate::vmm::VmConfig;
 pub const MAGIC: &[u8; 8] = b"MCELLSNP";
 /// 2: the state names its memory file (`memory_id`, matched against the file's trailer).
 /// 3: the configuration may have a network device (`VmConfig::network`).
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 const HEADER_LEN: usize = 8 + 4 + 8;
 /// No state file is this big; a larger length field means a damaged file.
 const MAX_BODY: u64 = 64 << 20;

@@ -48,6 +48,9 @@ pub struct Lifecycle {
     exit_requested: AtomicBool,
     pause_requested: AtomicBool,
     first_exit_ns: AtomicU64,
+    /// Run once when the last vCPU thread has stopped (the VMM hangs up the devices' host
+    /// streams there, so their readers see the end as they would a QEMU process's exit).
+    on_end: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock Node's `process.hrtime` reads.
@@ -68,6 +71,7 @@ impl Lifecycle {
             exit_requested: AtomicBool::new(false),
             pause_requested: AtomicBool::new(false),
             first_exit_ns: AtomicU64::new(0),
+            on_end: Mutex::new(None),
         }
     }
 
@@ -145,12 +149,27 @@ impl Lifecycle {
 
     pub fn vcpu_stopped(&self) {
         let mut st = self.lock();
+        if st.running_vcpus == 1 {
+            // The last one: the end hook runs before any waiter can see the exit, so whoever
+            // sees the VM ended also sees its streams end. (No other vCPU is left to count.)
+            drop(st);
+            let on_end = self.on_end.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(f) = on_end {
+                f();
+            }
+            st = self.lock();
+        }
         st.running_vcpus -= 1;
         if st.running_vcpus == 0 {
             // Every vCPU gone without a reason can only mean the VM ended with them.
             st.reason.get_or_insert(ExitReason::Stopped);
             self.changed.notify_all();
         }
+    }
+
+    /// Sets what runs once when the VM ends (replacing what was set before).
+    pub fn set_on_end(&self, f: Box<dyn FnOnce() + Send>) {
+        *self.on_end.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
     }
 
     /// Blocks until every vCPU thread has stopped.

@@ -1,9 +1,13 @@
-//! Shared by the VMM integration tests: console capture and the KVM skip rule.
+//! Shared by the VMM integration tests: console capture and the KVM requirement.
 
 #![allow(dead_code)]
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+
+mod kvm;
+#[allow(unused_imports)]
+pub use kvm::{require_kvm, require_linux_kvm};
 
 /// A console sink the test can read while the guest writes.
 #[derive(Clone, Default)]
@@ -25,11 +29,3 @@ impl Capture {
     }
 }
 
-/// True when /dev/kvm is usable; otherwise prints why the test is skipped.
-pub fn kvm_or_skip(test: &str) -> bool {
-    let host = vmm::host::cached();
-    if !host.kvm_device {
-        println!("SKIP {test}: /dev/kvm is not usable here ({})", host.reason);
-    }
-    host.kvm_device
-}

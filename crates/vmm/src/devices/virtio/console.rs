@@ -4,7 +4,9 @@
 //!
 //! Flow control both ways, nothing buffered on the host: bytes move straight between the
 //! socket and guest buffers; with no guest receive buffers the socket is not read, and a
-//! socket that would block keeps the guest's transmit chain pending.
+//! socket that would block keeps the guest's transmit chain pending. Host bytes also wait
+//! until the guest has opened the port (PORT_OPEN from the driver): Linux discards what arrives
+//! on a port no process has open, so a host that speaks first would otherwise lose its words.
 
 use std::collections::VecDeque;
 use std::io::ErrorKind;
@@ -56,6 +58,8 @@ pub struct Console {
     pending_control: VecDeque<Vec<u8>>,
     pending_tx: Option<PendingTx>,
     host_closed: bool,
+    /// A guest process has the port open (the driver's last PORT_OPEN said 1).
+    guest_open: bool,
     config: [u8; 12],
 }
 
@@ -74,12 +78,17 @@ impl Console {
             pending_control: VecDeque::new(),
             pending_tx: None,
             host_closed: false,
+            guest_open: false,
             config,
         })
     }
 
     fn update_interest(&mut self) {
-        self.set_interest(self.active.is_some() && !self.host_closed);
+        self.set_interest(self.can_receive());
+    }
+
+    fn can_receive(&self) -> bool {
+        self.active.is_some() && self.guest_open && !self.host_closed
     }
 
     /// Readable when it can receive, writable while a transmit chain is pending.
@@ -95,9 +104,10 @@ impl Console {
 
     /// Moves socket bytes into guest receive buffers until one side runs dry.
     fn host_to_guest(&mut self) {
-        let Some(a) = self.active.as_mut() else {
-            return self.set_interest(false); // no driver yet (a hang-up woke us)
-        };
+        if !self.can_receive() {
+            return self.set_interest(false); // no driver or no open port yet (a hang-up woke us)
+        }
+        let Some(a) = self.active.as_mut() else { return };
         let mut used = false;
         let mut guest_has_room = true;
         while !self.host_closed {
@@ -250,7 +260,15 @@ impl Console {
                     self.pending_control.push_back(control(PORT_ID, PORT_NAME, 1, self.port_name.as_bytes()));
                     self.pending_control.push_back(control(PORT_ID, PORT_OPEN, 1, &[]));
                 }
-                PORT_OPEN => tracing::debug!("virtio-console: guest {} port {id}", if value == 1 { "opened" } else { "closed" }),
+                PORT_OPEN if id == PORT_ID => {
+                    tracing::debug!("virtio-console: guest {} port {id}", if value == 1 { "opened" } else { "closed" });
+                    self.guest_open = value == 1;
+                    if self.guest_open {
+                        self.host_to_guest(); // what the host sent meanwhile waited in the socket
+                    } else {
+                        self.update_interest();
+                    }
+                }
                 _ => tracing::debug!("virtio-console: control event {event} id {id} value {value} ignored"),
             }
         }
@@ -312,6 +330,7 @@ impl VirtioDevice for Console {
         self.active = None;
         self.pending_control.clear();
         self.pending_tx = None;
+        self.guest_open = false;
         self.update_interest();
     }
 
@@ -323,6 +342,7 @@ impl VirtioDevice for Console {
         let state = ConsoleState {
             pending_control: self.pending_control.iter().cloned().collect(),
             pending_tx: self.pending_tx.as_ref().map(|p| (p.head, p.segments.iter().copied().collect())),
+            guest_open: self.guest_open,
         };
         bincode::serialize(&state).unwrap_or_default()
     }
@@ -331,6 +351,7 @@ impl VirtioDevice for Console {
         let state: ConsoleState = bincode::deserialize(bytes).map_err(|e| format!("virtio-console state: {e}"))?;
         self.pending_control = state.pending_control.into();
         self.pending_tx = state.pending_tx.map(|(head, segments)| PendingTx { head, segments: segments.into() });
+        self.guest_open = state.guest_open;
         self.update_interest();
         Ok(())
     }
@@ -341,6 +362,7 @@ impl VirtioDevice for Console {
 struct ConsoleState {
     pending_control: Vec<Vec<u8>>,
     pending_tx: Option<(u16, Vec<(u64, usize)>)>,
+    guest_open: bool,
 }
 
 #[cfg(test)]
@@ -381,6 +403,7 @@ mod tests {
             interrupt: interrupt.clone(),
             acked_features: F_MULTIPORT,
         });
+        dev.guest_open = true; // as after the driver's PORT_OPEN (its own test below)
         host.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
         Rig { mem, queues, dev, host, interrupt, _loop: el }
     }
@@ -427,6 +450,26 @@ mod tests {
         r.mem.read_slice(&mut a, GuestAddress(BUF)).unwrap();
         r.mem.read_slice(&mut b, GuestAddress(BUF + 0x100)).unwrap();
         assert_eq!((&a, &b), (b"hell", b"o guest"));
+    }
+
+    #[test]
+    fn host_bytes_wait_until_the_guest_opens_the_port() {
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut r = rig(&mem);
+        r.dev.guest_open = false;
+        r.host.write_all(b"early").unwrap();
+        r.queues[RX].add_desc_chains(&[desc(BUF, 64, WRITE)], 0).unwrap();
+        r.dev.queue_notify(RX);
+        r.dev.host_event(EventSet::IN);
+        // Linux would discard bytes on a port nobody opened: they stay in the socket.
+        assert_eq!(r.queues[RX].used().idx().load(), 0);
+        r.mem.write_slice(&control(PORT_ID, PORT_OPEN, 1, &[]), GuestAddress(BUF + 0x1000)).unwrap();
+        r.queues[CTRL_TX].add_desc_chains(&[desc(BUF + 0x1000, 8, 0)], 0).unwrap();
+        r.dev.queue_notify(CTRL_TX);
+        assert_eq!(used(&r.queues[RX], 0), (0, 5));
+        let mut got = [0u8; 5];
+        r.mem.read_slice(&mut got, GuestAddress(BUF)).unwrap();
+        assert_eq!(&got, b"early");
     }
 
     #[test]
@@ -484,7 +527,8 @@ mod tests {
                     queues: queues.iter().map(|q| q.create_queue::<Queue>().unwrap()).collect(),
                     interrupt: Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()),
                     acked_features: F_MULTIPORT,
-                })
+                });
+                dev.lock().unwrap().guest_open = true; // as after the driver's PORT_OPEN
             };
             if activate_first {
                 activate(&dev); // the driver is there, but has posted no receive buffers

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The nested T3 tier: real Linux on our own VMM on a host without hardware KVM.
+#
+#   scripts/nested/run-t3.sh             # run the T3 suite in the nested VM
+#   scripts/nested/run-t3.sh -- CMD...   # run CMD in the nested VM instead (the bench uses it)
+#
+# CMD finds a writable directory in $MICROCELL_NESTED_OUT_DIR; what it leaves there is copied
+# to $MICROCELL_NESTED_OUT on this host when L1 ends (bench:nested brings its results back so).
+#
+# QEMU's TCG emulates AMD SVM (`-cpu max`), so a Linux VM under TCG (L1) has a working
+# /dev/kvm with nested paging; our VMM runs in L1 and boots the real guest kernel (L2) on it.
+# L1's kernel is built from Debian's linux-source-6.1 like the guest's (build-kernel.sh nested,
+# cached by input hash). L1's root is this host's / shared read-only over virtio-9p: the
+# checkout, the built addon and test binaries, node, passt, QEMU and the guest images are all
+# where they are here, at the same paths, with nothing copied (a disk image of them would cost a
+# copy of ~1 GiB per run); L1 writes only to its own tmpfs. A second 9p share, read-write,
+# carries the job in and its exit status out; the job's output comes over L1's serial console.
+#
+# The T3 suite: the Rust T3 tests (`--ignored`: they are #[ignore]d where the host itself cannot
+# run them) and the ava suites' T3 tests (MICROCELL_TIERS=T3, --match 'T3*'), on engine kvm.
+# Exit status: the job's; 124 when L1 ran past MICROCELL_NESTED_TIMEOUT (seconds, default 2400).
+# Environment: MICROCELL_NESTED_MEM (MiB, default 6144), MICROCELL_NESTED_CPUS (default: nproc).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+t0=$SECONDS
+say() { printf '[nested %4ds] %s\n' "$((SECONDS - t0))" "$*" >&2; }
+die() { printf '[nested] ERROR: %s\n' "$*" >&2; exit 1; }
+
+qemu=${MICROCELL_QEMU:-qemu-system-x86_64}
+command -v "$qemu" >/dev/null || die "$qemu is not installed (apt-get install qemu-system-x86, or run ./scripts/setup.sh)"
+
+say "L1 kernel (scripts/guest/build-kernel.sh nested)"
+l1_kernel=$("$repo/scripts/guest/build-kernel.sh" nested)
+guest_kernel=$("$repo/scripts/guest/build-kernel.sh")
+guest_rootfs=$("$repo/scripts/guest/build-rootfs.sh")
+
+xchg=$(mktemp -d /tmp/microcell-nested.XXXXXX)
+trap 'rm -rf "$xchg"' EXIT
+# ava keeps a cache under node_modules/.cache: L1 mounts a tmpfs there, so it must exist.
+mkdir -p "$repo/node_modules/.cache"
+
+{
+  echo "set -u"
+  echo "cd '$repo'"
+  echo "export HOME=/tmp/home CI=${CI:-} MICROCELL_KERNEL='$guest_kernel' MICROCELL_ROOTFS='$guest_rootfs'"
+  echo "export MICROCELL_NESTED_OUT_DIR=/tmp/xchg/out"
+  echo "mkdir -p \$HOME \$MICROCELL_NESTED_OUT_DIR && mount -t tmpfs cache '$repo/node_modules/.cache'"
+  if [ "${1:-}" = "--" ]; then
+    shift
+    printf '%q ' "$@"
+    echo
+  else
+    say "building the Rust T3 tests"
+    t3_bin=$(cd "$repo" && cargo test -q -p microcell-sandbox --test t3_kvm --no-run --message-format=json 2>/dev/null |
+      node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{for(const l of s.split("\n")){try{const m=JSON.parse(l);if(m.executable&&m.target.name==="t3_kvm")console.log(m.executable)}catch{}}})')
+    [ -n "$t3_bin" ] || die "cannot build the t3_kvm test binary"
+    echo "status=0"
+    echo "echo '==> cargo T3 (t3_kvm --ignored t3_) on engine kvm in L1'"
+    echo "(cd crates/sandbox && '$t3_bin' --ignored t3_ --test-threads=1) || status=1"
+    echo "echo '==> ava T3 (MICROCELL_TIERS=T3) on engine kvm in L1'"
+    echo "MICROCELL_TIERS=T3 node_modules/.bin/ava --match 'T3*' || status=1"
+    echo "exit \$status"
+  fi
+} >"$xchg/job.sh"
+
+mem=${MICROCELL_NESTED_MEM:-6144}
+cpus=${MICROCELL_NESTED_CPUS:-$(nproc)}
+limit=${MICROCELL_NESTED_TIMEOUT:-2400}
+say "booting L1: QEMU TCG -cpu max (SVM), $cpus vCPUs, $mem MiB, root = this host's / over 9p (read-only)"
+rc=0
+timeout --foreground -k 10 "$limit" "$qemu" \
+  -M microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off -accel tcg,thread=multi -cpu max \
+  -smp "$cpus" -m "$mem" -nodefaults -no-user-config -nographic -serial stdio -monitor none \
+  -kernel "$l1_kernel" \
+  -append "console=ttyS0 quiet loglevel=3 panic=-1 root=hostroot rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=512000,cache=loose ro init=$here/l1-init.sh" \
+  -fsdev local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap \
+  -device virtio-9p-device,fsdev=hostroot,mount_tag=hostroot \
+  -fsdev local,id=xchg,path="$xchg",security_model=none \
+  -device virtio-9p-device,fsdev=xchg,mount_tag=xchg \
+  -no-reboot </dev/null || rc=$?
+[ $rc -ne 124 ] || die "L1 ran past ${limit} s (MICROCELL_NESTED_TIMEOUT) and was stopped"
+[ -f "$xchg/rc" ] || die "L1 ended (QEMU exit $rc) without the job's exit status: see its console above"
+say "L1 done in $((SECONDS - t0)) s, job exit $(cat "$xchg/rc")"
+if [ -n "${MICROCELL_NESTED_OUT:-}" ] && [ -d "$xchg/out" ]; then
+  mkdir -p "$MICROCELL_NESTED_OUT" && cp -r "$xchg/out/." "$MICROCELL_NESTED_OUT/"
+fi
+exit "$(cat "$xchg/rc")"
