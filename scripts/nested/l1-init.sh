@@ -16,6 +16,12 @@ mount -t tmpfs run /run
 mkdir -p /tmp/xchg
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 xchg /tmp/xchg
 ip link set lo up
+# passt needs an external interface with IPv4 and a default route; L1 has no network, so a
+# dummy one stands in (nothing the tests send goes there: they reach L1's loopback only).
+ip link add ext0 type dummy
+ip addr add 192.0.2.1/24 dev ext0
+ip link set ext0 up
+ip route add default via 192.0.2.254 dev ext0
 hostname microcell-l1
 set +x
 echo "l1: up after $(cut -d' ' -f1 /proc/uptime) s; kvm: $(ls -l /dev/kvm 2>&1); cpu: $(grep -m1 -ow 'svm\|vmx' /proc/cpuinfo || echo none)"

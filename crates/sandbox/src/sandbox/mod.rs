@@ -404,7 +404,11 @@ fn wait_ready(
     deadline: Instant,
     timeout: Duration,
 ) -> Result<protocol::Ready> {
-    let pending = agent.hello()?;
+    let pending = match agent.hello() {
+        Ok(pending) => pending,
+        Err(SandboxError::ChannelClosed(why)) => return Err(closed_before_ready(vm, deadline, &why)),
+        Err(e) => return Err(e),
+    };
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -427,17 +431,21 @@ fn wait_ready(
                     });
                 }
             }
-            Err(SandboxError::ChannelClosed(why)) => {
-                // The VM's end closes the channel; give the engine a moment to report it.
-                return match vm.wait_timeout(left.min(Duration::from_secs(2))) {
-                    Some(exit) => Err(SandboxError::AgentExited { exit, console_tail: vm.console_tail() }),
-                    None => Err(SandboxError::Protocol(format!(
-                        "the control channel closed before the agent was ready ({why}) while the VM still runs"
-                    ))),
-                };
-            }
+            Err(SandboxError::ChannelClosed(why)) => return Err(closed_before_ready(vm, deadline, &why)),
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// The channel closed during the handshake: the VM's end closes it, so say how the VM ended
+/// (giving the engine a moment to report it), with its console.
+fn closed_before_ready(vm: &dyn RunningVm, deadline: Instant, why: &str) -> SandboxError {
+    let left = deadline.saturating_duration_since(Instant::now());
+    match vm.wait_timeout(left.min(Duration::from_secs(2))) {
+        Some(exit) => SandboxError::AgentExited { exit, console_tail: vm.console_tail() },
+        None => SandboxError::Protocol(format!(
+            "the control channel closed before the agent was ready ({why}) while the VM still runs"
+        )),
     }
 }
 
