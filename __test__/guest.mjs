@@ -12,8 +12,9 @@ export const host = hostInfo()
  *
  * MICROCELL_TIERS (e.g. 'T2' or 'T3') names the tiers this run takes on; the others are left
  * out entirely (not counted at all) because another run of the same suite covers them:
- * scripts/test.sh sets 'T2' on a host that cannot boot Linux on the built-in VMM and then runs
- * T3 inside the nested VM (scripts/nested/run-t3.sh), which sets 'T3'.
+ * with MICROCELL_NESTED=1 on a host that cannot boot Linux on the built-in VMM, scripts/test.sh
+ * sets 'T2' for the host's run and runs T3 inside the nested VM (scripts/nested/run-t3.sh),
+ * which sets 'T3'.
  */
 const only = (process.env.MICROCELL_TIERS ?? '').split(',').map((s) => s.trim()).filter(Boolean)
 export const tiers = [
@@ -27,7 +28,7 @@ export const tiers = [
     engine: 'kvm',
     skip: host.canBootLinux
       ? null
-      : `needs a host where the built-in VMM boots Linux (hardware KVM); this host: kvmFlavour=${host.kvmFlavour}: ${host.reason}`,
+      : `needs a host where the built-in VMM boots Linux (hardware KVM; elsewhere MICROCELL_NESTED=1 ./scripts/test.sh runs it in a nested VM); this host: kvmFlavour=${host.kvmFlavour}: ${host.reason}`,
   },
 ].filter(({ tier }) => {
   if (only.length === 0 || only.includes(tier)) return true

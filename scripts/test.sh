@@ -5,13 +5,15 @@
 #                            T2 the guest platform through Sandbox on engine qemu; T3 the same
 #                            on engine kvm
 #   scripts/nested/run-t3.sh T3 inside a nested VM (QEMU-TCG with SVM), where this host's KVM
-#                            cannot boot Linux (PVM, or no KVM): the Rust and ava T3 tests on
-#                            engine kvm, counted like the others
+#                            cannot boot Linux (PVM, or no KVM) and MICROCELL_NESTED=1: the Rust
+#                            and ava T3 tests on engine kvm, counted like the others
 # and ends with one summary line: "summary: N passed, N failed, N skipped".
 #
 # Tests that need KVM are #[ignore]d in Rust (counted as skipped by a plain `cargo test`); this
-# script includes them where the host can run them. MICROCELL_NESTED=0 leaves the nested tier
-# out (T3 is then counted as skipped, with the reason printed).
+# script includes them where the host can run them. The nested tier runs with MICROCELL_NESTED=1
+# (opt-in for now: under QEMU-TCG's emulated SVM the L2 guest kernel crashes now and then in an
+# APIC access, which would make every run a gamble); without it T3 counts as skipped, with the
+# reason printed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -26,16 +28,21 @@ read -r kvm_device linux_kvm < <(node -e '
   const h = require("./dist/index.js").hostInfo()
   console.log(h.kvmDevice ? 1 : 0, h.canBootLinux ? 1 : 0)')
 nested=0
-[ "$linux_kvm" = 1 ] || [ "${MICROCELL_NESTED:-1}" = 0 ] || nested=1
+[ "$linux_kvm" = 1 ] || [ "${MICROCELL_NESTED:-0}" != 1 ] || nested=1
 test_args=(--skip helper_)
 [ "$kvm_device" = 1 ] && test_args+=(--include-ignored)
-[ "$nested" = 1 ] && test_args+=(--skip t3_)
+# T3 where this host cannot boot Linux: in the nested VM, or counted as skipped (ignored) below.
+[ "$linux_kvm" = 1 ] || test_args+=(--skip t3_)
 ava_env=()
 [ "$nested" = 1 ] && ava_env=(MICROCELL_TIERS=T2)
 
 printf '\n==> %s\n' "cargo test --workspace -- ${test_args[*]}"
 cargo_status=0
 cargo test --workspace -- "${test_args[@]}" </dev/null 2>&1 | tee "$log_dir/cargo.log" || cargo_status=$?
+if [ "$linux_kvm" = 0 ] && [ "$nested" = 0 ]; then
+  printf '\n==> %s\n' "T3 (Rust) on this host: counted as skipped (needs KVM that boots Linux; MICROCELL_NESTED=1 runs it nested)"
+  cargo test -p microcell-sandbox --test t3_kvm -- t3_ </dev/null 2>&1 | tee -a "$log_dir/cargo.log" || cargo_status=$?
+fi
 
 printf '\n==> %s\n' "ava (npm test) ${ava_env[*]}"
 ava_status=0

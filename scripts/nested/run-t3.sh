@@ -45,6 +45,9 @@ mkdir -p "$repo/node_modules/.cache"
   echo "cd '$repo'"
   echo "export HOME=/tmp/home CI=${CI:-} MICROCELL_KERNEL='$guest_kernel' MICROCELL_ROOTFS='$guest_rootfs'"
   echo "export MICROCELL_NESTED_OUT_DIR=/tmp/xchg/out"
+  # L1 has no RTC: it takes this host's clock; and the benchmark's settings travel along.
+  echo "date -s @$(date +%s) >/dev/null"
+  for v in ${!MICROCELL_BENCH_@} ${!BENCH_@}; do echo "export $v=$(printf %q "${!v}")"; done
   echo "mkdir -p \$HOME \$MICROCELL_NESTED_OUT_DIR && mount -t tmpfs cache '$repo/node_modules/.cache'"
   if [ "${1:-}" = "--" ]; then
     shift

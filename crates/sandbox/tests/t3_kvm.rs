@@ -25,49 +25,49 @@ fn t3() -> std::sync::MutexGuard<'static, ()> {
 }
 
 #[test]
-#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host or in the nested VM (scripts/nested/run-t3.sh)"]
+#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host, or in the nested VM with MICROCELL_NESTED=1"]
 fn t3_create_ready_stop() {
     let _g = t3();
     create_ready_stop(ENGINE, EngineKind::Kvm);
 }
 
 #[test]
-#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host or in the nested VM (scripts/nested/run-t3.sh)"]
+#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host, or in the nested VM with MICROCELL_NESTED=1"]
 fn t3_exec_and_files() {
     let _g = t3();
     exec_and_files(ENGINE);
 }
 
 #[test]
-#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host or in the nested VM (scripts/nested/run-t3.sh)"]
+#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host, or in the nested VM with MICROCELL_NESTED=1"]
 fn t3_workload() {
     let _g = t3();
     workload(ENGINE);
 }
 
 #[test]
-#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host or in the nested VM (scripts/nested/run-t3.sh)"]
+#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host, or in the nested VM with MICROCELL_NESTED=1"]
 fn t3_twenty_cycles_leak_nothing() {
     let _g = t3();
     cycles(ENGINE, EngineKind::Kvm, 20);
 }
 
 #[test]
-#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host or in the nested VM (scripts/nested/run-t3.sh)"]
+#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host, or in the nested VM with MICROCELL_NESTED=1"]
 fn t3_missing_kernel() {
     let _g = t3();
     missing_kernel(ENGINE);
 }
 
 #[test]
-#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host or in the nested VM (scripts/nested/run-t3.sh)"]
+#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host, or in the nested VM with MICROCELL_NESTED=1"]
 fn t3_corrupt_root_disk() {
     let _g = t3();
     corrupt_root(ENGINE);
 }
 
 #[test]
-#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host or in the nested VM (scripts/nested/run-t3.sh)"]
+#[ignore = "T3: needs KVM that boots Linux; scripts/test.sh runs it on such a host, or in the nested VM with MICROCELL_NESTED=1"]
 fn t3_silent_agent_times_out() {
     let _g = t3();
     silent_agent(ENGINE);
