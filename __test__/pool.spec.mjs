@@ -35,7 +35,9 @@ perTier(test, 'SandboxPool', (tier, engine) => {
       const [a, b] = [await pool.acquire(), await pool.acquire()]
       const acquireMs = performance.now() - t0
       t.log(`two acquires from a filled pool: ${acquireMs.toFixed(2)} ms`)
-      t.true(acquireMs < 50, `${acquireMs} ms`)
+      // "At once": both came from the ready ones, none was made on the spot (no timing bound:
+      // it would measure the host, and a nested VM's clock moves in 4 ms steps).
+      t.is(pool.stats().misses, 0)
       t.not(a, b)
       const expected = Date.now() + 600_000
       for (const sb of [a, b]) t.true(Math.abs(sb.expiresAt - expected) < 1000, `expiresAt ${sb.expiresAt - Date.now()} ms from now`)

@@ -119,7 +119,8 @@ notes.unshift(
     `boot → ready ${ratio('create')}, exec round trip ${ratio('exec')}, snapshot → first command ${ratio('restore')}, ` +
     `pool acquire → first command ${ratio('pool')} (below 1: microcell is faster).`,
   `Where: ${process.env.MICROCELL_BENCH_OUTER_HOST ? `inside the nested tier's L1 VM (QEMU-TCG -cpu max, emulated SVM) on ${process.env.MICROCELL_BENCH_OUTER_HOST}` : 'directly on this host'}; ` +
-    `${RUNS} runs per case after a warm-up (${EXECS} execs for the round trip). Under TCG every figure is many times a hardware-KVM one.`,
+    `${RUNS} runs per case after a warm-up (${EXECS} execs for the round trip). Under TCG every figure is many times a hardware-KVM one, ` +
+    'and in L1 the clock moves in 4 ms steps (no stable TSC under TCG; tsc=reliable made the L2 guest crash more often): figures under ~20 ms are coarse.',
 )
 const fc = firecrackerBinary()
 notes.push(fc.path ? `Firecracker: ${fc.version} found but not yet driven by this benchmark.` : `Firecracker: not measured: ${fc.why}.`)
