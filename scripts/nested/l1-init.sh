@@ -1,7 +1,8 @@
 #!/bin/sh
 # PID 1 of the nested tier's L1 VM (started by scripts/nested/run-t3.sh). The root is the host's
 # / over virtio-9p, read-only; this mounts what a host needs, runs the job the host left in the
-# exchange share (tag `xchg`), records its exit status there and powers the VM off.
+# exchange share (tag `xchg`), records its exit status there and ends the VM (a reset, which
+# ends QEMU: it runs with -no-reboot).
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 mount -t devtmpfs dev /dev 2>/dev/null # the kernel mounts it already where DEVTMPFS_MOUNT works
 exec </dev/null >/dev/ttyS0 2>&1
