@@ -13,7 +13,7 @@ import zlib from 'node:zlib'
 
 import { Sandbox, SandboxPool, hostInfo } from 'microcell'
 
-import { qemuBinary, summary, write } from './lib.mjs'
+import { firstExecMs, qemuBinary, summary, write } from './lib.mjs'
 
 const RUNS = Number(process.env.BENCH_RUNS ?? 20)
 const MIB = 512 // the Sandbox default
@@ -221,15 +221,6 @@ if (q) {
  * `SandboxPool` (waited back to full between requests, so each measures a warm acquire).
  */
 async function perRequest(engine) {
-  const firstExec = async (get) => {
-    const t0 = process.hrtime.bigint()
-    const sb = await get()
-    const r = await sb.exec('true')
-    const t1 = process.hrtime.bigint()
-    if (r.exitCode !== 0) throw new Error(`exec true: ${JSON.stringify(r)}`)
-    await sb.kill()
-    return ms(t1 - t0)
-  }
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'microcell-bench-snap-'))
   const origin = await Sandbox.builder('bench-origin').engine(engine).memory(256).create()
   await origin.snapshot(dir)
@@ -240,10 +231,10 @@ async function perRequest(engine) {
   const pooled = []
   try {
     for (let i = -1; i < RUNS; i++) {
-      const c = await firstExec(() => Sandbox.builder('bench-req').engine(engine).memory(256).create())
-      const r = await firstExec(() => Sandbox.fromSnapshot(dir))
+      const c = await firstExecMs(() => Sandbox.builder('bench-req').engine(engine).memory(256).create())
+      const r = await firstExecMs(() => Sandbox.fromSnapshot(dir))
       await pool.filled()
-      const p = await firstExec(async () => {
+      const p = await firstExecMs(async () => {
         const sb = await pool.acquire()
         return sb
       })

@@ -24,6 +24,20 @@ export function summary(system, kase, metric, unit, values, extra = {}) {
   return { system, case: kase, metric, unit, p50: round(percentile(values, 0.5)), p90: round(percentile(values, 0.9)), n: values.length, ...extra }
 }
 
+/**
+ * A sandbox per request: ms from asking `get()` for one to its first command's result
+ * (`exec('true')`); the sandbox is killed after.
+ */
+export async function firstExecMs(get) {
+  const t0 = process.hrtime.bigint()
+  const sb = await get()
+  const r = await sb.exec('true')
+  const t1 = process.hrtime.bigint()
+  if (r.exitCode !== 0) throw new Error(`exec true: ${JSON.stringify(r)}`)
+  await sb.kill()
+  return Number(t1 - t0) / 1e6
+}
+
 export function qemuBinary() {
   const candidate = process.env.MICROCELL_QEMU ?? 'qemu-system-x86_64'
   try {

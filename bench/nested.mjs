@@ -16,7 +16,7 @@ import path from 'node:path'
 
 import { Sandbox, SandboxPool, hostInfo } from 'microcell'
 
-import { firecrackerBinary, root, summary, write } from './lib.mjs'
+import { firecrackerBinary, firstExecMs, root, summary, write } from './lib.mjs'
 
 const info = hostInfo()
 const inside = process.argv.includes('--inside')
@@ -51,16 +51,6 @@ const results = []
 const notes = []
 const byEngine = {}
 
-async function firstExec(get) {
-  const t0 = process.hrtime.bigint()
-  const sb = await get()
-  const r = await sb.exec('true')
-  const t = since(t0)
-  if (r.exitCode !== 0) throw new Error(`exec true: ${JSON.stringify(r)}`)
-  await sb.kill()
-  return t
-}
-
 for (const engine of engines) {
   const builder = (name) => Sandbox.builder(name).engine(engine).memory(MIB)
   const m = { create: [], exec: [], restore: [], pool: [] }
@@ -87,14 +77,14 @@ for (const engine of engines) {
   await origin.snapshot(dir)
   await origin.kill()
   for (let i = -1; i < RUNS; i++) {
-    const t = await firstExec(() => Sandbox.fromSnapshot(dir))
+    const t = await firstExecMs(() => Sandbox.fromSnapshot(dir))
     if (i >= 0) m.restore.push(t)
   }
   const pool = new SandboxPool({ snapshot: dir, size: 2 })
   try {
     for (let i = -1; i < RUNS; i++) {
       await pool.filled()
-      const t = await firstExec(() => pool.acquire())
+      const t = await firstExecMs(() => pool.acquire())
       if (i >= 0) m.pool.push(t)
     }
   } finally {

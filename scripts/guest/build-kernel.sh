@@ -60,7 +60,8 @@ if [ -z "$srcver" ]; then
   [ -n "$srcver" ] && [ "$srcver" != "(none)" ] || die "apt knows no $pkg"
 fi
 
-hash=$( { cat "${fragments[@]}" "$script" "$compactor"; echo "$pkg=$srcver"; } | sha256sum | cut -c1-16)
+input_hash() { { cat "${fragments[@]}" "$script" "$compactor"; echo "$pkg=$1"; } | sha256sum | cut -c1-16; }
+hash=$(input_hash "$srcver")
 out="$cache/$prefix-$hash"
 
 publish() {
@@ -93,7 +94,7 @@ command -v python3 >/dev/null || need+=(python3-minimal)
 [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
 srcver=$(pkg_version "$pkg")
 # the hash must describe what is really built
-[ "$( { cat "${fragments[@]}" "$script" "$compactor"; echo "$pkg=$srcver"; } | sha256sum | cut -c1-16)" = "$hash" ] ||
+[ "$(input_hash "$srcver")" = "$hash" ] ||
   die "$pkg installed as $srcver, not the version the hash was computed for; run again"
 
 tarball=$(ls /usr/src/linux-source-6.1.tar.* 2>/dev/null | head -1)

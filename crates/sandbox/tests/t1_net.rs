@@ -23,7 +23,6 @@ fn say(line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
-/// passt must be installed (scripts/setup.sh installs it); outside CI a missing one skips.
 /// passt is part of the set-up (scripts/setup.sh installs it): a missing one fails the test.
 fn require_passt(test: &str) {
     if let Err(e) = passt::find_passt() {
@@ -228,6 +227,7 @@ fn run_net_guest(net: impl Fn(u16) -> NetSpec, reply: bool) -> (testguest::Repor
 #[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn the_virtio_net_guest_reaches_the_host_through_passt() {
     require_kvm();
+    require_passt("virtio-net guest");
     let (report, out, got) = run_net_guest(|_| NetSpec { outbound: true, ..Default::default() }, true);
     assert!(report.all_passed(), "failed: {:?}\nconsole:\n{out}", report.failed);
     for check in ["net0.features", "net0.mac", "net0.arp", "net0.udp", "net0.udp_batch", "net0.interrupts"] {
@@ -250,6 +250,7 @@ fn the_virtio_net_guest_reaches_the_host_through_passt() {
 #[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn without_outbound_the_device_drops_what_the_guest_sends_but_arp() {
     require_kvm();
+    require_passt("virtio-net egress");
     let (report, out, got) = run_net_guest(|_| NetSpec::default(), false);
     assert!(report.all_passed(), "failed: {:?}\nconsole:\n{out}", report.failed);
     assert!(report.passed.iter().any(|c| c == "net0.arp"), "ARP still resolves:\n{out}");
@@ -260,6 +261,7 @@ fn without_outbound_the_device_drops_what_the_guest_sends_but_arp() {
 #[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
 fn without_outbound_a_forwarded_udp_port_still_answers() {
     require_kvm();
+    require_passt("virtio-net udp port");
     // The guest sends from its UDP port 40000: forwarded, its datagrams pass as answers.
     let guest_port = testguest::VIRTIO_NET_GUEST_UDP_PORT;
     let spare = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -1,5 +1,6 @@
-//! T3: the T2 suite on the built-in VMM (engine `kvm`). Runs where a stock Linux kernel boots
-//! on this host's KVM (hardware KVM); elsewhere each test prints `SKIP T3: <reason>` and passes.
+//! T3: the T2 suite on the built-in VMM (engine `kvm`). `#[ignore]`d: scripts/test.sh runs it
+//! where a stock Linux kernel boots on this host's KVM (hardware KVM), or inside the nested VM
+//! (`MICROCELL_NESTED=1`); elsewhere it counts as skipped, with the reason libtest prints.
 //!
 //! Also here, because they run on every host with /dev/kvm (PVM included): the kvm engine's
 //! plumbing with freestanding test guests (crates/testguest) in place of Linux — root disk

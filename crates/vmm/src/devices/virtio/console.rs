@@ -104,10 +104,12 @@ impl Console {
 
     /// Moves socket bytes into guest receive buffers until one side runs dry.
     fn host_to_guest(&mut self) {
-        if !self.can_receive() {
-            return self.set_interest(false); // no driver or no open port yet (a hang-up woke us)
+        if !self.guest_open || self.host_closed {
+            return self.set_interest(false); // no open port yet, or the host hung up
         }
-        let Some(a) = self.active.as_mut() else { return };
+        let Some(a) = self.active.as_mut() else {
+            return self.set_interest(false); // no driver yet (a hang-up woke us)
+        };
         let mut used = false;
         let mut guest_has_room = true;
         while !self.host_closed {
