@@ -9,6 +9,9 @@ use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::seccomp::{self, ThreadFilter};
+use crate::vstate::lifecycle::ExitReason;
+
 /// Runs on the event loop thread when its fd is ready; gets the ready set.
 pub type Handler = Box<dyn FnMut(EventSet) + Send>;
 
@@ -60,22 +63,44 @@ impl EventLoop {
         Interest { epoll: self.epoll.clone(), fd, token: fd as u64 }
     }
 
-    /// Starts the loop thread; with nothing to watch no thread is started (it would only cost
-    /// start-up time).
-    pub fn spawn_if_needed(self, name: String) -> std::io::Result<Option<EventLoopHandle>> {
+    /// Starts the loop thread of a VM under `seccomp` (installed by the thread before its first
+    /// event); a system call the filter refuses in a handler ends the VM through `end_vm`. With
+    /// nothing to watch no thread is started (it would only cost start-up time).
+    pub fn spawn_if_needed(
+        mut self,
+        name: String,
+        seccomp: Option<ThreadFilter>,
+        end_vm: Box<dyn Fn(ExitReason) + Send>,
+    ) -> std::io::Result<Option<EventLoopHandle>> {
         if self.handlers.is_empty() {
             return Ok(None);
         }
-        self.spawn(name).map(Some)
+        let stop = self.stop.try_clone()?;
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            const THREAD: &str = "event loop thread";
+            if let Some(Err(e)) = seccomp.map(ThreadFilter::install) {
+                return end_vm(ExitReason::crashed(seccomp::Refused::CODE, format!("{THREAD}: {e}")));
+            }
+            self.run(&mut || match seccomp::take_refused_exit(THREAD) {
+                Some(reason) => {
+                    end_vm(reason);
+                    false
+                }
+                None => true,
+            })
+        })?;
+        Ok(Some(EventLoopHandle { stop, thread: Mutex::new(Some(thread)) }))
     }
 
+    /// Starts the loop thread, unfiltered (tests).
     pub fn spawn(mut self, name: String) -> std::io::Result<EventLoopHandle> {
         let stop = self.stop.try_clone()?;
-        let thread = std::thread::Builder::new().name(name).spawn(move || self.run())?;
+        let thread = std::thread::Builder::new().name(name).spawn(move || self.run(&mut || true))?;
         Ok(EventLoopHandle { stop, thread: Mutex::new(Some(thread)) })
     }
 
-    fn run(&mut self) {
+    /// Waits and dispatches until stopped, or until `go_on` (asked after each handler) says no.
+    fn run(&mut self, go_on: &mut dyn FnMut() -> bool) {
         let mut events = vec![EpollEvent::default(); 32];
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
@@ -92,6 +117,9 @@ impl EventLoop {
                 }
                 if let Some(handler) = self.handlers.get_mut(&ev.data()) {
                     handler(ev.event_set());
+                    if !go_on() {
+                        return;
+                    }
                 }
             }
         }
@@ -134,5 +162,43 @@ mod tests {
         evt.write(3).unwrap();
         assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap(), 3);
         drop(handle);
+    }
+
+    #[test]
+    fn a_refused_call_in_a_handler_ends_the_vm_and_the_loop_only() {
+        let mut el = EventLoop::new().unwrap();
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let reader = evt.try_clone().unwrap();
+        el.add(evt.as_raw_fd(), EventSet::IN, Box::new(move |_| {
+            let _ = reader.read();
+            // What a compromised device might try: a new socket (refused, EPERM).
+            // SAFETY: constant arguments; the filter refuses it before the kernel acts.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            assert_eq!(fd, -1);
+        }))
+        .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let filter = ThreadFilter::for_vmm_threads().unwrap();
+        assert!(filter.is_some(), "the filter is on unless MICROCELL_SECCOMP=0");
+        let tx = Mutex::new(tx);
+        let handle = el
+            .spawn_if_needed("test-loop".into(), filter, Box::new(move |reason| tx.lock().unwrap().send(reason).unwrap()))
+            .unwrap()
+            .expect("a thread: one fd is watched");
+        evt.write(1).unwrap();
+        match rx.recv_timeout(std::time::Duration::from_secs(5)).expect("the VM is ended") {
+            ExitReason::Crashed { code, message } => {
+                assert_eq!(code, "E_SECCOMP");
+                assert!(message.contains("event loop thread") && message.contains("SYS_socket"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The loop has stopped (the join in drop returns) and this thread may still do it all.
+        drop(handle);
+        // SAFETY: as above, unfiltered here.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        assert!(fd >= 0);
+        // SAFETY: the descriptor was just opened here.
+        unsafe { libc::close(fd) };
     }
 }

@@ -30,6 +30,7 @@ use crate::event_loop::{EventLoop, EventLoopHandle};
 use crate::devices::Bus;
 use crate::error::{Error, Result};
 use crate::host;
+use crate::seccomp::ThreadFilter;
 use crate::snapshot::{self, MachineState};
 use crate::vstate::lifecycle::{monotonic_ns, ExitReason, Lifecycle};
 use crate::vstate::vcpu::{RunContext, Vcpu};
@@ -574,7 +575,12 @@ impl Vm {
         start_ns: u64,
         backing_memory: Option<File>,
     ) -> Result<Vm> {
-        let event_loop = a.event_loop.spawn_if_needed("mc-events".into()).map_err(Error::Thread)?;
+        let seccomp = ThreadFilter::for_vmm_threads().map_err(|e| Error::Thread(std::io::Error::other(e)))?;
+        let loop_lifecycle = a.lifecycle.clone();
+        let event_loop = a
+            .event_loop
+            .spawn_if_needed("mc-events".into(), seccomp, Box::new(move |reason| loop_lifecycle.request_exit(reason)))
+            .map_err(Error::Thread)?;
         let machine = Arc::new(Machine {
             vcpus: vcpus.iter().map(Vcpu::fd).collect(),
             vm,
@@ -602,6 +608,7 @@ impl Vm {
             mmio_bus: a.mmio_bus,
             lifecycle: lifecycle.clone(),
             keep_alive: Box::new(machine.clone()),
+            seccomp,
         });
         let total = vcpus.len();
         for (spawned, vcpu) in vcpus.into_iter().enumerate() {

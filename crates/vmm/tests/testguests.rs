@@ -194,3 +194,80 @@ fn an_ended_vm_hangs_up_its_host_streams() {
     let mut buf = [0u8; 16];
     assert_eq!(std::io::Read::read(&mut channel, &mut buf).expect("EOF, not a timeout"), 0);
 }
+
+/// The `Seccomp:` line of a thread of this process (0 off, 2 filtered).
+fn seccomp_mode(task: &std::path::Path) -> String {
+    let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("Seccomp:")).unwrap_or("?").trim().to_owned()
+}
+
+#[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
+fn vmm_threads_run_under_seccomp_and_the_callers_do_not() {
+    require_kvm();
+    let console = Capture::default();
+    let config = VmConfig { control_channel: true, ..config(testguest::SPIN, 32, 2, "") };
+    let vm = Vm::start(&config, Box::new(console.clone())).unwrap();
+    let t = Instant::now();
+    while !console.text().contains("TG spin\n") {
+        assert!(t.elapsed() < Duration::from_secs(10), "no banner; console: {}", console.text());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Other tests' VMs run in this process too: every vCPU and event thread must be filtered,
+    // and this VM's are among them.
+    let mut seen = std::collections::BTreeSet::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default().trim().to_owned();
+        if name.starts_with("mc-vcpu") || name == "mc-events" {
+            assert_eq!(seccomp_mode(&task), "2", "{name} is filtered");
+            seen.insert(name);
+        }
+    }
+    for name in ["mc-events", "mc-vcpu0", "mc-vcpu1"] {
+        assert!(seen.contains(name), "{name} running: {seen:?}");
+    }
+    assert_eq!(seccomp_mode(std::path::Path::new("/proc/thread-self")), "0", "the caller's thread is not");
+    vm.kill();
+}
+
+/// A console sink that makes a forbidden system call on the vCPU thread that writes to it, as
+/// a device's host side taken over by a guest might.
+struct HostileSink;
+
+impl std::io::Write for HostileSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // SAFETY: a valid C string; the filter refuses the call before the kernel looks at it.
+        let fd = unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
+        if fd >= 0 {
+            // SAFETY: opened just above (only when the filter is off).
+            unsafe { libc::close(fd) };
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
+fn a_forbidden_system_call_on_a_vcpu_thread_ends_only_that_vm_with_e_seccomp() {
+    require_kvm();
+    let vm = Vm::start(&config(testguest::HELLO, 32, 1, ""), Box::new(HostileSink)).unwrap();
+    match vm.wait_timeout(Duration::from_secs(10)).expect("the VM ends") {
+        ExitReason::Crashed { code, message } => {
+            assert_eq!(code, "E_SECCOMP");
+            assert!(message.contains("vCPU 0 thread") && message.contains("SYS_open"), "{message}");
+        }
+        other => panic!("expected E_SECCOMP, got {other:?}"),
+    }
+    // The process goes on: the same call works here, and the next VM runs to its end.
+    // SAFETY: as in HostileSink.
+    let fd = unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
+    assert!(fd >= 0, "unfiltered here");
+    // SAFETY: opened just above.
+    unsafe { libc::close(fd) };
+    let (reason, console) = run_to_end(&config(testguest::HELLO, 32, 1, ""));
+    assert_eq!(reason, ExitReason::Reset, "{console}");
+}

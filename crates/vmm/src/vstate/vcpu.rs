@@ -16,6 +16,7 @@ use super::lifecycle::{ExitReason, Lifecycle};
 use crate::arch::{cpuid, interrupts, msr, regs};
 use crate::devices::Bus;
 use crate::error::{Error, Result};
+use crate::seccomp::{self, ThreadFilter};
 
 /// Offset of our kick signal above SIGRTMIN (glibc reserves none of these for itself).
 const KICK_SIGNAL_OFFSET: i32 = 2;
@@ -56,6 +57,8 @@ pub struct RunContext {
     pub lifecycle: Arc<Lifecycle>,
     /// Keeps guest memory (and whatever else the VM owns) alive while any vCPU runs.
     pub keep_alive: Box<dyn Send + Sync>,
+    /// Installed by each vCPU thread before it first enters the guest (None: filters off).
+    pub seccomp: Option<ThreadFilter>,
 }
 
 pub struct Vcpu {
@@ -111,12 +114,17 @@ impl Vcpu {
         // The kvm_run mapping lives as long as the VcpuFd, which this thread keeps alive.
         let kvm_run = self.fd.lock().unwrap_or_else(|p| p.into_inner()).get_kvm_run() as *mut kvm_run;
         KVM_RUN.with(|p| p.set(kvm_run));
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_until_exit(&ctx)));
+        let thread = format!("vCPU {} thread", self.index);
+        let outcome = match ctx.seccomp.map(ThreadFilter::install).transpose() {
+            Err(e) => Ok(Some(ExitReason::crashed(seccomp::Refused::CODE, format!("{thread}: {e}")))),
+            Ok(_) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_until_exit(&ctx))),
+        };
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
-        match outcome {
-            Ok(Some(reason)) => ctx.lifecycle.request_exit(reason),
-            Ok(None) => {}
-            Err(_) => ctx.lifecycle.request_exit(ExitReason::crashed(
+        // A refused system call explains whatever came of it (an error, a panic).
+        match (seccomp::take_refused_exit(&thread), outcome) {
+            (Some(reason), _) | (None, Ok(Some(reason))) => ctx.lifecycle.request_exit(reason),
+            (None, Ok(None)) => {}
+            (None, Err(_)) => ctx.lifecycle.request_exit(ExitReason::crashed(
                 "E_VMM_PANIC",
                 format!("vCPU {} thread panicked; the VM was stopped", self.index),
             )),
@@ -130,6 +138,11 @@ impl Vcpu {
         loop {
             if ctx.lifecycle.exit_requested() {
                 return None;
+            }
+            // The exit just handled made a call the filter refused: the device it drove is
+            // suspect, the VM ends.
+            if let Some(reason) = seccomp::take_refused_exit(&format!("vCPU {index} thread")) {
+                return Some(reason);
             }
             if ctx.lifecycle.pause_requested() {
                 ctx.lifecycle.park();
