@@ -4,6 +4,8 @@
 #   ava (npm test)           T0 config/host tests; T1 boots through the Node API;
 #                            T2 the guest platform through Sandbox on engine qemu; T3 the same
 #                            on engine kvm
+#   scripts/fuzz.sh          the fuzz targets (fuzz/), MICROCELL_FUZZ_SECONDS (60) each, from the
+#                            corpus in the repo: each target counts as a test
 #   scripts/nested/run-t3.sh T3 inside a nested VM (QEMU-TCG with SVM), where this host's KVM
 #                            cannot boot Linux (PVM, or no KVM) and MICROCELL_NESTED=1: the Rust
 #                            and ava T3 tests on engine kvm, counted like the others
@@ -43,6 +45,9 @@ if [ "$linux_kvm" = 0 ] && [ "$nested" = 0 ]; then
   printf '\n==> %s\n' "T3 (Rust) on this host: counted as skipped (needs KVM that boots Linux; MICROCELL_NESTED=1 runs it nested)"
   cargo test -p microcell-sandbox --test t3_kvm -- t3_ </dev/null 2>&1 | tee -a "$log_dir/cargo.log" || cargo_status=$?
 fi
+
+printf '\n==> %s\n' "fuzz targets (scripts/fuzz.sh)"
+./scripts/fuzz.sh </dev/null 2>&1 | tee -a "$log_dir/cargo.log" || cargo_status=$?
 
 printf '\n==> %s\n' "ava (npm test) ${ava_env[*]}"
 ava_status=0
