@@ -207,3 +207,14 @@ fn t2_watch_reports_changes_in_order() {
     assert_eq!(w.next_timeout(Duration::from_secs(5)).unwrap(), None, "closed");
     sb.stop(Duration::from_secs(5));
 }
+
+#[test]
+fn t2_qemu_runs_under_its_own_seccomp_filter() {
+    let _g = setup();
+    let sb = Sandbox::create(config(ENGINE)).unwrap();
+    let pid = sb.info().pid.expect("engine qemu has a process");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mode = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).map(str::trim);
+    assert_eq!(mode, Some("2"), "QEMU {pid} runs with -sandbox (seccomp filter mode)");
+    sb.stop(Duration::from_secs(10));
+}
