@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the seed inputs of the virtio_mmio fuzz target (corpus/virtio_mmio/seed-*): a driver
+"""Writes the seed inputs of the virtio_mmio and tree_writer fuzz targets (corpus/virtio_mmio/seed-*): a driver
 that negotiates VERSION_1, sets up queues at fixed addresses and notifies one request per
 device — what a guest would do first — so the fuzzer starts past the handshake."""
 import os
@@ -95,3 +95,6 @@ for name, data in trees.items():
     # The first byte also picks the split size the target feeds the stream in.
     with open(f'corpus/tree_writer/seed-{name}', 'wb') as f:
         f.write(data)
+
+# snapshot_state's seeds (corpus/snapshot_state/seed-spin-*) are real state files of the spin
+# test guest, taken on this project's hosts (a different CPU stops the search at the CPU check).
