@@ -92,12 +92,23 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
-    fn check(&self) -> Result<()> {
+    /// The limits every VM meets, booted or restored (a snapshot's config is checked by this
+    /// too, before any memory is reserved for it).
+    pub(crate) fn check(&self) -> Result<()> {
         if self.vcpus == 0 || self.vcpus > mptable::MAX_CPUS {
             return Err(Error::Config(format!("vcpus must be 1..={}, got {}", mptable::MAX_CPUS, self.vcpus)));
         }
         if self.memory_mib < MIN_MEMORY_MIB {
             return Err(Error::Config(format!("memory must be at least {MIN_MEMORY_MIB} MiB, got {}", self.memory_mib)));
+        }
+        // More than the host has cannot be backed, and its page bitmaps alone could exhaust the
+        // host (2^31 MiB wants a 64 GiB bitmap: the allocation aborts the process).
+        let host_mib = host::cached().host_memory_mib;
+        if host_mib > 0 && u64::from(self.memory_mib) > host_mib {
+            return Err(Error::Config(format!(
+                "memory is {} MiB but this host has {host_mib} MiB of RAM (MemTotal): give at most {host_mib} MiB",
+                self.memory_mib
+            )));
         }
         Ok(())
     }
@@ -337,22 +348,26 @@ impl LoadedSnapshot {
     /// The directory may have been moved since it was written (disk copies are found in it).
     pub fn load(dir: &Path) -> Result<LoadedSnapshot> {
         let mut state = snapshot::load_state(&dir.join(SNAPSHOT_STATE_FILE))?;
-        // The snapshot's own disk copies are named relative to its directory.
+        // The snapshot's own disk copies are named relative to its directory (`validate` made
+        // sure they are bare file names). Each must be a regular file: a FIFO would hang the
+        // copy or the open, a device would be handed to the guest.
         for disk in &mut state.config.block_devices {
             if disk.path.is_relative() {
                 disk.path = dir.join(&disk.path);
             }
+            snapshot::open_snapshot_file(&disk.path)?;
         }
         let memory_path = dir.join(SNAPSHOT_MEMORY_FILE);
         let io = |source| Error::SnapshotIo { path: memory_path.clone(), source };
-        let memory_file = std::fs::File::open(&memory_path).map_err(io)?;
+        let memory_file = snapshot::open_snapshot_file(&memory_path)?;
         let len = memory_file.metadata().map_err(io)?.len();
+        // `validate` checked the layout: these sums cannot overflow.
         let end: u64 = state.memory.iter().map(|r| r.file_offset + r.size).max().unwrap_or(0);
         let needed = end + snapshot::memory::TRAILER_LEN;
-        if len < needed {
+        if len != needed {
             return Err(Error::SnapshotCorrupt {
                 path: memory_path,
-                reason: format!("memory file is {len} bytes, the snapshot needs {needed}"),
+                reason: format!("memory file is {len} bytes, the state says {needed} (guest RAM + trailer)"),
             });
         }
         snapshot::memory::check_id(&memory_file, end, state.memory_id, &memory_path)?;

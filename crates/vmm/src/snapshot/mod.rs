@@ -162,10 +162,77 @@ pub fn save_state(path: &Path, state: &MachineState) -> Result<()> {
     stage_state(path, state)?.commit().map(drop)
 }
 
-/// Reads and checks a state file: magic, version, length, checksum, then the host CPU.
+/// Opens `path` for reading only if it is a regular file (symlinks followed), without ever
+/// blocking: a FIFO would hang `open(2)` and every read, a device or `/proc` file would feed
+/// endless or changing bytes. `InvalidInput` (saying what the file is) for anything else.
+pub fn open_regular(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    // O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting for one.
+    let f = File::options().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)?;
+    let t = f.metadata()?.file_type();
+    if t.is_file() {
+        if let Some(fs) = pseudo_filesystem(&f) {
+            // /proc/self/mem and friends pass for regular files: what they read is the host's.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} is a file of {fs}, not a regular file", path.display()),
+            ));
+        }
+        return Ok(f);
+    }
+    let what = if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "not a regular file"
+    };
+    Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} is {what}, not a regular file", path.display())))
+}
+
+/// The kernel's pseudo filesystems (statfs magic numbers), whose files are views of the host.
+fn pseudo_filesystem(f: &File) -> Option<&'static str> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fstatfs writes one `statfs` into the zeroed struct; the fd is open.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) } != 0 {
+        return None;
+    }
+    match st.f_type as u64 {
+        0x9fa0 => Some("/proc"),
+        0x6265_6572 => Some("sysfs"),
+        0x6462_6720 => Some("debugfs"),
+        0x7472_6163 => Some("tracefs"),
+        0x7363_6673 => Some("securityfs"),
+        0x6367_7270 | 0x0027_e0eb => Some("cgroupfs"),
+        0x6265_6570 => Some("configfs"),
+        0xcafe_4a11 => Some("bpffs"),
+        0xde5e_81e4 => Some("efivarfs"),
+        _ => None,
+    }
+}
+
+/// `open_regular` with the snapshot's error codes: `E_SNAPSHOT_CORRUPT` for a file that is not
+/// a regular one, `E_SNAPSHOT_IO` for the rest.
+pub(crate) fn open_snapshot_file(path: &Path) -> Result<File> {
+    open_regular(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::InvalidInput => Error::SnapshotCorrupt { path: path.to_owned(), reason: source.to_string() },
+        _ => Error::SnapshotIo { path: path.to_owned(), source },
+    })
+}
+
+/// Reads and checks a state file: magic, version, length, checksum, the host CPU, then every
+/// field against the limits a fresh configuration has (`validate`).
 pub fn load_state(path: &Path) -> Result<MachineState> {
     let corrupt = |reason: &str| Error::SnapshotCorrupt { path: path.to_owned(), reason: reason.to_owned() };
-    let mut f = File::open(path).map_err(io(path))?;
+    let mut f = open_snapshot_file(path)?;
+    let file_len = f.metadata().map_err(io(path))?.len();
     let mut header = [0u8; HEADER_LEN];
     f.read_exact(&mut header).map_err(|_| corrupt("shorter than its header"))?;
     if &header[..8] != MAGIC {
@@ -177,13 +244,14 @@ pub fn load_state(path: &Path) -> Result<MachineState> {
     }
     let len = u64::from_le_bytes(header[12..20].try_into().unwrap());
     if len > MAX_BODY {
-        return Err(corrupt("implausible length"));
+        return Err(corrupt(&format!("implausible length: the body length field is {len}, at most {MAX_BODY}")));
     }
-    let mut rest = Vec::with_capacity(len as usize + 4);
-    f.read_to_end(&mut rest).map_err(io(path))?;
-    if rest.len() as u64 != len + 4 {
-        return Err(corrupt("truncated or padded"));
+    // The size on disk must match before anything that long is allocated.
+    if file_len != HEADER_LEN as u64 + len + 4 {
+        return Err(corrupt(&format!("truncated or padded: {file_len} bytes, the header says {}", HEADER_LEN as u64 + len + 4)));
     }
+    let mut rest = vec![0u8; len as usize + 4];
+    f.read_exact(&mut rest).map_err(|_| corrupt("truncated while being read"))?;
     let (body, crc) = rest.split_at(len as usize);
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&header);
@@ -191,7 +259,7 @@ pub fn load_state(path: &Path) -> Result<MachineState> {
     if hasher.finalize() != u32::from_le_bytes(crc.try_into().unwrap()) {
         return Err(corrupt("checksum mismatch"));
     }
-    let state: MachineState = bincode::deserialize(body).map_err(|e| corrupt(&format!("undecodable state ({e})")))?;
+    let state = decode_body(body).map_err(|e| corrupt(&format!("undecodable state ({e})")))?;
     let here = CpuFingerprint::of_this_host();
     if state.cpu != here {
         return Err(Error::SnapshotHost(format!(
@@ -199,5 +267,75 @@ pub fn load_state(path: &Path) -> Result<MachineState> {
             state.cpu.vendor, state.cpu.family_model_stepping, here.vendor, here.family_model_stepping
         )));
     }
+    validate(&state).map_err(|reason| corrupt(&reason))?;
     Ok(state)
+}
+
+/// bincode as `encode_state` writes it (fixed-width integers), bounded by the body's length:
+/// no length field inside can make it allocate more than the body holds, and nothing may follow.
+fn decode_body(body: &[u8]) -> bincode::Result<MachineState> {
+    use bincode::Options;
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .reject_trailing_bytes()
+        .with_limit(body.len() as u64)
+        .deserialize(body)
+}
+
+/// At most this many MSRs per vCPU (KVM lists a few hundred at most).
+const MAX_MSRS: usize = 4096;
+
+/// Checks a decoded state against the limits of a fresh configuration and of this host, before
+/// anything is allocated from it: the error names the field and the limit.
+pub(crate) fn validate(state: &MachineState) -> std::result::Result<(), String> {
+    let config = &state.config;
+    config.check().map_err(|e| format!("config: {e}"))?;
+    if state.vcpus.len() != usize::from(config.vcpus) {
+        return Err(format!("vcpus: {} vCPU states for config.vcpus = {}", state.vcpus.len(), config.vcpus));
+    }
+    // The memory layout is the one `memory::layout` writes for this size, and nothing else.
+    let mut offset = 0u64;
+    let expected: Vec<(u64, u64, u64)> = crate::arch::layout::ram_regions(u64::from(config.memory_mib) << 20)
+        .into_iter()
+        .map(|(addr, size)| {
+            let r = (addr, size, offset);
+            offset += size;
+            r
+        })
+        .collect();
+    let found: Vec<(u64, u64, u64)> = state.memory.iter().map(|r| (r.guest_addr, r.size, r.file_offset)).collect();
+    if found != expected {
+        return Err(format!(
+            "memory: regions (guest address, size, file offset) {found:x?} are not the layout of {} MiB, {expected:x?}",
+            config.memory_mib
+        ));
+    }
+    // What booted fits the boot layout's command line (the restore does not use it, but the
+    // config travels on: `config()`, a later snapshot).
+    let max_cmdline = crate::arch::layout::CMDLINE_MAX_SIZE - 1;
+    if config.cmdline.len() > max_cmdline {
+        return Err(format!("config.cmdline: {} bytes, at most {max_cmdline}", config.cmdline.len()));
+    }
+    for (i, disk) in config.block_devices.iter().enumerate() {
+        // The snapshot's own disk copies are bare names inside its directory; others absolute.
+        if disk.path.is_relative() {
+            let mut parts = disk.path.components();
+            if !matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None)) {
+                return Err(format!("config.blockDevices[{i}].path: {} is neither absolute nor a file name in the snapshot directory", disk.path.display()));
+            }
+        }
+    }
+    let devices = config.block_devices.len() + usize::from(config.control_channel) + usize::from(config.network.is_some());
+    if state.virtio.len() != devices {
+        return Err(format!("virtio: {} device states, the configuration has {devices} devices", state.virtio.len()));
+    }
+    for (i, v) in state.vcpus.iter().enumerate() {
+        if v.cpuid.len() > kvm_bindings::KVM_MAX_CPUID_ENTRIES {
+            return Err(format!("vcpus[{i}].cpuid: {} entries, at most {}", v.cpuid.len(), kvm_bindings::KVM_MAX_CPUID_ENTRIES));
+        }
+        if v.msrs.len() > MAX_MSRS {
+            return Err(format!("vcpus[{i}].msrs: {} entries, at most {MAX_MSRS}", v.msrs.len()));
+        }
+    }
+    Ok(())
 }

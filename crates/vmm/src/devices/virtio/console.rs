@@ -13,7 +13,7 @@ use std::io::ErrorKind;
 use std::os::unix::net::UnixStream;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{read_config_bytes, Activation, ActiveQueues, SocketInterest, VirtioDevice, TYPE_CONSOLE};
@@ -351,6 +351,23 @@ impl VirtioDevice for Console {
 
     fn restore_state(&mut self, bytes: &[u8]) -> Result<(), String> {
         let state: ConsoleState = bincode::deserialize(bytes).map_err(|e| format!("virtio-console state: {e}"))?;
+        // Bounded like the live device: a few control messages, and a pending transmit chain
+        // that is one of the guest's descriptors, in guest memory.
+        if state.pending_control.len() > MAX_PENDING_CONTROL || state.pending_control.iter().any(|m| m.len() > MAX_CONTROL_LEN) {
+            return Err(format!(
+                "virtio-console state: {} pending control messages, at most {MAX_PENDING_CONTROL} of at most {MAX_CONTROL_LEN} bytes",
+                state.pending_control.len()
+            ));
+        }
+        if let (Some((head, segments)), Some(a)) = (&state.pending_tx, &self.active) {
+            let size = a.queues[TX].size();
+            if *head >= size {
+                return Err(format!("virtio-console state: pending transmit head {head}, the queue has {size} entries"));
+            }
+            if segments.len() > usize::from(size) || segments.iter().any(|&(addr, len)| !a.mem.check_range(GuestAddress(addr), len)) {
+                return Err("virtio-console state: a pending transmit buffer lies outside guest memory".into());
+            }
+        }
         self.pending_control = state.pending_control.into();
         self.pending_tx = state.pending_tx.map(|(head, segments)| PendingTx { head, segments: segments.into() });
         self.guest_open = state.guest_open;
@@ -358,6 +375,11 @@ impl VirtioDevice for Console {
         Ok(())
     }
 }
+
+/// Bounds on a restored console's queued control messages (the live device queues a handful,
+/// each a few bytes plus a port name).
+const MAX_PENDING_CONTROL: usize = 1024;
+const MAX_CONTROL_LEN: usize = 64 << 10;
 
 /// What a snapshot keeps of the console beyond its queues.
 #[derive(serde::Serialize, serde::Deserialize)]

@@ -87,7 +87,19 @@ impl MmioTransport {
         if state.device_type != t.device.device_type() || state.queues.len() != t.queues.len() {
             return Err(format!("virtio device type {} in the snapshot does not match the configured device", state.device_type));
         }
-        t.queues = state.queues.iter().map(QueueSnapshot::to_queue).collect::<Result<_, _>>().map_err(|e| format!("virtio queue: {e:?}"))?;
+        let queues: Vec<Queue> =
+            state.queues.iter().map(QueueSnapshot::to_queue).collect::<Result<_, _>>().map_err(|e| format!("virtio queue: {e:?}"))?;
+        // The device's own queue sizes, and rings inside guest RAM: a snapshot cannot widen a
+        // queue past what the device allocates for, nor point the device outside the guest.
+        for (i, (q, fresh)) in queues.iter().zip(&t.queues).enumerate() {
+            if q.max_size() != fresh.max_size() {
+                return Err(format!("virtio queue {i}: max_size {} in the snapshot, the device has {}", q.max_size(), fresh.max_size()));
+            }
+            if q.ready() && !q.is_valid(&t.mem) {
+                return Err(format!("virtio queue {i}: its rings lie outside guest memory or are misaligned"));
+            }
+        }
+        t.queues = queues;
         t.queue_select = state.queue_select;
         t.device_features_select = state.device_features_select;
         t.driver_features_select = state.driver_features_select;
