@@ -53,7 +53,8 @@ export type ConfigErrorCode = (typeof CONFIG_ERROR_CODES)[number]
  * - `E_AGENT_EXITED`: the VM ended before the agent was ready (kernel panic, bad root disk, QEMU error);
  * - `E_PROTOCOL`, `E_AGENT_ERROR`, `E_CHANNEL_CLOSED`, `E_AGENT_TIMEOUT`: the control channel;
  * - `E_VM_STATE`: a request to a paused sandbox (resume it first), a pause of one that has ended;
- * - `E_OUTPUT_LIMIT`: `exec()` output beyond `maxOutputBytes` (the process was killed);
+ * - `E_OUTPUT_LIMIT`: `exec()` output beyond `maxOutputBytes` (the process was killed), `fs.read()`
+ *   or `fs.copyToHost()` beyond `maxBytes` (the transfer was stopped);
  * - the VMM's own codes on engine `kvm` (`E_KERNEL_FORMAT`, `E_KVM`, `E_MEMORY`, ...).
  */
 export const SANDBOX_ERROR_CODES = [

@@ -44,6 +44,27 @@ export interface WriteFileOptions {
   parents?: boolean
 }
 
+export interface ReadFileOptions {
+  /**
+   * The most bytes to collect (default 64 MiB, as exec's `maxOutputBytes`). A longer file, or an
+   * endless one such as `/dev/zero`, rejects with `E_OUTPUT_LIMIT` as soon as it passes the
+   * limit (the guest is asked for one byte more and sends no more). Use `readStream()` for
+   * large files.
+   */
+  maxBytes?: number
+}
+
+export interface CopyToHostOptions {
+  /** Keep setuid and setgid bits (default false: they are dropped, the guest's files are untrusted). */
+  keepSetuid?: boolean
+  /**
+   * The most file data to write on the host (default 1 GiB; holes in sparse files stay holes
+   * and do not count). Beyond it the copy stops with `E_OUTPUT_LIMIT`; the file it was
+   * writing is removed (the files finished before it stay).
+   */
+  maxBytes?: number
+}
+
 export interface ReadStreamOptions {
   /** First byte to read (default 0). */
   start?: number
@@ -69,6 +90,12 @@ function bytes(data: unknown): Buffer {
   if (typeof data === 'string') return Buffer.from(data, 'utf8')
   if (data instanceof Uint8Array) return Buffer.from(data.buffer, data.byteOffset, data.byteLength)
   throw invalid('data must be a string (written as UTF-8) or a Buffer/Uint8Array')
+}
+
+function maxBytes(n: unknown, fallback: string): number | undefined {
+  if (n === undefined) return undefined
+  if (!Number.isSafeInteger(n) || (n as number) < 0) throw invalid(`maxBytes is ${String(n)}: give a whole number of bytes ≥ 0 (default ${fallback})`)
+  return n as number
 }
 
 function mode(m: unknown, fallback?: number): number | undefined {
@@ -147,14 +174,14 @@ export class SandboxFs {
     return reject(async () => new FsWatcher(await this.#ops.watch(guestPath(dir), options.recursive === true)))
   }
 
-  /** A whole file. */
-  read(file: string): Promise<Buffer> {
-    return reject(() => this.#ops.read(guestPath(file)))
+  /** A whole file, at most `maxBytes` (default 64 MiB; beyond it `E_OUTPUT_LIMIT`). */
+  read(file: string, options: ReadFileOptions = {}): Promise<Buffer> {
+    return reject(() => this.#ops.read(guestPath(file), maxBytes(options.maxBytes, '64 MiB')))
   }
 
-  /** A whole file, decoded (UTF-8 by default). */
-  async readText(file: string, encoding: BufferEncoding = 'utf8'): Promise<string> {
-    return (await this.read(file)).toString(encoding)
+  /** A whole file, decoded (UTF-8 by default); `maxBytes` as for `read()`. */
+  async readText(file: string, encoding: BufferEncoding = 'utf8', options: ReadFileOptions = {}): Promise<string> {
+    return (await this.read(file, options)).toString(encoding)
   }
 
   /** Writes a whole file (a string as UTF-8). */
@@ -283,11 +310,18 @@ export class SandboxFs {
   }
 
   /**
-   * Copies a guest file, directory tree or symlink to `hostPath`, which becomes it (modes,
-   * mtimes and symlinks kept). Nothing is written outside `hostPath`, through a symlink or
-   * otherwise.
+   * Copies a guest file, directory tree or symlink to `hostPath`, which becomes it (modes
+   * without setuid/setgid unless `keepSetuid`, mtimes, symlinks and holes kept). The guest is
+   * untrusted: nothing is written outside `hostPath`, through a symlink or otherwise, no
+   * device or FIFO is made, and at most `maxBytes` of data (default 1 GiB) is written, else
+   * `E_OUTPUT_LIMIT`.
    */
-  copyToHost(guestSource: string, hostTarget: string): Promise<CopyStats> {
-    return reject(() => this.#ops.copyToHost(guestPath(guestSource), hostPath(hostTarget, 'the host path')))
+  copyToHost(guestSource: string, hostTarget: string, options: CopyToHostOptions = {}): Promise<CopyStats> {
+    return reject(() =>
+      this.#ops.copyToHost(guestPath(guestSource), hostPath(hostTarget, 'the host path'), {
+        keepSetuid: options.keepSetuid === true,
+        maxBytes: maxBytes(options.maxBytes, '1 GiB'),
+      }),
+    )
   }
 }

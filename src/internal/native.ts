@@ -413,6 +413,11 @@ export interface NativeWriteOptions {
   parents?: boolean
 }
 
+export interface NativeCopyToHostOptions {
+  keepSetuid?: boolean
+  maxBytes?: number
+}
+
 /** The exec and file calls of a sandbox (the same addon object as `NativeSandboxHandle`). */
 export class NativeSandboxOps {
   readonly #sandbox: Binding.NativeSandbox
@@ -453,8 +458,8 @@ export class NativeSandboxOps {
     return callAsync(() => this.#sandbox.fsRename(from, to))
   }
 
-  read(path: string): Promise<Buffer> {
-    return callAsync(() => this.#sandbox.fsRead(path))
+  read(path: string, maxBytes: number | undefined): Promise<Buffer> {
+    return callAsync(() => this.#sandbox.fsRead(path, maxBytes))
   }
 
   write(path: string, data: Buffer, o: NativeWriteOptions): Promise<void> {
@@ -477,8 +482,8 @@ export class NativeSandboxOps {
     return callAsync(() => this.#sandbox.fsCopyFromHost(host, guest))
   }
 
-  copyToHost(guest: string, host: string): Promise<NativeCopyInfo> {
-    return callAsync(() => this.#sandbox.fsCopyToHost(guest, host))
+  copyToHost(guest: string, host: string, o: NativeCopyToHostOptions): Promise<NativeCopyInfo> {
+    return callAsync(() => this.#sandbox.fsCopyToHost(guest, host, o.keepSetuid, o.maxBytes))
   }
 }
 

@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use protocol::tree_fs::{TreeFsError, TreeReader, TreeWriter};
+use protocol::tree_fs::{TreeFsError, TreeReader, TreeWriter, WriterOptions};
 use protocol::{kind, DirEntries, DirEntry, ErrorMsg, FileType, Message, Mkdir, ReadFile, Remove, Rename, Stat, StatResult, WriteFile, FLAG_FINAL, MAX_PAYLOAD};
 
 use crate::exec::{invalid, os_error};
@@ -250,7 +250,9 @@ impl WriteSink {
 
     pub fn tree(path: &str, parents: bool) -> Result<WriteSink, ErrorMsg> {
         let p = checked(path)?;
-        let w = TreeWriter::new(p, parents).map_err(tree_err)?;
+        // The host's tree is trusted in its own guest: setuid bits kept, no size limit.
+        let opts = WriterOptions { parents, keep_setuid: true, max_bytes: None };
+        let w = TreeWriter::with_options(p, opts).map_err(tree_err)?;
         Ok(WriteSink { target: Target::Tree { w: Box::new(w) }, owed: 0 })
     }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{say, Agent};
-use sandbox::fs::WriteOptions;
+use sandbox::fs::{CopyToHostOptions, WriteOptions};
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
@@ -105,7 +105,7 @@ fn errors_carry_errno_codes_and_guest_paths() {
     assert_eq!(code(c.mkdir("", 0o755, true)), "E_INVALID_ARGUMENT");
     assert_eq!(code(c.mkdir(&format!("{}/m", p(d.path())), 0o17777, true)), "E_INVALID_ARGUMENT");
     assert_eq!(code(c.remove("/", true)), "E_INVALID_ARGUMENT");
-    assert_eq!(c.copy_to_host(&missing, &d.path().join("out")).unwrap_err().code(), "ENOENT");
+    assert_eq!(c.copy_to_host(&missing, &d.path().join("out"), CopyToHostOptions::default()).unwrap_err().code(), "ENOENT");
     assert_eq!(c.copy_from_host(&d.path().join("host-missing"), &format!("{}/in", p(d.path()))).unwrap_err().code(), "E_HOST_FILE");
     // And the agent still serves.
     c.ping(Duration::from_secs(5)).unwrap();
@@ -162,12 +162,19 @@ fn directory_trees_round_trip_with_modes_and_symlinks() {
     assert_eq!(stats.entries, 11, "{stats:?}");
     assert_eq!(stats.bytes, 3_000_000 + 6 + 20);
     let back = d.path().join("host-side/back");
-    let stats2 = a.client.copy_to_host(p(&guest), &back).unwrap();
+    let keep = CopyToHostOptions { keep_setuid: true, ..Default::default() };
+    let stats2 = a.client.copy_to_host(p(&guest), &back, keep).unwrap();
     assert_eq!(stats2, stats);
     assert_eq!(listing(&guest), listing(&src));
     assert_eq!(listing(&back), listing(&src));
+    // By default the host drops setuid/setgid bits (the guest kept them: the host is trusted).
+    let plain = d.path().join("host-side/plain");
+    a.client.copy_to_host(p(&guest), &plain, CopyToHostOptions::default()).unwrap();
+    let want: Vec<_> = listing(&src).into_iter().map(|mut e| { e.2 &= 0o1777; e }).collect();
+    assert_eq!(listing(&plain), want);
+    assert_eq!(std::fs::metadata(plain.join("setuid")).unwrap().mode() & 0o7777, 0o711);
     // A single file and a single symlink copy too.
-    a.client.copy_to_host(&format!("{}/data/secret", p(&guest)), &d.path().join("one")).unwrap();
+    a.client.copy_to_host(&format!("{}/data/secret", p(&guest)), &d.path().join("one"), CopyToHostOptions::default()).unwrap();
     assert_eq!(std::fs::read(d.path().join("one")).unwrap(), b"s3cret");
     assert_eq!(std::fs::metadata(d.path().join("one")).unwrap().mode() & 0o7777, 0o600);
     a.client.copy_from_host(&src.join("dangling"), &format!("{}/l2", p(&guest))).unwrap();
@@ -233,7 +240,7 @@ fn a_failed_write_stream_is_reported_and_the_agent_goes_on() {
     std::fs::create_dir_all(g.join("sub")).unwrap();
     std::os::unix::fs::symlink("/", g.join("sub/root-link")).unwrap();
     let out = d.path().join("host-out");
-    a.client.copy_to_host(p(&g), &out).unwrap();
+    a.client.copy_to_host(p(&g), &out, CopyToHostOptions::default()).unwrap();
     assert_eq!(std::fs::read_link(out.join("sub/root-link")).unwrap(), Path::new("/"));
     a.client.ping(Duration::from_secs(5)).unwrap();
 }
@@ -252,4 +259,43 @@ fn fifos_do_not_block_the_agent() {
     assert!(r.as_ref().map_or(true, |b| b.is_empty()), "{r:?}");
     assert!(t.elapsed() < Duration::from_secs(5));
     a.client.ping(Duration::from_secs(5)).unwrap();
+}
+
+#[test]
+fn reads_and_copies_to_the_host_are_bounded() {
+    let a = Agent::spawn();
+    let c = &a.client;
+    let d = tempfile::tempdir().unwrap();
+    // An endless file stops at the limit, at once; the guest sends one byte more, no more.
+    let t = Instant::now();
+    let e = c.read_file_max("/dev/zero", 1 << 20).unwrap_err();
+    assert_eq!(e.code(), "E_OUTPUT_LIMIT", "{e}");
+    assert!(e.to_string().contains("maxBytes"), "{e}");
+    let zero_ms = t.elapsed().as_millis();
+    assert!(zero_ms < 5000, "{zero_ms} ms");
+    let f = d.path().join("ten");
+    std::fs::write(&f, b"0123456789").unwrap();
+    assert_eq!(c.read_file_max(p(&f), 10).unwrap(), b"0123456789");
+    assert_eq!(c.read_file_max(p(&f), 9).unwrap_err().code(), "E_OUTPUT_LIMIT");
+    // A sparse 256 MiB file stays sparse on the host.
+    let sparse = d.path().join("sparse");
+    let file = std::fs::File::create(&sparse).unwrap();
+    file.set_len(256 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, b"head", 0).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, b"tail", (256 << 20) - 4).unwrap();
+    let out = d.path().join("host/sparse");
+    let t = Instant::now();
+    let st = c.copy_to_host(p(&sparse), &out, CopyToHostOptions { max_bytes: 1 << 20, ..Default::default() }).unwrap();
+    let m = std::fs::metadata(&out).unwrap();
+    assert_eq!((st.bytes, m.len()), (256 << 20, 256 << 20));
+    assert!(m.blocks() * 512 <= 1 << 20, "{} blocks on the host", m.blocks());
+    say(&format!("sparse 256 MiB to the host: {} KiB allocated, {} ms; /dev/zero with maxBytes 1 MiB: {zero_ms} ms", m.blocks() / 2, t.elapsed().as_millis()));
+    // Data past maxBytes: E_OUTPUT_LIMIT, and no partial file under the name.
+    let big = d.path().join("big");
+    std::fs::write(&big, vec![9u8; 3 << 20]).unwrap();
+    let out = d.path().join("host/big");
+    let e = c.copy_to_host(p(&big), &out, CopyToHostOptions { max_bytes: 1 << 20, ..Default::default() }).unwrap_err();
+    assert_eq!(e.code(), "E_OUTPUT_LIMIT", "{e}");
+    assert!(std::fs::symlink_metadata(&out).is_err(), "a partial file was left");
+    c.ping(Duration::from_secs(5)).unwrap();
 }

@@ -180,12 +180,17 @@ impl NativeSandbox {
         .await
     }
 
-    /// A whole guest file.
+    /// A whole guest file. `maxBytes` (default 64 MiB): a longer (or endless) file rejects
+    /// with `E_OUTPUT_LIMIT`; the guest sends at most one byte more.
     #[napi]
-    pub async fn fs_read(&self, path: String) -> Result<Buffer> {
+    pub async fn fs_read(&self, path: String, max_bytes: Option<f64>) -> Result<Buffer> {
         let sb = self.sandbox()?;
+        let max = max_bytes
+            .map(|n| whole("maxBytes", n))
+            .transpose()?
+            .unwrap_or(sandbox::fs::DEFAULT_READ_MAX_BYTES);
         let data = blocking("fs read", move || {
-            sb.read_file(&path).map_err(sandbox_error)
+            sb.read_file_max(&path, max).map_err(sandbox_error)
         })
         .await?;
         Ok(data.into())
@@ -268,12 +273,28 @@ impl NativeSandbox {
     }
 
     /// Copies a guest file, directory tree or symlink to `host` (nothing is written outside it).
+    /// `keepSetuid`: keep setuid/setgid bits (dropped by default). `maxBytes` (default 1 GiB):
+    /// the most file data written (holes stay holes and do not count); beyond it the copy
+    /// stops with `E_OUTPUT_LIMIT` and the file being written is removed.
     #[napi]
-    pub async fn fs_copy_to_host(&self, guest: String, host: String) -> Result<CopyInfo> {
+    pub async fn fs_copy_to_host(
+        &self,
+        guest: String,
+        host: String,
+        keep_setuid: Option<bool>,
+        max_bytes: Option<f64>,
+    ) -> Result<CopyInfo> {
         let sb = self.sandbox()?;
         let host = PathBuf::from(host);
+        let opts = sandbox::CopyToHostOptions {
+            keep_setuid: keep_setuid.unwrap_or(false),
+            max_bytes: max_bytes
+                .map(|n| whole("maxBytes", n))
+                .transpose()?
+                .unwrap_or(sandbox::fs::DEFAULT_COPY_MAX_BYTES),
+        };
         blocking("fs copy to host", move || {
-            sb.copy_to_host(&guest, &host)
+            sb.copy_to_host(&guest, &host, opts)
                 .map(copy_info)
                 .map_err(sandbox_error)
         })

@@ -1,7 +1,7 @@
 //! The control channel between the microcell host and the guest agent: frames, messages
-//! and the handshake. No dependencies; both sides use it. Pure (no I/O) except [`tree_fs`],
-//! which reads and writes tree streams with `std::fs` (the agent in the guest, the host on
-//! its own file system).
+//! and the handshake. Both sides use it. Pure (no I/O) except [`tree_fs`], which reads and
+//! writes tree streams (the agent in the guest, the host on its own file system; `libc` for
+//! the `*at` calls that keep a writer inside its destination).
 //!
 //! - [`frame`]: the 12-byte header, the payload cap, the incremental [`Decoder`];
 //! - [`messages`]: every message, its kind number and the version handshake;

@@ -7,9 +7,9 @@
 //!   as a future ([`Pending::recv`]); `Credit` frames do not queue but add to the inbox's credit
 //!   counters, which writers take from ([`Pending::take_credit`]). The agent sends stream data
 //!   only within the credit the host granted, so an inbox holds at most its window.
-//! - Every wait has a deadline. The end of the stream, a fatal framing error (bad magic, a
-//!   length over the cap, a stream that ends inside a frame) or a malformed reply is a coded
-//!   error for every waiter at once, never a hang.
+//! - Every wait has a deadline. The end of the stream (`E_CHANNEL_CLOSED`, also when it ends
+//!   inside a frame: a VM killed while it sent), a fatal framing error (bad magic, a length
+//!   over the cap) or a malformed reply is a coded error for every waiter at once, never a hang.
 //! - Writes use `MSG_NOSIGNAL` (no SIGPIPE in a host process such as Node) and a send timeout.
 
 use std::collections::{HashMap, VecDeque};
@@ -45,6 +45,8 @@ type Delivery = std::result::Result<Frame, String>;
 enum Closed {
     /// The agent's side hung up (the VM ended or the agent closed the port).
     Eof,
+    /// The same, with this many bytes of a frame unread.
+    EofInFrame(usize),
     /// The byte stream cannot be trusted any more.
     Protocol(String),
     Io(String),
@@ -56,6 +58,7 @@ impl Closed {
     fn error(&self) -> SandboxError {
         match self {
             Closed::Eof => SandboxError::ChannelClosed("the agent's end hung up".into()),
+            Closed::EofInFrame(n) => SandboxError::ChannelClosed(format!("the agent's end hung up inside a frame, {n} bytes into it")),
             Closed::Protocol(m) => SandboxError::Protocol(m.clone()),
             Closed::Io(m) => SandboxError::ChannelClosed(format!("read error: {m}")),
             Closed::Local => SandboxError::ChannelClosed("closed by the host".into()),
@@ -609,8 +612,11 @@ fn read_loop(mut stream: UnixStream, shared: &Shared) {
             Err(e) => break Closed::Io(e.to_string()),
         };
         if n == 0 {
+            // A peer that ends inside a frame has still ended (a VM killed while it sent):
+            // the waiters learn that the channel closed, as with any other end.
             break match decoder.finish() {
                 Ok(()) => Closed::Eof,
+                Err(protocol::FrameError::Truncated { buffered }) => Closed::EofInFrame(buffered),
                 Err(e) => Closed::Protocol(e.to_string()),
             };
         }
@@ -752,16 +758,17 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_ending_inside_a_frame_is_a_protocol_error() {
+    fn a_stream_ending_inside_a_frame_is_a_closed_channel() {
+        // What a VM killed in the middle of a large FileData frame looks like: the end of the
+        // VM, not a protocol error.
         let (client, mut agent) = pair();
         let pending = client.hello().unwrap();
         let bytes = Frame::new(0, Message::Ready(ready())).to_bytes().unwrap();
         agent.stream.write_all(&bytes[..bytes.len() - 3]).unwrap();
         drop(agent);
-        assert_eq!(
-            pending.wait(Duration::from_secs(30)).unwrap_err().code(),
-            "E_PROTOCOL"
-        );
+        let e = pending.wait(Duration::from_secs(30)).unwrap_err();
+        assert_eq!(e.code(), "E_CHANNEL_CLOSED", "{e}");
+        assert!(e.to_string().contains("inside a frame"), "{e}");
     }
 
     #[test]

@@ -9,13 +9,16 @@
 //! window and the host never sends beyond it. Copies use the tree stream
 //! (`protocol::tree`): modes, mtimes and symlinks are kept; owners, hard links and special
 //! files are not (see `protocol::tree_fs`). A tree from the guest is untrusted: nothing is
-//! written outside the host destination, through a symlink or otherwise.
+//! written outside the host destination, through a symlink or otherwise; setuid/setgid bits
+//! are dropped unless asked for; holes stay holes; the data written is bounded
+//! ([`CopyToHostOptions::max_bytes`]). Whole-file reads into host memory are bounded too
+//! ([`AgentClient::read_file_max`]). Passing a bound is `E_OUTPUT_LIMIT`.
 
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use protocol::tree_fs::{TreeFsError, TreeReader, TreeWriter};
+use protocol::tree_fs::{TreeFsError, TreeReader, TreeWriter, WriterOptions};
 use protocol::{
     kind, Credit, DirEntry, FileType, Message, Mkdir, ReadDir, ReadFile, ReadTree, Remove, Rename, Stat, StatResult,
     StreamKind, WriteFile, WriteTree,
@@ -31,6 +34,27 @@ pub const FS_STEP_TIMEOUT: Duration = Duration::from_secs(60);
 pub const READ_WINDOW: u32 = 4 << 20;
 /// Bytes per host → guest `FileData` frame.
 const WRITE_CHUNK: usize = 256 << 10;
+/// The most a whole-file read collects into host memory unless told otherwise (as exec's
+/// `maxOutputBytes`).
+pub const DEFAULT_READ_MAX_BYTES: u64 = 64 << 20;
+/// The most file data one copy to the host writes unless told otherwise (holes not counted).
+pub const DEFAULT_COPY_MAX_BYTES: u64 = 1 << 30;
+
+/// How [`AgentClient::copy_to_host`] writes on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyToHostOptions {
+    /// Keep setuid and setgid bits (dropped by default: the guest's files are untrusted).
+    pub keep_setuid: bool,
+    /// The most file data bytes written (holes are not written and do not count); beyond it
+    /// the copy stops with `E_OUTPUT_LIMIT` and the file it was writing is removed.
+    pub max_bytes: u64,
+}
+
+impl Default for CopyToHostOptions {
+    fn default() -> CopyToHostOptions {
+        CopyToHostOptions { keep_setuid: false, max_bytes: DEFAULT_COPY_MAX_BYTES }
+    }
+}
 
 /// `stat` of a guest path (camelCase JSON for the napi layer).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -90,7 +114,10 @@ pub fn file_type_name(t: FileType) -> &'static str {
 }
 
 fn host_err(e: TreeFsError) -> SandboxError {
-    SandboxError::HostFile(format!("host side of the copy: {e}"))
+    match e {
+        TreeFsError::Limit { .. } => SandboxError::OutputLimit(format!("copy to the host stopped: {e}")),
+        e => SandboxError::HostFile(format!("host side of the copy: {e}")),
+    }
 }
 
 fn guest_path(path: &str) -> Result<()> {
@@ -395,11 +422,23 @@ impl AgentClient {
         Ok(FileReadStream { pending, window: READ_WINDOW, consumed: 0, done: false })
     }
 
-    /// A whole guest file in memory.
+    /// A whole guest file in memory, at most [`DEFAULT_READ_MAX_BYTES`].
     pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
-        let mut s = self.open_read(path, 0, None)?;
+        self.read_file_max(path, DEFAULT_READ_MAX_BYTES)
+    }
+
+    /// A whole guest file in memory; a longer one (or an endless one: `/dev/zero`) is
+    /// `E_OUTPUT_LIMIT`. The agent is asked for one byte more than `max_bytes`, so the guest
+    /// stops by itself; more than that from it is not taken either.
+    pub fn read_file_max(&self, path: &str, max_bytes: u64) -> Result<Vec<u8>> {
+        let mut s = self.open_read(path, 0, Some(max_bytes.saturating_add(1)))?;
         let mut out = Vec::new();
         while let Some(c) = s.read_chunk(FS_STEP_TIMEOUT)? {
+            if out.len() as u64 + c.len() as u64 > max_bytes {
+                return Err(SandboxError::OutputLimit(format!(
+                    "{path} is longer than {max_bytes} bytes (maxBytes): read it with readStream(), or raise maxBytes"
+                )));
+            }
             out.extend_from_slice(&c);
         }
         Ok(out)
@@ -470,12 +509,14 @@ impl AgentClient {
     }
 
     /// Copies a guest file, directory tree or symlink to `host` (which becomes it). Missing
-    /// parents of `host` are created. Nothing is written outside `host`.
-    pub fn copy_to_host(&self, guest: &str, host: &Path) -> Result<CopyStats> {
+    /// parents of `host` are created. Nothing is written outside `host` (`protocol::tree_fs`
+    /// says how); `opts` bounds the data and says whether setuid bits stay.
+    pub fn copy_to_host(&self, guest: &str, host: &Path, opts: CopyToHostOptions) -> Result<CopyStats> {
         guest_path(guest)?;
+        let wopts = WriterOptions { parents: true, keep_setuid: opts.keep_setuid, max_bytes: Some(opts.max_bytes) };
+        let mut w = TreeWriter::with_options(host, wopts).map_err(host_err)?;
         let p = self.send(Message::ReadTree(ReadTree { path: guest.into(), window: READ_WINDOW }))?;
         let mut s = FileReadStream { pending: p, window: READ_WINDOW, consumed: 0, done: false };
-        let mut w = TreeWriter::new(host, true).map_err(host_err)?;
         while let Some(c) = s.read_chunk(FS_STEP_TIMEOUT)? {
             w.feed(&c).map_err(host_err)?;
         }

@@ -20,7 +20,7 @@ pub use vm::{MicroVm, RestoreOptions, StartOptions};
 pub use engine::{EngineChoice, EngineKind, VmExit};
 pub use exec::{ExecEvent, ExecExit, ExecHandle, ExecOutput, ExecRequest};
 pub use workload::{Workload, WorkloadStatus};
-pub use fs::{CopyStats, DirEntryInfo, FileReadStream, FileStat, FileWriteStream, WriteOptions};
+pub use fs::{CopyStats, CopyToHostOptions, DirEntryInfo, FileReadStream, FileStat, FileWriteStream, WriteOptions};
 pub use sandbox::{validate_sandbox_config_json, ReadyInfo, Sandbox, SandboxConfig, SandboxError, SandboxRestoreOptions};
 pub use vmm::vmm::VmShell;
 pub use vmm::{ExitReason, LoadedSnapshot, Timings};

@@ -126,6 +126,10 @@ pub enum SandboxError {
     #[error("{0}")]
     HostFile(String),
 
+    /// A read or copy from the guest passed its byte limit (`maxBytes`) and was stopped.
+    #[error("{0}")]
+    OutputLimit(String),
+
     /// No thread could be started.
     #[error("cannot start a thread ({what}): {source}; the process may have hit its thread limit")]
     Thread {
@@ -158,6 +162,7 @@ impl SandboxError {
             SandboxError::Guest { code, .. } => code,
             SandboxError::InvalidArgument(_) => "E_INVALID_ARGUMENT",
             SandboxError::HostFile(_) => "E_HOST_FILE",
+            SandboxError::OutputLimit(_) => "E_OUTPUT_LIMIT",
             SandboxError::Reported { code, .. } => code,
         }
     }
@@ -197,6 +202,7 @@ impl SandboxError {
         "E_THREAD",
         "E_INVALID_ARGUMENT",
         "E_HOST_FILE",
+        "E_OUTPUT_LIMIT",
     ];
 
     pub(crate) fn config(code: &'static str, message: impl Into<String>) -> SandboxError {

@@ -222,6 +222,11 @@ impl Sandbox {
         self.agent.read_file(path)
     }
 
+    /// A whole guest file, at most `max_bytes` ([`AgentClient::read_file_max`]).
+    pub fn read_file_max(&self, path: &str, max_bytes: u64) -> Result<Vec<u8>> {
+        self.agent.read_file_max(path, max_bytes)
+    }
+
     pub fn write_file(&self, path: &str, data: &[u8], opts: WriteOptions) -> Result<()> {
         self.agent.write_file(path, data, opts)
     }
@@ -271,8 +276,8 @@ impl Sandbox {
     }
 
     /// Copies a guest file or tree to the host ([`AgentClient::copy_to_host`]).
-    pub fn copy_to_host(&self, guest: &str, host: &std::path::Path) -> Result<CopyStats> {
-        self.agent.copy_to_host(guest, host)
+    pub fn copy_to_host(&self, guest: &str, host: &std::path::Path, opts: crate::CopyToHostOptions) -> Result<CopyStats> {
+        self.agent.copy_to_host(guest, host, opts)
     }
 
     /// Powers the guest off gracefully (the agent syncs and resets the VM) and waits for the VM
