@@ -309,6 +309,19 @@ pub trait RunningVm: Send + Sync {
     }
     /// Ends the VM at once (SIGKILL to QEMU's process group; the VMM's kill). Idempotent.
     fn kill(&self);
+    /// [`RunningVm::kill`] for a reason the host found (the agent watchdog): `exit` is
+    /// published instead of [`VmExit::Killed`], still after the console is complete.
+    fn kill_because(&self, exit: VmExit) {
+        self.exit_slot().set_cause(exit);
+        self.kill();
+    }
+    /// Whether the guest has halted for good: every vCPU in HLT with interrupts off (what
+    /// `halt -f` / `poweroff -f` leave on a machine with no power-off device), said in words;
+    /// `None` when it has not, or when the engine cannot tell. Asked only when the agent is
+    /// silent (it may take the engine's monitor).
+    fn halted(&self) -> Option<String> {
+        None
+    }
     /// The reader of the console queue, when the spec asked for one.
     fn console(&self) -> Option<ConsoleReader>;
     fn console_stats(&self) -> ConsoleStats;
@@ -366,6 +379,9 @@ pub struct ExitSlot {
 #[derive(Default)]
 struct ExitState {
     exit: Option<VmExit>,
+    /// Why the host is killing the VM ([`RunningVm::kill_because`]): published in place of
+    /// the engine's `Killed`.
+    cause: Option<VmExit>,
     /// Futures waiting for the end ([`ExitFuture`]), woken by `set`.
     wakers: Vec<Waker>,
 }
@@ -379,12 +395,25 @@ impl ExitSlot {
         let wakers = {
             let mut s = self.lock();
             if s.exit.is_none() {
-                s.exit = Some(exit);
+                let cause = s.cause.take();
+                s.exit = Some(match (exit, cause) {
+                    (VmExit::Killed, Some(cause)) => cause,
+                    (exit, _) => exit,
+                });
             }
             self.ended.notify_all();
             std::mem::take(&mut s.wakers)
         };
         wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// Records why the host is about to kill the VM (the first cause wins; nothing once it
+    /// has ended).
+    pub(crate) fn set_cause(&self, cause: VmExit) {
+        let mut s = self.lock();
+        if s.exit.is_none() && s.cause.is_none() {
+            s.cause = Some(cause);
+        }
     }
 
     pub(crate) fn get(&self) -> Option<VmExit> {
@@ -692,6 +721,23 @@ mod tests {
         slot.set(VmExit::GuestReset);
         assert_eq!(t.join().unwrap(), VmExit::Killed);
         assert_eq!(slot.get(), Some(VmExit::Killed));
+    }
+
+    #[test]
+    fn a_kill_cause_replaces_killed_and_only_killed() {
+        let slot = ExitSlot::default();
+        let lost = VmExit::Crashed { code: "E_AGENT_LOST".into(), message: "m".into() };
+        slot.set_cause(lost.clone());
+        slot.set_cause(VmExit::Stopped); // the first cause wins
+        slot.set(VmExit::Killed);
+        assert_eq!(slot.get(), Some(lost));
+        // An end of the guest's own comes first: the cause is not used.
+        let slot = ExitSlot::default();
+        slot.set_cause(VmExit::Stopped);
+        slot.set(VmExit::GuestReset);
+        assert_eq!(slot.get(), Some(VmExit::GuestReset));
+        slot.set_cause(VmExit::Stopped);
+        assert_eq!(slot.get(), Some(VmExit::GuestReset));
     }
 
     #[test]

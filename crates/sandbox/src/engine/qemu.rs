@@ -633,6 +633,21 @@ impl QemuVm {
     }
 }
 
+/// In HMP's `info registers -a`: the number of vCPUs when every one is halted (`HLT=1`) with
+/// interrupts off (`RFL` without IF, 0x200), else `None`.
+fn halted_with_interrupts_off(dump: &str) -> Option<usize> {
+    let mut cpus = 0;
+    for line in dump.lines().filter(|l| l.starts_with("RIP=")) {
+        let field = |name: &str| line.split_whitespace().find_map(|w| w.strip_prefix(name));
+        let flags = u64::from_str_radix(field("RFL=")?, 16).ok()?;
+        if field("HLT=")? != "1" || flags & 0x200 != 0 {
+            return None;
+        }
+        cpus += 1;
+    }
+    (cpus > 0).then_some(cpus)
+}
+
 fn vm_state(message: String) -> SandboxError {
     vmm::Error::VmState(message).into()
 }
@@ -711,6 +726,18 @@ impl RunningVm for QemuVm {
         if self.exit.get().is_none() {
             self.proc.kill();
         }
+    }
+
+    fn halted(&self) -> Option<String> {
+        if self.paused.load(Ordering::SeqCst) {
+            return None;
+        }
+        // QMP has no halted state of its own; HMP's register dump has `HLT=` and the flags.
+        let dump = self
+            .with_qmp(vm_state, |qmp| qmp.execute("human-monitor-command", serde_json::json!({ "command-line": "info registers -a" })))
+            .ok()?;
+        let cpus = halted_with_interrupts_off(dump.as_str()?)?;
+        Some(format!("the guest halted its {cpus} vCPU(s) with interrupts off (halt -f or poweroff -f: the machine has no power-off device); nothing can wake it"))
     }
 
     fn console(&self) -> Option<ConsoleReader> {
@@ -812,6 +839,21 @@ mod tests {
             a.contains("-netdev socket,id=net0,fd=5 -device virtio-net-device,netdev=net0,mac=02:4d:43:00:00:01"),
             "{a}"
         );
+    }
+
+    #[test]
+    fn a_halted_machine_is_every_vcpu_in_hlt_with_interrupts_off() {
+        // As QEMU 7.2 prints it (trimmed) after `poweroff -f` in the guest.
+        let cpu = |n: u32, rfl: &str, hlt: u8| {
+            format!("CPU#{n}\nRAX=0000000000000000 RBX=ffff88800f815040\nRIP=ffffffff810162dc RFL={rfl} [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT={hlt}\nES =0000 0000000000000000 00000000 00000000\n")
+        };
+        assert_eq!(halted_with_interrupts_off(&cpu(0, "00000046", 1)), Some(1));
+        assert_eq!(halted_with_interrupts_off(&(cpu(0, "00000046", 1) + &cpu(1, "00000002", 1))), Some(2));
+        // Idle (HLT with interrupts on), running, or one vCPU of two still up: not halted.
+        assert_eq!(halted_with_interrupts_off(&cpu(0, "00000246", 1)), None);
+        assert_eq!(halted_with_interrupts_off(&cpu(0, "00000046", 0)), None);
+        assert_eq!(halted_with_interrupts_off(&(cpu(0, "00000046", 1) + &cpu(1, "00000246", 0))), None);
+        assert_eq!(halted_with_interrupts_off("unknown command"), None);
     }
 
     #[test]

@@ -10,8 +10,9 @@
 mod config;
 mod error;
 pub(crate) mod snapshot;
+pub mod watchdog;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -72,8 +73,10 @@ pub struct Sandbox {
     /// The network in force: the configuration's, then each `update_network`'s.
     network: Mutex<Option<NetworkConfig>>,
     info: ReadyInfo,
-    agent: AgentClient,
-    vm: Box<dyn RunningVm>,
+    agent: Arc<AgentClient>,
+    vm: Arc<dyn RunningVm>,
+    /// Ends the VM when its guest stops serving without the engine seeing an end.
+    watchdog: watchdog::Watchdog,
 }
 
 impl Sandbox {
@@ -137,7 +140,15 @@ impl Sandbox {
     }
 
     pub(crate) fn assemble(config: SandboxConfig, info: ReadyInfo, agent: AgentClient, vm: Box<dyn RunningVm>) -> Sandbox {
-        Sandbox { network: Mutex::new(config.network.clone()), config, info, agent, vm }
+        let (agent, vm): (Arc<AgentClient>, Arc<dyn RunningVm>) = (Arc::new(agent), Arc::from(vm));
+        let watchdog = watchdog::Watchdog::start(agent.clone(), vm.clone(), watchdog::Bounds::default());
+        Sandbox { network: Mutex::new(config.network.clone()), config, info, agent, vm, watchdog }
+    }
+
+    /// While the returned guard lives the agent watchdog counts no silence (the host holds
+    /// the guest stopped: a snapshot).
+    pub(crate) fn hold_watchdog(&self) -> watchdog::Hold {
+        self.watchdog.hold()
     }
 
     /// How the sandbox came up (engine and why, kernel release, boot time, ...).
@@ -287,6 +298,8 @@ impl Sandbox {
         if let Some(exit) = self.vm.try_wait() {
             return exit;
         }
+        // The host ends it now: its silence and closed channel are expected.
+        self.watchdog.stand_down();
         // A paused guest cannot power itself off.
         if self.vm.is_paused() {
             if let Err(e) = self.vm.resume() {
@@ -314,6 +327,7 @@ impl Sandbox {
 
     /// Ends the VM at once. Idempotent.
     pub fn kill(&self) {
+        self.watchdog.stand_down();
         self.vm.kill();
     }
 
@@ -371,6 +385,8 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        // First: its thread holds the agent and the VM, which are torn down below.
+        self.watchdog.shutdown();
         self.agent.close();
         self.vm.kill();
         // The VM's own drop (after this) waits for QEMU to be reaped and removes its files.

@@ -133,7 +133,11 @@ impl Sandbox {
     pub fn snapshot(&self, dir: &Path) -> Result<()> {
         refuse_volumes(&self.config)?;
         std::fs::create_dir_all(dir).map_err(io(format!("cannot create snapshot directory {}", dir.display())))?;
-        self.vm.snapshot(dir)?;
+        {
+            // The engine stops the guest while it writes: not the agent's silence.
+            let _hold = self.hold_watchdog();
+            self.vm.snapshot(dir)?;
+        }
         SnapshotMeta {
             config: self.current_config(),
             engine: self.info.engine,
