@@ -8,10 +8,10 @@ import { pipeline } from 'node:stream/promises'
 
 import test from 'ava'
 
-import { MicrocellError, SandboxFs } from 'microcell'
+import { MicrocellError, Sandbox, SandboxFs } from 'microcell'
 
 import { tempDir } from './helpers.mjs'
-import { perTier, sharedSandbox } from './guest.mjs'
+import { perTier, requireGuestImages, sharedSandbox } from './guest.mjs'
 
 async function rejectsWith(t, promise, code) {
   const err = await t.throwsAsync(promise, { instanceOf: MicrocellError })
@@ -244,5 +244,77 @@ perTier(test, 'files', (tier, engine) => {
     t.is(err.code, 'ENOENT')
     const werr = await t.throwsAsync(pipeline(async function* () { yield Buffer.from('x') }, sb.fs.writeStream('/no/such/dir/f')))
     t.is(werr.code, 'ENOENT')
+  })
+
+  test(`${tier}: read() of an endless file stops at maxBytes with E_OUTPUT_LIMIT, in bounded host memory`, async (t) => {
+    const sb = await sandbox()
+    const rss0 = process.memoryUsage().rss
+    const t0 = performance.now()
+    const err = await rejectsWith(t, sb.fs.read('/dev/zero', { maxBytes: 1 << 20 }), 'E_OUTPUT_LIMIT')
+    const smallMs = performance.now() - t0
+    t.regex(err.message, /maxBytes/)
+    await rejectsWith(t, sb.fs.readText('/dev/zero', 'utf8', { maxBytes: 1000 }), 'E_OUTPUT_LIMIT')
+    // The default (64 MiB) holds too: before it, this read grew Node past 4 GiB.
+    const t1 = performance.now()
+    await rejectsWith(t, sb.fs.read('/dev/zero'), 'E_OUTPUT_LIMIT')
+    const defaultMs = performance.now() - t1
+    const grewMiB = (process.memoryUsage().rss - rss0) / 2 ** 20
+    t.true(grewMiB < 512, `Node's RSS grew by ${grewMiB.toFixed(0)} MiB`)
+    t.true(smallMs < 10_000, `maxBytes 1 MiB took ${smallMs.toFixed(0)} ms`)
+    // Exactly the limit is fine; a bad limit is an argument error.
+    await sb.fs.write('/tmp/ten', '0123456789')
+    t.is((await sb.fs.read('/tmp/ten', { maxBytes: 10 })).length, 10)
+    await rejectsWith(t, sb.fs.read('/tmp/ten', { maxBytes: 9 }), 'E_OUTPUT_LIMIT')
+    await rejectsWith(t, sb.fs.read('/tmp/ten', { maxBytes: -1 }), 'E_INVALID_ARGUMENT')
+    await rejectsWith(t, sb.fs.copyToHost('/tmp/ten', path.join(tempDir(), 'x'), { maxBytes: 1.5 }), 'E_INVALID_ARGUMENT')
+    t.log(`read('/dev/zero'): maxBytes 1 MiB → E_OUTPUT_LIMIT in ${smallMs.toFixed(0)} ms; default 64 MiB in ${defaultMs.toFixed(0)} ms; RSS +${grewMiB.toFixed(0)} MiB`)
+  })
+
+  test(`${tier}: copyToHost keeps holes, bounds the data written (maxBytes) and drops setuid unless keepSetuid`, async (t) => {
+    const sb = await sandbox()
+    const dir = tempDir()
+    // 64 MiB, 8 KiB of it data (at the start and the end).
+    await sb.shell('truncate -s 64M /tmp/sparse && printf head | dd of=/tmp/sparse conv=notrunc 2>/dev/null && printf tail | dd of=/tmp/sparse bs=1 seek=67108860 conv=notrunc 2>/dev/null')
+    const out = path.join(dir, 'sparse')
+    const t0 = performance.now()
+    t.like(await sb.fs.copyToHost('/tmp/sparse', out, { maxBytes: 1 << 20 }), { entries: 1, bytes: 64 << 20 })
+    const ms = performance.now() - t0
+    const st = fs.statSync(out)
+    t.is(st.size, 64 << 20)
+    t.true(st.blocks * 512 <= 1 << 20, `${st.blocks} blocks allocated for 8 bytes of data`)
+    const fd = fs.openSync(out, 'r')
+    const b = Buffer.alloc(4)
+    fs.readSync(fd, b, 0, 4, (64 << 20) - 4)
+    fs.closeSync(fd)
+    t.is(b.toString(), 'tail')
+    // 2 MiB of data with maxBytes 1 MiB: stopped, and no file that looks whole.
+    await sb.shell('head -c 2097152 /dev/urandom > /tmp/rand2m')
+    const over = path.join(dir, 'rand2m')
+    const err = await rejectsWith(t, sb.fs.copyToHost('/tmp/rand2m', over, { maxBytes: 1 << 20 }), 'E_OUTPUT_LIMIT')
+    t.regex(err.message, /maxBytes/)
+    t.false(fs.existsSync(over), 'a partial file was left')
+    // setuid/setgid dropped by default, kept on request.
+    await sb.shell('printf x > /tmp/suid && chmod 6755 /tmp/suid')
+    await sb.fs.copyToHost('/tmp/suid', path.join(dir, 'suid'))
+    t.is(fs.statSync(path.join(dir, 'suid')).mode & 0o7777, 0o755)
+    await sb.fs.copyToHost('/tmp/suid', path.join(dir, 'suid-kept'), { keepSetuid: true })
+    t.is(fs.statSync(path.join(dir, 'suid-kept')).mode & 0o7777, 0o6755)
+    t.log(`sparse 64 MiB copyToHost: ${ms.toFixed(0)} ms, ${st.blocks / 2} KiB allocated on the host`)
+    await sb.shell('rm -f /tmp/sparse /tmp/rand2m /tmp/suid')
+  })
+
+  test.serial(`${tier}: a read pending when the VM is killed fails with E_CHANNEL_CLOSED, not E_PROTOCOL`, async (t) => {
+    requireGuestImages()
+    const sb = await Sandbox.builder('fs-killed').engine(engine).memory(256).create()
+    try {
+      const reading = sb.fs.read('/dev/zero', { maxBytes: 2 ** 40 })
+      reading.catch(() => {})
+      await new Promise((r) => setTimeout(r, 1500))
+      await sb.kill()
+      const err = await rejectsWith(t, reading, 'E_CHANNEL_CLOSED')
+      t.notRegex(err.message, /protocol error/)
+    } finally {
+      await sb.kill()
+    }
   })
 })
