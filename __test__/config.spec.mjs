@@ -1,10 +1,12 @@
 // T0: the config builder and its validation, through the real native validateConfig.
+import { execFileSync } from 'node:child_process'
 import fs from 'node:fs'
+import net from 'node:net'
 import path from 'node:path'
 
 import test from 'ava'
 
-import { CONFIG_ERROR_CODES, MicroVm, MicroVmBuilder, MicrocellError, hostInfo } from 'microcell'
+import { CONFIG_ERROR_CODES, MicroVm, MicroVmBuilder, MicrocellError, Sandbox, hostInfo } from 'microcell'
 
 import { tempDir } from './helpers.mjs'
 
@@ -152,7 +154,6 @@ test('E_CONFIG_PATH_NOT_FOUND: kernel, initrd, rootfs, mapped host dir, console 
 test('E_CONFIG_PATH_KIND: a directory where a file belongs and the reverse', (t) => {
   rejects(t, () => base().kernel(A).build(), 'E_CONFIG_PATH_KIND')
   rejects(t, () => base().mappedDirs([`${kernel}:/data`]).build(), 'E_CONFIG_PATH_KIND')
-  rejects(t, () => base().consoleOutput(A).build(), 'E_CONFIG_PATH_KIND')
 })
 
 test('E_CONFIG_INVALID_STRING: exec path and args must be printable ASCII', (t) => {
@@ -243,8 +244,10 @@ test('start() rejects invalid configurations with the same codes, before touchin
 })
 
 test('start() reports a console file it cannot create as E_CONSOLE_OUTPUT', async (t) => {
-  // /proc/self exists but no file can be created in it.
-  const err = await t.throwsAsync(base().consoleOutput('/proc/self/console.log').start(), { instanceOf: MicrocellError })
+  // A dangling symlink passes validation (its directory exists), but creating through it fails.
+  const link = path.join(dir, 'console-into-nowhere.log')
+  fs.symlinkSync(path.join(dir, 'no-such-dir', 'console.log'), link)
+  const err = await t.throwsAsync(base().consoleOutput(link).start(), { instanceOf: MicrocellError })
   t.is(err.code, 'E_CONSOLE_OUTPUT')
 })
 
@@ -254,6 +257,91 @@ test('start() refuses a console queue size that is not 1 byte to 1 GiB', async (
     t.is(err.code, 'E_INVALID_ARGUMENT')
   }
 })
+
+test('E_CONFIG_CONSOLE: consoleOutput takes only a regular file, never a device, FIFO, socket, directory, /proc or /sys', (t) => {
+  const fifo = path.join(dir, 'console.fifo')
+  execFileSync('mkfifo', [fifo])
+  const link = path.join(dir, 'console-to-full')
+  fs.symlinkSync('/dev/full', link)
+  for (const bad of ['/dev/full', '/dev/null', '/dev/zero', fifo, A, '/proc/self/mem', '/proc/self/new.log', '/sys/kernel/x.log', link]) {
+    rejects(t, () => base().consoleOutput(bad).build(), 'E_CONFIG_CONSOLE', 'consoleOutput')
+    const sb = t.throws(() => Sandbox.builder('c').consoleOutput(bad).build(), { instanceOf: MicrocellError }, bad)
+    t.is(sb.code, 'E_CONFIG_CONSOLE', `${bad}: ${sb.message}`)
+  }
+  t.notThrows(() => base().consoleOutput(path.join(dir, 'console.log')).build())
+  t.notThrows(() => base().consoleOutput(kernel).build(), 'an existing regular file (it is truncated)')
+})
+
+test('E_CONFIG_CONSOLE: a socket as consoleOutput is refused too', async (t) => {
+  const sock = path.join(dir, 'console.sock')
+  const server = net.createServer()
+  await new Promise((resolve) => server.listen(sock, resolve))
+  t.teardown(() => server.close())
+  rejects(t, () => base().consoleOutput(sock).build(), 'E_CONFIG_CONSOLE', 'socket')
+})
+
+// Every builder method, given a wrong type or value: a MicrocellError with an E_CONFIG_ code
+// (before, .args(5) threw a bare TypeError and .env(5) was dropped without a word).
+const badMicroVm = {
+  logLevel: [5, 'loud', null],
+  rootfs: [5, null, true],
+  numVcpus: ['x', 1.5, 0, 33, -1, null],
+  memoryMib: ['x', 0, -1, 1.5, 2 ** 40],
+  mappedDirs: [5, 'a:/b', [5], null],
+  portMap: [5, '80', [80], null],
+  scope: [5, 'everything'],
+  ip: [5, 'not-an-ip'],
+  subnet: [5, '10.0.0.0/99'],
+  rlimits: [5, 'RLIMIT_NOFILE=1:1', [1], ['NOPE=1:1']],
+  workdirPath: [5, 'relative'],
+  execPath: [5, ''],
+  args: [5, 'a', [1], null, {}],
+  env: [5, null, 'K=V', [1], { K: 1 }, ['NOEQUALS']],
+  consoleOutput: [5, '', '/dev/full', '/proc/self/mem'],
+  kernel: [5, '', '/nonexistent/vmlinux'],
+  initrd: [5, '/nonexistent/initrd'],
+  cmdline: [5, 'a\nb'],
+  allowUnsupportedHost: [5, 'yes'],
+}
+
+for (const [method, values] of Object.entries(badMicroVm)) {
+  test(`MicroVm.builder().${method}(bad) throws a MicrocellError with an E_CONFIG_ code`, (t) => {
+    for (const value of values) {
+      const err = t.throws(() => base()[method](value).build(), { instanceOf: MicrocellError }, `${method}(${String(value)})`)
+      t.regex(err.code, /^E_CONFIG_/, `${method}(${String(value)}): ${err.code} ${err.message}`)
+      t.false(err.message.startsWith('E_'), err.message)
+    }
+  })
+}
+
+const badSandbox = {
+  name: [[5], [''], [null]],
+  memory: [['x'], [0], [1.5]],
+  cpus: [['x'], [0], [33]],
+  env: [[5], [null], ['K', 5], [{ K: 1 }]],
+  workdir: [[5], ['relative']],
+  engine: [[5], ['vmware']],
+  kernel: [[5], ['']],
+  rootfs: [[5], ['']],
+  bootTimeoutMs: [['1'], [0], [-5]],
+  consoleOutput: [[5], ['/dev/full'], ['/proc/self/mem']],
+  kernelArgs: [[5], ['a\nb']],
+  volume: [[5, '/x'], ['/tmp', 5], ['/tmp', '/x', null], ['/tmp', '/x', { readOnly: 'yes' }]],
+  network: [[5], [null], [{ ports: 5 }], [{ ports: [5] }]],
+  maxDurationMs: [['x'], [0]],
+  consoleQueueBytes: [['x'], [0]],
+  metadata: [[5], [null], ['k', 5], [{ k: 1 }]],
+}
+
+for (const [method, argLists] of Object.entries(badSandbox)) {
+  test(`Sandbox.builder().${method}(bad) throws a MicrocellError with an E_CONFIG_ code`, (t) => {
+    for (const args of argLists) {
+      const what = `${method}(${args.map((a) => JSON.stringify(a)).join(', ')})`
+      const err = t.throws(() => Sandbox.builder('ok')[method](...args).build(), { instanceOf: MicrocellError }, what)
+      t.regex(err.code, /^E_CONFIG_/, `${what}: ${err.code} ${err.message}`)
+    }
+  })
+}
 
 test.after.always('every configuration error code was exercised', (t) => {
   t.deepEqual([...seen].sort(), [...CONFIG_ERROR_CODES].sort())

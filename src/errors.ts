@@ -35,6 +35,7 @@ export const CONFIG_ERROR_CODES = [
   'E_CONFIG_ENV',
   'E_CONFIG_NETWORK',
   'E_CONFIG_CMDLINE',
+  'E_CONFIG_CONSOLE',
 ] as const
 
 export type ConfigErrorCode = (typeof CONFIG_ERROR_CODES)[number]

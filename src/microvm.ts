@@ -15,6 +15,7 @@ import type {
   WorkloadStatus,
 } from './config.js'
 import { MicrocellError } from './errors.js'
+import { configTypeError, stringList, stringRecord } from './internal/check.js'
 import * as native from './internal/native.js'
 import { snapshotTaken, workloadSnapshotTaken, type Snapshot, type SnapshotOptions } from './snapshot.js'
 
@@ -91,6 +92,9 @@ export class MicroVmBuilder {
    */
   rootfs(rootfs: Rootfs | string | (() => Rootfs)): this {
     if (typeof rootfs === 'function') return this.rootfs(rootfs())
+    if (rootfs === null || (typeof rootfs !== 'string' && typeof rootfs !== 'object')) {
+      throw configTypeError('rootfs', "{ disk }, { native }, { overlayfs } or a path string", rootfs)
+    }
     if (typeof rootfs !== 'string') return this.#set('rootfs', rootfs)
     let file = false
     try {
@@ -113,12 +117,12 @@ export class MicroVmBuilder {
 
   /** Host directories shared with the guest: `"host:guest"` or `"path"`. Replaces earlier ones. */
   mappedDirs(dirs: Iterable<string>): this {
-    return this.#set('mappedDirs', [...dirs])
+    return this.#set('mappedDirs', stringList('mappedDirs', dirs))
   }
 
   /** Forwarded ports: `"8080:80"` (host:guest) or `"3000"`. Replaces earlier ones. */
   portMap(ports: Iterable<string>): this {
-    return this.#set('portMap', [...ports])
+    return this.#set('portMap', stringList('portMap', ports))
   }
 
   /**
@@ -142,7 +146,7 @@ export class MicroVmBuilder {
 
   /** Resource limits, e.g. `"RLIMIT_NOFILE=1024:1024"`. Replaces earlier ones. */
   rlimits(limits: Iterable<string>): this {
-    return this.#set('rlimits', [...limits])
+    return this.#set('rlimits', stringList('rlimits', limits))
   }
 
   /** Working directory of the guest process (absolute guest path). */
@@ -157,15 +161,16 @@ export class MicroVmBuilder {
 
   /** Arguments of the program (argv[1..]). Replaces earlier ones. */
   args(args: Iterable<string>): this {
-    return this.#set('args', [...args])
+    return this.#set('args', stringList('args', args))
   }
 
   /** Environment: `["KEY=VALUE", ...]` or `{ KEY: 'VALUE' }`. Replaces earlier ones. */
   env(env: Iterable<string> | Record<string, string>): this {
+    const iterable = env !== null && typeof (env as Partial<Iterable<string>>)[Symbol.iterator] === 'function'
     const list =
-      typeof (env as Iterable<string>)[Symbol.iterator] === 'function'
-        ? [...(env as Iterable<string>)]
-        : Object.entries(env).map(([k, v]) => `${k}=${v}`)
+      iterable && typeof env !== 'string'
+        ? stringList('env', env)
+        : Object.entries(stringRecord('env', env)).map(([k, v]) => `${k}=${v}`)
     return this.#set('env', list)
   }
 

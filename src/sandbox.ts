@@ -2,6 +2,7 @@ import { Readable } from 'node:stream'
 
 import type { ConsoleStats, ExitStatus } from './config.js'
 import { MicrocellError } from './errors.js'
+import { configTypeError, plainObject, string, stringList, stringRecord } from './internal/check.js'
 import { ExecProcess, ExecResult, execRequest, exitFromNative, feedStdin, splitArgs, type ExecOptions } from './exec.js'
 import { SandboxFs } from './fs.js'
 import * as native from './internal/native.js'
@@ -162,7 +163,7 @@ export class SandboxBuilder {
   readonly #config: SandboxConfigInput = {}
 
   constructor(name?: string) {
-    if (name !== undefined) this.#config.name = name
+    if (name !== undefined) this.#config.name = string('name', name)
   }
 
   #set<K extends keyof SandboxConfigInput>(key: K, value: SandboxConfigInput[K]): this {
@@ -172,7 +173,7 @@ export class SandboxBuilder {
 
   /** The sandbox's name (also its guest hostname). */
   name(name: string): this {
-    return this.#set('name', name)
+    return this.#set('name', string('name', name))
   }
 
   /** Guest memory in MiB (default 512). */
@@ -190,8 +191,8 @@ export class SandboxBuilder {
   env(vars: Record<string, string>): this
   env(keyOrVars: string | Record<string, string>, value?: string): this {
     const env = { ...this.#config.env }
-    if (typeof keyOrVars === 'string') env[keyOrVars] = value as string
-    else Object.assign(env, keyOrVars)
+    if (typeof keyOrVars === 'string') env[keyOrVars] = string(`env.${keyOrVars}`, value)
+    else Object.assign(env, stringRecord('env', keyOrVars))
     return this.#set('env', env)
   }
 
@@ -232,14 +233,17 @@ export class SandboxBuilder {
 
   /** Shares host directory `host` into the guest at `guest` (repeatable; see `SandboxConfig.volumes`). */
   volume(host: string, guest: string, options: { readOnly?: boolean } = {}): this {
-    const volume: Volume = { host, guest }
-    if (options.readOnly === true) volume.readOnly = true
+    const volume: Volume = { host: string('volume host', host), guest: string('volume guest', guest) }
+    const { readOnly } = plainObject('volume options', options, '{ readOnly?: boolean }')
+    if (readOnly !== undefined && typeof readOnly !== 'boolean') throw configTypeError('volume readOnly', 'a boolean', readOnly)
+    if (readOnly === true) volume.readOnly = true
     return this.#set('volumes', [...(this.#config.volumes ?? []), volume])
   }
 
   /** Gives the guest a network (see `SandboxConfig.network`): `{}` for outbound access, `ports` to forward. */
   network(network: NetworkConfig = {}): this {
-    return this.#set('network', { ...network, ...(network.ports ? { ports: [...network.ports] } : {}) })
+    const n = plainObject('network', network, '{ ports?, allow?, ... } (see SandboxConfig.network)') as NetworkConfig
+    return this.#set('network', { ...n, ...(n.ports !== undefined ? { ports: stringList('network.ports', n.ports) } : {}) })
   }
 
   /** Kill the sandbox this many milliseconds after it is up (see `SandboxConfig.maxDurationMs`). */
@@ -255,8 +259,8 @@ export class SandboxBuilder {
   /** Adds labels (`metadata(key, value)` or `metadata({ ... })`; see `SandboxConfig.metadata`). */
   metadata(keyOrLabels: string | Record<string, string>, value?: string): this {
     const metadata = { ...this.#config.metadata }
-    if (typeof keyOrLabels === 'string') metadata[keyOrLabels] = value as string
-    else Object.assign(metadata, keyOrLabels)
+    if (typeof keyOrLabels === 'string') metadata[keyOrLabels] = string(`metadata.${keyOrLabels}`, value)
+    else Object.assign(metadata, stringRecord('metadata', keyOrLabels))
     return this.#set('metadata', metadata)
   }
 

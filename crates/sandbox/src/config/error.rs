@@ -89,6 +89,10 @@ pub enum ConfigError {
     /// The kernel command line cannot be given to the guest.
     #[error("cmdline: {0}")]
     Cmdline(String),
+
+    /// `consoleOutput` names something other than a regular file (see `console_file_problem`).
+    #[error("consoleOutput: {0}")]
+    Console(String),
 }
 
 impl ConfigError {
@@ -110,6 +114,7 @@ impl ConfigError {
             ConfigError::Env { .. } => "E_CONFIG_ENV",
             ConfigError::Network(_) => "E_CONFIG_NETWORK",
             ConfigError::Cmdline(_) => "E_CONFIG_CMDLINE",
+            ConfigError::Console(_) => "E_CONFIG_CONSOLE",
         }
     }
 
@@ -130,5 +135,6 @@ impl ConfigError {
         "E_CONFIG_ENV",
         "E_CONFIG_NETWORK",
         "E_CONFIG_CMDLINE",
+        "E_CONFIG_CONSOLE",
     ];
 }

@@ -524,15 +524,49 @@ fn check_dir(what: &str, path: &Path) -> Result<(), ConfigError> {
     }
 }
 
+/// Why `path` cannot take the guest console, if it cannot: only a regular file (existing, or to
+/// be created) will do. A device (`/dev/full`), FIFO or socket would make the host's writes
+/// fail, block or go somewhere else; anything under /proc or /sys (`/proc/self/mem`) is the
+/// host's own state. Symlinks are followed; nothing is opened (a FIFO would block).
+pub fn console_file_problem(path: &Path) -> Option<String> {
+    use std::os::unix::fs::FileTypeExt;
+    let shown = path.display();
+    let pseudo = |p: &Path| ["/proc", "/sys"].into_iter().find(|root| p.starts_with(root));
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let t = m.file_type();
+            let kind = if t.is_dir() {
+                Some("a directory")
+            } else if t.is_char_device() {
+                Some("a character device")
+            } else if t.is_block_device() {
+                Some("a block device")
+            } else if t.is_fifo() {
+                Some("a FIFO")
+            } else if t.is_socket() {
+                Some("a socket")
+            } else {
+                None
+            };
+            if let Some(kind) = kind {
+                return Some(format!("{shown} is {kind}: give the path of a regular file (created, or truncated)"));
+            }
+            let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+            pseudo(&real).map(|root| format!("{shown} is under {root}, the host's own state: give the path of a regular file elsewhere"))
+        }
+        Err(_) => {
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let real = std::fs::canonicalize(parent).ok()?;
+            pseudo(&real).map(|root| format!("{shown} is under {root}, the host's own state: give the path of a regular file elsewhere"))
+        }
+    }
+}
+
 fn check_console_output(path: &Path) -> Result<(), ConfigError> {
     let what = "consoleOutput";
-    let s = path_string(what, path)?;
-    if path.is_dir() {
-        return Err(ConfigError::PathKind {
-            what: what.into(),
-            path: s,
-            expected: "a file path (it is a directory)",
-        });
+    path_string(what, path)?;
+    if let Some(problem) = console_file_problem(path) {
+        return Err(ConfigError::Console(problem));
     }
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -1176,7 +1210,10 @@ mod tests {
         };
         out(f.path("console.log")).validate_with(&HOST).unwrap();
         out(f.path("kernel")).validate_with(&HOST).unwrap(); // an existing file is truncated
-        assert_eq!(code(&out(f.path("a"))), "E_CONFIG_PATH_KIND");
+        assert_eq!(code(&out(f.path("a"))), "E_CONFIG_CONSOLE");
+        for bad in ["/dev/full", "/dev/null", "/proc/self/mem", "/proc/self/new-file", "/sys/kernel/x"] {
+            assert_eq!(code(&out(PathBuf::from(bad))), "E_CONFIG_CONSOLE", "{bad}");
+        }
         assert_eq!(
             code(&out(f.path("missing-dir/console.log"))),
             "E_CONFIG_PATH_NOT_FOUND"

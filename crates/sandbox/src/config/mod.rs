@@ -6,7 +6,7 @@ pub mod types;
 
 pub use error::ConfigError;
 pub use microvm::{
-    host_memory_mib, HostLimits, LogLevel, MicroVmConfig, NetworkScope, ParsedOptions, Rootfs,
+    console_file_problem, host_memory_mib, HostLimits, LogLevel, MicroVmConfig, NetworkScope, ParsedOptions, Rootfs,
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_CMDLINE_LEN, MAX_VCPUS,
 };
 pub use types::{EnvPair, Ipv4Subnet, LinuxRlimit, PathPair, PortPair, RLIMIT_NAMES};

@@ -478,6 +478,9 @@ impl SandboxConfig {
                 ));
             }
         }
+        if let Some(problem) = c.console_output.as_deref().and_then(crate::config::console_file_problem) {
+            return Err(SandboxError::config("E_CONFIG_CONSOLE", format!("consoleOutput: {problem}")));
+        }
         Ok(c)
     }
 
@@ -665,6 +668,9 @@ mod tests {
         assert_eq!(code(r#"{"kernelArgs":"a\nb"}"#), "E_CONFIG_CMDLINE");
         assert_eq!(code(r#"{"consoleQueueBytes":0}"#), "E_CONFIG_CONSOLE");
         assert_eq!(code(r#"{"consoleQueueBytes":1073741825}"#), "E_CONFIG_CONSOLE");
+        for bad in ["/dev/full", "/proc/self/mem", "/sys/x", "/tmp"] {
+            assert_eq!(code(&format!(r#"{{"consoleOutput":"{bad}"}}"#)), "E_CONFIG_CONSOLE", "{bad}");
+        }
         assert_eq!(code(r#"{"consoleQueueBytes":4096}"#), "OK");
         assert_eq!(code(r#"{"maxDurationMs":0}"#), "E_CONFIG_TIMEOUT");
         assert_eq!(code(r#"{"maxDurationMs":1.5}"#), "E_CONFIG_TIMEOUT");
