@@ -59,8 +59,9 @@ export interface CopyToHostOptions {
   keepSetuid?: boolean
   /**
    * The most file data to write on the host (default 1 GiB; holes in sparse files stay holes
-   * and do not count). Beyond it the copy stops with `E_OUTPUT_LIMIT`; the file it was
-   * writing is removed (the files finished before it stay).
+   * and do not count; each file, directory or symlink counts 512 bytes more). Beyond it the
+   * copy stops with `E_OUTPUT_LIMIT`; the file it was writing is removed (the files finished
+   * before it stay).
    */
   maxBytes?: number
 }

@@ -274,8 +274,9 @@ impl NativeSandbox {
 
     /// Copies a guest file, directory tree or symlink to `host` (nothing is written outside it).
     /// `keepSetuid`: keep setuid/setgid bits (dropped by default). `maxBytes` (default 1 GiB):
-    /// the most file data written (holes stay holes and do not count); beyond it the copy
-    /// stops with `E_OUTPUT_LIMIT` and the file being written is removed.
+    /// the most file data written (holes stay holes and do not count; 512 bytes per entry
+    /// more); beyond it the copy stops with `E_OUTPUT_LIMIT` and the file being written is
+    /// removed.
     #[napi]
     pub async fn fs_copy_to_host(
         &self,

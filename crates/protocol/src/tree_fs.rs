@@ -273,7 +273,8 @@ pub struct WriterOptions {
     /// side must not plant setuid files where it lands).
     pub keep_setuid: bool,
     /// The most file data bytes written for the whole stream (holes are not written and do
-    /// not count); passing it fails the stream with [`TreeFsError::Limit`].
+    /// not count), each entry counting [`ENTRY_COST`] more for its inode and name; passing it
+    /// fails the stream with [`TreeFsError::Limit`].
     pub max_bytes: Option<u64>,
 }
 
@@ -282,6 +283,10 @@ impl Default for WriterOptions {
         WriterOptions { parents: true, keep_setuid: false, max_bytes: None }
     }
 }
+
+/// What each entry (file, directory, symlink) counts toward [`WriterOptions::max_bytes`]
+/// besides its data: a stream of empty entries fills a disk's inodes too.
+pub const ENTRY_COST: u64 = 512;
 
 /// Blocks of this size (aligned in the file) that are all zero are left as holes.
 const HOLE_BLOCK: u64 = 4096;
@@ -414,8 +419,10 @@ pub struct TreeWriter {
     pub entries: u64,
     /// File content bytes (holes included).
     pub bytes: u64,
-    /// File data bytes actually written (holes not included): what `max_bytes` bounds.
+    /// File data bytes actually written (holes not included): what `max_bytes` bounds,
+    /// with [`ENTRY_COST`] per record in `records`.
     pub written: u64,
+    records: u64,
 }
 
 impl TreeWriter {
@@ -453,6 +460,7 @@ impl TreeWriter {
             entries: 0,
             bytes: 0,
             written: 0,
+            records: 0,
         })
     }
 
@@ -516,9 +524,19 @@ impl TreeWriter {
         }
     }
 
+    /// Whether `extra` more bytes would pass `max_bytes`; the limit if so.
+    fn over(&self, extra: u64) -> Option<u64> {
+        let used = self.written.saturating_add(self.records.saturating_mul(ENTRY_COST));
+        self.opts.max_bytes.filter(|&m| used.saturating_add(extra) > m)
+    }
+
     /// Where the entry `rel` goes: its directory's fd and its name, checked against the root
-    /// record's rules.
+    /// record's rules and the limit.
     fn place(&mut self, rel: &[u8]) -> Result<(OwnedFd, CString)> {
+        if let Some(max) = self.over(ENTRY_COST) {
+            return Err(TreeFsError::Limit { max, path: join(&self.root, rel) });
+        }
+        self.records += 1;
         match (self.state, rel.is_empty()) {
             (Root::Pending, true) => {
                 let fd = self.parent.try_clone().map_err(TreeFsError::io("dup", &self.root))?;
@@ -623,8 +641,7 @@ impl TreeWriter {
     /// File content: runs of data written at their offsets, all-zero aligned blocks skipped
     /// (holes; the length is set at the file's end).
     fn data(&mut self, b: &[u8]) -> Result<()> {
-        let f = self.file.as_mut().expect("decoder: data only inside a file");
-        let start = f.at;
+        let start = self.file.as_ref().expect("decoder: data only inside a file").at;
         let mut run: Option<usize> = None;
         let mut i = 0;
         while i <= b.len() {
@@ -633,7 +650,9 @@ impl TreeWriter {
             if zero {
                 if let Some(r) = run.take() {
                     let n = (i - r) as u64;
-                    if let Some(max) = self.opts.max_bytes.filter(|&m| self.written + n > m) {
+                    let over = self.over(n);
+                    let f = self.file.as_ref().expect("inside a file");
+                    if let Some(max) = over {
                         return Err(TreeFsError::Limit { max, path: f.full.clone() });
                     }
                     f.file.write_all_at(&b[r..i], start + r as u64).map_err(TreeFsError::io("write", &f.full))?;
@@ -647,7 +666,7 @@ impl TreeWriter {
             }
             i = end;
         }
-        f.at += b.len() as u64;
+        self.file.as_mut().expect("inside a file").at += b.len() as u64;
         self.bytes += b.len() as u64;
         Ok(())
     }
@@ -984,6 +1003,13 @@ mod tests {
         let e = write_with(&d.join("over1"), &crafted(&[R::F(b"", &[b.as_slice(), &b].concat())]), 1 << 16, lim).unwrap_err();
         assert!(e.to_string().contains("maxBytes"), "{e}");
         assert!(fs::symlink_metadata(d.join("over1")).is_err(), "no partial root file");
+        // Empty entries count too (inodes): 64 KiB buys 128 of them.
+        let names: Vec<String> = (0..200).map(|i| format!("e{i}")).collect();
+        let recs: Vec<R<'_>> = std::iter::once(R::D(b"")).chain(names.iter().map(|n| R::F(n.as_bytes(), b""))).collect();
+        let small = WriterOptions { max_bytes: Some(64 << 10), ..WriterOptions::default() };
+        let e = write_with(&d.join("many"), &crafted(&recs), 1 << 16, small).unwrap_err();
+        assert!(matches!(e, TreeFsError::Limit { .. }), "{e}");
+        assert_eq!(fs::read_dir(d.join("many")).unwrap().count(), 127, "the root and 127 files fit");
         // A stream that stops inside a file leaves no file that looks whole.
         let s = crafted(&[R::D(b""), R::F(b"cut", &b)]);
         let mut w = TreeWriter::new(&d.join("cut"), true).unwrap();

@@ -45,8 +45,9 @@ pub const DEFAULT_COPY_MAX_BYTES: u64 = 1 << 30;
 pub struct CopyToHostOptions {
     /// Keep setuid and setgid bits (dropped by default: the guest's files are untrusted).
     pub keep_setuid: bool,
-    /// The most file data bytes written (holes are not written and do not count); beyond it
-    /// the copy stops with `E_OUTPUT_LIMIT` and the file it was writing is removed.
+    /// The most file data bytes written (holes are not written and do not count; each entry
+    /// counts `protocol::tree_fs::ENTRY_COST`, 512 bytes); beyond it the copy stops with
+    /// `E_OUTPUT_LIMIT` and the file it was writing is removed.
     pub max_bytes: u64,
 }
 
