@@ -16,6 +16,7 @@ import type {
 } from './config.js'
 import { MicrocellError } from './errors.js'
 import { configTypeError, stringList, stringRecord } from './internal/check.js'
+import { consoleDelivered, consoleReadable } from './internal/console.js'
 import * as native from './internal/native.js'
 import { snapshotTaken, workloadSnapshotTaken, type Snapshot, type SnapshotOptions } from './snapshot.js'
 
@@ -449,9 +450,16 @@ export class MicroVm implements AsyncDisposable {
     return this.exitStatus?.workload ?? null
   }
 
-  /** Resolves when the VM has ended (the console and `consoleOutput` are complete by then). */
+  /**
+   * Resolves when the VM has ended and `console` (when it was used) has delivered its last byte:
+   * after its 'end' while it is read, as a child process's 'close' (a console read in flowing
+   * mode or by an async iterator must be read to its end). `consoleOutput` is complete too.
+   */
   wait(): Promise<ExitStatus> {
-    this.#exit ??= this.#workload ? this.#workload.wait() : this.#native!.wait()
+    this.#exit ??= (this.#workload ? this.#workload.wait() : this.#native!.wait()).then(async (e) => {
+      await consoleDelivered(this.#console)
+      return e
+    })
     return this.#exit
   }
 
@@ -585,15 +593,4 @@ export class MicroVm implements AsyncDisposable {
   async [Symbol.asyncDispose](): Promise<void> {
     await this.stop()
   }
-}
-
-function consoleReadable(handle: { readConsole(maxBytes?: number): Promise<Buffer | null> }): Readable {
-  return new Readable({
-    read(size: number) {
-      handle.readConsole(Math.max(size, 4096)).then(
-        (chunk) => this.push(chunk),
-        (err: unknown) => this.destroy(err as Error),
-      )
-    },
-  })
 }

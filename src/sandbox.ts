@@ -5,6 +5,7 @@ import { MicrocellError } from './errors.js'
 import { configTypeError, plainObject, string, stringList, stringRecord } from './internal/check.js'
 import { ExecProcess, ExecResult, execRequest, exitFromNative, feedStdin, splitArgs, type ExecOptions } from './exec.js'
 import { SandboxFs } from './fs.js'
+import { consoleDelivered, consoleReadable } from './internal/console.js'
 import * as native from './internal/native.js'
 import { checkInterval, metricsScript, parseMetrics, type MetricsOptions, type SandboxMetrics } from './metrics.js'
 
@@ -472,9 +473,16 @@ export class Sandbox implements AsyncDisposable {
     return JSON.parse(await this.#native.updateNetwork(JSON.stringify(update ?? {}))) as NetworkConfig
   }
 
-  /** Resolves when the VM has ended (the console and `consoleOutput` are complete by then). */
+  /**
+   * Resolves when the VM has ended and `console` (when it was used) has delivered its last byte:
+   * after its 'end' while it is read, as a child process's 'close' (a console read in flowing
+   * mode or by an async iterator must be read to its end). `consoleOutput` is complete too.
+   */
   wait(): Promise<ExitStatus> {
-    this.#exit ??= this.#native.wait().then((e) => this.#why(e))
+    this.#exit ??= this.#native.wait().then(async (e) => {
+      await consoleDelivered(this.#console)
+      return this.#why(e)
+    })
     return this.#exit
   }
 
@@ -602,15 +610,4 @@ export class Sandbox implements AsyncDisposable {
   async [Symbol.asyncDispose](): Promise<void> {
     await this.stop()
   }
-}
-
-function consoleReadable(handle: native.NativeSandboxHandle): Readable {
-  return new Readable({
-    read(size: number) {
-      handle.readConsole(Math.max(size, 4096)).then(
-        (chunk) => this.push(chunk),
-        (err: unknown) => this.destroy(err as Error),
-      )
-    },
-  })
 }

@@ -35,6 +35,8 @@ use crate::sandbox::{Result, SandboxConfig, SandboxError};
 pub const MAX_SPEC_WORD: usize = 1400;
 /// How long the VM may take to end after the agent reported the status.
 const END_GRACE: Duration = Duration::from_secs(5);
+/// After the VM's end, how long its control channel may take to deliver what is left.
+const VM_END_DRAIN: Duration = Duration::from_secs(2);
 
 /// How the workload ended (camelCase JSON for the napi layer).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -519,8 +521,13 @@ fn channel_status(vm: &dyn RunningVm, agent: &AgentSlot, boot_timeout: Duration)
     }
     let pending = client.send(Message::WaitWorkload(())).map_err(|e| e.to_string())?;
     agent.settle(Some(client.clone()));
+    let mut ended = false;
     loop {
-        match pending.wait_timeout(Duration::from_millis(100)) {
+        // The agent reports, then ends the VM: its report may still be on the way to the
+        // reader thread when the end is seen. So after the end, read on until the channel
+        // closes (the VM's end closes it; a queued frame still comes first), within a bound.
+        let wait = if ended { VM_END_DRAIN } else { Duration::from_millis(100) };
+        match pending.wait_timeout(wait) {
             Ok(Some(f)) => {
                 return match f.msg {
                     Message::WorkloadExit(e) => Ok(WorkloadStatus::from_exit(e, "channel")),
@@ -528,8 +535,8 @@ fn channel_status(vm: &dyn RunningVm, agent: &AgentSlot, boot_timeout: Duration)
                     other => Err(format!("expected WorkloadExit, got {}", other.name())),
                 }
             }
-            Ok(None) if vm.try_wait().is_some() => return Err("the VM ended before the status came".into()),
-            Ok(None) => {}
+            Ok(None) if ended => return Err("the VM ended before the status came".into()),
+            Ok(None) => ended = vm.try_wait().is_some(),
             Err(e) => return Err(e.to_string()),
         }
     }
