@@ -803,7 +803,7 @@ mod tests {
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
         let joined = s.join(" ");
-        assert!(joined.starts_with("-M microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off -accel tcg -m 256 -smp 2 -kernel /k/vmlinux"), "{joined}");
+        assert!(joined.starts_with("-M microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off -sandbox on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny -accel tcg -m 256 -smp 2 -kernel /k/vmlinux"), "{joined}");
         assert!(
             s.contains(&"console=ttyS0 root=/dev/vda rw reboot=t panic=1 init=/bin/sh".to_string()),
             "{s:?}"
