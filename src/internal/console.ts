@@ -37,8 +37,11 @@ export function consoleReadable(source: ConsoleSource): Readable {
   })
   delivered.set(stream, async () => {
     if (stream.readableEnded || stream.destroyed) return
-    // Someone reads it (a 'data' consumer, a pipe, an async iterator): once they have it all.
-    if (stream.readableFlowing === true || stream.listenerCount('readable') > 0) {
+    // A flowing reader (a 'data' consumer, a pipe) gets every byte before wait() resolves.
+    // A paused one (an async iterator between next() calls, a 'readable' listener) is not
+    // waited for: it may be awaiting this very wait() before it reads on, so the rest goes
+    // into the stream's buffer below, where its next read finds it.
+    if (stream.readableFlowing === true) {
       await new Promise<void>((resolve) => {
         const settle = (): void => {
           for (const e of ['end', 'close', 'error']) stream.off(e, settle)
@@ -49,7 +52,7 @@ export function consoleReadable(source: ConsoleSource): Readable {
       })
       return
     }
-    // Nobody reads it now: take the rest into its buffer, for whoever reads later. Bounded: the
+    // Not being read now: take the rest into its buffer, for whoever reads later. Bounded: the
     // VM has ended, so what is left is at most the console queue.
     while (!done && !stream.destroyed) await pull(64 << 10)
   })
@@ -58,7 +61,7 @@ export function consoleReadable(source: ConsoleSource): Readable {
 
 /**
  * Call once the VM has ended: resolves when `stream` (if one was made) has delivered its last
- * byte: after its 'end' when it is being read, else once all of it is in its buffer.
+ * byte: after its 'end' when it flows, else once all of it is in its buffer.
  */
 export function consoleDelivered(stream: Readable | undefined): Promise<void> {
   const f = stream === undefined ? undefined : delivered.get(stream)
