@@ -1,8 +1,9 @@
 //! Processes the host runs (`Exec`) and the boot workload: spawning, output streams within
 //! the host's credit, stdin with credit back, signals, timeouts, terminals.
 //!
-//! Every process gets a session and process group of its own (`setsid`), so a signal, a
-//! timeout or a kill reaches its whole tree. Its `Exit` goes out once it has been reaped and
+//! Every process gets a session and process group of its own (`setsid`), so a signal reaches
+//! its whole tree, and (as PID 1) a cgroup of its own ([`crate::cgroup`]), so a timeout or a
+//! kill reaches what left the group too. Its `Exit` goes out once it has been reaped and
 //! its pipes are drained: at end of file, or — when a daemonised grandchild keeps a pipe open —
 //! once everything that was in the pipe when the child exited has been sent and [`GRACE`] has
 //! passed since the exit.
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use protocol::{kind, Credit, ErrorCode, ErrorMsg, Exec, Exit, Message, Rlimit, StreamKind, TtySize};
 
+use crate::cgroup::{self, Cgroup, Cgroups};
 use crate::outq::{OutQueue, CHUNK};
 use crate::sys;
 use crate::users::{self, Ids};
@@ -72,8 +74,9 @@ fn has_nul(s: &str) -> bool {
     s.as_bytes().contains(&0)
 }
 
-/// Checks the request and starts the process. Every failure is an answer, never a panic.
-pub fn launch(l: &Launch<'_>, stdio: StdioMode) -> Result<Child, ErrorMsg> {
+/// Checks the request and starts the process (in `cgroup`, when given: it joins before it
+/// runs anything of its own). Every failure is an answer, never a panic.
+pub fn launch(l: &Launch<'_>, stdio: StdioMode, cgroup: Option<&Cgroup>) -> Result<Child, ErrorMsg> {
     let Some(program) = l.argv.first().filter(|p| !p.is_empty()) else {
         return Err(invalid("argv is empty: give the program as argv[0]"));
     };
@@ -163,10 +166,15 @@ pub fn launch(l: &Launch<'_>, stdio: StdioMode) -> Result<Child, ErrorMsg> {
         })
         .collect();
     let switch: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)> = ids.as_ref().map(|i| (i.uid, i.gid, i.groups.clone()));
+    let cgroup_procs = cgroup.and_then(Cgroup::procs_fd);
     // SAFETY: only async-signal-safe system calls between fork and exec, on data prepared
     // before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            // First, while still root: nothing the program does runs outside its cgroup.
+            if let Some(fd) = cgroup_procs {
+                cgroup::join_in_child(fd)?;
+            }
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -238,11 +246,13 @@ pub struct Proc {
     exited_at: Option<Instant>,
     deadline: Option<Instant>,
     timed_out: bool,
+    cgroup: Option<Cgroup>,
 }
 
 impl Proc {
-    /// Starts the process of `req`; queues `Started` (and the stdin credit).
-    pub fn start(id: u32, req: &Exec, out: &mut OutQueue) -> Result<Proc, ErrorMsg> {
+    /// Starts the process of `req` (in a cgroup of its own where there are cgroups); queues
+    /// `Started` (and the stdin credit).
+    pub fn start(id: u32, req: &Exec, cgroups: &mut Cgroups, out: &mut OutQueue) -> Result<Proc, ErrorMsg> {
         let started = Instant::now();
         let spec = Launch {
             argv: &req.argv,
@@ -258,7 +268,18 @@ impl Proc {
             Some(size) => StdioMode::Tty(size),
             None => StdioMode::Pipes { stdin: req.stdin },
         };
-        let child = launch(&spec, stdio)?;
+        let mut cgroup = cgroups.create().unwrap_or_else(|e| {
+            log!("exec {id}: {e}; it runs without a cgroup of its own");
+            None
+        });
+        let child = launch(&spec, stdio, cgroup.as_ref()).inspect_err(|_| {
+            if let Some(cg) = &cgroup {
+                cg.remove();
+            }
+        })?;
+        if let Some(cg) = &mut cgroup {
+            cg.spawned();
+        }
         let window = u64::from(req.window);
         let pipe = |fd: Option<OwnedFd>, kind| fd.map(|fd| OutPipe { fd: Some(fd), kind, credit: window, pending_at_exit: 0, read_since_exit: 0 });
         let outs = [pipe(child.stdout, kind::STDOUT), pipe(child.stderr, kind::STDERR)].into_iter().flatten().collect();
@@ -277,6 +298,7 @@ impl Proc {
             exited_at: None,
             deadline: req.timeout_ms.map(|ms| started + Duration::from_millis(ms)),
             timed_out: false,
+            cgroup,
         })
     }
 
@@ -415,6 +437,10 @@ impl Proc {
         }
         // After the exit only the group can still be there (daemons); never the pid alone.
         if group {
+            if sig == libc::SIGKILL {
+                self.kill_group();
+                return Ok(());
+            }
             sys::kill(-self.pid, sig)
         } else if self.status.is_none() {
             sys::kill(self.pid, sig)
@@ -449,7 +475,7 @@ impl Proc {
                 self.deadline = None;
                 if self.status.is_none() {
                     self.timed_out = true;
-                    let _ = sys::kill(-self.pid, libc::SIGKILL);
+                    self.kill_group();
                     let _ = sys::kill(self.pid, libc::SIGKILL);
                 }
             }
@@ -483,8 +509,20 @@ impl Proc {
         }
     }
 
-    /// SIGKILL to the whole group (the host went away, or the agent ends in test mode).
+    /// SIGKILL to everything it started: its cgroup (what left the process group with it), and
+    /// its process group (all there is without cgroups). On a timeout, a `kill()`, the host
+    /// going away, the agent ending in test mode.
     pub fn kill_group(&self) {
+        if let Some(cg) = &self.cgroup {
+            if let Err(e) = cg.kill() {
+                log!("exec {}: {e}", self.id);
+            }
+        }
         let _ = sys::kill(-self.pid, libc::SIGKILL);
+    }
+
+    /// Its cgroup, for the session to remove once empty (the process has ended).
+    pub fn take_cgroup(&mut self) -> Option<Cgroup> {
+        self.cgroup.take()
     }
 }

@@ -33,6 +33,7 @@ fn console_line(line: &str) {
 }
 
 
+mod cgroup;
 mod channel;
 mod exec;
 mod fs;
@@ -155,10 +156,14 @@ fn run(args: &Args, start_ns: u64) -> io::Result<()> {
     // SIGCHLD is read from a signalfd in the main loop (blocked before any thread starts).
     let sigfd = sys::signalfd(&[libc::SIGCHLD])?;
     let cmdline = if args.init { init::setup() } else { init::Cmdline::default() };
-    let mut session = Session::new(args.init, start_ns);
+    let cgroups = if args.init { cgroup::Cgroups::setup() } else { cgroup::Cgroups::none("not PID 1 (test mode)") };
+    let mut session = Session::new(args.init, start_ns, cgroups);
+    session.console_is_channel = matches!(args.channel, ChannelArg::Stdio);
+    // Hosts send the spec over the channel (`StartWorkload`); the command line carries one
+    // only for a VM without a channel.
     let spec = args.exec_spec.clone().or_else(|| cmdline.get(protocol::workload::CMDLINE_KEY).map(str::to_owned));
     if let Some(v) = spec {
-        session.workload = Some(workload::Workload::start(&v, matches!(args.channel, ChannelArg::Stdio)));
+        session.workload = Some(workload::Workload::start_from_cmdline(&v, session.console_is_channel));
     }
     let (chan, discovery) = match &args.channel {
         ChannelArg::Discover => (None, Some(Discovery::start(cmdline)?)),
@@ -297,6 +302,7 @@ impl Agent {
                         for (pid, status) in sys::reap_all() {
                             self.session.child_exited(pid, status, now, &mut self.out);
                         }
+                        self.session.reaped_all();
                     }
                     Token::Discovery => self.discovered()?,
                     Token::ChanRead => {

@@ -10,6 +10,7 @@ use protocol::{
     features, negotiate, Credit, ErrorCode, ErrorMsg, Frame, FrameError, Message, Ready, StreamKind, FLAG_FINAL,
 };
 
+use crate::cgroup::{Cgroup, Cgroups};
 use crate::exec::{Fd, Proc};
 use crate::fs::{self, ReadStream, WriteSink, WRITE_WINDOW};
 use crate::outq::OutQueue;
@@ -17,7 +18,7 @@ use crate::sys;
 use crate::watch::Watcher;
 use crate::workload::Workload;
 
-const NO_WORKLOAD: &str = "this VM has no boot workload (no microcell.exec= on the kernel command line)";
+const NO_WORKLOAD: &str = "this VM has no boot workload (the host sent no StartWorkload)";
 
 /// What the main loop does after a frame.
 #[derive(Debug, PartialEq, Eq)]
@@ -41,6 +42,11 @@ pub struct Session {
     dead_writes: HashSet<u32>,
     watches: HashMap<u32, Watcher>,
     pub workload: Option<Workload>,
+    /// Test mode on stdio: stdout is the channel, so a workload writes to stderr.
+    pub console_is_channel: bool,
+    cgroups: Cgroups,
+    /// Cgroups of ended execs that a daemon of theirs still occupies: removed once empty.
+    lingering: Vec<Cgroup>,
 }
 
 fn code_error(code: ErrorCode, message: impl Into<String>) -> Message {
@@ -48,7 +54,7 @@ fn code_error(code: ErrorCode, message: impl Into<String>) -> Message {
 }
 
 impl Session {
-    pub fn new(init: bool, start_ns: u64) -> Session {
+    pub fn new(init: bool, start_ns: u64, cgroups: Cgroups) -> Session {
         Session {
             init,
             version: None,
@@ -59,6 +65,9 @@ impl Session {
             dead_writes: HashSet::new(),
             watches: HashMap::new(),
             workload: None,
+            console_is_channel: false,
+            cgroups,
+            lingering: Vec::new(),
         }
     }
 
@@ -74,8 +83,9 @@ impl Session {
 
     /// Kills every exec's process group and drops every stream.
     pub fn shutdown(&mut self) {
-        for p in self.execs.values() {
+        for p in self.execs.values_mut() {
             p.kill_group();
+            self.lingering.extend(p.take_cgroup());
         }
         self.execs.clear();
         self.reads.clear();
@@ -138,7 +148,7 @@ impl Session {
             {
                 out.final_msg(id, code_error(ErrorCode::BAD_STATE, format!("{}: id {id} is in use by a running request", msg.name())))
             }
-            Message::Exec(req) => match Proc::start(id, &req, out) {
+            Message::Exec(req) => match Proc::start(id, &req, &mut self.cgroups, out) {
                 Ok(p) => {
                     self.execs.insert(id, p);
                 }
@@ -203,6 +213,14 @@ impl Session {
                 Some(w) => w.wait_request(id, out),
                 None => out.final_msg(id, code_error(ErrorCode::BAD_STATE, NO_WORKLOAD)),
             },
+            // One per boot: a restored VM's workload runs on, and its host sees WORKLOAD in Ready.
+            Message::StartWorkload(_) if self.workload.is_some() => {
+                out.final_msg(id, code_error(ErrorCode::BAD_STATE, "StartWorkload: this VM's workload was started already"))
+            }
+            Message::StartWorkload(spec) => {
+                self.workload = Some(Workload::start(&spec, self.console_is_channel));
+                out.final_msg(id, Message::Ok(()));
+            }
             Message::SignalWorkload(s) => {
                 let r = match &self.workload {
                     Some(w) => w.signal(s.signal, s.group),
@@ -313,6 +331,11 @@ impl Session {
         }
     }
 
+    /// After a round of reaping: the cgroups of ended execs that have emptied go.
+    pub fn reaped_all(&mut self) {
+        self.lingering.retain(|cg| !cg.remove());
+    }
+
     /// Descriptors to poll for the execs.
     pub fn poll_fds(&self, room: bool, fds: &mut Vec<(RawFd, i16)>, tokens: &mut Vec<(u32, Fd)>) {
         for p in self.execs.values() {
@@ -364,7 +387,14 @@ impl Session {
 
     /// Timeouts and finished execs.
     pub fn tick(&mut self, now: Instant, out: &mut OutQueue) {
-        self.execs.retain(|_, p| !p.tick(now, out));
+        let lingering = &mut self.lingering;
+        self.execs.retain(|_, p| {
+            if !p.tick(now, out) {
+                return true;
+            }
+            lingering.extend(p.take_cgroup().filter(|cg| !cg.remove()));
+            false
+        });
     }
 
     pub fn next_wake(&self, now: Instant) -> Option<Instant> {
@@ -373,7 +403,7 @@ impl Session {
 
     fn ready(&self, version: u16) -> Ready {
         let (kernel_release, hostname) = sys::uname();
-        let mut f = features::EXEC | features::FS;
+        let mut f = features::EXEC | features::FS | features::START_WORKLOAD;
         if self.init {
             f |= features::INIT;
         }

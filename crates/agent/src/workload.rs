@@ -1,5 +1,8 @@
-//! The boot workload: the one job of a VM started with `microcell.exec=<spec>` on the kernel
-//! command line (or `--exec-spec` in test mode). It runs with the console as stdout/stderr,
+//! The boot workload: the one job of a VM, whose spec the host sends as `StartWorkload` right
+//! after the handshake (over the channel: its environment may hold secrets, which the kernel
+//! command line would show in the host's `/proc/<pid>/cmdline` of QEMU and in the guest's
+//! `/proc/cmdline`). A VM without a control channel can still carry it as `microcell.exec=<spec>`
+//! on the command line (`--exec-spec` in test mode). It runs with the console as stdout/stderr,
 //! in a session of its own; when it ends the agent prints the status line
 //! (`protocol::workload::status_line`) on the console, answers the host's `WaitWorkload`
 //! (if a host asked) and ends the VM: at once after the answer went out, after
@@ -28,23 +31,41 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// Decodes the spec and starts the workload; a bad spec or a program that cannot start is
-    /// a result at once (reported like an exit).
-    pub fn start(value: &str, console_is_channel: bool) -> Workload {
-        let started = Instant::now();
-        let mut w = Workload { pid: None, started, result: None, waiters: Vec::new(), answered: false, ended_at: None };
-        let spec = match WorkloadSpec::from_cmdline_value(value) {
-            Ok(s) => s,
+    /// Decodes a `microcell.exec=` value and starts the workload; a bad spec is a result at
+    /// once (reported like an exit).
+    pub fn start_from_cmdline(value: &str, console_is_channel: bool) -> Workload {
+        match WorkloadSpec::from_cmdline_value(value) {
+            Ok(spec) => Workload::start(&spec, console_is_channel),
             Err(message) => {
+                let mut w = Workload::new();
                 w.finish(WorkloadExit {
                     code: None,
                     signal: None,
                     duration_ns: 0,
                     error: Some(ErrorMsg { code: ErrorCode::INVALID, errno: libc::EINVAL, message, path: None }),
                 });
-                return w;
+                w
             }
-        };
+        }
+    }
+
+    fn new() -> Workload {
+        Workload { pid: None, started: Instant::now(), result: None, waiters: Vec::new(), answered: false, ended_at: None }
+    }
+
+    /// Starts the workload; a program that cannot start is a result at once (reported like an
+    /// exit).
+    pub fn start(spec: &WorkloadSpec, console_is_channel: bool) -> Workload {
+        let mut w = Workload::new();
+        if spec.argv.first().is_none_or(|p| p.is_empty()) {
+            w.finish(WorkloadExit {
+                code: None,
+                signal: None,
+                duration_ns: 0,
+                error: Some(ErrorMsg { code: ErrorCode::INVALID, errno: libc::EINVAL, message: "the workload has no program".into(), path: None }),
+            });
+            return w;
+        }
         log!("workload: {}", spec.argv.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(" "));
         let l = Launch {
             argv: &spec.argv,
@@ -56,7 +77,7 @@ impl Workload {
             gid: None,
             rlimits: &spec.rlimits,
         };
-        match launch(&l, StdioMode::Console { stdout_to_stderr: console_is_channel }) {
+        match launch(&l, StdioMode::Console { stdout_to_stderr: console_is_channel }, None) {
             Ok(child) => w.pid = Some(child.pid),
             Err(e) => w.finish(WorkloadExit { code: None, signal: None, duration_ns: 0, error: Some(e) }),
         }

@@ -152,3 +152,21 @@ fn exec_and_fs_work_while_the_workload_runs() {
     assert!(matches!(f.msg, protocol::Message::WorkloadExit(WorkloadExit { code: Some(5), .. })), "{f:?}");
     assert!(child.wait().unwrap().success());
 }
+
+/// What hosts do (the spec, env and all, never on a command line): `StartWorkload` after the
+/// handshake. Only once; the workload reads its env; `WaitWorkload` has the status.
+#[test]
+fn start_workload_over_the_channel() {
+    let mut a = common::Agent::spawn_with(&[]);
+    assert_ne!(a.ready.features & protocol::features::START_WORKLOAD, 0);
+    assert_eq!(a.ready.features & protocol::features::WORKLOAD, 0, "no workload before StartWorkload");
+    let mut s = spec(&["/bin/sh", "-c", "test \"$SECRET\" = 's3 cr=t' && exit 5; exit 1"]);
+    s.env = vec![("SECRET".into(), "s3 cr=t".into())];
+    let ok = a.client.request(protocol::Message::StartWorkload(s.clone()), Duration::from_secs(10)).unwrap();
+    assert_eq!(ok.msg, protocol::Message::Ok(()));
+    let again = a.client.request(protocol::Message::StartWorkload(s), Duration::from_secs(10)).unwrap_err();
+    assert!(again.to_string().contains("started already"), "{again}");
+    let st = a.client.wait_workload(Duration::from_secs(30)).unwrap();
+    assert_eq!((st.code, st.signal, st.error), (Some(5), None, None));
+    assert!(a.child.wait().unwrap().success(), "the agent ends after the report");
+}

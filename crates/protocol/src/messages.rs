@@ -41,6 +41,7 @@
 //! | `0x0300` | `WaitWorkload` | host → guest | [`WorkloadExit`] when the boot workload ended, or [`ErrorMsg`] |
 //! | `0x0301` | [`WorkloadExit`] | guest → host | |
 //! | `0x0302` | `SignalWorkload(`[`Signal`]`)` | host → guest | `Ok`, or [`ErrorMsg`] (`BAD_STATE`: no workload, or it has ended) |
+//! | `0x0303` | `StartWorkload(`[`WorkloadSpec`]`)` | host → guest | `Ok` once started (a program that cannot start is reported by `WaitWorkload`), or [`ErrorMsg`] (`BAD_STATE`: one was started already) |
 //!
 //! ## Streams and flow control
 //! A request that streams keeps its id for every frame about it; the last frame the sender
@@ -59,6 +60,7 @@
 //! stalls only itself (its producer stops reading its pipe or file), never the channel.
 
 use crate::wire::{Chunk, Reader, Wire, WireResult};
+pub use crate::workload::WorkloadSpec;
 use crate::wire_struct;
 
 /// The protocol version this crate speaks.
@@ -144,8 +146,13 @@ pub mod features {
     pub const EXEC: u64 = 1 << 1;
     /// The fs messages are implemented.
     pub const FS: u64 = 1 << 2;
-    /// The agent runs a boot workload (`microcell.exec=` on the kernel command line).
+    /// The agent runs a boot workload (started by `StartWorkload`, or `microcell.exec=` on the
+    /// kernel command line of a VM without a control channel).
     pub const WORKLOAD: u64 = 1 << 3;
+    /// The agent takes its boot workload over the channel (`StartWorkload`): the spec, its
+    /// environment with it, never goes on the kernel command line, where the host's
+    /// `/proc/<pid>/cmdline` of QEMU and the guest's `/proc/cmdline` would show it.
+    pub const START_WORKLOAD: u64 = 1 << 4;
 }
 
 /// An error answer to the request with the frame's id.
@@ -609,6 +616,7 @@ messages! {
     0x0300 WAIT_WORKLOAD => WaitWorkload(()),
     0x0301 WORKLOAD_EXIT => WorkloadExit(WorkloadExit),
     0x0302 SIGNAL_WORKLOAD => SignalWorkload(Signal),
+    0x0303 START_WORKLOAD => StartWorkload(WorkloadSpec),
 }
 
 impl Message {

@@ -176,6 +176,13 @@ impl Rng {
             kind::WATCH_EVENT => Message::WatchEvent(WatchEvent { kind: self.u32() as u8, path: self.string() }),
             kind::UNWATCH => Message::Unwatch(()),
             kind::SIGNAL_WORKLOAD => Message::SignalWorkload(Signal { signal: self.i32(), group: self.bool() }),
+            kind::START_WORKLOAD => Message::StartWorkload(WorkloadSpec {
+                argv: (0..1 + self.below(3)).map(|_| self.string()).collect(),
+                env: (0..self.below(3)).map(|_| (self.string(), self.string())).collect(),
+                cwd: self.opt(Rng::string),
+                rlimits: (0..self.below(2)).map(|_| Rlimit { resource: self.u32(), soft: self.u64(), hard: self.u64() }).collect(),
+                user: self.opt(Rng::string),
+            }),
             other => panic!("test generator misses kind 0x{other:04x}"),
         }
     }

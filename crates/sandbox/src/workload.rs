@@ -1,8 +1,9 @@
 //! Workload mode: a VM whose one job is a program (a MicroVm's `execPath` + `args`, `env`,
-//! `workdirPath`, `rlimits`). The spec travels on the kernel command line as
-//! `microcell.exec=<base64url>` (`protocol::workload`); the agent (PID 1) runs it with the
-//! console as stdout/stderr, prints a status line on the console, answers `WaitWorkload` on
-//! the control channel, and ends the VM.
+//! `workdirPath`, `rlimits`). The spec travels over the control channel (`StartWorkload`,
+//! right after the handshake), never on the kernel command line: its env may hold secrets, and
+//! the command line is readable in the host's `/proc/<qemu pid>/cmdline` and the guest's
+//! `/proc/cmdline`. The agent (PID 1) runs it with the console as stdout/stderr, prints a status
+//! line on the console, answers `WaitWorkload` on the control channel, and ends the VM.
 //!
 //! [`Workload::start`] boots it on an engine and returns at once; [`Workload::wait`] /
 //! [`Workload::wait_async`] give the [`WorkloadStatus`]: from the channel, or — when the
@@ -148,13 +149,15 @@ pub fn check_spec(spec: &WorkloadSpec) -> Result<String> {
     Ok(word)
 }
 
-/// The kernel command line of `base` plus the workload word.
+/// The kernel command line of `base` plus the workload word: only for a MicroVm booted on the
+/// VMM without a control channel (`MicroVmConfig::to_vm_config`), where nothing else can carry
+/// the spec; workload VMs on an engine get it over the channel.
 pub fn cmdline_with_spec(base: &str, spec: &WorkloadSpec) -> Result<String> {
     Ok(with_word(base, &check_spec(spec)?))
 }
 
 /// `base` plus the `microcell.exec=` word.
-pub(crate) fn with_word(base: &str, word: &str) -> String {
+fn with_word(base: &str, word: &str) -> String {
     if base.trim().is_empty() {
         word.to_owned()
     } else {
@@ -266,12 +269,13 @@ impl Workload {
     pub fn start_on(spec: &WorkloadSpec, config: SandboxConfig, engine: &dyn Engine, selection: EngineSelection) -> Result<Workload> {
         let config = config.validate()?;
         let images = config.guest_images()?;
-        let word = check_spec(spec)?;
-        let meta = SnapshotMeta { config, engine: selection.kind, kernel: images.kernel, rootfs: images.rootfs, workload: Some(word) };
+        check_spec(spec)?;
+        let program = spec.argv[0].clone();
+        let meta = SnapshotMeta { config, engine: selection.kind, kernel: images.kernel, rootfs: images.rootfs, workload: Some(program) };
         let boot = meta.boot_spec(meta.config.console_output.clone());
         tracing::info!(engine = %selection.kind, argv0 = %spec.argv[0], "booting a workload VM");
         let vm: Arc<dyn RunningVm> = Arc::from(engine.boot(&boot)?);
-        Self::spawn_watcher(vm, meta, selection)
+        Self::spawn_watcher(vm, meta, selection, Some(spec.clone()))
     }
 
     /// A workload VM from a snapshot directory ([`Workload::snapshot`]): the engine resumes it
@@ -294,7 +298,8 @@ impl Workload {
         let boot = meta.boot_spec(options.console_output);
         let selection = EngineSelection { kind: meta.engine, reason: format!("restored from {}", dir.display()) };
         let vm: Arc<dyn RunningVm> = Arc::from(engine.restore(dir, &boot)?);
-        Self::spawn_watcher(vm, meta, selection)
+        // Its workload runs on from the snapshot: nothing to start.
+        Self::spawn_watcher(vm, meta, selection, None)
     }
 
     /// Writes a snapshot of the VM into `dir` (created if needed): the engine's (memory,
@@ -314,9 +319,9 @@ impl Workload {
         Ok(self.meta.info())
     }
 
-    /// The watcher thread of a booted or restored VM: the status over the channel, else from
-    /// the console.
-    fn spawn_watcher(vm: Arc<dyn RunningVm>, meta: SnapshotMeta, selection: EngineSelection) -> Result<Workload> {
+    /// The watcher thread of a booted VM (which it sends `spec` to) or a restored one: the status
+    /// over the channel, else from the console.
+    fn spawn_watcher(vm: Arc<dyn RunningVm>, meta: SnapshotMeta, selection: EngineSelection, spec: Option<WorkloadSpec>) -> Result<Workload> {
         let slot = Arc::new(Slot::default());
         let agent = Arc::new(AgentSlot::default());
         let timeout = Duration::from_millis(u64::from(meta.config.boot_timeout_ms));
@@ -324,7 +329,7 @@ impl Workload {
         std::thread::Builder::new()
             .name("mc-workload".into())
             .spawn(move || {
-                let o = watch(v.as_ref(), &a, timeout);
+                let o = watch(v.as_ref(), &a, timeout, spec);
                 // The Workload holds the last reference: its drop reaps QEMU and removes the
                 // VM's files before it returns.
                 drop(v);
@@ -471,8 +476,8 @@ impl Future for WorkloadFuture {
 }
 
 /// The watcher: the status over the channel, else from the console; then the VM's end.
-fn watch(vm: &dyn RunningVm, agent: &AgentSlot, boot_timeout: Duration) -> Outcome {
-    let from_channel = channel_status(vm, agent, boot_timeout);
+fn watch(vm: &dyn RunningVm, agent: &AgentSlot, boot_timeout: Duration, spec: Option<WorkloadSpec>) -> Outcome {
+    let from_channel = channel_status(vm, agent, boot_timeout, spec);
     // No agent came up (or it did and is done): nobody to signal from now on.
     agent.settle(None);
     // The agent ends the VM right after it reported; make sure it has ended.
@@ -498,9 +503,15 @@ fn watch(vm: &dyn RunningVm, agent: &AgentSlot, boot_timeout: Duration) -> Outco
     }
 }
 
-/// Hello → Ready (within the boot timeout) → WaitWorkload → WorkloadExit (no limit: the
-/// workload runs as long as it runs, or until the VM ends).
-fn channel_status(vm: &dyn RunningVm, agent: &AgentSlot, boot_timeout: Duration) -> std::result::Result<WorkloadStatus, String> {
+/// Hello → Ready → StartWorkload (unless the agent runs it already: a restored VM) → Ok, within
+/// the boot timeout → WaitWorkload → WorkloadExit (no limit: the workload runs as long as it
+/// runs, or until the VM ends).
+fn channel_status(
+    vm: &dyn RunningVm,
+    agent: &AgentSlot,
+    boot_timeout: Duration,
+    spec: Option<WorkloadSpec>,
+) -> std::result::Result<WorkloadStatus, String> {
     let chan = vm.take_channel().ok_or("no control channel")?;
     let client = Arc::new(AgentClient::new(chan).map_err(|e| e.to_string())?);
     let deadline = Instant::now() + boot_timeout;
@@ -517,7 +528,18 @@ fn channel_status(vm: &dyn RunningVm, agent: &AgentSlot, boot_timeout: Duration)
         }
     };
     if ready.features & protocol::features::WORKLOAD == 0 {
-        return Err("the agent runs no workload (an old root disk? rebuild it with scripts/guest/build-rootfs.sh)".into());
+        let Some(spec) = spec else {
+            return Err("the restored agent runs no workload: the snapshot is not one of a workload VM".into());
+        };
+        if ready.features & protocol::features::START_WORKLOAD == 0 {
+            return Err("the agent cannot take its workload over the channel (an old root disk? rebuild it with scripts/guest/build-rootfs.sh)".into());
+        }
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        match client.request(Message::StartWorkload(spec), left).map_err(|e| e.to_string())?.msg {
+            Message::Ok(()) => {}
+            Message::Error(e) => return Err(agent_error("StartWorkload", e).to_string()),
+            other => return Err(format!("expected Ok to StartWorkload, got {}", other.name())),
+        }
     }
     let pending = client.send(Message::WaitWorkload(())).map_err(|e| e.to_string())?;
     agent.settle(Some(client.clone()));

@@ -23,8 +23,8 @@ pub(crate) struct SnapshotMeta {
     pub engine: EngineKind,
     pub kernel: PathBuf,
     pub rootfs: PathBuf,
-    /// A workload VM's `microcell.exec=` word (its kernel command line had it); `None` for a
-    /// sandbox.
+    /// A workload VM's program (`argv[0]`; its spec went over the channel, env and all, and is
+    /// not kept here); `None` for a sandbox. (Older snapshots hold the `microcell.exec=` word.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
 }
@@ -65,11 +65,11 @@ impl SnapshotMeta {
     /// How the engine restores it: the VM's shape and kernel command line as at its boot.
     pub fn boot_spec(&self, console_output: Option<PathBuf>) -> BootSpec {
         let mut spec = self.config.boot_spec(self.kernel.clone(), self.rootfs.clone(), console_output);
-        if let Some(word) = &self.workload {
+        if self.workload.is_some() {
             // `quiet` first: a workload's console is its program's stdout and stderr, where
             // kernel notices would land mid-line (a `loglevel=` in the user's args comes later
-            // and wins).
-            spec.extra_cmdline = crate::workload::with_word(&format!("quiet {}", spec.extra_cmdline), word);
+            // and wins). The spec itself goes over the channel, never on the command line.
+            spec.extra_cmdline = format!("quiet {}", spec.extra_cmdline).trim_end().to_owned();
         }
         spec
     }
