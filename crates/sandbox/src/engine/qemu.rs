@@ -273,14 +273,15 @@ impl Engine for QemuEngine {
     }
 
     fn restore(&self, dir: &Path, spec: &BootSpec) -> Result<Box<dyn RunningVm>> {
-        let migration = dir.join(MIGRATION_FILE);
-        if !migration.is_file() {
-            return Err(SandboxError::Snapshot(format!(
-                "{} is not a QEMU sandbox snapshot (no {MIGRATION_FILE})",
-                dir.display()
-            )));
+        // Both must be regular files: a FIFO would hang the disk copy or QEMU's `cat`, a device
+        // would stream endless bytes into the guest's disk.
+        for name in [MIGRATION_FILE, SNAPSHOT_DISK] {
+            let path = dir.join(name);
+            vmm::snapshot::open_regular(&path).map_err(|e| {
+                SandboxError::Snapshot(format!("{} is not a QEMU sandbox snapshot ({}: {e})", dir.display(), path.display()))
+            })?;
         }
-        self.start(spec, &dir.join(SNAPSHOT_DISK), Some(&migration))
+        self.start(spec, &dir.join(SNAPSHOT_DISK), Some(&dir.join(MIGRATION_FILE)))
     }
 }
 

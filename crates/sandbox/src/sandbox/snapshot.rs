@@ -14,6 +14,8 @@ use crate::engine::{self, BootSpec, EngineKind};
 
 /// The sandbox's part of a snapshot directory.
 pub const SANDBOX_FILE: &str = "sandbox.json";
+/// The longest `sandbox.json` read back.
+const MAX_META_BYTES: u64 = 1 << 20;
 
 /// What a snapshot directory holds beside the engine's files: `sandbox.json`.
 #[derive(Serialize, Deserialize)]
@@ -55,9 +57,17 @@ impl SnapshotMeta {
     /// Reads `dir/sandbox.json`.
     pub fn read(dir: &Path) -> Result<SnapshotMeta> {
         let path = dir.join(SANDBOX_FILE);
-        let bytes = std::fs::read(&path).map_err(|e| {
+        let not_one = |e: std::io::Error| {
             SandboxError::Snapshot(format!("{} is not a snapshot of a sandbox or workload VM ({}: {e})", dir.display(), path.display()))
-        })?;
+        };
+        // A regular file (never a FIFO that hangs the read), and small: what this crate writes
+        // is a few hundred bytes.
+        let file = vmm::snapshot::open_regular(&path).map_err(not_one)?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_META_BYTES + 1), &mut bytes).map_err(not_one)?;
+        if bytes.len() as u64 > MAX_META_BYTES {
+            return Err(SandboxError::Snapshot(format!("{} is longer than {MAX_META_BYTES} bytes: not one this library wrote", path.display())));
+        }
         serde_json::from_slice(&bytes)
             .map_err(|e| SandboxError::Snapshot(format!("{} is damaged: {e}; take the snapshot again", path.display())))
     }
@@ -190,5 +200,28 @@ impl Sandbox {
             agent_start_ns: ready.agent_start_ns,
         };
         Ok(Sandbox::assemble(config, info, agent, vm))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_json_must_be_a_small_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SANDBOX_FILE);
+        let fifo = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid C path; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let t = std::time::Instant::now();
+        let Err(e) = SnapshotMeta::read(dir.path()) else { panic!("accepted") };
+        assert!(t.elapsed() < std::time::Duration::from_secs(2), "a FIFO is refused, not waited on");
+        assert_eq!(e.code(), "E_SNAPSHOT");
+        assert!(e.to_string().contains("FIFO"), "{e}");
+        std::fs::remove_file(&path).unwrap();
+        std::fs::File::create(&path).unwrap().set_len(MAX_META_BYTES + 1).unwrap();
+        let Err(e) = SnapshotMeta::read(dir.path()) else { panic!("accepted") };
+        assert!(e.to_string().contains("longer than"), "{e}");
     }
 }
