@@ -28,7 +28,8 @@ cargo fuzz build -O </dev/null 2>&1 | tail -3
 
 passed=0 failed=0
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+# The targets' scratch files (scratch.rs) go with the run.
+trap 'rm -rf "$work" /dev/shm/microcell-fuzz-* "${TMPDIR:-/tmp}"/microcell-fuzz-*' EXIT
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t" "$work/$t"
   log="$work/$t.log"

@@ -13,14 +13,12 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 
+#[path = "scratch.rs"]
+mod scratch;
+
 fn dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let base = if std::path::Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
-        let d = base.join(format!("microcell-fuzz-snapshot-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    })
+    DIR.get_or_init(|| scratch::scratch_dir("snapshot"))
 }
 
 /// `body` framed as `encode_state` frames a body: magic, version, length, body, CRC32.

@@ -8,11 +8,13 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use protocol::tree_fs::TreeWriter;
 
+#[path = "scratch.rs"]
+mod scratch;
+
 fn base() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let base = if std::path::Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
-        let d = base.join(format!("microcell-fuzz-tree-{}", std::process::id()));
+        let d = scratch::scratch_dir("tree");
         std::fs::create_dir_all(d.join("outside")).unwrap();
         d
     })

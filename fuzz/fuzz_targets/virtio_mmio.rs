@@ -16,6 +16,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 
 use libfuzzer_sys::fuzz_target;
+
+#[path = "scratch.rs"]
+mod scratch;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::virtio::block::Block;
 use vmm::devices::virtio::console::Console;
@@ -87,10 +90,9 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-/// An unnamed file in /dev/shm (or the temp dir): the block device's image.
+/// An unnamed scratch file: the block device's image.
 fn tempfile() -> std::fs::File {
-    let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
-    let p = base.join(format!("microcell-fuzz-disk-{}", std::process::id()));
+    let p = scratch::scratch_dir("virtio").join("disk");
     let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
     std::fs::remove_file(&p).unwrap();
     f
