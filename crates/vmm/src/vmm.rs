@@ -177,6 +177,15 @@ impl Drop for DirLock {
     }
 }
 
+/// A `Vm::hold`, released on drop.
+struct Held<'a>(&'a Lifecycle);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
 /// A private temporary directory, removed on drop.
 struct ScratchDir(PathBuf);
 
@@ -702,15 +711,50 @@ impl Vm {
     /// this VM): the memory file starts as a copy of the earlier one and only the pages written
     /// since are written; the result is a complete, mappable snapshot all the same.
     pub fn snapshot(&self, dir: &Path, incremental: bool) -> Result<u64> {
-        let was_paused = self.is_paused();
-        if !was_paused {
-            self.pause()?;
+        let _held = self.hold("snapshotted")?;
+        self.snapshot_paused(dir, incremental)
+    }
+
+    /// Parks every vCPU until the guard drops, apart from `pause`/`resume` (so a `resume`
+    /// meanwhile, or a halt check beside a snapshot, cannot let them run mid-read).
+    fn hold(&self, what: &str) -> Result<Held<'_>> {
+        if self.lifecycle.hold(Duration::from_secs(5)) {
+            Ok(Held(&self.lifecycle))
+        } else {
+            Err(Error::VmState(format!("the VM has ended (or its vCPUs did not stop within 5 s); it cannot be {what}")))
         }
-        let result = self.snapshot_paused(dir, incremental);
-        if !was_paused {
-            self.resume();
+    }
+
+    /// Whether the guest has halted for good: every vCPU it started is in HLT with interrupts
+    /// off (what `cli; hlt`, Linux's `halt -f`/`poweroff -f` without a power-off device,
+    /// leave), and the others never started (no running one is left to send them a SIPI).
+    /// Nothing but an NMI, which this VMM never sends, can wake it. False while paused, once
+    /// ended, or when a vCPU's state cannot be read. The vCPUs are held outside KVM_RUN for
+    /// the reads (microseconds) and the state is read on the caller's thread: the vCPU
+    /// threads make no new system call for it.
+    pub fn is_halted(&self) -> bool {
+        if self.is_paused() {
+            return false;
         }
-        result
+        let Ok(_held) = self.hold("checked") else { return false };
+        let mut halted = 0;
+        for fd in &self.machine().vcpus {
+            let fd = lock(fd);
+            let Ok(mp) = fd.get_mp_state() else { return false };
+            match mp.mp_state {
+                kvm_bindings::KVM_MP_STATE_HALTED => {
+                    // RFLAGS.IF (bit 9): with it set, an interrupt ends the halt (an idle CPU).
+                    let Ok(regs) = fd.get_regs() else { return false };
+                    if regs.rflags & (1 << 9) != 0 {
+                        return false;
+                    }
+                    halted += 1;
+                }
+                kvm_bindings::KVM_MP_STATE_UNINITIALIZED | kvm_bindings::KVM_MP_STATE_INIT_RECEIVED => {}
+                _ => return false,
+            }
+        }
+        halted > 0
     }
 
     fn snapshot_paused(&self, dir: &Path, incremental: bool) -> Result<u64> {

@@ -271,3 +271,53 @@ fn a_forbidden_system_call_on_a_vcpu_thread_ends_only_that_vm_with_e_seccomp() {
     let (reason, console) = run_to_end(&config(testguest::HELLO, 32, 1, ""));
     assert_eq!(reason, ExitReason::Reset, "{console}");
 }
+
+/// The halt check the agent watchdog asks on engine kvm: `halt.pvh.elf` (cli; hlt) is halted,
+/// with one vCPU and with a second that never started; `spin.pvh.elf` is not, nor a paused or
+/// ended VM. The check leaves a running VM running.
+#[test]
+#[ignore = "T1: needs /dev/kvm; scripts/test.sh runs it (--include-ignored) where /dev/kvm works"]
+fn a_guest_halted_with_interrupts_off_is_told_from_a_running_one() {
+    require_kvm();
+    let started = |guest: &str, vcpus: u8, banner: &str| {
+        let console = Capture::default();
+        let vm = Vm::start(&config(guest, 32, vcpus, ""), Box::new(console.clone())).unwrap();
+        let t = Instant::now();
+        while !console.text().contains(banner) {
+            assert!(t.elapsed() < Duration::from_secs(10), "no banner; console: {}", console.text());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        vm
+    };
+    for vcpus in [1, 2] {
+        let vm = started(testguest::HALT, vcpus, "TG halt\n");
+        // The banner comes just before the hlt: give it the moment to get there.
+        let t = Instant::now();
+        while !vm.is_halted() {
+            assert!(t.elapsed() < Duration::from_secs(5), "halt.pvh.elf with {vcpus} vCPU(s) never seen halted");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let t = Instant::now();
+        for _ in 0..100 {
+            assert!(vm.is_halted());
+        }
+        eprintln!("is_halted on a halted {vcpus}-vCPU guest: {:?} per call", t.elapsed() / 100);
+        vm.pause().unwrap();
+        assert!(!vm.is_halted(), "a paused VM is not asked");
+        vm.resume();
+        assert!(vm.is_halted());
+        vm.kill();
+        vm.wait_timeout(Duration::from_secs(5)).expect("ends");
+        assert!(!vm.is_halted(), "an ended VM is not halted");
+    }
+    let vm = started(testguest::SPIN, 2, "TG spin\n");
+    let t = Instant::now();
+    for _ in 0..100 {
+        assert!(!vm.is_halted(), "a spinning guest is not halted");
+    }
+    eprintln!("is_halted on a spinning 2-vCPU guest: {:?} per call", t.elapsed() / 100);
+    assert_eq!(vm.try_exit(), None, "the check left it running");
+    assert!(!vm.is_paused());
+    vm.stop();
+    assert_eq!(vm.wait_timeout(Duration::from_secs(5)), Some(ExitReason::Stopped));
+}

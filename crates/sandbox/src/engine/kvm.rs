@@ -287,6 +287,12 @@ impl RunningVm for KvmVm {
         self.vm.kill();
     }
 
+    fn halted(&self) -> Option<String> {
+        self.vm.is_halted().then(|| {
+            "the guest halted every vCPU with interrupts off (halt -f or poweroff -f: the machine has no power-off device); nothing can wake it".into()
+        })
+    }
+
     fn console(&self) -> Option<ConsoleReader> {
         self.reader.clone()
     }

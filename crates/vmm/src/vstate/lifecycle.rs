@@ -2,7 +2,7 @@
 //! `immediate_exit`). Pausing parks each vCPU thread outside KVM_RUN until resumed; ending
 //! records the first exit reason, and waiters wake when the last vCPU thread has stopped.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -47,6 +47,9 @@ pub struct Lifecycle {
     changed: Condvar,
     exit_requested: AtomicBool,
     pause_requested: AtomicBool,
+    /// Holds taken by the host to read vCPU state (`hold`): the vCPUs stay parked while any
+    /// is held, whatever `pause`/`resume` say, and a release never resumes a paused VM.
+    holds: AtomicUsize,
     first_exit_ns: AtomicU64,
     /// Run once when the last vCPU thread has stopped (the VMM hangs up the devices' host
     /// streams there, so their readers see the end as they would a QEMU process's exit).
@@ -70,6 +73,7 @@ impl Lifecycle {
             changed: Condvar::new(),
             exit_requested: AtomicBool::new(false),
             pause_requested: AtomicBool::new(false),
+            holds: AtomicUsize::new(0),
             first_exit_ns: AtomicU64::new(0),
             on_end: Mutex::new(None),
         }
@@ -135,12 +139,45 @@ impl Lifecycle {
         self.changed.notify_all();
     }
 
-    /// Called by a vCPU thread that saw a pause request: blocks until resumed or ended.
+    /// Whether a vCPU thread must park: a pause, or a hold.
+    pub fn park_requested(&self) -> bool {
+        self.pause_requested() || self.holds.load(Ordering::SeqCst) > 0
+    }
+
+    /// Parks every vCPU outside KVM_RUN so that the caller can read their state, like `pause`
+    /// but counted apart from it: a `resume` meanwhile does not let them run, and `release`
+    /// resumes only a VM nobody paused. Returns false (and holds nothing) if the VM ended, or
+    /// had not parked within `timeout`.
+    pub fn hold(&self, timeout: Duration) -> bool {
+        let st = self.lock();
+        self.holds.fetch_add(1, Ordering::SeqCst);
+        Self::kick(&st);
+        let (st, _) = self
+            .changed
+            .wait_timeout_while(st, timeout, |st| st.running_vcpus > 0 && st.parked_vcpus < st.running_vcpus)
+            .unwrap_or_else(|p| p.into_inner());
+        let parked = st.running_vcpus > 0 && st.parked_vcpus == st.running_vcpus;
+        drop(st);
+        if !parked {
+            self.release();
+        }
+        parked
+    }
+
+    /// Ends a successful `hold`.
+    pub fn release(&self) {
+        let _st = self.lock();
+        self.holds.fetch_sub(1, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    /// Called by a vCPU thread that saw a pause request or a hold: blocks until neither is
+    /// left, or the VM ended.
     pub fn park(&self) {
         let mut st = self.lock();
         st.parked_vcpus += 1;
         self.changed.notify_all();
-        while self.pause_requested() && !self.exit_requested() {
+        while self.park_requested() && !self.exit_requested() {
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         st.parked_vcpus -= 1;

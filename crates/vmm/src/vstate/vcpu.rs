@@ -144,7 +144,7 @@ impl Vcpu {
             if let Some(reason) = seccomp::take_refused_exit(&format!("vCPU {index} thread")) {
                 return Some(reason);
             }
-            if ctx.lifecycle.pause_requested() {
+            if ctx.lifecycle.park_requested() {
                 ctx.lifecycle.park();
                 continue;
             }
