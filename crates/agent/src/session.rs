@@ -172,6 +172,13 @@ impl Session {
                 }
                 StreamKind::Stdin => out.msg(id, code_error(ErrorCode::BAD_STATE, "the agent grants stdin credit, the host does not")),
             },
+            // The host abandoned a read stream (its limit, an error on its side, a dropped
+            // reader): close the reader now rather than hold it, and its credit, until the
+            // channel closes. No answer: the host has forgotten the id. An id whose stream has
+            // just ended (its last chunk crossed the Cancel) is no error either.
+            Message::Cancel(()) => {
+                self.reads.remove(&id);
+            }
             Message::ReadFile(req) => match ReadStream::file(&req) {
                 Ok(r) => {
                     self.reads.insert(id, r);
@@ -403,7 +410,7 @@ impl Session {
 
     fn ready(&self, version: u16) -> Ready {
         let (kernel_release, hostname) = sys::uname();
-        let mut f = features::EXEC | features::FS | features::START_WORKLOAD;
+        let mut f = features::EXEC | features::FS | features::START_WORKLOAD | features::CANCEL;
         if self.init {
             f |= features::INIT;
         }

@@ -299,3 +299,44 @@ fn reads_and_copies_to_the_host_are_bounded() {
     assert!(std::fs::symlink_metadata(&out).is_err(), "a partial file was left");
     c.ping(Duration::from_secs(5)).unwrap();
 }
+
+/// Open descriptors of a process.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+#[test]
+fn an_abandoned_read_is_cancelled_and_the_agent_closes_its_descriptor() {
+    let a = Agent::spawn();
+    assert_ne!(a.ready.features & protocol::features::CANCEL, 0, "the agent takes Cancel");
+    let c = &a.client;
+    let pid = a.child.id();
+    let d = tempfile::tempdir().unwrap();
+    let base = fd_count(pid);
+    // A stream read one chunk of and dropped (a JS readStream let go): an endless file, which
+    // the agent would hold open for good.
+    let mut s = c.open_read("/dev/zero", 0, None).unwrap();
+    assert!(!s.read_chunk(Duration::from_secs(10)).unwrap().unwrap().is_empty());
+    assert_eq!(fd_count(pid), base + 1, "the agent reads /dev/zero");
+    drop(s);
+    // The agent takes frames in order: once the Pong is back, the Cancel before it was handled.
+    c.ping(Duration::from_secs(5)).unwrap();
+    assert_eq!(fd_count(pid), base, "the dropped stream's descriptor is still open in the agent");
+    // copyToHost stopping at maxBytes: the agent has a 16 MiB file (and its directory) open,
+    // with credit for 4 MiB, when the host gives up after 1 MiB.
+    let src = d.path().join("tree");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("big"), vec![7u8; 16 << 20]).unwrap();
+    let out = d.path().join("host-out");
+    let e = c.copy_to_host(p(&src), &out, CopyToHostOptions { max_bytes: 1 << 20, ..Default::default() }).unwrap_err();
+    assert_eq!(e.code(), "E_OUTPUT_LIMIT", "{e}");
+    c.ping(Duration::from_secs(5)).unwrap();
+    assert_eq!(fd_count(pid), base, "the abandoned copy's reader is still open in the agent");
+    // The session goes on: the same file reads whole, ids and all.
+    assert_eq!(c.read_file(p(&src.join("big"))).unwrap().len(), 16 << 20);
+    assert_eq!(fd_count(pid), base);
+    // A Cancel for an id that is no stream (ended, or never was) is ignored, not answered.
+    let stray = c.send(protocol::Message::Cancel(())).unwrap();
+    c.ping(Duration::from_secs(5)).unwrap();
+    assert!(stray.try_next().unwrap().is_none(), "the agent answered a stray Cancel");
+}

@@ -13,6 +13,7 @@
 //! | `0x0005` | [`ErrorMsg`] | both | the request with this id failed |
 //! | `0x0006` | `Ok` | guest → host | the request with this id succeeded |
 //! | `0x0007` | `Poweroff` | host → guest | `Ok`, then the VM ends |
+//! | `0x0008` | `Cancel` | host → guest | none: (on a `ReadFile`/`ReadTree` id) the agent closes that reader and forgets the id ([`features::CANCEL`]) |
 //! | `0x0100` | [`Exec`] | host → guest | [`Started`] or [`ErrorMsg`], later [`Exit`] |
 //! | `0x0101` | [`Started`] | guest → host | |
 //! | `0x0102` | `Stdin(Chunk)` | host → guest | |
@@ -58,6 +59,9 @@
 //!
 //! So a receiver buffers at most its window per stream, and a stream whose reader stops
 //! stalls only itself (its producer stops reading its pipe or file), never the channel.
+//! A host that gives up on a guest → host file stream before its end sends `Cancel` on its id
+//! (agents with [`features::CANCEL`]): the agent closes the reader; what it had queued before
+//! still arrives and the host drops it.
 
 use crate::wire::{Chunk, Reader, Wire, WireResult};
 pub use crate::workload::WorkloadSpec;
@@ -153,6 +157,11 @@ pub mod features {
     /// environment with it, never goes on the kernel command line, where the host's
     /// `/proc/<pid>/cmdline` of QEMU and the guest's `/proc/cmdline` would show it.
     pub const START_WORKLOAD: u64 = 1 << 4;
+    /// The agent takes `Cancel` for a read stream the host abandons (a limit reached, an error
+    /// on the host's side, a reader dropped): it closes the file or tree reader at once instead
+    /// of holding it, and up to one window of credit, until the channel closes. Hosts send
+    /// `Cancel` only to agents with this bit (an older one would answer `UNKNOWN_KIND`).
+    pub const CANCEL: u64 = 1 << 5;
 }
 
 /// An error answer to the request with the frame's id.
@@ -588,6 +597,7 @@ messages! {
     0x0005 ERROR => Error(ErrorMsg),
     0x0006 OK => Ok(()),
     0x0007 POWEROFF => Poweroff(()),
+    0x0008 CANCEL => Cancel(()),
     0x0100 EXEC => Exec(Exec),
     0x0101 STARTED => Started(Started),
     0x0102 STDIN => Stdin(Chunk),

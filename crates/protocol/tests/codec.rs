@@ -97,6 +97,7 @@ impl Rng {
             kind::ERROR => Message::Error(self.error_msg()),
             kind::OK => Message::Ok(()),
             kind::POWEROFF => Message::Poweroff(()),
+            kind::CANCEL => Message::Cancel(()),
             kind::EXEC => Message::Exec(Exec {
                 argv: self.strings(),
                 env: (0..self.below(4)).map(|_| (self.string(), self.string())).collect(),
@@ -221,6 +222,21 @@ fn every_kind_round_trips_and_has_a_unique_number() {
             d.finish().unwrap();
         }
     }
+}
+
+#[test]
+fn cancel_is_kind_8_with_an_empty_payload_sent_by_the_host() {
+    let bytes = Frame::new(7, Message::Cancel(())).to_bytes().unwrap();
+    assert_eq!(bytes, [0xC1, 0x00, 0x08, 0x00, 0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00]);
+    assert_eq!(Message::decode(kind::CANCEL, &[]), Ok(Message::Cancel(())));
+    // A payload where none belongs is malformed, not ignored.
+    assert!(matches!(Message::decode(kind::CANCEL, &[0]), Err(protocol::MessageError::Malformed(_))));
+    assert!(Message::Cancel(()).is_host_to_guest());
+    assert_eq!(Message::Cancel(()).name(), "Cancel");
+    // A bit of its own in Ready::features: hosts send Cancel only to agents that have it.
+    use protocol::features as f;
+    assert_eq!(f::CANCEL.count_ones(), 1);
+    assert_eq!(f::CANCEL & (f::INIT | f::EXEC | f::FS | f::WORKLOAD | f::START_WORKLOAD), 0);
 }
 
 #[test]

@@ -18,7 +18,7 @@ use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
@@ -179,6 +179,9 @@ struct State {
 #[derive(Default)]
 struct Shared {
     state: Mutex<State>,
+    /// `Ready::features` of the last handshake (whichever call made it): what the host may
+    /// send this agent (`Cancel` only with `features::CANCEL`).
+    features: AtomicU64,
 }
 
 impl Shared {
@@ -201,6 +204,9 @@ impl Shared {
     }
 
     fn deliver(&self, id: u32, d: Delivery) {
+        if let (0, Ok(Frame { msg: Message::Ready(r), .. })) = (id, &d) {
+            self.features.store(r.features, Ordering::Relaxed);
+        }
         let inbox = self.lock().pending.get(&id).cloned();
         match inbox {
             Some(i) => i.push(d),
@@ -425,6 +431,11 @@ impl Pending {
     /// The request's name (for errors).
     pub fn what(&self) -> &'static str {
         self.what
+    }
+
+    /// Whether the agent of the last handshake has feature bit `bit` (`protocol::features`).
+    pub fn agent_has(&self, bit: u64) -> bool {
+        self.conn.shared.features.load(Ordering::Relaxed) & bit != 0
     }
 }
 

@@ -186,6 +186,17 @@ impl FileReadStream {
     }
 }
 
+impl Drop for FileReadStream {
+    fn drop(&mut self) {
+        // Abandoned before its end (a limit, an error on the host's side, a reader dropped):
+        // the agent would hold the file or tree open, with a window of credit, until the
+        // channel closes. What it sent meanwhile is dropped with this request's inbox.
+        if !self.done && !self.pending.is_finished() && self.pending.agent_has(protocol::features::CANCEL) {
+            let _ = self.pending.send(Message::Cancel(()));
+        }
+    }
+}
+
 /// A host → guest byte stream (`WriteFile` or `WriteTree`).
 pub struct FileWriteStream {
     pending: Pending,
