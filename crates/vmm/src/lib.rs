@@ -10,6 +10,7 @@ pub mod devices;
 pub mod error;
 pub mod event_loop;
 pub mod host;
+pub mod run_dir;
 pub mod seccomp;
 pub mod snapshot;
 pub mod vmm;

@@ -30,6 +30,7 @@ use crate::event_loop::{EventLoop, EventLoopHandle};
 use crate::devices::Bus;
 use crate::error::{Error, Result};
 use crate::host;
+use crate::run_dir::RunDir;
 use crate::seccomp::ThreadFilter;
 use crate::snapshot::{self, MachineState};
 use crate::vstate::lifecycle::{monotonic_ns, ExitReason, Lifecycle};
@@ -139,7 +140,7 @@ struct Machine {
     memory: GuestRam,
     config: VmConfig,
     /// Per-VM files (a clone's disk copies), removed with the machine.
-    scratch: Mutex<Option<ScratchDir>>,
+    scratch: Mutex<Option<RunDir>>,
     /// The memory file of the last snapshot taken (or restored from), open: an incremental
     /// snapshot copies it and writes the pages dirtied since. Held open rather than by path, so
     /// that another snapshot written over that path later cannot change what it builds on.
@@ -183,26 +184,6 @@ struct Held<'a>(&'a Lifecycle);
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         self.0.release();
-    }
-}
-
-/// A private temporary directory, removed on drop.
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn new() -> Result<ScratchDir> {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("microcell-vm-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|source| Error::SnapshotIo { path: dir.clone(), source })?;
-        Ok(ScratchDir(dir))
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -537,9 +518,10 @@ impl Vm {
         let mut scratch = None;
         if options.block_devices.is_none() && config.block_devices.iter().any(|d| !d.read_only) {
             // Each clone writes to its own copy of the snapshot's writable disks.
-            let dir = ScratchDir::new()?;
+            // A run directory: swept with the sandbox's if this process dies before its Drop.
+            let dir = RunDir::create("clone").map_err(|source| Error::SnapshotIo { path: std::env::temp_dir(), source })?;
             for (i, disk) in config.block_devices.iter_mut().enumerate().filter(|(_, d)| !d.read_only) {
-                let copy = dir.0.join(format!("disk{i}.img"));
+                let copy = dir.path().join(format!("disk{i}.img"));
                 snapshot::disk::clone_file(&disk.path, &copy).map_err(|source| Error::SnapshotIo { path: copy.clone(), source })?;
                 disk.path = copy;
             }
