@@ -71,7 +71,16 @@ test('workload configuration errors are coded at build(): no execPath, a bad rli
   t.is(code(() => base().env(['NOEQUALS']).build()), 'E_CONFIG_ENV')
   t.is(code(() => MicroVm.builder().rootfs({ disk: '/no/such.ext4' }).execPath('/bin/sh').build()), 'E_CONFIG_PATH_NOT_FOUND')
   t.is(code(() => MicroVm.builder().rootfs({ disk: root }).execPath('/bin/sh').build()), 'E_CONFIG_PATH_KIND')
-  t.is(code(() => base().args(['a'.repeat(3000)]).build()), 'E_CONFIG_CMDLINE')
+  // With a root disk the spec goes over the control channel: long args are fine, up to 256 KiB.
+  t.deepEqual(base().args(['a'.repeat(3000)]).build().args, ['a'.repeat(3000)])
+  const over = t.throws(() => base().args(['a'.repeat(256 << 10)]).build(), { instanceOf: MicrocellError })
+  t.is(over.code, 'E_CONFIG_CMDLINE')
+  t.regex(over.message, /256 KiB the control channel/)
+  // Booted straight on the VMM (a kernel, no disk) it has no channel: the kernel command line's
+  // 1400 bytes apply, and the message says why.
+  const vmm = t.throws(() => MicroVm.builder().kernel(path.join(root, 'package.json')).execPath('/bin/sh').args(['a'.repeat(3000)]).build(), { instanceOf: MicrocellError })
+  t.is(vmm.code, 'E_CONFIG_CMDLINE')
+  t.regex(vmm.message, /kernel command line.*no control channel/)
 })
 
 test('setLogLevel: the most verbose level asked for wins, process-wide; bad names are coded', (t) => {

@@ -31,8 +31,15 @@ use crate::engine::{self, Engine, EngineSelection, RunningVm, VmExit};
 use crate::sandbox::snapshot::{io, refuse_volumes, SnapshotInfo, SnapshotMeta};
 use crate::sandbox::{Result, SandboxConfig, SandboxError};
 
-/// Longest `microcell.exec=` word: x86 Linux keeps 2047 bytes of command line, and the engine's
-/// own options (console, root, virtio-mmio devices) need the rest.
+/// Largest workload spec sent over the control channel (`StartWorkload`: its wire encoding, the
+/// frame's payload): well inside the 1 MiB frame cap, and about what `execve` takes for argv
+/// and env together anyway (each string at most 128 KiB), so no real workload meets it.
+pub const MAX_SPEC_BYTES: usize = 256 << 10;
+const _: () = assert!(MAX_SPEC_BYTES < protocol::MAX_PAYLOAD);
+/// Longest `microcell.exec=` word, for the one path that still puts the spec on the kernel
+/// command line: a MicroVm booted straight on the VMM (a kernel and `execPath`), which has no
+/// control channel. x86 Linux keeps 2047 bytes of command line, and the VMM's own options
+/// (console, virtio-mmio devices) need the rest.
 pub const MAX_SPEC_WORD: usize = 1400;
 /// How long the VM may take to end after the agent reported the status.
 const END_GRACE: Duration = Duration::from_secs(5);
@@ -136,14 +143,33 @@ pub fn spec_from_microvm_config(c: &MicroVmConfig) -> Result<Option<WorkloadSpec
     spec_from_parts(exec, &c.args, &c.env, c.workdir_path.as_deref(), &c.rlimits).map(Some)
 }
 
-/// Refuses a spec whose command-line word would not fit.
-pub fn check_spec(spec: &WorkloadSpec) -> Result<String> {
+/// Refuses a spec larger than a `StartWorkload` request carries ([`MAX_SPEC_BYTES`]).
+pub fn check_spec(spec: &WorkloadSpec) -> Result<()> {
+    let mut bytes = Vec::new();
+    protocol::wire::Wire::put(spec, &mut bytes);
+    if bytes.len() > MAX_SPEC_BYTES {
+        return Err(invalid(format!(
+            "workload: execPath, args, env and workdir take {} bytes, more than the {} KiB the control channel's StartWorkload request carries: \
+             shorten them, or put the command and its environment in a script on the root disk and run that",
+            bytes.len(),
+            MAX_SPEC_BYTES >> 10
+        )));
+    }
+    Ok(())
+}
+
+/// The `microcell.exec=` word of a spec, refused over [`MAX_SPEC_WORD`] bytes.
+pub fn cmdline_word(spec: &WorkloadSpec) -> Result<String> {
+    check_spec(spec)?;
     let word = spec.to_cmdline_word();
     if word.len() > MAX_SPEC_WORD {
         return Err(invalid(format!(
-            "workload: execPath, args, env and workdir take {} bytes on the kernel command line, more than the {MAX_SPEC_WORD} it has room for: \
-             shorten them, or put the command in a script on the root disk and run that",
-            word.len()
+            "workload: execPath, args, env and workdir take {} bytes as microcell.exec= on the kernel command line, more than the {MAX_SPEC_WORD} it has room for \
+             (a MicroVm booted on the VMM with a kernel and execPath has no control channel, so its workload goes there): \
+             shorten them, put the command in a script on the guest's disk and run that, or boot it with rootfs.disk on a sandbox engine, \
+             whose workload goes over the control channel (up to {} KiB)",
+            word.len(),
+            MAX_SPEC_BYTES >> 10
         )));
     }
     Ok(word)
@@ -153,7 +179,7 @@ pub fn check_spec(spec: &WorkloadSpec) -> Result<String> {
 /// VMM without a control channel (`MicroVmConfig::to_vm_config`), where nothing else can carry
 /// the spec; workload VMs on an engine get it over the channel.
 pub fn cmdline_with_spec(base: &str, spec: &WorkloadSpec) -> Result<String> {
-    Ok(with_word(base, &check_spec(spec)?))
+    Ok(with_word(base, &cmdline_word(spec)?))
 }
 
 /// `base` plus the `microcell.exec=` word.
@@ -283,6 +309,8 @@ impl Workload {
     /// follows, within the snapshot's boot timeout). `E_SNAPSHOT` for a directory that holds no
     /// workload snapshot.
     pub fn restore(dir: &Path, options: WorkloadRestoreOptions) -> Result<Workload> {
+        // The config's check, before anything is read or booted.
+        crate::sandbox::check_console_output(options.console_output.as_deref())?;
         let mut meta = SnapshotMeta::read(dir)?;
         if meta.workload.is_none() {
             return Err(SandboxError::Snapshot(format!(
@@ -586,8 +614,18 @@ mod tests {
         assert_eq!(spec_from_parts("", &[], &[], None, &[]).unwrap_err().code(), "E_INVALID_ARGUMENT");
         assert_eq!(spec_from_parts("/x", &[], &["NOEQUALS".into()], None, &[]).unwrap_err().code(), "E_INVALID_ARGUMENT");
         assert_eq!(spec_from_parts("/x", &[], &[], None, &["RLIMIT_BOGUS=1:1".into()]).unwrap_err().code(), "E_INVALID_ARGUMENT");
-        let e = spec_from_parts("/x", &["a".repeat(2000)], &[], None, &[]).unwrap_err();
-        assert!(e.to_string().contains("kernel command line"), "{e}");
+        // Over the channel a spec may be far longer than a command line holds (the env of a
+        // real program: a few KiB); past MAX_SPEC_BYTES it is refused, naming the channel.
+        let long = spec_from_parts("/x", &["a".repeat(2000)], &["K=".to_owned() + &"v".repeat(8000)], None, &[]).unwrap();
+        let e = cmdline_with_spec("console=ttyS0", &long).unwrap_err();
+        assert_eq!(e.code(), "E_INVALID_ARGUMENT");
+        assert!(e.to_string().contains("kernel command line") && e.to_string().contains("no control channel"), "{e}");
+        let max = spec_from_parts("/x", &["a".repeat(MAX_SPEC_BYTES - 64)], &[], None, &[]).unwrap();
+        assert!(cmdline_with_spec("", &max).is_err());
+        let e = spec_from_parts("/x", &["a".repeat(MAX_SPEC_BYTES)], &[], None, &[]).unwrap_err();
+        assert_eq!(e.code(), "E_INVALID_ARGUMENT");
+        assert!(e.to_string().contains("256 KiB the control channel"), "{e}");
+        assert!(!e.to_string().contains("kernel command line"), "{e}");
         let c = MicroVmConfig { exec_path: Some("/bin/echo".into()), args: vec!["hi there".into()], ..Default::default() };
         assert_eq!(spec_from_microvm_config(&c).unwrap().unwrap().argv, ["/bin/echo", "hi there"]);
         assert_eq!(spec_from_microvm_config(&MicroVmConfig::default()).unwrap(), None);

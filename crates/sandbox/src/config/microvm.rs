@@ -403,9 +403,13 @@ impl MicroVmConfig {
         for entry in &self.env {
             parsed.env.push(EnvPair::parse(entry)?);
         }
-        // The workload travels on the kernel command line: it must fit there.
-        if self.exec_path.is_some() {
-            crate::workload::spec_from_microvm_config(self).map_err(|e| ConfigError::Cmdline(e.to_string()))?;
+        // With rootfs.disk the workload boots on a sandbox engine and its spec goes over the
+        // control channel (MAX_SPEC_BYTES); booted straight on the VMM it has no channel and
+        // goes on the kernel command line (MAX_SPEC_WORD): each is checked against its own.
+        if let Some(spec) = crate::workload::spec_from_microvm_config(self).map_err(|e| ConfigError::Cmdline(e.to_string()))? {
+            if disk.is_none() {
+                crate::workload::cmdline_word(&spec).map_err(|e| ConfigError::Cmdline(e.to_string()))?;
+            }
         }
 
         if let Some(path) = &self.console_output {
@@ -949,6 +953,17 @@ mod tests {
         assert_eq!(code(&disk(f.path("missing"), Some("/bin/sh"))), "E_CONFIG_PATH_NOT_FOUND");
         let c = disk(f.path("kernel"), Some("/bin/sh"));
         assert_eq!(c.to_vm_config_with(&HOST).unwrap_err().code(), "E_CONFIG_MISSING");
+        // On a root disk the spec goes over the channel: 3000 bytes of args are fine there,
+        // not on the kernel command line of a VM booted on the VMM; past the channel's limit
+        // neither is.
+        let long = |rootfs, n: usize| MicroVmConfig { rootfs, exec_path: Some("/bin/sh".into()), args: vec!["x".repeat(n)], ..f.config() };
+        long(Some(Rootfs::Disk(f.path("kernel"))), 3000).validate_with(&HOST).unwrap();
+        let e = long(None, 3000).validate_with(&HOST).unwrap_err();
+        assert_eq!(e.code(), "E_CONFIG_CMDLINE");
+        assert!(e.to_string().contains("no control channel"), "{e}");
+        let e = long(Some(Rootfs::Disk(f.path("kernel"))), crate::workload::MAX_SPEC_BYTES).validate_with(&HOST).unwrap_err();
+        assert_eq!(e.code(), "E_CONFIG_CMDLINE");
+        assert!(e.to_string().contains("control channel's StartWorkload"), "{e}");
         let json = MicroVmConfig::from_json(&c.to_json()).unwrap();
         assert_eq!(json.rootfs.as_ref().and_then(Rootfs::disk), Some(f.path("kernel").as_path()));
         // Without a disk the kernel is still required.
