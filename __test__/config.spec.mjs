@@ -272,6 +272,21 @@ test('E_CONFIG_CONSOLE: consoleOutput takes only a regular file, never a device,
   t.notThrows(() => base().consoleOutput(kernel).build(), 'an existing regular file (it is truncated)')
 })
 
+// Restore options' consoleOutput goes through the config's check, before the snapshot is read
+// (before: E_SNAPSHOT for the empty directory, or a restore writing into /dev/full or a FIFO).
+test('E_CONFIG_CONSOLE: a restore\'s consoleOutput is checked like a config\'s', async (t) => {
+  const notSnapshot = tempDir()
+  const fifo = path.join(dir, 'restore-console.fifo')
+  execFileSync('mkfifo', [fifo])
+  for (const bad of ['/dev/full', fifo, A, '/proc/self/mem']) {
+    const err = await t.throwsAsync(Sandbox.fromSnapshot(notSnapshot, { consoleOutput: bad }), { instanceOf: MicrocellError }, bad)
+    t.is(err.code, 'E_CONFIG_CONSOLE', `${bad}: ${err.message}`)
+    t.true(err.message.includes('consoleOutput'), err.message)
+  }
+  const ok = await t.throwsAsync(Sandbox.fromSnapshot(notSnapshot, { consoleOutput: path.join(dir, 'restore.log') }), { instanceOf: MicrocellError })
+  t.is(ok.code, 'E_SNAPSHOT', 'a regular file passes the check; the directory is still no snapshot')
+})
+
 test('E_CONFIG_CONSOLE: a socket as consoleOutput is refused too', async (t) => {
   const sock = path.join(dir, 'console.sock')
   const server = net.createServer()

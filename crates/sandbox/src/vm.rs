@@ -148,6 +148,10 @@ impl MicroVm {
         shell: Option<VmShell>,
         options: &RestoreOptions,
     ) -> Result<MicroVm> {
+        // The config's check (E_CONFIG_CONSOLE), before File::create (which a FIFO would block).
+        if let Some(problem) = options.console_output.as_deref().and_then(crate::config::console_file_problem) {
+            return Err(crate::config::ConfigError::Console(problem).into());
+        }
         let console = ConsoleOptions {
             file: options.console_output.clone(),
             queue_capacity: options.console_stream.then(|| {

@@ -144,6 +144,15 @@ pub const MAX_METADATA_ENTRIES: usize = 64;
 const MAX_METADATA_KEY: usize = 64;
 const MAX_METADATA_VALUE: usize = 512;
 
+/// `E_CONFIG_CONSOLE` unless `path` (a config's or a restore's `consoleOutput`) can take the
+/// console: one check for every way a console file is named.
+pub(crate) fn check_console_output(path: Option<&Path>) -> Result<()> {
+    match path.and_then(crate::config::console_file_problem) {
+        Some(problem) => Err(SandboxError::config("E_CONFIG_CONSOLE", format!("consoleOutput: {problem}"))),
+        None => Ok(()),
+    }
+}
+
 fn validate_metadata(metadata: &BTreeMap<String, String>) -> Result<()> {
     let err = |m: String| SandboxError::config("E_CONFIG_METADATA", m);
     if metadata.len() > MAX_METADATA_ENTRIES {
@@ -478,9 +487,7 @@ impl SandboxConfig {
                 ));
             }
         }
-        if let Some(problem) = c.console_output.as_deref().and_then(crate::config::console_file_problem) {
-            return Err(SandboxError::config("E_CONFIG_CONSOLE", format!("consoleOutput: {problem}")));
-        }
+        check_console_output(c.console_output.as_deref())?;
         Ok(c)
     }
 

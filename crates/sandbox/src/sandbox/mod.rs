@@ -23,6 +23,7 @@ pub use config::{
     MAX_CPUS, MIN_BOOT_TIMEOUT_MS, MIN_MEMORY_MIB,
 };
 pub use error::{Result, SandboxError};
+pub(crate) use config::check_console_output;
 pub use snapshot::{snapshot_info, RestoreOptions as SandboxRestoreOptions, SnapshotInfo, SANDBOX_FILE};
 
 use crate::agent_client::{ready_from, AgentClient};

@@ -161,6 +161,8 @@ impl Sandbox {
     /// Starts a new sandbox from a snapshot directory; returns once its agent answers.
     pub fn restore(dir: &Path, options: RestoreOptions) -> Result<Sandbox> {
         let t0 = Instant::now();
+        // The config's check, before anything is read or booted.
+        super::config::check_console_output(options.console_output.as_deref())?;
         let mut meta = SnapshotMeta::read(dir)?;
         if meta.workload.is_some() {
             return Err(SandboxError::Snapshot(format!(
