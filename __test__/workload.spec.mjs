@@ -124,7 +124,9 @@ perTier(test, 'MicroVm workload', (tier, engine) => {
     const dir = tempDir()
     const file = path.join(dir, 'console.log')
     // Config strings are printable ASCII: the tab and the UTF-8 bytes come from printf's escapes.
-    const script = 'printf "<%s>\\n" "$@"; echo "A=$A"; echo "B=$B"; pwd; ulimit -n; printf "tab\\there \\303\\274\\n"'
+    // It runs in an exec cgroup of its own, as execs do (pids.max, cgroup.kill): its cgroup and
+    // that cgroup's pids.max come last.
+    const script = 'printf "<%s>\\n" "$@"; echo "A=$A"; echo "B=$B"; pwd; ulimit -n; printf "tab\\there \\303\\274\\n"; cg=$(cut -d: -f3 /proc/self/cgroup); echo "CG=$cg PIDS=$(cat /sys/fs/cgroup$cg/pids.max)"'
     const status = await builder()
       .execPath('/bin/sh')
       .args(['-c', script, 'argv0', 'two  spaces', `"double" and 'single'`, '$NOT_EXPANDED', ''])
@@ -148,6 +150,7 @@ perTier(test, 'MicroVm workload', (tier, engine) => {
       '',
     ].join('\n')
     t.true(lines.includes(expected), lines.slice(-3000))
+    t.regex(lines, /^CG=\/microcell-exec\/\d+ PIDS=\d+$/m, lines.slice(-3000))
   })
 
   test(`${tier}: a workload killed by a signal reports it`, async (t) => {

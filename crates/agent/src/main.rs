@@ -163,7 +163,7 @@ fn run(args: &Args, start_ns: u64) -> io::Result<()> {
     // only for a VM without a channel.
     let spec = args.exec_spec.clone().or_else(|| cmdline.get(protocol::workload::CMDLINE_KEY).map(str::to_owned));
     if let Some(v) = spec {
-        session.workload = Some(workload::Workload::start_from_cmdline(&v, session.console_is_channel));
+        session.start_workload_from_cmdline(&v);
     }
     let (chan, discovery) = match &args.channel {
         ChannelArg::Discover => (None, Some(Discovery::start(cmdline)?)),

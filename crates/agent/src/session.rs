@@ -71,6 +71,11 @@ impl Session {
         }
     }
 
+    /// A workload from the kernel command line (a VM without a control channel) or `--exec-spec`.
+    pub fn start_workload_from_cmdline(&mut self, value: &str) {
+        self.workload = Some(Workload::start_from_cmdline(value, self.console_is_channel, &mut self.cgroups));
+    }
+
     /// The host went away: the next one starts with a new handshake, and what the old one
     /// started is ended (its processes killed, its streams dropped).
     pub fn reset(&mut self) {
@@ -225,7 +230,7 @@ impl Session {
                 out.final_msg(id, code_error(ErrorCode::BAD_STATE, "StartWorkload: this VM's workload was started already"))
             }
             Message::StartWorkload(spec) => {
-                self.workload = Some(Workload::start(&spec, self.console_is_channel));
+                self.workload = Some(Workload::start(&spec, self.console_is_channel, &mut self.cgroups));
                 out.final_msg(id, Message::Ok(()));
             }
             Message::SignalWorkload(s) => {

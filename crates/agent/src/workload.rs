@@ -3,7 +3,9 @@
 //! command line would show in the host's `/proc/<pid>/cmdline` of QEMU and in the guest's
 //! `/proc/cmdline`). A VM without a control channel can still carry it as `microcell.exec=<spec>`
 //! on the command line (`--exec-spec` in test mode). It runs with the console as stdout/stderr,
-//! in a session of its own; when it ends the agent prints the status line
+//! in a session of its own and (as PID 1) in an exec cgroup of its own, as every exec
+//! ([`crate::cgroup`]: `pids.max`, one cpu entity with the execs against the agent, and a
+//! SIGKILL from the host reaches what left its process group through `cgroup.kill`); when it ends the agent prints the status line
 //! (`protocol::workload::status_line`) on the console, answers the host's `WaitWorkload`
 //! (if a host asked) and ends the VM: at once after the answer went out, after
 //! [`REPORT_GRACE`] when no host asked, at once when there is no control channel.
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 use protocol::workload::{self, WorkloadSpec};
 use protocol::{ErrorCode, ErrorMsg, Message, WorkloadExit};
 
+use crate::cgroup::{Cgroup, Cgroups};
 use crate::exec::{launch, Launch, StdioMode};
 use crate::outq::OutQueue;
 use crate::sys;
@@ -28,14 +31,16 @@ pub struct Workload {
     waiters: Vec<u32>,
     answered: bool,
     ended_at: Option<Instant>,
+    /// Its cgroup (PID 1 with cgroup2); it goes with the VM.
+    cgroup: Option<Cgroup>,
 }
 
 impl Workload {
     /// Decodes a `microcell.exec=` value and starts the workload; a bad spec is a result at
     /// once (reported like an exit).
-    pub fn start_from_cmdline(value: &str, console_is_channel: bool) -> Workload {
+    pub fn start_from_cmdline(value: &str, console_is_channel: bool, cgroups: &mut Cgroups) -> Workload {
         match WorkloadSpec::from_cmdline_value(value) {
-            Ok(spec) => Workload::start(&spec, console_is_channel),
+            Ok(spec) => Workload::start(&spec, console_is_channel, cgroups),
             Err(message) => {
                 let mut w = Workload::new();
                 w.finish(WorkloadExit {
@@ -50,12 +55,12 @@ impl Workload {
     }
 
     fn new() -> Workload {
-        Workload { pid: None, started: Instant::now(), result: None, waiters: Vec::new(), answered: false, ended_at: None }
+        Workload { pid: None, started: Instant::now(), result: None, waiters: Vec::new(), answered: false, ended_at: None, cgroup: None }
     }
 
-    /// Starts the workload; a program that cannot start is a result at once (reported like an
-    /// exit).
-    pub fn start(spec: &WorkloadSpec, console_is_channel: bool) -> Workload {
+    /// Starts the workload (in a cgroup of its own where there are cgroups); a program that
+    /// cannot start is a result at once (reported like an exit).
+    pub fn start(spec: &WorkloadSpec, console_is_channel: bool, cgroups: &mut Cgroups) -> Workload {
         let mut w = Workload::new();
         if spec.argv.first().is_none_or(|p| p.is_empty()) {
             w.finish(WorkloadExit {
@@ -77,9 +82,24 @@ impl Workload {
             gid: None,
             rlimits: &spec.rlimits,
         };
-        match launch(&l, StdioMode::Console { stdout_to_stderr: console_is_channel }, None) {
-            Ok(child) => w.pid = Some(child.pid),
-            Err(e) => w.finish(WorkloadExit { code: None, signal: None, duration_ns: 0, error: Some(e) }),
+        let mut cgroup = cgroups.create().unwrap_or_else(|e| {
+            log!("workload: {e}; it runs without a cgroup of its own");
+            None
+        });
+        match launch(&l, StdioMode::Console { stdout_to_stderr: console_is_channel }, cgroup.as_ref()) {
+            Ok(child) => {
+                w.pid = Some(child.pid);
+                if let Some(cg) = &mut cgroup {
+                    cg.spawned();
+                }
+                w.cgroup = cgroup;
+            }
+            Err(e) => {
+                if let Some(cg) = &cgroup {
+                    cg.remove();
+                }
+                w.finish(WorkloadExit { code: None, signal: None, duration_ns: 0, error: Some(e) })
+            }
         }
         w
     }
@@ -110,6 +130,13 @@ impl Workload {
             return Err(format!("signal {sig}: give a signal number from 1 to 64"));
         }
         log!("workload: signal {sig} from the host");
+        // A group SIGKILL (the host's kill) ends everything it started, also what called setsid
+        // or outran kill(-pgid) in a fork loop: the cgroup's members die atomically.
+        if let (libc::SIGKILL, true, Some(cg)) = (sig, group, &self.cgroup) {
+            if let Err(e) = cg.kill() {
+                log!("workload: {e}");
+            }
+        }
         sys::kill(if group { -pid } else { pid }, sig).map_err(|e| format!("signal {sig}: {e}"))
     }
 
