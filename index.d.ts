@@ -42,6 +42,8 @@ export type {
   WriteFileOptions,
   WatchChange,
   GuestImages,
+  GuestImageSource,
+  GuestPackageInfo,
   WorkloadError,
   WorkloadStatus,
   SnapshotOptions,

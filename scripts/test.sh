@@ -4,6 +4,9 @@
 #   ava (npm test)           T0 config/host tests; T1 boots through the Node API;
 #                            T2 the guest platform through Sandbox on engine qemu; T3 the same
 #                            on engine kvm
+#   install test             __test__/install/install.test.mjs (node --test): packs every package
+#                            (scripts/pack.mjs), npm installs the tarballs into an empty directory
+#                            with an empty HOME and uses microcell from there as a user would
 #   scripts/fuzz.sh          the fuzz targets (fuzz/), MICROCELL_FUZZ_SECONDS (60) each, from the
 #                            corpus in the repo: each target counts as a test
 #   scripts/nested/run-t3.sh T3 inside a nested VM (QEMU-TCG with SVM), where this host's KVM
@@ -53,6 +56,10 @@ printf '\n==> %s\n' "ava (npm test) ${ava_env[*]}"
 ava_status=0
 env "${ava_env[@]}" npm test --silent </dev/null 2>&1 | tee "$log_dir/ava.log" || ava_status=$?
 
+printf '\n==> %s\n' "install like a user (__test__/install/install.test.mjs: pack, npm install into an empty HOME)"
+install_status=0
+node --test --test-reporter=tap __test__/install/install.test.mjs </dev/null 2>&1 | tee "$log_dir/install.log" || install_status=$?
+
 nested_status=0
 : >"$log_dir/nested.log"
 if [ "$nested" = 1 ]; then
@@ -63,16 +70,25 @@ fi
 # Count: cargo's "test result: ok. P passed; F failed; I ignored" lines, and ava's closing
 # "N tests passed / N tests failed / N tests skipped" (a single test says "1 test passed").
 # A runner that exits non-zero without a counted failure (a build error) counts as one failure.
-node - "$log_dir" "$cargo_status" "$ava_status" "$nested" "$nested_status" <<'JS' || status=1
+node - "$log_dir" "$cargo_status" "$ava_status" "$nested" "$nested_status" "$install_status" <<'JS' || status=1
 const fs = require('node:fs')
-const [dir, cargoStatus, avaStatus, nested, nestedStatus] = process.argv.slice(2).map((x, i) => (i === 0 ? x : Number(x)))
+const [dir, cargoStatus, avaStatus, nested, nestedStatus, installStatus] = process.argv.slice(2).map((x, i) => (i === 0 ? x : Number(x)))
 const read = (f) => fs.readFileSync(`${dir}/${f}`, 'utf8').replace(/\x1b\[[0-9;]*m/g, '')
 let passed = 0, failed = 0, skipped = 0
 // One runner's log: cargo's "test result: ok. P passed; F failed; I ignored" lines and ava's
 // closing "N tests passed / failed / skipped" lines; a non-zero exit without a counted failure
 // (a build error, a VM that did not come up) counts as one failure.
-function count(name, log, status, { ava }) {
+function count(name, log, status, { ava, tap = false }) {
   let f = 0
+  // node --test's TAP summary: "# pass N", "# fail N", "# skipped N" (cancelled ones failed).
+  if (tap) {
+    const n = (what) => [...log.matchAll(new RegExp(`^# ${what} (\\d+)$`, 'gm'))].reduce((k, m) => k + +m[1], 0)
+    passed += n('pass'); f += n('fail') + n('cancelled'); skipped += n('skipped')
+    if (!/^# pass \d+$/m.test(log)) { console.error(`test.sh: ${name}: cannot find the test runner's summary`); f += 1 }
+    if (status !== 0 && f === 0) { console.error(`test.sh: ${name} exited ${status} without a failed test`); f += 1 }
+    failed += f
+    return
+  }
   for (const m of log.matchAll(/test result: \w+\. (\d+) passed; (\d+) failed; (\d+) ignored/g)) {
     passed += +m[1]; f += +m[2]; skipped += +m[3]
   }
@@ -85,6 +101,7 @@ function count(name, log, status, { ava }) {
 }
 count('cargo test', read('cargo.log'), cargoStatus, { ava: false })
 count('ava', read('ava.log'), avaStatus, { ava: true })
+count('the install test', read('install.log'), installStatus, { ava: false, tap: true })
 if (nested) count('the nested T3 tier', read('nested.log'), nestedStatus, { ava: true })
 console.log(`\nsummary: ${passed} passed, ${failed} failed, ${skipped} skipped`)
 process.exit(failed > 0 ? 1 : 0)

@@ -45,7 +45,7 @@ export type ConfigErrorCode = (typeof CONFIG_ERROR_CODES)[number]
  * (`E_CONFIG_JSON`, `E_CONFIG_NAME`, `E_CONFIG_MEMORY`, `E_CONFIG_VCPUS`, `E_CONFIG_ENV`,
  * `E_CONFIG_GUEST_PATH`, `E_CONFIG_TIMEOUT`, `E_CONFIG_CMDLINE`, `E_CONFIG_CONSOLE`, `E_CONFIG_NETWORK`, `E_CONFIG_VOLUME`, `E_CONFIG_METADATA`, also thrown by
  * `build()`):
- * - `E_GUEST_IMAGE_MISSING`: the guest kernel or root disk is not there (run `scripts/setup.sh`);
+ * - `E_GUEST_IMAGE_MISSING`: the guest kernel or root disk is not there (`npm install microcell-guest-linux-x64`; in a clone `scripts/setup.sh`), or the installed guest package cannot be unpacked;
  * - `E_QEMU_NOT_FOUND`: the QEMU engine was chosen and `qemu-system-x86_64` is not installed;
  * - `E_NO_KVM`: engine `kvm` without a usable `/dev/kvm`;
  * - `E_ENGINE_UNAVAILABLE`: engine `kvm` on a host whose KVM cannot boot Linux (see `hostInfo()`);

@@ -18,7 +18,7 @@
 export { MicroVm, MicroVmBuilder } from './microvm.js'
 export type { BuiltMicroVmConfig, RunOptions, StopOptions } from './microvm.js'
 export { defaultGuest, guestImages } from './guest.js'
-export type { GuestImages } from './guest.js'
+export type { GuestImages, GuestImageSource, GuestPackageInfo } from './guest.js'
 export { ExecProcess, ExecResult } from './exec.js'
 export type { ExecEvent, ExecExit, ExecOptions } from './exec.js'
 export { FsWatcher, SandboxFs } from './fs.js'

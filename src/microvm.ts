@@ -15,6 +15,7 @@ import type {
   WorkloadStatus,
 } from './config.js'
 import { MicrocellError } from './errors.js'
+import { prepareGuest } from './guest.js'
 import { configTypeError, stringList, stringRecord } from './internal/check.js'
 import { consoleDelivered, consoleReadable } from './internal/console.js'
 import * as native from './internal/native.js'
@@ -391,6 +392,7 @@ export class MicroVm implements AsyncDisposable {
         }
         workloadOptions.bootTimeoutMs = t
       }
+      prepareGuest({ kernel: validated.kernel, rootfs: rootfs.disk })
       const startNs = process.hrtime.bigint()
       const handle = await native.startWorkload(JSON.stringify(validated), workloadOptions)
       const vm = new WorkloadVm(handle, startNs, process.hrtime.bigint())

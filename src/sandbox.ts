@@ -5,6 +5,7 @@ import { MicrocellError } from './errors.js'
 import { configTypeError, plainObject, string, stringList, stringRecord } from './internal/check.js'
 import { ExecProcess, ExecResult, execRequest, exitFromNative, feedStdin, splitArgs, type ExecOptions } from './exec.js'
 import { SandboxFs } from './fs.js'
+import { prepareGuest } from './guest.js'
 import { consoleDelivered, consoleReadable } from './internal/console.js'
 import * as native from './internal/native.js'
 import { checkInterval, metricsScript, parseMetrics, type MetricsOptions, type SandboxMetrics } from './metrics.js'
@@ -400,7 +401,9 @@ export class Sandbox implements AsyncDisposable {
    * ... The VM is gone when it rejects.
    */
   static async create(config: SandboxConfigInput = {}): Promise<Sandbox> {
-    const handle = await native.createSandbox(toJson(config))
+    const json = toJson(config)
+    prepareGuest(typeof config === 'object' && config !== null ? config : {})
+    const handle = await native.createSandbox(json)
     return new Sandbox(handle)
   }
 

@@ -21,7 +21,7 @@ export function infoCommand(json: boolean): number {
     `engine auto:  ${host.autoEngine} (${host.autoEngineReason})`,
     `guest kernel: ${images.kernel}`,
     `guest rootfs: ${images.rootfs}`,
-    `guest images: ${images.present ? 'present' : 'missing: run ./scripts/setup.sh'}`,
+    `guest images: ${images.present ? 'present' : images.package !== null ? `in ${images.package.name}@${images.package.version}, unpacked on first use` : 'missing: npm install microcell-guest-linux-x64 (in a clone: ./scripts/setup.sh)'}`,
   ]
   if (host.hostMemoryMib !== undefined) lines.splice(1, 0, `host memory:  ${host.hostMemoryMib} MiB`)
   process.stdout.write(`${lines.join('\n')}\n`)

@@ -5,10 +5,11 @@
  *   microcell run [options] -- CMD [ARGS...]   boot a sandbox, run CMD, stream its output, exit with its status
  *   microcell exec [options] SCRIPT            the same with `/bin/sh -c SCRIPT`
  *   microcell info [--json]                    this host's KVM, the engines, the guest images
+ *   microcell doctor [--json]                  can a sandbox start here; what to install if not
  *
  * Exit status: the command's exit code (128 + signal number when a signal ended it, e.g. 137 for
  * SIGKILL after --timeout); 126 / 127 when it cannot run / does not exist; 1 when the sandbox
- * could not be made or ended under it; 2 for a usage error.
+ * could not be made or ended under it; 2 for a usage error. `doctor`: 0 when a sandbox can start, else 1.
  */
 import fs from 'node:fs'
 import path from 'node:path'
@@ -16,6 +17,7 @@ import path from 'node:path'
 import { UsageError, optionsHelp, parse, type OptionSpec } from './args.js'
 import { runCommand, RUN_OPTIONS } from './run.js'
 import { infoCommand } from './info.js'
+import { doctorCommand } from './doctor.js'
 
 function version(): string {
   try {
@@ -34,6 +36,7 @@ Usage:
   microcell run [options] -- CMD [ARGS...]   boot a sandbox, run CMD in it (streaming its output), stop it
   microcell exec [options] SCRIPT            the same with /bin/sh -c SCRIPT (words after SCRIPT are joined with spaces)
   microcell info [--json]                    this host's KVM, which engine 'auto' picks and why, the guest images
+  microcell doctor [--json]                  whether a sandbox can start here (exit 0) or not (exit 1), and what to install
   microcell COMMAND --help                   the options of a command
   microcell --version
 
@@ -78,6 +81,20 @@ ${optionsHelp(INFO_OPTIONS)}
 `
 }
 
+function doctorHelp(): string {
+  return `Usage: microcell doctor [--json]
+
+Says whether a default sandbox can start on this host: which engine 'auto' would run and why,
+where the guest kernel and root disk were found (lookup order: the kernel/rootfs option,
+MICROCELL_KERNEL / MICROCELL_ROOTFS, the installed microcell-guest-linux-x64 package, the cache
+./scripts/setup.sh builds), and for whatever is missing what to install. Exits 0 when a sandbox
+can start, 1 when it cannot.
+
+Options:
+${optionsHelp(INFO_OPTIONS)}
+`
+}
+
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv
   if (command === undefined || command === '--help' || command === '-h' || command === 'help') {
@@ -108,12 +125,21 @@ async function main(argv: string[]): Promise<number> {
         if (p.rest.length > 0) throw new UsageError(`info takes no arguments (got ${JSON.stringify(p.rest[0])})`)
         return infoCommand(p.options.get('json') === true)
       }
+      case 'doctor': {
+        const p = parse(rest, INFO_OPTIONS)
+        if (p.options.get('help') === true) {
+          process.stdout.write(doctorHelp())
+          return 0
+        }
+        if (p.rest.length > 0) throw new UsageError(`doctor takes no arguments (got ${JSON.stringify(p.rest[0])})`)
+        return doctorCommand(p.options.get('json') === true)
+      }
       default:
         throw new UsageError(`unknown command ${JSON.stringify(command)}`)
     }
   } catch (err) {
     if (err instanceof UsageError) {
-      const known = command === 'run' || command === 'exec' || command === 'info'
+      const known = command === 'run' || command === 'exec' || command === 'info' || command === 'doctor'
       process.stderr.write(`microcell${known ? ` ${command}` : ''}: ${err.message}\nTry 'microcell ${known ? `${command} ` : ''}--help'.\n`)
       return 2
     }

@@ -271,7 +271,7 @@ function failed(pl: Plan, err: unknown, sb?: Sandbox): number {
     process.stderr.write(`microcell: ${pl.argv[0]}: ${start === 127 ? 'not found' : 'cannot run'} in the guest (${e.code}: ${e.message})\n`)
   } else {
     process.stderr.write(`microcell: ${e.code ?? 'error'}: ${e.message}\n`)
-    if (e.code === 'E_GUEST_IMAGE_MISSING') process.stderr.write('microcell: build the guest images with ./scripts/setup.sh first\n')
+    if (e.code === 'E_GUEST_IMAGE_MISSING') process.stderr.write('microcell: install the guest images with npm install microcell-guest-linux-x64 (in a clone: ./scripts/setup.sh); microcell doctor says what else is missing\n')
     if (sb !== undefined && e.code === 'E_CHANNEL_CLOSED') process.stderr.write(`microcell: the sandbox ended: ${JSON.stringify(sb.exitStatus)}\n`)
   }
   return status

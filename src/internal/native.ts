@@ -595,7 +595,18 @@ export function setLogLevel(level: string): string {
   return call(() => binding().setLogLevel(level))
 }
 
-/** Where the default guest images are looked for. */
-export function guestImages(): { kernel: string; rootfs: string; cacheDir: string } {
+/** Where the default guest images are looked for, and where each comes from. */
+export function guestImages(): {
+  kernel: string
+  rootfs: string
+  cacheDir: string
+  kernelSource: string
+  rootfsSource: string
+} {
   return call(() => binding().guestImages())
+}
+
+/** Registers the unpacked images of the installed guest package (both null: forgets them). */
+export function setPackagedGuest(kernel: string | null, rootfs: string | null): void {
+  call(() => binding().setPackagedGuest(kernel ?? undefined, rootfs ?? undefined))
 }

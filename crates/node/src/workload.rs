@@ -435,22 +435,43 @@ impl Drop for NativeWorkload {
 }
 
 /// The default guest images: where the kernel and root disk of the guest platform are looked
-/// for (`MICROCELL_KERNEL` / `MICROCELL_ROOTFS`, else `<cache>/kernel-current/vmlinux` and
+/// for (`MICROCELL_KERNEL` / `MICROCELL_ROOTFS`, else the installed guest package's once
+/// registered with `setPackagedGuest`, else `<cache>/kernel-current/vmlinux` and
 /// `<cache>/rootfs-current/rootfs.ext4`; `<cache>`: `MICROCELL_CACHE`, else
-/// `~/.cache/microcell`), whether or not they exist.
+/// `~/.cache/microcell`), whether or not they exist, and where each comes from (`env`,
+/// `package`, `cache`).
 #[napi(object)]
 pub struct GuestImagePaths {
     pub kernel: String,
     pub rootfs: String,
     pub cache_dir: String,
+    pub kernel_source: String,
+    pub rootfs_source: String,
 }
 
 #[napi]
 pub fn guest_images() -> GuestImagePaths {
     let s = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
+    let (kernel, kernel_source) = sandbox::sandbox::default_kernel_source();
+    let (rootfs, rootfs_source) = sandbox::sandbox::default_rootfs_source();
     GuestImagePaths {
-        kernel: s(sandbox::sandbox::default_kernel()),
-        rootfs: s(sandbox::sandbox::default_rootfs()),
+        kernel: s(kernel),
+        rootfs: s(rootfs),
         cache_dir: s(sandbox::sandbox::guest_cache_dir()),
+        kernel_source: kernel_source.into(),
+        rootfs_source: rootfs_source.into(),
     }
+}
+
+/// Registers the unpacked images of the installed guest package (`src/guest.ts` unpacks it) as
+/// the defaults after the environment; both `null` forgets them.
+#[napi]
+pub fn set_packaged_guest(kernel: Option<String>, rootfs: Option<String>) -> Result<()> {
+    let images = match (kernel, rootfs) {
+        (Some(kernel), Some(rootfs)) => Some(sandbox::sandbox::GuestImages { kernel: kernel.into(), rootfs: rootfs.into() }),
+        (None, None) => None,
+        _ => return Err(coded("E_INVALID_ARGUMENT", "setPackagedGuest takes both paths or neither")),
+    };
+    sandbox::sandbox::set_packaged_guest(images);
+    Ok(())
 }

@@ -321,20 +321,52 @@ pub fn guest_cache_dir() -> PathBuf {
     PathBuf::from(home).join(".cache/microcell")
 }
 
-/// The default kernel: `MICROCELL_KERNEL`, else `<cache>/kernel-current/vmlinux`.
-pub fn default_kernel() -> PathBuf {
-    std::env::var_os("MICROCELL_KERNEL")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| guest_cache_dir().join("kernel-current/vmlinux"))
+/// The npm package that ships the default guest images (the Node layer unpacks it into the
+/// cache and registers the result with [`set_packaged_guest`]).
+pub const GUEST_PACKAGE: &str = "microcell-guest-linux-x64";
+
+/// The images of an installed guest package, once the Node layer has unpacked them.
+static PACKAGED_GUEST: std::sync::RwLock<Option<GuestImages>> = std::sync::RwLock::new(None);
+
+/// Registers (or, with `None`, forgets) the images of the installed guest package: the
+/// defaults after the environment and before the cache `scripts/setup.sh` builds.
+pub fn set_packaged_guest(images: Option<GuestImages>) {
+    // A poisoned lock only means a panic elsewhere while holding it; the value is still whole.
+    *PACKAGED_GUEST.write().unwrap_or_else(|e| e.into_inner()) = images;
 }
 
-/// The default root disk: `MICROCELL_ROOTFS`, else `<cache>/rootfs-current/rootfs.ext4`.
+/// Where a default image comes from: `env` (MICROCELL_KERNEL / MICROCELL_ROOTFS), `package`
+/// (the installed guest package) or `cache` (what `scripts/setup.sh` built).
+fn default_image(var: &str, packaged: fn(&GuestImages) -> &PathBuf, built: &str) -> (PathBuf, &'static str) {
+    if let Some(p) = std::env::var_os(var).filter(|p| !p.is_empty()) {
+        return (PathBuf::from(p), "env");
+    }
+    if let Some(g) = PACKAGED_GUEST.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        return (packaged(g).clone(), "package");
+    }
+    (guest_cache_dir().join(built), "cache")
+}
+
+/// The default kernel and where it comes from: `MICROCELL_KERNEL`, else the installed guest
+/// package's, else `<cache>/kernel-current/vmlinux`.
+pub fn default_kernel_source() -> (PathBuf, &'static str) {
+    default_image("MICROCELL_KERNEL", |g| &g.kernel, "kernel-current/vmlinux")
+}
+
+/// The default root disk and where it comes from: `MICROCELL_ROOTFS`, else the installed guest
+/// package's, else `<cache>/rootfs-current/rootfs.ext4`.
+pub fn default_rootfs_source() -> (PathBuf, &'static str) {
+    default_image("MICROCELL_ROOTFS", |g| &g.rootfs, "rootfs-current/rootfs.ext4")
+}
+
+/// The default kernel (see [`default_kernel_source`]).
+pub fn default_kernel() -> PathBuf {
+    default_kernel_source().0
+}
+
+/// The default root disk (see [`default_rootfs_source`]).
 pub fn default_rootfs() -> PathBuf {
-    std::env::var_os("MICROCELL_ROOTFS")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| guest_cache_dir().join("rootfs-current/rootfs.ext4"))
+    default_rootfs_source().0
 }
 
 impl SandboxConfig {
@@ -593,10 +625,10 @@ fn check_image(
     script: &str,
 ) -> Result<PathBuf> {
     let (path, hint) = match given {
-        Some(p) => (p, format!("fix the {what} path, or leave it out to use the one scripts/setup.sh builds")),
+        Some(p) => (p, format!("fix the {what} path, or leave it out for the default (the installed {GUEST_PACKAGE} package's, or the one scripts/setup.sh builds)")),
         None => (
             default,
-            format!("the guest images are not built yet: run scripts/setup.sh (or {script}), which puts them in {}", guest_cache_dir().display()),
+            format!("the guest images are not installed: npm install {GUEST_PACKAGE} (the guest kernel and root disk; microcell unpacks them into {} on first use), set MICROCELL_KERNEL / MICROCELL_ROOTFS, or in a clone build them with scripts/setup.sh (or {script})", guest_cache_dir().display()),
         ),
     };
     if is_file(&path) {
@@ -772,6 +804,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.code(), "E_GUEST_IMAGE_MISSING");
         assert!(e.to_string().contains("scripts/setup.sh"), "{e}");
+        assert!(e.to_string().contains("npm install microcell-guest-linux-x64"), "{e}");
         // A directory is not an image.
         let e = check_image("kernel", Some(dir.path().into()), PathBuf::new(), "x").unwrap_err();
         assert_eq!(e.code(), "E_GUEST_IMAGE_MISSING");

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 pub use config::{
-    default_kernel, default_rootfs, guest_cache_dir, validate_sandbox_config_json, GuestImages, NetworkConfig, NetworkUpdate, Volume,
+    default_kernel, default_kernel_source, default_rootfs, default_rootfs_source, guest_cache_dir, set_packaged_guest, validate_sandbox_config_json, GUEST_PACKAGE, GuestImages, NetworkConfig, NetworkUpdate, Volume,
     SandboxConfig, DEFAULT_BOOT_TIMEOUT_MS, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, MAX_BOOT_TIMEOUT_MS,
     MAX_CPUS, MIN_BOOT_TIMEOUT_MS, MIN_MEMORY_MIB,
 };
