@@ -293,6 +293,13 @@ perTier(test, 'files', (tier, engine) => {
     const err = await rejectsWith(t, sb.fs.copyToHost('/tmp/rand2m', over, { maxBytes: 1 << 20 }), 'E_OUTPUT_LIMIT')
     t.regex(err.message, /maxBytes/)
     t.false(fs.existsSync(over), 'a partial file was left')
+    // 8 MiB, more than the 4 MiB window: the agent still had the file open when the host gave up
+    // at 1 MiB; the host's Cancel closes it there (it stayed open until the channel closed).
+    const agentFds = async () => Number((await sb.shell('ls /proc/1/fd | wc -l')).stdoutText())
+    await sb.shell('head -c 8388608 /dev/urandom > /tmp/rand8m')
+    const fdsBefore = await agentFds()
+    await rejectsWith(t, sb.fs.copyToHost('/tmp/rand8m', path.join(dir, 'rand8m'), { maxBytes: 1 << 20 }), 'E_OUTPUT_LIMIT')
+    t.is(await agentFds(), fdsBefore, 'the abandoned copy left a descriptor open in the agent')
     // setuid/setgid dropped by default, kept on request.
     await sb.shell('printf x > /tmp/suid && chmod 6755 /tmp/suid')
     await sb.fs.copyToHost('/tmp/suid', path.join(dir, 'suid'))
@@ -300,7 +307,7 @@ perTier(test, 'files', (tier, engine) => {
     await sb.fs.copyToHost('/tmp/suid', path.join(dir, 'suid-kept'), { keepSetuid: true })
     t.is(fs.statSync(path.join(dir, 'suid-kept')).mode & 0o7777, 0o6755)
     t.log(`sparse 64 MiB copyToHost: ${ms.toFixed(0)} ms, ${st.blocks / 2} KiB allocated on the host`)
-    await sb.shell('rm -f /tmp/sparse /tmp/rand2m /tmp/suid')
+    await sb.shell('rm -f /tmp/sparse /tmp/rand2m /tmp/rand8m /tmp/suid')
   })
 
   test.serial(`${tier}: a read pending when the VM is killed fails with E_CHANNEL_CLOSED, not E_PROTOCOL`, async (t) => {
