@@ -786,6 +786,24 @@ mod tests {
     }
 
     #[test]
+    fn packaged_guest_comes_after_the_environment_and_before_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = GuestImages { kernel: dir.path().join("vmlinux"), rootfs: dir.path().join("rootfs.ext4") };
+        set_packaged_guest(Some(g.clone()));
+        let env_set = |v: &str| std::env::var_os(v).is_some_and(|p| !p.is_empty());
+        let (kernel, ks) = default_kernel_source();
+        let (rootfs, rs) = default_rootfs_source();
+        set_packaged_guest(None);
+        if env_set("MICROCELL_KERNEL") { assert_eq!(ks, "env") } else { assert_eq!((kernel, ks), (g.kernel, "package")) }
+        if env_set("MICROCELL_ROOTFS") { assert_eq!(rs, "env") } else { assert_eq!((rootfs, rs), (g.rootfs, "package")) }
+        // Forgotten: back to the environment or the cache scripts/setup.sh fills.
+        assert_ne!(default_kernel_source().1, "package");
+        if !env_set("MICROCELL_ROOTFS") {
+            assert_eq!(default_rootfs_source(), (guest_cache_dir().join("rootfs-current/rootfs.ext4"), "cache"));
+        }
+    }
+
+    #[test]
     fn missing_images_say_what_to_run() {
         let c = SandboxConfig {
             kernel: Some("/nonexistent/vmlinux".into()),
