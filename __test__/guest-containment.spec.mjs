@@ -80,11 +80,12 @@ test('the host scan finds a secret encoded in a command line at each alignment',
   for (let pad = 0; pad < 3; pad++) {
     const secret = `S${crypto.randomBytes(24).toString('hex')}`
     const blob = Buffer.concat([crypto.randomBytes(pad + 5), Buffer.from(secret), crypto.randomBytes(4)]).toString('base64url')
-    const child = spawn('sleep', ['30', `microcell.exec=${blob}`], { stdio: 'ignore' })
+    // A process that keeps its extra argument (sleep would refuse it and exit at once).
+    const child = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 30000)', `microcell.exec=${blob}`], { stdio: 'ignore' })
     try {
       await new Promise((r) => child.once('spawn', r))
-      // (until the exec, the child's command line is still node's)
-      while (!fs.readFileSync(`/proc/${child.pid}/cmdline`, 'latin1').startsWith('sleep')) await new Promise((r) => setTimeout(r, 10))
+      // (until the exec, the child's command line is still this process's)
+      while (!fs.readFileSync(`/proc/${child.pid}/cmdline`, 'latin1').includes('microcell.exec=')) await new Promise((r) => setTimeout(r, 10))
       t.is(hostLeaks(secret).length, 1, `pad ${pad}`)
     } finally {
       child.kill('SIGKILL')

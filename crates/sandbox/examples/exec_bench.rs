@@ -158,7 +158,7 @@ fn main() {
     c.copy_from_host(&host_src, &format!("{}/copied.bin", dir.path().display())).unwrap();
     let ci = mbps(bytes, t.elapsed());
     let t = Instant::now();
-    c.copy_to_host(&format!("{}/copied.bin", dir.path().display()), &dir.path().join("back.bin")).unwrap();
+    c.copy_to_host(&format!("{}/copied.bin", dir.path().display()), &dir.path().join("back.bin"), Default::default()).unwrap();
     let co = mbps(bytes, t.elapsed());
     println!("socketpair: copy_from_host {ci:.0} MB/s, copy_to_host {co:.0} MB/s (tree stream, file to file)");
     json.insert("socketpair_copy_in_mbps".into(), ci.into());
@@ -198,7 +198,7 @@ fn main() {
         sb.copy_from_host(&src, "/tmp/in.bin").unwrap();
         let ci = mbps(mib << 20, t.elapsed());
         let t = Instant::now();
-        sb.copy_to_host("/tmp/in.bin", &d.path().join("out.bin")).unwrap();
+        sb.copy_to_host("/tmp/in.bin", &d.path().join("out.bin"), Default::default()).unwrap();
         let co = mbps(mib << 20, t.elapsed());
         assert_eq!(std::fs::metadata(d.path().join("out.bin")).unwrap().len(), (mib << 20) as u64);
         println!("qemu: 256 MiB copy in {ci:.0} MB/s, out {co:.0} MB/s (guest /tmp is tmpfs; accel {})", sb.info().engine_detail);
