@@ -22,7 +22,7 @@ pub use exec::{ExecEvent, ExecExit, ExecHandle, ExecOutput, ExecRequest};
 pub use workload::{Workload, WorkloadStatus};
 pub use fs::{CopyStats, CopyToHostOptions, DirEntryInfo, FileReadStream, FileStat, FileWriteStream, WriteOptions};
 pub use sandbox::{validate_sandbox_config_json, ReadyInfo, Sandbox, SandboxConfig, SandboxError, SandboxRestoreOptions};
-pub use vmm::vmm::VmShell;
+pub use vmm::VmShell;
 pub use vmm::{ExitReason, LoadedSnapshot, Timings};
 
 /// Parses and validates a configuration given as JSON and returns it normalised (defaults

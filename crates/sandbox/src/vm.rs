@@ -19,7 +19,7 @@ use crate::config::MicroVmConfig;
 use crate::console::{self, ConsoleHandle, ConsoleOptions, ConsoleReader, ConsoleStats};
 use crate::error::{Error, Result};
 use crate::workload::WorkloadStatus;
-use vmm::vmm::VmShell;
+use vmm::VmShell;
 use vmm::{ExitReason, LoadedSnapshot, Timings};
 
 /// How a microVM is started.

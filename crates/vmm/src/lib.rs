@@ -2,14 +2,18 @@
 //!
 //! Layout (Firecracker's `src/vmm` is the model): `arch/` (layout, boot protocols, CPU state),
 //! `vstate/` (VM, memory, vCPU threads, lifecycle), `devices/` (one bus, one device trait),
-//! `host` (what this host's KVM can run), `vmm` (config in, running VM out).
+//! `host` (what this host's KVM can run), `config` (what a VM is made of), `builder` (boot and
+//! restore), `persist` (snapshots), `vmm` (the running VM's handle).
 
 pub mod arch;
+mod builder;
+pub mod config;
 pub mod device_manager;
 pub mod devices;
 pub mod error;
 pub mod event_loop;
 pub mod host;
+mod persist;
 pub mod run_dir;
 pub mod seccomp;
 pub mod snapshot;
@@ -19,5 +23,8 @@ pub mod vstate;
 pub use error::{Error, Result};
 pub use devices::virtio::net::egress::{EgressPolicy, Ipv4Net, LivePolicy};
 pub use devices::virtio::net::{size_stream_buffers, MAX_FRAME};
-pub use vmm::{BlockDeviceConfig, LoadedSnapshot, NetworkConfig, RestoreOptions, Timings, Vm, VmConfig, CONTROL_PORT_NAME, DEFAULT_CMDLINE};
+pub use builder::VmShell;
+pub use config::{BlockDeviceConfig, NetworkConfig, RestoreOptions, VmConfig, CONTROL_PORT_NAME, DEFAULT_CMDLINE, MIN_MEMORY_MIB};
+pub use persist::{LoadedSnapshot, SNAPSHOT_MEMORY_FILE, SNAPSHOT_STATE_FILE};
+pub use vmm::{Timings, Vm};
 pub use vstate::lifecycle::ExitReason;

@@ -749,7 +749,7 @@ fn damaged_snapshots_are_refused_with_a_code_before_any_guest_code_runs() {
     // A shell of another size is refused too (and nothing runs).
     let snap = LoadedSnapshot::load(&good).unwrap();
     let other = VmConfig { memory_mib: MEMORY_MIB / 2, ..compute_config(&C, false) };
-    let shell = vmm::vmm::VmShell::new(&other).unwrap();
+    let shell = vmm::VmShell::new(&other).unwrap();
     let console = Capture::default();
     let e = Vm::restore_in(shell, &snap, Box::new(console.clone()), RestoreOptions::default()).err().expect("refused");
     println!("shell of another memory size: {} {e}", e.code());

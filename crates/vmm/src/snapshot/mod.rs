@@ -23,7 +23,7 @@ use crate::arch::vm_state::VmState;
 use crate::devices::legacy::serial::SerialState;
 use crate::devices::virtio::persist::TransportState;
 use crate::error::{Error, Result};
-use crate::vmm::VmConfig;
+use crate::config::VmConfig;
 
 pub const MAGIC: &[u8; 8] = b"MCELLSNP";
 /// 2: the state names its memory file (`memory_id`, matched against the file's trailer).

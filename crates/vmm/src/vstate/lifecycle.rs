@@ -8,9 +8,15 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde::Serialize;
-use vmm_sys_util::signal::Killable;
+use vmm_sys_util::signal::{Killable, SIGRTMIN};
 
-use super::vcpu::kick_signal;
+/// Offset of our kick signal above SIGRTMIN (glibc reserves none of these for itself).
+const KICK_SIGNAL_OFFSET: i32 = 2;
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN` (its handler is `vcpu`'s).
+pub fn kick_signal() -> i32 {
+    SIGRTMIN() + KICK_SIGNAL_OFFSET
+}
 
 /// Why a VM ended.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

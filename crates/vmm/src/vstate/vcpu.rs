@@ -10,20 +10,13 @@ use std::sync::{Arc, Mutex, Once};
 use kvm_bindings::{kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use crate::vstate::memory::GuestRam;
-use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+use vmm_sys_util::signal::register_signal_handler;
 
-use super::lifecycle::{ExitReason, Lifecycle};
+use super::lifecycle::{kick_signal, ExitReason, Lifecycle};
 use crate::arch::{cpuid, interrupts, msr, regs};
 use crate::devices::Bus;
 use crate::error::{Error, Result};
 use crate::seccomp::{self, ThreadFilter};
-
-/// Offset of our kick signal above SIGRTMIN (glibc reserves none of these for itself).
-const KICK_SIGNAL_OFFSET: i32 = 2;
-
-pub fn kick_signal() -> i32 {
-    SIGRTMIN() + KICK_SIGNAL_OFFSET
-}
 
 thread_local! {
     /// This thread's `kvm_run`, while it runs a vCPU.

@@ -56,3 +56,13 @@ impl Vm {
         &self.fd
     }
 }
+
+/// The process's one `/dev/kvm` handle, opened on first use.
+pub(crate) fn kvm() -> Result<&'static Kvm> {
+    static KVM: std::sync::OnceLock<Kvm> = std::sync::OnceLock::new();
+    if let Some(k) = KVM.get() {
+        return Ok(k);
+    }
+    let k = Kvm::new().map_err(Error::NoKvm)?;
+    Ok(KVM.get_or_init(|| k))
+}
