@@ -1,4 +1,5 @@
-// Every fenced code block of README.md is checked, so that the README cannot drift from the code:
+// Every fenced code block of README.md and of the docs its examples and reference moved to
+// (DOCS below) is checked, so that none of them can drift from the code:
 // - ```js blocks are the examples: each runs as written (an ES module importing the built
 //   package, on this Node) and must exit 0 — T2, they boot the default guest;
 // - ```ts blocks are the API reference (placeholder paths, fragments that use a sandbox `sb`
@@ -17,18 +18,24 @@ import { guestImages, hostInfo } from 'microcell'
 
 import { root } from './helpers.mjs'
 
-const readme = fs.readFileSync(path.join(root, 'README.md'), 'utf8').split('\n')
+// The README (what it is, install, the two examples) and the files it points to for the rest.
+const DOCS = ['README.md', 'docs/api.md', 'docs/development.md']
 const blocks = []
-for (let i = 0; i < readme.length; i++) {
-  const open = /^```(\w*)\s*$/.exec(readme[i])
-  if (!open) continue
-  const start = i
-  let end = i + 1
-  while (end < readme.length && readme[end] !== '```') end++
-  const skip = /^<!-- readme-test: skip: (.+) -->$/.exec(readme[start - 1] ?? '')
-  blocks.push({ lang: open[1], line: start + 1, code: readme.slice(start + 1, end).join('\n'), skip: skip?.[1] ?? null })
-  i = end
+for (const file of DOCS) {
+  const lines = fs.readFileSync(path.join(root, file), 'utf8').split('\n')
+  for (let i = 0; i < lines.length; i++) {
+    const open = /^```(\w*)\s*$/.exec(lines[i])
+    if (!open) continue
+    const start = i
+    let end = i + 1
+    while (end < lines.length && lines[end] !== '```') end++
+    const skip = /^<!-- readme-test: skip: (.+) -->$/.exec(lines[start - 1] ?? '')
+    blocks.push({ file, lang: open[1], line: start + 1, code: lines.slice(start + 1, end).join('\n'), skip: skip?.[1] ?? null })
+    i = end
+  }
 }
+const where = (b) => `${b.file}:${b.line}`
+const of = (file, lang) => blocks.filter((b) => b.file === file && b.lang === lang && b.skip === null).length
 
 // Names the reference blocks use from blocks before them, and their types.
 const PRELUDE = {
@@ -53,21 +60,46 @@ function prelude(code) {
     .join('\n')
 }
 
-test('README.md has code blocks, and every block that is not run says why', (t) => {
-  t.true(blocks.filter((b) => b.lang === 'js').length >= 3, 'the examples')
-  t.true(blocks.filter((b) => b.lang === 'ts').length >= 5, 'the API reference')
+test('README.md and docs/api.md have their code blocks, and every block that is not run says why', (t) => {
+  t.is(of('README.md', 'js'), 2, 'README.md: the two examples')
+  t.true(of('docs/api.md', 'js') >= 1, 'docs/api.md: the smallest form')
+  t.true(of('docs/api.md', 'ts') >= 6, 'docs/api.md: the API reference, one block per area')
   for (const b of blocks) {
-    if (b.lang !== 'js' && b.lang !== 'ts') t.truthy(b.skip, `README.md:${b.line}: a \`\`\`${b.lang} block with no <!-- readme-test: skip: WHY --> line before it`)
+    if (b.lang !== 'js' && b.lang !== 'ts') t.truthy(b.skip, `${where(b)}: a \`\`\`${b.lang} block with no <!-- readme-test: skip: WHY --> line before it`)
   }
 })
 
-test('README ts blocks (the API reference) type-check against index.d.ts', (t) => {
+test('README.md stays under 10 KB and keeps the two quick-start commands that .ci/run relies on', (t) => {
+  const readme = fs.readFileSync(path.join(root, 'README.md'), 'utf8')
+  t.true(Buffer.byteLength(readme) <= 10_240, `README.md is ${Buffer.byteLength(readme)} bytes: move detail to docs/`)
+  const quick = blocks.find((b) => b.file === 'README.md' && b.code.includes('./scripts/test.sh'))
+  t.is(quick?.code, './scripts/setup.sh && npm start\n./scripts/test.sh')
+  t.regex(fs.readFileSync(path.join(root, '.ci', 'run'), 'utf8'), /^exec \.\/scripts\/test\.sh$/m)
+})
+
+test('relative links in README.md and docs/*.md name files that exist in the repo', (t) => {
+  const files = ['README.md', ...fs.readdirSync(path.join(root, 'docs')).filter((f) => f.endsWith('.md')).map((f) => `docs/${f}`)]
+  const broken = []
+  for (const file of files) {
+    const text = fs.readFileSync(path.join(root, file), 'utf8')
+    for (const [, target] of text.matchAll(/\]\(([^)#\s]+)(#[^)]*)?\)/g)) {
+      if (/^[a-z]+:/.test(target)) continue
+      const resolved = path.resolve(root, path.dirname(file), target)
+      // Inside the repo: a link out of it (../shared/...) is a fact the repo does not keep.
+      if (!resolved.startsWith(root + path.sep) || !fs.existsSync(resolved)) broken.push(`${file}: ${target}`)
+    }
+  }
+  t.true(files.length >= 7)
+  t.deepEqual(broken, [])
+})
+
+test('README and docs ts blocks (the API reference) type-check against index.d.ts', (t) => {
   const dir = path.join(root, 'build', 'readme-typecheck')
   fs.rmSync(dir, { recursive: true, force: true })
   fs.mkdirSync(dir, { recursive: true })
   const files = []
   for (const b of blocks.filter((x) => x.lang === 'ts' && x.skip === null)) {
-    const name = `readme-${b.line}.mts`
+    const name = `${b.file.replace(/\W+/g, '-')}-${b.line}.mts`
     // `export {}`: a module of its own even when the block imports nothing.
     fs.writeFileSync(path.join(dir, name), `${prelude(b.code)}\nexport {}\n${b.code}\n`)
     files.push(name)
@@ -80,8 +112,8 @@ test('README ts blocks (the API reference) type-check against index.d.ts', (t) =
     execFileSync(process.execPath, [path.join(root, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', dir], { cwd: root, encoding: 'utf8', stdio: 'pipe' })
     t.pass()
   } catch (err) {
-    // Errors name readme-<line>.mts: the block that starts at README.md:<line>.
-    t.fail(`tsc found README blocks that do not match the API:\n${err.stdout}${err.stderr}`)
+    // Errors name <file>-<line>.mts (docs-api-md-40.mts): the block that starts at docs/api.md:40.
+    t.fail(`tsc found blocks that do not match the API:\n${err.stdout}${err.stderr}`)
   }
 })
 
@@ -95,7 +127,7 @@ const why = noGuest
     : null
 
 for (const b of blocks.filter((x) => x.lang === 'js' && x.skip === null)) {
-  const title = `T2: README.md:${b.line} (js) runs as written and exits 0`
+  const title = `T2: ${where(b)} (js) runs as written and exits 0`
   if (why !== null) {
     test.skip(`${title} — skipped: ${why}`, () => {})
     continue
@@ -116,7 +148,7 @@ for (const b of blocks.filter((x) => x.lang === 'js' && x.skip === null)) {
         child.on('error', reject)
         child.on('close', (code) => resolve({ code, out }))
       })
-      t.is(r.code, 0, `README.md:${b.line}:\n${r.out}`)
+      t.is(r.code, 0, `${where(b)}:\n${r.out}`)
       t.log(r.out.trim().split('\n').slice(-3).join(' | '))
     } finally {
       fs.rmSync(dir, { recursive: true, force: true })
