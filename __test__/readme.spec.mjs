@@ -93,6 +93,25 @@ test('relative links in README.md and docs/*.md name files that exist in the rep
   t.deepEqual(broken, [])
 })
 
+test('host facts are cited from docs/host.md, not from outside the repo (../shared/)', (t) => {
+  const cites = []
+  const walk = (dir) => {
+    for (const e of fs.readdirSync(path.join(root, dir), { withFileTypes: true })) {
+      const rel = path.join(dir, e.name)
+      if (e.isDirectory()) {
+        if (!['node_modules', 'target', 'build', 'dist', '.git'].includes(e.name)) walk(rel)
+      } else if (/\.(md|rs|ts|mjs|js|sh|c|h|S|toml|yml)$/.test(e.name)) {
+        const text = fs.readFileSync(path.join(root, rel), 'utf8')
+        if (/\.\.\/shared\/|\/work\/shared\/|shared\/HOST\.md/.test(text)) cites.push(rel)
+      }
+    }
+  }
+  for (const dir of ['docs', 'crates', 'src', 'scripts', 'bench', 'examples', '.ci']) if (fs.existsSync(path.join(root, dir))) walk(dir)
+  for (const f of ['README.md', 'index.d.ts']) if (/\.\.\/shared\/|shared\/HOST\.md/.test(fs.readFileSync(path.join(root, f), 'utf8'))) cites.push(f)
+  t.true(fs.existsSync(path.join(root, 'docs', 'host.md')))
+  t.deepEqual(cites, [], 'cite docs/host.md (copy the fact there) instead')
+})
+
 test('README and docs ts blocks (the API reference) type-check against index.d.ts', (t) => {
   const dir = path.join(root, 'build', 'readme-typecheck')
   fs.rmSync(dir, { recursive: true, force: true })
