@@ -14,7 +14,7 @@ import path from 'node:path'
 
 import test from 'ava'
 
-import { guestImages, hostInfo } from 'microcell'
+import { CONFIG_ERROR_CODES, SANDBOX_ERROR_CODES, guestImages, hostInfo } from 'microcell'
 
 import { root } from './helpers.mjs'
 
@@ -110,6 +110,13 @@ test('host facts are cited from docs/host.md, not from outside the repo (../shar
   for (const f of ['README.md', 'index.d.ts']) if (/\.\.\/shared\/|shared\/HOST\.md/.test(fs.readFileSync(path.join(root, f), 'utf8'))) cites.push(f)
   t.true(fs.existsSync(path.join(root, 'docs', 'host.md')))
   t.deepEqual(cites, [], 'cite docs/host.md (copy the fact there) instead')
+})
+
+test('docs/api.md names every error code the package exports', (t) => {
+  const api = fs.readFileSync(path.join(root, 'docs', 'api.md'), 'utf8')
+  const missing = [...CONFIG_ERROR_CODES, ...SANDBOX_ERROR_CODES].filter((code) => !new RegExp(`\\b${code}\\b`).test(api))
+  t.true(CONFIG_ERROR_CODES.length > 0 && SANDBOX_ERROR_CODES.length > 0)
+  t.deepEqual(missing, [], 'add them to the Errors section of docs/api.md')
 })
 
 test('README and docs ts blocks (the API reference) type-check against index.d.ts', (t) => {
