@@ -93,7 +93,7 @@ fn status_info(s: WorkloadStatus) -> WorkloadStatusInfo {
 fn end_info(
     exit: &VmExit,
     stop_requested: bool,
-    status: &sandbox::sandbox::Result<WorkloadStatus>,
+    status: &sandbox::Result<WorkloadStatus>,
 ) -> WorkloadEnd {
     let (reason, code, message) = match exit {
         VmExit::GuestReset => ("reset", None, None),
@@ -227,7 +227,7 @@ fn info_json(info: sandbox::sandbox::SnapshotInfo) -> Result<serde_json::Value> 
 enum State {
     Live(Arc<Workload>),
     Ended {
-        end: Arc<(VmExit, sandbox::sandbox::Result<WorkloadStatus>)>,
+        end: Arc<(VmExit, sandbox::Result<WorkloadStatus>)>,
         stats: CoreConsoleStats,
     },
 }
@@ -271,7 +271,7 @@ impl NativeWorkload {
     /// Once the status is known and the VM has ended: keeps both, lets go of the `Workload`.
     fn release(
         state: &Mutex<State>,
-        status: sandbox::sandbox::Result<WorkloadStatus>,
+        status: sandbox::Result<WorkloadStatus>,
     ) -> Option<Arc<Workload>> {
         let mut s = lock(state);
         let State::Live(w) = &*s else { return None };

@@ -29,7 +29,7 @@ use protocol::{
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
-use crate::sandbox::{Result, SandboxError};
+use crate::error::{Result, SandboxError};
 
 /// What this client calls itself in `Hello`.
 pub const CLIENT_NAME: &str = concat!("microcell-sandbox/", env!("CARGO_PKG_VERSION"));

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent_client::{agent_error, AgentClient, CreditWait, Pending};
 use crate::config::LinuxRlimit;
-use crate::sandbox::{Result, SandboxError};
+use crate::error::{Result, SandboxError};
 
 /// The output window per stream when the request gives none.
 pub const DEFAULT_WINDOW: u32 = 256 << 10;

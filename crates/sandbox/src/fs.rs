@@ -26,7 +26,7 @@ use protocol::{
 use serde::Serialize;
 
 use crate::agent_client::{agent_error, AgentClient, CreditWait, Pending};
-use crate::sandbox::{Result, SandboxError};
+use crate::error::{Result, SandboxError};
 
 /// How long one step of a file operation (an answer, a chunk, some credit) may take.
 pub const FS_STEP_TIMEOUT: Duration = Duration::from_secs(60);

@@ -8,20 +8,21 @@ pub mod config;
 pub mod console;
 pub mod engine;
 mod error;
+pub mod limits;
 pub mod exec;
 pub mod fs;
 pub mod sandbox;
 pub mod vm;
 pub mod workload;
 
-pub use config::{ConfigError, MicroVmConfig};
-pub use error::{Error, Result};
+pub use config::MicroVmConfig;
+pub use error::{ConfigError, Result, SandboxError};
 pub use vm::{MicroVm, RestoreOptions, StartOptions};
 pub use engine::{EngineChoice, EngineKind, VmExit};
 pub use exec::{ExecEvent, ExecExit, ExecHandle, ExecOutput, ExecRequest};
 pub use workload::{Workload, WorkloadStatus};
 pub use fs::{CopyStats, CopyToHostOptions, DirEntryInfo, FileReadStream, FileStat, FileWriteStream, WriteOptions};
-pub use sandbox::{validate_sandbox_config_json, ReadyInfo, Sandbox, SandboxConfig, SandboxError, SandboxRestoreOptions};
+pub use sandbox::{validate_sandbox_config_json, ReadyInfo, Sandbox, SandboxConfig, SandboxRestoreOptions};
 pub use vmm::VmShell;
 pub use vmm::{ExitReason, LoadedSnapshot, Timings};
 

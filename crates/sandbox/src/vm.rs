@@ -17,7 +17,7 @@ use std::task::{Context, Poll, Waker};
 
 use crate::config::MicroVmConfig;
 use crate::console::{self, ConsoleHandle, ConsoleOptions, ConsoleReader, ConsoleStats};
-use crate::error::{Error, Result};
+use crate::error::{ConfigError, Result, SandboxError};
 use crate::workload::WorkloadStatus;
 use vmm::VmShell;
 use vmm::{ExitReason, LoadedSnapshot, Timings};
@@ -150,7 +150,7 @@ impl MicroVm {
     ) -> Result<MicroVm> {
         // The config's check (E_CONFIG_CONSOLE), before File::create (which a FIFO would block).
         if let Some(problem) = options.console_output.as_deref().and_then(crate::config::console_file_problem) {
-            return Err(crate::config::ConfigError::Console(problem).into());
+            return Err(ConfigError::Console(problem).into());
         }
         let console = ConsoleOptions {
             file: options.console_output.clone(),
@@ -172,7 +172,7 @@ impl MicroVm {
         boot: impl FnOnce(Box<dyn Write + Send>) -> vmm::Result<vmm::Vm>,
     ) -> Result<MicroVm> {
         let (sink, console) =
-            console::channel(console_options).map_err(|source| Error::ConsoleOutput {
+            console::channel(console_options).map_err(|source| SandboxError::ConsoleOutput {
                 path: console_options.file.clone().unwrap_or_default(),
                 source,
             })?;
@@ -210,7 +210,7 @@ impl MicroVm {
             vm.kill();
             let _ = vm.wait();
             console.close();
-            return Err(Error::Thread(e));
+            return Err(SandboxError::thread("the one that waits for the VM")(e));
         }
         Ok(MicroVm {
             slot,
@@ -232,7 +232,7 @@ impl MicroVm {
     /// The VM for an operation that needs it running (`E_VM_STATE` once it has ended).
     fn running_for(&self, what: &str) -> Result<Arc<vmm::Vm>> {
         self.running().ok_or_else(|| {
-            Error::Vmm(vmm::Error::VmState(format!(
+            SandboxError::Vmm(vmm::Error::VmState(format!(
                 "the VM has ended: it cannot {what}"
             )))
         })

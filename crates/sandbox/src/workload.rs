@@ -29,7 +29,8 @@ use crate::config::{EnvPair, LinuxRlimit, MicroVmConfig};
 use crate::console::ConsoleReader;
 use crate::engine::{self, Engine, EngineSelection, RunningVm, VmExit};
 use crate::sandbox::snapshot::{io, refuse_volumes, SnapshotInfo, SnapshotMeta};
-use crate::sandbox::{Result, SandboxConfig, SandboxError};
+use crate::error::{Result, SandboxError};
+use crate::sandbox::SandboxConfig;
 
 /// Largest workload spec sent over the control channel (`StartWorkload`: its wire encoding, the
 /// frame's payload): well inside the 1 MiB frame cap, and about what `execve` takes for argv
@@ -524,7 +525,7 @@ fn watch(vm: &dyn RunningVm, agent: &AgentSlot, boot_timeout: Duration, spec: Op
         Err(why) => match WorkloadStatus::from_console(&vm.console_tail()) {
             Some(status) => Ok(status),
             None => {
-                let e = SandboxError::AgentExited { exit, console_tail: format!("({why})\n{}", vm.console_tail()) };
+                let e = SandboxError::AgentExited { exit: exit.to_string(), console_tail: format!("({why})\n{}", vm.console_tail()) };
                 Err((e.code(), e.to_string()))
             }
         },

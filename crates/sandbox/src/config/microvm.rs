@@ -18,12 +18,7 @@ use super::types::{
 };
 use super::ConfigError;
 
-/// Most vCPUs a microVM may have.
-pub const MAX_VCPUS: u32 = 32;
-/// vCPUs when none are given.
-pub const DEFAULT_VCPUS: u32 = 1;
-/// Guest memory when none is given, in MiB.
-pub const DEFAULT_MEMORY_MIB: u32 = 512;
+pub use crate::limits::{DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_VCPUS};
 /// Longest kernel command line, without its NUL (the VMM has 4096 bytes for it).
 pub const MAX_CMDLINE_LEN: usize = 4095;
 

@@ -1,10 +1,9 @@
 //! Launch configuration: the options of a microVM, their JSON form and their validation.
 
-mod error;
 pub mod microvm;
 pub mod types;
 
-pub use error::ConfigError;
+pub use crate::error::ConfigError;
 pub use microvm::{
     console_file_problem, host_memory_mib, HostLimits, LogLevel, MicroVmConfig, NetworkScope, ParsedOptions, Rootfs,
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_CMDLINE_LEN, MAX_VCPUS,

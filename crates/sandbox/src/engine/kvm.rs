@@ -29,7 +29,7 @@ use super::{
     TailWriter, CONSOLE_TAIL_BYTES, CONSOLE_TAIL_LINES,
 };
 use crate::console::{self, ConsoleHandle, ConsoleOptions, ConsoleReader, ConsoleStats};
-use crate::sandbox::{Result, SandboxError};
+use crate::error::{Result, SandboxError};
 
 /// The built-in VMM as an engine.
 #[derive(Debug, Clone, Default)]
@@ -132,7 +132,7 @@ fn run_dir() -> Result<RunDir> {
 
 fn refuse_missing_devices(spec: &BootSpec) -> Result<()> {
     match missing_devices(!spec.shares.is_empty()) {
-        Some(reason) => Err(SandboxError::EngineUnavailable { engine: EngineKind::Kvm, reason }),
+        Some(reason) => Err(SandboxError::EngineUnavailable { engine: EngineKind::Kvm.name(), reason }),
         None => Ok(()),
     }
 }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::console::{ConsoleReader, ConsoleStats};
-use crate::sandbox::{Result, SandboxError};
+use crate::error::{Result, SandboxError};
 
 pub mod kvm;
 pub mod passt;
@@ -104,7 +104,7 @@ pub fn select_for(choice: EngineChoice, host: &vmm::host::HostInfo) -> Result<En
         }
         EngineChoice::Kvm if !host.can_boot_linux => {
             return Err(SandboxError::EngineUnavailable {
-                engine: EngineKind::Kvm,
+                engine: EngineKind::Kvm.name(),
                 reason: host.reason.clone(),
             })
         }
@@ -259,12 +259,12 @@ pub trait Engine: Send + Sync {
 }
 
 /// The error of a network change for a VM made without a network.
-pub(crate) fn no_network() -> crate::sandbox::SandboxError {
+pub(crate) fn no_network() -> crate::error::SandboxError {
     vmm::Error::VmState("the VM has no network: give it one when it is made (network: {...})".into()).into()
 }
 
 /// The error of a pause or resume of a VM that has ended.
-pub(crate) fn ended_error(what: &str) -> crate::sandbox::SandboxError {
+pub(crate) fn ended_error(what: &str) -> crate::error::SandboxError {
     vmm::Error::VmState(format!("the VM has ended: it cannot be {what}")).into()
 }
 

@@ -23,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{spawn, EngineKind, NetSpec, Tail, GUEST_NET};
-use crate::sandbox::{Result, SandboxError};
+use crate::error::{Result, SandboxError};
 
 const PASST_BINARY: &str = "passt";
 const INSTALL: &str = "install it with `apt-get install passt` (Debian/Ubuntu) or your distribution's passt package, \
@@ -74,7 +74,7 @@ pub fn args(net: &NetSpec, fd: i32, pid_file: &Path) -> Vec<String> {
 }
 
 fn start_error(engine: EngineKind, message: String) -> SandboxError {
-    SandboxError::EngineStart { engine, message }
+    SandboxError::EngineStart { engine: engine.name(), message }
 }
 
 /// A running passt, killed and reaped on drop.
@@ -87,7 +87,7 @@ impl Passt {
     /// its ports are bound. `run_dir` holds its pid file; errors name `engine`.
     pub fn start(socket: UnixStream, net: &NetSpec, run_dir: &Path, engine: EngineKind) -> Result<Passt> {
         let start_error = |message| start_error(engine, message);
-        let binary = find_passt().map_err(|reason| SandboxError::EngineUnavailable { engine, reason })?;
+        let binary = find_passt().map_err(|reason| SandboxError::EngineUnavailable { engine: engine.name(), reason })?;
         // A taken host port is the likely failure: say which, before passt exits over it.
         for p in &net.ports {
             let taken = if p.udp {

@@ -44,7 +44,7 @@ use super::{
 use crate::console::{
     self, ConsoleHandle, ConsoleOptions, ConsoleReader, ConsoleSink, ConsoleStats,
 };
-use crate::sandbox::{Result, SandboxError};
+use crate::error::{Result, SandboxError};
 
 /// The QEMU binary looked for on `PATH`.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
@@ -289,7 +289,7 @@ impl QemuEngine {
     /// Starts QEMU on a per-VM copy of `disk`, from a migration stream when `incoming` is set.
     fn start(&self, spec: &BootSpec, disk: &Path, incoming: Option<&Path>) -> Result<Box<dyn RunningVm>> {
         let start_err = |what: &str, e: std::io::Error| SandboxError::EngineStart {
-            engine: EngineKind::Qemu,
+            engine: EngineKind::Qemu.name(),
             message: format!("{what}: {e}"),
         };
         // A missing QEMU is the likelier mistake; say so before copying any disk.

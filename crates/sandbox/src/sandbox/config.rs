@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::error::{Result, SandboxError};
+use crate::error::{ConfigError, Result, SandboxError};
 use crate::config::microvm::NetworkScope;
 use crate::config::types::{normalize_guest_path, PortPair};
 use crate::engine::{BootSpec, EngineChoice, NetSpec, PortForward, Share, GUEST_NET};
@@ -16,21 +16,10 @@ fn volume_tag(i: usize) -> String {
     format!("mcvol{i}")
 }
 
-/// Guest memory when none is given, in MiB.
-pub const DEFAULT_MEMORY_MIB: u32 = 512;
-/// The least memory the guest kernel and agent are given, in MiB.
-pub const MIN_MEMORY_MIB: u32 = 64;
-/// vCPUs when none are given.
-pub const DEFAULT_CPUS: u32 = 1;
-/// Most vCPUs (the VMM's MP table limit).
-pub const MAX_CPUS: u32 = 32;
-/// How long `create` waits for the agent when no `bootTimeoutMs` is given (TCG boots in ~1 s
-/// here; a loaded host with 2 cores can be several times slower).
-pub const DEFAULT_BOOT_TIMEOUT_MS: u32 = 30_000;
-pub const MIN_BOOT_TIMEOUT_MS: u32 = 100;
-pub const MAX_BOOT_TIMEOUT_MS: u32 = 600_000;
-/// Most `consoleQueueBytes` (1 GiB).
-pub const MAX_CONSOLE_QUEUE_BYTES: u32 = 1 << 30;
+use crate::limits::{
+    CONSOLE_QUEUE_BYTES, DEFAULT_BOOT_TIMEOUT_MS, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_BOOT_TIMEOUT_MS,
+    MAX_CONSOLE_QUEUE_BYTES, MAX_VCPUS, MIN_BOOT_TIMEOUT_MS, MIN_MEMORY_MIB,
+};
 /// Longest `kernelArgs`.
 pub const MAX_KERNEL_ARGS_LEN: usize = 1024;
 
@@ -86,7 +75,7 @@ pub struct SandboxConfig {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
     /// Console bytes kept for a slow reader of the console stream before the oldest are dropped
-    /// (default [`super::CONSOLE_QUEUE_BYTES`]; `consoleOutput` files get every byte anyway).
+    /// (default [`CONSOLE_QUEUE_BYTES`]; `consoleOutput` files get every byte anyway).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console_queue_bytes: Option<u32>,
 }
@@ -108,7 +97,7 @@ pub struct Volume {
 }
 
 fn volume_error(message: String) -> SandboxError {
-    SandboxError::config("E_CONFIG_VOLUME", message)
+    ConfigError::Volume(message).into()
 }
 
 /// Checks and normalises the volumes: host directories exist (made absolute), guest paths are
@@ -148,13 +137,13 @@ const MAX_METADATA_VALUE: usize = 512;
 /// console: one check for every way a console file is named.
 pub(crate) fn check_console_output(path: Option<&Path>) -> Result<()> {
     match path.and_then(crate::config::console_file_problem) {
-        Some(problem) => Err(SandboxError::config("E_CONFIG_CONSOLE", format!("consoleOutput: {problem}"))),
+        Some(problem) => Err(ConfigError::Console(problem).into()),
         None => Ok(()),
     }
 }
 
 fn validate_metadata(metadata: &BTreeMap<String, String>) -> Result<()> {
-    let err = |m: String| SandboxError::config("E_CONFIG_METADATA", m);
+    let err = |m: String| SandboxError::from(ConfigError::Metadata(m));
     if metadata.len() > MAX_METADATA_ENTRIES {
         return Err(err(format!("{} metadata entries: give at most {MAX_METADATA_ENTRIES}", metadata.len())));
     }
@@ -215,7 +204,7 @@ fn destinations(list: &str, entries: &[String]) -> Result<Vec<vmm::Ipv4Net>> {
             "private" => nets.extend(PRIVATE_NETWORKS.iter().map(|n| n.parse::<vmm::Ipv4Net>().expect("valid"))),
             "host" => nets.push(format!("{}/32", GUEST_NET.1).parse().expect("valid")),
             other => nets.push(other.parse().map_err(|m| {
-                SandboxError::config("E_CONFIG_NETWORK", format!("network {list}: {m}; give an IPv4 address, a.b.c.d/prefix, \"private\" or \"host\""))
+                SandboxError::from(ConfigError::Network(format!("network {list}: {m}; give an IPv4 address, a.b.c.d/prefix, \"private\" or \"host\"")))
             })?),
         }
     }
@@ -250,20 +239,22 @@ impl NetworkConfig {
     pub fn net_spec(&self) -> Result<NetSpec> {
         let mut ports: Vec<PortForward> = Vec::new();
         for p in &self.ports {
-            let pair = PortPair::parse(p).map_err(|e| SandboxError::config("E_CONFIG_NETWORK", format!("network ports: {e}")))?;
+            let pair = PortPair::parse(p).map_err(|e| SandboxError::from(ConfigError::Network(format!("network ports: {e}"))))?;
             if ports.iter().any(|q| q.host == pair.host && q.udp == pair.udp) {
-                return Err(SandboxError::config(
-                    "E_CONFIG_NETWORK",
-                    format!("network port {p:?} forwards host {} port {} a second time: give each host port once", pair.protocol(), pair.host),
-                ));
+                return Err(ConfigError::Network(format!(
+                    "network port {p:?} forwards host {} port {} a second time: give each host port once",
+                    pair.protocol(),
+                    pair.host
+                ))
+                .into());
             }
             ports.push(PortForward { host: pair.host, guest: pair.guest, udp: pair.udp });
         }
         if !self.outbound && (!self.deny.is_empty() || !self.allow.is_empty()) {
-            return Err(SandboxError::config(
-                "E_CONFIG_NETWORK",
-                "network deny/allow choose where outbound traffic may go, and outbound is false: drop them or set outbound",
-            ));
+            return Err(ConfigError::Network(
+                "network deny/allow choose where outbound traffic may go, and outbound is false: drop them or set outbound".into(),
+            )
+            .into());
         }
         Ok(NetSpec { outbound: self.outbound, ports, deny: destinations("deny", &self.deny)?, allow: destinations("allow", &self.allow)? })
     }
@@ -273,7 +264,7 @@ fn default_memory() -> u32 {
     DEFAULT_MEMORY_MIB
 }
 fn default_cpus() -> u32 {
-    DEFAULT_CPUS
+    DEFAULT_VCPUS
 }
 fn default_boot_timeout() -> u32 {
     DEFAULT_BOOT_TIMEOUT_MS
@@ -284,7 +275,7 @@ impl Default for SandboxConfig {
         SandboxConfig {
             name: None,
             memory_mib: DEFAULT_MEMORY_MIB,
-            cpus: DEFAULT_CPUS,
+            cpus: DEFAULT_VCPUS,
             env: BTreeMap::new(),
             workdir: None,
             engine: EngineChoice::Auto,
@@ -378,20 +369,19 @@ impl SandboxConfig {
         let Some(object) = value.as_object() else {
             return Err(json_error("expected a JSON object".into()));
         };
-        for (key, code) in [
-            ("memoryMib", "E_CONFIG_MEMORY"),
-            ("cpus", "E_CONFIG_VCPUS"),
-            ("bootTimeoutMs", "E_CONFIG_TIMEOUT"),
-            ("consoleQueueBytes", "E_CONFIG_CONSOLE"),
-            ("maxDurationMs", "E_CONFIG_TIMEOUT"),
-        ] {
+        let timeout = |key: &str, v: String| ConfigError::Timeout(format!("{key} is {v}: give a whole number"));
+        let checks: [(&str, fn(&str, String) -> ConfigError); 5] = [
+            ("memoryMib", |_, v| ConfigError::MemoryBelowMin(v)),
+            ("cpus", |_, v| ConfigError::Cpus(v)),
+            ("bootTimeoutMs", timeout),
+            ("consoleQueueBytes", |_, v| ConfigError::ConsoleQueue(v)),
+            ("maxDurationMs", timeout),
+        ];
+        for (key, error) in checks {
             if let Some(v) = object.get(key) {
                 let whole = matches!(v.as_u64(), Some(n) if n <= u32::MAX as u64);
                 if !whole {
-                    return Err(SandboxError::config(
-                        code,
-                        format!("{key} is {v}: give a whole number"),
-                    ));
+                    return Err(error(key, v.to_string()).into());
                 }
             }
         }
@@ -433,7 +423,7 @@ impl SandboxConfig {
 
     /// The console queue to keep: `consoleQueueBytes`, else the default.
     pub fn console_queue(&self) -> usize {
-        self.console_queue_bytes.map_or(super::CONSOLE_QUEUE_BYTES, |n| n as usize)
+        self.console_queue_bytes.map_or(CONSOLE_QUEUE_BYTES, |n| n as usize)
     }
 
     pub fn validate(&self) -> Result<SandboxConfig> {
@@ -442,55 +432,37 @@ impl SandboxConfig {
             validate_name(name)?;
         }
         if c.memory_mib < MIN_MEMORY_MIB {
-            return Err(SandboxError::config(
-                "E_CONFIG_MEMORY",
-                format!("memoryMib is {}: give at least {MIN_MEMORY_MIB} MiB (default {DEFAULT_MEMORY_MIB})", c.memory_mib),
-            ));
+            return Err(ConfigError::MemoryBelowMin(c.memory_mib.to_string()).into());
         }
         if let Some(host) = crate::config::host_memory_mib() {
             if u64::from(c.memory_mib) > host {
-                return Err(SandboxError::config(
-                    "E_CONFIG_MEMORY",
-                    format!("memoryMib is {} but this host has only {host} MiB of RAM: give at most {host} MiB", c.memory_mib),
-                ));
+                return Err(ConfigError::MemoryAboveHost { requested: c.memory_mib.into(), host }.into());
             }
         }
-        if c.cpus == 0 || c.cpus > MAX_CPUS {
-            return Err(SandboxError::config(
-                "E_CONFIG_VCPUS",
-                format!(
-                    "cpus is {}: give a whole number of vCPUs from 1 to {MAX_CPUS}",
-                    c.cpus
-                ),
-            ));
+        if c.cpus == 0 || c.cpus > MAX_VCPUS {
+            return Err(ConfigError::Cpus(c.cpus.to_string()).into());
         }
         for (key, value) in &c.env {
             validate_env(key, value)?;
         }
         if let Some(w) = &c.workdir {
             c.workdir = Some(
-                normalize_guest_path("workdir", w)
-                    .map_err(|e| SandboxError::config("E_CONFIG_GUEST_PATH", e.to_string()))?,
+                normalize_guest_path("workdir", w)?,
             );
         }
         if !(MIN_BOOT_TIMEOUT_MS..=MAX_BOOT_TIMEOUT_MS).contains(&c.boot_timeout_ms) {
-            return Err(SandboxError::config(
-                "E_CONFIG_TIMEOUT",
-                format!(
+            return Err(ConfigError::Timeout(format!(
                     "bootTimeoutMs is {}: give {MIN_BOOT_TIMEOUT_MS} to {MAX_BOOT_TIMEOUT_MS} ms (default {DEFAULT_BOOT_TIMEOUT_MS})",
                     c.boot_timeout_ms
-                ),
-            ));
+            ))
+            .into());
         }
         if c.max_duration_ms == Some(0) {
-            return Err(SandboxError::config("E_CONFIG_TIMEOUT", "maxDurationMs is 0: give a whole number of milliseconds from 1 to 4294967295, or none for no limit"));
+            return Err(ConfigError::Timeout("maxDurationMs is 0: give a whole number of milliseconds from 1 to 4294967295, or none for no limit".into()).into());
         }
         if let Some(n) = c.console_queue_bytes {
             if !(1..=MAX_CONSOLE_QUEUE_BYTES).contains(&n) {
-                return Err(SandboxError::config(
-                    "E_CONFIG_CONSOLE",
-                    format!("consoleQueueBytes is {n}: give 1 to {MAX_CONSOLE_QUEUE_BYTES} bytes (default {})", super::CONSOLE_QUEUE_BYTES),
-                ));
+                return Err(ConfigError::ConsoleQueue(n.to_string()).into());
             }
         }
         if let Some(n) = &c.network {
@@ -501,10 +473,10 @@ impl SandboxConfig {
         if let Some(args) = &c.kernel_args {
             if args.len() > MAX_KERNEL_ARGS_LEN || !args.bytes().all(|b| (0x20..=0x7e).contains(&b))
             {
-                return Err(SandboxError::config(
-                    "E_CONFIG_CMDLINE",
-                    format!("kernelArgs must be at most {MAX_KERNEL_ARGS_LEN} printable ASCII characters (no newlines or control characters), got {args:?}"),
-                ));
+                return Err(ConfigError::Cmdline(format!(
+                    "kernelArgs must be at most {MAX_KERNEL_ARGS_LEN} printable ASCII characters (no newlines or control characters), got {args:?}"
+                ))
+                .into());
             }
         }
         for (what, path) in [
@@ -513,10 +485,7 @@ impl SandboxConfig {
             ("consoleOutput", &c.console_output),
         ] {
             if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
-                return Err(SandboxError::config(
-                    "E_CONFIG_JSON",
-                    format!("{what} is an empty path: give a path or leave it out"),
-                ));
+                return Err(json_error(format!("{what} is an empty path: give a path or leave it out")));
             }
         }
         check_console_output(c.console_output.as_deref())?;
@@ -575,10 +544,7 @@ pub fn validate_sandbox_config_json(json: &str) -> Result<String> {
 }
 
 fn json_error(detail: String) -> SandboxError {
-    SandboxError::config(
-        "E_CONFIG_JSON",
-        format!("the configuration is not a valid SandboxConfig: {detail}; build it with the Sandbox builder or pass the JSON it produces"),
-    )
+    ConfigError::SandboxJson(detail).into()
 }
 
 fn validate_name(name: &str) -> Result<()> {
@@ -590,10 +556,7 @@ fn validate_name(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(SandboxError::config(
-            "E_CONFIG_NAME",
-            format!("name {name:?} is not usable: give 1 to 63 letters, digits and '-', not starting or ending with '-' (it becomes the guest's hostname)"),
-        ))
+        Err(ConfigError::Name(name.to_string()).into())
     }
 }
 
@@ -604,16 +567,18 @@ fn validate_env(key: &str, value: &str) -> Result<()> {
         .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
         && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if !key_ok {
-        return Err(SandboxError::config(
-            "E_CONFIG_ENV",
-            format!("env name {key:?} is not usable: use letters, digits and '_', not starting with a digit"),
-        ));
+        return Err(ConfigError::Env {
+            value: key.to_string(),
+            reason: "the name is not usable: use letters, digits and '_', not starting with a digit".into(),
+        }
+        .into());
     }
     if value.contains('\0') {
-        return Err(SandboxError::config(
-            "E_CONFIG_ENV",
-            format!("env {key}: the value contains a NUL byte, which no process can receive"),
-        ));
+        return Err(ConfigError::Env {
+            value: key.to_string(),
+            reason: "the value contains a NUL byte, which no process can receive".into(),
+        }
+        .into());
     }
     Ok(())
 }
@@ -751,7 +716,7 @@ mod tests {
             "E_CONFIG_VOLUME",
             "E_CONFIG_METADATA",
         ] {
-            assert!(SandboxError::CODES.contains(&c), "{c}");
+            assert!(ConfigError::CODES.contains(&c), "{c}");
         }
     }
 

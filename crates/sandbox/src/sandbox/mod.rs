@@ -8,7 +8,6 @@
 //! channel carries something else. Every failure path kills the VM before returning.
 
 mod config;
-mod error;
 pub(crate) mod snapshot;
 pub mod watchdog;
 
@@ -19,14 +18,17 @@ use serde::Serialize;
 
 pub use config::{
     default_kernel, default_kernel_source, default_rootfs, default_rootfs_source, guest_cache_dir, set_packaged_guest, validate_sandbox_config_json, GUEST_PACKAGE, GuestImages, NetworkConfig, NetworkUpdate, Volume,
-    SandboxConfig, DEFAULT_BOOT_TIMEOUT_MS, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, MAX_BOOT_TIMEOUT_MS,
-    MAX_CPUS, MIN_BOOT_TIMEOUT_MS, MIN_MEMORY_MIB,
+    SandboxConfig,
 };
-pub use error::{Result, SandboxError};
+pub use crate::limits::{
+    DEFAULT_BOOT_TIMEOUT_MS, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS as DEFAULT_CPUS, MAX_BOOT_TIMEOUT_MS,
+    MAX_VCPUS as MAX_CPUS, MIN_BOOT_TIMEOUT_MS, MIN_MEMORY_MIB,
+};
 pub(crate) use config::check_console_output;
 pub use snapshot::{snapshot_info, RestoreOptions as SandboxRestoreOptions, SnapshotInfo, SANDBOX_FILE};
 
 use crate::agent_client::{ready_from, AgentClient};
+use crate::error::{Result, SandboxError};
 use crate::console::{ConsoleReader, ConsoleStats};
 use crate::exec::{ExecHandle, ExecOutput, ExecRequest};
 use crate::fs::{CopyStats, DirEntryInfo, FileReadStream, FileStat, FileWriteStream, WriteOptions};
@@ -34,8 +36,7 @@ use crate::engine::{
     self, Engine, EngineKind, EngineSelection, ExitFuture, RunningVm, VmExit,
 };
 
-/// Console bytes a sandbox keeps for [`Sandbox::console`] (the oldest are dropped beyond it).
-pub const CONSOLE_QUEUE_BYTES: usize = 64 << 10;
+pub use crate::limits::CONSOLE_QUEUE_BYTES;
 /// How often the boot wait looks at whether the VM has ended (only while the agent is silent).
 const BOOT_POLL: Duration = Duration::from_millis(20);
 
@@ -403,7 +404,7 @@ fn connect(
 ) -> Result<(AgentClient, protocol::Ready)> {
     let result = (|| {
         let channel = vm.take_channel().ok_or_else(|| SandboxError::EngineStart {
-            engine: vm.engine(),
+            engine: vm.engine().name(),
             message: "the engine handed back no control channel".into(),
         })?;
         let agent = AgentClient::new(channel)?;
@@ -438,7 +439,7 @@ fn wait_ready(
             let _ = vm.wait_timeout(Duration::from_secs(5));
             return Err(SandboxError::BootTimeout {
                 timeout_ms: timeout.as_millis() as u64,
-                engine: vm.engine(),
+                engine: vm.engine().name(),
                 accel: format!(" ({detail})"),
                 console_tail: vm.console_tail(),
             });
@@ -448,7 +449,7 @@ fn wait_ready(
             Ok(None) => {
                 if let Some(exit) = vm.try_wait() {
                     return Err(SandboxError::AgentExited {
-                        exit,
+                        exit: exit.to_string(),
                         console_tail: vm.console_tail(),
                     });
                 }
@@ -464,7 +465,7 @@ fn wait_ready(
 fn closed_before_ready(vm: &dyn RunningVm, deadline: Instant, why: &str) -> SandboxError {
     let left = deadline.saturating_duration_since(Instant::now());
     match vm.wait_timeout(left.min(Duration::from_secs(2))) {
-        Some(exit) => SandboxError::AgentExited { exit, console_tail: vm.console_tail() },
+        Some(exit) => SandboxError::AgentExited { exit: exit.to_string(), console_tail: vm.console_tail() },
         None => SandboxError::Protocol(format!(
             "the control channel closed before the agent was ready ({why}) while the VM still runs"
         )),

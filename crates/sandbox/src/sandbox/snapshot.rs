@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{connect, ReadyInfo, Result, Sandbox, SandboxConfig, SandboxError};
+use super::{connect, ReadyInfo, Sandbox, SandboxConfig};
+use crate::error::{ConfigError, Result, SandboxError};
 use crate::engine::{self, BootSpec, EngineKind};
 
 /// The sandbox's part of a snapshot directory.
@@ -172,7 +173,7 @@ impl Sandbox {
         }
         if let Some(ports) = options.ports.clone() {
             let Some(network) = meta.config.network.as_mut() else {
-                return Err(SandboxError::config("E_CONFIG_NETWORK", format!("{} has no network: its clones have no ports to forward", dir.display())));
+                return Err(ConfigError::Network(format!("{} has no network: its clones have no ports to forward", dir.display())).into());
             };
             network.ports = ports;
         }

@@ -25,7 +25,7 @@ use protocol::Message;
 
 use crate::agent_client::AgentClient;
 use crate::engine::{RunningVm, VmExit};
-use crate::sandbox::SandboxError;
+use crate::error::SandboxError;
 
 /// The stable code of an end the watchdog found: the agent stopped answering or hung up.
 pub const E_AGENT_LOST: &str = "E_AGENT_LOST";
@@ -246,19 +246,19 @@ mod tests {
         fn engine(&self) -> EngineKind {
             EngineKind::Qemu
         }
-        fn snapshot(&self, _: &std::path::Path) -> crate::sandbox::Result<()> {
+        fn snapshot(&self, _: &std::path::Path) -> crate::error::Result<()> {
             Ok(())
         }
-        fn pause(&self) -> crate::sandbox::Result<()> {
+        fn pause(&self) -> crate::error::Result<()> {
             Ok(())
         }
-        fn resume(&self) -> crate::sandbox::Result<()> {
+        fn resume(&self) -> crate::error::Result<()> {
             Ok(())
         }
         fn is_paused(&self) -> bool {
             self.paused.load(Ordering::SeqCst)
         }
-        fn set_egress(&self, _: vmm::EgressPolicy) -> crate::sandbox::Result<()> {
+        fn set_egress(&self, _: vmm::EgressPolicy) -> crate::error::Result<()> {
             Ok(())
         }
         fn pid(&self) -> Option<u32> {

@@ -1,0 +1,42 @@
+//! One constant for each limit and default that more than one place uses (both config types,
+//! the engines, the addon, and the TypeScript mirrors: `limits()` in the addon, checked by
+//! `__test__/types.spec.mjs`). A leaf module: it imports nothing of this crate.
+
+/// Most vCPUs a microVM or sandbox may have (the VMM's MP table limit).
+pub const MAX_VCPUS: u32 = 32;
+/// vCPUs when none are given.
+pub const DEFAULT_VCPUS: u32 = 1;
+/// Guest memory when none is given, in MiB.
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+/// The least memory a sandbox's guest kernel and agent are given, in MiB.
+pub const MIN_MEMORY_MIB: u32 = 64;
+/// How long `Sandbox::create` waits for the agent when no `bootTimeoutMs` is given (TCG boots in
+/// ~1 s here; a loaded host with 2 cores can be several times slower).
+pub const DEFAULT_BOOT_TIMEOUT_MS: u32 = 30_000;
+pub const MIN_BOOT_TIMEOUT_MS: u32 = 100;
+pub const MAX_BOOT_TIMEOUT_MS: u32 = 600_000;
+/// Console bytes a sandbox keeps for reading when no `consoleQueueBytes` is given.
+pub const CONSOLE_QUEUE_BYTES: usize = 64 << 10;
+/// Most `consoleQueueBytes` (1 GiB).
+pub const MAX_CONSOLE_QUEUE_BYTES: u32 = 1 << 30;
+/// Default byte limit of output read from the guest: `exec()`'s `maxOutputBytes` and
+/// `fs.read()`'s `maxBytes` (64 MiB).
+pub const DEFAULT_OUTPUT_MAX_BYTES: u64 = 64 << 20;
+/// Default byte limit of `fs.copyToHost()` (`maxBytes`, 1 GiB).
+pub const DEFAULT_COPY_MAX_BYTES: u64 = 1 << 30;
+
+/// Every limit above by its name, for the addon's `limits()` (the TS mirrors are checked
+/// against it).
+pub const ALL: &[(&str, u64)] = &[
+    ("MAX_VCPUS", MAX_VCPUS as u64),
+    ("DEFAULT_VCPUS", DEFAULT_VCPUS as u64),
+    ("DEFAULT_MEMORY_MIB", DEFAULT_MEMORY_MIB as u64),
+    ("MIN_MEMORY_MIB", MIN_MEMORY_MIB as u64),
+    ("DEFAULT_BOOT_TIMEOUT_MS", DEFAULT_BOOT_TIMEOUT_MS as u64),
+    ("MIN_BOOT_TIMEOUT_MS", MIN_BOOT_TIMEOUT_MS as u64),
+    ("MAX_BOOT_TIMEOUT_MS", MAX_BOOT_TIMEOUT_MS as u64),
+    ("CONSOLE_QUEUE_BYTES", CONSOLE_QUEUE_BYTES as u64),
+    ("MAX_CONSOLE_QUEUE_BYTES", MAX_CONSOLE_QUEUE_BYTES as u64),
+    ("DEFAULT_OUTPUT_MAX_BYTES", DEFAULT_OUTPUT_MAX_BYTES),
+    ("DEFAULT_COPY_MAX_BYTES", DEFAULT_COPY_MAX_BYTES),
+];
