@@ -9,6 +9,9 @@
 //! - No panic crosses the FFI boundary: sync functions run under `catch_unwind`, and napi polls
 //!   every future under `catch_unwind`.
 
+// In a test build nothing calls the exported functions (JS does).
+#![cfg_attr(test, allow(dead_code))]
+
 use std::fmt::Display;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -51,6 +54,23 @@ fn guard<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 #[napi]
 pub fn validate_config(config_json: String) -> Result<String> {
     guard(|| sandbox::validate_config_json(&config_json).map_err(|e| coded(e.code(), e)))
+}
+
+/// Every error code the host core produces itself, by its Rust list: `{ config, sandbox }`
+/// (`ConfigError::CODES`, `SandboxError::CODES`). The TS lists are checked against it.
+#[napi(ts_return_type = "{ config: string[]; sandbox: string[] }")]
+pub fn error_codes() -> serde_json::Value {
+    serde_json::json!({
+        "config": sandbox::ConfigError::CODES,
+        "sandbox": sandbox::SandboxError::CODES,
+    })
+}
+
+/// The host core's limits and defaults by name (`sandbox::limits::ALL`): the TS mirrors are
+/// checked against it.
+#[napi(ts_return_type = "Record<string, number>")]
+pub fn limits() -> serde_json::Value {
+    sandbox::limits::ALL.iter().map(|&(name, value)| (name.to_string(), serde_json::Value::from(value))).collect()
 }
 
 /// What this host's KVM is and what it can run (the VMM's `HostInfo`, camelCase).

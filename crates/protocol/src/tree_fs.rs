@@ -20,6 +20,7 @@
 //!   hard link is replaced, never written through); a directory is never replaced;
 //! - [`WriterOptions::max_bytes`] bounds the data written; a file the stream did not finish
 //!   (an error, a limit, a stream cut short) is removed.
+//!
 //! The root itself may be a symlink to a directory that the caller put there before the copy.
 
 use std::ffi::{CStr, CString, OsStr};

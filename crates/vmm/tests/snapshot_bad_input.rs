@@ -245,7 +245,7 @@ fn clone_vcpu(v: &vmm::arch::vcpu_state::VcpuState) -> vmm::arch::vcpu_state::Vc
 fn cases(good: &Path) -> Vec<(String, Case)> {
     let state = std::fs::read(good.join("vm.state")).unwrap();
     let mem_len = std::fs::metadata(good.join("vm.mem")).unwrap().len();
-    let mut rng = XorShift(0x5eed_15_05);
+    let mut rng = XorShift(0x5eed_1505);
     let mut out = Vec::new();
     for i in 0..50 {
         let mut b = state.clone();
@@ -388,7 +388,7 @@ fn nix_mkfifo(path: &Path) {
 /// How one case ended.
 enum Outcome {
     Refused(&'static str, String),
-    Loaded(LoadedSnapshot),
+    Loaded(Box<LoadedSnapshot>),
     Panicked(String),
 }
 
@@ -406,7 +406,7 @@ fn load(dir: &Path, what: &str) -> Outcome {
     match bounded(move || LoadedSnapshot::load(&d)) {
         None => panic!("{what}: Snapshot load did not return within {CASE_DEADLINE:?} (a hang)"),
         Some(Err(p)) => Outcome::Panicked(format!("{p:?}")),
-        Some(Ok(Ok(s))) => Outcome::Loaded(s),
+        Some(Ok(Ok(s))) => Outcome::Loaded(Box::new(s)),
         Some(Ok(Err(e))) => Outcome::Refused(e.code(), e.to_string()),
     }
 }
@@ -454,7 +454,7 @@ fn battery(good: &Path, work: &Path, mut after_load: impl FnMut(&str, LoadedSnap
                 }
                 format!("refused with {code}")
             }
-            Outcome::Loaded(snap) => after_load(&what, snap),
+            Outcome::Loaded(snap) => after_load(&what, *snap),
         };
         tally.add(&what, &outcome);
     }
