@@ -358,6 +358,14 @@ for (const [method, argLists] of Object.entries(badSandbox)) {
   })
 }
 
+test("Sandbox.builder()'s own options have their own codes", (t) => {
+  rejects(t, () => Sandbox.builder('-not-a-hostname').build(), 'E_CONFIG_NAME', 'hostname')
+  rejects(t, () => Sandbox.builder('ok').bootTimeoutMs(10).build(), 'E_CONFIG_TIMEOUT', 'bootTimeoutMs')
+  rejects(t, () => Sandbox.builder('ok').volume(A, 'relative').build(), 'E_CONFIG_VOLUME', 'volume')
+  const many = Object.fromEntries(Array.from({ length: 65 }, (_, i) => [`k${i}`, 'v']))
+  rejects(t, () => Sandbox.builder('ok').metadata(many).build(), 'E_CONFIG_METADATA', 'metadata')
+})
+
 test.after.always('every configuration error code was exercised', (t) => {
   t.deepEqual([...seen].sort(), [...CONFIG_ERROR_CODES].sort())
 })

@@ -18,7 +18,11 @@ export class MicrocellError extends Error {
   }
 }
 
-/** The configuration codes `build()` and `start()` can throw. */
+/**
+ * The configuration codes `build()` and `start()` / `create()` can throw (both builders; the
+ * last four are `Sandbox.builder()`'s own). The Rust list is `ConfigError::CODES`; a test checks
+ * that the two agree.
+ */
 export const CONFIG_ERROR_CODES = [
   'E_CONFIG_JSON',
   'E_CONFIG_VCPUS',
@@ -36,6 +40,10 @@ export const CONFIG_ERROR_CODES = [
   'E_CONFIG_NETWORK',
   'E_CONFIG_CMDLINE',
   'E_CONFIG_CONSOLE',
+  'E_CONFIG_NAME',
+  'E_CONFIG_TIMEOUT',
+  'E_CONFIG_VOLUME',
+  'E_CONFIG_METADATA',
 ] as const
 
 export type ConfigErrorCode = (typeof CONFIG_ERROR_CODES)[number]
@@ -56,7 +64,12 @@ export type ConfigErrorCode = (typeof CONFIG_ERROR_CODES)[number]
  * - `E_VM_STATE`: a request to a paused sandbox (resume it first), a pause of one that has ended;
  * - `E_OUTPUT_LIMIT`: `exec()` output beyond `maxOutputBytes` (the process was killed), `fs.read()`
  *   or `fs.copyToHost()` beyond `maxBytes` (the transfer was stopped);
+ * - `E_SNAPSHOT`: a snapshot could not be taken or restored; `E_INVALID_ARGUMENT`: a request
+ *   that makes no sense (empty argv, a relative guest path); `E_HOST_FILE`: a host file of a copy;
  * - the VMM's own codes on engine `kvm` (`E_KERNEL_FORMAT`, `E_KVM`, `E_MEMORY`, ...).
+ *
+ * The list is Rust's `SandboxError::CODES` plus the VMM codes every engine uses (`E_VM_STATE`);
+ * a test checks it against both.
  */
 export const SANDBOX_ERROR_CODES = [
   'E_GUEST_IMAGE_MISSING',
@@ -75,6 +88,9 @@ export const SANDBOX_ERROR_CODES = [
   'E_AGENT_TIMEOUT',
   'E_VM_STATE',
   'E_OUTPUT_LIMIT',
+  'E_SNAPSHOT',
+  'E_INVALID_ARGUMENT',
+  'E_HOST_FILE',
 ] as const
 
 export type SandboxErrorCode = (typeof SANDBOX_ERROR_CODES)[number]

@@ -15,6 +15,7 @@ import type {
   WorkloadStatus,
 } from './config.js'
 import { MicrocellError } from './errors.js'
+import { LIMITS } from './limits.js'
 import { prepareGuest } from './guest.js'
 import { configTypeError, stringList, stringRecord } from './internal/check.js'
 import { consoleDelivered, consoleReadable } from './internal/console.js'
@@ -47,10 +48,10 @@ export function nativeConsoleOptions(options: {
   }
   const queue = options.consoleQueueBytes
   if (queue !== undefined) {
-    if (!Number.isInteger(queue) || queue < 1 || queue > 2 ** 30) {
+    if (!Number.isInteger(queue) || queue < 1 || queue > LIMITS.MAX_CONSOLE_QUEUE_BYTES) {
       throw new MicrocellError(
         'E_INVALID_ARGUMENT',
-        `consoleQueueBytes is ${String(queue)}: give a whole number of bytes from 1 to 1073741824 (default 1 MiB)`,
+        `consoleQueueBytes is ${String(queue)}: give a whole number of bytes from 1 to ${LIMITS.MAX_CONSOLE_QUEUE_BYTES} (default 1 MiB)`,
       )
     }
     nativeOptions.consoleQueueBytes = queue

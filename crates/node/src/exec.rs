@@ -96,7 +96,7 @@ fn request(json: &str) -> Result<ExecRequest> {
 }
 
 /// `exec()`'s output limit per stream when none is given.
-const DEFAULT_MAX_OUTPUT: usize = 64 << 20;
+const DEFAULT_MAX_OUTPUT: usize = sandbox::limits::DEFAULT_OUTPUT_MAX_BYTES as usize;
 
 async fn start(sandbox: &NativeSandbox, request_json: String) -> Result<Arc<ExecHandle>> {
     let sb = sandbox.sandbox()?;

@@ -36,9 +36,9 @@ pub const READ_WINDOW: u32 = 4 << 20;
 const WRITE_CHUNK: usize = 256 << 10;
 /// The most a whole-file read collects into host memory unless told otherwise (as exec's
 /// `maxOutputBytes`).
-pub const DEFAULT_READ_MAX_BYTES: u64 = 64 << 20;
+pub const DEFAULT_READ_MAX_BYTES: u64 = crate::limits::DEFAULT_OUTPUT_MAX_BYTES;
 /// The most file data one copy to the host writes unless told otherwise (holes not counted).
-pub const DEFAULT_COPY_MAX_BYTES: u64 = 1 << 30;
+pub use crate::limits::DEFAULT_COPY_MAX_BYTES;
 
 /// How [`AgentClient::copy_to_host`] writes on the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
