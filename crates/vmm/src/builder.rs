@@ -5,6 +5,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::fs::File;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
@@ -12,7 +13,7 @@ use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::boot::{self, KernelKind};
-use crate::arch::{mptable, vcpu_state, vm_state};
+use crate::arch::mptable;
 use crate::config::{RestoreOptions, VmConfig, CONTROL_PORT_NAME};
 use crate::device_manager::DeviceManager;
 use crate::devices::legacy::serial::SerialState;
@@ -31,6 +32,7 @@ use crate::persist::LoadedSnapshot;
 use crate::run_dir::RunDir;
 use crate::seccomp::ThreadFilter;
 use crate::snapshot;
+use crate::state::Persist;
 use crate::vmm::{lock, HostEnds, Machine, Vm};
 use crate::vstate::lifecycle::{monotonic_ns, ExitReason, Lifecycle};
 use crate::vstate::memory::GuestRam;
@@ -57,7 +59,8 @@ struct Assembly {
 /// Device state to start from (a snapshot's), or None for fresh devices.
 struct DeviceStates<'a> {
     serial: &'a SerialState,
-    virtio: &'a [TransportState],
+    /// By device id (`VmConfig::virtio_ids`).
+    virtio: &'a BTreeMap<String, TransportState>,
 }
 
 fn assemble(
@@ -72,10 +75,10 @@ fn assemble(
     let mut pio_bus = Bus::default();
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::Thread)?;
     vm.fd().register_irqfd(&serial_irq, serial::COM1_IRQ).map_err(Error::kvm("KVM_IRQFD"))?;
-    let serial = match &states {
-        Some(s) => Serial::from_state(s.serial, serial_irq, console).map_err(|e| Error::Snapshot(e.to_string()))?,
-        None => Serial::new(serial_irq, console),
-    };
+    let mut serial = Serial::new(serial_irq, console);
+    if let Some(s) = &states {
+        serial.restore(s.serial)?;
+    }
     let serial = Arc::new(Mutex::new(serial));
     let weak = Arc::downgrade(&lifecycle);
     let i8042 = I8042::new(Box::new(move || {
@@ -92,8 +95,21 @@ fn assemble(
     let mut devices = DeviceManager::default();
     let mut virtio = Vec::new();
     let mut device_ends = Vec::new();
-    let mut transport_states = states.as_ref().map(|s| s.virtio.iter());
-    let mut next_state = || transport_states.as_mut().and_then(Iterator::next);
+    let ids = config.virtio_ids();
+    if let Some(s) = &states {
+        if let Some(id) = s.virtio.keys().find(|id| !ids.contains(id)) {
+            return Err(Error::Snapshot(format!("the snapshot has a virtio device {id} that the configuration lacks")));
+        }
+    }
+    let mut ids = ids.iter();
+    // The state of the next device attached (in `virtio_ids` order), by its id.
+    let mut next_state = || -> Result<Option<&TransportState>> {
+        let id = ids.next().expect("one id per configured device");
+        match &states {
+            Some(s) => s.virtio.get(id).map(Some).ok_or_else(|| Error::Snapshot(format!("the snapshot has no state for virtio device {id}"))),
+            None => Ok(None),
+        }
+    };
     for (i, disk) in config.block_devices.iter().enumerate() {
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -101,7 +117,7 @@ fn assemble(
             .open(&disk.path)
             .map_err(|e| Error::Config(format!("disk image {} cannot be opened: {e}", disk.path.display())))?;
         let block = Block::new(file, disk.read_only, &format!("microcell-vd{i}")).map_err(Error::Thread)?;
-        let state = next_state();
+        let state = next_state()?;
         virtio.push(devices.attach(vm.fd(), &memory, &mut mmio_bus, &mut event_loop, Box::new(block), state)?);
     }
     let channel = if config.control_channel {
@@ -109,7 +125,7 @@ fn assemble(
         device_ends.push(device_end.try_clone().map_err(Error::Thread)?);
         let fd = device_end.as_raw_fd();
         let console = Console::new(CONTROL_PORT_NAME, device_end, event_loop.interest(fd)).map_err(Error::Thread)?;
-        let state = next_state();
+        let state = next_state()?;
         virtio.push(devices.attach(vm.fd(), &memory, &mut mmio_bus, &mut event_loop, Box::new(console), state)?);
         Some(host_end)
     } else {
@@ -124,15 +140,12 @@ fn assemble(
             let fd = device_end.as_raw_fd();
             let egress = LivePolicy::new(net.egress.clone());
             let device = Net::new(net.mac, egress.clone(), device_end, event_loop.interest(fd)).map_err(Error::Thread)?;
-            let state = next_state();
+            let state = next_state()?;
             virtio.push(devices.attach(vm.fd(), &memory, &mut mmio_bus, &mut event_loop, Box::new(device), state)?);
             (Some(host_end), Some(egress))
         }
         None => (None, None),
     };
-    if next_state().is_some() {
-        return Err(Error::Snapshot("the snapshot has more virtio devices than the configuration".into()));
-    }
     Ok(Assembly {
         memory,
         lifecycle,
@@ -296,14 +309,20 @@ impl Vm {
         snapshot::memory::map_over(&shell.memory, &snapshot.memory_file, &snapshot.memory_path, &state.memory)?;
         let states = DeviceStates { serial: &state.serial, virtio: &state.virtio };
         let a = assemble(&shell.vm, &config, shell.memory, console, Some(states))?;
-        vm_state::restore(shell.vm.fd(), &state.vm)?;
+        let mut kvm_vm = shell.vm;
+        kvm_vm.restore(&state.vm)?;
         for (vcpu, s) in shell.vcpus.iter().zip(&state.vcpus) {
-            vcpu_state::restore(&lock(&vcpu.fd()), s)?;
+            lock(&vcpu.fd()).restore(s)?;
+        }
+        // Every part is restored: what needs the whole VM runs now, before any vCPU does.
+        lock(&a.serial).after_restore()?;
+        for t in &a.virtio {
+            lock(t).after_restore()?;
         }
         let path = &snapshot.memory_path;
         let dup = || snapshot.memory_file.try_clone().map_err(|source| Error::SnapshotIo { path: path.clone(), source });
         let (backing, base) = (dup()?, dup()?);
-        let vm = Self::launch(shell.vm, a, shell.vcpus, config, start_ns, Some(backing))?;
+        let vm = Self::launch(kvm_vm, a, shell.vcpus, config, start_ns, Some(backing))?;
         if let Some(dir) = scratch {
             lock(&vm.machine().scratch).replace(dir);
         }

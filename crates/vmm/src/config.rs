@@ -65,6 +65,15 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
+    /// Each virtio device's id, in the order they are attached (MMIO slots, `/dev/vdX`): a
+    /// snapshot keys device states by these.
+    pub fn virtio_ids(&self) -> Vec<String> {
+        let disks = (0..self.block_devices.len()).map(|i| format!("block{i}"));
+        let console = self.control_channel.then(|| "console0".to_owned());
+        let net = self.network.as_ref().map(|_| "net0".to_owned());
+        disks.chain(console).chain(net).collect()
+    }
+
     /// The limits every VM meets, booted or restored (a snapshot's config is checked by this
     /// too, before any memory is reserved for it).
     pub(crate) fn check(&self) -> Result<()> {
@@ -95,4 +104,22 @@ pub struct RestoreOptions {
     /// The network device's MAC and policy instead of the snapshot's (a clone's own forwarded
     /// ports); `E_CONFIG` when the snapshot has no network device.
     pub network: Option<NetworkConfig>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_ids_follow_the_attach_order() {
+        let disk = BlockDeviceConfig { path: "/d".into(), read_only: false };
+        let config = VmConfig {
+            block_devices: vec![disk.clone(), disk],
+            control_channel: true,
+            network: Some(NetworkConfig::default()),
+            ..Default::default()
+        };
+        assert_eq!(config.virtio_ids(), ["block0", "block1", "console0", "net0"]);
+        assert!(VmConfig::default().virtio_ids().is_empty());
+    }
 }

@@ -17,6 +17,7 @@ use crate::devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
 use crate::devices::Bus;
 use crate::error::{Error, Result};
 use crate::event_loop::EventLoop;
+use crate::state::Persist;
 
 /// First GSI for virtio devices (0-4 are the PIT, keyboard, cascade, COM2, COM1).
 const FIRST_VIRTIO_GSI: u32 = 5;
@@ -75,10 +76,10 @@ impl DeviceManager {
                 }))
                 .map_err(io_error)?;
         }
-        let transport = match state {
-            Some(s) => MmioTransport::restore(device, mem.clone(), interrupt, s).map_err(Error::Snapshot)?,
-            None => MmioTransport::new(device, mem.clone(), interrupt),
-        };
+        let mut transport = MmioTransport::new(device, mem.clone(), interrupt);
+        if let Some(s) = state {
+            transport.restore(s)?;
+        }
         let transport = Arc::new(Mutex::new(transport));
         let _ = slot.set(transport.clone());
         let queues = transport.lock().unwrap_or_else(|p| p.into_inner()).num_queues();

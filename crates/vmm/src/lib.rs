@@ -17,6 +17,7 @@ mod persist;
 pub mod run_dir;
 pub mod seccomp;
 pub mod snapshot;
+pub mod state;
 pub mod vmm;
 pub mod vstate;
 

@@ -1,12 +1,11 @@
 //! Snapshots of a running VM (`Vm::snapshot`) and loading them back (`LoadedSnapshot`); the
 //! restore itself is `builder`'s.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
-
-use kvm_ioctls::Kvm;
+use std::sync::Mutex;
 
 use crate::arch::{vcpu_state, vm_state};
 use crate::config::VmConfig;
@@ -15,7 +14,7 @@ use crate::devices::virtio::persist::TransportState;
 use crate::error::{Error, Result};
 use crate::snapshot::{self, MachineState};
 use crate::vmm::{lock, Vm};
-use crate::vstate::vm::kvm;
+use crate::state::Persist;
 
 /// Held while a snapshot is written into a directory (see `snapshot_paused`).
 struct DirLock(PathBuf);
@@ -106,15 +105,6 @@ impl LoadedSnapshot {
     }
 }
 
-fn msr_indices(kvm: &Kvm) -> Result<&'static [u32]> {
-    static MSRS: OnceLock<Vec<u32>> = OnceLock::new();
-    if let Some(m) = MSRS.get() {
-        return Ok(m);
-    }
-    let m = vcpu_state::msrs_to_save(kvm)?;
-    Ok(MSRS.get_or_init(|| m))
-}
-
 impl Vm {
     /// Writes `dir/vm.state` and `dir/vm.mem` (each atomically) and leaves the VM as it was
     /// (a running VM is paused for the duration). Returns the memory bytes written.
@@ -129,7 +119,6 @@ impl Vm {
 
     fn snapshot_paused(&self, dir: &Path, incremental: bool) -> Result<u64> {
         let m = self.machine();
-        let kvm = kvm()?;
         std::fs::create_dir_all(dir).map_err(|source| Error::SnapshotIo { path: dir.to_owned(), source })?;
         // Two VMs of this process snapshotting into one directory would share temporary file
         // names (`<file>.tmp-<pid>`): one at a time per directory.
@@ -147,11 +136,10 @@ impl Vm {
         // Hold every device lock across state and memory, so the event thread cannot move a
         // queue between the two.
         let transports: Vec<_> = m.virtio.iter().map(|t| lock(t)).collect();
-        let vm = vm_state::save(m.vm.fd())?;
-        let indices = msr_indices(kvm)?;
-        let vcpus = m.vcpus.iter().map(|fd| vcpu_state::save(&lock(fd), indices)).collect::<Result<Vec<_>>>()?;
-        let serial = lock(&m.serial).state();
-        let virtio = transports.iter().map(|t| t.state()).collect();
+        let vm = m.vm.save()?;
+        let vcpus = m.vcpus.iter().map(|fd| lock(fd).save()).collect::<Result<Vec<_>>>()?;
+        let serial = lock(&m.serial).save()?;
+        let virtio = m.config.virtio_ids().into_iter().zip(&transports).map(|(id, t)| Ok((id, t.save()?))).collect::<Result<_>>()?;
         // The pages written since the base (which a full snapshot replaces, so that the next
         // incremental one starts from here): the logs are read (and cleared) now; if the
         // snapshot fails they are carried over to the next one.
@@ -182,7 +170,7 @@ impl Vm {
         vm: vm_state::VmState,
         vcpus: Vec<vcpu_state::VcpuState>,
         serial: SerialState,
-        virtio: Vec<TransportState>,
+        virtio: BTreeMap<String, TransportState>,
     ) -> Result<u64> {
         let m = self.machine();
         let memory_path = dir.join(SNAPSHOT_MEMORY_FILE);

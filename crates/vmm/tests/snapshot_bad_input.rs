@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use common::{require_kvm, Capture};
 use vmm::devices::legacy::serial::SerialState;
-use vmm::devices::virtio::persist::TransportState;
+use vmm::devices::virtio::persist::{DeviceState, TransportState};
 use vmm::snapshot::{self, CpuFingerprint, MachineState, MemoryRegionState};
 use vmm::{BlockDeviceConfig, LoadedSnapshot, NetworkConfig, RestoreOptions, Vm, VmConfig};
 
@@ -93,7 +93,7 @@ fn synthetic_snapshot(dir: &Path) {
             tsc_khz: None,
         }],
         serial: SerialState { registers: [0; 10], in_buffer: Vec::new() },
-        virtio: Vec::new(),
+        virtio: Default::default(),
     };
     snapshot::save_state(&dir.join("vm.state"), &state).unwrap();
     let mem = std::fs::File::create(dir.join("vm.mem")).unwrap();
@@ -198,9 +198,9 @@ fn mutate_field(state: &mut MachineState, rng: &mut XorShift) -> String {
                 activated: rng.below(2) == 0,
                 config_generation: 0,
                 interrupt_status: 0,
-                device: vec![0xff; rng.below(64) as usize],
+                device: if rng.below(2) == 0 { DeviceState::Block } else { DeviceState::Net },
             };
-            state.virtio.push(t);
+            state.virtio.insert(format!("extra{}", rng.below(4)), t);
             "an extra virtio device state".into()
         }
         13 => {
@@ -547,7 +547,7 @@ fn a_disk_path_escaping_the_snapshot_directory_is_refused() {
     synthetic_snapshot(&dir);
     let mut state = snapshot::load_state(&dir.join("vm.state")).unwrap();
     state.config.block_devices.push(BlockDeviceConfig { path: "../s/vm.mem".into(), read_only: false });
-    state.virtio.push(TransportState {
+    state.virtio.insert("block0".into(), TransportState {
         device_type: 2,
         queues: Vec::new(),
         queue_select: 0,
@@ -558,12 +558,45 @@ fn a_disk_path_escaping_the_snapshot_directory_is_refused() {
         activated: false,
         config_generation: 0,
         interrupt_status: 0,
-        device: Vec::new(),
+        device: DeviceState::Block,
     });
     snapshot::save_state(&dir.join("vm.state"), &state).unwrap();
     let e = LoadedSnapshot::load(&dir).err().expect("refused");
     assert_eq!(e.code(), "E_SNAPSHOT_CORRUPT", "{e}");
     assert!(e.to_string().contains("blockDevices[0].path"), "{e}");
+}
+
+/// Device states are matched to devices by id, not by position: a console's state filed under
+/// another id is refused (and the one under its own id loads).
+#[test]
+fn a_device_state_under_another_id_is_refused() {
+    let work = TempDir::new("ids");
+    let dir = work.0.join("s");
+    synthetic_snapshot(&dir);
+    let mut state = snapshot::load_state(&dir.join("vm.state")).unwrap();
+    state.config.control_channel = true;
+    let console = TransportState {
+        device_type: 3,
+        queues: Vec::new(),
+        queue_select: 0,
+        device_features_select: 0,
+        driver_features_select: 0,
+        acked_features: 0,
+        status: 0,
+        activated: false,
+        config_generation: 0,
+        interrupt_status: 0,
+        device: DeviceState::Console(Default::default()),
+    };
+    state.virtio.insert("console0".into(), console.clone());
+    snapshot::save_state(&dir.join("vm.state"), &state).unwrap();
+    LoadedSnapshot::load(&dir).expect("the console's state under its id loads");
+    let console = state.virtio.remove("console0").unwrap();
+    state.virtio.insert("console1".into(), console);
+    snapshot::save_state(&dir.join("vm.state"), &state).unwrap();
+    let e = LoadedSnapshot::load(&dir).err().expect("refused");
+    assert_eq!(e.code(), "E_SNAPSHOT_CORRUPT", "{e}");
+    assert!(e.to_string().contains("console1") && e.to_string().contains("console0"), "{e}");
 }
 
 // ---- T1: restore what loads ----

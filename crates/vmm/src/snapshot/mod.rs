@@ -12,6 +12,7 @@
 pub mod disk;
 pub mod memory;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -28,7 +29,8 @@ use crate::config::VmConfig;
 pub const MAGIC: &[u8; 8] = b"MCELLSNP";
 /// 2: the state names its memory file (`memory_id`, matched against the file's trailer).
 /// 3: the configuration may have a network device (`VmConfig::network`).
-pub const FORMAT_VERSION: u32 = 4;
+/// 5: virtio states keyed by device id (`VmConfig::virtio_ids`); device states typed.
+pub const FORMAT_VERSION: u32 = 5;
 const HEADER_LEN: usize = 8 + 4 + 8;
 /// No state file is this big; a larger length field means a damaged file.
 const MAX_BODY: u64 = 64 << 20;
@@ -70,7 +72,8 @@ pub struct MachineState {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialState,
-    pub virtio: Vec<TransportState>,
+    /// By device id (`VmConfig::virtio_ids`), not by position.
+    pub virtio: BTreeMap<String, TransportState>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -325,9 +328,11 @@ pub(crate) fn validate(state: &MachineState) -> std::result::Result<(), String> 
             }
         }
     }
-    let devices = config.block_devices.len() + usize::from(config.control_channel) + usize::from(config.network.is_some());
-    if state.virtio.len() != devices {
-        return Err(format!("virtio: {} device states, the configuration has {devices} devices", state.virtio.len()));
+    let ids = config.virtio_ids();
+    let wanted: std::collections::BTreeSet<&String> = ids.iter().collect();
+    if !state.virtio.keys().eq(wanted.into_iter()) {
+        let found: Vec<_> = state.virtio.keys().collect();
+        return Err(format!("virtio: device states for {found:?}, the configuration has devices {ids:?}"));
     }
     for (i, v) in state.vcpus.iter().enumerate() {
         if v.cpuid.len() > kvm_bindings::KVM_MAX_CPUID_ENTRIES {

@@ -15,7 +15,9 @@ use vmm_sys_util::signal::register_signal_handler;
 use super::lifecycle::{kick_signal, ExitReason, Lifecycle};
 use crate::arch::{cpuid, interrupts, msr, regs};
 use crate::devices::Bus;
+use crate::arch::vcpu_state::{self, VcpuState};
 use crate::error::{Error, Result};
+use crate::state::Persist;
 use crate::seccomp::{self, ThreadFilter};
 
 thread_local! {
@@ -206,5 +208,30 @@ impl Vcpu {
                 }
             }
         }
+    }
+}
+
+/// The MSRs this host's KVM saves, listed once per process.
+fn msr_indices() -> Result<&'static [u32]> {
+    static MSRS: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    if let Some(m) = MSRS.get() {
+        return Ok(m);
+    }
+    let m = vcpu_state::msrs_to_save(super::vm::kvm()?)?;
+    Ok(MSRS.get_or_init(|| m))
+}
+
+/// A vCPU's registers, LAPIC, MSRs and events (`arch::vcpu_state`), read and written while it
+/// is outside `KVM_RUN`.
+impl Persist for VcpuFd {
+    type State = VcpuState;
+    type Error = Error;
+
+    fn save(&self) -> Result<VcpuState> {
+        vcpu_state::save(self, msr_indices()?)
+    }
+
+    fn restore(&mut self, state: &VcpuState) -> Result<()> {
+        vcpu_state::restore(self, state)
     }
 }

@@ -7,7 +7,9 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::vstate::memory::GuestRam;
 
 use crate::arch::layout::KVM_TSS_ADDR;
+use crate::arch::vm_state::{self, VmState};
 use crate::error::{Error, Result};
+use crate::state::Persist;
 
 pub struct Vm {
     fd: VmFd,
@@ -65,4 +67,18 @@ pub(crate) fn kvm() -> Result<&'static Kvm> {
     }
     let k = Kvm::new().map_err(Error::NoKvm)?;
     Ok(KVM.get_or_init(|| k))
+}
+
+/// The irqchip, PIT and clock (`arch::vm_state`).
+impl Persist for Vm {
+    type State = VmState;
+    type Error = Error;
+
+    fn save(&self) -> Result<VmState> {
+        vm_state::save(self.fd())
+    }
+
+    fn restore(&mut self, state: &VmState) -> Result<()> {
+        vm_state::restore(self.fd(), state)
+    }
 }

@@ -8,6 +8,7 @@ use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
+use crate::state::{Persist, StateError};
 
 pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_PORT_LEN: u64 = 8;
@@ -36,8 +37,34 @@ impl Serial {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         Serial(vm_superio::Serial::new(IrqTrigger(irq), out))
     }
+}
 
-    pub fn from_state(state: &SerialState, irq: EventFd, out: Box<dyn Write + Send>) -> std::io::Result<Self> {
+impl Persist for Serial {
+    type State = SerialState;
+    type Error = StateError;
+
+    fn save(&self) -> Result<SerialState, StateError> {
+        let s = self.0.state();
+        Ok(SerialState {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+                0,
+            ],
+            in_buffer: s.in_buffer,
+        })
+    }
+
+    /// vm-superio builds a UART from a state only: the fresh one's interrupt and output move
+    /// into the rebuilt one.
+    fn restore(&mut self, state: &SerialState) -> Result<(), StateError> {
         let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch, _] =
             state.registers;
         let s = vm_superio::serial::SerialState {
@@ -52,28 +79,13 @@ impl Serial {
             scratch,
             in_buffer: state.in_buffer.clone(),
         };
-        vm_superio::Serial::from_state(&s, IrqTrigger(irq), vm_superio::serial::NoEvents, out)
-            .map(Serial)
-            .map_err(|e| std::io::Error::other(format!("serial state: {e:?}")))
-    }
-
-    pub fn state(&self) -> SerialState {
-        let s = self.0.state();
-        SerialState {
-            registers: [
-                s.baud_divisor_low,
-                s.baud_divisor_high,
-                s.interrupt_enable,
-                s.interrupt_identification,
-                s.line_control,
-                s.line_status,
-                s.modem_control,
-                s.modem_status,
-                s.scratch,
-                0,
-            ],
-            in_buffer: s.in_buffer,
-        }
+        let share = |e: std::io::Error| StateError::new("serial", format!("cannot share its interrupt eventfd: {e}"));
+        let irq = self.0.interrupt_evt().0.try_clone().map_err(share)?;
+        let spare = IrqTrigger(irq.try_clone().map_err(share)?);
+        let out = std::mem::replace(&mut self.0, vm_superio::Serial::new(spare, Box::new(std::io::sink()))).into_writer();
+        self.0 = vm_superio::Serial::from_state(&s, IrqTrigger(irq), vm_superio::serial::NoEvents, out)
+            .map_err(|e| StateError::new("serial", format!("{e:?}")))?;
+        Ok(())
     }
 }
 
@@ -95,3 +107,42 @@ impl BusDevice for Serial {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    /// A buffer both the test and the UART write side can see.
+    #[derive(Clone, Default)]
+    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_restored_uart_has_the_saved_registers_and_keeps_its_output() {
+        let mut a = Serial::new(EventFd::new(EFD_NONBLOCK).unwrap(), Box::new(std::io::sink()));
+        a.write(7, &[0x5a]); // scratch
+        a.write(3, &[0x03]); // line control: 8 bits
+        a.write(1, &[0x01]); // interrupt enable: received data
+        let saved = a.save().unwrap();
+        let out = Shared::default();
+        let mut b = Serial::new(EventFd::new(EFD_NONBLOCK).unwrap(), Box::new(out.clone()));
+        b.restore(&saved).unwrap();
+        assert_eq!(b.save().unwrap().registers, saved.registers);
+        let mut scratch = [0];
+        b.read(7, &mut scratch);
+        assert_eq!(scratch, [0x5a]);
+        b.write(0, b"x");
+        assert_eq!(*out.0.lock().unwrap(), b"x", "the fresh UART's output goes on");
+    }
+}
+

@@ -8,7 +8,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use crate::vstate::memory::GuestRam;
 
+use super::persist::DeviceState;
 use super::{read_config_bytes, Activation, Interrupt, VirtioDevice, INT_USED_RING, TYPE_BLOCK};
+use crate::state::{Persist, StateError};
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
@@ -181,6 +183,23 @@ impl VirtioDevice for Block {
     }
 }
 
+/// Nothing beyond its queue: every request completes before the transport lock is let go.
+impl Persist for Block {
+    type State = DeviceState;
+    type Error = StateError;
+
+    fn save(&self) -> Result<DeviceState, StateError> {
+        Ok(DeviceState::Block)
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        match state {
+            DeviceState::Block => Ok(()),
+            other => Err(StateError::new("virtio-block", format!("the snapshot holds a {} state for it", other.model()))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,4 +316,15 @@ mod tests {
         dev.read_config(0, &mut cfg);
         assert_eq!(u64::from_le_bytes(cfg), 10);
     }
+
+    #[test]
+    fn a_state_of_another_model_is_refused() {
+        let mut dev = Block::new(image(8), false, "d").unwrap();
+        assert_eq!(dev.save().unwrap().model(), "virtio-block");
+        dev.restore(&DeviceState::Block).unwrap();
+        let e = dev.restore(&DeviceState::Net).unwrap_err();
+        assert_eq!(e.device, "virtio-block");
+        assert!(e.reason.contains("virtio-net"), "{e}");
+    }
+
 }

@@ -17,7 +17,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{read_config_bytes, Activation, ActiveQueues, SocketInterest, VirtioDevice, TYPE_CONSOLE};
+use super::persist::DeviceState;
 use crate::event_loop::Interest;
+use crate::state::{Persist, StateError};
 
 const F_MULTIPORT: u64 = 1 << 1;
 const QUEUE_SIZE: u16 = 256;
@@ -339,37 +341,44 @@ impl VirtioDevice for Console {
     fn active_queues(&self) -> Option<&[Queue]> {
         self.active.as_ref().map(|a| a.queues.as_slice())
     }
+}
 
-    fn save_state(&self) -> Vec<u8> {
-        let state = ConsoleState {
+impl Persist for Console {
+    type State = DeviceState;
+    type Error = StateError;
+
+    fn save(&self) -> Result<DeviceState, StateError> {
+        Ok(DeviceState::Console(ConsoleState {
             pending_control: self.pending_control.iter().cloned().collect(),
             pending_tx: self.pending_tx.as_ref().map(|p| (p.head, p.segments.iter().copied().collect())),
             guest_open: self.guest_open,
-        };
-        bincode::serialize(&state).unwrap_or_default()
+        }))
     }
 
-    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), String> {
-        let state: ConsoleState = bincode::deserialize(bytes).map_err(|e| format!("virtio-console state: {e}"))?;
+    fn restore(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        let err = |reason: String| StateError::new("virtio-console", reason);
+        let DeviceState::Console(state) = state else {
+            return Err(err(format!("the snapshot holds a {} state for it", state.model())));
+        };
         // Bounded like the live device: a few control messages, and a pending transmit chain
         // that is one of the guest's descriptors, in guest memory.
         if state.pending_control.len() > MAX_PENDING_CONTROL || state.pending_control.iter().any(|m| m.len() > MAX_CONTROL_LEN) {
-            return Err(format!(
-                "virtio-console state: {} pending control messages, at most {MAX_PENDING_CONTROL} of at most {MAX_CONTROL_LEN} bytes",
+            return Err(err(format!(
+                "{} pending control messages, at most {MAX_PENDING_CONTROL} of at most {MAX_CONTROL_LEN} bytes",
                 state.pending_control.len()
-            ));
+            )));
         }
         if let (Some((head, segments)), Some(a)) = (&state.pending_tx, &self.active) {
             let size = a.queues[TX].size();
             if *head >= size {
-                return Err(format!("virtio-console state: pending transmit head {head}, the queue has {size} entries"));
+                return Err(err(format!("pending transmit head {head}, the queue has {size} entries")));
             }
             if segments.len() > usize::from(size) || segments.iter().any(|&(addr, len)| !a.mem.check_range(GuestAddress(addr), len)) {
-                return Err("virtio-console state: a pending transmit buffer lies outside guest memory".into());
+                return Err(err("a pending transmit buffer lies outside guest memory".into()));
             }
         }
-        self.pending_control = state.pending_control.into();
-        self.pending_tx = state.pending_tx.map(|(head, segments)| PendingTx { head, segments: segments.into() });
+        self.pending_control = state.pending_control.iter().cloned().collect();
+        self.pending_tx = state.pending_tx.clone().map(|(head, segments)| PendingTx { head, segments: segments.into() });
         self.guest_open = state.guest_open;
         self.update_interest();
         Ok(())
@@ -382,9 +391,10 @@ const MAX_PENDING_CONTROL: usize = 1024;
 const MAX_CONTROL_LEN: usize = 64 << 10;
 
 /// What a snapshot keeps of the console beyond its queues.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct ConsoleState {
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ConsoleState {
     pending_control: Vec<Vec<u8>>,
+    /// The transmit chain being written to the host: its head and (address, length) segments.
     pending_tx: Option<(u16, Vec<(u64, usize)>)>,
     guest_open: bool,
 }

@@ -7,6 +7,7 @@ use crate::vstate::memory::GuestRam;
 
 use super::persist::{QueueSnapshot, TransportState};
 use super::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::state::{Persist, StateError};
 use crate::devices::bus::BusDevice;
 
 pub const MMIO_SIZE: u64 = 0x1000;
@@ -57,68 +58,6 @@ impl MmioTransport {
             activated: false,
             config_generation: 0,
         }
-    }
-
-    pub fn state(&self) -> TransportState {
-        let live = self.device.active_queues().filter(|_| self.activated).unwrap_or(&self.queues);
-        TransportState {
-            device_type: self.device.device_type(),
-            queues: live.iter().map(QueueSnapshot::from).collect(),
-            queue_select: self.queue_select,
-            device_features_select: self.device_features_select,
-            driver_features_select: self.driver_features_select,
-            acked_features: self.acked_features,
-            status: self.status,
-            activated: self.activated,
-            config_generation: self.config_generation,
-            interrupt_status: self.interrupt.status(),
-            device: self.device.save_state(),
-        }
-    }
-
-    /// Rebuilds a transport (and re-activates its device) from a snapshot.
-    pub fn restore(
-        device: Box<dyn VirtioDevice>,
-        mem: GuestRam,
-        interrupt: Interrupt,
-        state: &TransportState,
-    ) -> Result<Self, String> {
-        let mut t = MmioTransport::new(device, mem, interrupt);
-        if state.device_type != t.device.device_type() || state.queues.len() != t.queues.len() {
-            return Err(format!("virtio device type {} in the snapshot does not match the configured device", state.device_type));
-        }
-        let queues: Vec<Queue> =
-            state.queues.iter().map(QueueSnapshot::to_queue).collect::<Result<_, _>>().map_err(|e| format!("virtio queue: {e:?}"))?;
-        // The device's own queue sizes, and rings inside guest RAM: a snapshot cannot widen a
-        // queue past what the device allocates for, nor point the device outside the guest.
-        for (i, (q, fresh)) in queues.iter().zip(&t.queues).enumerate() {
-            if q.max_size() != fresh.max_size() {
-                return Err(format!("virtio queue {i}: max_size {} in the snapshot, the device has {}", q.max_size(), fresh.max_size()));
-            }
-            if q.ready() && !q.is_valid(&t.mem) {
-                return Err(format!("virtio queue {i}: its rings lie outside guest memory or are misaligned"));
-            }
-        }
-        t.queues = queues;
-        t.queue_select = state.queue_select;
-        t.device_features_select = state.device_features_select;
-        t.driver_features_select = state.driver_features_select;
-        t.acked_features = state.acked_features;
-        t.status = state.status;
-        t.config_generation = state.config_generation;
-        t.interrupt.set_status(state.interrupt_status);
-        if state.activated {
-            let queues = state.queues.iter().map(QueueSnapshot::to_queue).collect::<Result<_, _>>().map_err(|e| format!("virtio queue: {e:?}"))?;
-            t.device.activate(Activation {
-                mem: t.mem.clone(),
-                queues,
-                interrupt: t.interrupt.clone(),
-                acked_features: t.acked_features,
-            });
-            t.activated = true;
-            t.device.restore_state(&state.device)?;
-        }
-        Ok(t)
     }
 
     pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
@@ -255,6 +194,76 @@ impl MmioTransport {
     }
 }
 
+impl Persist for MmioTransport {
+    type State = TransportState;
+    type Error = StateError;
+
+    fn save(&self) -> Result<TransportState, StateError> {
+        let live = self.device.active_queues().filter(|_| self.activated).unwrap_or(&self.queues);
+        Ok(TransportState {
+            device_type: self.device.device_type(),
+            queues: live.iter().map(QueueSnapshot::from).collect(),
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            acked_features: self.acked_features,
+            status: self.status,
+            activated: self.activated,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            device: self.device.save()?,
+        })
+    }
+
+    /// Into a fresh transport (`new`): the registers, the queues, and the device re-activated.
+    fn restore(&mut self, state: &TransportState) -> Result<(), StateError> {
+        let err = |reason: String| StateError::new("virtio-mmio", reason);
+        let t = self;
+        if state.device_type != t.device.device_type() || state.queues.len() != t.queues.len() {
+            return Err(err(format!("virtio device type {} in the snapshot does not match the configured device", state.device_type)));
+        }
+        let queues: Vec<Queue> =
+            state.queues.iter().map(QueueSnapshot::to_queue).collect::<Result<_, _>>().map_err(|e| err(format!("virtio queue: {e:?}")))?;
+        // The device's own queue sizes, and rings inside guest RAM: a snapshot cannot widen a
+        // queue past what the device allocates for, nor point the device outside the guest.
+        for (i, (q, fresh)) in queues.iter().zip(&t.queues).enumerate() {
+            if q.max_size() != fresh.max_size() {
+                return Err(err(format!("virtio queue {i}: max_size {} in the snapshot, the device has {}", q.max_size(), fresh.max_size())));
+            }
+            if q.ready() && !q.is_valid(&t.mem) {
+                return Err(err(format!("virtio queue {i}: its rings lie outside guest memory or are misaligned")));
+            }
+        }
+        t.queues = queues;
+        t.queue_select = state.queue_select;
+        t.device_features_select = state.device_features_select;
+        t.driver_features_select = state.driver_features_select;
+        t.acked_features = state.acked_features;
+        t.status = state.status;
+        t.config_generation = state.config_generation;
+        t.interrupt.set_status(state.interrupt_status);
+        if state.activated {
+            let queues = state.queues.iter().map(QueueSnapshot::to_queue).collect::<Result<_, _>>().map_err(|e| err(format!("virtio queue: {e:?}")))?;
+            t.device.activate(Activation {
+                mem: t.mem.clone(),
+                queues,
+                interrupt: t.interrupt.clone(),
+                acked_features: t.acked_features,
+            });
+            t.activated = true;
+            t.device.restore(&state.device)?;
+        }
+        Ok(())
+    }
+
+    fn after_restore(&mut self) -> Result<(), StateError> {
+        if self.activated {
+            self.device.after_restore()?;
+        }
+        Ok(())
+    }
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= 0x100 {
@@ -281,6 +290,7 @@ pub type SharedTransport = Arc<Mutex<MmioTransport>>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::DeviceState;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -288,6 +298,17 @@ mod tests {
     struct Dummy {
         activations: Arc<AtomicUsize>,
         notified: Arc<AtomicUsize>,
+    }
+
+    impl Persist for Dummy {
+        type State = DeviceState;
+        type Error = StateError;
+        fn save(&self) -> Result<DeviceState, StateError> {
+            Ok(DeviceState::Block)
+        }
+        fn restore(&mut self, _: &DeviceState) -> Result<(), StateError> {
+            Ok(())
+        }
     }
 
     impl VirtioDevice for Dummy {

@@ -16,10 +16,12 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::event_loop::Interest;
+use crate::state::{Persist, StateError};
 use crate::vstate::memory::GuestRam;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::MmioTransport;
+pub use persist::DeviceState;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const TYPE_NET: u32 = 1;
@@ -76,8 +78,10 @@ pub struct Activation {
 }
 
 /// A virtio device model. All methods run with the transport's lock held, on a vCPU thread
-/// (register accesses) or the event loop thread (queue and host events).
-pub trait VirtioDevice: Send {
+/// (register accesses) or the event loop thread (queue and host events). Its snapshot state
+/// (beyond the queues, which the transport keeps) is `Persist`'s: `restore` runs after
+/// `activate` when the device was active, `after_restore` once the whole VM is restored.
+pub trait VirtioDevice: Send + Persist<State = DeviceState, Error = StateError> {
     fn device_type(&self) -> u32;
     /// One entry per queue: the largest size the device accepts.
     fn queue_max_sizes(&self) -> &[u16];
@@ -100,14 +104,6 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The queues the device is using (after `activate`), for snapshots.
     fn active_queues(&self) -> Option<&[Queue]>;
-    /// Device state beyond its queues, for snapshots.
-    fn save_state(&self) -> Vec<u8> {
-        Vec::new()
-    }
-    /// Restores `save_state`'s bytes; called after `activate` when the device was active.
-    fn restore_state(&mut self, _state: &[u8]) -> Result<(), String> {
-        Ok(())
-    }
 }
 
 /// A device's queues once the driver has set DRIVER_OK, and whether it owes the driver an

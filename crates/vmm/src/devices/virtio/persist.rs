@@ -1,5 +1,4 @@
-//! Snapshot state of a virtio-mmio transport and its queues. The device's own state
-//! (`VirtioDevice::save_state`) rides along as opaque bytes.
+//! Snapshot state of a virtio-mmio transport and its queues, and of the device behind it.
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState};
@@ -64,5 +63,24 @@ pub struct TransportState {
     pub activated: bool,
     pub config_generation: u32,
     pub interrupt_status: u32,
-    pub device: Vec<u8>,
+    pub device: DeviceState,
+}
+
+/// A virtio device's own state beyond its queues, one variant per device model.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum DeviceState {
+    Block,
+    Console(super::console::ConsoleState),
+    Net,
+}
+
+impl DeviceState {
+    /// The model this state is for, as errors name it.
+    pub fn model(&self) -> &'static str {
+        match self {
+            DeviceState::Block => "virtio-block",
+            DeviceState::Console(_) => "virtio-console",
+            DeviceState::Net => "virtio-net",
+        }
+    }
 }

@@ -22,7 +22,9 @@ use vmm_sys_util::epoll::EventSet;
 
 use self::egress::LivePolicy;
 use super::{read_config_bytes, Activation, ActiveQueues, SocketInterest, VirtioDevice, TYPE_NET};
+use super::persist::DeviceState;
 use crate::event_loop::Interest;
+use crate::state::{Persist, StateError};
 use crate::vstate::memory::GuestRam;
 
 const F_MAC: u64 = 1 << 5;
@@ -355,11 +357,29 @@ impl VirtioDevice for Net {
 
     // No state beyond the queues: a restored VM gets a new socket (a new network process), whose
     // stream starts at a frame boundary, so half-sent or half-read frames are not kept.
+}
+
+/// Nothing beyond its queues (frames half sent or received are the host stream's, which a
+/// restore replaces).
+impl Persist for Net {
+    type State = DeviceState;
+    type Error = StateError;
+
+    fn save(&self) -> Result<DeviceState, StateError> {
+        Ok(DeviceState::Net)
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        match state {
+            DeviceState::Net => Ok(()),
+            other => Err(StateError::new("virtio-net", format!("the snapshot holds a {} state for it", other.model()))),
+        }
+    }
 
     /// Restored (and active): announces the guest's MAC to the new network behind the socket, as
     /// QEMU does after a migration. passt sends to the MAC it has seen from the guest; a guest
     /// that sends nothing by itself (a server without outbound access) would stay unreachable.
-    fn restore_state(&mut self, _state: &[u8]) -> Result<(), String> {
+    fn after_restore(&mut self) -> Result<(), StateError> {
         let mut bytes = vec![0u8; LENGTH_PREFIX];
         bytes.extend(rarp_announce(self.config[..6].try_into().expect("6 bytes")));
         self.queue_tx(bytes, 0);
@@ -613,7 +633,7 @@ mod tests {
     fn a_restored_device_announces_the_guests_mac_first() {
         let mem = memory();
         let mut r = rig(&mem, EgressPolicy::default());
-        r.dev.restore_state(&[]).unwrap();
+        r.dev.after_restore().unwrap();
         r.dev.host_event(EventSet::OUT);
         let f = read_framed(&mut r.host);
         assert_eq!(f.len(), 60);
