@@ -49,3 +49,43 @@ test('the TS error-code lists and limits are the Rust ones', (t) => {
   const { LIMITS } = require(path.join(root, 'dist', 'limits.js'))
   t.deepEqual(LIMITS, native.limits())
 })
+
+/** The runtime imports among the files of `dir` (`import type` and all-`type` lists are erased by tsc, so they are left out). */
+function importGraph(dir) {
+  const graph = new Map()
+  for (const file of fs.readdirSync(dir, { recursive: true })) {
+    if (!file.endsWith('.ts')) continue
+    const from = path.join(dir, file)
+    const deps = new Set()
+    const text = fs.readFileSync(from, 'utf8')
+    for (const m of text.matchAll(/^(?:import|export)\s+(type\s+)?(?:\{([^}]*)\}|[^'"]*?)\s*from\s+'(\.[^']+)'/gm)) {
+      const [, typeOnly, names, spec] = m
+      if (typeOnly || (names && names.split(',').every((n) => !n.trim() || n.trim().startsWith('type ')))) continue
+      deps.add(path.join(path.dirname(from), spec.replace(/\.js$/, '.ts')))
+    }
+    graph.set(from, deps)
+  }
+  return graph
+}
+
+/** Every cycle's files (one entry per cycle, found from each file in turn by a depth-first walk). */
+function cycles(graph) {
+  const found = new Set()
+  const walk = (node, trail) => {
+    if (trail.includes(node)) {
+      found.add(trail.slice(trail.indexOf(node)).map((f) => path.relative(root, f)).sort().join(' <-> '))
+      return
+    }
+    for (const next of graph.get(node) ?? []) walk(next, [...trail, node])
+  }
+  for (const node of graph.keys()) walk(node, [])
+  return [...found]
+}
+
+test('src/ has no import cycles (module A imports B and B imports A, directly or around)', (t) => {
+  const graph = importGraph(path.join(root, 'src'))
+  t.true(graph.size > 10 && [...graph.values()].some((d) => d.size > 0), 'the import scan found the files and their imports')
+  t.deepEqual(cycles(graph), [])
+  // The scan sees a cycle when there is one.
+  t.deepEqual(cycles(new Map([['/a.ts', new Set(['/b.ts'])], ['/b.ts', new Set(['/a.ts'])]])), [path.relative(root, '/a.ts') + ' <-> ' + path.relative(root, '/b.ts')])
+})

@@ -15,11 +15,11 @@ import type {
   WorkloadStatus,
 } from './config.js'
 import { MicrocellError } from './errors.js'
-import { LIMITS } from './limits.js'
 import { prepareGuest } from './guest.js'
 import { configTypeError, stringList, stringRecord } from './internal/check.js'
-import { consoleDelivered, consoleReadable } from './internal/console.js'
+import { consoleDelivered, consoleReadable, nativeConsoleOptions } from './internal/console.js'
 import * as native from './internal/native.js'
+import { registerMicroVm } from './internal/vm-wrap.js'
 import { snapshotTaken, workloadSnapshotTaken, type Snapshot, type SnapshotOptions } from './snapshot.js'
 
 /** Options of `stop()`. */
@@ -36,40 +36,6 @@ function toJson(config: MicroVmConfigInput): string {
       cause: err,
     })
   }
-}
-
-/** Checks `consoleQueueBytes` and returns the console options the addon takes. */
-export function nativeConsoleOptions(options: {
-  consoleStream?: boolean
-  consoleQueueBytes?: number
-}): { consoleStream: boolean; consoleQueueBytes?: number } {
-  const nativeOptions: { consoleStream: boolean; consoleQueueBytes?: number } = {
-    consoleStream: options.consoleStream === true,
-  }
-  const queue = options.consoleQueueBytes
-  if (queue !== undefined) {
-    if (!Number.isInteger(queue) || queue < 1 || queue > LIMITS.MAX_CONSOLE_QUEUE_BYTES) {
-      throw new MicrocellError(
-        'E_INVALID_ARGUMENT',
-        `consoleQueueBytes is ${String(queue)}: give a whole number of bytes from 1 to ${LIMITS.MAX_CONSOLE_QUEUE_BYTES} (default 1 MiB)`,
-      )
-    }
-    nativeOptions.consoleQueueBytes = queue
-  }
-  return nativeOptions
-}
-
-let wrapNative: (handle: native.NativeVmHandle, consoleEnabled: boolean) => MicroVm
-let wrapWorkload: (handle: native.NativeWorkloadHandle, startNs: bigint, consoleEnabled: boolean) => MicroVm
-
-/** A MicroVm around a workload VM the addon restored. Internal: not exported by index.ts. */
-export function microVmFromWorkload(handle: native.NativeWorkloadHandle, startNs: bigint, consoleEnabled: boolean): MicroVm {
-  return wrapWorkload(handle, startNs, consoleEnabled)
-}
-
-/** A MicroVm around a VM the addon made (a start or a restore). Internal: not exported by index.ts. */
-export function microVmFromNative(handle: native.NativeVmHandle, consoleEnabled: boolean): MicroVm {
-  return wrapNative(handle, consoleEnabled)
 }
 
 /** Chainable builder of a `MicroVmConfig`; `build()` validates it, `start()` boots it. */
@@ -342,9 +308,11 @@ export class MicroVm implements AsyncDisposable {
   #exit: Promise<ExitStatus> | undefined
 
   static {
-    wrapNative = (handle, consoleEnabled) => new MicroVm(handle, null, consoleEnabled)
-    wrapWorkload = (handle, startNs, consoleEnabled) =>
-      new MicroVm(null, new WorkloadVm(handle, startNs, process.hrtime.bigint()), consoleEnabled)
+    registerMicroVm({
+      native: (handle, consoleEnabled) => new MicroVm(handle, null, consoleEnabled),
+      workload: (handle, startNs, consoleEnabled) =>
+        new MicroVm(null, new WorkloadVm(handle, startNs, process.hrtime.bigint()), consoleEnabled),
+    })
   }
 
   private constructor(handle: native.NativeVmHandle | null, workload: WorkloadVm | null, consoleEnabled: boolean) {

@@ -1,7 +1,8 @@
 import type { ExitStatus, MicroVmConfigInput, StartOptions } from './config.js'
 import { MicrocellError } from './errors.js'
 import type * as native from './internal/native.js'
-import { MicroVm, microVmFromNative } from './microvm.js'
+import { microVmFromNative } from './internal/vm-wrap.js'
+import { MicroVm } from './microvm.js'
 import { Sandbox, type SandboxConfig, type SandboxConfigInput } from './sandbox.js'
 import { nativeRestoreOptions, nativeSnapshot, type RestoreOptions, type Snapshot } from './snapshot.js'
 

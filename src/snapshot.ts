@@ -1,6 +1,8 @@
 import { MicrocellError } from './errors.js'
 import * as native from './internal/native.js'
-import { type MicroVm, microVmFromNative, microVmFromWorkload, nativeConsoleOptions } from './microvm.js'
+import { nativeConsoleOptions } from './internal/console.js'
+import { microVmFromNative, microVmFromWorkload } from './internal/vm-wrap.js'
+import type { MicroVm } from './microvm.js'
 
 /** Options of `vm.snapshot()`. */
 export interface SnapshotOptions {

@@ -3,6 +3,9 @@
 // child process's 'close' comes after its stdio streams (docs/security.md).
 import { Readable } from 'node:stream'
 
+import { MicrocellError } from '../errors.js'
+import { LIMITS } from '../limits.js'
+
 /** The addon's side of a console: `null` once the VM has ended and every byte was read. */
 export interface ConsoleSource {
   readConsole(maxBytes?: number): Promise<Buffer | null>
@@ -66,4 +69,25 @@ export function consoleReadable(source: ConsoleSource): Readable {
 export function consoleDelivered(stream: Readable | undefined): Promise<void> {
   const f = stream === undefined ? undefined : delivered.get(stream)
   return f === undefined ? Promise.resolve() : f()
+}
+
+/** Checks `consoleQueueBytes` and returns the console options the addon takes. */
+export function nativeConsoleOptions(options: {
+  consoleStream?: boolean
+  consoleQueueBytes?: number
+}): { consoleStream: boolean; consoleQueueBytes?: number } {
+  const nativeOptions: { consoleStream: boolean; consoleQueueBytes?: number } = {
+    consoleStream: options.consoleStream === true,
+  }
+  const queue = options.consoleQueueBytes
+  if (queue !== undefined) {
+    if (!Number.isInteger(queue) || queue < 1 || queue > LIMITS.MAX_CONSOLE_QUEUE_BYTES) {
+      throw new MicrocellError(
+        'E_INVALID_ARGUMENT',
+        `consoleQueueBytes is ${String(queue)}: give a whole number of bytes from 1 to ${LIMITS.MAX_CONSOLE_QUEUE_BYTES} (default 1 MiB)`,
+      )
+    }
+    nativeOptions.consoleQueueBytes = queue
+  }
+  return nativeOptions
 }

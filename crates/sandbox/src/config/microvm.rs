@@ -401,9 +401,9 @@ impl MicroVmConfig {
         // With rootfs.disk the workload boots on a sandbox engine and its spec goes over the
         // control channel (MAX_SPEC_BYTES); booted straight on the VMM it has no channel and
         // goes on the kernel command line (MAX_SPEC_WORD): each is checked against its own.
-        if let Some(spec) = crate::workload::spec_from_microvm_config(self).map_err(|e| ConfigError::Cmdline(e.to_string()))? {
+        if let Some(spec) = super::workload_spec::spec_from_microvm_config(self).map_err(|e| ConfigError::Cmdline(e.to_string()))? {
             if disk.is_none() {
-                crate::workload::cmdline_word(&spec).map_err(|e| ConfigError::Cmdline(e.to_string()))?;
+                super::workload_spec::cmdline_word(&spec).map_err(|e| ConfigError::Cmdline(e.to_string()))?;
             }
         }
 
@@ -435,10 +435,10 @@ impl MicroVmConfig {
             .unwrap_or_else(|| vmm::DEFAULT_CMDLINE.to_string());
         // With `execPath`, the guest's agent finds its workload in `microcell.exec=` (appended
         // to the command line, given or default; see `crate::workload`).
-        if let Some(spec) = crate::workload::spec_from_microvm_config(self)
+        if let Some(spec) = super::workload_spec::spec_from_microvm_config(self)
             .map_err(|e| ConfigError::Cmdline(e.to_string()))?
         {
-            cmdline = crate::workload::cmdline_with_spec(&cmdline, &spec)
+            cmdline = super::workload_spec::cmdline_with_spec(&cmdline, &spec)
                 .map_err(|e| ConfigError::Cmdline(e.to_string()))?;
         }
         Ok(vmm::VmConfig {
@@ -956,7 +956,7 @@ mod tests {
         let e = long(None, 3000).validate_with(&HOST).unwrap_err();
         assert_eq!(e.code(), "E_CONFIG_CMDLINE");
         assert!(e.to_string().contains("no control channel"), "{e}");
-        let e = long(Some(Rootfs::Disk(f.path("kernel"))), crate::workload::MAX_SPEC_BYTES).validate_with(&HOST).unwrap_err();
+        let e = long(Some(Rootfs::Disk(f.path("kernel"))), super::super::workload_spec::MAX_SPEC_BYTES).validate_with(&HOST).unwrap_err();
         assert_eq!(e.code(), "E_CONFIG_CMDLINE");
         assert!(e.to_string().contains("control channel's StartWorkload"), "{e}");
         let json = MicroVmConfig::from_json(&c.to_json()).unwrap();

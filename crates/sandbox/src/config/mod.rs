@@ -2,6 +2,7 @@
 
 pub mod microvm;
 pub mod types;
+pub mod workload_spec;
 
 pub use crate::error::ConfigError;
 pub use microvm::{
