@@ -16,3 +16,6 @@ export const LIMITS = {
   DEFAULT_OUTPUT_MAX_BYTES: 64 * 2 ** 20,
   DEFAULT_COPY_MAX_BYTES: 2 ** 30,
 } as const
+
+/** The default of `stop({ timeoutMs })`, for `Sandbox` and `MicroVm` alike (TS only: Rust takes it as an argument). */
+export const DEFAULT_STOP_TIMEOUT_MS = 10_000

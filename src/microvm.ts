@@ -20,6 +20,7 @@ import { configTypeError, stringList, stringRecord } from './internal/check.js'
 import { consoleDelivered, consoleReadable, nativeConsoleOptions } from './internal/console.js'
 import * as native from './internal/native.js'
 import { registerMicroVm } from './internal/vm-wrap.js'
+import { DEFAULT_STOP_TIMEOUT_MS, LIMITS } from './limits.js'
 import { snapshotTaken, workloadSnapshotTaken, type Snapshot, type SnapshotOptions } from './snapshot.js'
 
 /** Options of `stop()`. */
@@ -357,7 +358,7 @@ export class MicroVm implements AsyncDisposable {
       if (options.bootTimeoutMs !== undefined) {
         const t = options.bootTimeoutMs
         if (!Number.isInteger(t) || t < 1 || t > 2 ** 32 - 1) {
-          throw new MicrocellError('E_INVALID_ARGUMENT', `bootTimeoutMs is ${String(t)}: give a whole number of milliseconds (default 30000)`)
+          throw new MicrocellError('E_INVALID_ARGUMENT', `bootTimeoutMs is ${String(t)}: give a whole number of milliseconds (default ${LIMITS.DEFAULT_BOOT_TIMEOUT_MS})`)
         }
         workloadOptions.bootTimeoutMs = t
       }
@@ -458,7 +459,7 @@ export class MicroVm implements AsyncDisposable {
       return (await workload.signal(signalNumber('SIGTERM')).catch(() => false)) ? done : 'not sent'
     }
     const ended = graceful()
-    const first = await settledWithin(ended, options.timeoutMs ?? 10_000)
+    const first = await settledWithin(ended, options.timeoutMs ?? DEFAULT_STOP_TIMEOUT_MS)
     if (first !== 'timeout' && first !== 'not sent') return first
     if (workload) workload.stop()
     else this.#native!.kill()

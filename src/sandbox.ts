@@ -8,6 +8,7 @@ import { SandboxFs } from './fs.js'
 import { prepareGuest } from './guest.js'
 import { consoleDelivered, consoleReadable } from './internal/console.js'
 import * as native from './internal/native.js'
+import { DEFAULT_STOP_TIMEOUT_MS } from './limits.js'
 import { checkInterval, metricsScript, parseMetrics, type MetricsOptions, type SandboxMetrics } from './metrics.js'
 
 /**
@@ -143,9 +144,6 @@ export interface SandboxStopOptions {
   /** Kill the VM if it has not powered off this many milliseconds after the request (default 10000). */
   timeoutMs?: number
 }
-
-/** The default of `stop({ timeoutMs })`. */
-const STOP_TIMEOUT_MS = 10_000
 
 function toJson(config: SandboxConfigInput): string {
   try {
@@ -502,12 +500,12 @@ export class Sandbox implements AsyncDisposable {
    * resolves with how it ended.
    */
   stop(options: SandboxStopOptions = {}): Promise<ExitStatus> {
-    const timeoutMs = options.timeoutMs ?? STOP_TIMEOUT_MS
+    const timeoutMs = options.timeoutMs ?? DEFAULT_STOP_TIMEOUT_MS
     if (!Number.isInteger(timeoutMs) || timeoutMs < 0 || timeoutMs > 2 ** 32 - 1) {
       return Promise.reject(
         new MicrocellError(
           'E_INVALID_ARGUMENT',
-          `timeoutMs is ${String(timeoutMs)}: give a whole number of milliseconds from 0 to 4294967295 (default ${STOP_TIMEOUT_MS})`,
+          `timeoutMs is ${String(timeoutMs)}: give a whole number of milliseconds from 0 to 4294967295 (default ${DEFAULT_STOP_TIMEOUT_MS})`,
         ),
       )
     }
