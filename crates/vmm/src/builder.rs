@@ -22,7 +22,7 @@ use crate::devices::virtio::persist::TransportState;
 use crate::devices::virtio::MmioTransport;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::console::Console;
-use crate::devices::virtio::net::egress::LivePolicy;
+use crate::egress::LivePolicy;
 use crate::devices::virtio::net::{size_stream_buffers, Net};
 use crate::devices::Bus;
 use crate::error::{Error, Result};
@@ -162,7 +162,7 @@ fn assemble(
 }
 
 /// A VM with its memory slots, irqchip, PIT and vCPUs created but nothing loaded: the slow,
-/// snapshot-independent part of building a VM, done ahead of time (`RestorePool`). Its RAM is
+/// snapshot-independent part of building a VM, done ahead of time (a pool of shells). Its RAM is
 /// reserved, untouched anonymous memory that a restore maps the snapshot's memory file over.
 pub struct VmShell {
     vm: vm::Vm,
@@ -272,7 +272,7 @@ impl Vm {
         let mut scratch = None;
         if options.block_devices.is_none() && config.block_devices.iter().any(|d| !d.read_only) {
             // Each clone writes to its own copy of the snapshot's writable disks.
-            // A run directory: swept with the sandbox's if this process dies before its Drop.
+            // A run directory: swept with the others if this process dies before its Drop.
             let dir = RunDir::create("clone").map_err(|source| Error::SnapshotIo { path: std::env::temp_dir(), source })?;
             for (i, disk) in config.block_devices.iter_mut().enumerate().filter(|(_, d)| !d.read_only) {
                 let copy = dir.path().join(format!("disk{i}.img"));
@@ -373,7 +373,7 @@ impl Vm {
             pio_bus: a.pio_bus,
             mmio_bus: a.mmio_bus,
             lifecycle: lifecycle.clone(),
-            keep_alive: Box::new(machine.clone()),
+            _keep_alive: Box::new(machine.clone()),
             seccomp,
         });
         let total = vcpus.len();

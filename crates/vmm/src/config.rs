@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::mptable;
-use crate::devices::virtio::net::egress::EgressPolicy;
+use crate::egress::EgressPolicy;
 use crate::error::{Error, Result};
 use crate::host;
 
@@ -13,7 +13,7 @@ use crate::host;
 pub const DEFAULT_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
-/// The virtio-console port the guest agent looks for.
+/// The name of the control channel's virtio-console port, which the guest looks for.
 pub const CONTROL_PORT_NAME: &str = "agent";
 
 /// Smallest guest the boot layout fits in (boot structures, kernel at 1 MiB, initrd).
@@ -29,7 +29,7 @@ pub struct BlockDeviceConfig {
 }
 
 /// The guest's network interface. The network behind it is whatever process the caller connects
-/// to `Vm::take_network()` (passt in microcell's sandboxes).
+/// to `Vm::take_network()` (a user-mode network such as passt).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkConfig {
@@ -50,7 +50,7 @@ pub struct VmConfig {
     pub cmdline: String,
     #[serde(default)]
     pub block_devices: Vec<BlockDeviceConfig>,
-    /// Adds a virtio-console port named `agent`: the host end is `Vm::take_channel()`.
+    /// Adds a virtio-console port named `CONTROL_PORT_NAME`: the host end is `Vm::take_channel()`.
     #[serde(default)]
     pub control_channel: bool,
     /// Adds a virtio-net device: the host end of its frame stream is `Vm::take_network()`.

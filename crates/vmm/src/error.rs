@@ -1,4 +1,4 @@
-//! The VMM's one error type. Each variant has a stable code that crosses the napi boundary.
+//! The VMM's one error type. Each variant has a stable code that callers pass on as is.
 
 use std::path::PathBuf;
 

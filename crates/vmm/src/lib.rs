@@ -7,22 +7,23 @@
 
 pub mod arch;
 mod builder;
-pub mod config;
-pub mod device_manager;
+mod config;
+mod device_manager;
 pub mod devices;
-pub mod error;
+pub mod egress;
+mod error;
 pub mod event_loop;
 pub mod host;
 mod persist;
 pub mod run_dir;
-pub mod seccomp;
+mod seccomp;
 pub mod snapshot;
 pub mod state;
-pub mod vmm;
+mod vmm;
 pub mod vstate;
 
 pub use error::{Error, Result};
-pub use devices::virtio::net::egress::{EgressPolicy, Ipv4Net, LivePolicy};
+pub use egress::{EgressPolicy, Ipv4Net, LivePolicy};
 pub use devices::virtio::net::{size_stream_buffers, MAX_FRAME};
 pub use builder::VmShell;
 pub use config::{BlockDeviceConfig, NetworkConfig, RestoreOptions, VmConfig, CONTROL_PORT_NAME, DEFAULT_CMDLINE, MIN_MEMORY_MIB};

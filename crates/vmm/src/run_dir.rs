@@ -1,5 +1,5 @@
 //! Per-VM directories under the temporary directory, and the sweep of those whose process
-//! ended without removing them (SIGKILL, abort). One mechanism for the sandbox engines' run
+//! ended without removing them (SIGKILL, abort). One mechanism for its callers' run
 //! directories and the VMM's own (a clone's disk copies): the first directory a process makes
 //! removes those of ended processes of its user, never a live one's.
 
@@ -43,7 +43,7 @@ impl RunDir {
 impl Drop for RunDir {
     fn drop(&mut self) {
         if let Err(e) = std::fs::remove_dir_all(&self.path) {
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot remove a sandbox's run directory");
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot remove a run directory");
         }
     }
 }

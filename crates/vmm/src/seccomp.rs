@@ -1,10 +1,10 @@
 //! seccomp filters for the VMM's own threads (vCPU threads and the event loop thread): the
 //! threads that act on what a guest sends. Each installs the filter itself, before it runs
-//! guest code or handles a device event, so the Node threads of the same process are never
+//! guest code or handles a device event, so the caller's threads in the same process are never
 //! filtered (no `TSYNC`) and everything a filtered thread starts inherits the filter.
 //!
-//! A system call outside the allow list is not a process kill (that would take Node down with
-//! the VM) but a trap: the `SIGSYS` handler makes the call fail with `EPERM` and records it in
+//! A system call outside the allow list is not a process kill (that would take the whole process
+//! down with the VM) but a trap: the `SIGSYS` handler makes the call fail with `EPERM` and records it in
 //! the thread; the thread then ends its VM with `E_SECCOMP` (vCPU loop after the exit it was
 //! handling, event loop after the handler). Only that VM ends; the process goes on.
 //!

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::config::VmConfig;
 use crate::devices::legacy::Serial;
-use crate::devices::virtio::net::egress::{EgressPolicy, LivePolicy};
+use crate::egress::{EgressPolicy, LivePolicy};
 use crate::devices::virtio::MmioTransport;
 use crate::error::{Error, Result};
 use crate::event_loop::EventLoopHandle;
@@ -20,7 +20,7 @@ use crate::vstate::lifecycle::{ExitReason, Lifecycle};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vm;
 
-/// Timestamps on CLOCK_MONOTONIC (ns), the clock of Node's `process.hrtime.bigint()`.
+/// Timestamps on CLOCK_MONOTONIC (ns), the clock callers time against.
 #[derive(Clone, Copy, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Timings {

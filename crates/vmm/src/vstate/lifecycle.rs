@@ -62,7 +62,7 @@ pub struct Lifecycle {
     on_end: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock Node's `process.hrtime` reads.
+/// CLOCK_MONOTONIC in nanoseconds (the clock of `Timings`).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid, writable timespec.

@@ -1,6 +1,6 @@
 //! KVM state: the VM, its memory, its vCPUs.
 
-pub mod lifecycle;
+pub(crate) mod lifecycle;
 pub mod memory;
-pub mod vcpu;
-pub mod vm;
+pub(crate) mod vcpu;
+pub(crate) mod vm;

@@ -51,7 +51,7 @@ pub struct RunContext {
     pub mmio_bus: Bus,
     pub lifecycle: Arc<Lifecycle>,
     /// Keeps guest memory (and whatever else the VM owns) alive while any vCPU runs.
-    pub keep_alive: Box<dyn Send + Sync>,
+    pub _keep_alive: Box<dyn Send + Sync>,
     /// Installed by each vCPU thread before it first enters the guest (None: filters off).
     pub seccomp: Option<ThreadFilter>,
 }

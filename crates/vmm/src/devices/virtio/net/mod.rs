@@ -9,7 +9,6 @@
 //! receive buffers (the device stops reading it); guest frames are copied out at once, and the
 //! device stops taking more while `TX_HIGH_WATER` bytes wait for a socket that would block.
 
-pub mod egress;
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
@@ -20,7 +19,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 
-use self::egress::LivePolicy;
+use crate::egress::LivePolicy;
 use super::{read_config_bytes, Activation, ActiveQueues, SocketInterest, VirtioDevice, TYPE_NET};
 use super::persist::DeviceState;
 use crate::event_loop::Interest;
@@ -440,7 +439,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::{Interrupt, INT_USED_RING};
     use crate::vstate::memory::GuestRam;
-    use crate::devices::virtio::net::egress::EgressPolicy;
+    use crate::egress::EgressPolicy;
     use crate::event_loop::EventLoop;
     use std::os::fd::AsRawFd;
     use std::time::Duration;

@@ -1,6 +1,7 @@
-//! What the guest may send: the egress policy the net device applies to every transmitted frame,
-//! before it leaves the VM. The host-side network (passt, a tap) then never sees a dropped frame,
-//! whatever the guest does.
+//! What the guest may send: the egress policy applied to every frame the guest transmits, before
+//! it leaves the VM: by the virtio-net device here, and by whatever relays the frames of a VM
+//! this VMM does not run (a `LivePolicy` is shared, so a change reaches every user at once).
+//! The host-side network (passt, a tap) then never sees a dropped frame, whatever the guest does.
 
 use serde::{Deserialize, Serialize};
 
