@@ -1,9 +1,11 @@
 //! One constant for each limit and default that more than one place uses (both config types,
 //! the engines, the addon, and the TypeScript mirrors: `limits()` in the addon, checked by
-//! `__test__/types.spec.mjs`). A leaf module: it imports nothing of this crate.
+//! `__test__/types.spec.mjs`). A leaf module: it imports nothing of this crate (only the VMM's
+//! own limit where it is the VMM's).
 
-/// Most vCPUs a microVM or sandbox may have (the VMM's MP table limit).
-pub const MAX_VCPUS: u32 = 32;
+/// Most vCPUs a microVM or sandbox may have: the VMM's MP table limit (engine `qemu` gets the
+/// same, so a config runs on either engine).
+pub const MAX_VCPUS: u32 = vmm::arch::x86_64::mptable::MAX_CPUS as u32;
 /// vCPUs when none are given.
 pub const DEFAULT_VCPUS: u32 = 1;
 /// Guest memory when none is given, in MiB.

@@ -21,8 +21,8 @@ pub use config::{
     SandboxConfig,
 };
 pub use crate::limits::{
-    DEFAULT_BOOT_TIMEOUT_MS, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS as DEFAULT_CPUS, MAX_BOOT_TIMEOUT_MS,
-    MAX_VCPUS as MAX_CPUS, MIN_BOOT_TIMEOUT_MS, MIN_MEMORY_MIB,
+    DEFAULT_BOOT_TIMEOUT_MS, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_BOOT_TIMEOUT_MS, MAX_VCPUS, MIN_BOOT_TIMEOUT_MS,
+    MIN_MEMORY_MIB,
 };
 pub(crate) use config::check_console_output;
 pub use snapshot::{snapshot_info, RestoreOptions as SandboxRestoreOptions, SnapshotInfo, SANDBOX_FILE};
