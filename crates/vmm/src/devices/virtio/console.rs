@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{read_config_bytes, Activation, ActiveQueues, SocketInterest, VirtioDevice, TYPE_CONSOLE};
-use super::persist::DeviceState;
+use super::persist::{ConsoleState, DeviceState};
 use crate::event_loop::Interest;
 use crate::state::{Persist, StateError};
 
@@ -389,15 +389,6 @@ impl Persist for Console {
 /// each a few bytes plus a port name).
 const MAX_PENDING_CONTROL: usize = 1024;
 const MAX_CONTROL_LEN: usize = 64 << 10;
-
-/// What a snapshot keeps of the console beyond its queues.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct ConsoleState {
-    pending_control: Vec<Vec<u8>>,
-    /// The transmit chain being written to the host: its head and (address, length) segments.
-    pending_tx: Option<(u16, Vec<(u64, usize)>)>,
-    guest_open: bool,
-}
 
 #[cfg(test)]
 mod tests {

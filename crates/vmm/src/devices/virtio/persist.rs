@@ -70,7 +70,7 @@ pub struct TransportState {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum DeviceState {
     Block,
-    Console(super::console::ConsoleState),
+    Console(ConsoleState),
     Net,
 }
 
@@ -83,4 +83,13 @@ impl DeviceState {
             DeviceState::Net => "virtio-net",
         }
     }
+}
+
+/// What a snapshot keeps of the console beyond its queues.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ConsoleState {
+    pub(crate) pending_control: Vec<Vec<u8>>,
+    /// The transmit chain being written to the host: its head and (address, length) segments.
+    pub(crate) pending_tx: Option<(u16, Vec<(u64, usize)>)>,
+    pub(crate) guest_open: bool,
 }
