@@ -298,6 +298,7 @@ mod tests {
     struct Dummy {
         activations: Arc<AtomicUsize>,
         notified: Arc<AtomicUsize>,
+        after_restores: Arc<AtomicUsize>,
     }
 
     impl Persist for Dummy {
@@ -307,6 +308,10 @@ mod tests {
             Ok(DeviceState::Block)
         }
         fn restore(&mut self, _: &DeviceState) -> Result<(), StateError> {
+            Ok(())
+        }
+        fn after_restore(&mut self) -> Result<(), StateError> {
+            self.after_restores.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
     }
@@ -338,10 +343,16 @@ mod tests {
     }
 
     fn transport() -> (MmioTransport, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let (t, a, n, _) = counting_transport();
+        (t, a, n)
+    }
+
+    /// `transport`, and how often the device's `after_restore` ran.
+    fn counting_transport() -> (MmioTransport, Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let mem = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let (a, n) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let dev = Dummy { activations: a.clone(), notified: n.clone() };
-        (MmioTransport::new(Box::new(dev), mem, Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())), a, n)
+        let (a, n, r) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let dev = Dummy { activations: a.clone(), notified: n.clone(), after_restores: r.clone() };
+        (MmioTransport::new(Box::new(dev), mem, Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())), a, n, r)
     }
 
     fn rd(t: &mut MmioTransport, off: u64) -> u32 {
@@ -429,4 +440,42 @@ mod tests {
         assert_ne!(rd(&mut t, 0x70) & STATUS_FAILED, 0);
         assert_eq!(act.load(Ordering::SeqCst), 0);
     }
+
+    #[test]
+    fn a_saved_transport_restores_into_a_fresh_one_and_only_an_active_device_hears_after_restore() {
+        let (t, _, _) = transport();
+        let idle = t.save().unwrap();
+        let (mut fresh, act, _, after) = counting_transport();
+        fresh.restore(&idle).unwrap();
+        fresh.after_restore().unwrap();
+        assert_eq!((act.load(Ordering::SeqCst), after.load(Ordering::SeqCst)), (0, 0), "an idle device is left alone");
+
+        let (mut t, _, _) = transport();
+        negotiate(&mut t, 1);
+        for q in 0..2u32 {
+            wr(&mut t, 0x30, q);
+            wr(&mut t, 0x38, 16);
+            wr(&mut t, 0x80, 0x1000 * (q + 1));
+            wr(&mut t, 0x90, 0x1000 * (q + 1) + 0x100);
+            wr(&mut t, 0xa0, 0x1000 * (q + 1) + 0x200);
+            wr(&mut t, 0x44, 1);
+        }
+        wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        let active = t.save().unwrap();
+        assert!(active.activated);
+        let (mut fresh, act, _, after) = counting_transport();
+        fresh.restore(&active).unwrap();
+        assert_eq!(act.load(Ordering::SeqCst), 1, "re-activated by the restore");
+        assert_eq!(after.load(Ordering::SeqCst), 0, "after_restore waits for the whole VM");
+        fresh.after_restore().unwrap();
+        assert_eq!(after.load(Ordering::SeqCst), 1);
+        assert_eq!((rd(&mut fresh, 0x70), fresh.save().unwrap().acked_features), (rd(&mut t, 0x70), active.acked_features));
+
+        let mut other = active.clone();
+        other.device_type = 7;
+        let e = counting_transport().0.restore(&other).unwrap_err();
+        assert_eq!(e.device, "virtio-mmio");
+        assert!(e.reason.contains("device type 7"), "{e}");
+    }
+
 }
