@@ -89,3 +89,20 @@ test('src/ has no import cycles (module A imports B and B imports A, directly or
   // The scan sees a cycle when there is one.
   t.deepEqual(cycles(new Map([['/a.ts', new Set(['/b.ts'])], ['/b.ts', new Set(['/a.ts'])]])), [path.relative(root, '/a.ts') + ' <-> ' + path.relative(root, '/b.ts')])
 })
+
+test("the TS config interfaces have exactly the Rust structs' JSON keys", (t) => {
+  const require = createRequire(import.meta.url)
+  const ts = require('typescript')
+  const rust = require(path.join(root, 'native', 'index.js')).configFields()
+  const interfaces = {}
+  for (const file of ['config.ts', 'sandbox.ts']) {
+    const source = ts.createSourceFile(file, fs.readFileSync(path.join(root, 'src', file), 'utf8'), ts.ScriptTarget.Latest)
+    for (const s of source.statements) {
+      if (ts.isInterfaceDeclaration(s)) interfaces[s.name.text] = s.members.map((m) => m.name.getText(source))
+    }
+  }
+  t.deepEqual(Object.keys(rust).sort(), ['MicroVmConfig', 'NetworkConfig', 'NetworkUpdate', 'SandboxConfig', 'Volume'])
+  for (const [name, keys] of Object.entries(rust)) {
+    t.deepEqual([...(interfaces[name] ?? [])].sort(), [...keys].sort(), `${name}: src/ vs the Rust struct`)
+  }
+})

@@ -66,6 +66,20 @@ pub fn error_codes() -> serde_json::Value {
     })
 }
 
+/// The JSON keys of the config structs, by their TS interface's name (read from the serde
+/// derives): the TS interfaces are checked against them.
+#[napi(ts_return_type = "Record<string, string[]>")]
+pub fn config_fields() -> serde_json::Value {
+    use sandbox::config::fields::json_fields;
+    serde_json::json!({
+        "MicroVmConfig": json_fields::<sandbox::MicroVmConfig>(),
+        "SandboxConfig": json_fields::<sandbox::SandboxConfig>(),
+        "Volume": json_fields::<sandbox::sandbox::Volume>(),
+        "NetworkConfig": json_fields::<sandbox::sandbox::NetworkConfig>(),
+        "NetworkUpdate": json_fields::<sandbox::sandbox::NetworkUpdate>(),
+    })
+}
+
 /// The host core's limits and defaults by name (`sandbox::limits::ALL`): the TS mirrors are
 /// checked against it.
 #[napi(ts_return_type = "Record<string, number>")]
