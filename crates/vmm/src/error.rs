@@ -5,7 +5,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// /dev/kvm cannot be opened.
-    #[error("cannot open /dev/kvm ({0}): KVM is not available to this process; load the kvm module, or give this user access to /dev/kvm, or use the 'qemu' engine")]
+    #[error("cannot open /dev/kvm ({0}): KVM is not available to this process; load the kvm module, or give this user access to /dev/kvm, or run the guest under qemu (CPU emulation)")]
     NoKvm(#[source] kvm_ioctls::Error),
     /// The configuration is not one the VMM can run.
     #[error("invalid VM configuration: {0}")]

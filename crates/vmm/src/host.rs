@@ -73,14 +73,14 @@ fn classify(kvm_device: bool, pvm_module: bool, cpu_virt: Option<&str>) -> (KvmF
         return (
             KvmFlavour::None,
             false,
-            "/dev/kvm is missing or not accessible to this process: the built-in VMM cannot run; use the 'qemu' engine (software emulation)".into(),
+            "/dev/kvm is missing or not accessible to this process: this VMM cannot run; load the kvm module and give this user access to /dev/kvm, or run guests under qemu (CPU emulation)".into(),
         );
     }
     if pvm_module {
         return (
             KvmFlavour::Pvm,
             false,
-            "/dev/kvm is provided by kvm_pvm (no VMX/SVM): freestanding guests run, but a stock Linux kernel cannot boot (PVM needs a CONFIG_PVM_GUEST kernel); use the 'qemu' engine for Linux guests".into(),
+            "/dev/kvm is provided by kvm_pvm (no VMX/SVM): freestanding guests run, but a stock Linux kernel cannot boot (PVM needs a CONFIG_PVM_GUEST kernel); run Linux guests under qemu (CPU emulation)".into(),
         );
     }
     match cpu_virt {
