@@ -369,19 +369,18 @@ impl SandboxConfig {
         let Some(object) = value.as_object() else {
             return Err(json_error("expected a JSON object".into()));
         };
-        let timeout = |key: &str, v: String| ConfigError::Timeout(format!("{key} is {v}: give a whole number"));
-        let checks: [(&str, fn(&str, String) -> ConfigError); 5] = [
-            ("memoryMib", |_, v| ConfigError::MemoryBelowMin(v)),
-            ("cpus", |_, v| ConfigError::Cpus(v)),
-            ("bootTimeoutMs", timeout),
-            ("consoleQueueBytes", |_, v| ConfigError::ConsoleQueue(v)),
-            ("maxDurationMs", timeout),
-        ];
-        for (key, error) in checks {
+        for key in ["memoryMib", "cpus", "bootTimeoutMs", "consoleQueueBytes", "maxDurationMs"] {
             if let Some(v) = object.get(key) {
                 let whole = matches!(v.as_u64(), Some(n) if n <= u32::MAX as u64);
                 if !whole {
-                    return Err(error(key, v.to_string()).into());
+                    let v = v.to_string();
+                    return Err(match key {
+                        "memoryMib" => ConfigError::MemoryBelowMin(v),
+                        "cpus" => ConfigError::Cpus(v),
+                        "consoleQueueBytes" => ConfigError::ConsoleQueue(v),
+                        _ => ConfigError::Timeout(format!("{key} is {v}: give a whole number")),
+                    }
+                    .into());
                 }
             }
         }
