@@ -72,7 +72,10 @@ impl Cgroups {
             // fallback says so); the cpu controller is best effort.
             write(&dir.join("cgroup.subtree_control"), "+pids")?;
             if let Err(e) = write(&dir.join("cgroup.subtree_control"), "+cpu") {
-                log!("cgroups: no cpu controller in {} ({e}): execs compete with the agent task by task", dir.display());
+                log!(
+                    "cgroups: no cpu controller in {} ({e}): execs compete with the agent task by task",
+                    dir.display()
+                );
             }
         }
         let pids_max = (mem_total_kib().unwrap_or(512 << 10) / KIB_PER_PID).clamp(PIDS_MIN, PIDS_MAX);

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use crate::init::{is_transient, Cmdline};
 
-
 /// The virtio-serial port name the host gives the agent's port.
 pub const PORT_NAME: &str = "agent";
 /// Used when no port is named `agent` (a plain second virtio console).
@@ -84,7 +83,6 @@ impl Channel {
             }
         }
     }
-
 }
 
 /// Finds the control channel of a guest, waiting for it to appear:
@@ -93,7 +91,11 @@ impl Channel {
 ///    opened as `/dev/vportNpM`;
 /// 3. [`FALLBACK`], `/dev/hvc1`, once no port got that name within [`NAME_GRACE`].
 pub fn discover(cmdline: &Cmdline) -> io::Result<PathBuf> {
-    discover_in(Path::new("/sys/class/virtio-ports"), Path::new("/dev"), cmdline.get("microcell.channel").map(PathBuf::from))
+    discover_in(
+        Path::new("/sys/class/virtio-ports"),
+        Path::new("/dev"),
+        cmdline.get("microcell.channel").map(PathBuf::from),
+    )
 }
 
 fn discover_in(ports: &Path, dev: &Path, explicit: Option<PathBuf>) -> io::Result<PathBuf> {
@@ -189,7 +191,10 @@ mod tests {
         assert_eq!(discover_in(&d.join("sys"), &d.join("dev"), None).unwrap(), d.join("dev/hvc1"));
         assert!(t.elapsed() >= NAME_GRACE);
         std::fs::write(d.join("dev/custom"), "").unwrap();
-        assert_eq!(discover_in(&d.join("sys"), &d.join("dev"), Some(d.join("dev/custom"))).unwrap(), d.join("dev/custom"));
+        assert_eq!(
+            discover_in(&d.join("sys"), &d.join("dev"), Some(d.join("dev/custom"))).unwrap(),
+            d.join("dev/custom")
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -85,7 +85,9 @@ pub fn launch(l: &Launch<'_>, stdio: StdioMode, cgroup: Option<&Cgroup>) -> Resu
     }
     for (k, v) in l.env {
         if k.is_empty() || k.contains('=') || has_nul(k) || has_nul(v) {
-            return Err(invalid(format!("environment entry {k:?}: names must be non-empty without '=' or NUL, values without NUL")));
+            return Err(invalid(format!(
+                "environment entry {k:?}: names must be non-empty without '=' or NUL, values without NUL"
+            )));
         }
     }
     if let Some(cwd) = l.cwd {
@@ -95,7 +97,11 @@ pub fn launch(l: &Launch<'_>, stdio: StdioMode, cgroup: Option<&Cgroup>) -> Resu
         match std::fs::metadata(cwd) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => {
-                return Err(os_error(&io::Error::from_raw_os_error(libc::ENOTDIR), format!("working directory {cwd}: not a directory"), Some(cwd)))
+                return Err(os_error(
+                    &io::Error::from_raw_os_error(libc::ENOTDIR),
+                    format!("working directory {cwd}: not a directory"),
+                    Some(cwd),
+                ))
             }
             Err(e) => return Err(os_error(&e, format!("working directory {cwd}: {e}"), Some(cwd))),
         }
@@ -165,7 +171,8 @@ pub fn launch(l: &Launch<'_>, stdio: StdioMode, cgroup: Option<&Cgroup>) -> Resu
             (r.resource, libc::rlimit { rlim_cur: v(r.soft), rlim_max: v(r.hard) })
         })
         .collect();
-    let switch: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)> = ids.as_ref().map(|i| (i.uid, i.gid, i.groups.clone()));
+    let switch: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)> =
+        ids.as_ref().map(|i| (i.uid, i.gid, i.groups.clone()));
     let cgroup_procs = cgroup.and_then(Cgroup::procs_fd);
     // SAFETY: only async-signal-safe system calls between fork and exec, on data prepared
     // before the fork.
@@ -281,9 +288,18 @@ impl Proc {
             cg.spawned();
         }
         let window = u64::from(req.window);
-        let pipe = |fd: Option<OwnedFd>, kind| fd.map(|fd| OutPipe { fd: Some(fd), kind, credit: window, pending_at_exit: 0, read_since_exit: 0 });
+        let pipe = |fd: Option<OwnedFd>, kind| {
+            fd.map(|fd| OutPipe { fd: Some(fd), kind, credit: window, pending_at_exit: 0, read_since_exit: 0 })
+        };
         let outs = [pipe(child.stdout, kind::STDOUT), pipe(child.stderr, kind::STDERR)].into_iter().flatten().collect();
-        let stdin = child.stdin.map(|fd| InPipe { fd: Some(fd), buf: Vec::new(), pos: 0, close_requested: false, owed: 0, tty: child.tty });
+        let stdin = child.stdin.map(|fd| InPipe {
+            fd: Some(fd),
+            buf: Vec::new(),
+            pos: 0,
+            close_requested: false,
+            owed: 0,
+            tty: child.tty,
+        });
         out.msg(id, Message::Started(protocol::Started { pid: child.pid as u32 }));
         if stdin.is_some() {
             out.msg(id, Message::Credit(Credit { stream: StreamKind::Stdin, bytes: STDIN_WINDOW }));
@@ -502,7 +518,8 @@ impl Proc {
 
     /// When [`Proc::tick`] next has something to do.
     pub fn next_wake(&self, now: Instant) -> Option<Instant> {
-        let grace = self.exited_at.map(|at| at + GRACE).filter(|&t| t > now && self.outs.iter().any(|p| p.fd.is_some()));
+        let grace =
+            self.exited_at.map(|at| at + GRACE).filter(|&t| t > now && self.outs.iter().any(|p| p.fd.is_some()));
         match (self.deadline, grace) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

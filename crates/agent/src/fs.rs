@@ -11,7 +11,10 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::Path;
 
 use protocol::tree_fs::{TreeFsError, TreeReader, TreeWriter, WriterOptions};
-use protocol::{kind, DirEntries, DirEntry, ErrorMsg, FileType, Message, Mkdir, ReadFile, Remove, Rename, Stat, StatResult, WriteFile, FLAG_FINAL, MAX_PAYLOAD};
+use protocol::{
+    kind, DirEntries, DirEntry, ErrorMsg, FileType, Message, Mkdir, ReadFile, Remove, Rename, Stat, StatResult,
+    WriteFile, FLAG_FINAL, MAX_PAYLOAD,
+};
 
 use crate::exec::{invalid, os_error};
 use crate::outq::{OutQueue, CHUNK};
@@ -85,7 +88,13 @@ pub fn read_dir(id: u32, path: &str, out: &mut OutQueue) -> Result<(), ErrorMsg>
         let e = e.map_err(err("read directory", path))?;
         let name = e.file_name().to_string_lossy().into_owned();
         let Ok(m) = fs::symlink_metadata(e.path()) else { continue }; // vanished meanwhile
-        entries.push(DirEntry { name, file_type: file_type(m.file_type()), size: m.len(), mode: m.mode(), mtime_ns: mtime_ns(&m) });
+        entries.push(DirEntry {
+            name,
+            file_type: file_type(m.file_type()),
+            size: m.len(),
+            mode: m.mode(),
+            mtime_ns: mtime_ns(&m),
+        });
     }
     entries.sort_by(|a, b| a.name.cmp(&b.name));
     // Frames of at most ~half the payload cap: a huge directory is several frames.
@@ -152,11 +161,8 @@ impl ReadStream {
     pub fn file(req: &ReadFile) -> Result<ReadStream, ErrorMsg> {
         let p = checked(&req.path)?;
         // Non-blocking: a FIFO or terminal without data is an error (EAGAIN), never a stuck agent.
-        let mut file = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(p)
-            .map_err(err("open", &req.path))?;
+        let mut file =
+            fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(p).map_err(err("open", &req.path))?;
         let m = file.metadata().map_err(err("stat", &req.path))?;
         if m.is_dir() {
             return Err(err("read", &req.path)(io::Error::from_raw_os_error(libc::EISDIR)));
@@ -192,7 +198,11 @@ impl ReadStream {
                 let fd = file.as_raw_fd();
                 let want = left.map_or(max, |l| (l as usize).min(max));
                 out.push_raw(id, kind::FILE_DATA, |buf| {
-                    let n = if want == 0 { 0 } else { sys::read_append(fd, buf, want).map_err(|e| os_error(&e, format!("read: {e}"), None))? };
+                    let n = if want == 0 {
+                        0
+                    } else {
+                        sys::read_append(fd, buf, want).map_err(|e| os_error(&e, format!("read: {e}"), None))?
+                    };
                     if let Some(l) = left {
                         *l -= n as u64;
                     }

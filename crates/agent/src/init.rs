@@ -31,7 +31,12 @@ pub fn setup() -> Cmdline {
             Err(e) => log!("mount {fstype} on {target}: {e}"),
         }
     }
-    for (link, to) in [("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"), ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")] {
+    for (link, to) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
         let _ = std::os::unix::fs::symlink(to, link);
     }
     let cmdline = Cmdline::read();
@@ -102,7 +107,10 @@ fn network(spec: &str) {
     // guest's learned address; until then a forwarded connection would reach nobody, and a guest
     // without outbound access may never send anything else), and our ARP cache gets the gateway.
     let ip = addr.split('/').next().unwrap_or(addr);
-    match std::process::Command::new("/bin/arping").args(["-q", "-f", "-c", "1", "-w", "1", "-I", "eth0", "-s", ip, gateway]).status() {
+    match std::process::Command::new("/bin/arping")
+        .args(["-q", "-f", "-c", "1", "-w", "1", "-I", "eth0", "-s", ip, gateway])
+        .status()
+    {
         Ok(s) if s.success() => {}
         Ok(s) => log!("arping {gateway}: {s} (no answer from the host's network)"),
         Err(e) => log!("arping {gateway}: {e}"),
@@ -174,7 +182,9 @@ mod tests {
 
     #[test]
     fn cmdline_parsing() {
-        let c = Cmdline::parse("console=ttyS0 root=/dev/vda rw microcell.channel=/dev/hvc1 quiet microcell.channel=/dev/x\n");
+        let c = Cmdline::parse(
+            "console=ttyS0 root=/dev/vda rw microcell.channel=/dev/hvc1 quiet microcell.channel=/dev/x\n",
+        );
         assert_eq!(c.get("root"), Some("/dev/vda"));
         assert_eq!(c.get("rw"), Some(""));
         assert_eq!(c.get("microcell.channel"), Some("/dev/x"));

@@ -32,7 +32,6 @@ fn console_line(line: &str) {
     let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
-
 mod cgroup;
 mod channel;
 mod exec;
@@ -63,7 +62,8 @@ struct Args {
     exec_spec: Option<String>,
 }
 
-const USAGE: &str = "usage: microcell-agent [--no-init] [--channel-fd N | --stdio | --channel PATH] [--exec-spec VALUE]";
+const USAGE: &str =
+    "usage: microcell-agent [--no-init] [--channel-fd N | --stdio | --channel PATH] [--exec-spec VALUE]";
 
 fn parse_args() -> Result<Args, String> {
     let mut init = sys::getpid() == 1;
@@ -275,7 +275,9 @@ impl Agent {
             debug_assert_eq!(fds.len(), first_proc + proc_tokens.len());
 
             let mut wake = self.session.next_wake(now);
-            if let Some(at) = self.session.workload.as_ref().and_then(|w| w.end_at(self.chan.is_some() && !self.no_channel)) {
+            if let Some(at) =
+                self.session.workload.as_ref().and_then(|w| w.end_at(self.chan.is_some() && !self.no_channel))
+            {
                 wake = Some(wake.map_or(at, |w| w.min(at)));
             }
             if let Some(at) = self.host_wait {

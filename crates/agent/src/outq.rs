@@ -67,7 +67,12 @@ impl OutQueue {
     /// Appends a frame of raw-bytes kind `kind` (Stdout, Stderr, FileData) whose payload `fill`
     /// appends to the buffer (at most [`MAX_PAYLOAD`] bytes) and whose flags it returns. On error
     /// nothing is queued.
-    pub fn push_raw<E>(&mut self, id: u32, kind: u16, fill: impl FnOnce(&mut Vec<u8>) -> Result<u8, E>) -> Result<usize, E> {
+    pub fn push_raw<E>(
+        &mut self,
+        id: u32,
+        kind: u16,
+        fill: impl FnOnce(&mut Vec<u8>) -> Result<u8, E>,
+    ) -> Result<usize, E> {
         let start = self.buf.len();
         self.buf.extend_from_slice(&[0; HEADER_LEN]);
         match fill(&mut self.buf) {

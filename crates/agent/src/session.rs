@@ -100,7 +100,10 @@ impl Session {
     }
 
     fn busy(&self, id: u32) -> bool {
-        self.execs.contains_key(&id) || self.reads.contains_key(&id) || self.writes.contains_key(&id) || self.watches.contains_key(&id)
+        self.execs.contains_key(&id)
+            || self.reads.contains_key(&id)
+            || self.writes.contains_key(&id)
+            || self.watches.contains_key(&id)
     }
 
     pub fn handle(&mut self, frame: Frame, out: &mut OutQueue) -> Action {
@@ -151,7 +154,10 @@ impl Session {
             | Message::Watch(_))
                 if self.busy(id) =>
             {
-                out.final_msg(id, code_error(ErrorCode::BAD_STATE, format!("{}: id {id} is in use by a running request", msg.name())))
+                out.final_msg(
+                    id,
+                    code_error(ErrorCode::BAD_STATE, format!("{}: id {id} is in use by a running request", msg.name())),
+                )
             }
             Message::Exec(req) => match Proc::start(id, &req, &mut self.cgroups, out) {
                 Ok(p) => {
@@ -161,7 +167,9 @@ impl Session {
             },
             Message::Stdin(chunk) => self.with_exec(id, out, |p, out| p.stdin_data(&chunk, out)),
             Message::CloseStdin(()) => self.with_exec(id, out, |p, out| p.close_stdin(out)),
-            Message::Signal(s) => self.with_exec(id, out, |p, _| p.signal(s.signal, s.group).map_err(|e| format!("signal {}: {e}", s.signal))),
+            Message::Signal(s) => self.with_exec(id, out, |p, _| {
+                p.signal(s.signal, s.group).map_err(|e| format!("signal {}: {e}", s.signal))
+            }),
             Message::Resize(r) => self.with_exec(id, out, |p, _| p.resize(r.size)),
             Message::Credit(Credit { stream, bytes }) => match stream {
                 StreamKind::Stdout | StreamKind::Stderr => {
@@ -175,7 +183,9 @@ impl Session {
                         r.credit = r.credit.saturating_add(u64::from(bytes));
                     }
                 }
-                StreamKind::Stdin => out.msg(id, code_error(ErrorCode::BAD_STATE, "the agent grants stdin credit, the host does not")),
+                StreamKind::Stdin => {
+                    out.msg(id, code_error(ErrorCode::BAD_STATE, "the agent grants stdin credit, the host does not"))
+                }
             },
             // The host abandoned a read stream (its limit, an error on its side, a dropped
             // reader): close the reader now rather than hold it, and its credit, until the
@@ -226,9 +236,10 @@ impl Session {
                 None => out.final_msg(id, code_error(ErrorCode::BAD_STATE, NO_WORKLOAD)),
             },
             // One per boot: a restored VM's workload runs on, and its host sees WORKLOAD in Ready.
-            Message::StartWorkload(_) if self.workload.is_some() => {
-                out.final_msg(id, code_error(ErrorCode::BAD_STATE, "StartWorkload: this VM's workload was started already"))
-            }
+            Message::StartWorkload(_) if self.workload.is_some() => out.final_msg(
+                id,
+                code_error(ErrorCode::BAD_STATE, "StartWorkload: this VM's workload was started already"),
+            ),
             Message::StartWorkload(spec) => {
                 self.workload = Some(Workload::start(&spec, self.console_is_channel, &mut self.cgroups));
                 out.final_msg(id, Message::Ok(()));
@@ -268,7 +279,12 @@ impl Session {
 
     /// A stream-control frame for exec `id`: a problem with it is a non-final error (the exec
     /// goes on); an unknown id a final one.
-    fn with_exec(&mut self, id: u32, out: &mut OutQueue, f: impl FnOnce(&mut Proc, &mut OutQueue) -> Result<(), String>) {
+    fn with_exec(
+        &mut self,
+        id: u32,
+        out: &mut OutQueue,
+        f: impl FnOnce(&mut Proc, &mut OutQueue) -> Result<(), String>,
+    ) {
         match self.execs.get_mut(&id) {
             Some(p) => {
                 if let Err(m) = f(p, out) {
@@ -317,7 +333,10 @@ impl Session {
                 self.dead_writes.remove(&id);
             }
         } else {
-            out.final_msg(id, code_error(ErrorCode::BAD_STATE, format!("FileData for id {id}, which is no write in progress")));
+            out.final_msg(
+                id,
+                code_error(ErrorCode::BAD_STATE, format!("FileData for id {id}, which is no write in progress")),
+            );
         }
     }
 

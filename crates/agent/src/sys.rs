@@ -25,7 +25,8 @@ pub fn clock_ns(clock: libc::clockid_t) -> u64 {
 }
 
 pub fn set_realtime_ns(ns: u64) -> io::Result<()> {
-    let ts = libc::timespec { tv_sec: (ns / 1_000_000_000) as libc::time_t, tv_nsec: (ns % 1_000_000_000) as libc::c_long };
+    let ts =
+        libc::timespec { tv_sec: (ns / 1_000_000_000) as libc::time_t, tv_nsec: (ns % 1_000_000_000) as libc::c_long };
     // SAFETY: valid pointer.
     check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })
 }

@@ -63,7 +63,8 @@ pub fn resolve(etc: &Path, user: Option<&str>, uid: Option<u32>, gid: Option<u32
                 Some((a, b)) => (a, Some(b)),
                 None => (u, None),
             };
-            let uid: u32 = uid_s.parse().map_err(|_| format!("user {u:?}: give a name, \"uid\" or \"uid:gid\" in digits"))?;
+            let uid: u32 =
+                uid_s.parse().map_err(|_| format!("user {u:?}: give a name, \"uid\" or \"uid:gid\" in digits"))?;
             let entry = entries.iter().find(|p| p.uid == uid);
             let gid = match gid_s {
                 Some(g) => g.parse().map_err(|_| format!("user {u:?}: the gid is not a number"))?,
@@ -109,12 +110,19 @@ mod tests {
     fn names_numbers_and_groups() {
         let d = std::env::temp_dir().join(format!("microcell-users-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("passwd"), "root:x:0:0:root:/root:/bin/sh\nbob:x:1000:1001:Bob:/home/bob:/bin/sh\nbroken:line\n").unwrap();
+        std::fs::write(
+            d.join("passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nbob:x:1000:1001:Bob:/home/bob:/bin/sh\nbroken:line\n",
+        )
+        .unwrap();
         std::fs::write(d.join("group"), "root:x:0:\nbob:x:1001:\nwheel:x:10:alice,bob\nother:x:11:alice\n").unwrap();
         let r = |u: Option<&str>, uid, gid| resolve(&d, u, uid, gid);
         assert_eq!(r(None, None, None), Ok(None));
         let bob = r(Some("bob"), None, None).unwrap().unwrap();
-        assert_eq!((bob.uid, bob.gid, bob.groups.clone(), bob.home.as_deref()), (1000, 1001, vec![1001, 10], Some("/home/bob")));
+        assert_eq!(
+            (bob.uid, bob.gid, bob.groups.clone(), bob.home.as_deref()),
+            (1000, 1001, vec![1001, 10], Some("/home/bob"))
+        );
         let n = r(Some("1000"), None, None).unwrap().unwrap();
         assert_eq!((n.uid, n.gid, n.name.as_deref()), (1000, 1001, Some("bob")));
         let n = r(Some("4242:7"), None, None).unwrap().unwrap();

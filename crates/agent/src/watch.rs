@@ -58,7 +58,8 @@ impl Watcher {
     }
 
     fn add(&mut self, dir: &Path) -> io::Result<()> {
-        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: a NUL-terminated path that outlives the call.
         let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), MASK) };
         if wd < 0 {
@@ -122,7 +123,11 @@ impl Watcher {
             return;
         }
         let Some(dir) = self.dirs.get(&wd) else { return };
-        let path = if name.is_empty() { dir.clone() } else { dir.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(name)) };
+        let path = if name.is_empty() {
+            dir.clone()
+        } else {
+            dir.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(name))
+        };
         let kind = if mask & libc::IN_CREATE != 0 {
             watch_kind::CREATE
         } else if mask & (libc::IN_MODIFY | libc::IN_CLOSE_WRITE) != 0 {

@@ -55,7 +55,15 @@ impl Workload {
     }
 
     fn new() -> Workload {
-        Workload { pid: None, started: Instant::now(), result: None, waiters: Vec::new(), answered: false, ended_at: None, cgroup: None }
+        Workload {
+            pid: None,
+            started: Instant::now(),
+            result: None,
+            waiters: Vec::new(),
+            answered: false,
+            ended_at: None,
+            cgroup: None,
+        }
     }
 
     /// Starts the workload (in a cgroup of its own where there are cgroups); a program that
@@ -67,7 +75,12 @@ impl Workload {
                 code: None,
                 signal: None,
                 duration_ns: 0,
-                error: Some(ErrorMsg { code: ErrorCode::INVALID, errno: libc::EINVAL, message: "the workload has no program".into(), path: None }),
+                error: Some(ErrorMsg {
+                    code: ErrorCode::INVALID,
+                    errno: libc::EINVAL,
+                    message: "the workload has no program".into(),
+                    path: None,
+                }),
             });
             return w;
         }

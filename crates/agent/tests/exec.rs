@@ -43,7 +43,11 @@ fn env_cwd_and_user() {
         .env("EMPTY", "")
         .cwd(dir.path().to_str().unwrap());
     let out = a.client.exec_collect(&req, T).unwrap();
-    let want = format!("hello world \"quoted\" 'x' $y||{}\n{}\n", std::env::var("HOME").unwrap_or_default(), dir.path().display());
+    let want = format!(
+        "hello world \"quoted\" 'x' $y||{}\n{}\n",
+        std::env::var("HOME").unwrap_or_default(),
+        dir.path().display()
+    );
     assert_eq!(out.stdout_str(), want);
     // clear_env: only what is given.
     let mut req = ExecRequest::new(["/usr/bin/env"]).env("ONLY", "1");
@@ -124,7 +128,9 @@ fn stdin_round_trip_of_every_byte_value() {
 fn a_hundred_concurrent_execs() {
     let a = Agent::spawn();
     let t = Instant::now();
-    let handles: Vec<_> = (0..100).map(|i| a.client.exec(&sh(&format!("sleep 0.2; echo {i}; echo e{i} >&2; exit {}", i % 7))).unwrap()).collect();
+    let handles: Vec<_> = (0..100)
+        .map(|i| a.client.exec(&sh(&format!("sleep 0.2; echo {i}; echo e{i} >&2; exit {}", i % 7))).unwrap())
+        .collect();
     for (i, h) in handles.iter().enumerate() {
         let out = h.collect(T).unwrap();
         assert_eq!(out.stdout_str(), format!("{i}\n"));
@@ -174,7 +180,10 @@ fn alive(pid: i32) -> bool {
 fn timeout_kills_the_whole_process_tree() {
     let a = Agent::spawn();
     let t = Instant::now();
-    let h = a.client.exec(&sh("sleep 100 & echo $!; (sleep 100; echo never) & echo $!; wait").timeout(Duration::from_millis(500))).unwrap();
+    let h = a
+        .client
+        .exec(&sh("sleep 100 & echo $!; (sleep 100; echo never) & echo $!; wait").timeout(Duration::from_millis(500)))
+        .unwrap();
     let out = h.collect(T).unwrap();
     let elapsed = t.elapsed();
     assert!(out.exit.timed_out, "{:?}", out.exit);

@@ -48,7 +48,8 @@ fn small_files_and_one_shot_operations() {
     c.mkdir(&format!("{}/x/y/z", p(d.path())), 0o700, true).unwrap();
     c.mkdir(&format!("{}/x/y/z", p(d.path())), 0o700, true).unwrap(); // -p: existing is fine
     assert_eq!(std::fs::metadata(d.path().join("x/y/z")).unwrap().permissions().mode() & 0o7777, 0o700);
-    let names: Vec<(String, &str)> = c.list_dir(&format!("{}/a", p(d.path()))).unwrap().into_iter().map(|e| (e.name, e.file_type)).collect();
+    let names: Vec<(String, &str)> =
+        c.list_dir(&format!("{}/a", p(d.path()))).unwrap().into_iter().map(|e| (e.name, e.file_type)).collect();
     assert_eq!(names, [("b".to_owned(), "dir"), ("link".to_owned(), "symlink")]);
     c.rename(p(&f), &format!("{}/moved", p(d.path()))).unwrap();
     assert!(!f.exists() && d.path().join("moved").exists());
@@ -105,8 +106,14 @@ fn errors_carry_errno_codes_and_guest_paths() {
     assert_eq!(code(c.mkdir("", 0o755, true)), "E_INVALID_ARGUMENT");
     assert_eq!(code(c.mkdir(&format!("{}/m", p(d.path())), 0o17777, true)), "E_INVALID_ARGUMENT");
     assert_eq!(code(c.remove("/", true)), "E_INVALID_ARGUMENT");
-    assert_eq!(c.copy_to_host(&missing, &d.path().join("out"), CopyToHostOptions::default()).unwrap_err().code(), "ENOENT");
-    assert_eq!(c.copy_from_host(&d.path().join("host-missing"), &format!("{}/in", p(d.path()))).unwrap_err().code(), "E_HOST_FILE");
+    assert_eq!(
+        c.copy_to_host(&missing, &d.path().join("out"), CopyToHostOptions::default()).unwrap_err().code(),
+        "ENOENT"
+    );
+    assert_eq!(
+        c.copy_from_host(&d.path().join("host-missing"), &format!("{}/in", p(d.path()))).unwrap_err().code(),
+        "E_HOST_FILE"
+    );
     // And the agent still serves.
     c.ping(Duration::from_secs(5)).unwrap();
 }
@@ -118,7 +125,8 @@ fn tree_fixture(root: &Path) {
     std::fs::set_permissions(root.join("bin/tool"), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::write(root.join("data/secret"), b"s3cret").unwrap();
     std::fs::set_permissions(root.join("data/secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    std::fs::write(root.join("data/deep/er/blob"), (0..3_000_000u32).map(|i| (i * 7) as u8).collect::<Vec<_>>()).unwrap();
+    std::fs::write(root.join("data/deep/er/blob"), (0..3_000_000u32).map(|i| (i * 7) as u8).collect::<Vec<_>>())
+        .unwrap();
     std::fs::write(root.join("setuid"), b"").unwrap();
     std::fs::set_permissions(root.join("setuid"), std::fs::Permissions::from_mode(0o4711)).unwrap();
     std::os::unix::fs::symlink("../bin/tool", root.join("data/tool-link")).unwrap();
@@ -142,7 +150,11 @@ fn listing(root: &Path) -> Vec<(String, String, u32, u64, String, u64)> {
                 ("d", String::new(), 0)
             } else {
                 let b = std::fs::read(e.path()).unwrap();
-                ("f", String::new(), b.iter().fold(0xcbf29ce484222325u64, |h, &x| (h ^ x as u64).wrapping_mul(0x100000001b3)))
+                (
+                    "f",
+                    String::new(),
+                    b.iter().fold(0xcbf29ce484222325u64, |h, &x| (h ^ x as u64).wrapping_mul(0x100000001b3)),
+                )
             };
             out.push((rel, t.to_owned(), m.mode() & 0o7777, if t == "f" { m.len() } else { 0 }, link, hash));
         }
@@ -170,11 +182,19 @@ fn directory_trees_round_trip_with_modes_and_symlinks() {
     // By default the host drops setuid/setgid bits (the guest kept them: the host is trusted).
     let plain = d.path().join("host-side/plain");
     a.client.copy_to_host(p(&guest), &plain, CopyToHostOptions::default()).unwrap();
-    let want: Vec<_> = listing(&src).into_iter().map(|mut e| { e.2 &= 0o1777; e }).collect();
+    let want: Vec<_> = listing(&src)
+        .into_iter()
+        .map(|mut e| {
+            e.2 &= 0o1777;
+            e
+        })
+        .collect();
     assert_eq!(listing(&plain), want);
     assert_eq!(std::fs::metadata(plain.join("setuid")).unwrap().mode() & 0o7777, 0o711);
     // A single file and a single symlink copy too.
-    a.client.copy_to_host(&format!("{}/data/secret", p(&guest)), &d.path().join("one"), CopyToHostOptions::default()).unwrap();
+    a.client
+        .copy_to_host(&format!("{}/data/secret", p(&guest)), &d.path().join("one"), CopyToHostOptions::default())
+        .unwrap();
     assert_eq!(std::fs::read(d.path().join("one")).unwrap(), b"s3cret");
     assert_eq!(std::fs::metadata(d.path().join("one")).unwrap().mode() & 0o7777, 0o600);
     a.client.copy_from_host(&src.join("dangling"), &format!("{}/l2", p(&guest))).unwrap();
@@ -289,7 +309,11 @@ fn reads_and_copies_to_the_host_are_bounded() {
     let m = std::fs::metadata(&out).unwrap();
     assert_eq!((st.bytes, m.len()), (256 << 20, 256 << 20));
     assert!(m.blocks() * 512 <= 1 << 20, "{} blocks on the host", m.blocks());
-    say(&format!("sparse 256 MiB to the host: {} KiB allocated, {} ms; /dev/zero with maxBytes 1 MiB: {zero_ms} ms", m.blocks() / 2, t.elapsed().as_millis()));
+    say(&format!(
+        "sparse 256 MiB to the host: {} KiB allocated, {} ms; /dev/zero with maxBytes 1 MiB: {zero_ms} ms",
+        m.blocks() / 2,
+        t.elapsed().as_millis()
+    ));
     // Data past maxBytes: E_OUTPUT_LIMIT, and no partial file under the name.
     let big = d.path().join("big");
     std::fs::write(&big, vec![9u8; 3 << 20]).unwrap();

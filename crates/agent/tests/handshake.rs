@@ -136,7 +136,13 @@ fn handshake_requests_and_poweroff_over_a_socketpair() {
 #[test]
 fn version_mismatch_is_refused() {
     let (child, mut conn) = spawn_on_socketpair();
-    let hello = Message::Hello(Hello { version: 999, min_version: 900, client: "future".into(), realtime_ns: 0, entropy: vec![] });
+    let hello = Message::Hello(Hello {
+        version: 999,
+        min_version: 900,
+        client: "future".into(),
+        realtime_ns: 0,
+        entropy: vec![],
+    });
     let e = expect_error(conn.request(0, hello), 0, ErrorCode::VERSION);
     assert!(e.message.contains("900..=999"), "{}", e.message);
     // Still no session: requests are refused until a Hello succeeds.
@@ -189,7 +195,6 @@ fn refuses_to_run_without_a_channel_when_not_pid_1() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not PID 1"));
 }
 
-
 #[test]
 fn bad_stream_frames_and_random_payloads_never_end_the_agent() {
     let (child, mut conn) = spawn_on_socketpair();
@@ -199,11 +204,19 @@ fn bad_stream_frames_and_random_payloads_never_end_the_agent() {
     expect_error(conn.request(41, Message::CloseStdin(())), 41, ErrorCode::BAD_STATE);
     expect_error(conn.request(42, Message::Signal(Signal { signal: 9, group: true })), 42, ErrorCode::BAD_STATE);
     expect_error(conn.request(43, Message::FileData(b"x".to_vec().into())), 43, ErrorCode::BAD_STATE);
-    expect_error(conn.request(44, Message::Resize(Resize { size: TtySize { rows: 1, cols: 1 } })), 44, ErrorCode::BAD_STATE);
+    expect_error(
+        conn.request(44, Message::Resize(Resize { size: TtySize { rows: 1, cols: 1 } })),
+        44,
+        ErrorCode::BAD_STATE,
+    );
     // Credit for a stream that ended is normal: no answer (the next answer is the Pong).
     conn.send(Frame::new(45, Message::Credit(Credit { stream: StreamKind::Stdout, bytes: 10 })));
     assert_eq!(conn.request(46, Message::Ping(9)), Frame::new(46, Message::Pong(9)));
-    expect_error(conn.request(47, Message::Credit(Credit { stream: StreamKind::Stdin, bytes: 10 })), 47, ErrorCode::BAD_STATE);
+    expect_error(
+        conn.request(47, Message::Credit(Credit { stream: StreamKind::Stdin, bytes: 10 })),
+        47,
+        ErrorCode::BAD_STATE,
+    );
     // A bad signal number on a running exec: a non-final error, the exec goes on.
     let exec = Exec {
         argv: vec!["sleep".into(), "10".into()],
@@ -255,7 +268,16 @@ fn bad_stream_frames_and_random_payloads_never_end_the_agent() {
         let len = (rnd() % 24) as usize;
         let payload: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
         if let Ok(m) = Message::decode(k, &payload) {
-            if matches!(m, Message::Exec(_) | Message::WriteFile(_) | Message::WriteTree(_) | Message::Mkdir(_) | Message::Remove(_) | Message::Rename(_) | Message::FileData(_)) {
+            if matches!(
+                m,
+                Message::Exec(_)
+                    | Message::WriteFile(_)
+                    | Message::WriteTree(_)
+                    | Message::Mkdir(_)
+                    | Message::Remove(_)
+                    | Message::Rename(_)
+                    | Message::FileData(_)
+            ) {
                 continue;
             }
         }

@@ -83,7 +83,9 @@ fn qemu_boots_to_ready_and_powers_off() {
     // The Hello waits in the socket until the agent opens its port.
     let ready = match conn.request(0, Conn::<UnixStream, UnixStream>::hello()).msg {
         Message::Ready(r) => r,
-        other => panic!("expected Ready, got {other:?}\nconsole:\n{}", std::fs::read_to_string(&console).unwrap_or_default()),
+        other => {
+            panic!("expected Ready, got {other:?}\nconsole:\n{}", std::fs::read_to_string(&console).unwrap_or_default())
+        }
     };
     let t_ready = t0.elapsed();
     assert!(ready.kernel_release.starts_with("6.1."), "{ready:?}");
@@ -112,7 +114,10 @@ fn qemu_boots_to_ready_and_powers_off() {
     let mut log = String::new();
     std::fs::File::open(&console).unwrap().read_to_string(&mut log).unwrap();
     assert!(status.success(), "QEMU exit status {status}\nconsole:\n{log}");
-    assert!(log.contains(&format!("microcell-agent ready (kernel {})", ready.kernel_release)), "banner missing:\n{log}");
+    assert!(
+        log.contains(&format!("microcell-agent ready (kernel {})", ready.kernel_release)),
+        "banner missing:\n{log}"
+    );
 
     let report = format!(
         "accel={accel} machine={machine} append={append:?} kernel={} release={} socket_after_ms={} ready_after_ms={} guest_boot_ns_at_ready={} \

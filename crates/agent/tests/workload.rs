@@ -28,7 +28,9 @@ fn run(spec_value: &str, ask: bool) -> Run {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let fd = theirs.as_raw_fd();
     let mut cmd = Command::new(common::AGENT);
-    cmd.args(["--no-init", "--channel-fd", "3", "--exec-spec", spec_value]).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(["--no-init", "--channel-fd", "3", "--exec-spec", spec_value])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -103,10 +105,21 @@ fn exit_code_signal_and_missing_program() {
 fn args_env_workdir_and_rlimits_reach_the_workload() {
     let dir = tempfile::tempdir().unwrap();
     let s = WorkloadSpec {
-        argv: ["/bin/sh", "-c", "printf '[%s]' \"$@\"; echo; echo \"$MSG\"; pwd; ulimit -n; ulimit -Hn", "sh", "a b", "c\"d", "'e'", "", "x=y z", "é😀"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        argv: [
+            "/bin/sh",
+            "-c",
+            "printf '[%s]' \"$@\"; echo; echo \"$MSG\"; pwd; ulimit -n; ulimit -Hn",
+            "sh",
+            "a b",
+            "c\"d",
+            "'e'",
+            "",
+            "x=y z",
+            "é😀",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
         env: vec![("MSG".into(), "hello \"world\" 'quoted' $NOT".into())],
         cwd: Some(dir.path().to_str().unwrap().into()),
         rlimits: vec![Rlimit { resource: 7, soft: 1024, hard: 1024 }],
@@ -114,7 +127,10 @@ fn args_env_workdir_and_rlimits_reach_the_workload() {
     };
     let r = run(&value(&s), true);
     assert_eq!(r.status.unwrap().code, Some(0), "{}", r.stderr);
-    let want = format!("[a b][c\"d]['e'][][x=y z][é😀]\nhello \"world\" 'quoted' $NOT\n{}\n1024\n1024\n", dir.path().display());
+    let want = format!(
+        "[a b][c\"d]['e'][][x=y z][é😀]\nhello \"world\" 'quoted' $NOT\n{}\n1024\n1024\n",
+        dir.path().display()
+    );
     assert_eq!(r.stdout, want);
 }
 
@@ -131,7 +147,14 @@ fn exec_and_fs_work_while_the_workload_runs() {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let fd = theirs.as_raw_fd();
     let mut cmd2 = Command::new(common::AGENT);
-    cmd2.args(["--no-init", "--channel-fd", "3", "--exec-spec", &value(&spec(&["/bin/sh", "-c", "sleep 0.5; exit 5"]))]).stdout(Stdio::null());
+    cmd2.args([
+        "--no-init",
+        "--channel-fd",
+        "3",
+        "--exec-spec",
+        &value(&spec(&["/bin/sh", "-c", "sleep 0.5; exit 5"])),
+    ])
+    .stdout(Stdio::null());
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd2.pre_exec(move || {

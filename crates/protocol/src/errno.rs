@@ -138,7 +138,9 @@ mod tests {
     #[test]
     fn tables_match_libc_on_this_host() {
         // The host under test is Linux x86_64 too: its libc numbers are the guest's.
-        for (n, s) in [(2, "ENOENT"), (13, "EACCES"), (21, "EISDIR"), (20, "ENOTDIR"), (17, "EEXIST"), (39, "ENOTEMPTY")] {
+        for (n, s) in
+            [(2, "ENOENT"), (13, "EACCES"), (21, "EISDIR"), (20, "ENOTDIR"), (17, "EEXIST"), (39, "ENOTEMPTY")]
+        {
             assert_eq!(name(n), Some(s));
             assert_eq!(number(s), Some(n));
         }

@@ -144,7 +144,9 @@ impl FrameError {
     /// The id of the skipped frame, for non-fatal errors.
     pub fn frame_id(&self) -> Option<u32> {
         match *self {
-            FrameError::UnknownFlags { id, .. } | FrameError::UnknownKind { id, .. } | FrameError::Malformed { id, .. } => Some(id),
+            FrameError::UnknownFlags { id, .. }
+            | FrameError::UnknownKind { id, .. }
+            | FrameError::Malformed { id, .. } => Some(id),
             _ => None,
         }
     }
@@ -160,7 +162,9 @@ impl fmt::Display for FrameError {
                 write!(f, "frame id {id} kind 0x{kind:04x} has unknown flags 0x{flags:02x}")
             }
             FrameError::UnknownKind { id, kind } => write!(f, "frame id {id} has unknown kind 0x{kind:04x}"),
-            FrameError::Malformed { id, kind, reason } => write!(f, "frame id {id} kind 0x{kind:04x} is malformed: {reason}"),
+            FrameError::Malformed { id, kind, reason } => {
+                write!(f, "frame id {id} kind 0x{kind:04x} is malformed: {reason}")
+            }
         }
     }
 }

@@ -64,8 +64,8 @@
 //! still arrives and the host drops it.
 
 use crate::wire::{Chunk, Reader, Wire, WireResult};
-pub use crate::workload::WorkloadSpec;
 use crate::wire_struct;
+pub use crate::workload::WorkloadSpec;
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u16 = 2;

@@ -94,12 +94,24 @@ pub fn check_path(path: &[u8]) -> Result<(), &'static str> {
 /// One step of a decoded tree stream.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TreeEvent<'a> {
-    Dir { path: Vec<u8>, mode: u32, mtime_ns: i64 },
+    Dir {
+        path: Vec<u8>,
+        mode: u32,
+        mtime_ns: i64,
+    },
     /// The start of a file: `Data` events with exactly `size` bytes follow, then `FileEnd`.
-    File { path: Vec<u8>, mode: u32, mtime_ns: i64, size: u64 },
+    File {
+        path: Vec<u8>,
+        mode: u32,
+        mtime_ns: i64,
+        size: u64,
+    },
     Data(&'a [u8]),
     FileEnd,
-    Symlink { path: Vec<u8>, target: Vec<u8> },
+    Symlink {
+        path: Vec<u8>,
+        target: Vec<u8>,
+    },
     End,
 }
 
@@ -321,7 +333,9 @@ mod tests {
             while let Some(ev) = d.next(&mut input)? {
                 match ev {
                     TreeEvent::Dir { path, mode, mtime_ns } => out.push(Owned::Dir(path, mode, mtime_ns)),
-                    TreeEvent::File { path, mode, mtime_ns, .. } => cur = Some(Owned::File(path, mode, mtime_ns, vec![])),
+                    TreeEvent::File { path, mode, mtime_ns, .. } => {
+                        cur = Some(Owned::File(path, mode, mtime_ns, vec![]))
+                    }
                     TreeEvent::Data(b) => match &mut cur {
                         Some(Owned::File(_, _, _, v)) => v.extend_from_slice(b),
                         _ => panic!("data outside a file"),

@@ -36,11 +36,18 @@ use crate::tree::{self, TreeDecoder, TreeEvent};
 /// What went wrong, and at which path.
 #[derive(Debug)]
 pub enum TreeFsError {
-    Io { path: PathBuf, op: &'static str, source: io::Error },
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: io::Error,
+    },
     /// The stream is not valid, or asks for something the writer refuses.
     Invalid(String),
     /// Writing on would pass [`WriterOptions::max_bytes`] (at `path`, which was removed).
-    Limit { max: u64, path: PathBuf },
+    Limit {
+        max: u64,
+        path: PathBuf,
+    },
 }
 
 impl TreeFsError {
@@ -71,7 +78,11 @@ impl std::fmt::Display for TreeFsError {
             TreeFsError::Io { path, op, source } => write!(f, "{op} {}: {source}", path.display()),
             TreeFsError::Invalid(m) => f.write_str(m),
             TreeFsError::Limit { max, path } => {
-                write!(f, "the copy would write more than {max} bytes (maxBytes), at {}: raise maxBytes or copy less", path.display())
+                write!(
+                    f,
+                    "the copy would write more than {max} bytes (maxBytes), at {}: raise maxBytes or copy less",
+                    path.display()
+                )
             }
         }
     }
@@ -436,7 +447,12 @@ impl TreeWriter {
     pub fn with_options(root: &Path, opts: WriterOptions) -> Result<TreeWriter> {
         let base = match root.file_name() {
             Some(n) if !root.ends_with("..") => cstring(n.as_bytes()),
-            _ => return Err(TreeFsError::Invalid(format!("the destination {} does not name a file or directory", root.display()))),
+            _ => {
+                return Err(TreeFsError::Invalid(format!(
+                    "the destination {} does not name a file or directory",
+                    root.display()
+                )))
+            }
         };
         let parent = root.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         if opts.parents {
@@ -445,7 +461,11 @@ impl TreeWriter {
         // The caller chose the destination: its parent is resolved as given, once.
         let parent_fd = File::open(parent).map_err(TreeFsError::io("open directory", parent))?;
         if !parent_fd.metadata().map_err(TreeFsError::io("stat", parent))?.is_dir() {
-            return Err(TreeFsError::Io { path: parent.to_owned(), op: "open directory", source: io::Error::from_raw_os_error(libc::ENOTDIR) });
+            return Err(TreeFsError::Io {
+                path: parent.to_owned(),
+                op: "open directory",
+                source: io::Error::from_raw_os_error(libc::ENOTDIR),
+            });
         }
         Ok(TreeWriter {
             root: root.to_owned(),
@@ -479,7 +499,11 @@ impl TreeWriter {
         self.last_dir = None;
         for (rel, mode, mtime) in std::mem::take(&mut self.dirs).into_iter().rev() {
             let full = join(&self.root, &rel);
-            let fd = if rel.is_empty() { self.root_dir()?.try_clone_to_owned().map_err(TreeFsError::io("dup", &full))? } else { self.walk(&rel, true)? };
+            let fd = if rel.is_empty() {
+                self.root_dir()?.try_clone_to_owned().map_err(TreeFsError::io("dup", &full))?
+            } else {
+                self.walk(&rel, true)?
+            };
             set_mode_time(fd.as_fd(), self.mode(mode), mtime).map_err(TreeFsError::io("chmod", &full))?;
         }
         Ok(())
@@ -514,7 +538,9 @@ impl TreeWriter {
                 Ok(fd) => cur = Some(fd),
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
                     let prefix = comps[..=i].join(&b'/');
-                    return Err(self.refused(&prefix, "not a directory (a symlink or file) and the stream writes below it"));
+                    return Err(
+                        self.refused(&prefix, "not a directory (a symlink or file) and the stream writes below it")
+                    );
                 }
                 Err(e) => return Err(TreeFsError::io("open directory", &join(&self.root, rel))(e)),
             }
@@ -588,7 +614,8 @@ impl TreeWriter {
                         let t = type_at(dir.as_fd(), &name).map_err(TreeFsError::io("stat", &full))?;
                         // The root may be a symlink to a directory, if the caller put it there
                         // (nothing of the stream's exists yet); anything below must be real.
-                        let ok = t == Some(libc::S_IFDIR) || (path.is_empty() && open_dir_at(dir.as_fd(), &name, true).is_ok());
+                        let ok = t == Some(libc::S_IFDIR)
+                            || (path.is_empty() && open_dir_at(dir.as_fd(), &name, true).is_ok());
                         if !ok {
                             return Err(TreeFsError::Io { path: full, op: "create directory", source: e });
                         }
@@ -596,7 +623,8 @@ impl TreeWriter {
                     Err(e) => return Err(TreeFsError::io("create directory", &full)(e)),
                 }
                 if path.is_empty() {
-                    self.root_dir = Some(open_dir_at(dir.as_fd(), &name, true).map_err(TreeFsError::io("open directory", &full))?);
+                    self.root_dir =
+                        Some(open_dir_at(dir.as_fd(), &name, true).map_err(TreeFsError::io("open directory", &full))?);
                     self.state = Root::Dir;
                 }
                 self.dirs.push((path, mode, mtime_ns));
@@ -615,9 +643,11 @@ impl TreeWriter {
             TreeEvent::Data(b) => self.data(b)?,
             TreeEvent::FileEnd => {
                 let f = self.file.take().expect("decoder: file end after a file");
-                let done = f.file.set_len(f.size).map_err(TreeFsError::io("set the length of", &f.full)).and_then(|()| {
-                    set_mode_time(f.file.as_fd(), self.mode(f.mode), f.mtime_ns).map_err(TreeFsError::io("chmod", &f.full))
-                });
+                let done =
+                    f.file.set_len(f.size).map_err(TreeFsError::io("set the length of", &f.full)).and_then(|()| {
+                        set_mode_time(f.file.as_fd(), self.mode(f.mode), f.mtime_ns)
+                            .map_err(TreeFsError::io("chmod", &f.full))
+                    });
                 if let Err(e) = done {
                     let _ = unlink_at(f.dir.as_fd(), &f.name);
                     return Err(e);
@@ -646,7 +676,8 @@ impl TreeWriter {
         let mut run: Option<usize> = None;
         let mut i = 0;
         while i <= b.len() {
-            let end = if i == b.len() { i } else { b.len().min(i + (HOLE_BLOCK - (start + i as u64) % HOLE_BLOCK) as usize) };
+            let end =
+                if i == b.len() { i } else { b.len().min(i + (HOLE_BLOCK - (start + i as u64) % HOLE_BLOCK) as usize) };
             let zero = i == b.len() || all_zero(&b[i..end]);
             if zero {
                 if let Some(r) = run.take() {
@@ -839,21 +870,29 @@ mod tests {
         let refused: &[Case] = &[
             ("root symlink, then a file below it", |o, _| crafted(&[R::L(b"", o), R::F(b"pwned", b"x")])),
             ("root symlink, then a directory below it", |o, _| crafted(&[R::L(b"", o), R::D(b"sub")])),
-            ("root symlink, then the root as a directory", |o, _| crafted(&[R::L(b"", o), R::D(b""), R::F(b"pwned", b"x")])),
+            ("root symlink, then the root as a directory", |o, _| {
+                crafted(&[R::L(b"", o), R::D(b""), R::F(b"pwned", b"x")])
+            }),
             ("root file, then an entry below it", |_, _| crafted(&[R::F(b"", b"x"), R::F(b"pwned", b"y")])),
             ("root file, then the root as a symlink", |o, _| crafted(&[R::F(b"", b"x"), R::L(b"", o)])),
-            ("root directory, then the root as a symlink", |o, _| crafted(&[R::D(b""), R::L(b"", o), R::F(b"pwned", b"x")])),
+            ("root directory, then the root as a symlink", |o, _| {
+                crafted(&[R::D(b""), R::L(b"", o), R::F(b"pwned", b"x")])
+            }),
             ("a first record that is not the root", |_, _| crafted(&[R::F(b"pwned", b"x")])),
             ("a symlinked parent", |o, _| crafted(&[R::D(b""), R::L(b"esc", o), R::F(b"esc/pwned", b"x")])),
             ("a symlinked parent, deeper, then a directory", |o, _| {
                 crafted(&[R::D(b""), R::D(b"a"), R::L(b"a/esc", o), R::D(b"a/esc/pwned")])
             }),
-            ("a symlinked parent, then a symlink", |o, _| crafted(&[R::D(b""), R::L(b"esc", o), R::L(b"esc/pwned", b"/etc")])),
+            ("a symlinked parent, then a symlink", |o, _| {
+                crafted(&[R::D(b""), R::L(b"esc", o), R::L(b"esc/pwned", b"/etc")])
+            }),
             ("a directory swapped for a symlink", |o, _| crafted(&[R::D(b""), R::D(b"d"), R::L(b"d", o)])),
             ("a symlink swapped for a directory, then a file in it", |o, _| {
                 crafted(&[R::D(b""), R::L(b"d", o), R::D(b"d"), R::F(b"d/pwned", b"x")])
             }),
-            ("a file swapped for a directory", |_, _| crafted(&[R::D(b""), R::F(b"f", b"1"), R::D(b"f"), R::F(b"f/x", b"2")])),
+            ("a file swapped for a directory", |_, _| {
+                crafted(&[R::D(b""), R::F(b"f", b"1"), R::D(b"f"), R::F(b"f/x", b"2")])
+            }),
             ("a '..' name", |_, _| crafted(&[R::D(b""), R::F(b"../outside/pwned", b"x")])),
             ("a '..' inside a name", |_, _| crafted(&[R::D(b""), R::D(b"a"), R::F(b"a/../../outside/pwned", b"x")])),
             ("an absolute name", |_, abs| crafted(&[R::D(b""), R::F(abs, b"x")])),
@@ -909,7 +948,16 @@ mod tests {
         assert_eq!(snapshot(&outside), vec![("victim".into(), b"original".to_vec())]);
         // Duplicates: the last record wins.
         let (_, dst) = case(&d, 3);
-        let s = crafted(&[R::D(b""), R::F(b"a", b"1"), R::F(b"a", b"22"), R::D(b"d"), R::D(b"d"), R::L(b"l", b"t1"), R::L(b"l", b"t2"), R::F(b"d/x", b"3")]);
+        let s = crafted(&[
+            R::D(b""),
+            R::F(b"a", b"1"),
+            R::F(b"a", b"22"),
+            R::D(b"d"),
+            R::D(b"d"),
+            R::L(b"l", b"t1"),
+            R::L(b"l", b"t2"),
+            R::F(b"d/x", b"3"),
+        ]);
         write_stream(&dst, &s, 2).unwrap();
         assert_eq!(
             snapshot(&dst),
@@ -958,7 +1006,10 @@ mod tests {
         tree::encode_end(&mut s);
         let mode = |p: PathBuf| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
         write_stream(&d.join("drop"), &s, 5).unwrap();
-        assert_eq!((mode(d.join("drop")), mode(d.join("drop/su")), mode(d.join("drop/sticky"))), (0o1755, 0o755, 0o1777));
+        assert_eq!(
+            (mode(d.join("drop")), mode(d.join("drop/su")), mode(d.join("drop/sticky"))),
+            (0o1755, 0o755, 0o1777)
+        );
         write_with(&d.join("keep"), &s, 5, KEEP).unwrap();
         assert_eq!((mode(d.join("keep")), mode(d.join("keep/su"))), (0o3755, 0o6755));
         fs::remove_dir_all(&d).ok();
@@ -996,17 +1047,20 @@ mod tests {
         write_with(&d.join("under"), &s, 1 << 16, lim).unwrap();
         let a = vec![7u8; 512 << 10];
         let b = vec![8u8; 1 << 20];
-        let e = write_with(&d.join("over"), &crafted(&[R::D(b""), R::F(b"a", &a), R::F(b"b", &b)]), 1 << 16, lim).unwrap_err();
+        let e = write_with(&d.join("over"), &crafted(&[R::D(b""), R::F(b"a", &a), R::F(b"b", &b)]), 1 << 16, lim)
+            .unwrap_err();
         assert!(matches!(e, TreeFsError::Limit { max: 1048576, .. }), "{e}");
         assert_eq!(e.errno(), libc::EFBIG);
         assert_eq!(fs::read(d.join("over/a")).unwrap(), a, "finished files stay");
         assert!(!d.join("over/b").exists(), "the file cut short is removed");
-        let e = write_with(&d.join("over1"), &crafted(&[R::F(b"", &[b.as_slice(), &b].concat())]), 1 << 16, lim).unwrap_err();
+        let e = write_with(&d.join("over1"), &crafted(&[R::F(b"", &[b.as_slice(), &b].concat())]), 1 << 16, lim)
+            .unwrap_err();
         assert!(e.to_string().contains("maxBytes"), "{e}");
         assert!(fs::symlink_metadata(d.join("over1")).is_err(), "no partial root file");
         // Empty entries count too (inodes): 64 KiB buys 128 of them.
         let names: Vec<String> = (0..200).map(|i| format!("e{i}")).collect();
-        let recs: Vec<R<'_>> = std::iter::once(R::D(b"")).chain(names.iter().map(|n| R::F(n.as_bytes(), b""))).collect();
+        let recs: Vec<R<'_>> =
+            std::iter::once(R::D(b"")).chain(names.iter().map(|n| R::F(n.as_bytes(), b""))).collect();
         let small = WriterOptions { max_bytes: Some(64 << 10), ..WriterOptions::default() };
         let e = write_with(&d.join("many"), &crafted(&recs), 1 << 16, small).unwrap_err();
         assert!(matches!(e, TreeFsError::Limit { .. }), "{e}");

@@ -66,7 +66,8 @@ const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 pub fn base64url_encode(b: &[u8]) -> String {
     let mut out = String::with_capacity(b.len().div_ceil(3) * 4);
     for c in b.chunks(3) {
-        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        let n =
+            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
         for i in 0..=c.len() {
             out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
         }
@@ -108,7 +109,9 @@ pub fn status_line(exit: &WorkloadExit) -> String {
             e.message.replace(['\n', '\r'], " ")
         ),
         (None, _, Some(sig)) => format!("{STATUS_PREFIX}signaled signal={sig} duration_ns={}", exit.duration_ns),
-        (None, code, None) => format!("{STATUS_PREFIX}exited code={} duration_ns={}", code.unwrap_or(-1), exit.duration_ns),
+        (None, code, None) => {
+            format!("{STATUS_PREFIX}exited code={} duration_ns={}", code.unwrap_or(-1), exit.duration_ns)
+        }
     }
 }
 
@@ -136,7 +139,8 @@ pub fn parse_status_line(line: &str) -> Option<WorkloadExit> {
         "error" => {
             let message = &fields[fields.find("message=")? + "message=".len()..];
             let head = &fields[..fields.find("message=")?];
-            let field = |name: &str| head.split(' ').find_map(|w| w.strip_prefix(name).and_then(|v| v.strip_prefix('=')));
+            let field =
+                |name: &str| head.split(' ').find_map(|w| w.strip_prefix(name).and_then(|v| v.strip_prefix('=')));
             let path = match field("path")? {
                 "-" => None,
                 p => Some(String::from_utf8(base64url_decode(p)?).ok()?),
@@ -145,7 +149,12 @@ pub fn parse_status_line(line: &str) -> Option<WorkloadExit> {
                 code: None,
                 signal: None,
                 duration_ns: 0,
-                error: Some(ErrorMsg { code: ErrorCode::IO, errno: field("errno")?.parse().ok()?, message: message.to_owned(), path }),
+                error: Some(ErrorMsg {
+                    code: ErrorCode::IO,
+                    errno: field("errno")?.parse().ok()?,
+                    message: message.to_owned(),
+                    path,
+                }),
             })
         }
         _ => None,
@@ -177,7 +186,10 @@ mod tests {
             argv: vec!["/bin/sh".into(), "-c".into(), "echo \"a  b\" 'c' $X; exit 3".into(), "".into(), "é😀=".into()],
             env: vec![("X".into(), "with spaces \" and '".into())],
             cwd: Some("/tmp/a b".into()),
-            rlimits: vec![Rlimit { resource: 7, soft: 1024, hard: 1024 }, Rlimit { resource: 4, soft: 0, hard: u64::MAX }],
+            rlimits: vec![
+                Rlimit { resource: 7, soft: 1024, hard: 1024 },
+                Rlimit { resource: 4, soft: 0, hard: u64::MAX },
+            ],
             user: Some("nobody".into()),
         };
         let word = spec.to_cmdline_word();

@@ -110,7 +110,9 @@ impl Rng {
                 stdin: self.bool(),
                 window: self.u32(),
                 timeout_ms: self.opt(Rng::u64),
-                rlimits: (0..self.below(3)).map(|_| Rlimit { resource: self.u32(), soft: self.u64(), hard: self.u64() }).collect(),
+                rlimits: (0..self.below(3))
+                    .map(|_| Rlimit { resource: self.u32(), soft: self.u64(), hard: self.u64() })
+                    .collect(),
             }),
             kind::STARTED => Message::Started(Started { pid: self.u32() }),
             kind::STDIN => Message::Stdin(self.bytes(300).into()),
@@ -181,7 +183,9 @@ impl Rng {
                 argv: (0..1 + self.below(3)).map(|_| self.string()).collect(),
                 env: (0..self.below(3)).map(|_| (self.string(), self.string())).collect(),
                 cwd: self.opt(Rng::string),
-                rlimits: (0..self.below(2)).map(|_| Rlimit { resource: self.u32(), soft: self.u64(), hard: self.u64() }).collect(),
+                rlimits: (0..self.below(2))
+                    .map(|_| Rlimit { resource: self.u32(), soft: self.u64(), hard: self.u64() })
+                    .collect(),
                 user: self.opt(Rng::string),
             }),
             other => panic!("test generator misses kind 0x{other:04x}"),
@@ -245,7 +249,13 @@ fn header_layout_is_fixed() {
     assert_eq!(bytes, [0xC1, 0x01, 0x03, 0x00, 0x01, 0x02, 0x03, 0x04, 0x01, 0x00, 0x00, 0x00, 0x05]);
     let hello = Frame::new(
         0,
-        Message::Hello(Hello { version: 1, min_version: 1, client: "h".into(), realtime_ns: 300, entropy: vec![0, 255, 7] }),
+        Message::Hello(Hello {
+            version: 1,
+            min_version: 1,
+            client: "h".into(),
+            realtime_ns: 300,
+            entropy: vec![0, 255, 7],
+        }),
     );
     assert_eq!(&hello.to_bytes().unwrap()[HEADER_LEN..], [1, 1, 1, b'h', 0xac, 0x02, 3, 0, 255, 7]);
 }
@@ -316,7 +326,10 @@ fn oversized_frames_are_refused_both_ways() {
     // Encoding: a chunk one byte over the cap.
     let big = Frame::new(1, Message::Stdout(vec![7u8; MAX_PAYLOAD + 1].into()));
     let mut out = vec![1, 2, 3];
-    assert_eq!(big.encode(&mut out), Err(FrameError::TooLarge { len: MAX_PAYLOAD as u64 + 1, max: MAX_PAYLOAD as u32 }));
+    assert_eq!(
+        big.encode(&mut out),
+        Err(FrameError::TooLarge { len: MAX_PAYLOAD as u64 + 1, max: MAX_PAYLOAD as u32 })
+    );
     assert_eq!(out, [1, 2, 3], "a failed encode leaves the buffer alone");
     // Exactly at the cap is fine.
     let max = Frame::new(1, Message::Stdout(vec![7u8; MAX_PAYLOAD].into()));
@@ -380,7 +393,10 @@ fn unknown_kinds_flags_and_bad_payloads_skip_one_frame() {
     assert!(!e.is_fatal());
     assert_eq!(e.frame_id(), Some(11));
     assert_eq!(d.next_frame(), Err(FrameError::UnknownFlags { id: 12, kind: kind::PING, flags: 0x80 }));
-    assert_eq!(d.next_frame(), Err(FrameError::Malformed { id: 13, kind: kind::PING, reason: "trailing bytes in payload" }));
+    assert_eq!(
+        d.next_frame(),
+        Err(FrameError::Malformed { id: 13, kind: kind::PING, reason: "trailing bytes in payload" })
+    );
     assert_eq!(d.next_frame(), Err(FrameError::Malformed { id: 14, kind: kind::STARTED, reason: "truncated payload" }));
     assert_eq!(d.next_frame(), Err(FrameError::Malformed { id: 15, kind: kind::SIGNAL, reason: "bool is not 0 or 1" }));
     assert_eq!(d.next_frame(), Ok(Some(Frame::new(5, Message::Ping(77)))));
@@ -417,7 +433,12 @@ fn random_payloads_never_panic_and_decoding_is_canonical() {
     for i in 0..200_000u32 {
         let k = if rng.below(8) == 0 { rng.u16() } else { kind::ALL[rng.below(kind::ALL.len() as u64) as usize] };
         let payload = rng.bytes(if i % 2 == 0 { 8 } else { 40 });
-        let h = Header { flags: if rng.bool() { FLAG_FINAL } else { 0 }, kind: k, id: rng.u32(), len: payload.len() as u32 };
+        let h = Header {
+            flags: if rng.bool() { FLAG_FINAL } else { 0 },
+            kind: k,
+            id: rng.u32(),
+            len: payload.len() as u32,
+        };
         let mut bytes = h.to_bytes().to_vec();
         bytes.extend(&payload);
         let mut d = Decoder::new();
@@ -478,7 +499,10 @@ fn random_valid_streams_with_unknown_frames_interleaved() {
         for _ in 0..rng.below(30) {
             if rng.below(5) == 0 {
                 let payload = rng.bytes(20);
-                stream.extend(Header { flags: 0, kind: 0xfff0 + rng.below(16) as u16, id: 1, len: payload.len() as u32 }.to_bytes());
+                stream.extend(
+                    Header { flags: 0, kind: 0xfff0 + rng.below(16) as u16, id: 1, len: payload.len() as u32 }
+                        .to_bytes(),
+                );
                 stream.extend(payload);
                 unknown += 1;
             } else {
@@ -507,7 +531,8 @@ fn random_valid_streams_with_unknown_frames_interleaved() {
 
 #[test]
 fn handshake_negotiation() {
-    let hello = |min_version, version| Hello { version, min_version, client: "t".into(), realtime_ns: 0, entropy: vec![] };
+    let hello =
+        |min_version, version| Hello { version, min_version, client: "t".into(), realtime_ns: 0, entropy: vec![] };
     assert_eq!(negotiate(&hello(1, 2)), Ok(2));
     assert_eq!(negotiate(&hello(1, 9)), Ok(PROTOCOL_VERSION));
     // Version 1 peers (shorter exec/fs payloads) are refused.

@@ -34,8 +34,19 @@ pub const COMPUTE: &str = "compute.pvh.elf";
 pub const IOLOOP: &str = "ioloop.pvh.elf";
 
 /// Every guest image, by file name.
-pub const ALL: &[&str] =
-    &[BOOTCHECK_PVH, BOOTCHECK_ELF, BOOTCHECK_BZIMAGE, HELLO, HALT, SPIN, TRIPLEFAULT, MEMTOUCH, VIRTIO, COMPUTE, IOLOOP];
+pub const ALL: &[&str] = &[
+    BOOTCHECK_PVH,
+    BOOTCHECK_ELF,
+    BOOTCHECK_BZIMAGE,
+    HELLO,
+    HALT,
+    SPIN,
+    TRIPLEFAULT,
+    MEMTOUCH,
+    VIRTIO,
+    COMPUTE,
+    IOLOOP,
+];
 
 /// The directory build.rs wrote the images to.
 pub const DIR: &str = env!("TESTGUEST_DIR");
@@ -172,8 +183,7 @@ pub fn compute_expected(c: &Compute) -> u64 {
     if s == 0 {
         s = 1;
     }
-    let mut mem: Vec<[u64; COMPUTE_WORDS]> =
-        (0..c.pages).map(|_| std::array::from_fn(|_| xorshift(&mut s))).collect();
+    let mut mem: Vec<[u64; COMPUTE_WORDS]> = (0..c.pages).map(|_| std::array::from_fn(|_| xorshift(&mut s))).collect();
     let mut acc = c.seed;
     for i in 1..=c.steps {
         for _ in 0..c.rounds {

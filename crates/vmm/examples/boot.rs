@@ -23,10 +23,14 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let reason = vm.wait_timeout(std::time::Duration::from_secs(std::env::var("BOOT_TIMEOUT_S").ok().and_then(|v| v.parse().ok()).unwrap_or(10))).unwrap_or_else(|| {
-        vm.kill();
-        vm.wait()
-    });
+    let reason = vm
+        .wait_timeout(std::time::Duration::from_secs(
+            std::env::var("BOOT_TIMEOUT_S").ok().and_then(|v| v.parse().ok()).unwrap_or(10),
+        ))
+        .unwrap_or_else(|| {
+            vm.kill();
+            vm.wait()
+        });
     let t = vm.timings();
     eprintln!(
         "exit: {reason:?}; start->running {:.3} ms, start->first I/O {:?} ms",

@@ -1,11 +1,11 @@
 //! Building a VM: its KVM shell, its devices (fresh, or from a snapshot's state), then the
 //! vCPU threads. The boot path (`Vm::start`) and the restore path (`Vm::restore`) share it.
 
+use std::collections::BTreeMap;
+use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::fs::File;
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
@@ -17,14 +17,14 @@ use crate::arch::mptable;
 use crate::config::{RestoreOptions, VmConfig, CONTROL_PORT_NAME};
 use crate::device_manager::DeviceManager;
 use crate::devices::legacy::serial::SerialState;
-use crate::devices::legacy::{i8042, serial, I8042, Serial};
-use crate::devices::virtio::persist::TransportState;
-use crate::devices::virtio::MmioTransport;
+use crate::devices::legacy::{i8042, serial, Serial, I8042};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::console::Console;
-use crate::egress::LivePolicy;
 use crate::devices::virtio::net::{size_stream_buffers, Net};
+use crate::devices::virtio::persist::TransportState;
+use crate::devices::virtio::MmioTransport;
 use crate::devices::Bus;
+use crate::egress::LivePolicy;
 use crate::error::{Error, Result};
 use crate::event_loop::EventLoop;
 use crate::host;
@@ -106,7 +106,11 @@ fn assemble(
     let mut next_state = || -> Result<Option<&TransportState>> {
         let id = ids.next().expect("one id per configured device");
         match &states {
-            Some(s) => s.virtio.get(id).map(Some).ok_or_else(|| Error::Snapshot(format!("the snapshot has no state for virtio device {id}"))),
+            Some(s) => s
+                .virtio
+                .get(id)
+                .map(Some)
+                .ok_or_else(|| Error::Snapshot(format!("the snapshot has no state for virtio device {id}"))),
             None => Ok(None),
         }
     };
@@ -139,7 +143,8 @@ fn assemble(
             device_ends.push(device_end.try_clone().map_err(Error::Thread)?);
             let fd = device_end.as_raw_fd();
             let egress = LivePolicy::new(net.egress.clone());
-            let device = Net::new(net.mac, egress.clone(), device_end, event_loop.interest(fd)).map_err(Error::Thread)?;
+            let device =
+                Net::new(net.mac, egress.clone(), device_end, event_loop.interest(fd)).map_err(Error::Thread)?;
             let state = next_state()?;
             virtio.push(devices.attach(vm.fd(), &memory, &mut mmio_bus, &mut event_loop, Box::new(device), state)?);
             (Some(host_end), Some(egress))
@@ -256,7 +261,12 @@ impl Vm {
     }
 
     /// `restore` into a shell made earlier (`LoadedSnapshot::shell`): the fast path.
-    pub fn restore_in(shell: VmShell, snapshot: &LoadedSnapshot, console: Box<dyn Write + Send>, options: RestoreOptions) -> Result<Vm> {
+    pub fn restore_in(
+        shell: VmShell,
+        snapshot: &LoadedSnapshot,
+        console: Box<dyn Write + Send>,
+        options: RestoreOptions,
+    ) -> Result<Vm> {
         Self::restore_into(shell, snapshot, console, options, monotonic_ns())
     }
 
@@ -273,10 +283,12 @@ impl Vm {
         if options.block_devices.is_none() && config.block_devices.iter().any(|d| !d.read_only) {
             // Each clone writes to its own copy of the snapshot's writable disks.
             // A run directory: swept with the others if this process dies before its Drop.
-            let dir = RunDir::create("clone").map_err(|source| Error::SnapshotIo { path: std::env::temp_dir(), source })?;
+            let dir =
+                RunDir::create("clone").map_err(|source| Error::SnapshotIo { path: std::env::temp_dir(), source })?;
             for (i, disk) in config.block_devices.iter_mut().enumerate().filter(|(_, d)| !d.read_only) {
                 let copy = dir.path().join(format!("disk{i}.img"));
-                snapshot::disk::clone_file(&disk.path, &copy).map_err(|source| Error::SnapshotIo { path: copy.clone(), source })?;
+                snapshot::disk::clone_file(&disk.path, &copy)
+                    .map_err(|source| Error::SnapshotIo { path: copy.clone(), source })?;
                 disk.path = copy;
             }
             scratch = Some(dir);
@@ -293,7 +305,9 @@ impl Vm {
         }
         if let Some(network) = options.network {
             if config.network.is_none() {
-                return Err(Error::Config("the snapshot has no network device: a network cannot be given to its clone".into()));
+                return Err(Error::Config(
+                    "the snapshot has no network device: a network cannot be given to its clone".into(),
+                ));
             }
             config.network = Some(network);
         }
@@ -301,10 +315,15 @@ impl Vm {
             || shell.vcpus.len() != usize::from(config.vcpus)
             || shell.track_dirty != config.track_dirty_pages
         {
-            return Err(Error::Config("the VM shell was made for a different memory size, vCPU count or dirty tracking".into()));
+            return Err(Error::Config(
+                "the VM shell was made for a different memory size, vCPU count or dirty tracking".into(),
+            ));
         }
         if state.vcpus.len() != usize::from(config.vcpus) {
-            return Err(Error::SnapshotCorrupt { path: snapshot.memory_path.clone(), reason: "vCPU count mismatch".into() });
+            return Err(Error::SnapshotCorrupt {
+                path: snapshot.memory_path.clone(),
+                reason: "vCPU count mismatch".into(),
+            });
         }
         snapshot::memory::map_over(&shell.memory, &snapshot.memory_file, &snapshot.memory_path, &state.memory)?;
         let states = DeviceStates { serial: &state.serial, virtio: &state.virtio };
@@ -320,7 +339,8 @@ impl Vm {
             lock(t).after_restore()?;
         }
         let path = &snapshot.memory_path;
-        let dup = || snapshot.memory_file.try_clone().map_err(|source| Error::SnapshotIo { path: path.clone(), source });
+        let dup =
+            || snapshot.memory_file.try_clone().map_err(|source| Error::SnapshotIo { path: path.clone(), source });
         let (backing, base) = (dup()?, dup()?);
         let vm = Self::launch(kvm_vm, a, shell.vcpus, config, start_ns, Some(backing))?;
         if let Some(dir) = scratch {

@@ -81,7 +81,10 @@ impl VmConfig {
             return Err(Error::Config(format!("vcpus must be 1..={}, got {}", mptable::MAX_CPUS, self.vcpus)));
         }
         if self.memory_mib < MIN_MEMORY_MIB {
-            return Err(Error::Config(format!("memory must be at least {MIN_MEMORY_MIB} MiB, got {}", self.memory_mib)));
+            return Err(Error::Config(format!(
+                "memory must be at least {MIN_MEMORY_MIB} MiB, got {}",
+                self.memory_mib
+            )));
         }
         // More than the host has cannot be backed, and its page bitmaps alone could exhaust the
         // host (2^31 MiB wants a 64 GiB bitmap: the allocation aborts the process).

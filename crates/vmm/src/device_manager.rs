@@ -5,8 +5,8 @@
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use kvm_ioctls::{IoEventAddress, VmFd};
 use crate::vstate::memory::GuestRam;
+use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -69,11 +69,15 @@ impl DeviceManager {
         if let Some(fd) = host_fd {
             let slot = slot.clone();
             event_loop
-                .add(fd, EventSet::empty(), Box::new(move |events| {
-                    if let Some(t) = slot.get() {
-                        t.lock().unwrap_or_else(|p| p.into_inner()).device_mut().host_event(events);
-                    }
-                }))
+                .add(
+                    fd,
+                    EventSet::empty(),
+                    Box::new(move |events| {
+                        if let Some(t) = slot.get() {
+                            t.lock().unwrap_or_else(|p| p.into_inner()).device_mut().host_event(events);
+                        }
+                    }),
+                )
                 .map_err(io_error)?;
         }
         let mut transport = MmioTransport::new(device, mem.clone(), interrupt);
@@ -90,15 +94,17 @@ impl DeviceManager {
             let t = transport.clone();
             let fd = evt.as_raw_fd();
             event_loop
-                .add(fd, EventSet::IN, Box::new(move |_| {
-                    let _ = evt.read();
-                    t.lock().unwrap_or_else(|p| p.into_inner()).queue_notify(index);
-                }))
+                .add(
+                    fd,
+                    EventSet::IN,
+                    Box::new(move |_| {
+                        let _ = evt.read();
+                        t.lock().unwrap_or_else(|p| p.into_inner()).queue_notify(index);
+                    }),
+                )
                 .map_err(io_error)?;
         }
-        mmio_bus
-            .insert(transport.clone(), base, MMIO_SIZE)
-            .map_err(|e| Error::Config(format!("MMIO layout: {e}")))?;
+        mmio_bus.insert(transport.clone(), base, MMIO_SIZE).map_err(|e| Error::Config(format!("MMIO layout: {e}")))?;
         self.cmdline_entries.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
         self.next_slot += MMIO_SIZE;
         self.next_gsi += 1;

@@ -86,10 +86,13 @@ impl std::str::FromStr for Ipv4Net {
     /// `a.b.c.d` (a /32) or `a.b.c.d/n` with n in 0..=32.
     fn from_str(s: &str) -> Result<Self, String> {
         let (addr, prefix) = s.split_once('/').map_or((s, None), |(a, p)| (a, Some(p)));
-        let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| format!("{s:?} is not an IPv4 address or a.b.c.d/prefix network"))?;
+        let addr: std::net::Ipv4Addr =
+            addr.parse().map_err(|_| format!("{s:?} is not an IPv4 address or a.b.c.d/prefix network"))?;
         let prefix = match prefix {
             None => 32,
-            Some(p) => p.parse::<u8>().ok().filter(|&p| p <= 32).ok_or_else(|| format!("{s:?}: the prefix must be 0 to 32"))?,
+            Some(p) => {
+                p.parse::<u8>().ok().filter(|&p| p <= 32).ok_or_else(|| format!("{s:?}: the prefix must be 0 to 32"))?
+            }
         };
         Ok(Ipv4Net { addr: addr.octets(), prefix })
     }
@@ -109,7 +112,11 @@ impl EgressPolicy {
             ETHERTYPE_IPV4 => self.allows_ipv4(ip),
             ETHERTYPE_IPV6 if self.outbound && self.deny.is_empty() => true,
             // No extension headers: a TCP answer from a server has none.
-            ETHERTYPE_IPV6 => ip.first().is_some_and(|v| v >> 4 == 6) && ip.get(6) == Some(&IPPROTO_TCP) && self.answers(ip.get(IPV6_HEADER..)),
+            ETHERTYPE_IPV6 => {
+                ip.first().is_some_and(|v| v >> 4 == 6)
+                    && ip.get(6) == Some(&IPPROTO_TCP)
+                    && self.answers(ip.get(IPV6_HEADER..))
+            }
             _ => self.outbound && self.deny.is_empty(),
         }
     }
@@ -129,7 +136,8 @@ impl EgressPolicy {
             let dns = self.dns == Some(destination)
                 && (protocol == IPPROTO_TCP || protocol == IPPROTO_UDP)
                 && transport.and_then(|t| t.get(2..4)).is_some_and(|p| u16::from_be_bytes([p[0], p[1]]) == 53);
-            let denied = self.deny.iter().any(|n| n.contains(destination)) && !self.allow.iter().any(|n| n.contains(destination));
+            let denied = self.deny.iter().any(|n| n.contains(destination))
+                && !self.allow.iter().any(|n| n.contains(destination));
             if dns || !denied {
                 return true;
             }
@@ -253,7 +261,8 @@ mod tests {
     #[test]
     fn outbound_lets_everything_pass() {
         let open = EgressPolicy { outbound: true, ..Default::default() };
-        for f in [ipv4(17, 0, &[0; 8]), ipv4(IPPROTO_TCP, 0, &tcp(5000, SYN)), ipv6(58, &[0; 8]), eth(0x88cc, &[0; 40])] {
+        for f in [ipv4(17, 0, &[0; 8]), ipv4(IPPROTO_TCP, 0, &tcp(5000, SYN)), ipv6(58, &[0; 8]), eth(0x88cc, &[0; 40])]
+        {
             assert!(open.allows(&f));
         }
         assert!(!open.allows(&[1, 2, 3]), "not a frame");
@@ -275,7 +284,10 @@ mod tests {
         assert!(!p.allows(&ipv4(IPPROTO_TCP, 185, &tcp(80, TCP_ACK))), "a later fragment");
         assert!(!p.allows(&ipv4(17, 0, &udp_to(53))), "DNS too");
         let udp_server = EgressPolicy { inbound_udp_ports: vec![40000], ..closed(&[]) };
-        assert!(udp_server.allows(&ipv4(17, 0, &udp_to(53))), "a datagram from a served UDP port (udp_to sends from 40000)");
+        assert!(
+            udp_server.allows(&ipv4(17, 0, &udp_to(53))),
+            "a datagram from a served UDP port (udp_to sends from 40000)"
+        );
         assert!(!closed(&[40000]).allows(&ipv4(17, 0, &udp_to(53))), "a TCP-served port says nothing for UDP");
         assert!(!p.allows(&eth(0x8100, &[0; 40])), "VLAN-tagged");
     }

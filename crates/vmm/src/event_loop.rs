@@ -154,9 +154,13 @@ mod tests {
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
         let (tx, rx) = mpsc::channel();
         let reader = evt.try_clone().unwrap();
-        el.add(evt.as_raw_fd(), EventSet::IN, Box::new(move |_| {
-            tx.send(reader.read().unwrap()).unwrap();
-        }))
+        el.add(
+            evt.as_raw_fd(),
+            EventSet::IN,
+            Box::new(move |_| {
+                tx.send(reader.read().unwrap()).unwrap();
+            }),
+        )
         .unwrap();
         let handle = el.spawn("test-loop".into()).unwrap();
         evt.write(3).unwrap();
@@ -169,20 +173,28 @@ mod tests {
         let mut el = EventLoop::new().unwrap();
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
         let reader = evt.try_clone().unwrap();
-        el.add(evt.as_raw_fd(), EventSet::IN, Box::new(move |_| {
-            let _ = reader.read();
-            // What a compromised device might try: a new socket (refused, EPERM).
-            // SAFETY: constant arguments; the filter refuses it before the kernel acts.
-            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-            assert_eq!(fd, -1);
-        }))
+        el.add(
+            evt.as_raw_fd(),
+            EventSet::IN,
+            Box::new(move |_| {
+                let _ = reader.read();
+                // What a compromised device might try: a new socket (refused, EPERM).
+                // SAFETY: constant arguments; the filter refuses it before the kernel acts.
+                let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                assert_eq!(fd, -1);
+            }),
+        )
         .unwrap();
         let (tx, rx) = mpsc::channel();
         let filter = ThreadFilter::for_vmm_threads().unwrap();
         assert!(filter.is_some(), "the filter is on unless MICROCELL_SECCOMP=0");
         let tx = Mutex::new(tx);
         let handle = el
-            .spawn_if_needed("test-loop".into(), filter, Box::new(move |reason| tx.lock().unwrap().send(reason).unwrap()))
+            .spawn_if_needed(
+                "test-loop".into(),
+                filter,
+                Box::new(move |reason| tx.lock().unwrap().send(reason).unwrap()),
+            )
             .unwrap()
             .expect("a thread: one fd is watched");
         evt.write(1).unwrap();

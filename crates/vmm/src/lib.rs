@@ -22,11 +22,13 @@ pub mod state;
 mod vmm;
 pub mod vstate;
 
-pub use error::{Error, Result};
-pub use egress::{EgressPolicy, Ipv4Net, LivePolicy};
-pub use devices::virtio::net::{size_stream_buffers, MAX_FRAME};
 pub use builder::VmShell;
-pub use config::{BlockDeviceConfig, NetworkConfig, RestoreOptions, VmConfig, CONTROL_PORT_NAME, DEFAULT_CMDLINE, MIN_MEMORY_MIB};
+pub use config::{
+    BlockDeviceConfig, NetworkConfig, RestoreOptions, VmConfig, CONTROL_PORT_NAME, DEFAULT_CMDLINE, MIN_MEMORY_MIB,
+};
+pub use devices::virtio::net::{size_stream_buffers, MAX_FRAME};
+pub use egress::{EgressPolicy, Ipv4Net, LivePolicy};
+pub use error::{Error, Result};
 pub use persist::{LoadedSnapshot, SNAPSHOT_MEMORY_FILE, SNAPSHOT_STATE_FILE};
 pub use vmm::{Timings, Vm};
 pub use vstate::lifecycle::ExitReason;

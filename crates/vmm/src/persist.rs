@@ -13,8 +13,8 @@ use crate::devices::legacy::serial::SerialState;
 use crate::devices::virtio::persist::TransportState;
 use crate::error::{Error, Result};
 use crate::snapshot::{self, MachineState};
-use crate::vmm::{lock, Vm};
 use crate::state::Persist;
+use crate::vmm::{lock, Vm};
 
 /// Held while a snapshot is written into a directory (see `snapshot_paused`).
 struct DirLock(PathBuf);
@@ -139,7 +139,13 @@ impl Vm {
         let vm = m.vm.save()?;
         let vcpus = m.vcpus.iter().map(|fd| lock(fd).save()).collect::<Result<Vec<_>>>()?;
         let serial = lock(&m.serial).save()?;
-        let virtio = m.config.virtio_ids().into_iter().zip(&transports).map(|(id, t)| Ok((id, t.save()?))).collect::<Result<_>>()?;
+        let virtio = m
+            .config
+            .virtio_ids()
+            .into_iter()
+            .zip(&transports)
+            .map(|(id, t)| Ok((id, t.save()?)))
+            .collect::<Result<_>>()?;
         // The pages written since the base (which a full snapshot replaces, so that the next
         // incremental one starts from here): the logs are read (and cleared) now; if the
         // snapshot fails they are carried over to the next one.

@@ -100,7 +100,9 @@ pub fn remove_stale_run_dirs(base: &Path) -> usize {
         }
         match std::fs::remove_dir_all(entry.path()) {
             Ok(()) => removed += 1,
-            Err(e) => tracing::debug!(path = %entry.path().display(), error = %e, "cannot remove a stale per-VM directory"),
+            Err(e) => {
+                tracing::debug!(path = %entry.path().display(), error = %e, "cannot remove a stale per-VM directory")
+            }
         }
     }
     if removed > 0 {
@@ -117,14 +119,13 @@ mod tests {
     #[test]
     fn run_dirs_are_removed_on_drop() {
         let d = RunDir::create("unit").unwrap();
-        assert!(d.path().to_str().unwrap().contains(&format!("-s{}-", process_start_time(std::process::id()).unwrap())));
-        let p = d.path().to_path_buf();
-        assert!(p
-            .file_name()
-            .unwrap()
+        assert!(d
+            .path()
             .to_str()
             .unwrap()
-            .starts_with(&run_dir_prefix()));
+            .contains(&format!("-s{}-", process_start_time(std::process::id()).unwrap())));
+        let p = d.path().to_path_buf();
+        assert!(p.file_name().unwrap().to_str().unwrap().starts_with(&run_dir_prefix()));
         std::fs::write(p.join("f"), b"x").unwrap();
         drop(d);
         assert!(!p.exists());
@@ -149,7 +150,12 @@ mod tests {
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(&base).unwrap();
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "run_dir::tests::stale_run_dirs_of_killed_processes_are_removed_and_live_ones_kept", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "run_dir::tests::stale_run_dirs_of_killed_processes_are_removed_and_live_ones_kept",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("MC_RUNDIR_CHILD", "1")
             .env("TMPDIR", &base)
             .stdout(std::process::Stdio::null())

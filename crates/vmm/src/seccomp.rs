@@ -114,22 +114,87 @@ macro_rules! syscalls {
 /// (the vCPU kick and its return), device I/O on descriptors opened before the VM started
 /// (disk images, sockets to the host side, eventfds), and thread exit.
 const ALLOWED: &[(i64, &str)] = syscalls![
-    SYS_brk, SYS_mmap, SYS_munmap, SYS_mremap, SYS_madvise, SYS_mprotect,
-    SYS_futex, SYS_sched_yield, SYS_nanosleep, SYS_clock_nanosleep, SYS_clock_gettime, SYS_gettimeofday,
-    SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_sigaltstack, SYS_gettid, SYS_getpid,
-    SYS_read, SYS_write, SYS_readv, SYS_writev, SYS_pread64, SYS_pwrite64, SYS_preadv, SYS_pwritev,
-    SYS_preadv2, SYS_pwritev2, SYS_lseek, SYS_fsync, SYS_fdatasync, SYS_fallocate, SYS_fstat,
-    SYS_recvfrom, SYS_sendto, SYS_recvmsg, SYS_sendmsg, SYS_recvmmsg, SYS_sendmmsg, SYS_shutdown,
-    SYS_epoll_wait, SYS_epoll_pwait, SYS_epoll_ctl, SYS_close, SYS_getrandom,
+    SYS_brk,
+    SYS_mmap,
+    SYS_munmap,
+    SYS_mremap,
+    SYS_madvise,
+    SYS_mprotect,
+    SYS_futex,
+    SYS_sched_yield,
+    SYS_nanosleep,
+    SYS_clock_nanosleep,
+    SYS_clock_gettime,
+    SYS_gettimeofday,
+    SYS_rt_sigprocmask,
+    SYS_rt_sigreturn,
+    SYS_sigaltstack,
+    SYS_gettid,
+    SYS_getpid,
+    SYS_read,
+    SYS_write,
+    SYS_readv,
+    SYS_writev,
+    SYS_pread64,
+    SYS_pwrite64,
+    SYS_preadv,
+    SYS_pwritev,
+    SYS_preadv2,
+    SYS_pwritev2,
+    SYS_lseek,
+    SYS_fsync,
+    SYS_fdatasync,
+    SYS_fallocate,
+    SYS_fstat,
+    SYS_recvfrom,
+    SYS_sendto,
+    SYS_recvmsg,
+    SYS_sendmsg,
+    SYS_recvmmsg,
+    SYS_sendmmsg,
+    SYS_shutdown,
+    SYS_epoll_wait,
+    SYS_epoll_pwait,
+    SYS_epoll_ctl,
+    SYS_close,
+    SYS_getrandom,
     SYS_exit,
 ];
 
 /// Names for refusals worth recognising in a message (never allowed).
 const NOTABLE: &[(i64, &str)] = syscalls![
-    SYS_execve, SYS_execveat, SYS_fork, SYS_vfork, SYS_clone, SYS_clone3, SYS_open, SYS_openat, SYS_openat2,
-    SYS_socket, SYS_connect, SYS_bind, SYS_listen, SYS_accept4, SYS_ptrace, SYS_kill, SYS_mount, SYS_unlink,
-    SYS_unlinkat, SYS_rename, SYS_renameat2, SYS_chmod, SYS_fchmod, SYS_chown, SYS_setuid, SYS_prctl,
-    SYS_exit_group, SYS_getppid, SYS_process_vm_writev, SYS_memfd_create, SYS_statx, SYS_newfstatat,
+    SYS_execve,
+    SYS_execveat,
+    SYS_fork,
+    SYS_vfork,
+    SYS_clone,
+    SYS_clone3,
+    SYS_open,
+    SYS_openat,
+    SYS_openat2,
+    SYS_socket,
+    SYS_connect,
+    SYS_bind,
+    SYS_listen,
+    SYS_accept4,
+    SYS_ptrace,
+    SYS_kill,
+    SYS_mount,
+    SYS_unlink,
+    SYS_unlinkat,
+    SYS_rename,
+    SYS_renameat2,
+    SYS_chmod,
+    SYS_fchmod,
+    SYS_chown,
+    SYS_setuid,
+    SYS_prctl,
+    SYS_exit_group,
+    SYS_getppid,
+    SYS_process_vm_writev,
+    SYS_memfd_create,
+    SYS_statx,
+    SYS_newfstatat,
 ];
 
 // The KVM ioctls a vCPU thread issues while the VM runs (state reads on a crash exit, line
@@ -209,7 +274,9 @@ extern "C" fn on_sigsys(signo: libc::c_int, info: *mut libc::siginfo_t, context:
         REFUSED.with(|r| r.set(i64::from(sys.syscall)));
         // SAFETY: `context` is the ucontext_t of the interrupted thread; rax is the value the
         // refused system call returns.
-        unsafe { (*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RAX as usize] = -i64::from(libc::EPERM) };
+        unsafe {
+            (*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RAX as usize] = -i64::from(libc::EPERM)
+        };
         return;
     }
     // Not ours: what was there before us decides.
@@ -226,7 +293,8 @@ extern "C" fn on_sigsys(signo: libc::c_int, info: *mut libc::siginfo_t, context:
         }
         f if flags & libc::SA_SIGINFO != 0 => {
             // SAFETY: an SA_SIGINFO handler has this signature.
-            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = unsafe { std::mem::transmute(f) };
+            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                unsafe { std::mem::transmute(f) };
             f(signo, info, context);
         }
         f => {

@@ -11,8 +11,8 @@ use serde::Serialize;
 
 use crate::config::VmConfig;
 use crate::devices::legacy::Serial;
-use crate::egress::{EgressPolicy, LivePolicy};
 use crate::devices::virtio::MmioTransport;
+use crate::egress::{EgressPolicy, LivePolicy};
 use crate::error::{Error, Result};
 use crate::event_loop::EventLoopHandle;
 use crate::run_dir::RunDir;
@@ -191,7 +191,10 @@ impl Vm {
     /// Replaces the network device's egress policy, from the next frame the guest sends (and in
     /// snapshots taken after). `E_CONFIG` for a VM without a network device.
     pub fn set_egress(&self, policy: EgressPolicy) -> Result<()> {
-        let live = self.egress.as_ref().ok_or_else(|| Error::Config("the VM has no network device: its policy cannot be set".into()))?;
+        let live = self
+            .egress
+            .as_ref()
+            .ok_or_else(|| Error::Config("the VM has no network device: its policy cannot be set".into()))?;
         live.set(policy);
         Ok(())
     }

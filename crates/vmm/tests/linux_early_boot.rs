@@ -96,7 +96,9 @@ fn run(memory_mib: u32, to_the_end: bool) {
 #[test]
 fn a_linux_kernel_is_refused_where_it_cannot_boot() {
     let (Some(kernel), false) = (kernel(), host::cached().can_boot_linux) else {
-        println!("SKIP a_linux_kernel_is_refused_where_it_cannot_boot: this host boots Linux, or the kernel is not built");
+        println!(
+            "SKIP a_linux_kernel_is_refused_where_it_cannot_boot: this host boots Linux, or the kernel is not built"
+        );
         return;
     };
     let config = VmConfig { vcpus: 1, memory_mib: 128, kernel, cmdline: "console=ttyS0".into(), ..Default::default() };

@@ -550,8 +550,13 @@ fn virtio_devices_and_interrupts_work_after_restore() {
     let shell = snap.shell().expect("shell");
     let console = Capture::default();
     let t = Instant::now();
-    let vm = Vm::restore_in(shell, &snap, Box::new(console.clone()), RestoreOptions { block_devices: Some(disks), ..Default::default() })
-        .expect("restore_in");
+    let vm = Vm::restore_in(
+        shell,
+        &snap,
+        Box::new(console.clone()),
+        RestoreOptions { block_devices: Some(disks), ..Default::default() },
+    )
+    .expect("restore_in");
     let restore = t.elapsed();
     let mut clone = VirtioClone::new(vm, console, 0x5a, &vs.taken.prefix);
     clone.go();
@@ -620,8 +625,13 @@ fn concurrent_clones_see_only_their_own_memory_and_leave_the_snapshot_unchanged(
             disks[0].path = copy.clone();
             copies.push(copy);
             let shell = snap.shell().expect("shell");
-            Vm::restore_in(shell, &snap, Box::new(console.clone()), RestoreOptions { block_devices: Some(disks), ..Default::default() })
-                .expect("restore_in")
+            Vm::restore_in(
+                shell,
+                &snap,
+                Box::new(console.clone()),
+                RestoreOptions { block_devices: Some(disks), ..Default::default() },
+            )
+            .expect("restore_in")
         };
         clones.push((vm, console));
     }
@@ -1054,7 +1064,13 @@ fn a_killed_process_clone_disk_directory_is_swept() {
             .collect()
     };
     let found = dirs();
-    assert_eq!(found.len(), 1, "one run directory of the child's in {}: {:?}", base.display(), std::fs::read_dir(&base).unwrap().flatten().map(|e| e.file_name()).collect::<Vec<_>>());
+    assert_eq!(
+        found.len(),
+        1,
+        "one run directory of the child's in {}: {:?}",
+        base.display(),
+        std::fs::read_dir(&base).unwrap().flatten().map(|e| e.file_name()).collect::<Vec<_>>()
+    );
     assert!(found[0].to_str().unwrap().ends_with("-clone") && found[0].join("disk0.img").exists(), "{found:?}");
     assert_eq!(vmm::run_dir::remove_stale_run_dirs(&base), 0, "a live process's directory is kept");
     assert!(found[0].exists());

@@ -68,7 +68,12 @@ fn synthetic_snapshot(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     let bytes = u64::from(SYNTH_MIB) << 20;
     let state = MachineState {
-        config: VmConfig { vcpus: 1, memory_mib: SYNTH_MIB, kernel: "/nonexistent/kernel".into(), ..Default::default() },
+        config: VmConfig {
+            vcpus: 1,
+            memory_mib: SYNTH_MIB,
+            kernel: "/nonexistent/kernel".into(),
+            ..Default::default()
+        },
         cpu: CpuFingerprint::of_this_host(),
         memory: vec![MemoryRegionState { guest_addr: 0, size: bytes, file_offset: 0 }],
         memory_id: 0x1234_5678_9abc_def0,
@@ -174,7 +179,8 @@ fn mutate_field(state: &mut MachineState, rng: &mut XorShift) -> String {
             "memory_id of another snapshot".into()
         }
         9 => {
-            let path = ["../../../etc/passwd", "/dev/zero", "/nonexistent.img", "a/b.img", "fifo.img"][rng.below(5) as usize];
+            let path =
+                ["../../../etc/passwd", "/dev/zero", "/nonexistent.img", "a/b.img", "fifo.img"][rng.below(5) as usize];
             state.config.block_devices.push(BlockDeviceConfig { path: path.into(), read_only: rng.below(2) == 0 });
             format!("a disk at {path}")
         }
@@ -479,7 +485,8 @@ fn mutated_snapshot_files_are_refused_cleanly_without_kvm() {
         "loaded (restore not tried: no KVM in this test)".into()
     });
     tally.print("load without KVM");
-    let refused: usize = tally.0.values().flat_map(|o| o.iter()).filter(|(k, _)| k.starts_with("refused")).map(|(_, n)| n).sum();
+    let refused: usize =
+        tally.0.values().flat_map(|o| o.iter()).filter(|(k, _)| k.starts_with("refused")).map(|(_, n)| n).sum();
     assert!(refused >= 150, "only {refused} cases refused: the battery does not reach the checks");
 }
 
@@ -547,19 +554,22 @@ fn a_disk_path_escaping_the_snapshot_directory_is_refused() {
     synthetic_snapshot(&dir);
     let mut state = snapshot::load_state(&dir.join("vm.state")).unwrap();
     state.config.block_devices.push(BlockDeviceConfig { path: "../s/vm.mem".into(), read_only: false });
-    state.virtio.insert("block0".into(), TransportState {
-        device_type: 2,
-        queues: Vec::new(),
-        queue_select: 0,
-        device_features_select: 0,
-        driver_features_select: 0,
-        acked_features: 0,
-        status: 0,
-        activated: false,
-        config_generation: 0,
-        interrupt_status: 0,
-        device: DeviceState::Block,
-    });
+    state.virtio.insert(
+        "block0".into(),
+        TransportState {
+            device_type: 2,
+            queues: Vec::new(),
+            queue_select: 0,
+            device_features_select: 0,
+            driver_features_select: 0,
+            acked_features: 0,
+            status: 0,
+            activated: false,
+            config_generation: 0,
+            interrupt_status: 0,
+            device: DeviceState::Block,
+        },
+    );
     snapshot::save_state(&dir.join("vm.state"), &state).unwrap();
     let e = LoadedSnapshot::load(&dir).err().expect("refused");
     assert_eq!(e.code(), "E_SNAPSHOT_CORRUPT", "{e}");

@@ -157,7 +157,11 @@ fn bad_inputs_get_coded_errors_before_anything_runs() {
     let start = |c: &VmConfig| Vm::start(c, Box::new(std::io::sink())).err().expect("refused").code();
     let dir = std::env::temp_dir();
     let garbage = dir.join(format!("mc-garbage-{}", std::process::id()));
-    std::fs::write(&garbage, b"this is not a kernel, just some bytes that are long enough to read a header from............").unwrap();
+    std::fs::write(
+        &garbage,
+        b"this is not a kernel, just some bytes that are long enough to read a header from............",
+    )
+    .unwrap();
     let mut c = config(testguest::HELLO, 32, 1, "");
     c.kernel = garbage.clone();
     assert_eq!(start(&c), "E_KERNEL_FORMAT");

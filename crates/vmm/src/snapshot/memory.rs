@@ -5,11 +5,11 @@
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
-use std::path::Path;
 use std::os::fd::AsRawFd;
+use std::path::Path;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use crate::vstate::memory::GuestRam;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::MemoryRegionState;
 use crate::error::{Error, Result};
@@ -77,7 +77,8 @@ pub fn dump(mem: &GuestRam, file: &mut File, path: &Path) -> Result<Vec<MemoryRe
             while page < resident.len() && resident[page] & 1 == 1 {
                 page += 1;
             }
-            let (from, len) = ((run_start * PAGE) as u64, ((page - run_start) * PAGE).min(size as usize - run_start * PAGE));
+            let (from, len) =
+                ((run_start * PAGE) as u64, ((page - run_start) * PAGE).min(size as usize - run_start * PAGE));
             file.seek(SeekFrom::Start(offset + from)).map_err(io)?;
             mem.write_all_volatile_to(GuestAddress(start.0 + from), file, len)
                 .map_err(|e| Error::Snapshot(format!("cannot write guest memory: {e}")))?;
@@ -158,7 +159,9 @@ pub fn check_id(file: &File, end: u64, id: u64, path: &Path) -> Result<()> {
         return Err(corrupt("the memory file has no microcell trailer"));
     }
     if u64::from_le_bytes(t[8..].try_into().unwrap()) != id {
-        return Err(corrupt("the memory file belongs to another snapshot than the state file (an interrupted snapshot?)"));
+        return Err(corrupt(
+            "the memory file belongs to another snapshot than the state file (an interrupted snapshot?)",
+        ));
     }
     Ok(())
 }

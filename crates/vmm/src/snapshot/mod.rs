@@ -21,10 +21,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::vcpu_state::VcpuState;
 use crate::arch::vm_state::VmState;
+use crate::config::VmConfig;
 use crate::devices::legacy::serial::SerialState;
 use crate::devices::virtio::persist::TransportState;
 use crate::error::{Error, Result};
-use crate::config::VmConfig;
 
 pub const MAGIC: &[u8; 8] = b"MCELLSNP";
 /// 2: the state names its memory file (`memory_id`, matched against the file's trailer).
@@ -196,7 +196,10 @@ pub fn open_regular(path: &Path) -> std::io::Result<File> {
     } else {
         "not a regular file"
     };
-    Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} is {what}, not a regular file", path.display())))
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("{} is {what}, not a regular file", path.display()),
+    ))
 }
 
 /// The kernel's pseudo filesystems (statfs magic numbers), whose files are views of the host.
@@ -225,7 +228,9 @@ fn pseudo_filesystem(f: &File) -> Option<&'static str> {
 /// a regular one, `E_SNAPSHOT_IO` for the rest.
 pub(crate) fn open_snapshot_file(path: &Path) -> Result<File> {
     open_regular(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::InvalidInput => Error::SnapshotCorrupt { path: path.to_owned(), reason: source.to_string() },
+        std::io::ErrorKind::InvalidInput => {
+            Error::SnapshotCorrupt { path: path.to_owned(), reason: source.to_string() }
+        }
         _ => Error::SnapshotIo { path: path.to_owned(), source },
     })
 }
@@ -251,7 +256,10 @@ pub fn load_state(path: &Path) -> Result<MachineState> {
     }
     // The size on disk must match before anything that long is allocated.
     if file_len != HEADER_LEN as u64 + len + 4 {
-        return Err(corrupt(&format!("truncated or padded: {file_len} bytes, the header says {}", HEADER_LEN as u64 + len + 4)));
+        return Err(corrupt(&format!(
+            "truncated or padded: {file_len} bytes, the header says {}",
+            HEADER_LEN as u64 + len + 4
+        )));
     }
     let mut rest = vec![0u8; len as usize + 4];
     f.read_exact(&mut rest).map_err(|_| corrupt("truncated while being read"))?;
@@ -324,7 +332,10 @@ pub(crate) fn validate(state: &MachineState) -> std::result::Result<(), String> 
         if disk.path.is_relative() {
             let mut parts = disk.path.components();
             if !matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None)) {
-                return Err(format!("config.blockDevices[{i}].path: {} is neither absolute nor a file name in the snapshot directory", disk.path.display()));
+                return Err(format!(
+                    "config.blockDevices[{i}].path: {} is neither absolute nor a file name in the snapshot directory",
+                    disk.path.display()
+                ));
             }
         }
     }
@@ -336,7 +347,11 @@ pub(crate) fn validate(state: &MachineState) -> std::result::Result<(), String> 
     }
     for (i, v) in state.vcpus.iter().enumerate() {
         if v.cpuid.len() > kvm_bindings::KVM_MAX_CPUID_ENTRIES {
-            return Err(format!("vcpus[{i}].cpuid: {} entries, at most {}", v.cpuid.len(), kvm_bindings::KVM_MAX_CPUID_ENTRIES));
+            return Err(format!(
+                "vcpus[{i}].cpuid: {} entries, at most {}",
+                v.cpuid.len(),
+                kvm_bindings::KVM_MAX_CPUID_ENTRIES
+            ));
         }
         if v.msrs.len() > MAX_MSRS {
             return Err(format!("vcpus[{i}].msrs: {} entries, at most {MAX_MSRS}", v.msrs.len()));

@@ -231,13 +231,21 @@ impl Lifecycle {
             .changed
             .wait_timeout_while(st, timeout, |st| st.running_vcpus > 0 || st.reason.is_none())
             .unwrap_or_else(|p| p.into_inner());
-        if st.running_vcpus == 0 { st.reason.clone() } else { None }
+        if st.running_vcpus == 0 {
+            st.reason.clone()
+        } else {
+            None
+        }
     }
 
     /// The reason, once the VM has fully ended.
     pub fn try_exit(&self) -> Option<ExitReason> {
         let st = self.lock();
-        if st.running_vcpus == 0 { st.reason.clone() } else { None }
+        if st.running_vcpus == 0 {
+            st.reason.clone()
+        } else {
+            None
+        }
     }
 
     /// Records the time of the guest's first I/O exit (its first port or MMIO access).

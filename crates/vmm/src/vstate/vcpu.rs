@@ -7,18 +7,18 @@
 use std::cell::Cell;
 use std::sync::{Arc, Mutex, Once};
 
+use crate::vstate::memory::GuestRam;
 use kvm_bindings::{kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use crate::vstate::memory::GuestRam;
 use vmm_sys_util::signal::register_signal_handler;
 
 use super::lifecycle::{kick_signal, ExitReason, Lifecycle};
+use crate::arch::vcpu_state::{self, VcpuState};
 use crate::arch::{cpuid, interrupts, msr, regs};
 use crate::devices::Bus;
-use crate::arch::vcpu_state::{self, VcpuState};
 use crate::error::{Error, Result};
-use crate::state::Persist;
 use crate::seccomp::{self, ThreadFilter};
+use crate::state::Persist;
 
 thread_local! {
     /// This thread's `kvm_run`, while it runs a vCPU.
@@ -190,7 +190,9 @@ impl Vcpu {
                 VcpuExit::FailEntry(reason, cpu) => {
                     return Some(ExitReason::crashed(
                         "E_KVM_FAIL_ENTRY",
-                        format!("KVM could not enter the guest on vCPU {index} (hardware reason {reason:#x}, cpu {cpu})"),
+                        format!(
+                            "KVM could not enter the guest on vCPU {index} (hardware reason {reason:#x}, cpu {cpu})"
+                        ),
                     ));
                 }
                 VcpuExit::InternalError => {

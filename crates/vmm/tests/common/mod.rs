@@ -28,4 +28,3 @@ impl Capture {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 }
-

@@ -5,11 +5,11 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
+use crate::vstate::memory::GuestRam;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{BzImage, Elf, KernelLoader, KernelLoaderResult};
 use vm_memory::{Bytes, GuestAddress};
-use crate::vstate::memory::GuestRam;
 
 use super::layout::*;
 use super::regs::EntryMode;
@@ -55,7 +55,11 @@ pub fn kernel_kind(path: &Path) -> Result<KernelKind> {
     let n = f.read(&mut ident).map_err(|e| format_error(path, e))?;
     if n >= 64 && ident[..4] == *b"\x7fELF" {
         return elf_has_linux_note(&mut f, &ident).map_err(|e| format_error(path, e)).map(|linux| {
-            if linux { KernelKind::Linux } else { KernelKind::Other }
+            if linux {
+                KernelKind::Linux
+            } else {
+                KernelKind::Other
+            }
         });
     }
     // bzImage: kernel_version (0x20e) points at a version string when the image is Linux.
@@ -119,7 +123,10 @@ pub fn load_kernel(mem: &GuestRam, path: &Path) -> Result<LoadedKernel> {
     if let Some(hdr) = result.setup_header {
         const XLF_KERNEL_64: u16 = 1;
         if hdr.version < 0x020c || hdr.xloadflags & XLF_KERNEL_64 == 0 {
-            return Err(format_error(path, "the bzImage has no 64-bit entry point (boot protocol 2.12+ with XLF_KERNEL_64 needed)"));
+            return Err(format_error(
+                path,
+                "the bzImage has no 64-bit entry point (boot protocol 2.12+ with XLF_KERNEL_64 needed)",
+            ));
         }
     }
     Ok(LoadedKernel { entry, kernel_end: result.kernel_end, setup_header: result.setup_header })

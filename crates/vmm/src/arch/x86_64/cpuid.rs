@@ -67,8 +67,7 @@ mod tests {
 
     #[test]
     fn leaf1_and_topology_describe_the_vcpu() {
-        let mut cpuid =
-            CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0xb, 2)]).unwrap();
+        let mut cpuid = CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0xb, 2)]).unwrap();
         filter(&mut cpuid, 2, 4);
         let e = cpuid.as_slice();
         assert_eq!(e[0].ebx >> 24, 2);

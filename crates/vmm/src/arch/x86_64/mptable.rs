@@ -1,7 +1,7 @@
 //! Intel MultiProcessor Specification 1.4 table: how an SMP guest finds its CPUs and IOAPIC.
 
-use vm_memory::{Bytes, GuestAddress};
 use crate::vstate::memory::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{EBDA_START, IOAPIC_ADDR, LAPIC_ADDR};
 use crate::error::{Error, Result};

@@ -42,16 +42,12 @@ fn boot_msr_entries() -> Vec<kvm_msr_entry> {
 
 pub fn setup_msrs(vcpu: &VcpuFd) -> Result<()> {
     let entries = boot_msr_entries();
-    let msrs = Msrs::from_entries(&entries)
-        .map_err(|e| Error::Config(format!("too many boot MSRs: {e:?}")))?;
+    let msrs = Msrs::from_entries(&entries).map_err(|e| Error::Config(format!("too many boot MSRs: {e:?}")))?;
     let written = vcpu.set_msrs(&msrs).map_err(Error::kvm("KVM_SET_MSRS"))?;
     if written != entries.len() {
         // KVM stops at the first MSR it rejects; which one tells the user what the host lacks.
         let rejected = entries[written].index;
-        return Err(Error::Config(format!(
-            "KVM rejected boot MSR {rejected:#x} ({written} of {} set)",
-            entries.len()
-        )));
+        return Err(Error::Config(format!("KVM rejected boot MSR {rejected:#x} ({written} of {} set)", entries.len())));
     }
     Ok(())
 }

@@ -1,9 +1,9 @@
 //! Initial register state of the boot vCPU: GDT, segments, control registers, page tables.
 
+use crate::vstate::memory::GuestRam;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
-use crate::vstate::memory::GuestRam;
 
 use super::layout::*;
 use crate::error::{Error, Result};

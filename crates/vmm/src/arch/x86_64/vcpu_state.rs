@@ -51,7 +51,8 @@ fn get_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>> {
     let mut pos = 0;
     while pos < indices.len() {
         let chunk = &indices[pos..(pos + MSR_CHUNK).min(indices.len())];
-        let entries: Vec<kvm_msr_entry> = chunk.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let entries: Vec<kvm_msr_entry> =
+            chunk.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
         let mut msrs = Msrs::from_entries(&entries).map_err(|e| Error::Config(format!("MSR chunk: {e:?}")))?;
         let n = fd.get_msrs(&mut msrs).map_err(Error::kvm("KVM_GET_MSRS"))?;
         out.extend_from_slice(&msrs.as_slice()[..n]);

@@ -60,7 +60,13 @@ pub struct I8042 {
 
 impl I8042 {
     pub fn new(on_reset: Box<dyn Fn() + Send>) -> Self {
-        I8042 { on_reset, ctr: 0x44 | CTR_KBD_DISABLED | CTR_AUX_DISABLED, status: STATUS_SYSTEM, output: VecDeque::new(), awaiting: None }
+        I8042 {
+            on_reset,
+            ctr: 0x44 | CTR_KBD_DISABLED | CTR_AUX_DISABLED,
+            status: STATUS_SYSTEM,
+            output: VecDeque::new(),
+            awaiting: None,
+        }
     }
 
     fn reply(&mut self, byte: u8) {

@@ -82,7 +82,8 @@ impl Persist for Serial {
         let share = |e: std::io::Error| StateError::new("serial", format!("cannot share its interrupt eventfd: {e}"));
         let irq = self.0.interrupt_evt().0.try_clone().map_err(share)?;
         let spare = IrqTrigger(irq.try_clone().map_err(share)?);
-        let out = std::mem::replace(&mut self.0, vm_superio::Serial::new(spare, Box::new(std::io::sink()))).into_writer();
+        let out =
+            std::mem::replace(&mut self.0, vm_superio::Serial::new(spare, Box::new(std::io::sink()))).into_writer();
         self.0 = vm_superio::Serial::from_state(&s, IrqTrigger(irq), vm_superio::serial::NoEvents, out)
             .map_err(|e| StateError::new("serial", format!("{e:?}")))?;
         Ok(())
@@ -145,4 +146,3 @@ mod tests {
         assert_eq!(*out.0.lock().unwrap(), b"x", "the fresh UART's output goes on");
     }
 }
-

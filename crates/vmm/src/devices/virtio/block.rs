@@ -4,9 +4,9 @@
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 
+use crate::vstate::memory::GuestRam;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
-use crate::vstate::memory::GuestRam;
 
 use super::persist::DeviceState;
 use super::{read_config_bytes, Activation, Interrupt, VirtioDevice, INT_USED_RING, TYPE_BLOCK};
@@ -72,7 +72,10 @@ impl Block {
     fn execute(&mut self, mem: &GuestRam, req: &Request) -> (u8, u32) {
         let total: u64 = req.data.iter().map(|d| u64::from(d.1)).sum();
         let in_bounds = |total: u64| {
-            req.sector.checked_mul(SECTOR_SIZE).and_then(|s| s.checked_add(total)).is_some_and(|end| end <= self.capacity * SECTOR_SIZE)
+            req.sector
+                .checked_mul(SECTOR_SIZE)
+                .and_then(|s| s.checked_add(total))
+                .is_some_and(|end| end <= self.capacity * SECTOR_SIZE)
         };
         match req.kind {
             T_IN | T_OUT => {
@@ -195,7 +198,9 @@ impl Persist for Block {
     fn restore(&mut self, state: &DeviceState) -> Result<(), StateError> {
         match state {
             DeviceState::Block => Ok(()),
-            other => Err(StateError::new("virtio-block", format!("the snapshot holds a {} state for it", other.model()))),
+            other => {
+                Err(StateError::new("virtio-block", format!("the snapshot holds a {} state for it", other.model())))
+            }
         }
     }
 }
@@ -215,7 +220,8 @@ mod tests {
     const STATUS: u64 = 0x13000;
 
     fn image(sectors: u64) -> File {
-        let path = std::env::temp_dir().join(format!("mc-blk-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let path =
+            std::env::temp_dir().join(format!("mc-blk-{}-{:?}", std::process::id(), std::thread::current().id()));
         let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         f.write_all(&vec![0u8; (sectors * SECTOR_SIZE) as usize]).unwrap();
         std::fs::remove_file(&path).unwrap();
@@ -235,7 +241,12 @@ mod tests {
         mq.add_desc_chains(chain, 0).unwrap();
         let queue = mq.create_queue::<Queue>().unwrap();
         let interrupt = Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
-        dev.activate(Activation { mem: mem.clone(), queues: vec![queue], interrupt: interrupt.clone(), acked_features: 0 });
+        dev.activate(Activation {
+            mem: mem.clone(),
+            queues: vec![queue],
+            interrupt: interrupt.clone(),
+            acked_features: 0,
+        });
         dev.queue_notify(0);
         let used = mq.used().ring().ref_at(0).unwrap().load();
         assert_eq!(interrupt.status() & INT_USED_RING, INT_USED_RING, "device must interrupt");
@@ -326,5 +337,4 @@ mod tests {
         assert_eq!(e.device, "virtio-block");
         assert!(e.reason.contains("virtio-net"), "{e}");
     }
-
 }

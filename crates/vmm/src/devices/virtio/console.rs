@@ -16,8 +16,8 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 
-use super::{read_config_bytes, Activation, ActiveQueues, SocketInterest, VirtioDevice, TYPE_CONSOLE};
 use super::persist::{ConsoleState, DeviceState};
+use super::{read_config_bytes, Activation, ActiveQueues, SocketInterest, VirtioDevice, TYPE_CONSOLE};
 use crate::event_loop::Interest;
 use crate::state::{Persist, StateError};
 
@@ -174,7 +174,10 @@ impl Console {
                 None => match a.queues[TX].pop_descriptor_chain(&a.mem) {
                     Some(chain) => PendingTx {
                         head: chain.head_index(),
-                        segments: chain.filter(|d| !d.is_write_only()).map(|d| (d.addr().0, d.len() as usize)).collect(),
+                        segments: chain
+                            .filter(|d| !d.is_write_only())
+                            .map(|d| (d.addr().0, d.len() as usize))
+                            .collect(),
                     },
                     None => break,
                 },
@@ -362,7 +365,9 @@ impl Persist for Console {
         };
         // Bounded like the live device: a few control messages, and a pending transmit chain
         // that is one of the guest's descriptors, in guest memory.
-        if state.pending_control.len() > MAX_PENDING_CONTROL || state.pending_control.iter().any(|m| m.len() > MAX_CONTROL_LEN) {
+        if state.pending_control.len() > MAX_PENDING_CONTROL
+            || state.pending_control.iter().any(|m| m.len() > MAX_CONTROL_LEN)
+        {
             return Err(err(format!(
                 "{} pending control messages, at most {MAX_PENDING_CONTROL} of at most {MAX_CONTROL_LEN} bytes",
                 state.pending_control.len()
@@ -373,12 +378,15 @@ impl Persist for Console {
             if *head >= size {
                 return Err(err(format!("pending transmit head {head}, the queue has {size} entries")));
             }
-            if segments.len() > usize::from(size) || segments.iter().any(|&(addr, len)| !a.mem.check_range(GuestAddress(addr), len)) {
+            if segments.len() > usize::from(size)
+                || segments.iter().any(|&(addr, len)| !a.mem.check_range(GuestAddress(addr), len))
+            {
                 return Err(err("a pending transmit buffer lies outside guest memory".into()));
             }
         }
         self.pending_control = state.pending_control.iter().cloned().collect();
-        self.pending_tx = state.pending_tx.clone().map(|(head, segments)| PendingTx { head, segments: segments.into() });
+        self.pending_tx =
+            state.pending_tx.clone().map(|(head, segments)| PendingTx { head, segments: segments.into() });
         self.guest_open = state.guest_open;
         self.update_interest();
         Ok(())
@@ -394,8 +402,8 @@ const MAX_CONTROL_LEN: usize = 64 << 10;
 mod tests {
     use super::*;
     use crate::devices::virtio::{Interrupt, INT_USED_RING};
-    use crate::vstate::memory::GuestRam;
     use crate::event_loop::EventLoop;
+    use crate::vstate::memory::GuestRam;
     use std::io::{Read, Write};
     use std::os::fd::AsRawFd;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -540,10 +548,14 @@ mod tests {
             let dev = Arc::new(Mutex::new(Console::new("agent", device_end, el.interest(fd)).unwrap()));
             let runs = Arc::new(AtomicUsize::new(0));
             let (d, n) = (dev.clone(), runs.clone());
-            el.add(fd, EventSet::empty(), Box::new(move |events| {
-                n.fetch_add(1, Ordering::SeqCst);
-                d.lock().unwrap().host_event(events);
-            }))
+            el.add(
+                fd,
+                EventSet::empty(),
+                Box::new(move |events| {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    d.lock().unwrap().host_event(events);
+                }),
+            )
             .unwrap();
             let queues: Vec<_> = (0..4).map(|i| MockSplitQueue::create(&mem, GuestAddress(i * 0x1000), 16)).collect();
             let activate = |dev: &Arc<Mutex<Console>>| {
@@ -563,7 +575,10 @@ mod tests {
             drop(host);
             std::thread::sleep(Duration::from_millis(300));
             let spins = runs.load(Ordering::SeqCst);
-            assert!(spins <= 3, "activated {activate_first}: the handler ran {spins} times in 300 ms after the hang-up");
+            assert!(
+                spins <= 3,
+                "activated {activate_first}: the handler ran {spins} times in 300 ms after the hang-up"
+            );
             if !activate_first {
                 activate(&dev);
             }

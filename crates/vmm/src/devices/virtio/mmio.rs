@@ -2,13 +2,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT};
 use crate::vstate::memory::GuestRam;
+use virtio_queue::{Queue, QueueT};
 
 use super::persist::{QueueSnapshot, TransportState};
 use super::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::state::{Persist, StateError};
 use crate::devices::bus::BusDevice;
+use crate::state::{Persist, StateError};
 
 pub const MMIO_SIZE: u64 = 0x1000;
 /// Offset of QueueNotify: the ioeventfd for each queue sits here with the queue index as data.
@@ -115,7 +115,8 @@ impl MmioTransport {
                 return;
             }
             // The device gets its own copies; the transport keeps the registers' view.
-            let Ok(queues) = self.queues.iter().map(|q| Queue::try_from(q.state())).collect::<Result<Vec<_>, _>>() else {
+            let Ok(queues) = self.queues.iter().map(|q| Queue::try_from(q.state())).collect::<Result<Vec<_>, _>>()
+            else {
                 self.status |= STATUS_FAILED;
                 return;
             };
@@ -138,7 +139,13 @@ impl MmioTransport {
             0x0c => VENDOR,
             0x10 => {
                 let f = self.device.features() | VIRTIO_F_VERSION_1;
-                if self.device_features_select == 0 { f as u32 } else if self.device_features_select == 1 { (f >> 32) as u32 } else { 0 }
+                if self.device_features_select == 0 {
+                    f as u32
+                } else if self.device_features_select == 1 {
+                    (f >> 32) as u32
+                } else {
+                    0
+                }
             }
             0x34 => q.map_or(0, |q| u32::from(q.max_size())),
             0x44 => q.map_or(0, |q| u32::from(q.ready())),
@@ -220,15 +227,26 @@ impl Persist for MmioTransport {
         let err = |reason: String| StateError::new("virtio-mmio", reason);
         let t = self;
         if state.device_type != t.device.device_type() || state.queues.len() != t.queues.len() {
-            return Err(err(format!("virtio device type {} in the snapshot does not match the configured device", state.device_type)));
+            return Err(err(format!(
+                "virtio device type {} in the snapshot does not match the configured device",
+                state.device_type
+            )));
         }
-        let queues: Vec<Queue> =
-            state.queues.iter().map(QueueSnapshot::to_queue).collect::<Result<_, _>>().map_err(|e| err(format!("virtio queue: {e:?}")))?;
+        let queues: Vec<Queue> = state
+            .queues
+            .iter()
+            .map(QueueSnapshot::to_queue)
+            .collect::<Result<_, _>>()
+            .map_err(|e| err(format!("virtio queue: {e:?}")))?;
         // The device's own queue sizes, and rings inside guest RAM: a snapshot cannot widen a
         // queue past what the device allocates for, nor point the device outside the guest.
         for (i, (q, fresh)) in queues.iter().zip(&t.queues).enumerate() {
             if q.max_size() != fresh.max_size() {
-                return Err(err(format!("virtio queue {i}: max_size {} in the snapshot, the device has {}", q.max_size(), fresh.max_size())));
+                return Err(err(format!(
+                    "virtio queue {i}: max_size {} in the snapshot, the device has {}",
+                    q.max_size(),
+                    fresh.max_size()
+                )));
             }
             if q.ready() && !q.is_valid(&t.mem) {
                 return Err(err(format!("virtio queue {i}: its rings lie outside guest memory or are misaligned")));
@@ -243,7 +261,12 @@ impl Persist for MmioTransport {
         t.config_generation = state.config_generation;
         t.interrupt.set_status(state.interrupt_status);
         if state.activated {
-            let queues = state.queues.iter().map(QueueSnapshot::to_queue).collect::<Result<_, _>>().map_err(|e| err(format!("virtio queue: {e:?}")))?;
+            let queues = state
+                .queues
+                .iter()
+                .map(QueueSnapshot::to_queue)
+                .collect::<Result<_, _>>()
+                .map_err(|e| err(format!("virtio queue: {e:?}")))?;
             t.device.activate(Activation {
                 mem: t.mem.clone(),
                 queues,
@@ -469,7 +492,10 @@ mod tests {
         assert_eq!(after.load(Ordering::SeqCst), 0, "after_restore waits for the whole VM");
         fresh.after_restore().unwrap();
         assert_eq!(after.load(Ordering::SeqCst), 1);
-        assert_eq!((rd(&mut fresh, 0x70), fresh.save().unwrap().acked_features), (rd(&mut t, 0x70), active.acked_features));
+        assert_eq!(
+            (rd(&mut fresh, 0x70), fresh.save().unwrap().acked_features),
+            (rd(&mut t, 0x70), active.acked_features)
+        );
 
         let mut other = active.clone();
         other.device_type = 7;
@@ -477,5 +503,4 @@ mod tests {
         assert_eq!(e.device, "virtio-mmio");
         assert!(e.reason.contains("device type 7"), "{e}");
     }
-
 }

@@ -119,7 +119,12 @@ pub struct ActiveQueues {
 
 impl ActiveQueues {
     pub fn new(activation: Activation) -> ActiveQueues {
-        ActiveQueues { mem: activation.mem, queues: activation.queues, interrupt: activation.interrupt, irq_pending: false }
+        ActiveQueues {
+            mem: activation.mem,
+            queues: activation.queues,
+            interrupt: activation.interrupt,
+            irq_pending: false,
+        }
     }
 
     /// The driver must hear about queue `index` (unless it said it need not).

@@ -9,19 +9,18 @@
 //! receive buffers (the device stops reading it); guest frames are copied out at once, and the
 //! device stops taking more while `TX_HIGH_WATER` bytes wait for a socket that would block.
 
-
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::egress::LivePolicy;
-use super::{read_config_bytes, Activation, ActiveQueues, SocketInterest, VirtioDevice, TYPE_NET};
 use super::persist::DeviceState;
+use super::{read_config_bytes, Activation, ActiveQueues, SocketInterest, VirtioDevice, TYPE_NET};
+use crate::egress::LivePolicy;
 use crate::event_loop::Interest;
 use crate::state::{Persist, StateError};
 use crate::vstate::memory::GuestRam;
@@ -155,7 +154,9 @@ impl Net {
             self.deliver();
             if let Some(len) = self.next_length().filter(|&len| len > MAX_FRAME) {
                 // Not a stream of frames: reading on would only buffer without end.
-                tracing::error!("virtio-net: the host announced a frame of {len} bytes (at most {MAX_FRAME}): network stopped");
+                tracing::error!(
+                    "virtio-net: the host announced a frame of {len} bytes (at most {MAX_FRAME}): network stopped"
+                );
                 self.drops.malformed += 1;
                 self.rx.clear();
                 self.host_closed = true;
@@ -402,7 +403,13 @@ pub fn size_stream_buffers(socket: &std::os::unix::net::UnixStream) {
         for option in [forced, plain] {
             // SAFETY: a live socket fd and a c_int option value of the size given.
             let rc = unsafe {
-                libc::setsockopt(fd, libc::SOL_SOCKET, option, (&bytes as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    option,
+                    (&bytes as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
             };
             if rc == 0 {
                 break;
@@ -438,9 +445,9 @@ impl Drop for Net {
 mod tests {
     use super::*;
     use crate::devices::virtio::{Interrupt, INT_USED_RING};
-    use crate::vstate::memory::GuestRam;
     use crate::egress::EgressPolicy;
     use crate::event_loop::EventLoop;
+    use crate::vstate::memory::GuestRam;
     use std::os::fd::AsRawFd;
     use std::time::Duration;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -544,7 +551,14 @@ mod tests {
         // Two descriptors: the header, then the frame.
         r.mem.write_slice(&b, GuestAddress(BUF + 0x1000)).unwrap();
         r.queues[TX]
-            .add_desc_chains(&[desc(BUF, (HEADER + a.len()) as u32, 0, 0), desc(BUF + 0x800, HEADER as u32, NEXT, 2), desc(BUF + 0x1000, b.len() as u32, 0, 0)], 0)
+            .add_desc_chains(
+                &[
+                    desc(BUF, (HEADER + a.len()) as u32, 0, 0),
+                    desc(BUF + 0x800, HEADER as u32, NEXT, 2),
+                    desc(BUF + 0x1000, b.len() as u32, 0, 0),
+                ],
+                0,
+            )
             .unwrap();
         r.dev.queue_notify(TX);
         assert_eq!(read_framed(&mut r.host), a);
@@ -565,7 +579,10 @@ mod tests {
             r.mem.write_slice(f, GuestAddress(at + HEADER as u64)).unwrap();
         }
         r.queues[TX]
-            .add_desc_chains(&[desc(BUF, (HEADER + udp.len()) as u32, 0, 0), desc(BUF + 0x1000, (HEADER + arp.len()) as u32, 0, 0)], 0)
+            .add_desc_chains(
+                &[desc(BUF, (HEADER + udp.len()) as u32, 0, 0), desc(BUF + 0x1000, (HEADER + arp.len()) as u32, 0, 0)],
+                0,
+            )
             .unwrap();
         r.dev.queue_notify(TX);
         assert_eq!(read_framed(&mut r.host), arp, "the IPv4 frame was dropped, the ARP one passed");
@@ -589,7 +606,12 @@ mod tests {
         r.queues[RX].add_desc_chains(&[desc(BUF, 2048, WRITE, 0)], 0).unwrap();
         r.dev.queue_notify(RX);
         assert_eq!(used(&r.queues[RX], 0), (0, (HEADER + a.len()) as u32));
-        r.queues[RX].add_desc_chains(&[desc(BUF + 0x1000, HEADER as u32, WRITE | NEXT, 2), desc(BUF + 0x2000, 1526, WRITE, 0)], 1).unwrap();
+        r.queues[RX]
+            .add_desc_chains(
+                &[desc(BUF + 0x1000, HEADER as u32, WRITE | NEXT, 2), desc(BUF + 0x2000, 1526, WRITE, 0)],
+                1,
+            )
+            .unwrap();
         r.dev.queue_notify(RX);
         assert_eq!(used(&r.queues[RX], 1), (1, (HEADER + b.len()) as u32));
         let mut got = vec![0u8; HEADER + a.len()];
