@@ -27,7 +27,11 @@ pub const DEFAULT_OUTPUT_MAX_BYTES: u64 = 64 << 20;
 /// Default byte limit of `fs.copyToHost()` (`maxBytes`, 1 GiB).
 pub const DEFAULT_COPY_MAX_BYTES: u64 = 1 << 30;
 
-/// Every limit above by its name, for the addon's `limits()` (the TS mirrors are checked
+/// How long a path waits for a VM to end once it killed it (SIGKILL to QEMU, the vCPU kick on
+/// the built-in VMM: milliseconds in practice); past it the path goes on (and logs where it can).
+pub const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Every number above by its name, for the addon's `limits()` (the TS mirrors are checked
 /// against it).
 pub const ALL: &[(&str, u64)] = &[
     ("MAX_VCPUS", MAX_VCPUS as u64),

@@ -22,7 +22,6 @@
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use super::{
     clone_image, passt, BootSpec, Engine, EngineKind, ExitSlot, RunDir, RunningVm, Tail,
@@ -314,7 +313,7 @@ impl Drop for KvmVm {
         // The vCPU threads stop within microseconds of the kick; the VM's resources are then
         // released on the watcher thread. The root disk copy can go right away: an open file
         // stays readable after its name is removed.
-        let _ = self.exit.wait_timeout(Duration::from_secs(5));
+        let _ = self.exit.wait_timeout(crate::limits::KILL_WAIT);
     }
 }
 

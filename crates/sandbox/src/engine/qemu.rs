@@ -765,7 +765,7 @@ impl Drop for QemuVm {
         self.kill();
         // SIGKILL cannot be ignored: QEMU is gone within milliseconds. Wait for the reap, so
         // that no process outlives its handle.
-        if self.exit.wait_timeout(Duration::from_secs(10)).is_some() {
+        if self.exit.wait_timeout(crate::limits::KILL_WAIT).is_some() {
             if let Some(h) = self
                 .monitor
                 .lock()

@@ -413,8 +413,8 @@ fn connect(
     })();
     if result.is_err() {
         vm.kill();
-        if vm.wait_timeout(Duration::from_secs(10)).is_none() {
-            tracing::warn!(engine = %vm.engine(), "the VM did not end within 10 s of kill");
+        if vm.wait_timeout(crate::limits::KILL_WAIT).is_none() {
+            tracing::warn!(engine = %vm.engine(), "the VM did not end within {:?} of kill", crate::limits::KILL_WAIT);
         }
     }
     result
@@ -436,7 +436,7 @@ fn wait_ready(
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             vm.kill();
-            let _ = vm.wait_timeout(Duration::from_secs(5));
+            let _ = vm.wait_timeout(crate::limits::KILL_WAIT);
             return Err(SandboxError::BootTimeout {
                 timeout_ms: timeout.as_millis() as u64,
                 engine: vm.engine().name(),
