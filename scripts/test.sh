@@ -7,6 +7,7 @@
 #   install test             __test__/install/install.test.mjs (node --test): packs every package
 #                            (scripts/pack.mjs), npm installs the tarballs into an empty directory
 #                            with an empty HOME and uses microcell from there as a user would
+#   scripts/lint.sh          cargo fmt --check, cargo clippy -D warnings, tsc --noEmit: each a test
 #   scripts/fuzz.sh          the fuzz targets (fuzz/), MICROCELL_FUZZ_SECONDS (60) each, from the
 #                            corpus in the repo: each target counts as a test
 #   scripts/nested/run-t3.sh T3 inside a nested VM (QEMU-TCG with SVM), where this host's KVM
@@ -48,6 +49,9 @@ if [ "$linux_kvm" = 0 ] && [ "$nested" = 0 ]; then
   printf '\n==> %s\n' "T3 (Rust) on this host: counted as skipped (needs KVM that boots Linux; MICROCELL_NESTED=1 runs it nested)"
   cargo test -p microcell-sandbox --test t3_kvm -- t3_ </dev/null 2>&1 | tee -a "$log_dir/cargo.log" || cargo_status=$?
 fi
+
+printf '\n==> %s\n' "lint (scripts/lint.sh)"
+./scripts/lint.sh </dev/null 2>&1 | tee -a "$log_dir/cargo.log" || cargo_status=$?
 
 printf '\n==> %s\n' "fuzz targets (scripts/fuzz.sh)"
 ./scripts/fuzz.sh </dev/null 2>&1 | tee -a "$log_dir/cargo.log" || cargo_status=$?

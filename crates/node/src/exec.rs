@@ -43,10 +43,7 @@ pub struct ExecExitInfo {
 fn exit_info(e: ExecExit) -> ExecExitInfo {
     ExecExitInfo {
         exit_code: e.code,
-        signal: e
-            .signal_name
-            .clone()
-            .or_else(|| e.signal.map(|s| format!("SIG{s}"))),
+        signal: e.signal_name.clone().or_else(|| e.signal.map(|s| format!("SIG{s}"))),
         signal_number: e.signal,
         timed_out: e.timed_out,
         duration_ms: e.duration.as_secs_f64() * 1e3,
@@ -66,19 +63,11 @@ pub struct ExecEventInfo {
 }
 
 fn event_info(ev: ExecEvent) -> ExecEventInfo {
-    let out = |kind: &str, data: Vec<u8>| ExecEventInfo {
-        kind: kind.into(),
-        data: Some(data.into()),
-        exit: None,
-    };
+    let out = |kind: &str, data: Vec<u8>| ExecEventInfo { kind: kind.into(), data: Some(data.into()), exit: None };
     match ev {
         ExecEvent::Stdout(d) => out("stdout", d),
         ExecEvent::Stderr(d) => out("stderr", d),
-        ExecEvent::Exit(e) => ExecEventInfo {
-            kind: "exit".into(),
-            data: None,
-            exit: Some(exit_info(e)),
-        },
+        ExecEvent::Exit(e) => ExecEventInfo { kind: "exit".into(), data: None, exit: Some(exit_info(e)) },
     }
 }
 
@@ -91,8 +80,7 @@ pub struct ExecCollected {
 }
 
 fn request(json: &str) -> Result<ExecRequest> {
-    serde_json::from_str(json)
-        .map_err(|e| coded("E_INVALID_ARGUMENT", format!("exec request: {e}")))
+    serde_json::from_str(json).map_err(|e| coded("E_INVALID_ARGUMENT", format!("exec request: {e}")))
 }
 
 /// `exec()`'s output limit per stream when none is given.
@@ -114,9 +102,7 @@ impl NativeSandbox {
     /// `E_INVALID_ARGUMENT` (an empty argv, an unknown user, ...), `E_CHANNEL_CLOSED`, ...
     #[napi]
     pub async fn exec_start(&self, request_json: String) -> Result<NativeExec> {
-        Ok(NativeExec {
-            handle: Some(start(self, request_json).await?),
-        })
+        Ok(NativeExec { handle: Some(start(self, request_json).await?) })
     }
 
     /// Runs a process to its end: its exit and all of its output. `stdin`: bytes written to its
@@ -146,11 +132,7 @@ impl NativeSandbox {
         // the killed process's exit.
         let mut over: Option<&str> = None;
         let exit = loop {
-            let event = handle
-                .clone()
-                .next_event_owned()
-                .await
-                .map_err(sandbox_error)?;
+            let event = handle.clone().next_event_owned().await.map_err(sandbox_error)?;
             let (name, out, b) = match event {
                 Some(ExecEvent::Stdout(b)) => ("stdout", &mut stdout, b),
                 Some(ExecEvent::Stderr(b)) => ("stderr", &mut stderr, b),
@@ -180,11 +162,7 @@ impl NativeSandbox {
                 format!("the process wrote more than {limit} bytes to {name} (maxOutputBytes) and was killed: use execStream() for large output, or raise maxOutputBytes"),
             ));
         }
-        Ok(ExecCollected {
-            exit: exit_info(exit),
-            stdout: stdout.into(),
-            stderr: stderr.into(),
-        })
+        Ok(ExecCollected { exit: exit_info(exit), stdout: stdout.into(), stderr: stderr.into() })
     }
 }
 
@@ -215,10 +193,7 @@ impl NativeExec {
     #[napi]
     pub async fn next_event(&self) -> Result<Option<ExecEventInfo>> {
         let h = self.handle();
-        Ok(h.next_event_owned()
-            .await
-            .map_err(sandbox_error)?
-            .map(event_info))
+        Ok(h.next_event_owned().await.map_err(sandbox_error)?.map(event_info))
     }
 
     /// How the process ended, once the `exit` event has been taken; else null.
@@ -234,30 +209,21 @@ impl NativeExec {
     #[napi]
     pub async fn write_stdin(&self, data: Buffer) -> Result<()> {
         let (h, data) = (self.handle(), data.to_vec());
-        blocking("exec stdin", move || {
-            h.write_stdin(&data, STDIN_TIMEOUT).map_err(sandbox_error)
-        })
-        .await
+        blocking("exec stdin", move || h.write_stdin(&data, STDIN_TIMEOUT).map_err(sandbox_error)).await
     }
 
     /// Closes stdin after what was written (a terminal gets ^D). Idempotent.
     #[napi]
     pub async fn close_stdin(&self) -> Result<()> {
         let h = self.handle();
-        blocking("exec close stdin", move || {
-            h.close_stdin().map_err(sandbox_error)
-        })
-        .await
+        blocking("exec close stdin", move || h.close_stdin().map_err(sandbox_error)).await
     }
 
     /// Sends a signal (`SIGTERM`, `TERM`, `15`) to the process group; nothing once it has ended.
     #[napi]
     pub async fn signal(&self, name: String) -> Result<()> {
         let h = self.handle();
-        blocking("exec signal", move || {
-            h.signal(&name).map_err(sandbox_error)
-        })
-        .await
+        blocking("exec signal", move || h.signal(&name).map_err(sandbox_error)).await
     }
 
     /// SIGKILL to the process group.
@@ -272,18 +238,12 @@ impl NativeExec {
     pub async fn resize(&self, rows: u32, cols: u32) -> Result<()> {
         let size = |what, n: u32| {
             u16::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
-                coded(
-                    "E_INVALID_ARGUMENT",
-                    format!("{what} is {n}: give a whole number from 1 to 65535"),
-                )
+                coded("E_INVALID_ARGUMENT", format!("{what} is {n}: give a whole number from 1 to 65535"))
             })
         };
         let (rows, cols) = (size("rows", rows)?, size("cols", cols)?);
         let h = self.handle();
-        blocking("exec resize", move || {
-            h.resize(rows, cols).map_err(sandbox_error)
-        })
-        .await
+        blocking("exec resize", move || h.resize(rows, cols).map_err(sandbox_error)).await
     }
 
     /// Output bytes buffered on the host for this process now, and the most so far (at most

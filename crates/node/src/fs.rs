@@ -62,30 +62,16 @@ fn ms(ns: i64) -> f64 {
 }
 
 fn copy_info(s: sandbox::CopyStats) -> CopyInfo {
-    CopyInfo {
-        entries: s.entries as f64,
-        bytes: s.bytes as f64,
-    }
+    CopyInfo { entries: s.entries as f64, bytes: s.bytes as f64 }
 }
 
-fn write_options(
-    mode: Option<u32>,
-    append: Option<bool>,
-    parents: Option<bool>,
-) -> Result<WriteOptions> {
+fn write_options(mode: Option<u32>, append: Option<bool>, parents: Option<bool>) -> Result<WriteOptions> {
     if let Some(m) = mode {
         if m > 0o7777 {
-            return Err(coded(
-                "E_INVALID_ARGUMENT",
-                format!("mode is {m:#o}: give permission bits from 0 to 0o7777"),
-            ));
+            return Err(coded("E_INVALID_ARGUMENT", format!("mode is {m:#o}: give permission bits from 0 to 0o7777")));
         }
     }
-    Ok(WriteOptions {
-        mode,
-        append: append.unwrap_or(false),
-        parents: parents.unwrap_or(false),
-    })
+    Ok(WriteOptions { mode, append: append.unwrap_or(false), parents: parents.unwrap_or(false) })
 }
 
 /// One change under a watched guest directory.
@@ -111,10 +97,7 @@ impl NativeSandbox {
     #[napi]
     pub async fn fs_stat(&self, path: String, follow: bool) -> Result<GuestStat> {
         let sb = self.sandbox()?;
-        let s = blocking("fs stat", move || {
-            sb.stat(&path, follow).map_err(sandbox_error)
-        })
-        .await?;
+        let s = blocking("fs stat", move || sb.stat(&path, follow).map_err(sandbox_error)).await?;
         Ok(GuestStat {
             kind: s.file_type.into(),
             size: s.size as f64,
@@ -137,8 +120,7 @@ impl NativeSandbox {
     #[napi]
     pub async fn fs_list(&self, path: String) -> Result<Vec<GuestDirEntry>> {
         let sb = self.sandbox()?;
-        let entries =
-            blocking("fs list", move || sb.list_dir(&path).map_err(sandbox_error)).await?;
+        let entries = blocking("fs list", move || sb.list_dir(&path).map_err(sandbox_error)).await?;
         Ok(entries
             .into_iter()
             .map(|e| GuestDirEntry {
@@ -155,29 +137,20 @@ impl NativeSandbox {
     #[napi]
     pub async fn fs_mkdir(&self, path: String, mode: u32, parents: bool) -> Result<()> {
         let sb = self.sandbox()?;
-        blocking("fs mkdir", move || {
-            sb.mkdir(&path, mode, parents).map_err(sandbox_error)
-        })
-        .await
+        blocking("fs mkdir", move || sb.mkdir(&path, mode, parents).map_err(sandbox_error)).await
     }
 
     /// Removes a file, symlink or empty directory; with `recursive` a whole tree.
     #[napi]
     pub async fn fs_remove(&self, path: String, recursive: bool) -> Result<()> {
         let sb = self.sandbox()?;
-        blocking("fs remove", move || {
-            sb.remove(&path, recursive).map_err(sandbox_error)
-        })
-        .await
+        blocking("fs remove", move || sb.remove(&path, recursive).map_err(sandbox_error)).await
     }
 
     #[napi]
     pub async fn fs_rename(&self, from: String, to: String) -> Result<()> {
         let sb = self.sandbox()?;
-        blocking("fs rename", move || {
-            sb.rename(&from, &to).map_err(sandbox_error)
-        })
-        .await
+        blocking("fs rename", move || sb.rename(&from, &to).map_err(sandbox_error)).await
     }
 
     /// A whole guest file. `maxBytes` (default 64 MiB): a longer (or endless) file rejects
@@ -185,14 +158,8 @@ impl NativeSandbox {
     #[napi]
     pub async fn fs_read(&self, path: String, max_bytes: Option<f64>) -> Result<Buffer> {
         let sb = self.sandbox()?;
-        let max = max_bytes
-            .map(|n| whole("maxBytes", n))
-            .transpose()?
-            .unwrap_or(sandbox::fs::DEFAULT_READ_MAX_BYTES);
-        let data = blocking("fs read", move || {
-            sb.read_file_max(&path, max).map_err(sandbox_error)
-        })
-        .await?;
+        let max = max_bytes.map(|n| whole("maxBytes", n)).transpose()?.unwrap_or(sandbox::fs::DEFAULT_READ_MAX_BYTES);
+        let data = blocking("fs read", move || sb.read_file_max(&path, max).map_err(sandbox_error)).await?;
         Ok(data.into())
     }
 
@@ -210,10 +177,7 @@ impl NativeSandbox {
         let sb = self.sandbox()?;
         let opts = write_options(mode, append, parents)?;
         let data = data.to_vec();
-        blocking("fs write", move || {
-            sb.write_file(&path, &data, opts).map_err(sandbox_error)
-        })
-        .await
+        blocking("fs write", move || sb.write_file(&path, &data, opts).map_err(sandbox_error)).await
     }
 
     /// Opens a guest file for reading (`length`: at most that many bytes from `offset`).
@@ -229,13 +193,9 @@ impl NativeSandbox {
         let offset = whole("start", offset.unwrap_or(0.0))?;
         let length = length.map(|n| whole("length", n)).transpose()?;
         // Sends one frame (no wait for an answer, but the send may wait for room).
-        let stream = blocking("fs open read", move || {
-            sb.open_read(&path, offset, length).map_err(sandbox_error)
-        })
-        .await?;
-        Ok(NativeFileReader {
-            stream: Arc::new(Mutex::new(Some(stream))),
-        })
+        let stream =
+            blocking("fs open read", move || sb.open_read(&path, offset, length).map_err(sandbox_error)).await?;
+        Ok(NativeFileReader { stream: Arc::new(Mutex::new(Some(stream))) })
     }
 
     /// Opens a guest file for writing; resolves once the agent has opened it.
@@ -249,13 +209,8 @@ impl NativeSandbox {
     ) -> Result<NativeFileWriter> {
         let sb = self.sandbox()?;
         let opts = write_options(mode, append, parents)?;
-        let stream = blocking("fs open write", move || {
-            sb.open_write(&path, opts).map_err(sandbox_error)
-        })
-        .await?;
-        Ok(NativeFileWriter {
-            stream: Arc::new(Mutex::new(Some(stream))),
-        })
+        let stream = blocking("fs open write", move || sb.open_write(&path, opts).map_err(sandbox_error)).await?;
+        Ok(NativeFileWriter { stream: Arc::new(Mutex::new(Some(stream))) })
     }
 
     /// Copies a host file, directory tree or symlink to `guest` (modes, mtimes and symlinks
@@ -264,12 +219,8 @@ impl NativeSandbox {
     pub async fn fs_copy_from_host(&self, host: String, guest: String) -> Result<CopyInfo> {
         let sb = self.sandbox()?;
         let host = PathBuf::from(host);
-        blocking("fs copy from host", move || {
-            sb.copy_from_host(&host, &guest)
-                .map(copy_info)
-                .map_err(sandbox_error)
-        })
-        .await
+        blocking("fs copy from host", move || sb.copy_from_host(&host, &guest).map(copy_info).map_err(sandbox_error))
+            .await
     }
 
     /// Copies a guest file, directory tree or symlink to `host` (nothing is written outside it).
@@ -294,12 +245,8 @@ impl NativeSandbox {
                 .transpose()?
                 .unwrap_or(sandbox::fs::DEFAULT_COPY_MAX_BYTES),
         };
-        blocking("fs copy to host", move || {
-            sb.copy_to_host(&guest, &host, opts)
-                .map(copy_info)
-                .map_err(sandbox_error)
-        })
-        .await
+        blocking("fs copy to host", move || sb.copy_to_host(&guest, &host, opts).map(copy_info).map_err(sandbox_error))
+            .await
     }
 }
 
@@ -308,10 +255,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn busy() -> Error {
-    coded(
-        "E_INVALID_ARGUMENT",
-        "one call at a time: the previous read or write of this stream has not settled",
-    )
+    coded("E_INVALID_ARGUMENT", "one call at a time: the previous read or write of this stream has not settled")
 }
 
 /// A watch on a guest directory. Made by `NativeSandbox.fsWatch`; dropping it (GC) stops it.
@@ -406,12 +350,9 @@ impl NativeFileWriter {
     pub async fn finish(&self) -> Result<()> {
         let slot = self.stream.clone();
         blocking("fs stream finish", move || {
-            let stream = lock(&slot).take().ok_or_else(|| {
-                coded(
-                    "E_INVALID_ARGUMENT",
-                    "the write stream is finished (or a write is in flight)",
-                )
-            })?;
+            let stream = lock(&slot)
+                .take()
+                .ok_or_else(|| coded("E_INVALID_ARGUMENT", "the write stream is finished (or a write is in flight)"))?;
             stream.finish().map_err(sandbox_error)
         })
         .await

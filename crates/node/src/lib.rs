@@ -38,10 +38,7 @@ fn panic_error(payload: Box<dyn std::any::Any + Send>) -> Error {
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into());
-    coded(
-        "E_INTERNAL",
-        format!("microcell hit an internal error ({what}); please report it"),
-    )
+    coded("E_INTERNAL", format!("microcell hit an internal error ({what}); please report it"))
 }
 
 /// Runs a synchronous binding body, turning a panic into an `E_INTERNAL` error.
@@ -181,18 +178,9 @@ pub(crate) async fn read_console(
 #[napi]
 pub async fn start_vm(config_json: String, options: Option<StartVmOptions>) -> Result<NativeVm> {
     let options = StartOptions {
-        console_stream: options
-            .as_ref()
-            .and_then(|o| o.console_stream)
-            .unwrap_or(false),
-        console_queue_bytes: options
-            .as_ref()
-            .and_then(|o| o.console_queue_bytes)
-            .map(|n| n as usize),
-        track_dirty_pages: options
-            .as_ref()
-            .and_then(|o| o.track_dirty_pages)
-            .unwrap_or(false),
+        console_stream: options.as_ref().and_then(|o| o.console_stream).unwrap_or(false),
+        console_queue_bytes: options.as_ref().and_then(|o| o.console_queue_bytes).map(|n| n as usize),
+        track_dirty_pages: options.as_ref().and_then(|o| o.track_dirty_pages).unwrap_or(false),
     };
     let started = spawn_blocking(move || {
         catch_unwind(AssertUnwindSafe(|| {
@@ -203,9 +191,7 @@ pub async fn start_vm(config_json: String, options: Option<StartVmOptions>) -> R
     })
     .await
     .map_err(|e| coded("E_INTERNAL", format!("the start task failed: {e}")))??;
-    Ok(NativeVm {
-        vm: Arc::new(started),
-    })
+    Ok(NativeVm { vm: Arc::new(started) })
 }
 
 /// A running (or ended) microVM. Made by `startVm`; dropping it (GC) kills the VM.

@@ -55,25 +55,15 @@ pub fn set_log_level(level: String) -> Result<String> {
             None if want == LevelFilter::OFF => Ok(name(LevelFilter::OFF)),
             None => {
                 let (filter, handle) = reload::Layer::new(want);
-                let layer = fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .with_ansi(std::io::stderr().is_terminal());
-                let installed = tracing_subscriber::registry()
-                    .with(filter)
-                    .with(layer)
-                    .try_init()
-                    .is_ok();
-                *state = Some(Installed {
-                    level: want,
-                    handle: installed.then_some(handle),
-                });
+                let layer = fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+                let installed = tracing_subscriber::registry().with(filter).with(layer).try_init().is_ok();
+                *state = Some(Installed { level: want, handle: installed.then_some(handle) });
                 Ok(name(want))
             }
             Some(i) if want > i.level => {
                 if let Some(h) = &i.handle {
-                    h.modify(|f| *f = want).map_err(|e| {
-                        coded("E_INTERNAL", format!("cannot change the log level: {e}"))
-                    })?;
+                    h.modify(|f| *f = want)
+                        .map_err(|e| coded("E_INTERNAL", format!("cannot change the log level: {e}")))?;
                 }
                 i.level = want;
                 Ok(name(want))

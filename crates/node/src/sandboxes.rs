@@ -26,9 +26,6 @@ use sandbox::{Sandbox, SandboxConfig, VmExit};
 use super::tasks::{blocking, sandbox_error};
 use super::{coded, guard, ConsoleStats, ExitInfo};
 
-
-
-
 /// Parses and validates a SandboxConfig given as JSON; returns it normalised (defaults filled
 /// in) as JSON. Throws `E_CONFIG_*`. The guest images are checked by `createSandbox`.
 #[napi]
@@ -59,9 +56,14 @@ pub async fn create_sandbox(config_json: String) -> Result<NativeSandbox> {
 /// Starts a sandbox from a snapshot directory (`NativeSandbox.snapshot`) and resolves once its
 /// agent answers; rejects with `E_SNAPSHOT*`, `E_QEMU_NOT_FOUND`, `E_BOOT_TIMEOUT`, ...
 #[napi]
-pub async fn restore_sandbox(dir: String, console_output: Option<String>, ports: Option<Vec<String>>) -> Result<NativeSandbox> {
+pub async fn restore_sandbox(
+    dir: String,
+    console_output: Option<String>,
+    ports: Option<Vec<String>>,
+) -> Result<NativeSandbox> {
     let sandbox = blocking("sandbox restore", move || {
-        let options = sandbox::SandboxRestoreOptions { console_output: console_output.map(Into::into), timeout: None, ports };
+        let options =
+            sandbox::SandboxRestoreOptions { console_output: console_output.map(Into::into), timeout: None, ports };
         Sandbox::restore(std::path::Path::new(&dir), options).map_err(sandbox_error)
     })
     .await?;
@@ -73,11 +75,7 @@ pub async fn restore_sandbox(dir: String, console_output: Option<String>, ports:
 /// thread) is released then, not when the GC gets to this object.
 enum State {
     Live(Arc<Sandbox>),
-    Ended {
-        exit: VmExit,
-        stats: sandbox::console::ConsoleStats,
-        tail: String,
-    },
+    Ended { exit: VmExit, stats: sandbox::console::ConsoleStats, tail: String },
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -94,11 +92,7 @@ fn release(state: &Mutex<State>) -> Option<Arc<Sandbox>> {
         return None;
     };
     let exit = sandbox.try_wait()?;
-    let ended = State::Ended {
-        exit,
-        stats: sandbox.console_stats(),
-        tail: sandbox.console_tail(),
-    };
+    let ended = State::Ended { exit, stats: sandbox.console_stats(), tail: sandbox.console_tail() };
     match std::mem::replace(&mut *s, ended) {
         State::Live(sandbox) => Some(sandbox),
         State::Ended { .. } => None,
@@ -152,10 +146,9 @@ impl NativeSandbox {
     fn any_state(&self) -> Result<Arc<Sandbox>> {
         match &*lock(&self.state) {
             State::Live(s) => Ok(s.clone()),
-            State::Ended { exit, .. } => Err(coded(
-                "E_CHANNEL_CLOSED",
-                format!("the sandbox has ended ({exit}): create a new one"),
-            )),
+            State::Ended { exit, .. } => {
+                Err(coded("E_CHANNEL_CLOSED", format!("the sandbox has ended ({exit}): create a new one")))
+            }
         }
     }
 }
@@ -174,14 +167,16 @@ impl NativeSandbox {
     /// they have stopped. `E_VM_STATE` once the sandbox has ended.
     #[napi]
     pub async fn pause(&self) -> Result<()> {
-        let sandbox = self.any_state().map_err(|_| coded("E_VM_STATE", "the sandbox has ended: it cannot be paused"))?;
+        let sandbox =
+            self.any_state().map_err(|_| coded("E_VM_STATE", "the sandbox has ended: it cannot be paused"))?;
         blocking("sandbox pause", move || sandbox.pause().map_err(sandbox_error)).await
     }
 
     /// Lets a paused sandbox run again; nothing to do when it is not paused.
     #[napi]
     pub async fn resume(&self) -> Result<()> {
-        let sandbox = self.any_state().map_err(|_| coded("E_VM_STATE", "the sandbox has ended: it cannot be resumed"))?;
+        let sandbox =
+            self.any_state().map_err(|_| coded("E_VM_STATE", "the sandbox has ended: it cannot be resumed"))?;
         if !sandbox.is_paused() {
             return Ok(());
         }
@@ -321,11 +316,7 @@ impl Drop for NativeSandbox {
     fn drop(&mut self) {
         let sandbox = match std::mem::replace(
             &mut *lock(&self.state),
-            State::Ended {
-                exit: VmExit::Killed,
-                stats: Default::default(),
-                tail: String::new(),
-            },
+            State::Ended { exit: VmExit::Killed, stats: Default::default(), tail: String::new() },
         ) {
             State::Live(s) => s,
             State::Ended { .. } => return,
@@ -333,9 +324,7 @@ impl Drop for NativeSandbox {
         // Runs on the JS thread (GC finalizer): kill now (a signal, microseconds), and leave
         // the waiting parts of the teardown to another thread.
         let _ = catch_unwind(AssertUnwindSafe(|| sandbox.kill()));
-        let spawned = std::thread::Builder::new()
-            .name("mc-sandbox-drop".into())
-            .spawn(move || drop(sandbox));
+        let spawned = std::thread::Builder::new().name("mc-sandbox-drop".into()).spawn(move || drop(sandbox));
         if let Err(e) = spawned {
             // No thread to be had: the VM is killed already; its teardown waits for the reap.
             eprintln!("microcell: cannot start a teardown thread ({e}); tearing down inline");

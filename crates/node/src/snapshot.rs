@@ -19,7 +19,6 @@ use sandbox::{LoadedSnapshot, RestoreOptions, VmShell};
 use super::tasks::{blocking, drop_off_thread};
 use super::{coded, guard, panic_error, NativeVm};
 
-
 fn vmm_error(e: vmm::Error) -> Error {
     coded(e.code(), e)
 }
@@ -79,10 +78,7 @@ pub struct RestoreVmOptions {
 #[napi]
 pub async fn load_snapshot(dir: String) -> Result<NativeSnapshot> {
     let path = PathBuf::from(&dir);
-    let snapshot = blocking("snapshot load", move || {
-        LoadedSnapshot::load(&path).map_err(vmm_error)
-    })
-    .await?;
+    let snapshot = blocking("snapshot load", move || LoadedSnapshot::load(&path).map_err(vmm_error)).await?;
     // No spare shell yet: a snapshot that is never restored (most of those `vm.snapshot()` writes
     // in a loop) costs no VM; the first restore's `refillSpare` makes one.
     Ok(NativeSnapshot { snapshot: Arc::new(snapshot), dir, spare: Arc::default() })
@@ -157,9 +153,7 @@ impl NativeSnapshot {
     pub async fn create_shell(&self) -> Result<NativeShell> {
         let snapshot = self.snapshot.clone();
         let shell = blocking("shell", move || snapshot.shell().map_err(vmm_error)).await?;
-        Ok(NativeShell {
-            shell: Mutex::new(Some(shell)),
-        })
+        Ok(NativeShell { shell: Mutex::new(Some(shell)) })
     }
 
     /// Makes the spare shell in the background unless it is there or being made. JS calls it
@@ -190,18 +184,9 @@ impl NativeSnapshot {
             None => None,
         };
         let options = RestoreOptions {
-            console_stream: options
-                .as_ref()
-                .and_then(|o| o.console_stream)
-                .unwrap_or(false),
-            console_queue_bytes: options
-                .as_ref()
-                .and_then(|o| o.console_queue_bytes)
-                .map(|n| n as usize),
-            console_output: options
-                .as_ref()
-                .and_then(|o| o.console_output.clone())
-                .map(PathBuf::from),
+            console_stream: options.as_ref().and_then(|o| o.console_stream).unwrap_or(false),
+            console_queue_bytes: options.as_ref().and_then(|o| o.console_queue_bytes).map(|n| n as usize),
+            console_output: options.as_ref().and_then(|o| o.console_output.clone()).map(PathBuf::from),
         };
         let shell = shell.or_else(|| self.spare.take());
         let snapshot = self.snapshot.clone();
@@ -211,8 +196,7 @@ impl NativeSnapshot {
             // latency path of every restore.
             let vm = napi::tokio::task::block_in_place(|| {
                 catch_unwind(AssertUnwindSafe(|| {
-                    sandbox::MicroVm::restore(&snapshot, shell, &options)
-                        .map_err(|e| coded(e.code(), e))
+                    sandbox::MicroVm::restore(&snapshot, shell, &options).map_err(|e| coded(e.code(), e))
                 }))
                 .unwrap_or_else(|p| Err(panic_error(p)))
             })?;
@@ -261,9 +245,7 @@ impl Drop for NativeShell {
     fn drop(&mut self) {
         // Dropped by the JS garbage collector, on the JS thread: tear down elsewhere.
         if let Some(shell) = self.take() {
-            let _ = std::thread::Builder::new()
-                .name("mc-shell-drop".into())
-                .spawn(move || drop(shell));
+            let _ = std::thread::Builder::new().name("mc-shell-drop".into()).spawn(move || drop(shell));
         }
     }
 }

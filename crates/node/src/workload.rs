@@ -75,26 +75,14 @@ pub struct WorkloadEnd {
 fn status_info(s: WorkloadStatus) -> WorkloadStatusInfo {
     WorkloadStatusInfo {
         exit_code: s.code,
-        signal: s
-            .signal_name
-            .clone()
-            .or_else(|| s.signal.map(|n| format!("SIG{n}"))),
+        signal: s.signal_name.clone().or_else(|| s.signal.map(|n| format!("SIG{n}"))),
         signal_number: s.signal,
         duration_ms: s.duration_ms,
-        error: s.error.map(|e| WorkloadErrorInfo {
-            code: e.code,
-            errno: e.errno,
-            message: e.message,
-            path: e.path,
-        }),
+        error: s.error.map(|e| WorkloadErrorInfo { code: e.code, errno: e.errno, message: e.message, path: e.path }),
     }
 }
 
-fn end_info(
-    exit: &VmExit,
-    stop_requested: bool,
-    status: &sandbox::Result<WorkloadStatus>,
-) -> WorkloadEnd {
+fn end_info(exit: &VmExit, stop_requested: bool, status: &sandbox::Result<WorkloadStatus>) -> WorkloadEnd {
     let (reason, code, message) = match exit {
         VmExit::GuestReset => ("reset", None, None),
         VmExit::Stopped => ("stopped", None, None),
@@ -124,20 +112,14 @@ fn sandbox_config(
     parsed: &ParsedOptions,
     options: Option<&WorkloadStartOptions>,
 ) -> Result<SandboxConfig> {
-    let disk = c.rootfs.as_ref().and_then(|r| r.disk()).ok_or_else(|| {
-        coded(
-            "E_CONFIG_MISSING",
-            "a workload VM needs rootfs { disk: image } (e.g. defaultGuest())",
-        )
-    })?;
+    let disk =
+        c.rootfs.as_ref().and_then(|r| r.disk()).ok_or_else(|| {
+            coded("E_CONFIG_MISSING", "a workload VM needs rootfs { disk: image } (e.g. defaultGuest())")
+        })?;
     let engine = match options.and_then(|o| o.engine.as_deref()) {
         None => EngineChoice::Auto,
-        Some(e) => serde_json::from_value(serde_json::Value::String(e.into())).map_err(|_| {
-            coded(
-                "E_INVALID_ARGUMENT",
-                format!("engine {e:?}: give 'auto', 'kvm' or 'qemu'"),
-            )
-        })?,
+        Some(e) => serde_json::from_value(serde_json::Value::String(e.into()))
+            .map_err(|_| coded("E_INVALID_ARGUMENT", format!("engine {e:?}: give 'auto', 'kvm' or 'qemu'")))?,
     };
     let mut config = SandboxConfig {
         memory_mib: c.memory_mib,
@@ -168,10 +150,7 @@ fn sandbox_config(
 /// ... A program that does not exist or cannot run is the workload's status (`ENOENT`,
 /// `EACCES`), known within the boot time.
 #[napi]
-pub async fn start_workload(
-    config_json: String,
-    options: Option<WorkloadStartOptions>,
-) -> Result<NativeWorkload> {
+pub async fn start_workload(config_json: String, options: Option<WorkloadStartOptions>) -> Result<NativeWorkload> {
     let workload = blocking("workload start", move || {
         let c = MicroVmConfig::from_json(&config_json).map_err(|e| coded(e.code(), e))?;
         let parsed = c.validate().map_err(|e| coded(e.code(), e))?;
@@ -226,10 +205,7 @@ fn info_json(info: sandbox::sandbox::SnapshotInfo) -> Result<serde_json::Value> 
 
 enum State {
     Live(Arc<Workload>),
-    Ended {
-        end: Arc<(VmExit, sandbox::Result<WorkloadStatus>)>,
-        stats: CoreConsoleStats,
-    },
+    Ended { end: Arc<(VmExit, sandbox::Result<WorkloadStatus>)>, stats: CoreConsoleStats },
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -269,17 +245,11 @@ impl NativeWorkload {
     }
 
     /// Once the status is known and the VM has ended: keeps both, lets go of the `Workload`.
-    fn release(
-        state: &Mutex<State>,
-        status: sandbox::Result<WorkloadStatus>,
-    ) -> Option<Arc<Workload>> {
+    fn release(state: &Mutex<State>, status: sandbox::Result<WorkloadStatus>) -> Option<Arc<Workload>> {
         let mut s = lock(state);
         let State::Live(w) = &*s else { return None };
         let exit = w.vm_exit().unwrap_or(VmExit::Killed);
-        let ended = State::Ended {
-            end: Arc::new((exit, status)),
-            stats: w.console_stats(),
-        };
+        let ended = State::Ended { end: Arc::new((exit, status)), stats: w.console_stats() };
         match std::mem::replace(&mut *s, ended) {
             State::Live(w) => Some(w),
             State::Ended { .. } => None,
@@ -302,11 +272,7 @@ impl NativeWorkload {
         let w = match &*lock(&self.state) {
             State::Live(w) => w.clone(),
             State::Ended { end, .. } => {
-                return Ok(end_info(
-                    &end.0,
-                    self.stop_requested.load(Ordering::SeqCst),
-                    &end.1,
-                ))
+                return Ok(end_info(&end.0, self.stop_requested.load(Ordering::SeqCst), &end.1))
             }
         };
         let status = w.wait_async().await;
@@ -319,10 +285,7 @@ impl NativeWorkload {
         }
         match &*lock(&self.state) {
             State::Ended { end, .. } => Ok(end_info(&end.0, stop, &end.1)),
-            State::Live(_) => Err(coded(
-                "E_INTERNAL",
-                "the workload ended but its state was not kept",
-            )),
+            State::Live(_) => Err(coded("E_INTERNAL", "the workload ended but its state was not kept")),
         }
     }
 
@@ -353,8 +316,11 @@ impl NativeWorkload {
     /// would read back. `E_VM_STATE` once it has ended.
     #[napi(ts_return_type = "Promise<Record<string, unknown>>")]
     pub async fn snapshot(&self, dir: String) -> Result<serde_json::Value> {
-        let w = self.live().ok_or_else(|| coded("E_VM_STATE", "the workload VM has ended: there is nothing to snapshot"))?;
-        let info = blocking("workload snapshot", move || w.snapshot(std::path::Path::new(&dir)).map_err(sandbox_error)).await?;
+        let w = self
+            .live()
+            .ok_or_else(|| coded("E_VM_STATE", "the workload VM has ended: there is nothing to snapshot"))?;
+        let info = blocking("workload snapshot", move || w.snapshot(std::path::Path::new(&dir)).map_err(sandbox_error))
+            .await?;
         info_json(info)
     }
 
@@ -422,10 +388,7 @@ impl Drop for NativeWorkload {
             w.kill();
             let w = w.clone();
             *s = State::Ended {
-                end: Arc::new((
-                    VmExit::Killed,
-                    Err(sandbox::SandboxError::InvalidArgument("dropped".into())),
-                )),
+                end: Arc::new((VmExit::Killed, Err(sandbox::SandboxError::InvalidArgument("dropped".into())))),
                 stats: Default::default(),
             };
             drop(s);
@@ -468,7 +431,9 @@ pub fn guest_images() -> GuestImagePaths {
 #[napi]
 pub fn set_packaged_guest(kernel: Option<String>, rootfs: Option<String>) -> Result<()> {
     let images = match (kernel, rootfs) {
-        (Some(kernel), Some(rootfs)) => Some(sandbox::sandbox::GuestImages { kernel: kernel.into(), rootfs: rootfs.into() }),
+        (Some(kernel), Some(rootfs)) => {
+            Some(sandbox::sandbox::GuestImages { kernel: kernel.into(), rootfs: rootfs.into() })
+        }
         (None, None) => None,
         _ => return Err(coded("E_INVALID_ARGUMENT", "setPackagedGuest takes both paths or neither")),
     };

@@ -9,25 +9,17 @@ use sandbox::{Sandbox, SandboxConfig};
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let runs: usize = args
+    let runs: usize = args.next().map_or(20, |a| a.parse().expect("runs: a number"));
+    let engine: EngineChoice = args
         .next()
-        .map_or(20, |a| a.parse().expect("runs: a number"));
-    let engine: EngineChoice = args.next().map_or(EngineChoice::Auto, |a| {
-        serde_json::from_str(&format!("\"{a}\"")).expect("engine: auto|kvm|qemu")
-    });
-    let memory_mib: u32 = args
-        .next()
-        .map_or(256, |a| a.parse().expect("memoryMib: a number"));
+        .map_or(EngineChoice::Auto, |a| serde_json::from_str(&format!("\"{a}\"")).expect("engine: auto|kvm|qemu"));
+    let memory_mib: u32 = args.next().map_or(256, |a| a.parse().expect("memoryMib: a number"));
     let mut ms = Vec::with_capacity(runs);
     let mut stop_ms = Vec::with_capacity(runs);
     let t = Instant::now();
     for i in 0..runs {
-        let sb = Sandbox::create(SandboxConfig {
-            engine,
-            memory_mib,
-            ..Default::default()
-        })
-        .unwrap_or_else(|e| panic!("run {i}: [{}] {e}", e.code()));
+        let sb = Sandbox::create(SandboxConfig { engine, memory_mib, ..Default::default() })
+            .unwrap_or_else(|e| panic!("run {i}: [{}] {e}", e.code()));
         let info = sb.info().clone();
         let ts = Instant::now();
         let exit = sb.stop(Duration::from_secs(10));
@@ -38,10 +30,7 @@ fn main() {
             info.boot_ms, info.engine, info.kernel_release, stop_ms[i]
         );
         if i == 0 {
-            println!(
-                "engine {}: {} [{}]",
-                info.engine, info.engine_detail, info.engine_reason
-            );
+            println!("engine {}: {} [{}]", info.engine, info.engine_detail, info.engine_reason);
         }
         ms.push(info.boot_ms);
     }

@@ -66,7 +66,9 @@ fn spawn_agent(path: &PathBuf) -> (std::process::Child, AgentClient) {
             Ok(())
         });
     }
-    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run the agent {}: {e} (cargo build --release -p microcell-agent)", path.display()));
+    let child = cmd.spawn().unwrap_or_else(|e| {
+        panic!("cannot run the agent {}: {e} (cargo build --release -p microcell-agent)", path.display())
+    });
     drop(theirs);
     let client = AgentClient::new(ours).unwrap();
     client.handshake(Duration::from_secs(10)).unwrap();
@@ -109,7 +111,9 @@ fn main() {
         })
         .collect();
     let (e50, e90) = (pct(&mut ex, 0.5), pct(&mut ex, 0.9));
-    println!("socketpair: exec /bin/true (start..exit, fork+exec included) p50 {e50:.0} us, p90 {e90:.0} us ({n_exec} runs)");
+    println!(
+        "socketpair: exec /bin/true (start..exit, fork+exec included) p50 {e50:.0} us, p90 {e90:.0} us ({n_exec} runs)"
+    );
     json.insert("socketpair_exec_true_p50_us".into(), e50.into());
     json.insert("socketpair_exec_true_p90_us".into(), e90.into());
 
@@ -120,37 +124,37 @@ fn main() {
     let gp = gp.to_str().unwrap();
     let copy_only = std::env::var_os("EXEC_BENCH_COPY_ONLY").is_some();
     if !copy_only {
-    // One warm-up pass (page cache, allocator), then the measured ones.
-    c.write_file(gp, &data[..bytes.min(64 << 20)], WriteOptions::default()).unwrap();
-    let t = Instant::now();
-    c.write_file(gp, &data, WriteOptions::default()).unwrap();
-    let w = mbps(bytes, t.elapsed());
-    let t = Instant::now();
-    let mut s = c.open_read(gp, 0, None).unwrap();
-    let mut n = 0;
-    while let Some(chunk) = s.read_chunk(Duration::from_secs(30)).unwrap() {
-        n += chunk.len();
-    }
-    let r = mbps(n, t.elapsed());
-    assert_eq!(n, bytes);
-    println!("socketpair: file write {w:.0} MB/s, read {r:.0} MB/s ({} MiB on /dev/shm)", a.mib);
-    json.insert("socketpair_write_mbps".into(), w.into());
-    json.insert("socketpair_read_mbps".into(), r.into());
-    // The channel alone: upload into /dev/null, download from /dev/zero (no file system cost).
-    let t = Instant::now();
-    c.write_file("/dev/null", &data, WriteOptions::default()).unwrap();
-    let wn = mbps(bytes, t.elapsed());
-    let t = Instant::now();
-    let mut s = c.open_read("/dev/zero", 0, Some(bytes as u64)).unwrap();
-    let mut n = 0;
-    while let Some(chunk) = s.read_chunk(Duration::from_secs(30)).unwrap() {
-        n += chunk.len();
-    }
-    let rz = mbps(n, t.elapsed());
-    println!("socketpair: channel only: upload to /dev/null {wn:.0} MB/s, download from /dev/zero {rz:.0} MB/s");
-    json.insert("socketpair_upload_devnull_mbps".into(), wn.into());
-    json.insert("socketpair_download_devzero_mbps".into(), rz.into());
-    std::fs::remove_file(gp).unwrap();
+        // One warm-up pass (page cache, allocator), then the measured ones.
+        c.write_file(gp, &data[..bytes.min(64 << 20)], WriteOptions::default()).unwrap();
+        let t = Instant::now();
+        c.write_file(gp, &data, WriteOptions::default()).unwrap();
+        let w = mbps(bytes, t.elapsed());
+        let t = Instant::now();
+        let mut s = c.open_read(gp, 0, None).unwrap();
+        let mut n = 0;
+        while let Some(chunk) = s.read_chunk(Duration::from_secs(30)).unwrap() {
+            n += chunk.len();
+        }
+        let r = mbps(n, t.elapsed());
+        assert_eq!(n, bytes);
+        println!("socketpair: file write {w:.0} MB/s, read {r:.0} MB/s ({} MiB on /dev/shm)", a.mib);
+        json.insert("socketpair_write_mbps".into(), w.into());
+        json.insert("socketpair_read_mbps".into(), r.into());
+        // The channel alone: upload into /dev/null, download from /dev/zero (no file system cost).
+        let t = Instant::now();
+        c.write_file("/dev/null", &data, WriteOptions::default()).unwrap();
+        let wn = mbps(bytes, t.elapsed());
+        let t = Instant::now();
+        let mut s = c.open_read("/dev/zero", 0, Some(bytes as u64)).unwrap();
+        let mut n = 0;
+        while let Some(chunk) = s.read_chunk(Duration::from_secs(30)).unwrap() {
+            n += chunk.len();
+        }
+        let rz = mbps(n, t.elapsed());
+        println!("socketpair: channel only: upload to /dev/null {wn:.0} MB/s, download from /dev/zero {rz:.0} MB/s");
+        json.insert("socketpair_upload_devnull_mbps".into(), wn.into());
+        json.insert("socketpair_download_devzero_mbps".into(), rz.into());
+        std::fs::remove_file(gp).unwrap();
     }
     let host_src = dir.path().join("host-src.bin");
     std::fs::write(&host_src, &data).unwrap();
@@ -158,7 +162,8 @@ fn main() {
     c.copy_from_host(&host_src, &format!("{}/copied.bin", dir.path().display())).unwrap();
     let ci = mbps(bytes, t.elapsed());
     let t = Instant::now();
-    c.copy_to_host(&format!("{}/copied.bin", dir.path().display()), &dir.path().join("back.bin"), Default::default()).unwrap();
+    c.copy_to_host(&format!("{}/copied.bin", dir.path().display()), &dir.path().join("back.bin"), Default::default())
+        .unwrap();
     let co = mbps(bytes, t.elapsed());
     println!("socketpair: copy_from_host {ci:.0} MB/s, copy_to_host {co:.0} MB/s (tree stream, file to file)");
     json.insert("socketpair_copy_in_mbps".into(), ci.into());
@@ -172,11 +177,17 @@ fn main() {
     if a.qemu {
         let sb = Sandbox::create(SandboxConfig { engine: EngineChoice::Qemu, memory_mib: 1024, ..Default::default() })
             .unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
-        println!("qemu: {} ({}), ready in {:.0} ms", sb.info().engine_detail, sb.info().kernel_release, sb.info().boot_ms);
+        println!(
+            "qemu: {} ({}), ready in {:.0} ms",
+            sb.info().engine_detail,
+            sb.info().kernel_release,
+            sb.info().boot_ms
+        );
         for _ in 0..5 {
             sb.exec_collect(&t_req, None).unwrap();
         }
-        let mut pings: Vec<f64> = (0..200).map(|_| sb.ping(Duration::from_secs(5)).unwrap().as_secs_f64() * 1e6).collect();
+        let mut pings: Vec<f64> =
+            (0..200).map(|_| sb.ping(Duration::from_secs(5)).unwrap().as_secs_f64() * 1e6).collect();
         let q_ping = pct(&mut pings, 0.5);
         let mut ex: Vec<f64> = (0..50)
             .map(|_| {
@@ -201,7 +212,10 @@ fn main() {
         sb.copy_to_host("/tmp/in.bin", &d.path().join("out.bin"), Default::default()).unwrap();
         let co = mbps(mib << 20, t.elapsed());
         assert_eq!(std::fs::metadata(d.path().join("out.bin")).unwrap().len(), (mib << 20) as u64);
-        println!("qemu: 256 MiB copy in {ci:.0} MB/s, out {co:.0} MB/s (guest /tmp is tmpfs; accel {})", sb.info().engine_detail);
+        println!(
+            "qemu: 256 MiB copy in {ci:.0} MB/s, out {co:.0} MB/s (guest /tmp is tmpfs; accel {})",
+            sb.info().engine_detail
+        );
         json.insert("qemu_copy_in_256mib_mbps".into(), ci.into());
         json.insert("qemu_copy_out_256mib_mbps".into(), co.into());
         json.insert("qemu_engine".into(), sb.info().engine_detail.clone().into());

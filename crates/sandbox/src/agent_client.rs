@@ -58,7 +58,9 @@ impl Closed {
     fn error(&self) -> SandboxError {
         match self {
             Closed::Eof => SandboxError::ChannelClosed("the agent's end hung up".into()),
-            Closed::EofInFrame(n) => SandboxError::ChannelClosed(format!("the agent's end hung up inside a frame, {n} bytes into it")),
+            Closed::EofInFrame(n) => {
+                SandboxError::ChannelClosed(format!("the agent's end hung up inside a frame, {n} bytes into it"))
+            }
             Closed::Protocol(m) => SandboxError::Protocol(m.clone()),
             Closed::Io(m) => SandboxError::ChannelClosed(format!("read error: {m}")),
             Closed::Local => SandboxError::ChannelClosed("closed by the host".into()),
@@ -340,7 +342,8 @@ impl Pending {
 
     /// The next frame, or `E_AGENT_TIMEOUT` after `timeout`.
     pub fn wait(&self, timeout: Duration) -> Result<Frame> {
-        self.wait_timeout(timeout)?.ok_or(SandboxError::AgentTimeout { request: self.what, timeout_ms: timeout.as_millis() as u64 })
+        self.wait_timeout(timeout)?
+            .ok_or(SandboxError::AgentTimeout { request: self.what, timeout_ms: timeout.as_millis() as u64 })
     }
 
     /// The next frame, if one is queued.
@@ -475,7 +478,13 @@ impl AgentClient {
             let v: libc::c_int = 2 << 20;
             // SAFETY: setsockopt with a pointer to a live int of the right size.
             unsafe {
-                libc::setsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, opt, (&v as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as u32);
+                libc::setsockopt(
+                    stream.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as u32,
+                );
             }
         }
         let read_half = stream.try_clone().map_err(io_err)?;
@@ -690,13 +699,7 @@ mod tests {
 
     fn pair() -> (AgentClient, Fake) {
         let (a, b) = UnixStream::pair().unwrap();
-        (
-            AgentClient::new(a).unwrap(),
-            Fake {
-                stream: b,
-                decoder: Decoder::new(),
-            },
-        )
+        (AgentClient::new(a).unwrap(), Fake { stream: b, decoder: Decoder::new() })
     }
 
     fn ready() -> Ready {
@@ -749,20 +752,14 @@ mod tests {
         assert_eq!(e.code(), "E_CHANNEL_CLOSED", "{e}");
         assert!(t.elapsed() < Duration::from_secs(2));
         // Later requests fail at once too.
-        assert_eq!(
-            client.send(Message::Ping(1)).err().unwrap().code(),
-            "E_CHANNEL_CLOSED"
-        );
+        assert_eq!(client.send(Message::Ping(1)).err().unwrap().code(), "E_CHANNEL_CLOSED");
     }
 
     #[test]
     fn garbage_is_a_protocol_error_at_once() {
         let (client, mut agent) = pair();
         let pending = client.hello().unwrap();
-        agent
-            .stream
-            .write_all(b"Linux version 6.1 garbage")
-            .unwrap();
+        agent.stream.write_all(b"Linux version 6.1 garbage").unwrap();
         let e = pending.wait(Duration::from_secs(30)).unwrap_err();
         assert_eq!(e.code(), "E_PROTOCOL");
         assert!(e.to_string().contains("magic"), "{e}");
@@ -787,12 +784,7 @@ mod tests {
         let (client, mut agent) = pair();
         let pending = client.hello().unwrap();
         // A Ready header with a payload that does not decode.
-        let header = protocol::Header {
-            flags: 0,
-            kind: protocol::kind::READY,
-            id: 0,
-            len: 3,
-        };
+        let header = protocol::Header { flags: 0, kind: protocol::kind::READY, id: 0, len: 3 };
         agent.stream.write_all(&header.to_bytes()).unwrap();
         agent.stream.write_all(&[0xff, 0xff, 0xff]).unwrap();
         let e = pending.wait(Duration::from_secs(30)).unwrap_err();
@@ -803,10 +795,7 @@ mod tests {
         let p = client.send(Message::Ping(5)).unwrap();
         let f = agent.recv().unwrap();
         agent.send(Frame::new(f.id, Message::Pong(5)));
-        assert_eq!(
-            p.wait(Duration::from_secs(5)).unwrap().msg,
-            Message::Pong(5)
-        );
+        assert_eq!(p.wait(Duration::from_secs(5)).unwrap().msg, Message::Pong(5));
     }
 
     #[test]
@@ -814,17 +803,9 @@ mod tests {
         let (client, mut agent) = pair();
         let pending = client.hello().unwrap();
         agent.send(Frame::new(0, Message::Pong(1)));
-        assert_eq!(
-            ready_from(pending.wait(Duration::from_secs(5)).unwrap())
-                .unwrap_err()
-                .code(),
-            "E_PROTOCOL"
-        );
+        assert_eq!(ready_from(pending.wait(Duration::from_secs(5)).unwrap()).unwrap_err().code(), "E_PROTOCOL");
         let pending = client.hello().unwrap();
-        agent.send(Frame::new(
-            0,
-            Message::error(ErrorCode::VERSION, 0, "no common version"),
-        ));
+        agent.send(Frame::new(0, Message::error(ErrorCode::VERSION, 0, "no common version")));
         let e = ready_from(pending.wait(Duration::from_secs(5)).unwrap()).unwrap_err();
         assert!(e.to_string().contains("no common version"), "{e}");
     }
@@ -840,17 +821,10 @@ mod tests {
             // Answer in reverse order; the Poweroff with an error.
             agent.send(Frame::new(
                 c.id,
-                Message::Error(ErrorMsg {
-                    code: ErrorCode::IO,
-                    errno: 5,
-                    message: "disk".into(),
-                    path: None,
-                }),
+                Message::Error(ErrorMsg { code: ErrorCode::IO, errno: 5, message: "disk".into(), path: None }),
             ));
             for f in [b, a] {
-                let Message::Ping(n) = f.msg else {
-                    panic!("{f:?}")
-                };
+                let Message::Ping(n) = f.msg else { panic!("{f:?}") };
                 agent.send(Frame::new(f.id, Message::Pong(n)));
             }
             agent
@@ -876,10 +850,7 @@ mod tests {
         let (client, _agent) = pair();
         let pending = client.hello().unwrap();
         client.close();
-        assert_eq!(
-            pending.wait(Duration::from_secs(5)).unwrap_err().code(),
-            "E_CHANNEL_CLOSED"
-        );
+        assert_eq!(pending.wait(Duration::from_secs(5)).unwrap_err().code(), "E_CHANNEL_CLOSED");
         drop(pending);
         let t = Instant::now();
         drop(client); // joins the reader

@@ -98,10 +98,7 @@ impl Shared {
             s.flush_file();
             s.file = None;
             self.readable.notify_all();
-            s.queue
-                .as_mut()
-                .map(|q| std::mem::take(&mut q.wakers))
-                .unwrap_or_default()
+            s.queue.as_mut().map(|q| std::mem::take(&mut q.wakers)).unwrap_or_default()
         };
         wakers.into_iter().for_each(Waker::wake);
     }
@@ -135,22 +132,10 @@ pub fn channel(options: &ConsoleOptions) -> io::Result<(ConsoleSink, ConsoleHand
         wakers: Vec::new(),
     });
     let shared = Arc::new(Shared {
-        state: Mutex::new(State {
-            file,
-            file_buf: Vec::new(),
-            file_error: None,
-            queue,
-            total: 0,
-            closed: false,
-        }),
+        state: Mutex::new(State { file, file_buf: Vec::new(), file_error: None, queue, total: 0, closed: false }),
         readable: Condvar::new(),
     });
-    Ok((
-        ConsoleSink {
-            shared: shared.clone(),
-        },
-        ConsoleHandle { shared },
-    ))
+    Ok((ConsoleSink { shared: shared.clone() }, ConsoleHandle { shared }))
 }
 
 /// The VMM's end: `impl Write + Send`. Dropping it ends the stream.
@@ -231,9 +216,7 @@ impl ConsoleHandle {
 
     /// A reader of the queue, when the console has one.
     pub fn reader(&self) -> Option<ConsoleReader> {
-        self.shared.lock().queue.as_ref().map(|_| ConsoleReader {
-            shared: self.shared.clone(),
-        })
+        self.shared.lock().queue.as_ref().map(|_| ConsoleReader { shared: self.shared.clone() })
     }
 
     pub fn stats(&self) -> ConsoleStats {
@@ -267,13 +250,7 @@ impl ConsoleReader {
             match take(&mut s, max) {
                 TryRead::Data(d) => return Some(d),
                 TryRead::End => return None,
-                TryRead::Empty => {
-                    s = self
-                        .shared
-                        .readable
-                        .wait(s)
-                        .unwrap_or_else(|e| e.into_inner())
-                }
+                TryRead::Empty => s = self.shared.readable.wait(s).unwrap_or_else(|e| e.into_inner()),
             }
         }
     }
@@ -281,10 +258,7 @@ impl ConsoleReader {
     /// Resolves with the next bytes (up to `max`), or `None` at the end of the stream.
     /// Runtime-agnostic: the VMM's writes wake the task.
     pub fn read(&self, max: usize) -> ReadFuture {
-        ReadFuture {
-            shared: self.shared.clone(),
-            max,
-        }
+        ReadFuture { shared: self.shared.clone(), max }
     }
 
     /// Bytes dropped so far because this reader fell behind.
@@ -339,11 +313,7 @@ mod tests {
     use std::time::Duration;
 
     fn queue_only(capacity: usize) -> (ConsoleSink, ConsoleHandle, ConsoleReader) {
-        let (sink, handle) = channel(&ConsoleOptions {
-            file: None,
-            queue_capacity: Some(capacity),
-        })
-        .unwrap();
+        let (sink, handle) = channel(&ConsoleOptions { file: None, queue_capacity: Some(capacity) }).unwrap();
         let reader = handle.reader().unwrap();
         (sink, handle, reader)
     }
@@ -353,10 +323,7 @@ mod tests {
         let (mut sink, handle, reader) = queue_only(1024);
         sink.write_all(b"hello ").unwrap();
         sink.write_all(b"world\n").unwrap();
-        assert_eq!(
-            reader.try_read(1024),
-            TryRead::Data(b"hello world\n".to_vec())
-        );
+        assert_eq!(reader.try_read(1024), TryRead::Data(b"hello world\n".to_vec()));
         assert_eq!(reader.try_read(1024), TryRead::Empty);
         sink.write_all(b"abc").unwrap();
         assert_eq!(reader.try_read(2), TryRead::Data(b"ab".to_vec()));
@@ -402,29 +369,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("console.log");
         std::fs::write(&path, b"old content that must go away").unwrap();
-        let (mut sink, handle) = channel(&ConsoleOptions {
-            file: Some(path.clone()),
-            queue_capacity: Some(4),
-        })
-        .unwrap();
+        let (mut sink, handle) =
+            channel(&ConsoleOptions { file: Some(path.clone()), queue_capacity: Some(4) }).unwrap();
         for b in b"line one\nline two\npartial" {
             sink.write_all(&[*b]).unwrap();
             sink.flush().unwrap();
         }
-        assert_eq!(
-            std::fs::read(&path).unwrap(),
-            b"line one\nline two\n",
-            "written at each newline"
-        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"line one\nline two\n", "written at each newline");
         handle.close();
-        assert_eq!(
-            std::fs::read(&path).unwrap(),
-            b"line one\nline two\npartial"
-        );
-        assert_eq!(
-            handle.reader().unwrap().try_read(100),
-            TryRead::Data(b"tial".to_vec())
-        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"line one\nline two\npartial");
+        assert_eq!(handle.reader().unwrap().try_read(100), TryRead::Data(b"tial".to_vec()));
         assert_eq!(handle.stats().file_error, None);
     }
 
@@ -432,11 +386,7 @@ mod tests {
     fn big_writes_reach_the_file_without_a_newline() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("console.log");
-        let (mut sink, _handle) = channel(&ConsoleOptions {
-            file: Some(path.clone()),
-            queue_capacity: None,
-        })
-        .unwrap();
+        let (mut sink, _handle) = channel(&ConsoleOptions { file: Some(path.clone()), queue_capacity: None }).unwrap();
         sink.write_all(&vec![b'x'; FILE_BUFFER]).unwrap();
         assert_eq!(std::fs::read(&path).unwrap().len(), FILE_BUFFER);
         drop(sink); // dropping the sink ends the stream too
@@ -445,28 +395,19 @@ mod tests {
 
     #[test]
     fn an_unwritable_file_is_an_error_at_creation() {
-        let e = channel(&ConsoleOptions {
-            file: Some("/nonexistent-dir/c.log".into()),
-            queue_capacity: None,
-        });
+        let e = channel(&ConsoleOptions { file: Some("/nonexistent-dir/c.log".into()), queue_capacity: None });
         assert!(e.is_err());
     }
 
     #[test]
     fn a_failing_file_is_given_up_and_the_guest_keeps_going() {
-        let (mut sink, handle) = channel(&ConsoleOptions {
-            file: Some("/dev/full".into()),
-            queue_capacity: Some(64),
-        })
-        .unwrap();
+        let (mut sink, handle) =
+            channel(&ConsoleOptions { file: Some("/dev/full".into()), queue_capacity: Some(64) }).unwrap();
         sink.write_all(b"a\n").unwrap();
         sink.write_all(b"b\n").unwrap();
         let stats = handle.stats();
         assert!(stats.file_error.is_some(), "{stats:?}");
-        assert_eq!(
-            handle.reader().unwrap().try_read(64),
-            TryRead::Data(b"a\nb\n".to_vec())
-        );
+        assert_eq!(handle.reader().unwrap().try_read(64), TryRead::Data(b"a\nb\n".to_vec()));
     }
 
     #[test]
@@ -518,10 +459,7 @@ mod tests {
         assert!(Pin::new(&mut fut).poll(&mut cx).is_pending()); // registered once
         sink.write_all(b"hi").unwrap();
         assert_eq!(counter.0.load(Ordering::SeqCst), 1);
-        assert_eq!(
-            Pin::new(&mut fut).poll(&mut cx),
-            Poll::Ready(Some(b"hi".to_vec()))
-        );
+        assert_eq!(Pin::new(&mut fut).poll(&mut cx), Poll::Ready(Some(b"hi".to_vec())));
         let mut fut = reader.read(100);
         assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
         handle.close();

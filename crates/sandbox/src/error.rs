@@ -32,26 +32,15 @@ pub enum ConfigError {
 
     /// A required option is missing.
     #[error("{what} is required: {hint}")]
-    Missing {
-        what: &'static str,
-        hint: &'static str,
-    },
+    Missing { what: &'static str, hint: &'static str },
 
     /// A host path does not exist.
     #[error("{what} {path:?} does not exist on the host: fix the path (relative paths are resolved against the current directory {cwd:?})")]
-    PathNotFound {
-        what: String,
-        path: String,
-        cwd: String,
-    },
+    PathNotFound { what: String, path: String, cwd: String },
 
     /// A host path exists but is the wrong kind of file.
     #[error("{what} {path:?} is not {expected}: give the path of {expected}")]
-    PathKind {
-        what: String,
-        path: String,
-        expected: &'static str,
-    },
+    PathKind { what: String, path: String, expected: &'static str },
 
     /// A string that must be printable ASCII is not (exec path, args, working directory, host paths).
     #[error("{what} {value:?} contains characters that are not allowed: use printable ASCII only (0x20 space to 0x7e '~'; no NUL, newline, tab, other control characters or non-ASCII)")]
@@ -59,11 +48,7 @@ pub enum ConfigError {
 
     /// A guest path is relative or leaves the root.
     #[error("{what} {path:?} is not a usable guest path: {reason}")]
-    GuestPath {
-        what: String,
-        path: String,
-        reason: &'static str,
-    },
+    GuestPath { what: String, path: String, reason: &'static str },
 
     /// Two mapped directories would be mounted at the same place or one inside the other.
     #[error("mappedDirs: guest paths {first:?} and {second:?} conflict (the same path, or one inside the other, after normalisation): mount each directory at its own, separate guest path")]
@@ -71,11 +56,7 @@ pub enum ConfigError {
 
     /// A `host:guest` pair has the wrong shape.
     #[error("{what} entry {value:?} is malformed: write {expected}")]
-    Pair {
-        what: &'static str,
-        value: String,
-        expected: &'static str,
-    },
+    Pair { what: &'static str, value: String, expected: &'static str },
 
     /// A port number is out of range or repeated.
     #[error("portMap entry {value:?}: {reason}")]
@@ -200,11 +181,7 @@ pub enum SandboxError {
 
     /// The guest kernel or root disk is not there.
     #[error("{what} {path:?} is missing (not an existing file): {hint}")]
-    GuestImageMissing {
-        what: &'static str,
-        path: PathBuf,
-        hint: String,
-    },
+    GuestImageMissing { what: &'static str, path: PathBuf, hint: String },
 
     /// The QEMU engine was chosen but `qemu-system-x86_64` cannot be found.
     #[error("{0}")]
@@ -232,29 +209,18 @@ pub enum SandboxError {
     Vmm(#[from] vmm::Error),
 
     /// A host file operation failed (per-sandbox directory, root disk clone).
-    #[error(
-        "{what}: {source}; check free space and permissions of the temporary directory (TMPDIR)"
-    )]
-    HostIo {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error("{what}: {source}; check free space and permissions of the temporary directory (TMPDIR)")]
+    HostIo { what: String, source: std::io::Error },
 
     /// The console output file cannot be created.
-    #[error("cannot create consoleOutput file {path:?}: {source}; give a path in a directory this process may write to")]
-    ConsoleOutput {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(
+        "cannot create consoleOutput file {path:?}: {source}; give a path in a directory this process may write to"
+    )]
+    ConsoleOutput { path: PathBuf, source: std::io::Error },
 
     /// The agent did not answer `Hello` within the boot timeout.
     #[error("the guest agent did not become ready within {timeout_ms} ms on engine '{engine}'{accel}: the guest may be stuck before the agent runs (see the console below) or the host is slow (raise bootTimeoutMs). Console tail:\n{console_tail}")]
-    BootTimeout {
-        timeout_ms: u64,
-        engine: &'static str,
-        accel: String,
-        console_tail: String,
-    },
+    BootTimeout { timeout_ms: u64, engine: &'static str, accel: String, console_tail: String },
 
     /// The VM ended before the agent was ready (kernel panic, bad root disk, QEMU error, ...).
     #[error("the VM ended before the guest agent was ready ({exit}): check the kernel, the root disk and the console below. Console tail:\n{console_tail}")]
@@ -266,11 +232,7 @@ pub enum SandboxError {
 
     /// The agent answered a request with an error.
     #[error("the guest agent refused {request}: {message} (agent error code {agent_code})")]
-    Agent {
-        request: &'static str,
-        agent_code: u16,
-        message: String,
-    },
+    Agent { request: &'static str, agent_code: u16, message: String },
 
     /// The control channel is closed (the VM ended or the sandbox was stopped).
     #[error("the control channel to the guest agent is closed ({0}): the sandbox has ended; create a new one")]
@@ -278,22 +240,13 @@ pub enum SandboxError {
 
     /// The agent did not answer a request in time.
     #[error("the guest agent did not answer {request} within {timeout_ms} ms: the guest may be overloaded or stuck; stop or kill the sandbox")]
-    AgentTimeout {
-        request: &'static str,
-        timeout_ms: u64,
-    },
+    AgentTimeout { request: &'static str, timeout_ms: u64 },
 
     /// A guest operation failed with an OS error: the code is the errno's name (`ENOENT`,
     /// `EACCES`, `EISDIR`, `ENOTDIR`, `EEXIST`, `ENOTEMPTY`, ...; see `protocol::errno::ERRNOS`),
     /// with the guest path it concerns.
     #[error("{request} failed in the guest: {message} ({code}{})", path.as_deref().map(|p| format!(", guest path {p}")).unwrap_or_default())]
-    Guest {
-        request: &'static str,
-        code: &'static str,
-        errno: i32,
-        path: Option<String>,
-        message: String,
-    },
+    Guest { request: &'static str, code: &'static str, errno: i32, path: Option<String>, message: String },
 
     /// A request with values that make no sense (empty argv, a relative guest path, an unknown
     /// signal name, ...).
@@ -315,10 +268,7 @@ pub enum SandboxError {
 
     /// No thread could be started.
     #[error("cannot start a thread ({what}): {source}; the process may have hit its thread limit")]
-    Thread {
-        what: &'static str,
-        source: std::io::Error,
-    },
+    Thread { what: &'static str, source: std::io::Error },
 }
 
 impl SandboxError {

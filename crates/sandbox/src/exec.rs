@@ -279,7 +279,10 @@ impl ExecHandle {
             let frame = match self.pending.wait_timeout(left)? {
                 Some(f) => f,
                 None if deadline.is_some() => {
-                    return Err(SandboxError::AgentTimeout { request: "Exec output", timeout_ms: timeout.unwrap_or_default().as_millis() as u64 })
+                    return Err(SandboxError::AgentTimeout {
+                        request: "Exec output",
+                        timeout_ms: timeout.unwrap_or_default().as_millis() as u64,
+                    })
                 }
                 None => continue,
             };
@@ -339,10 +342,15 @@ impl ExecHandle {
                     data = rest;
                 }
                 CreditWait::Finished => {
-                    return Err(SandboxError::InvalidArgument("write_stdin: the process has ended (or has no stdin pipe: start it with stdin)".into()))
+                    return Err(SandboxError::InvalidArgument(
+                        "write_stdin: the process has ended (or has no stdin pipe: start it with stdin)".into(),
+                    ))
                 }
                 CreditWait::Timeout => {
-                    return Err(SandboxError::AgentTimeout { request: "Stdin (the process does not read its stdin)", timeout_ms: timeout.as_millis() as u64 })
+                    return Err(SandboxError::AgentTimeout {
+                        request: "Stdin (the process does not read its stdin)",
+                        timeout_ms: timeout.as_millis() as u64,
+                    })
                 }
             }
         }
@@ -362,8 +370,9 @@ impl ExecHandle {
 
     /// Sends a signal (`"SIGTERM"`, `"TERM"`, `"15"`) to the process group.
     pub fn signal(&self, name: &str) -> Result<()> {
-        let sig = protocol::errno::signal_number(name)
-            .ok_or_else(|| SandboxError::InvalidArgument(format!("signal {name:?}: give a name like SIGTERM or a number 1-64")))?;
+        let sig = protocol::errno::signal_number(name).ok_or_else(|| {
+            SandboxError::InvalidArgument(format!("signal {name:?}: give a name like SIGTERM or a number 1-64"))
+        })?;
         self.signal_number(sig)
     }
 

@@ -233,7 +233,10 @@ impl FileWriteStream {
                 Ok(())
             }
             CreditWait::Finished => Err(self.fail_from_queue()),
-            CreditWait::Timeout => Err(SandboxError::AgentTimeout { request: self.pending.what(), timeout_ms: self.timeout.as_millis() as u64 }),
+            CreditWait::Timeout => Err(SandboxError::AgentTimeout {
+                request: self.pending.what(),
+                timeout_ms: self.timeout.as_millis() as u64,
+            }),
         }
     }
 
@@ -358,7 +361,9 @@ impl AgentClient {
         guest_path(path)?;
         let pending = self.send(Message::Watch(protocol::Watch { path: path.into(), recursive }))?;
         match pending.wait(FS_STEP_TIMEOUT)?.msg {
-            Message::WatchEvent(e) if e.kind == protocol::watch_kind::READY => Ok(DirWatch { pending, closed: Default::default() }),
+            Message::WatchEvent(e) if e.kind == protocol::watch_kind::READY => {
+                Ok(DirWatch { pending, closed: Default::default() })
+            }
             Message::Error(e) => Err(agent_error("Watch", e)),
             other => Err(SandboxError::Protocol(format!("expected WatchEvent READY, got {}", other.name()))),
         }
@@ -373,7 +378,15 @@ impl AgentClient {
         guest_path(path)?;
         match self.one_shot(Message::Stat(Stat { path: path.into(), follow }))?.msg {
             Message::StatResult(StatResult { file_type, size, mode, uid, gid, mtime_ns, link_target }) => {
-                Ok(FileStat { file_type: file_type_name(file_type), size, mode: mode & 0o7777, uid, gid, mtime_ns, link_target })
+                Ok(FileStat {
+                    file_type: file_type_name(file_type),
+                    size,
+                    mode: mode & 0o7777,
+                    uid,
+                    gid,
+                    mtime_ns,
+                    link_target,
+                })
             }
             other => Err(SandboxError::Protocol(format!("expected StatResult, got {}", other.name()))),
         }
@@ -397,9 +410,11 @@ impl AgentClient {
             let f = p.wait(FS_STEP_TIMEOUT)?;
             let last = f.is_final();
             match f.msg {
-                Message::DirEntries(d) => out.extend(d.entries.into_iter().map(|DirEntry { name, file_type, size, mode, mtime_ns }| {
-                    DirEntryInfo { name, file_type: file_type_name(file_type), size, mode: mode & 0o7777, mtime_ns }
-                })),
+                Message::DirEntries(d) => {
+                    out.extend(d.entries.into_iter().map(|DirEntry { name, file_type, size, mode, mtime_ns }| {
+                        DirEntryInfo { name, file_type: file_type_name(file_type), size, mode: mode & 0o7777, mtime_ns }
+                    }))
+                }
                 Message::Error(e) => return Err(agent_error("ReadDir", e)),
                 other => return Err(SandboxError::Protocol(format!("expected DirEntries, got {}", other.name()))),
             }
@@ -470,7 +485,12 @@ impl AgentClient {
     /// Opens a guest file for writing (the agent has opened it when this returns).
     pub fn open_write(&self, path: &str, opts: WriteOptions) -> Result<FileWriteStream> {
         guest_path(path)?;
-        let p = self.send(Message::WriteFile(WriteFile { path: path.into(), mode: opts.mode, append: opts.append, parents: opts.parents }))?;
+        let p = self.send(Message::WriteFile(WriteFile {
+            path: path.into(),
+            mode: opts.mode,
+            append: opts.append,
+            parents: opts.parents,
+        }))?;
         FileWriteStream::open(p, FS_STEP_TIMEOUT)
     }
 

@@ -8,23 +8,23 @@ pub mod config;
 pub mod console;
 pub mod engine;
 mod error;
-pub mod limits;
 pub mod exec;
 pub mod fs;
+pub mod limits;
 pub mod sandbox;
 pub mod vm;
 pub mod workload;
 
 pub use config::MicroVmConfig;
-pub use error::{ConfigError, Result, SandboxError};
-pub use vm::{MicroVm, RestoreOptions, StartOptions};
 pub use engine::{EngineChoice, EngineKind, VmExit};
+pub use error::{ConfigError, Result, SandboxError};
 pub use exec::{ExecEvent, ExecExit, ExecHandle, ExecOutput, ExecRequest};
-pub use workload::{Workload, WorkloadStatus};
 pub use fs::{CopyStats, CopyToHostOptions, DirEntryInfo, FileReadStream, FileStat, FileWriteStream, WriteOptions};
 pub use sandbox::{validate_sandbox_config_json, ReadyInfo, Sandbox, SandboxConfig, SandboxRestoreOptions};
+pub use vm::{MicroVm, RestoreOptions, StartOptions};
 pub use vmm::VmShell;
 pub use vmm::{ExitReason, LoadedSnapshot, Timings};
+pub use workload::{Workload, WorkloadStatus};
 
 /// Parses and validates a configuration given as JSON and returns it normalised (defaults
 /// filled in, empty options left out): the JSON that `MicroVm.builder().build()` returns.

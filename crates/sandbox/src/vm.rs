@@ -112,20 +112,17 @@ impl MicroVm {
         vm_config.track_dirty_pages = options.track_dirty_pages;
         let console = ConsoleOptions {
             file: config.console_output.clone(),
-            queue_capacity: options.console_stream.then(|| {
-                options
-                    .console_queue_bytes
-                    .unwrap_or(console::DEFAULT_QUEUE_CAPACITY)
-            }),
+            queue_capacity: options
+                .console_stream
+                .then(|| options.console_queue_bytes.unwrap_or(console::DEFAULT_QUEUE_CAPACITY)),
         };
         if config.exec_path.is_none() {
             return Self::launch(&console, |sink| vmm::Vm::start(&vm_config, sink));
         }
         let status = Arc::new(Mutex::new(None));
         let s = status.clone();
-        let mut vm = Self::launch(&console, move |sink| {
-            vmm::Vm::start(&vm_config, Box::new(StatusScanner::new(sink, s)))
-        })?;
+        let mut vm =
+            Self::launch(&console, move |sink| vmm::Vm::start(&vm_config, Box::new(StatusScanner::new(sink, s))))?;
         vm.workload = Some(status);
         Ok(vm)
     }
@@ -143,22 +140,16 @@ impl MicroVm {
     /// earlier by [`LoadedSnapshot::shell`]) or into one made now. Returns once the vCPUs run;
     /// [`Self::timings`] then counts from the restore (`first_exit_ns`: the first guest exit
     /// after it).
-    pub fn restore(
-        snapshot: &LoadedSnapshot,
-        shell: Option<VmShell>,
-        options: &RestoreOptions,
-    ) -> Result<MicroVm> {
+    pub fn restore(snapshot: &LoadedSnapshot, shell: Option<VmShell>, options: &RestoreOptions) -> Result<MicroVm> {
         // The config's check (E_CONFIG_CONSOLE), before File::create (which a FIFO would block).
         if let Some(problem) = options.console_output.as_deref().and_then(crate::config::console_file_problem) {
             return Err(ConfigError::Console(problem).into());
         }
         let console = ConsoleOptions {
             file: options.console_output.clone(),
-            queue_capacity: options.console_stream.then(|| {
-                options
-                    .console_queue_bytes
-                    .unwrap_or(console::DEFAULT_QUEUE_CAPACITY)
-            }),
+            queue_capacity: options
+                .console_stream
+                .then(|| options.console_queue_bytes.unwrap_or(console::DEFAULT_QUEUE_CAPACITY)),
         };
         Self::launch(&console, |sink| match shell {
             Some(shell) => vmm::Vm::restore_in(shell, snapshot, sink, Default::default()),
@@ -171,11 +162,10 @@ impl MicroVm {
         console_options: &ConsoleOptions,
         boot: impl FnOnce(Box<dyn Write + Send>) -> vmm::Result<vmm::Vm>,
     ) -> Result<MicroVm> {
-        let (sink, console) =
-            console::channel(console_options).map_err(|source| SandboxError::ConsoleOutput {
-                path: console_options.file.clone().unwrap_or_default(),
-                source,
-            })?;
+        let (sink, console) = console::channel(console_options).map_err(|source| SandboxError::ConsoleOutput {
+            path: console_options.file.clone().unwrap_or_default(),
+            source,
+        })?;
         let reader = console.reader();
         let vm = match boot(Box::new(sink)) {
             Ok(vm) => Arc::new(vm),
@@ -188,23 +178,20 @@ impl MicroVm {
         let slot = Arc::new(Mutex::new(Slot::Running(vm.clone())));
 
         let watcher = {
-            let (vm, exit, console, slot) =
-                (vm.clone(), exit.clone(), console.clone(), slot.clone());
-            std::thread::Builder::new()
-                .name("microcell-wait".into())
-                .spawn(move || {
-                    let reason = vm.wait();
-                    console.close();
-                    // Let go of the VM now: its memory is freed once nobody uses it (a snapshot
-                    // or pause still running holds it until it returns).
-                    let timings = vm.timings();
-                    let held = std::mem::replace(&mut *lock(&slot), Slot::Ended(timings));
-                    drop(held);
-                    exit.set(reason);
-                    // The last reference may be this one: tearing a VM down takes milliseconds,
-                    // and this thread is the right place for it.
-                    drop(vm);
-                })
+            let (vm, exit, console, slot) = (vm.clone(), exit.clone(), console.clone(), slot.clone());
+            std::thread::Builder::new().name("microcell-wait".into()).spawn(move || {
+                let reason = vm.wait();
+                console.close();
+                // Let go of the VM now: its memory is freed once nobody uses it (a snapshot
+                // or pause still running holds it until it returns).
+                let timings = vm.timings();
+                let held = std::mem::replace(&mut *lock(&slot), Slot::Ended(timings));
+                drop(held);
+                exit.set(reason);
+                // The last reference may be this one: tearing a VM down takes milliseconds,
+                // and this thread is the right place for it.
+                drop(vm);
+            })
         };
         if let Err(e) = watcher {
             vm.kill();
@@ -212,13 +199,7 @@ impl MicroVm {
             console.close();
             return Err(SandboxError::thread("the one that waits for the VM")(e));
         }
-        Ok(MicroVm {
-            slot,
-            exit,
-            console,
-            reader,
-            workload: None,
-        })
+        Ok(MicroVm { slot, exit, console, reader, workload: None })
     }
 
     /// The VM, while it has not ended.
@@ -231,11 +212,8 @@ impl MicroVm {
 
     /// The VM for an operation that needs it running (`E_VM_STATE` once it has ended).
     fn running_for(&self, what: &str) -> Result<Arc<vmm::Vm>> {
-        self.running().ok_or_else(|| {
-            SandboxError::Vmm(vmm::Error::VmState(format!(
-                "the VM has ended: it cannot {what}"
-            )))
-        })
+        self.running()
+            .ok_or_else(|| SandboxError::Vmm(vmm::Error::VmState(format!("the VM has ended: it cannot {what}"))))
     }
 
     /// The exit reason, once the VM has ended (and its console is closed).
@@ -250,9 +228,7 @@ impl MicroVm {
 
     /// Resolves when the VM has ended; needs no thread of its own.
     pub fn wait_async(&self) -> ExitFuture {
-        ExitFuture {
-            slot: self.exit.clone(),
-        }
+        ExitFuture { slot: self.exit.clone() }
     }
 
     /// Asks the VM to end; [`Self::wait`] then returns [`ExitReason::Stopped`] (unless it had
@@ -293,9 +269,7 @@ impl MicroVm {
     /// written. `incremental` needs `track_dirty_pages` and an earlier snapshot of (or restore
     /// into) this VM.
     pub fn snapshot(&self, dir: &Path, incremental: bool) -> Result<u64> {
-        Ok(self
-            .running_for("be snapshotted")?
-            .snapshot(dir, incremental)?)
+        Ok(self.running_for("be snapshotted")?.snapshot(dir, incremental)?)
     }
 
     /// The reader of the console queue, when started with `console_stream`.

@@ -26,12 +26,13 @@ use serde::Serialize;
 
 use crate::agent_client::{agent_error, ready_from, AgentClient};
 pub use crate::config::workload_spec::{
-    check_spec, cmdline_with_spec, cmdline_word, spec_from_microvm_config, spec_from_parts, MAX_SPEC_BYTES, MAX_SPEC_WORD,
+    check_spec, cmdline_with_spec, cmdline_word, spec_from_microvm_config, spec_from_parts, MAX_SPEC_BYTES,
+    MAX_SPEC_WORD,
 };
 use crate::console::ConsoleReader;
 use crate::engine::{self, Engine, EngineSelection, RunningVm, VmExit};
-use crate::sandbox::snapshot::{io, refuse_volumes, SnapshotInfo, SnapshotMeta};
 use crate::error::{Result, SandboxError};
+use crate::sandbox::snapshot::{io, refuse_volumes, SnapshotInfo, SnapshotMeta};
 use crate::sandbox::SandboxConfig;
 
 /// How long the VM may take to end after the agent reported the status.
@@ -196,12 +197,23 @@ impl Workload {
     }
 
     /// [`Workload::start`] on a given engine.
-    pub fn start_on(spec: &WorkloadSpec, config: SandboxConfig, engine: &dyn Engine, selection: EngineSelection) -> Result<Workload> {
+    pub fn start_on(
+        spec: &WorkloadSpec,
+        config: SandboxConfig,
+        engine: &dyn Engine,
+        selection: EngineSelection,
+    ) -> Result<Workload> {
         let config = config.validate()?;
         let images = config.guest_images()?;
         check_spec(spec)?;
         let program = spec.argv[0].clone();
-        let meta = SnapshotMeta { config, engine: selection.kind, kernel: images.kernel, rootfs: images.rootfs, workload: Some(program) };
+        let meta = SnapshotMeta {
+            config,
+            engine: selection.kind,
+            kernel: images.kernel,
+            rootfs: images.rootfs,
+            workload: Some(program),
+        };
         let boot = meta.boot_spec(meta.config.console_output.clone());
         tracing::info!(engine = %selection.kind, argv0 = %spec.argv[0], "booting a workload VM");
         let vm: Arc<dyn RunningVm> = Arc::from(engine.boot(&boot)?);
@@ -253,7 +265,12 @@ impl Workload {
 
     /// The watcher thread of a booted VM (which it sends `spec` to) or a restored one: the status
     /// over the channel, else from the console.
-    fn spawn_watcher(vm: Arc<dyn RunningVm>, meta: SnapshotMeta, selection: EngineSelection, spec: Option<WorkloadSpec>) -> Result<Workload> {
+    fn spawn_watcher(
+        vm: Arc<dyn RunningVm>,
+        meta: SnapshotMeta,
+        selection: EngineSelection,
+        spec: Option<WorkloadSpec>,
+    ) -> Result<Workload> {
         let slot = Arc::new(Slot::default());
         let agent = Arc::new(AgentSlot::default());
         let timeout = Duration::from_millis(u64::from(meta.config.boot_timeout_ms));
@@ -428,7 +445,10 @@ fn watch(vm: &dyn RunningVm, agent: &AgentSlot, boot_timeout: Duration, spec: Op
         Err(why) => match WorkloadStatus::from_console(&vm.console_tail()) {
             Some(status) => Ok(status),
             None => {
-                let e = SandboxError::AgentExited { exit: exit.to_string(), console_tail: format!("({why})\n{}", vm.console_tail()) };
+                let e = SandboxError::AgentExited {
+                    exit: exit.to_string(),
+                    console_tail: format!("({why})\n{}", vm.console_tail()),
+                };
                 Err((e.code(), e.to_string()))
             }
         },

@@ -63,7 +63,8 @@ fn recv_frame(s: &mut UnixStream, ethertype: u16) -> Vec<u8> {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     loop {
         let mut len = [0u8; 4];
-        s.read_exact(&mut len).unwrap_or_else(|e| panic!("a frame of type {ethertype:#06x} from passt within 5 s: {e}"));
+        s.read_exact(&mut len)
+            .unwrap_or_else(|e| panic!("a frame of type {ethertype:#06x} from passt within 5 s: {e}"));
         let mut f = vec![0u8; u32::from_be_bytes(len) as usize];
         s.read_exact(&mut f).unwrap();
         if f.len() >= 14 && u16::from_be_bytes([f[12], f[13]]) == ethertype {
@@ -112,7 +113,8 @@ fn passt_answers_for_the_gateway_and_carries_udp_to_the_hosts_loopback() {
     let (mut ours, theirs) = UnixStream::pair().unwrap();
     let dir = run_dir();
     let t = Instant::now();
-    let _passt = Passt::start(theirs, &NetSpec { outbound: true, ..Default::default() }, dir.path(), EngineKind::Kvm).expect("passt starts");
+    let _passt = Passt::start(theirs, &NetSpec { outbound: true, ..Default::default() }, dir.path(), EngineKind::Kvm)
+        .expect("passt starts");
     say(&format!("passt ready in {} ms", t.elapsed().as_millis()));
     let mac = passt::GUEST_MAC;
     send_frame(&mut ours, &arp_request(mac));
@@ -135,9 +137,18 @@ fn a_taken_host_port_is_a_coded_error_that_names_it() {
     let port = taken.local_addr().unwrap().port();
     let (_ours, theirs) = UnixStream::pair().unwrap();
     let dir = run_dir();
-    let err = Passt::start(theirs, &NetSpec { outbound: true, ports: vec![PortForward { host: port, guest: 80, udp: false }], ..Default::default() }, dir.path(), EngineKind::Kvm)
-        .err()
-        .expect("refused");
+    let err = Passt::start(
+        theirs,
+        &NetSpec {
+            outbound: true,
+            ports: vec![PortForward { host: port, guest: 80, udp: false }],
+            ..Default::default()
+        },
+        dir.path(),
+        EngineKind::Kvm,
+    )
+    .err()
+    .expect("refused");
     assert_eq!(err.code(), "E_ENGINE_START");
     assert!(err.to_string().contains(&format!("host TCP port {port}")), "{err}");
 }
@@ -152,14 +163,16 @@ fn passt_goes_when_dropped_and_when_the_vm_end_closes() {
     };
     let dir = run_dir();
     let (_ours, theirs) = UnixStream::pair().unwrap();
-    let p = Passt::start(theirs, &NetSpec { outbound: true, ..Default::default() }, dir.path(), EngineKind::Kvm).unwrap();
+    let p =
+        Passt::start(theirs, &NetSpec { outbound: true, ..Default::default() }, dir.path(), EngineKind::Kvm).unwrap();
     let pid = p.pid();
     assert!(runs(pid));
     drop(p);
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "killed and reaped on drop");
 
     let (ours, theirs) = UnixStream::pair().unwrap();
-    let p = Passt::start(theirs, &NetSpec { outbound: true, ..Default::default() }, dir.path(), EngineKind::Kvm).unwrap();
+    let p =
+        Passt::start(theirs, &NetSpec { outbound: true, ..Default::default() }, dir.path(), EngineKind::Kvm).unwrap();
     let pid = p.pid();
     drop(ours); // the VM's end: the VM has gone
     let t = Instant::now();
@@ -211,7 +224,8 @@ fn run_net_guest(net: impl Fn(u16) -> NetSpec, reply: bool) -> (testguest::Repor
     let t = Instant::now();
     let vm = vmm::Vm::start(&config, Box::new(console.clone())).expect("VM starts");
     let dir = run_dir();
-    let _passt = Passt::start(vm.take_network().expect("a network socket"), &net, dir.path(), EngineKind::Kvm).expect("passt starts");
+    let _passt = Passt::start(vm.take_network().expect("a network socket"), &net, dir.path(), EngineKind::Kvm)
+        .expect("passt starts");
     let reason = vm.wait_timeout(Duration::from_secs(60)).unwrap_or_else(|| {
         vm.kill();
         panic!("guest did not end within 60 s; console:\n{}", String::from_utf8_lossy(&console.0.lock().unwrap()))
@@ -293,7 +307,8 @@ fn a_restored_vm_announces_the_guests_mac_to_its_new_network() {
     vm.snapshot(dir.path(), false).expect("snapshot");
     vm.kill();
     let snapshot = vmm::LoadedSnapshot::load(dir.path()).unwrap();
-    let clone = vmm::Vm::restore(&snapshot, Box::new(Capture::default()), vmm::RestoreOptions::default()).expect("restore");
+    let clone =
+        vmm::Vm::restore(&snapshot, Box::new(Capture::default()), vmm::RestoreOptions::default()).expect("restore");
     let mut stream = clone.take_network().expect("a new network socket");
     let first = recv_frame(&mut stream, 0x8035);
     assert_eq!(&first[6..12], &passt::GUEST_MAC, "a RARP announce from the guest's MAC");

@@ -61,10 +61,7 @@ fn t2_missing_qemu_is_a_coded_error() {
     std::env::remove_var("MICROCELL_QEMU");
     let e = e.expect("no sandbox without QEMU");
     assert_eq!(e.code(), "E_QEMU_NOT_FOUND", "{e}");
-    assert!(
-        e.to_string().contains("apt-get install qemu-system-x86"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("apt-get install qemu-system-x86"), "{e}");
 }
 
 /// Environment variable that turns `t2_helper_create_and_hang` on.
@@ -79,16 +76,10 @@ fn t2_helper_create_and_hang() {
     }
     // Created on a thread that ends at once: QEMU must survive that (it is tied to the
     // process, not to the creating thread).
-    let sb = std::thread::spawn(|| Sandbox::create(config(ENGINE)).unwrap())
-        .join()
-        .unwrap();
+    let sb = std::thread::spawn(|| Sandbox::create(config(ENGINE)).unwrap()).join().unwrap();
     println!("QEMU_PID={}", sb.info().pid.unwrap());
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        sb.try_wait(),
-        None,
-        "the sandbox outlived the thread that created it"
-    );
+    assert_eq!(sb.try_wait(), None, "the sandbox outlived the thread that created it");
     println!("ALIVE");
     std::thread::sleep(Duration::from_secs(120));
 }
@@ -105,12 +96,7 @@ fn t2_no_orphan_when_the_host_process_dies() {
         }
     }
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "t2_helper_create_and_hang",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", "t2_helper_create_and_hang", "--nocapture", "--test-threads=1"])
         .env(HELPER_ENV, "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -132,26 +118,16 @@ fn t2_no_orphan_when_the_host_process_dies() {
     }
     let qemu_pid = qemu_pid.expect("the helper printed QEMU's pid");
     // SAFETY: signal 0 probes the pid.
-    assert_eq!(
-        unsafe { libc::kill(qemu_pid, 0) },
-        0,
-        "QEMU runs while its host process lives"
-    );
+    assert_eq!(unsafe { libc::kill(qemu_pid, 0) }, 0, "QEMU runs while its host process lives");
     child.0.kill().unwrap(); // SIGKILL: no destructor runs in the helper
     child.0.wait().unwrap();
     let t = Instant::now();
     // SAFETY: as above. (The dead QEMU is reparented and reaped by init or a subreaper.)
     while unsafe { libc::kill(qemu_pid, 0) } == 0 && !is_zombie(qemu_pid) {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "QEMU {qemu_pid} outlived its host process"
-        );
+        assert!(t.elapsed() < Duration::from_secs(5), "QEMU {qemu_pid} outlived its host process");
         std::thread::sleep(Duration::from_millis(10));
     }
-    say(&format!(
-        "host process SIGKILLed -> its QEMU gone in {} ms",
-        t.elapsed().as_millis()
-    ));
+    say(&format!("host process SIGKILLed -> its QEMU gone in {} ms", t.elapsed().as_millis()));
 }
 
 fn is_zombie(pid: i32) -> bool {
@@ -195,7 +171,17 @@ fn t2_watch_reports_changes_in_order() {
             break;
         }
     }
-    let expect = ["create /tmp/w/f", "write /tmp/w/f", "create /tmp/w/sub", "create /tmp/w/sub/g", "write /tmp/w/sub/g", "rename /tmp/w/f", "rename /tmp/w/h", "chmod /tmp/w/h", "remove /tmp/w/h"];
+    let expect = [
+        "create /tmp/w/f",
+        "write /tmp/w/f",
+        "create /tmp/w/sub",
+        "create /tmp/w/sub/g",
+        "write /tmp/w/sub/g",
+        "rename /tmp/w/f",
+        "rename /tmp/w/h",
+        "chmod /tmp/w/h",
+        "remove /tmp/w/h",
+    ];
     let mut at = 0;
     for e in &seen {
         if at < expect.len() && e == expect[at] {

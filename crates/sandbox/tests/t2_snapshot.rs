@@ -34,9 +34,8 @@ fn t2_snapshot_restore_twice() {
     }
     original.ping(Duration::from_secs(5)).expect("the original runs on after its snapshot");
 
-    let clones: Vec<Sandbox> = (0..2)
-        .map(|_| Sandbox::restore(dir.path(), SandboxRestoreOptions::default()).expect("restores"))
-        .collect();
+    let clones: Vec<Sandbox> =
+        (0..2).map(|_| Sandbox::restore(dir.path(), SandboxRestoreOptions::default()).expect("restores")).collect();
     for c in &clones {
         println!("restore took {:.1} ms", c.info().boot_ms);
         assert_eq!(c.info().engine, EngineKind::Qemu);
@@ -108,10 +107,8 @@ fn t2_workload_snapshot_restores_the_program_where_it_was() {
     assert_eq!(clone.engine().kind, EngineKind::Qemu);
     let text = console_until(|| clone.console_tail(), "tick");
     // The clone's program goes on counting from where the snapshot was: its first tick is past 5.
-    let first: u32 = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("tick").and_then(|n| n.parse().ok()))
-        .expect("a tick line");
+    let first: u32 =
+        text.lines().find_map(|l| l.trim().strip_prefix("tick").and_then(|n| n.parse().ok())).expect("a tick line");
     assert!(first > 5, "the clone started over at tick{first}:\n{text}");
     assert!(clone.signal(15).unwrap(), "the clone's agent answers a fresh handshake");
     let st = clone.wait().expect("the clone's status");

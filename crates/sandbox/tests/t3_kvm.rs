@@ -84,10 +84,7 @@ fn engine_kvm_where_linux_cannot_boot_is_e_engine_unavailable() {
         (true, false) => {
             let e = e.unwrap();
             assert_eq!(e.code(), "E_ENGINE_UNAVAILABLE");
-            assert!(
-                e.to_string().contains(&host.reason) && e.to_string().contains("'qemu'"),
-                "{e}"
-            );
+            assert!(e.to_string().contains(&host.reason) && e.to_string().contains("'qemu'"), "{e}");
         }
     }
     // And `auto` says why it picks QEMU.
@@ -125,27 +122,11 @@ fn kvm_engine_runs_a_guest_on_a_private_disk_copy_and_cleans_up() {
     assert!(vm.take_channel().is_some(), "the control channel");
     assert!(vm.take_channel().is_none());
     let dirs = run_dirs();
-    assert_eq!(
-        dirs.len(),
-        1,
-        "one per-VM directory while it runs: {dirs:?}"
-    );
+    assert_eq!(dirs.len(), 1, "one per-VM directory while it runs: {dirs:?}");
     let copy = std::env::temp_dir().join(&dirs[0]).join("rootfs.img");
-    assert_eq!(
-        std::fs::read(&copy).unwrap(),
-        std::fs::read(&disk).unwrap(),
-        "the guest's disk is a copy of the image"
-    );
-    assert_eq!(
-        vm.wait_timeout(Duration::from_secs(10)),
-        Some(VmExit::GuestReset)
-    );
-    assert!(
-        vm.console_tail()
-            .contains("Hello from a microcell test guest"),
-        "{}",
-        vm.console_tail()
-    );
+    assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&disk).unwrap(), "the guest's disk is a copy of the image");
+    assert_eq!(vm.wait_timeout(Duration::from_secs(10)), Some(VmExit::GuestReset));
+    assert!(vm.console_tail().contains("Hello from a microcell test guest"), "{}", vm.console_tail());
     let log = std::fs::read_to_string(dir.path().join("console.log")).unwrap();
     assert!(log.contains("Hello from a microcell test guest"), "{log}");
     drop(vm);
@@ -163,16 +144,9 @@ fn kvm_engine_kill_and_drop_end_a_running_guest() {
     spec.memory_mib = 64;
     let engine = KvmEngine::new();
     let vm = engine.boot(&spec).unwrap();
-    assert_eq!(
-        vm.wait_timeout(Duration::from_millis(200)),
-        None,
-        "spinning"
-    );
+    assert_eq!(vm.wait_timeout(Duration::from_millis(200)), None, "spinning");
     vm.kill();
-    assert_eq!(
-        vm.wait_timeout(Duration::from_secs(5)),
-        Some(VmExit::Killed)
-    );
+    assert_eq!(vm.wait_timeout(Duration::from_secs(5)), Some(VmExit::Killed));
     drop(vm);
     let vm = engine.boot(&spec).unwrap();
     drop(vm); // still running: dropping kills it and removes the disk copy
@@ -180,10 +154,7 @@ fn kvm_engine_kill_and_drop_end_a_running_guest() {
 }
 
 fn kvm_selection() -> EngineSelection {
-    EngineSelection {
-        kind: EngineKind::Kvm,
-        reason: "test".into(),
-    }
+    EngineSelection { kind: EngineKind::Kvm, reason: "test".into() }
 }
 
 #[test]
@@ -199,14 +170,9 @@ fn sandbox_on_kvm_a_guest_that_resets_is_e_agent_exited_with_its_console() {
         ..Default::default()
     };
     let t = Instant::now();
-    let e = Sandbox::create_on(cfg, &KvmEngine::new(), kvm_selection())
-        .err()
-        .expect("no agent in a test guest");
+    let e = Sandbox::create_on(cfg, &KvmEngine::new(), kvm_selection()).err().expect("no agent in a test guest");
     assert_eq!(e.code(), "E_AGENT_EXITED", "{e}");
-    assert!(
-        e.to_string().contains("Hello from a microcell test guest"),
-        "the console tail is in the message: {e}"
-    );
+    assert!(e.to_string().contains("Hello from a microcell test guest"), "the console tail is in the message: {e}");
     assert!(t.elapsed() < Duration::from_secs(5));
     assert_nothing_left("E_AGENT_EXITED on kvm");
 }
@@ -225,18 +191,10 @@ fn sandbox_on_kvm_a_guest_that_never_answers_is_e_boot_timeout() {
         ..Default::default()
     };
     let t = Instant::now();
-    let e = Sandbox::create_on(cfg, &KvmEngine::new(), kvm_selection())
-        .err()
-        .expect("no agent in a test guest");
+    let e = Sandbox::create_on(cfg, &KvmEngine::new(), kvm_selection()).err().expect("no agent in a test guest");
     let took = t.elapsed();
     assert_eq!(e.code(), "E_BOOT_TIMEOUT", "{e}");
-    assert!(
-        e.to_string().contains("TG halt"),
-        "the console tail is in the message: {e}"
-    );
-    assert!(
-        took >= Duration::from_millis(500) && took < Duration::from_millis(1500),
-        "took {took:?}"
-    );
+    assert!(e.to_string().contains("TG halt"), "the console tail is in the message: {e}");
+    assert!(took >= Duration::from_millis(500) && took < Duration::from_millis(1500), "took {took:?}");
     assert_nothing_left("E_BOOT_TIMEOUT on kvm");
 }

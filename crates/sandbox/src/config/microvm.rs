@@ -13,8 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::types::{
-    guest_paths_overlap, normalize_guest_path, validate_printable, EnvPair, Ipv4Subnet,
-    LinuxRlimit, PathPair, PortPair,
+    guest_paths_overlap, normalize_guest_path, validate_printable, EnvPair, Ipv4Subnet, LinuxRlimit, PathPair, PortPair,
 };
 use super::ConfigError;
 
@@ -174,9 +173,7 @@ pub struct HostLimits {
 impl HostLimits {
     /// Reads the host: `MemTotal` from `/proc/meminfo`.
     pub fn detect() -> HostLimits {
-        HostLimits {
-            memory_mib: host_memory_mib(),
-        }
+        HostLimits { memory_mib: host_memory_mib() }
     }
 }
 
@@ -210,20 +207,13 @@ impl MicroVmConfig {
     /// the error code of their option (`E_CONFIG_VCPUS`, `E_CONFIG_MEMORY`); anything else that
     /// does not fit (syntax, unknown option, wrong type) is `E_CONFIG_JSON`.
     pub fn from_json(json: &str) -> Result<MicroVmConfig, ConfigError> {
-        let value: serde_json::Value =
-            serde_json::from_str(json).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let value: serde_json::Value = serde_json::from_str(json).map_err(|e| ConfigError::Json(e.to_string()))?;
         let Some(object) = value.as_object() else {
-            return Err(ConfigError::Json(format!(
-                "expected a JSON object, got {}",
-                json_kind(&value)
-            )));
+            return Err(ConfigError::Json(format!("expected a JSON object, got {}", json_kind(&value))));
         };
         for (key, make) in [
             ("numVcpus", ConfigError::Vcpus as fn(String) -> ConfigError),
-            (
-                "memoryMib",
-                ConfigError::Memory as fn(String) -> ConfigError,
-            ),
+            ("memoryMib", ConfigError::Memory as fn(String) -> ConfigError),
         ] {
             if let Some(v) = object.get(key) {
                 if v.as_u64().is_none_or(|n| n > u32::MAX as u64) {
@@ -259,10 +249,7 @@ impl MicroVmConfig {
         }
         if let Some(host_mib) = host.memory_mib {
             if self.memory_mib as u64 > host_mib {
-                return Err(ConfigError::MemoryAboveHost {
-                    requested: self.memory_mib as u64,
-                    host: host_mib,
-                });
+                return Err(ConfigError::MemoryAboveHost { requested: self.memory_mib as u64, host: host_mib });
             }
         }
 
@@ -318,10 +305,7 @@ impl MicroVmConfig {
         for (i, a) in parsed.mapped_dirs.iter().enumerate() {
             for b in &parsed.mapped_dirs[i + 1..] {
                 if guest_paths_overlap(&a.guest, &b.guest) {
-                    return Err(ConfigError::GuestPathConflict {
-                        first: a.guest.clone(),
-                        second: b.guest.clone(),
-                    });
+                    return Err(ConfigError::GuestPathConflict { first: a.guest.clone(), second: b.guest.clone() });
                 }
             }
         }
@@ -351,7 +335,9 @@ impl MicroVmConfig {
         }
         if let Some(ip) = &self.ip {
             let addr: Ipv4Addr = ip.parse().map_err(|_| {
-                ConfigError::Network(format!("ip {ip:?} is not an IPv4 address: write it as four numbers, e.g. 192.168.1.100"))
+                ConfigError::Network(format!(
+                    "ip {ip:?} is not an IPv4 address: write it as four numbers, e.g. 192.168.1.100"
+                ))
             })?;
             if let Some(subnet) = parsed.subnet {
                 if !subnet.contains(addr) {
@@ -385,10 +371,7 @@ impl MicroVmConfig {
         }
         if let Some(exec) = &self.exec_path {
             if exec.is_empty() {
-                return Err(ConfigError::InvalidString {
-                    what: "execPath (empty)".into(),
-                    value: exec.clone(),
-                });
+                return Err(ConfigError::InvalidString { what: "execPath (empty)".into(), value: exec.clone() });
             }
             validate_printable("execPath", exec)?;
         }
@@ -401,7 +384,9 @@ impl MicroVmConfig {
         // With rootfs.disk the workload boots on a sandbox engine and its spec goes over the
         // control channel (MAX_SPEC_BYTES); booted straight on the VMM it has no channel and
         // goes on the kernel command line (MAX_SPEC_WORD): each is checked against its own.
-        if let Some(spec) = super::workload_spec::spec_from_microvm_config(self).map_err(|e| ConfigError::Cmdline(e.to_string()))? {
+        if let Some(spec) =
+            super::workload_spec::spec_from_microvm_config(self).map_err(|e| ConfigError::Cmdline(e.to_string()))?
+        {
             if disk.is_none() {
                 super::workload_spec::cmdline_word(&spec).map_err(|e| ConfigError::Cmdline(e.to_string()))?;
             }
@@ -429,14 +414,11 @@ impl MicroVmConfig {
                 hint: "a rootfs.disk configuration boots on a sandbox engine, not directly on the VMM: start it with MicroVm.start (which runs it as a workload), or give .kernel(path)",
             });
         }
-        let mut cmdline = self
-            .cmdline
-            .clone()
-            .unwrap_or_else(|| vmm::DEFAULT_CMDLINE.to_string());
+        let mut cmdline = self.cmdline.clone().unwrap_or_else(|| vmm::DEFAULT_CMDLINE.to_string());
         // With `execPath`, the guest's agent finds its workload in `microcell.exec=` (appended
         // to the command line, given or default; see `crate::workload`).
-        if let Some(spec) = super::workload_spec::spec_from_microvm_config(self)
-            .map_err(|e| ConfigError::Cmdline(e.to_string()))?
+        if let Some(spec) =
+            super::workload_spec::spec_from_microvm_config(self).map_err(|e| ConfigError::Cmdline(e.to_string()))?
         {
             cmdline = super::workload_spec::cmdline_with_spec(&cmdline, &spec)
                 .map_err(|e| ConfigError::Cmdline(e.to_string()))?;
@@ -467,47 +449,30 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 }
 
 fn cwd() -> String {
-    std::env::current_dir()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "(unknown)".into())
+    std::env::current_dir().map(|p| p.display().to_string()).unwrap_or_else(|_| "(unknown)".into())
 }
 
 fn path_string(what: &str, path: &Path) -> Result<String, ConfigError> {
     let s = path.to_string_lossy().into_owned();
     if s.is_empty() {
-        return Err(ConfigError::PathNotFound {
-            what: what.into(),
-            path: s,
-            cwd: cwd(),
-        });
+        return Err(ConfigError::PathNotFound { what: what.into(), path: s, cwd: cwd() });
     }
     if s.contains('\0') {
-        return Err(ConfigError::InvalidString {
-            what: what.into(),
-            value: s,
-        });
+        return Err(ConfigError::InvalidString { what: what.into(), value: s });
     }
     Ok(s)
 }
 
 fn metadata(what: &str, path: &Path) -> Result<std::fs::Metadata, ConfigError> {
     let s = path_string(what, path)?;
-    std::fs::metadata(path).map_err(|_| ConfigError::PathNotFound {
-        what: what.into(),
-        path: s,
-        cwd: cwd(),
-    })
+    std::fs::metadata(path).map_err(|_| ConfigError::PathNotFound { what: what.into(), path: s, cwd: cwd() })
 }
 
 fn check_file(what: &str, path: &Path) -> Result<(), ConfigError> {
     if metadata(what, path)?.is_file() {
         Ok(())
     } else {
-        Err(ConfigError::PathKind {
-            what: what.into(),
-            path: path.display().to_string(),
-            expected: "a regular file",
-        })
+        Err(ConfigError::PathKind { what: what.into(), path: path.display().to_string(), expected: "a regular file" })
     }
 }
 
@@ -515,11 +480,7 @@ fn check_dir(what: &str, path: &Path) -> Result<(), ConfigError> {
     if metadata(what, path)?.is_dir() {
         Ok(())
     } else {
-        Err(ConfigError::PathKind {
-            what: what.into(),
-            path: path.display().to_string(),
-            expected: "a directory",
-        })
+        Err(ConfigError::PathKind { what: what.into(), path: path.display().to_string(), expected: "a directory" })
     }
 }
 
@@ -551,12 +512,16 @@ pub fn console_file_problem(path: &Path) -> Option<String> {
                 return Some(format!("{shown} is {kind}: give the path of a regular file (created, or truncated)"));
             }
             let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
-            pseudo(&real).map(|root| format!("{shown} is under {root}, the host's own state: give the path of a regular file elsewhere"))
+            pseudo(&real).map(|root| {
+                format!("{shown} is under {root}, the host's own state: give the path of a regular file elsewhere")
+            })
         }
         Err(_) => {
             let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
             let real = std::fs::canonicalize(parent).ok()?;
-            pseudo(&real).map(|root| format!("{shown} is under {root}, the host's own state: give the path of a regular file elsewhere"))
+            pseudo(&real).map(|root| {
+                format!("{shown} is under {root}, the host's own state: give the path of a regular file elsewhere")
+            })
         }
     }
 }
@@ -621,16 +586,11 @@ mod tests {
             self.path(name).display().to_string()
         }
         fn config(&self) -> MicroVmConfig {
-            MicroVmConfig {
-                kernel: Some(self.path("kernel")),
-                ..Default::default()
-            }
+            MicroVmConfig { kernel: Some(self.path("kernel")), ..Default::default() }
         }
     }
 
-    const HOST: HostLimits = HostLimits {
-        memory_mib: Some(8192),
-    };
+    const HOST: HostLimits = HostLimits { memory_mib: Some(8192) };
 
     fn code(c: &MicroVmConfig) -> &'static str {
         c.validate_with(&HOST).unwrap_err().code()
@@ -648,10 +608,7 @@ mod tests {
             c.to_json(),
             r#"{"logLevel":"off","numVcpus":1,"memoryMib":512,"scope":"group","kernel":"/k","allowUnsupportedHost":false}"#
         );
-        assert_eq!(
-            MicroVmConfig::from_json("{}").unwrap(),
-            MicroVmConfig::default()
-        );
+        assert_eq!(MicroVmConfig::from_json("{}").unwrap(), MicroVmConfig::default());
     }
 
     #[test]
@@ -663,10 +620,7 @@ mod tests {
             "env":["KEY1=VALUE1","KEY2=VALUE2"],"consoleOutput":"/tmp/console.log","kernel":"/k",
             "initrd":"/i","cmdline":"console=ttyS0","allowUnsupportedHost":true}"#;
         let c = MicroVmConfig::from_json(json).unwrap();
-        assert_eq!(
-            c.rootfs,
-            Some(Rootfs::Overlayfs(vec!["/l1".into(), "/l2".into()]))
-        );
+        assert_eq!(c.rootfs, Some(Rootfs::Overlayfs(vec!["/l1".into(), "/l2".into()])));
         assert_eq!(c.log_level, LogLevel::Debug);
         assert_eq!(c.scope, NetworkScope::Public);
         assert_eq!(c.args, ["arg1", "arg2"]);
@@ -696,9 +650,7 @@ mod tests {
             let e = MicroVmConfig::from_json(bad).unwrap_err();
             assert_eq!(e.code(), "E_CONFIG_JSON", "{bad}: {e}");
         }
-        let e = MicroVmConfig::from_json(r#"{"numVcpu":2}"#)
-            .unwrap_err()
-            .to_string();
+        let e = MicroVmConfig::from_json(r#"{"numVcpu":2}"#).unwrap_err().to_string();
         assert!(e.contains("numVcpu"), "{e}");
     }
 
@@ -720,10 +672,7 @@ mod tests {
             rootfs: Some(Rootfs::Native(f.path("a"))),
             num_vcpus: 32,
             memory_mib: 8192,
-            mapped_dirs: vec![
-                format!("{}:/app/./src/", f.s("a")),
-                format!("{}:/data", f.s("b")),
-            ],
+            mapped_dirs: vec![format!("{}:/app/./src/", f.s("a")), format!("{}:/data", f.s("b"))],
             port_map: vec!["8080:80".into(), "3000".into(), "8081:80".into()],
             scope: NetworkScope::Any,
             ip: Some("10.0.0.2".into()),
@@ -753,80 +702,33 @@ mod tests {
     fn vcpus() {
         let f = Fixture::new();
         for n in [0, 33, 255, 1000] {
-            assert_eq!(
-                code(&MicroVmConfig {
-                    num_vcpus: n,
-                    ..f.config()
-                }),
-                "E_CONFIG_VCPUS",
-                "{n}"
-            );
+            assert_eq!(code(&MicroVmConfig { num_vcpus: n, ..f.config() }), "E_CONFIG_VCPUS", "{n}");
         }
         for n in [1, 2, 4, 32] {
-            MicroVmConfig {
-                num_vcpus: n,
-                ..f.config()
-            }
-            .validate_with(&HOST)
-            .unwrap();
+            MicroVmConfig { num_vcpus: n, ..f.config() }.validate_with(&HOST).unwrap();
         }
     }
 
     #[test]
     fn memory() {
         let f = Fixture::new();
-        assert_eq!(
-            code(&MicroVmConfig {
-                memory_mib: 0,
-                ..f.config()
-            }),
-            "E_CONFIG_MEMORY"
-        );
-        let e = MicroVmConfig {
-            memory_mib: 8193,
-            ..f.config()
-        }
-        .validate_with(&HOST)
-        .unwrap_err();
-        assert_eq!(
-            e,
-            ConfigError::MemoryAboveHost {
-                requested: 8193,
-                host: 8192
-            }
-        );
+        assert_eq!(code(&MicroVmConfig { memory_mib: 0, ..f.config() }), "E_CONFIG_MEMORY");
+        let e = MicroVmConfig { memory_mib: 8193, ..f.config() }.validate_with(&HOST).unwrap_err();
+        assert_eq!(e, ConfigError::MemoryAboveHost { requested: 8193, host: 8192 });
         assert!(e.to_string().contains("at most 8192 MiB"), "{e}");
-        MicroVmConfig {
-            memory_mib: 8192,
-            ..f.config()
-        }
-        .validate_with(&HOST)
-        .unwrap();
+        MicroVmConfig { memory_mib: 8192, ..f.config() }.validate_with(&HOST).unwrap();
         // Unknown host memory: no upper check.
-        MicroVmConfig {
-            memory_mib: u32::MAX,
-            ..f.config()
-        }
-        .validate_with(&HostLimits::default())
-        .unwrap();
+        MicroVmConfig { memory_mib: u32::MAX, ..f.config() }.validate_with(&HostLimits::default()).unwrap();
         // The real host check reads /proc/meminfo.
         let host = host_memory_mib().expect("/proc/meminfo has MemTotal");
         assert!(host > 0);
-        let e = MicroVmConfig {
-            memory_mib: (host + 1) as u32,
-            ..f.config()
-        }
-        .validate()
-        .unwrap_err();
+        let e = MicroVmConfig { memory_mib: (host + 1) as u32, ..f.config() }.validate().unwrap_err();
         assert_eq!(e.code(), "E_CONFIG_MEMORY");
     }
 
     #[test]
     fn meminfo_parsing() {
-        assert_eq!(
-            parse_mem_total_mib("MemTotal:       24567808 kB\nMemFree: 1 kB\n"),
-            Some(23992)
-        );
+        assert_eq!(parse_mem_total_mib("MemTotal:       24567808 kB\nMemFree: 1 kB\n"), Some(23992));
         assert_eq!(parse_mem_total_mib("MemFree: 1 kB\n"), None);
         assert_eq!(parse_mem_total_mib("MemTotal: lots kB\n"), None);
     }
@@ -837,102 +739,36 @@ mod tests {
         let e = MicroVmConfig::default().validate_with(&HOST).unwrap_err();
         assert_eq!(e.code(), "E_CONFIG_MISSING");
         assert!(e.to_string().contains("kernel"));
-        assert_eq!(
-            code(&MicroVmConfig {
-                kernel: Some(f.path("nope")),
-                ..f.config()
-            }),
-            "E_CONFIG_PATH_NOT_FOUND"
-        );
-        assert_eq!(
-            code(&MicroVmConfig {
-                kernel: Some(f.path("a")),
-                ..f.config()
-            }),
-            "E_CONFIG_PATH_KIND"
-        );
-        assert_eq!(
-            code(&MicroVmConfig {
-                kernel: Some("".into()),
-                ..f.config()
-            }),
-            "E_CONFIG_PATH_NOT_FOUND"
-        );
-        assert_eq!(
-            code(&MicroVmConfig {
-                initrd: Some(f.path("nope")),
-                ..f.config()
-            }),
-            "E_CONFIG_PATH_NOT_FOUND"
-        );
-        assert_eq!(
-            code(&MicroVmConfig {
-                initrd: Some(f.path("b")),
-                ..f.config()
-            }),
-            "E_CONFIG_PATH_KIND"
-        );
-        let e = MicroVmConfig {
-            kernel: Some(f.path("missing-kernel")),
-            ..f.config()
-        }
-        .validate_with(&HOST)
-        .unwrap_err();
+        assert_eq!(code(&MicroVmConfig { kernel: Some(f.path("nope")), ..f.config() }), "E_CONFIG_PATH_NOT_FOUND");
+        assert_eq!(code(&MicroVmConfig { kernel: Some(f.path("a")), ..f.config() }), "E_CONFIG_PATH_KIND");
+        assert_eq!(code(&MicroVmConfig { kernel: Some("".into()), ..f.config() }), "E_CONFIG_PATH_NOT_FOUND");
+        assert_eq!(code(&MicroVmConfig { initrd: Some(f.path("nope")), ..f.config() }), "E_CONFIG_PATH_NOT_FOUND");
+        assert_eq!(code(&MicroVmConfig { initrd: Some(f.path("b")), ..f.config() }), "E_CONFIG_PATH_KIND");
+        let e =
+            MicroVmConfig { kernel: Some(f.path("missing-kernel")), ..f.config() }.validate_with(&HOST).unwrap_err();
         assert!(e.to_string().contains("missing-kernel"), "{e}");
     }
 
     #[test]
     fn cmdline() {
         let f = Fixture::new();
-        MicroVmConfig {
-            cmdline: Some("x".repeat(MAX_CMDLINE_LEN)),
-            ..f.config()
-        }
-        .validate_with(&HOST)
-        .unwrap();
-        MicroVmConfig {
-            cmdline: Some(String::new()),
-            ..f.config()
-        }
-        .validate_with(&HOST)
-        .unwrap();
-        for bad in [
-            "x".repeat(MAX_CMDLINE_LEN + 1),
-            "a\0b".into(),
-            "a\nb".into(),
-            "é".into(),
-        ] {
-            assert_eq!(
-                code(&MicroVmConfig {
-                    cmdline: Some(bad),
-                    ..f.config()
-                }),
-                "E_CONFIG_CMDLINE"
-            );
+        MicroVmConfig { cmdline: Some("x".repeat(MAX_CMDLINE_LEN)), ..f.config() }.validate_with(&HOST).unwrap();
+        MicroVmConfig { cmdline: Some(String::new()), ..f.config() }.validate_with(&HOST).unwrap();
+        for bad in ["x".repeat(MAX_CMDLINE_LEN + 1), "a\0b".into(), "a\nb".into(), "é".into()] {
+            assert_eq!(code(&MicroVmConfig { cmdline: Some(bad), ..f.config() }), "E_CONFIG_CMDLINE");
         }
     }
 
     #[test]
     fn rootfs() {
         let f = Fixture::new();
-        let native = |p| MicroVmConfig {
-            rootfs: Some(Rootfs::Native(p)),
-            ..f.config()
-        };
+        let native = |p| MicroVmConfig { rootfs: Some(Rootfs::Native(p)), ..f.config() };
         native(f.path("a")).validate_with(&HOST).unwrap();
         assert_eq!(code(&native(f.path("missing"))), "E_CONFIG_PATH_NOT_FOUND");
         assert_eq!(code(&native(f.path("kernel"))), "E_CONFIG_PATH_KIND");
-        let overlay = |v| MicroVmConfig {
-            rootfs: Some(Rootfs::Overlayfs(v)),
-            ..f.config()
-        };
-        overlay(vec![f.path("a"), f.path("b")])
-            .validate_with(&HOST)
-            .unwrap();
-        assert_eq!(
-            code(&overlay(vec![f.path("a"), f.path("missing")])),
-            "E_CONFIG_PATH_NOT_FOUND"
-        );
+        let overlay = |v| MicroVmConfig { rootfs: Some(Rootfs::Overlayfs(v)), ..f.config() };
+        overlay(vec![f.path("a"), f.path("b")]).validate_with(&HOST).unwrap();
+        assert_eq!(code(&overlay(vec![f.path("a"), f.path("missing")])), "E_CONFIG_PATH_NOT_FOUND");
         assert_eq!(code(&overlay(vec![])), "E_CONFIG_MISSING");
         // A guest platform root disk: an existing file, with execPath; the kernel may be left
         // to the platform's default.
@@ -951,12 +787,19 @@ mod tests {
         // On a root disk the spec goes over the channel: 3000 bytes of args are fine there,
         // not on the kernel command line of a VM booted on the VMM; past the channel's limit
         // neither is.
-        let long = |rootfs, n: usize| MicroVmConfig { rootfs, exec_path: Some("/bin/sh".into()), args: vec!["x".repeat(n)], ..f.config() };
+        let long = |rootfs, n: usize| MicroVmConfig {
+            rootfs,
+            exec_path: Some("/bin/sh".into()),
+            args: vec!["x".repeat(n)],
+            ..f.config()
+        };
         long(Some(Rootfs::Disk(f.path("kernel"))), 3000).validate_with(&HOST).unwrap();
         let e = long(None, 3000).validate_with(&HOST).unwrap_err();
         assert_eq!(e.code(), "E_CONFIG_CMDLINE");
         assert!(e.to_string().contains("no control channel"), "{e}");
-        let e = long(Some(Rootfs::Disk(f.path("kernel"))), super::super::workload_spec::MAX_SPEC_BYTES).validate_with(&HOST).unwrap_err();
+        let e = long(Some(Rootfs::Disk(f.path("kernel"))), super::super::workload_spec::MAX_SPEC_BYTES)
+            .validate_with(&HOST)
+            .unwrap_err();
         assert_eq!(e.code(), "E_CONFIG_CMDLINE");
         assert!(e.to_string().contains("control channel's StartWorkload"), "{e}");
         let json = MicroVmConfig::from_json(&c.to_json()).unwrap();
@@ -968,34 +811,15 @@ mod tests {
     #[test]
     fn mapped_dirs() {
         let f = Fixture::new();
-        let dirs = |v: Vec<String>| MicroVmConfig {
-            mapped_dirs: v,
-            ..f.config()
-        };
-        dirs(vec![
-            format!("{}:/app", f.s("a")),
-            format!("{}:/data", f.s("b")),
-        ])
-        .validate_with(&HOST)
-        .unwrap();
+        let dirs = |v: Vec<String>| MicroVmConfig { mapped_dirs: v, ..f.config() };
+        dirs(vec![format!("{}:/app", f.s("a")), format!("{}:/data", f.s("b"))]).validate_with(&HOST).unwrap();
         // Same host directory twice at different guest paths is fine.
-        dirs(vec![format!("{}:/x", f.s("a")), format!("{}:/y", f.s("a"))])
-            .validate_with(&HOST)
-            .unwrap();
+        dirs(vec![format!("{}:/x", f.s("a")), format!("{}:/y", f.s("a"))]).validate_with(&HOST).unwrap();
         // "path" form: the same path in the guest.
         dirs(vec![f.s("a")]).validate_with(&HOST).unwrap();
-        assert_eq!(
-            code(&dirs(vec![format!("{}:/app", f.s("missing"))])),
-            "E_CONFIG_PATH_NOT_FOUND"
-        );
-        assert_eq!(
-            code(&dirs(vec![format!("{}:/app", f.s("kernel"))])),
-            "E_CONFIG_PATH_KIND"
-        );
-        assert_eq!(
-            code(&dirs(vec![format!("{}:app", f.s("a"))])),
-            "E_CONFIG_GUEST_PATH"
-        );
+        assert_eq!(code(&dirs(vec![format!("{}:/app", f.s("missing"))])), "E_CONFIG_PATH_NOT_FOUND");
+        assert_eq!(code(&dirs(vec![format!("{}:/app", f.s("kernel"))])), "E_CONFIG_PATH_KIND");
+        assert_eq!(code(&dirs(vec![format!("{}:app", f.s("a"))])), "E_CONFIG_GUEST_PATH");
         assert_eq!(code(&dirs(vec!["a:b:c".into()])), "E_CONFIG_PAIR");
         assert_eq!(code(&dirs(vec![":/x".into()])), "E_CONFIG_PAIR");
         for (g1, g2) in [
@@ -1006,48 +830,26 @@ mod tests {
             ("/var/log", "//var"),
             ("/x/../app", "/app"),
         ] {
-            let e = dirs(vec![
-                format!("{}:{g1}", f.s("a")),
-                format!("{}:{g2}", f.s("b")),
-            ])
-            .validate_with(&HOST)
-            .unwrap_err();
+            let e = dirs(vec![format!("{}:{g1}", f.s("a")), format!("{}:{g2}", f.s("b"))])
+                .validate_with(&HOST)
+                .unwrap_err();
             assert_eq!(e.code(), "E_CONFIG_GUEST_PATH_CONFLICT", "{g1} {g2}");
         }
         // Not a conflict: a shared prefix that is not a path prefix.
-        dirs(vec![
-            format!("{}:/app", f.s("a")),
-            format!("{}:/application", f.s("b")),
-        ])
-        .validate_with(&HOST)
-        .unwrap();
+        dirs(vec![format!("{}:/app", f.s("a")), format!("{}:/application", f.s("b"))]).validate_with(&HOST).unwrap();
         // Three paths, the conflict between the first and the last.
-        let e = dirs(vec![
-            format!("{}:/var/log", f.s("a")),
-            format!("{}:/etc", f.s("b")),
-            format!("{}:/var", f.s("b")),
-        ])
-        .validate_with(&HOST)
-        .unwrap_err();
-        assert_eq!(
-            e,
-            ConfigError::GuestPathConflict {
-                first: "/var/log".into(),
-                second: "/var".into()
-            }
-        );
+        let e =
+            dirs(vec![format!("{}:/var/log", f.s("a")), format!("{}:/etc", f.s("b")), format!("{}:/var", f.s("b"))])
+                .validate_with(&HOST)
+                .unwrap_err();
+        assert_eq!(e, ConfigError::GuestPathConflict { first: "/var/log".into(), second: "/var".into() });
     }
 
     #[test]
     fn ports() {
         let f = Fixture::new();
-        let ports = |v: &[&str]| MicroVmConfig {
-            port_map: v.iter().map(|s| s.to_string()).collect(),
-            ..f.config()
-        };
-        ports(&["8080:80", "2222:22", "3000"])
-            .validate_with(&HOST)
-            .unwrap();
+        let ports = |v: &[&str]| MicroVmConfig { port_map: v.iter().map(|s| s.to_string()).collect(), ..f.config() };
+        ports(&["8080:80", "2222:22", "3000"]).validate_with(&HOST).unwrap();
         assert_eq!(code(&ports(&["0:80"])), "E_CONFIG_PORT");
         assert_eq!(code(&ports(&["65536:80"])), "E_CONFIG_PORT");
         assert_eq!(code(&ports(&["8080:80", "8080:81"])), "E_CONFIG_PORT");
@@ -1064,19 +866,11 @@ mod tests {
             subnet: subnet.map(String::from),
             ..f.config()
         };
-        net(Some("192.168.1.100"), Some("192.168.1.0/24"))
-            .validate_with(&HOST)
-            .unwrap();
-        net(Some("192.168.1.100"), None)
-            .validate_with(&HOST)
-            .unwrap();
+        net(Some("192.168.1.100"), Some("192.168.1.0/24")).validate_with(&HOST).unwrap();
+        net(Some("192.168.1.100"), None).validate_with(&HOST).unwrap();
         net(None, Some("10.0.0.0/8")).validate_with(&HOST).unwrap();
-        net(Some("10.0.0.1"), Some("10.0.0.1/32"))
-            .validate_with(&HOST)
-            .unwrap();
-        net(Some("10.0.0.0"), Some("10.0.0.0/31"))
-            .validate_with(&HOST)
-            .unwrap();
+        net(Some("10.0.0.1"), Some("10.0.0.1/32")).validate_with(&HOST).unwrap();
+        net(Some("10.0.0.0"), Some("10.0.0.0/31")).validate_with(&HOST).unwrap();
         for (ip, subnet) in [
             (Some("192.168.2.1"), Some("192.168.1.0/24")),
             (Some("192.168.1.0"), Some("192.168.1.0/24")),
@@ -1088,124 +882,65 @@ mod tests {
             (None, Some("192.168.1.0/40")),
             (None, Some("192.168.1.1/24")),
         ] {
-            assert_eq!(
-                code(&net(ip, subnet)),
-                "E_CONFIG_NETWORK",
-                "{ip:?} {subnet:?}"
-            );
+            assert_eq!(code(&net(ip, subnet)), "E_CONFIG_NETWORK", "{ip:?} {subnet:?}");
         }
-        let e = net(Some("192.168.2.1"), Some("192.168.1.0/24"))
-            .validate_with(&HOST)
-            .unwrap_err()
-            .to_string();
+        let e = net(Some("192.168.2.1"), Some("192.168.1.0/24")).validate_with(&HOST).unwrap_err().to_string();
         assert!(e.contains("not in subnet 192.168.1.0/24"), "{e}");
     }
 
     #[test]
     fn rlimits() {
         let f = Fixture::new();
-        let r = |v: &[&str]| MicroVmConfig {
-            rlimits: v.iter().map(|s| s.to_string()).collect(),
-            ..f.config()
-        };
-        r(&["RLIMIT_NOFILE=1024:1024", "RLIMIT_NPROC=unlimited"])
-            .validate_with(&HOST)
-            .unwrap();
+        let r = |v: &[&str]| MicroVmConfig { rlimits: v.iter().map(|s| s.to_string()).collect(), ..f.config() };
+        r(&["RLIMIT_NOFILE=1024:1024", "RLIMIT_NPROC=unlimited"]).validate_with(&HOST).unwrap();
         assert_eq!(code(&r(&["RLIMIT_NOPE=1:1"])), "E_CONFIG_RLIMIT");
         assert_eq!(code(&r(&["RLIMIT_NOFILE=2:1"])), "E_CONFIG_RLIMIT");
         assert_eq!(code(&r(&["RLIMIT_NOFILE=x"])), "E_CONFIG_RLIMIT");
-        assert_eq!(
-            code(&r(&["RLIMIT_NOFILE=1:1", "RLIMIT_NOFILE=2:2"])),
-            "E_CONFIG_RLIMIT"
-        );
+        assert_eq!(code(&r(&["RLIMIT_NOFILE=1:1", "RLIMIT_NOFILE=2:2"])), "E_CONFIG_RLIMIT");
     }
 
     #[test]
     fn strings_and_guest_paths() {
         let f = Fixture::new();
         assert_eq!(
-            code(&MicroVmConfig {
-                exec_path: Some("/bin/hello\nworld".into()),
-                ..f.config()
-            }),
+            code(&MicroVmConfig { exec_path: Some("/bin/hello\nworld".into()), ..f.config() }),
             "E_CONFIG_INVALID_STRING"
         );
         assert_eq!(
-            code(&MicroVmConfig {
-                exec_path: Some("/bin/echo\0".into()),
-                ..f.config()
-            }),
+            code(&MicroVmConfig { exec_path: Some("/bin/echo\0".into()), ..f.config() }),
             "E_CONFIG_INVALID_STRING"
         );
+        assert_eq!(code(&MicroVmConfig { exec_path: Some("".into()), ..f.config() }), "E_CONFIG_INVALID_STRING");
         assert_eq!(
-            code(&MicroVmConfig {
-                exec_path: Some("".into()),
-                ..f.config()
-            }),
+            code(&MicroVmConfig { exec_path: Some("/bin/café".into()), ..f.config() }),
             "E_CONFIG_INVALID_STRING"
         );
-        assert_eq!(
-            code(&MicroVmConfig {
-                exec_path: Some("/bin/café".into()),
-                ..f.config()
-            }),
-            "E_CONFIG_INVALID_STRING"
-        );
-        MicroVmConfig {
-            exec_path: Some("python3".into()),
-            ..f.config()
-        }
-        .validate_with(&HOST)
-        .unwrap();
+        MicroVmConfig { exec_path: Some("python3".into()), ..f.config() }.validate_with(&HOST).unwrap();
         let args = |a: &[&str]| MicroVmConfig {
             exec_path: Some("/bin/echo".into()),
             args: a.iter().map(|s| s.to_string()).collect(),
             ..f.config()
         };
-        args(&["Hello, World!", "~", " "])
-            .validate_with(&HOST)
-            .unwrap();
+        args(&["Hello, World!", "~", " "]).validate_with(&HOST).unwrap();
         for bad in ["hello\tworld", "nul\0", "del\x7f", "🌎"] {
             let e = args(&["ok", bad]).validate_with(&HOST).unwrap_err();
             assert_eq!(e.code(), "E_CONFIG_INVALID_STRING", "{bad:?}");
             assert!(e.to_string().contains("args[1]"), "{e}");
         }
+        assert_eq!(code(&MicroVmConfig { workdir_path: Some("work".into()), ..f.config() }), "E_CONFIG_GUEST_PATH");
         assert_eq!(
-            code(&MicroVmConfig {
-                workdir_path: Some("work".into()),
-                ..f.config()
-            }),
-            "E_CONFIG_GUEST_PATH"
-        );
-        assert_eq!(
-            code(&MicroVmConfig {
-                workdir_path: Some("/w\x01".into()),
-                ..f.config()
-            }),
+            code(&MicroVmConfig { workdir_path: Some("/w\x01".into()), ..f.config() }),
             "E_CONFIG_INVALID_STRING"
         );
-        let e = MicroVmConfig {
-            exec_path: Some("/bin/a\nb".into()),
-            ..f.config()
-        }
-        .validate_with(&HOST)
-        .unwrap_err();
-        assert!(
-            e.to_string().contains(r#""/bin/a\nb""#),
-            "the value is shown escaped: {e}"
-        );
+        let e = MicroVmConfig { exec_path: Some("/bin/a\nb".into()), ..f.config() }.validate_with(&HOST).unwrap_err();
+        assert!(e.to_string().contains(r#""/bin/a\nb""#), "the value is shown escaped: {e}");
     }
 
     #[test]
     fn env() {
         let f = Fixture::new();
-        let env = |v: &[&str]| MicroVmConfig {
-            env: v.iter().map(|s| s.to_string()).collect(),
-            ..f.config()
-        };
-        env(&["KEY1=VALUE1", "K=a=b", "E="])
-            .validate_with(&HOST)
-            .unwrap();
+        let env = |v: &[&str]| MicroVmConfig { env: v.iter().map(|s| s.to_string()).collect(), ..f.config() };
+        env(&["KEY1=VALUE1", "K=a=b", "E="]).validate_with(&HOST).unwrap();
         assert_eq!(code(&env(&["NOEQUALS"])), "E_CONFIG_ENV");
         assert_eq!(code(&env(&["=value"])), "E_CONFIG_ENV");
         assert_eq!(code(&env(&["K=v\0"])), "E_CONFIG_ENV");
@@ -1214,23 +949,15 @@ mod tests {
     #[test]
     fn console_output() {
         let f = Fixture::new();
-        let out = |p: PathBuf| MicroVmConfig {
-            console_output: Some(p),
-            ..f.config()
-        };
+        let out = |p: PathBuf| MicroVmConfig { console_output: Some(p), ..f.config() };
         out(f.path("console.log")).validate_with(&HOST).unwrap();
         out(f.path("kernel")).validate_with(&HOST).unwrap(); // an existing file is truncated
         assert_eq!(code(&out(f.path("a"))), "E_CONFIG_CONSOLE");
         for bad in ["/dev/full", "/dev/null", "/proc/self/mem", "/proc/self/new-file", "/sys/kernel/x"] {
             assert_eq!(code(&out(PathBuf::from(bad))), "E_CONFIG_CONSOLE", "{bad}");
         }
-        assert_eq!(
-            code(&out(f.path("missing-dir/console.log"))),
-            "E_CONFIG_PATH_NOT_FOUND"
-        );
-        out(PathBuf::from("relative-console.log"))
-            .validate_with(&HOST)
-            .unwrap();
+        assert_eq!(code(&out(f.path("missing-dir/console.log"))), "E_CONFIG_PATH_NOT_FOUND");
+        out(PathBuf::from("relative-console.log")).validate_with(&HOST).unwrap();
     }
 
     #[test]
@@ -1245,13 +972,7 @@ mod tests {
     #[test]
     fn to_vm_config_uses_defaults_and_exact_cmdline() {
         let f = Fixture::new();
-        let vm = MicroVmConfig {
-            num_vcpus: 4,
-            memory_mib: 4096,
-            ..f.config()
-        }
-        .to_vm_config_with(&HOST)
-        .unwrap();
+        let vm = MicroVmConfig { num_vcpus: 4, memory_mib: 4096, ..f.config() }.to_vm_config_with(&HOST).unwrap();
         assert_eq!(vm.vcpus, 4);
         assert_eq!(vm.memory_mib, 4096);
         assert_eq!(vm.kernel, f.path("kernel"));
@@ -1289,22 +1010,12 @@ mod tests {
         assert_eq!(spec.env, [("K".to_owned(), "v w".to_owned())]);
         assert_eq!(spec.cwd.as_deref(), Some("/w"));
         assert_eq!(spec.rlimits.len(), 1);
-        let e = MicroVmConfig {
-            exec_path: Some("/bin/sh".into()),
-            args: vec!["x".repeat(3000)],
-            ..f.config()
-        }
-        .to_vm_config_with(&HOST)
-        .unwrap_err();
+        let e = MicroVmConfig { exec_path: Some("/bin/sh".into()), args: vec!["x".repeat(3000)], ..f.config() }
+            .to_vm_config_with(&HOST)
+            .unwrap_err();
         assert_eq!(e.code(), "E_CONFIG_CMDLINE", "{e}");
         assert_eq!(
-            MicroVmConfig {
-                num_vcpus: 0,
-                ..f.config()
-            }
-            .to_vm_config_with(&HOST)
-            .unwrap_err()
-            .code(),
+            MicroVmConfig { num_vcpus: 0, ..f.config() }.to_vm_config_with(&HOST).unwrap_err().code(),
             "E_CONFIG_VCPUS"
         );
     }

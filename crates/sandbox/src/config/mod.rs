@@ -1,7 +1,7 @@
 //! Launch configuration: the options of a microVM, their JSON form and their validation.
 
-pub mod microvm;
 pub mod fields;
+pub mod microvm;
 pub mod types;
 pub mod workload_spec;
 

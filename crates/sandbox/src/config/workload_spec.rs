@@ -128,11 +128,18 @@ mod tests {
         let line = cmdline_with_spec("console=ttyS0", &s).unwrap();
         assert!(line.starts_with("console=ttyS0 microcell.exec=") && !line[14..].contains(' '));
         assert_eq!(spec_from_parts("", &[], &[], None, &[]).unwrap_err().code(), "E_INVALID_ARGUMENT");
-        assert_eq!(spec_from_parts("/x", &[], &["NOEQUALS".into()], None, &[]).unwrap_err().code(), "E_INVALID_ARGUMENT");
-        assert_eq!(spec_from_parts("/x", &[], &[], None, &["RLIMIT_BOGUS=1:1".into()]).unwrap_err().code(), "E_INVALID_ARGUMENT");
+        assert_eq!(
+            spec_from_parts("/x", &[], &["NOEQUALS".into()], None, &[]).unwrap_err().code(),
+            "E_INVALID_ARGUMENT"
+        );
+        assert_eq!(
+            spec_from_parts("/x", &[], &[], None, &["RLIMIT_BOGUS=1:1".into()]).unwrap_err().code(),
+            "E_INVALID_ARGUMENT"
+        );
         // Over the channel a spec may be far longer than a command line holds (the env of a
         // real program: a few KiB); past MAX_SPEC_BYTES it is refused, naming the channel.
-        let long = spec_from_parts("/x", &["a".repeat(2000)], &["K=".to_owned() + &"v".repeat(8000)], None, &[]).unwrap();
+        let long =
+            spec_from_parts("/x", &["a".repeat(2000)], &["K=".to_owned() + &"v".repeat(8000)], None, &[]).unwrap();
         let e = cmdline_with_spec("console=ttyS0", &long).unwrap_err();
         assert_eq!(e.code(), "E_INVALID_ARGUMENT");
         assert!(e.to_string().contains("kernel command line") && e.to_string().contains("no control channel"), "{e}");
@@ -142,7 +149,8 @@ mod tests {
         assert_eq!(e.code(), "E_INVALID_ARGUMENT");
         assert!(e.to_string().contains("256 KiB the control channel"), "{e}");
         assert!(!e.to_string().contains("kernel command line"), "{e}");
-        let c = MicroVmConfig { exec_path: Some("/bin/echo".into()), args: vec!["hi there".into()], ..Default::default() };
+        let c =
+            MicroVmConfig { exec_path: Some("/bin/echo".into()), args: vec!["hi there".into()], ..Default::default() };
         assert_eq!(spec_from_microvm_config(&c).unwrap().unwrap().argv, ["/bin/echo", "hi there"]);
         assert_eq!(spec_from_microvm_config(&MicroVmConfig::default()).unwrap(), None);
     }

@@ -24,8 +24,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use super::{
-    clone_image, passt, BootSpec, Engine, EngineKind, ExitSlot, RunDir, RunningVm, Tail,
-    TailWriter, CONSOLE_TAIL_BYTES, CONSOLE_TAIL_LINES,
+    clone_image, passt, BootSpec, Engine, EngineKind, ExitSlot, RunDir, RunningVm, Tail, TailWriter,
+    CONSOLE_TAIL_BYTES, CONSOLE_TAIL_LINES,
 };
 use crate::console::{self, ConsoleHandle, ConsoleOptions, ConsoleReader, ConsoleStats};
 use crate::error::{Result, SandboxError};
@@ -81,11 +81,7 @@ impl Engine for KvmEngine {
                 }
             }
         })?;
-        tracing::debug!(
-            reflink,
-            us = t.elapsed().as_micros() as u64,
-            "root disk cloned"
-        );
+        tracing::debug!(reflink, us = t.elapsed().as_micros() as u64, "root disk cloned");
 
         let config = vmm::VmConfig {
             vcpus: spec.vcpus,
@@ -93,10 +89,7 @@ impl Engine for KvmEngine {
             kernel: spec.kernel.clone(),
             initrd: None,
             cmdline: Self::cmdline(spec),
-            block_devices: vec![vmm::BlockDeviceConfig {
-                path: disk,
-                read_only: false,
-            }],
+            block_devices: vec![vmm::BlockDeviceConfig { path: disk, read_only: false }],
             control_channel: true,
             network: spec.net.as_ref().map(passt::network_config),
             allow_unsupported_host: false,
@@ -111,7 +104,8 @@ impl Engine for KvmEngine {
         // The VMM gives the clone its own copy of the snapshot's root disk; the run directory
         // holds what else the clone needs on the host (passt's pid file).
         // The network's policy follows the spec (a clone may forward ports of its own).
-        let options = vmm::RestoreOptions { network: spec.net.as_ref().map(passt::network_config), ..Default::default() };
+        let options =
+            vmm::RestoreOptions { network: spec.net.as_ref().map(passt::network_config), ..Default::default() };
         launch(spec, run_dir()?, |console| vmm::Vm::restore(&snapshot, console, options))
     }
 }
@@ -143,20 +137,15 @@ fn launch(
     dir: RunDir,
     start: impl FnOnce(Box<dyn std::io::Write + Send>) -> vmm::Result<vmm::Vm>,
 ) -> Result<Box<dyn RunningVm>> {
-    let (sink, console) = console::channel(&ConsoleOptions {
-        file: spec.console_file.clone(),
-        queue_capacity: spec.console_queue_bytes,
-    })
-    .map_err(|source| SandboxError::ConsoleOutput {
-        path: spec.console_file.clone().unwrap_or_default(),
-        source,
-    })?;
+    let (sink, console) =
+        console::channel(&ConsoleOptions { file: spec.console_file.clone(), queue_capacity: spec.console_queue_bytes })
+            .map_err(|source| SandboxError::ConsoleOutput {
+                path: spec.console_file.clone().unwrap_or_default(),
+                source,
+            })?;
     let reader = console.reader();
     let tail = Tail::new(CONSOLE_TAIL_BYTES);
-    let vm = match start(Box::new(TailWriter {
-        inner: sink,
-        tail: tail.clone(),
-    })) {
+    let vm = match start(Box::new(TailWriter { inner: sink, tail: tail.clone() })) {
         Ok(vm) => Arc::new(vm),
         Err(e) => {
             console.close();
@@ -176,35 +165,21 @@ fn launch(
     let exit = Arc::new(ExitSlot::default());
     let watcher = {
         let (vm, exit, console) = (vm.clone(), exit.clone(), console.clone());
-        std::thread::Builder::new()
-            .name("mc-kvm-wait".into())
-            .spawn(move || {
-                let reason = vm.wait();
-                console.close();
-                exit.set(reason.into());
-                // Tearing a VM down takes milliseconds: here, not on the caller's thread.
-                drop(vm);
-            })
+        std::thread::Builder::new().name("mc-kvm-wait".into()).spawn(move || {
+            let reason = vm.wait();
+            console.close();
+            exit.set(reason.into());
+            // Tearing a VM down takes milliseconds: here, not on the caller's thread.
+            drop(vm);
+        })
     };
     if let Err(e) = watcher {
         vm.kill();
         let _ = vm.wait();
         console.close();
-        return Err(SandboxError::Thread {
-            what: "VM watcher",
-            source: e,
-        });
+        return Err(SandboxError::Thread { what: "VM watcher", source: e });
     }
-    Ok(Box::new(KvmVm {
-        vm,
-        exit,
-        channel: Mutex::new(channel),
-        console,
-        reader,
-        tail,
-        network,
-        _dir: dir,
-    }))
+    Ok(Box::new(KvmVm { vm, exit, channel: Mutex::new(channel), console, reader, tail, network, _dir: dir }))
 }
 
 /// Starts passt on the VM's network socket when the spec has a network.
@@ -272,10 +247,7 @@ impl RunningVm for KvmVm {
     }
 
     fn take_channel(&self) -> Option<UnixStream> {
-        self.channel
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        self.channel.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     fn exit_slot(&self) -> &Arc<ExitSlot> {
@@ -324,14 +296,8 @@ mod tests {
     #[test]
     fn cmdline_is_the_vmm_default_plus_root_and_extra() {
         let mut spec = BootSpec::new("/k", "/r");
-        assert_eq!(
-            KvmEngine::cmdline(&spec),
-            format!("{} root=/dev/vda rw", vmm::DEFAULT_CMDLINE)
-        );
+        assert_eq!(KvmEngine::cmdline(&spec), format!("{} root=/dev/vda rw", vmm::DEFAULT_CMDLINE));
         spec.extra_cmdline = "init=/bin/sh".into();
-        assert_eq!(
-            KvmEngine::cmdline(&spec),
-            format!("{} root=/dev/vda rw init=/bin/sh", vmm::DEFAULT_CMDLINE)
-        );
+        assert_eq!(KvmEngine::cmdline(&spec), format!("{} root=/dev/vda rw init=/bin/sh", vmm::DEFAULT_CMDLINE));
     }
 }

@@ -89,7 +89,9 @@ pub fn select_for_devices(choice: EngineChoice, needs: Option<String>) -> Result
 
 fn with_devices(choice: EngineChoice, needs: Option<String>, selection: EngineSelection) -> EngineSelection {
     match (choice, needs, selection.kind) {
-        (EngineChoice::Auto, Some(why), EngineKind::Kvm) => EngineSelection { kind: EngineKind::Qemu, reason: format!("auto: {why}") },
+        (EngineChoice::Auto, Some(why), EngineKind::Kvm) => {
+            EngineSelection { kind: EngineKind::Qemu, reason: format!("auto: {why}") }
+        }
         _ => selection,
     }
 }
@@ -98,34 +100,19 @@ fn with_devices(choice: EngineChoice, needs: Option<String>, selection: EngineSe
 pub fn select_for(choice: EngineChoice, host: &vmm::host::HostInfo) -> Result<EngineSelection> {
     let selection = match choice {
         EngineChoice::Kvm if !host.kvm_device => {
-            return Err(SandboxError::NoKvm {
-                reason: "is missing or cannot be opened by this process".into(),
-            })
+            return Err(SandboxError::NoKvm { reason: "is missing or cannot be opened by this process".into() })
         }
         EngineChoice::Kvm if !host.can_boot_linux => {
-            return Err(SandboxError::EngineUnavailable {
-                engine: EngineKind::Kvm.name(),
-                reason: host.reason.clone(),
-            })
+            return Err(SandboxError::EngineUnavailable { engine: EngineKind::Kvm.name(), reason: host.reason.clone() })
         }
-        EngineChoice::Kvm => EngineSelection {
-            kind: EngineKind::Kvm,
-            reason: format!("asked for; {}", host.reason),
-        },
-        EngineChoice::Qemu => EngineSelection {
-            kind: EngineKind::Qemu,
-            reason: "asked for".into(),
-        },
-        EngineChoice::Auto if host.can_boot_linux => EngineSelection {
-            kind: EngineKind::Kvm,
-            reason: format!("auto: {}", host.reason),
-        },
+        EngineChoice::Kvm => EngineSelection { kind: EngineKind::Kvm, reason: format!("asked for; {}", host.reason) },
+        EngineChoice::Qemu => EngineSelection { kind: EngineKind::Qemu, reason: "asked for".into() },
+        EngineChoice::Auto if host.can_boot_linux => {
+            EngineSelection { kind: EngineKind::Kvm, reason: format!("auto: {}", host.reason) }
+        }
         EngineChoice::Auto => EngineSelection {
             kind: EngineKind::Qemu,
-            reason: format!(
-                "auto: the built-in VMM cannot boot Linux here ({})",
-                host.reason
-            ),
+            reason: format!("auto: the built-in VMM cannot boot Linux here ({})", host.reason),
         },
     };
     Ok(selection)
@@ -157,12 +144,7 @@ pub fn report() -> EngineReport {
         Ok(q) => (Some(q.describe()), None),
         Err(e) => (None, Some(e.to_string())),
     };
-    EngineReport {
-        auto_engine: auto.kind,
-        auto_engine_reason: auto.reason,
-        qemu,
-        qemu_unavailable,
-    }
+    EngineReport { auto_engine: auto.kind, auto_engine_reason: auto.reason, qemu, qemu_unavailable }
 }
 
 /// Makes the engine of that kind (for QEMU: finds the binary, picks the accelerator).
@@ -347,9 +329,7 @@ pub enum VmExit {
 impl fmt::Display for VmExit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            VmExit::GuestReset => {
-                f.write_str("the guest reset the machine (poweroff, reboot or kernel panic)")
-            }
+            VmExit::GuestReset => f.write_str("the guest reset the machine (poweroff, reboot or kernel panic)"),
             VmExit::Stopped => f.write_str("stopped by the host"),
             VmExit::Killed => f.write_str("killed by the host"),
             VmExit::Crashed { code, message } => write!(f, "{code}: {message}"),
@@ -440,11 +420,7 @@ impl ExitSlot {
             if left.is_zero() {
                 return None;
             }
-            s = self
-                .ended
-                .wait_timeout(s, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            s = self.ended.wait_timeout(s, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -487,10 +463,7 @@ pub(crate) struct Tail {
 
 impl Tail {
     pub(crate) fn new(capacity: usize) -> Tail {
-        Tail {
-            bytes: Arc::new(Mutex::new(VecDeque::with_capacity(capacity))),
-            capacity,
-        }
+        Tail { bytes: Arc::new(Mutex::new(VecDeque::with_capacity(capacity))), capacity }
     }
 
     pub(crate) fn push(&self, buf: &[u8]) {
@@ -506,10 +479,7 @@ impl Tail {
         let q = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
         let (a, b) = q.as_slices();
         let s = String::from_utf8_lossy(&[a, b].concat()).replace("\r\n", "\n");
-        let s: String = s
-            .chars()
-            .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
-            .collect();
+        let s: String = s.chars().filter(|c| !c.is_control() || *c == '\n' || *c == '\t').collect();
         let all: Vec<&str> = s.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
@@ -601,7 +571,11 @@ mod tests {
         assert!(net.reason.contains("volumes"), "{}", net.reason);
         assert_eq!(with_devices(EngineChoice::Auto, None, hw.clone()).kind, EngineKind::Kvm);
         let asked = select_for(EngineChoice::Kvm, &host(true, true)).unwrap();
-        assert_eq!(with_devices(EngineChoice::Kvm, Some("x".into()), asked).kind, EngineKind::Kvm, "asked for: the engine says no at boot");
+        assert_eq!(
+            with_devices(EngineChoice::Kvm, Some("x".into()), asked).kind,
+            EngineKind::Kvm,
+            "asked for: the engine says no at boot"
+        );
     }
 
     #[test]
@@ -612,11 +586,7 @@ mod tests {
         for h in [host(true, false), host(false, false)] {
             let s = select_for(EngineChoice::Auto, &h).unwrap();
             assert_eq!(s.kind, EngineKind::Qemu);
-            assert!(
-                s.reason.contains("cannot boot Linux") && s.reason.contains("REASON"),
-                "{}",
-                s.reason
-            );
+            assert!(s.reason.contains("cannot boot Linux") && s.reason.contains("REASON"), "{}", s.reason);
         }
     }
 
@@ -624,33 +594,18 @@ mod tests {
     fn kvm_where_it_cannot_boot_linux_is_a_coded_error() {
         let e = select_for(EngineChoice::Kvm, &host(true, false)).unwrap_err();
         assert_eq!(e.code(), "E_ENGINE_UNAVAILABLE");
-        assert!(
-            e.to_string().contains("REASON") && e.to_string().contains("'qemu'"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("REASON") && e.to_string().contains("'qemu'"), "{e}");
         let e = select_for(EngineChoice::Kvm, &host(false, false)).unwrap_err();
         assert_eq!(e.code(), "E_NO_KVM");
-        assert_eq!(
-            select_for(EngineChoice::Kvm, &host(true, true))
-                .unwrap()
-                .kind,
-            EngineKind::Kvm
-        );
-        assert_eq!(
-            select_for(EngineChoice::Qemu, &host(true, true))
-                .unwrap()
-                .kind,
-            EngineKind::Qemu
-        );
+        assert_eq!(select_for(EngineChoice::Kvm, &host(true, true)).unwrap().kind, EngineKind::Kvm);
+        assert_eq!(select_for(EngineChoice::Qemu, &host(true, true)).unwrap().kind, EngineKind::Qemu);
     }
 
     #[test]
     fn engine_names_round_trip_through_json() {
-        for (c, s) in [
-            (EngineChoice::Auto, "\"auto\""),
-            (EngineChoice::Kvm, "\"kvm\""),
-            (EngineChoice::Qemu, "\"qemu\""),
-        ] {
+        for (c, s) in
+            [(EngineChoice::Auto, "\"auto\""), (EngineChoice::Kvm, "\"kvm\""), (EngineChoice::Qemu, "\"qemu\"")]
+        {
             assert_eq!(serde_json::to_string(&c).unwrap(), s);
             assert_eq!(serde_json::from_str::<EngineChoice>(s).unwrap(), c);
         }
@@ -661,11 +616,7 @@ mod tests {
     fn the_tail_keeps_the_last_lines() {
         let t = Tail::new(16);
         t.push(b"first line\nsecond\r\nthird\x1b[0m\n");
-        assert_eq!(
-            t.text(2),
-            "cond\nthird[0m",
-            "the last 16 bytes, then the last 2 lines"
-        );
+        assert_eq!(t.text(2), "cond\nthird[0m", "the last 16 bytes, then the last 2 lines");
         let t = Tail::new(64);
         t.push(b"first line\nsecond\r\nthird\n");
         assert_eq!(t.text(2), "second\nthird");
@@ -721,19 +672,11 @@ mod tests {
         assert_eq!(Pin::new(&mut fut).poll(&mut cx), Poll::Pending);
         assert_eq!(Pin::new(&mut fut).poll(&mut cx), Poll::Pending);
         let s = slot.clone();
-        std::thread::spawn(move || s.set(VmExit::GuestReset))
-            .join()
-            .unwrap();
+        std::thread::spawn(move || s.set(VmExit::GuestReset)).join().unwrap();
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "one waker, woken once");
-        assert_eq!(
-            Pin::new(&mut fut).poll(&mut cx),
-            Poll::Ready(VmExit::GuestReset)
-        );
+        assert_eq!(Pin::new(&mut fut).poll(&mut cx), Poll::Ready(VmExit::GuestReset));
         // A future made after the end is ready at once.
-        assert_eq!(
-            Pin::new(&mut slot.future()).poll(&mut cx),
-            Poll::Ready(VmExit::GuestReset)
-        );
+        assert_eq!(Pin::new(&mut slot.future()).poll(&mut cx), Poll::Ready(VmExit::GuestReset));
     }
 
     #[test]
@@ -751,14 +694,8 @@ mod tests {
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
         if !reflink {
             // 512-byte blocks: the data plus file-system rounding, far below 64 MiB.
-            assert!(
-                std::fs::metadata(&dst).unwrap().blocks() * 512 < 4 << 20,
-                "the copy is not sparse"
-            );
+            assert!(std::fs::metadata(&dst).unwrap().blocks() * 512 < 4 << 20, "the copy is not sparse");
         }
-        assert_eq!(
-            clone_image(&src, &dst).unwrap_err().kind(),
-            io::ErrorKind::AlreadyExists
-        );
+        assert_eq!(clone_image(&src, &dst).unwrap_err().kind(), io::ErrorKind::AlreadyExists);
     }
 }

@@ -15,8 +15,8 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -59,12 +59,28 @@ pub fn network_config(net: &NetSpec) -> vmm::NetworkConfig {
 pub fn args(net: &NetSpec, fd: i32, pid_file: &Path) -> Vec<String> {
     let (addr, gateway, dns) = GUEST_NET;
     let (ip, prefix) = addr.split_once('/').unwrap_or((addr, "24"));
-    let mut a: Vec<String> = ["--foreground", "--quiet", "--fd", &fd.to_string(), "--pid"].iter().map(|s| s.to_string()).collect();
+    let mut a: Vec<String> =
+        ["--foreground", "--quiet", "--fd", &fd.to_string(), "--pid"].iter().map(|s| s.to_string()).collect();
     a.push(pid_file.display().to_string());
     a.extend(
-        ["--ipv4-only", "--address", ip, "--netmask", prefix, "--gateway", gateway, "--mtu", "1500", "--dns-forward", dns, "--dns", dns, "--no-dhcp"]
-            .iter()
-            .map(|s| s.to_string()),
+        [
+            "--ipv4-only",
+            "--address",
+            ip,
+            "--netmask",
+            prefix,
+            "--gateway",
+            gateway,
+            "--mtu",
+            "1500",
+            "--dns-forward",
+            dns,
+            "--dns",
+            dns,
+            "--no-dhcp",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
     );
     for p in &net.ports {
         a.push(if p.udp { "--udp-ports" } else { "--tcp-ports" }.into());
@@ -87,7 +103,8 @@ impl Passt {
     /// its ports are bound. `run_dir` holds its pid file; errors name `engine`.
     pub fn start(socket: UnixStream, net: &NetSpec, run_dir: &Path, engine: EngineKind) -> Result<Passt> {
         let start_error = |message| start_error(engine, message);
-        let binary = find_passt().map_err(|reason| SandboxError::EngineUnavailable { engine: engine.name(), reason })?;
+        let binary =
+            find_passt().map_err(|reason| SandboxError::EngineUnavailable { engine: engine.name(), reason })?;
         // A taken host port is the likely failure: say which, before passt exits over it.
         for p in &net.ports {
             let taken = if p.udp {
@@ -130,7 +147,8 @@ impl Passt {
                 Ok(())
             });
         }
-        let mut child = spawn::spawn(cmd).map_err(|e| start_error(format!("cannot start {} ({e}): {INSTALL}", binary.display())))?;
+        let mut child = spawn::spawn(cmd)
+            .map_err(|e| start_error(format!("cannot start {} ({e}): {INSTALL}", binary.display())))?;
         drop((socket, pid_file));
         let stderr = Tail::new(2 << 10);
         if let Some(out) = child.stderr.take() {
@@ -154,7 +172,10 @@ impl Passt {
                 return Err(start_error(format!("passt exited at start ({status}): {}", stderr.text(5).trim())));
             }
             if started.elapsed() > READY_TIMEOUT {
-                return Err(start_error(format!("passt did not start within {READY_TIMEOUT:?}: {}", stderr.text(5).trim())));
+                return Err(start_error(format!(
+                    "passt did not start within {READY_TIMEOUT:?}: {}",
+                    stderr.text(5).trim()
+                )));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -235,14 +256,21 @@ mod tests {
     #[test]
     fn args_give_the_guest_slirps_addresses_and_forward_host_loopback_ports() {
         let net = NetSpec {
-            ports: vec![PortForward { host: 8080, guest: 80, udp: false }, PortForward { host: 2222, guest: 22, udp: false }, PortForward { host: 5353, guest: 53, udp: true }],
+            ports: vec![
+                PortForward { host: 8080, guest: 80, udp: false },
+                PortForward { host: 2222, guest: 22, udp: false },
+                PortForward { host: 5353, guest: 53, udp: true },
+            ],
             ..Default::default()
         };
         let a = args(&net, 7, Path::new("/run/x/passt.pid")).join(" ");
         assert!(a.starts_with("--foreground --quiet --fd 7 --pid /run/x/passt.pid --ipv4-only"), "{a}");
         assert!(a.contains("--address 10.0.2.15 --netmask 24 --gateway 10.0.2.2"), "{a}");
         assert!(a.contains("--dns-forward 10.0.2.3 --dns 10.0.2.3"), "{a}");
-        assert!(a.ends_with("--tcp-ports 127.0.0.1/8080:80 --tcp-ports 127.0.0.1/2222:22 --udp-ports 127.0.0.1/5353:53"), "{a}");
+        assert!(
+            a.ends_with("--tcp-ports 127.0.0.1/8080:80 --tcp-ports 127.0.0.1/2222:22 --udp-ports 127.0.0.1/5353:53"),
+            "{a}"
+        );
     }
 
     #[test]
@@ -284,7 +312,10 @@ mod tests {
         let deny: Vec<vmm::Ipv4Net> = vec!["10.0.0.0/8".parse().unwrap()];
         let net = NetSpec {
             outbound: false,
-            ports: vec![PortForward { host: 8080, guest: 80, udp: false }, PortForward { host: 5353, guest: 53, udp: true }],
+            ports: vec![
+                PortForward { host: 8080, guest: 80, udp: false },
+                PortForward { host: 5353, guest: 53, udp: true },
+            ],
             deny: deny.clone(),
             allow: vec![],
         };
@@ -292,7 +323,14 @@ mod tests {
         assert_eq!(c.mac, GUEST_MAC);
         assert_eq!(
             c.egress,
-            vmm::EgressPolicy { outbound: false, inbound_tcp_ports: vec![80], inbound_udp_ports: vec![53], deny, allow: vec![], dns: Some([10, 0, 2, 3]) }
+            vmm::EgressPolicy {
+                outbound: false,
+                inbound_tcp_ports: vec![80],
+                inbound_udp_ports: vec![53],
+                deny,
+                allow: vec![],
+                dns: Some([10, 0, 2, 3])
+            }
         );
         assert!(network_config(&NetSpec { outbound: true, ..Default::default() }).egress.outbound);
     }

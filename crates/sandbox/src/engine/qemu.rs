@@ -38,12 +38,10 @@ use serde::Serialize;
 
 use super::qmp::Qmp;
 use super::{
-    clone_image, clone_image_replacing, passt, spawn, BootSpec, Engine, EngineKind, ExitSlot, RunDir, RunningVm,
-    Tail, TailWriter, VmExit, CONSOLE_TAIL_BYTES, CONSOLE_TAIL_LINES,
+    clone_image, clone_image_replacing, passt, spawn, BootSpec, Engine, EngineKind, ExitSlot, RunDir, RunningVm, Tail,
+    TailWriter, VmExit, CONSOLE_TAIL_BYTES, CONSOLE_TAIL_LINES,
 };
-use crate::console::{
-    self, ConsoleHandle, ConsoleOptions, ConsoleReader, ConsoleSink, ConsoleStats,
-};
+use crate::console::{self, ConsoleHandle, ConsoleOptions, ConsoleReader, ConsoleSink, ConsoleStats};
 use crate::error::{Result, SandboxError};
 
 /// The QEMU binary looked for on `PATH`.
@@ -95,13 +93,7 @@ impl Accel {
         if host.kvm_device && host.kvm_flavour == vmm::host::KvmFlavour::Hardware {
             (Accel::Kvm, "hardware KVM".into())
         } else {
-            (
-                Accel::Tcg,
-                format!(
-                    "no hardware KVM; KVM flavour: {}",
-                    format!("{:?}", host.kvm_flavour).to_lowercase()
-                ),
-            )
+            (Accel::Tcg, format!("no hardware KVM; KVM flavour: {}", format!("{:?}", host.kvm_flavour).to_lowercase()))
         }
     }
 }
@@ -139,20 +131,12 @@ impl QemuEngine {
     pub fn locate() -> Result<QemuEngine> {
         let binary = find_qemu()?;
         let (accel, accel_reason) = Accel::for_host(vmm::host::cached());
-        Ok(QemuEngine {
-            binary,
-            accel,
-            accel_reason,
-        })
+        Ok(QemuEngine { binary, accel, accel_reason })
     }
 
     /// A given binary and accelerator.
     pub fn new(binary: impl Into<PathBuf>, accel: Accel) -> QemuEngine {
-        QemuEngine {
-            binary: binary.into(),
-            accel,
-            accel_reason: "given".into(),
-        }
+        QemuEngine { binary: binary.into(), accel, accel_reason: "given".into() }
     }
 
     pub fn binary(&self) -> &Path {
@@ -216,7 +200,8 @@ impl QemuEngine {
         for share in &spec.shares {
             // mapped-xattr: files the guest makes are the QEMU process's on the host, their
             // guest owner and mode kept in xattrs (no setuid files appear on the host).
-            let mut fsdev = format!("local,id={0},path={1},security_model=mapped-xattr", share.tag, qemu_opt_value(&share.host));
+            let mut fsdev =
+                format!("local,id={0},path={1},security_model=mapped-xattr", share.tag, qemu_opt_value(&share.host));
             if share.read_only {
                 fsdev.push_str(",readonly=on");
             }
@@ -260,12 +245,7 @@ impl Engine for QemuEngine {
     }
 
     fn describe(&self) -> String {
-        format!(
-            "{}, accel {} ({})",
-            self.binary.display(),
-            self.accel.name(),
-            self.accel_reason
-        )
+        format!("{}, accel {} ({})", self.binary.display(), self.accel.name(), self.accel_reason)
     }
 
     fn boot(&self, spec: &BootSpec) -> Result<Box<dyn RunningVm>> {
@@ -278,7 +258,11 @@ impl Engine for QemuEngine {
         for name in [MIGRATION_FILE, SNAPSHOT_DISK] {
             let path = dir.join(name);
             vmm::snapshot::open_regular(&path).map_err(|e| {
-                SandboxError::Snapshot(format!("{} is not a QEMU sandbox snapshot ({}: {e})", dir.display(), path.display()))
+                SandboxError::Snapshot(format!(
+                    "{} is not a QEMU sandbox snapshot ({}: {e})",
+                    dir.display(),
+                    path.display()
+                ))
             })?;
         }
         self.start(spec, &dir.join(SNAPSHOT_DISK), Some(&dir.join(MIGRATION_FILE)))
@@ -321,10 +305,12 @@ impl QemuEngine {
         // The network first: a host port that cannot be forwarded fails before QEMU starts.
         let network = match &spec.net {
             Some(net) => {
-                let (ours, qemu_end) = UnixStream::pair().map_err(|e| start_err("cannot create the network socketpair", e))?;
+                let (ours, qemu_end) =
+                    UnixStream::pair().map_err(|e| start_err("cannot create the network socketpair", e))?;
                 vmm::size_stream_buffers(&qemu_end);
                 let egress = vmm::LivePolicy::new(passt::network_config(net).egress);
-                let for_passt = passt::filter(ours, egress.clone()).map_err(|e| start_err("cannot start the network's filter threads", e))?;
+                let for_passt = passt::filter(ours, egress.clone())
+                    .map_err(|e| start_err("cannot start the network's filter threads", e))?;
                 Some((passt::Passt::start(for_passt, net, run_dir.path(), EngineKind::Qemu)?, egress, qemu_end))
             }
             None => None,
@@ -394,39 +380,19 @@ impl QemuEngine {
         let pid = child.id();
         tracing::debug!(pid, accel = self.accel.name(), "qemu started");
 
-        let proc = Arc::new(Proc {
-            pid,
-            reaped: Mutex::new(false),
-            killed: AtomicBool::new(false),
-        });
+        let proc = Arc::new(Proc { pid, reaped: Mutex::new(false), killed: AtomicBool::new(false) });
         let exit = Arc::new(ExitSlot::default());
         let tail = Tail::new(CONSOLE_TAIL_BYTES);
         let stderr_tail = Tail::new(4 << 10);
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         let monitor = {
-            let (proc, exit, console, tail, stderr_tail) = (
-                proc.clone(),
-                exit.clone(),
-                console.clone(),
-                tail.clone(),
-                stderr_tail.clone(),
-            );
+            let (proc, exit, console, tail, stderr_tail) =
+                (proc.clone(), exit.clone(), console.clone(), tail.clone(), stderr_tail.clone());
             let sink = TailWriter { inner: sink, tail };
             std::thread::Builder::new()
                 .name(format!("mc-qemu-{pid}"))
-                .spawn(move || {
-                    monitor(
-                        child,
-                        stdout,
-                        stderr,
-                        sink,
-                        stderr_tail,
-                        proc,
-                        console,
-                        exit,
-                    )
-                })
+                .spawn(move || monitor(child, stdout, stderr, sink, stderr_tail, proc, console, exit))
         };
         let monitor = match monitor {
             Ok(h) => h,
@@ -438,10 +404,7 @@ impl QemuEngine {
                     libc::kill(-(pid as i32), libc::SIGKILL);
                     libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
                 }
-                return Err(SandboxError::Thread {
-                    what: "QEMU monitor",
-                    source: e,
-                });
+                return Err(SandboxError::Thread { what: "QEMU monitor", source: e });
             }
         };
         Ok(Box::new(QemuVm {
@@ -500,16 +463,8 @@ fn monitor(
     let (mut out_open, mut err_open) = (true, true);
     while out_open || err_open {
         let mut fds = [
-            libc::pollfd {
-                fd: if out_open { stdout.as_raw_fd() } else { -1 },
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: if err_open { stderr.as_raw_fd() } else { -1 },
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            libc::pollfd { fd: if out_open { stdout.as_raw_fd() } else { -1 }, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: if err_open { stderr.as_raw_fd() } else { -1 }, events: libc::POLLIN, revents: 0 },
         ];
         // SAFETY: `fds` is a valid array of two pollfds.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
@@ -532,11 +487,7 @@ fn monitor(
                 Ok(0) | Err(_) => err_open = false,
                 Ok(n) => {
                     stderr_tail.push(&buf[..n]);
-                    tracing::debug!(
-                        pid = proc.pid,
-                        "qemu stderr: {}",
-                        String::from_utf8_lossy(&buf[..n]).trim_end()
-                    );
+                    tracing::debug!(pid = proc.pid, "qemu stderr: {}", String::from_utf8_lossy(&buf[..n]).trim_end());
                 }
             }
         }
@@ -546,12 +497,7 @@ fn monitor(
     // SAFETY: a zeroed siginfo_t is a valid out-parameter.
     unsafe {
         let mut info: libc::siginfo_t = std::mem::zeroed();
-        while libc::waitid(
-            libc::P_PID,
-            proc.pid,
-            &mut info,
-            libc::WEXITED | libc::WNOWAIT,
-        ) < 0
+        while libc::waitid(libc::P_PID, proc.pid, &mut info, libc::WEXITED | libc::WNOWAIT) < 0
             && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
         {}
     }
@@ -566,9 +512,7 @@ fn monitor(
     let stderr_text = stderr_tail.text(10);
     let vm_exit = match status {
         Ok(s) if s.success() => VmExit::GuestReset,
-        Ok(s) if s.signal() == Some(libc::SIGKILL) && proc.killed.load(Ordering::SeqCst) => {
-            VmExit::Killed
-        }
+        Ok(s) if s.signal() == Some(libc::SIGKILL) && proc.killed.load(Ordering::SeqCst) => VmExit::Killed,
         Ok(s) => VmExit::Crashed {
             code: "E_QEMU_EXIT".into(),
             message: match (s.code(), s.signal()) {
@@ -577,10 +521,7 @@ fn monitor(
                 _ => format!("QEMU ended ({s}): {stderr_text}"),
             },
         },
-        Err(e) => VmExit::Crashed {
-            code: "E_QEMU_EXIT".into(),
-            message: format!("cannot wait for QEMU: {e}"),
-        },
+        Err(e) => VmExit::Crashed { code: "E_QEMU_EXIT".into(), message: format!("cannot wait for QEMU: {e}") },
     };
     tracing::debug!(pid = proc.pid, exit = %vm_exit, "qemu ended");
     exit.set(vm_exit);
@@ -624,7 +565,9 @@ impl QemuVm {
         }
         let mut state = self.qmp.lock().unwrap_or_else(|e| e.into_inner());
         if let QmpState::Unconnected(_) = &*state {
-            let QmpState::Unconnected(stream) = std::mem::replace(&mut *state, QmpState::Broken) else { unreachable!() };
+            let QmpState::Unconnected(stream) = std::mem::replace(&mut *state, QmpState::Broken) else {
+                unreachable!()
+            };
             *state = QmpState::Ready(Qmp::connect(stream, Duration::from_secs(30)).map_err(error)?);
         }
         match &mut *state {
@@ -713,10 +656,7 @@ impl RunningVm for QemuVm {
     }
 
     fn take_channel(&self) -> Option<UnixStream> {
-        self.channel
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        self.channel.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     fn exit_slot(&self) -> &Arc<ExitSlot> {
@@ -735,7 +675,9 @@ impl RunningVm for QemuVm {
         }
         // QMP has no halted state of its own; HMP's register dump has `HLT=` and the flags.
         let dump = self
-            .with_qmp(vm_state, |qmp| qmp.execute("human-monitor-command", serde_json::json!({ "command-line": "info registers -a" })))
+            .with_qmp(vm_state, |qmp| {
+                qmp.execute("human-monitor-command", serde_json::json!({ "command-line": "info registers -a" }))
+            })
             .ok()?;
         let cpus = halted_with_interrupts_off(dump.as_str()?)?;
         Some(format!("the guest halted its {cpus} vCPU(s) with interrupts off (halt -f or poweroff -f: the machine has no power-off device); nothing can wake it"))
@@ -766,19 +708,11 @@ impl Drop for QemuVm {
         // SIGKILL cannot be ignored: QEMU is gone within milliseconds. Wait for the reap, so
         // that no process outlives its handle.
         if self.exit.wait_timeout(crate::limits::KILL_WAIT).is_some() {
-            if let Some(h) = self
-                .monitor
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
-            {
+            if let Some(h) = self.monitor.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 let _ = h.join();
             }
         } else {
-            tracing::warn!(
-                pid = self.proc.pid,
-                "QEMU did not end within 10 s of SIGKILL"
-            );
+            tracing::warn!(pid = self.proc.pid, "QEMU did not end within 10 s of SIGKILL");
         }
     }
 }
@@ -799,32 +733,18 @@ mod tests {
             Path::new("/img,with,commas/rootfs.ext4"),
             Some(Path::new("/s/it's/qemu.mig")),
         );
-        let s: Vec<String> = tcg
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
+        let s: Vec<String> = tcg.iter().map(|a| a.to_string_lossy().into_owned()).collect();
         let joined = s.join(" ");
         assert!(joined.starts_with("-M microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off -sandbox on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny -accel tcg -m 256 -smp 2 -kernel /k/vmlinux"), "{joined}");
-        assert!(
-            s.contains(&"console=ttyS0 root=/dev/vda rw reboot=t panic=1 init=/bin/sh".to_string()),
-            "{s:?}"
-        );
-        assert!(s.contains(
-            &"if=none,id=root,file=/img,,with,,commas/rootfs.ext4,format=raw".to_string()
-        ));
+        assert!(s.contains(&"console=ttyS0 root=/dev/vda rw reboot=t panic=1 init=/bin/sh".to_string()), "{s:?}");
+        assert!(s.contains(&"if=none,id=root,file=/img,,with,,commas/rootfs.ext4,format=raw".to_string()));
         assert!(joined.contains("-chardev socket,id=qmp,fd=4 -mon chardev=qmp,mode=control"));
         assert!(joined.contains("-incoming exec:cat '/s/it'\\''s/qemu.mig'"), "{joined}");
-        assert!(joined.contains(
-            "-chardev socket,id=agent,fd=3 -device virtserialport,chardev=agent,name=agent"
-        ));
+        assert!(joined.contains("-chardev socket,id=agent,fd=3 -device virtserialport,chardev=agent,name=agent"));
         assert!(joined.ends_with("-display none -nodefaults -no-user-config -no-reboot"));
         assert!(!joined.contains("-cpu host"));
         let kvm = QemuEngine::new("q", Accel::Kvm).args(&spec, Path::new("/d"), None);
-        let joined = kvm
-            .iter()
-            .map(|a| a.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let joined = kvm.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
         assert!(joined.contains("-enable-kvm -cpu host -m 256"), "{joined}");
     }
 
@@ -832,9 +752,17 @@ mod tests {
     fn a_network_is_a_frame_stream_on_fd_5() {
         let engine = QemuEngine::new("/usr/bin/qemu-system-x86_64", Accel::Tcg);
         let mut spec = BootSpec::new("/k", "/r");
-        let joined = |spec: &BootSpec| engine.args(spec, Path::new("/d"), None).iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        let joined = |spec: &BootSpec| {
+            engine
+                .args(spec, Path::new("/d"), None)
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         assert!(!joined(&spec).contains("netdev"), "no network unless asked for");
-        spec.net = Some(NetSpec { ports: vec![PortForward { host: 8080, guest: 80, udp: false }], ..Default::default() });
+        spec.net =
+            Some(NetSpec { ports: vec![PortForward { host: 8080, guest: 80, udp: false }], ..Default::default() });
         let a = joined(&spec);
         assert!(
             a.contains("-netdev socket,id=net0,fd=5 -device virtio-net-device,netdev=net0,mac=02:4d:43:00:00:01"),
@@ -860,15 +788,9 @@ mod tests {
     #[test]
     fn a_missing_binary_is_e_qemu_not_found() {
         let spec = BootSpec::new("/nonexistent/vmlinux", "/nonexistent/rootfs");
-        let e = QemuEngine::new("/nonexistent/qemu-system-x86_64", Accel::Tcg)
-            .boot(&spec)
-            .err()
-            .unwrap();
+        let e = QemuEngine::new("/nonexistent/qemu-system-x86_64", Accel::Tcg).boot(&spec).err().unwrap();
         assert_eq!(e.code(), "E_QEMU_NOT_FOUND");
-        assert!(
-            e.to_string().contains("apt-get install qemu-system-x86"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("apt-get install qemu-system-x86"), "{e}");
     }
 
     /// A fake "QEMU" (a shell script) shows the process plumbing without a VM: the console pipe,
@@ -884,8 +806,7 @@ mod tests {
              cat <&3 >&3 &\nwait\n",
         )
         .unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let engine = QemuEngine::new(&fake, Accel::Tcg);
 
         // Echo over fd 3, then a clean end when the host closes its side.
@@ -901,20 +822,9 @@ mod tests {
         ch.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"ping");
         drop(ch);
-        assert_eq!(
-            vm.wait_timeout(Duration::from_secs(10)),
-            Some(VmExit::GuestReset)
-        );
-        assert_eq!(
-            vm.console().unwrap().try_read(100),
-            console::TryRead::Data(b"console line 1\n".to_vec())
-        );
-        assert!(
-            vm.console_tail()
-                .contains("console line 1\n[qemu stderr]\nqemu: warning"),
-            "{}",
-            vm.console_tail()
-        );
+        assert_eq!(vm.wait_timeout(Duration::from_secs(10)), Some(VmExit::GuestReset));
+        assert_eq!(vm.console().unwrap().try_read(100), console::TryRead::Data(b"console line 1\n".to_vec()));
+        assert!(vm.console_tail().contains("console line 1\n[qemu stderr]\nqemu: warning"), "{}", vm.console_tail());
 
         // A failing QEMU: Crashed with its stderr.
         spec.extra_cmdline = "fail".into();
@@ -922,10 +832,7 @@ mod tests {
         match vm.wait_timeout(Duration::from_secs(10)) {
             Some(VmExit::Crashed { code, message }) => {
                 assert_eq!(code, "E_QEMU_EXIT");
-                assert!(
-                    message.contains("status 3") && message.contains("qemu: fatal"),
-                    "{message}"
-                );
+                assert!(message.contains("status 3") && message.contains("qemu: fatal"), "{message}");
             }
             other => panic!("{other:?}"),
         }
@@ -936,18 +843,12 @@ mod tests {
         let pid = vm.pid().unwrap() as i32;
         std::thread::sleep(Duration::from_millis(100));
         vm.kill();
-        assert_eq!(
-            vm.wait_timeout(Duration::from_secs(10)),
-            Some(VmExit::Killed)
-        );
+        assert_eq!(vm.wait_timeout(Duration::from_secs(10)), Some(VmExit::Killed));
         // The background `sleep` was reparented; its zombie is reaped by init soon after.
         let t = std::time::Instant::now();
         // SAFETY: probing a process group with signal 0.
         while unsafe { libc::kill(-pid, 0) } == 0 {
-            assert!(
-                t.elapsed() < Duration::from_secs(5),
-                "a process of the group survived"
-            );
+            assert!(t.elapsed() < Duration::from_secs(5), "a process of the group survived");
             std::thread::sleep(Duration::from_millis(10));
         }
         vm.kill(); // idempotent after the end

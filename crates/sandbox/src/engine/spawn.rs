@@ -21,13 +21,11 @@ fn spawner() -> io::Result<Sender<Request>> {
     let (tx, rx) = mpsc::channel::<Request>();
     let tx = Mutex::new(tx);
     // A race may start two threads; the loser's receiver then ends and its thread with it.
-    std::thread::Builder::new()
-        .name("microcell-spawner".into())
-        .spawn(move || {
-            for (mut cmd, reply) in rx {
-                let _ = reply.send(cmd.spawn());
-            }
-        })?;
+    std::thread::Builder::new().name("microcell-spawner".into()).spawn(move || {
+        for (mut cmd, reply) in rx {
+            let _ = reply.send(cmd.spawn());
+        }
+    })?;
     let tx = SPAWNER.get_or_init(|| tx);
     Ok(tx.lock().unwrap_or_else(|e| e.into_inner()).clone())
 }
@@ -35,12 +33,8 @@ fn spawner() -> io::Result<Sender<Request>> {
 /// Spawns `cmd` from the spawner thread. Whatever `pre_exec` it carries runs in the child.
 pub(crate) fn spawn(cmd: Command) -> io::Result<Child> {
     let (reply_tx, reply_rx) = mpsc::channel();
-    spawner()?
-        .send((cmd, reply_tx))
-        .map_err(|_| io::Error::other("the spawner thread has ended"))?;
-    reply_rx
-        .recv()
-        .map_err(|_| io::Error::other("the spawner thread has ended"))?
+    spawner()?.send((cmd, reply_tx)).map_err(|_| io::Error::other("the spawner thread has ended"))?;
+    reply_rx.recv().map_err(|_| io::Error::other("the spawner thread has ended"))?
 }
 
 /// In a child between fork and exec: asks for SIGKILL when this process ends, and fails if it
@@ -63,7 +57,11 @@ pub(crate) fn die_with_parent(parent: u32) -> io::Result<()> {
 pub(crate) fn find_program(env_var: &str, name: &str) -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os(env_var).filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
-        return if is_executable(&p) { Ok(p) } else { Err(format!("{env_var}={} is not an executable file", p.display())) };
+        return if is_executable(&p) {
+            Ok(p)
+        } else {
+            Err(format!("{env_var}={} is not an executable file", p.display()))
+        };
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)

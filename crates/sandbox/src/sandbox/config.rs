@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ConfigError, Result, SandboxError};
 use crate::config::microvm::NetworkScope;
 use crate::config::types::{normalize_guest_path, PortPair};
 use crate::engine::{BootSpec, EngineChoice, NetSpec, PortForward, Share, GUEST_NET};
+use crate::error::{ConfigError, Result, SandboxError};
 
 /// The mount tag of volume `i` (the guest finds it by this name).
 fn volume_tag(i: usize) -> String {
@@ -107,10 +107,9 @@ fn validate_volumes(volumes: &mut [Volume]) -> Result<()> {
         return Err(volume_error(format!("{} volumes: give at most {MAX_VOLUMES}", volumes.len())));
     }
     for v in volumes.iter_mut() {
-        let host = std::fs::canonicalize(&v.host)
-            .ok()
-            .filter(|p| p.is_dir())
-            .ok_or_else(|| volume_error(format!("volume host path {} is not an existing directory: give one", v.host.display())))?;
+        let host = std::fs::canonicalize(&v.host).ok().filter(|p| p.is_dir()).ok_or_else(|| {
+            volume_error(format!("volume host path {} is not an existing directory: give one", v.host.display()))
+        })?;
         v.host = host;
         let guest = normalize_guest_path("volume guest path", &v.guest).map_err(|e| volume_error(e.to_string()))?;
         if guest == "/" || guest.contains([',', ':']) || guest.chars().any(char::is_whitespace) {
@@ -122,7 +121,10 @@ fn validate_volumes(volumes: &mut [Volume]) -> Result<()> {
         for b in &volumes[i + 1..] {
             let nested = |x: &str, y: &str| x == y || y.starts_with(&format!("{x}/"));
             if nested(&a.guest, &b.guest) || nested(&b.guest, &a.guest) {
-                return Err(volume_error(format!("volume guest paths {} and {} overlap: give each its own directory", a.guest, b.guest)));
+                return Err(volume_error(format!(
+                    "volume guest paths {} and {} overlap: give each its own directory",
+                    a.guest, b.guest
+                )));
             }
         }
     }
@@ -153,7 +155,9 @@ fn validate_metadata(metadata: &BTreeMap<String, String>) -> Result<()> {
             return Err(err(format!("metadata key {k:?}: give 1 to {MAX_METADATA_KEY} printable characters")));
         }
         if v.chars().count() > MAX_METADATA_VALUE || !printable(v) {
-            return Err(err(format!("metadata value of {k:?}: give at most {MAX_METADATA_VALUE} printable characters")));
+            return Err(err(format!(
+                "metadata value of {k:?}: give at most {MAX_METADATA_VALUE} printable characters"
+            )));
         }
     }
     Ok(())
@@ -204,7 +208,9 @@ fn destinations(list: &str, entries: &[String]) -> Result<Vec<vmm::Ipv4Net>> {
             "private" => nets.extend(PRIVATE_NETWORKS.iter().map(|n| n.parse::<vmm::Ipv4Net>().expect("valid"))),
             "host" => nets.push(format!("{}/32", GUEST_NET.1).parse().expect("valid")),
             other => nets.push(other.parse().map_err(|m| {
-                SandboxError::from(ConfigError::Network(format!("network {list}: {m}; give an IPv4 address, a.b.c.d/prefix, \"private\" or \"host\"")))
+                SandboxError::from(ConfigError::Network(format!(
+                    "network {list}: {m}; give an IPv4 address, a.b.c.d/prefix, \"private\" or \"host\""
+                )))
             })?),
         }
     }
@@ -222,7 +228,12 @@ impl NetworkConfig {
     /// outbound to public addresses only (`deny: ["private"]`); `any` — outbound anywhere.
     pub fn for_microvm(scope: NetworkScope, port_map: &[String]) -> Option<NetworkConfig> {
         let ports = port_map.to_vec();
-        let config = |outbound, deny: &[&str]| NetworkConfig { outbound, ports: ports.clone(), deny: deny.iter().map(|d| d.to_string()).collect(), allow: vec![] };
+        let config = |outbound, deny: &[&str]| NetworkConfig {
+            outbound,
+            ports: ports.clone(),
+            deny: deny.iter().map(|d| d.to_string()).collect(),
+            allow: vec![],
+        };
         match scope {
             NetworkScope::None => None,
             NetworkScope::Group if ports.is_empty() => None,
@@ -239,7 +250,8 @@ impl NetworkConfig {
     pub fn net_spec(&self) -> Result<NetSpec> {
         let mut ports: Vec<PortForward> = Vec::new();
         for p in &self.ports {
-            let pair = PortPair::parse(p).map_err(|e| SandboxError::from(ConfigError::Network(format!("network ports: {e}"))))?;
+            let pair = PortPair::parse(p)
+                .map_err(|e| SandboxError::from(ConfigError::Network(format!("network ports: {e}"))))?;
             if ports.iter().any(|q| q.host == pair.host && q.udp == pair.udp) {
                 return Err(ConfigError::Network(format!(
                     "network port {p:?} forwards host {} port {} a second time: give each host port once",
@@ -256,7 +268,12 @@ impl NetworkConfig {
             )
             .into());
         }
-        Ok(NetSpec { outbound: self.outbound, ports, deny: destinations("deny", &self.deny)?, allow: destinations("allow", &self.allow)? })
+        Ok(NetSpec {
+            outbound: self.outbound,
+            ports,
+            deny: destinations("deny", &self.deny)?,
+            allow: destinations("allow", &self.allow)?,
+        })
     }
 }
 
@@ -306,9 +323,7 @@ pub fn guest_cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("MICROCELL_CACHE").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "/root".into());
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).unwrap_or_else(|| "/root".into());
     PathBuf::from(home).join(".cache/microcell")
 }
 
@@ -364,8 +379,7 @@ impl SandboxConfig {
     /// Parses the JSON the TypeScript builder produces. Numbers that are not whole numbers in
     /// range get the code of their option; anything else that does not fit is `E_CONFIG_JSON`.
     pub fn from_json(json: &str) -> Result<SandboxConfig> {
-        let value: serde_json::Value =
-            serde_json::from_str(json).map_err(|e| json_error(e.to_string()))?;
+        let value: serde_json::Value = serde_json::from_str(json).map_err(|e| json_error(e.to_string()))?;
         let Some(object) = value.as_object() else {
             return Err(json_error("expected a JSON object".into()));
         };
@@ -419,7 +433,6 @@ impl SandboxConfig {
         crate::engine::kvm::missing_devices(!self.volumes.is_empty())
     }
 
-
     /// The console queue to keep: `consoleQueueBytes`, else the default.
     pub fn console_queue(&self) -> usize {
         self.console_queue_bytes.map_or(CONSOLE_QUEUE_BYTES, |n| n as usize)
@@ -445,9 +458,7 @@ impl SandboxConfig {
             validate_env(key, value)?;
         }
         if let Some(w) = &c.workdir {
-            c.workdir = Some(
-                normalize_guest_path("workdir", w)?,
-            );
+            c.workdir = Some(normalize_guest_path("workdir", w)?);
         }
         if !(MIN_BOOT_TIMEOUT_MS..=MAX_BOOT_TIMEOUT_MS).contains(&c.boot_timeout_ms) {
             return Err(ConfigError::Timeout(format!(
@@ -457,7 +468,11 @@ impl SandboxConfig {
             .into());
         }
         if c.max_duration_ms == Some(0) {
-            return Err(ConfigError::Timeout("maxDurationMs is 0: give a whole number of milliseconds from 1 to 4294967295, or none for no limit".into()).into());
+            return Err(ConfigError::Timeout(
+                "maxDurationMs is 0: give a whole number of milliseconds from 1 to 4294967295, or none for no limit"
+                    .into(),
+            )
+            .into());
         }
         if let Some(n) = c.console_queue_bytes {
             if !(1..=MAX_CONSOLE_QUEUE_BYTES).contains(&n) {
@@ -470,19 +485,14 @@ impl SandboxConfig {
         validate_volumes(&mut c.volumes)?;
         validate_metadata(&c.metadata)?;
         if let Some(args) = &c.kernel_args {
-            if args.len() > MAX_KERNEL_ARGS_LEN || !args.bytes().all(|b| (0x20..=0x7e).contains(&b))
-            {
+            if args.len() > MAX_KERNEL_ARGS_LEN || !args.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
                 return Err(ConfigError::Cmdline(format!(
                     "kernelArgs must be at most {MAX_KERNEL_ARGS_LEN} printable ASCII characters (no newlines or control characters), got {args:?}"
                 ))
                 .into());
             }
         }
-        for (what, path) in [
-            ("kernel", &c.kernel),
-            ("rootfs", &c.rootfs),
-            ("consoleOutput", &c.console_output),
-        ] {
+        for (what, path) in [("kernel", &c.kernel), ("rootfs", &c.rootfs), ("consoleOutput", &c.console_output)] {
             if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
                 return Err(json_error(format!("{what} is an empty path: give a path or leave it out")));
             }
@@ -494,18 +504,8 @@ impl SandboxConfig {
     /// The kernel and root disk to boot: the configured paths, else the defaults. Each must be
     /// an existing file (`E_GUEST_IMAGE_MISSING` says how to get it).
     pub fn guest_images(&self) -> Result<GuestImages> {
-        let kernel = check_image(
-            "kernel",
-            self.kernel.clone(),
-            default_kernel(),
-            "scripts/guest/build-kernel.sh",
-        )?;
-        let rootfs = check_image(
-            "root disk",
-            self.rootfs.clone(),
-            default_rootfs(),
-            "scripts/guest/build-rootfs.sh",
-        )?;
+        let kernel = check_image("kernel", self.kernel.clone(), default_kernel(), "scripts/guest/build-kernel.sh")?;
+        let rootfs = check_image("root disk", self.rootfs.clone(), default_rootfs(), "scripts/guest/build-rootfs.sh")?;
         Ok(GuestImages { kernel, rootfs })
     }
 
@@ -560,10 +560,7 @@ fn validate_name(name: &str) -> Result<()> {
 }
 
 fn validate_env(key: &str, value: &str) -> Result<()> {
-    let key_ok = key
-        .bytes()
-        .next()
-        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+    let key_ok = key.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
         && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if !key_ok {
         return Err(ConfigError::Env {
@@ -582,12 +579,7 @@ fn validate_env(key: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
-fn check_image(
-    what: &'static str,
-    given: Option<PathBuf>,
-    default: PathBuf,
-    script: &str,
-) -> Result<PathBuf> {
+fn check_image(what: &'static str, given: Option<PathBuf>, default: PathBuf, script: &str) -> Result<PathBuf> {
     let (path, hint) = match given {
         Some(p) => (p, format!("fix the {what} path, or leave it out for the default (the installed {GUEST_PACKAGE} package's, or the one scripts/setup.sh builds)")),
         None => (
@@ -614,10 +606,7 @@ mod tests {
     fn defaults_fill_in_and_round_trip() {
         let c = SandboxConfig::from_json("{}").unwrap();
         assert_eq!(c, SandboxConfig::default());
-        assert_eq!(
-            c.to_json(),
-            r#"{"memoryMib":512,"cpus":1,"engine":"auto","bootTimeoutMs":30000}"#
-        );
+        assert_eq!(c.to_json(), r#"{"memoryMib":512,"cpus":1,"engine":"auto","bootTimeoutMs":30000}"#);
         let json = r#"{"name":"box-1","memoryMib":256,"cpus":2,"env":{"A":"1","B_2":"x y"},"workdir":"/srv//app/","engine":"qemu","kernel":"/k","rootfs":"/r","bootTimeoutMs":5000,"consoleOutput":"/tmp/c.log","kernelArgs":"loglevel=8"}"#;
         let c = SandboxConfig::from_json(json).unwrap();
         assert_eq!(c.engine, EngineChoice::Qemu);
@@ -654,10 +643,7 @@ mod tests {
         assert_eq!(code(r#"{"name":""}"#), "E_CONFIG_NAME");
         assert_eq!(code(r#"{"name":"a_b"}"#), "E_CONFIG_NAME");
         assert_eq!(code(r#"{"name":"-a"}"#), "E_CONFIG_NAME");
-        assert_eq!(
-            code(&format!(r#"{{"name":"{}"}}"#, "a".repeat(64))),
-            "E_CONFIG_NAME"
-        );
+        assert_eq!(code(&format!(r#"{{"name":"{}"}}"#, "a".repeat(64))), "E_CONFIG_NAME");
         assert_eq!(code(&format!(r#"{{"name":"{}"}}"#, "a".repeat(63))), "OK");
         assert_eq!(code(r#"{"env":{"1A":"x"}}"#), "E_CONFIG_ENV");
         assert_eq!(code(r#"{"env":{"A-B":"x"}}"#), "E_CONFIG_ENV");
@@ -698,7 +684,10 @@ mod tests {
         assert_eq!(code(r#"{"volumes":[{"host":"/tmp","guest":"data"}]}"#), "E_CONFIG_VOLUME");
         assert_eq!(code(r#"{"volumes":[{"host":"/tmp","guest":"/"}]}"#), "E_CONFIG_VOLUME");
         assert_eq!(code(r#"{"volumes":[{"host":"/tmp","guest":"/a,b"}]}"#), "E_CONFIG_VOLUME");
-        assert_eq!(code(r#"{"volumes":[{"host":"/tmp","guest":"/a"},{"host":"/tmp","guest":"/a/b"}]}"#), "E_CONFIG_VOLUME");
+        assert_eq!(
+            code(r#"{"volumes":[{"host":"/tmp","guest":"/a"},{"host":"/tmp","guest":"/a/b"}]}"#),
+            "E_CONFIG_VOLUME"
+        );
         assert_eq!(code(r#"{"volumes":[{"host":"/tmp","guest":"/a","ro":true}]}"#), "E_CONFIG_JSON");
         assert_eq!(code(r#"{"kernel":""}"#), "E_CONFIG_JSON");
         for c in [
@@ -722,9 +711,14 @@ mod tests {
     #[test]
     fn deny_and_allow_name_networks_private_and_host_included() {
         let net = |deny: &[&str], allow: &[&str]| {
-            NetworkConfig { outbound: true, ports: vec![], deny: deny.iter().map(|s| s.to_string()).collect(), allow: allow.iter().map(|s| s.to_string()).collect() }
-                .net_spec()
-                .unwrap()
+            NetworkConfig {
+                outbound: true,
+                ports: vec![],
+                deny: deny.iter().map(|s| s.to_string()).collect(),
+                allow: allow.iter().map(|s| s.to_string()).collect(),
+            }
+            .net_spec()
+            .unwrap()
         };
         let spec = net(&["private"], &["host"]);
         assert_eq!(spec.deny.len(), PRIVATE_NETWORKS.len());
@@ -732,7 +726,14 @@ mod tests {
         assert!(spec.deny.iter().any(|n| n.contains([10, 0, 2, 2])), "so is the host's loopback");
         assert!(!spec.deny.iter().any(|n| n.contains([8, 8, 8, 8])));
         assert_eq!(spec.allow, vec!["10.0.2.2/32".parse().unwrap()]);
-        let err = NetworkConfig { outbound: true, ports: vec![], deny: vec!["10.0.0.0/8".into(), "nope".into()], allow: vec![] }.net_spec().unwrap_err();
+        let err = NetworkConfig {
+            outbound: true,
+            ports: vec![],
+            deny: vec!["10.0.0.0/8".into(), "nope".into()],
+            allow: vec![],
+        }
+        .net_spec()
+        .unwrap_err();
         assert!(err.to_string().contains("\"nope\"") && err.to_string().contains("\"private\""), "{err}");
     }
 
@@ -758,8 +759,16 @@ mod tests {
         let (kernel, ks) = default_kernel_source();
         let (rootfs, rs) = default_rootfs_source();
         set_packaged_guest(None);
-        if env_set("MICROCELL_KERNEL") { assert_eq!(ks, "env") } else { assert_eq!((kernel, ks), (g.kernel, "package")) }
-        if env_set("MICROCELL_ROOTFS") { assert_eq!(rs, "env") } else { assert_eq!((rootfs, rs), (g.rootfs, "package")) }
+        if env_set("MICROCELL_KERNEL") {
+            assert_eq!(ks, "env")
+        } else {
+            assert_eq!((kernel, ks), (g.kernel, "package"))
+        }
+        if env_set("MICROCELL_ROOTFS") {
+            assert_eq!(rs, "env")
+        } else {
+            assert_eq!((rootfs, rs), (g.rootfs, "package"))
+        }
         // Forgotten: back to the environment or the cache scripts/setup.sh fills.
         assert_ne!(default_kernel_source().1, "package");
         if !env_set("MICROCELL_ROOTFS") {
@@ -769,21 +778,13 @@ mod tests {
 
     #[test]
     fn missing_images_say_what_to_run() {
-        let c = SandboxConfig {
-            kernel: Some("/nonexistent/vmlinux".into()),
-            ..Default::default()
-        };
+        let c = SandboxConfig { kernel: Some("/nonexistent/vmlinux".into()), ..Default::default() };
         let e = c.guest_images().unwrap_err();
         assert_eq!(e.code(), "E_GUEST_IMAGE_MISSING");
         assert!(e.to_string().contains("/nonexistent/vmlinux"), "{e}");
         let dir = tempfile::tempdir().unwrap();
-        let e = check_image(
-            "kernel",
-            None,
-            dir.path().join("kernel-current/vmlinux"),
-            "scripts/guest/build-kernel.sh",
-        )
-        .unwrap_err();
+        let e = check_image("kernel", None, dir.path().join("kernel-current/vmlinux"), "scripts/guest/build-kernel.sh")
+            .unwrap_err();
         assert_eq!(e.code(), "E_GUEST_IMAGE_MISSING");
         assert!(e.to_string().contains("scripts/setup.sh"), "{e}");
         assert!(e.to_string().contains("npm install microcell-guest-linux-x64"), "{e}");
@@ -792,9 +793,6 @@ mod tests {
         assert_eq!(e.code(), "E_GUEST_IMAGE_MISSING");
         let f = dir.path().join("vmlinux");
         std::fs::write(&f, b"x").unwrap();
-        assert_eq!(
-            check_image("kernel", Some(f.clone()), PathBuf::new(), "x").unwrap(),
-            f
-        );
+        assert_eq!(check_image("kernel", Some(f.clone()), PathBuf::new(), "x").unwrap(), f);
     }
 }

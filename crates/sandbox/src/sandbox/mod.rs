@@ -16,25 +16,23 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-pub use config::{
-    default_kernel, default_kernel_source, default_rootfs, default_rootfs_source, guest_cache_dir, set_packaged_guest, validate_sandbox_config_json, GUEST_PACKAGE, GuestImages, NetworkConfig, NetworkUpdate, Volume,
-    SandboxConfig,
-};
 pub use crate::limits::{
     DEFAULT_BOOT_TIMEOUT_MS, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_BOOT_TIMEOUT_MS, MAX_VCPUS, MIN_BOOT_TIMEOUT_MS,
     MIN_MEMORY_MIB,
 };
 pub(crate) use config::check_console_output;
+pub use config::{
+    default_kernel, default_kernel_source, default_rootfs, default_rootfs_source, guest_cache_dir, set_packaged_guest,
+    validate_sandbox_config_json, GuestImages, NetworkConfig, NetworkUpdate, SandboxConfig, Volume, GUEST_PACKAGE,
+};
 pub use snapshot::{snapshot_info, RestoreOptions as SandboxRestoreOptions, SnapshotInfo, SANDBOX_FILE};
 
 use crate::agent_client::{ready_from, AgentClient};
-use crate::error::{Result, SandboxError};
 use crate::console::{ConsoleReader, ConsoleStats};
+use crate::engine::{self, Engine, EngineKind, EngineSelection, ExitFuture, RunningVm, VmExit};
+use crate::error::{Result, SandboxError};
 use crate::exec::{ExecHandle, ExecOutput, ExecRequest};
 use crate::fs::{CopyStats, DirEntryInfo, FileReadStream, FileStat, FileWriteStream, WriteOptions};
-use crate::engine::{
-    self, Engine, EngineKind, EngineSelection, ExitFuture, RunningVm, VmExit,
-};
 
 pub use crate::limits::CONSOLE_QUEUE_BYTES;
 /// How often the boot wait looks at whether the VM has ended (only while the agent is silent).
@@ -97,11 +95,7 @@ impl Sandbox {
     }
 
     /// [`Sandbox::create`] on a given engine (tests; callers that keep an engine around).
-    pub fn create_on(
-        config: SandboxConfig,
-        engine: &dyn Engine,
-        selection: EngineSelection,
-    ) -> Result<Sandbox> {
+    pub fn create_on(config: SandboxConfig, engine: &dyn Engine, selection: EngineSelection) -> Result<Sandbox> {
         let t0 = Instant::now();
         let config = config.validate()?;
         let images = config.guest_images()?;
@@ -141,7 +135,12 @@ impl Sandbox {
         Ok(Sandbox::assemble(config, info, agent, vm))
     }
 
-    pub(crate) fn assemble(config: SandboxConfig, info: ReadyInfo, agent: AgentClient, vm: Box<dyn RunningVm>) -> Sandbox {
+    pub(crate) fn assemble(
+        config: SandboxConfig,
+        info: ReadyInfo,
+        agent: AgentClient,
+        vm: Box<dyn RunningVm>,
+    ) -> Sandbox {
         let (agent, vm): (Arc<AgentClient>, Arc<dyn RunningVm>) = (Arc::new(agent), Arc::from(vm));
         let watchdog = watchdog::Watchdog::start(agent.clone(), vm.clone(), watchdog::Bounds::default());
         Sandbox { network: Mutex::new(config.network.clone()), config, info, agent, vm, watchdog }
@@ -289,7 +288,12 @@ impl Sandbox {
     }
 
     /// Copies a guest file or tree to the host ([`AgentClient::copy_to_host`]).
-    pub fn copy_to_host(&self, guest: &str, host: &std::path::Path, opts: crate::CopyToHostOptions) -> Result<CopyStats> {
+    pub fn copy_to_host(
+        &self,
+        guest: &str,
+        host: &std::path::Path,
+        opts: crate::CopyToHostOptions,
+    ) -> Result<CopyStats> {
         self.agent.copy_to_host(guest, host, opts)
     }
 
@@ -312,10 +316,7 @@ impl Sandbox {
         if let Err(e) = self.agent.poweroff(timeout) {
             tracing::debug!(code = e.code(), "poweroff not acknowledged: {e}");
         }
-        if let Some(exit) = self
-            .vm
-            .wait_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
+        if let Some(exit) = self.vm.wait_timeout(deadline.saturating_duration_since(Instant::now())) {
             return exit;
         }
         tracing::warn!(
@@ -448,10 +449,7 @@ fn wait_ready(
             Ok(Some(frame)) => return ready_from(frame),
             Ok(None) => {
                 if let Some(exit) = vm.try_wait() {
-                    return Err(SandboxError::AgentExited {
-                        exit: exit.to_string(),
-                        console_tail: vm.console_tail(),
-                    });
+                    return Err(SandboxError::AgentExited { exit: exit.to_string(), console_tail: vm.console_tail() });
                 }
             }
             Err(SandboxError::ChannelClosed(why)) => return Err(closed_before_ready(vm, deadline, &why)),

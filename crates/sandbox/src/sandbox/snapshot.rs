@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::{connect, ReadyInfo, Sandbox, SandboxConfig};
-use crate::error::{ConfigError, Result, SandboxError};
 use crate::engine::{self, BootSpec, EngineKind};
+use crate::error::{ConfigError, Result, SandboxError};
 
 /// The sandbox's part of a snapshot directory.
 pub const SANDBOX_FILE: &str = "sandbox.json";
@@ -59,7 +59,11 @@ impl SnapshotMeta {
     pub fn read(dir: &Path) -> Result<SnapshotMeta> {
         let path = dir.join(SANDBOX_FILE);
         let not_one = |e: std::io::Error| {
-            SandboxError::Snapshot(format!("{} is not a snapshot of a sandbox or workload VM ({}: {e})", dir.display(), path.display()))
+            SandboxError::Snapshot(format!(
+                "{} is not a snapshot of a sandbox or workload VM ({}: {e})",
+                dir.display(),
+                path.display()
+            ))
         };
         // A regular file (never a FIFO that hangs the read), and small: what this crate writes
         // is a few hundred bytes.
@@ -67,7 +71,10 @@ impl SnapshotMeta {
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_META_BYTES + 1), &mut bytes).map_err(not_one)?;
         if bytes.len() as u64 > MAX_META_BYTES {
-            return Err(SandboxError::Snapshot(format!("{} is longer than {MAX_META_BYTES} bytes: not one this library wrote", path.display())));
+            return Err(SandboxError::Snapshot(format!(
+                "{} is longer than {MAX_META_BYTES} bytes: not one this library wrote",
+                path.display()
+            )));
         }
         serde_json::from_slice(&bytes)
             .map_err(|e| SandboxError::Snapshot(format!("{} is damaged: {e}; take the snapshot again", path.display())))
@@ -173,7 +180,11 @@ impl Sandbox {
         }
         if let Some(ports) = options.ports.clone() {
             let Some(network) = meta.config.network.as_mut() else {
-                return Err(ConfigError::Network(format!("{} has no network: its clones have no ports to forward", dir.display())).into());
+                return Err(ConfigError::Network(format!(
+                    "{} has no network: its clones have no ports to forward",
+                    dir.display()
+                ))
+                .into());
             };
             network.ports = ports;
         }

@@ -212,7 +212,10 @@ fn closed(vm: &dyn RunningVm, control: &Control, bounds: Bounds, e: &SandboxErro
         return;
     }
     // A VM that ends closes its channel: give the engine a moment to say so.
-    if vm.wait_timeout(bounds.closed_grace).is_some() || control.standing_down.load(Ordering::SeqCst) || control.is_done() {
+    if vm.wait_timeout(bounds.closed_grace).is_some()
+        || control.standing_down.load(Ordering::SeqCst)
+        || control.is_done()
+    {
         return;
     }
     let why = format!("the control channel to the guest agent failed while the VM ran ({e}): the sandbox was ended");

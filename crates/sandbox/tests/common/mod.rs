@@ -55,11 +55,7 @@ mod kvm;
 pub use kvm::{require_kvm, require_linux_kvm};
 
 pub fn config(engine: EngineChoice) -> SandboxConfig {
-    SandboxConfig {
-        engine,
-        memory_mib: 256,
-        ..Default::default()
-    }
+    SandboxConfig { engine, memory_mib: 256, ..Default::default() }
 }
 
 /// This process's children that are QEMU.
@@ -78,11 +74,7 @@ pub fn qemu_children() -> Vec<u32> {
             continue;
         };
         let comm = &stat[stat.find('(').map_or(0, |i| i + 1)..close];
-        let ppid: u32 = stat[close + 2..]
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let ppid: u32 = stat[close + 2..].split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
         if ppid == me && comm.starts_with("qemu-system") {
             out.push(pid);
         }
@@ -103,16 +95,8 @@ pub fn run_dirs() -> Vec<String> {
 
 pub fn assert_nothing_left(after: &str) {
     // A dropped sandbox has reaped QEMU and removed its files before drop returns.
-    assert_eq!(
-        qemu_children(),
-        Vec::<u32>::new(),
-        "QEMU processes left after {after}"
-    );
-    assert_eq!(
-        run_dirs(),
-        Vec::<String>::new(),
-        "per-VM directories left after {after}"
-    );
+    assert_eq!(qemu_children(), Vec::<u32>::new(), "QEMU processes left after {after}");
+    assert_eq!(run_dirs(), Vec::<String>::new(), "per-VM directories left after {after}");
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -127,11 +111,7 @@ pub fn create_ready_stop(choice: EngineChoice, kind: EngineKind) {
     let (kernel, rootfs) = images();
     let dir = tempfile::tempdir().unwrap();
     let console = dir.path().join("console.log");
-    let cfg = SandboxConfig {
-        name: Some("t-ready".into()),
-        console_output: Some(console.clone()),
-        ..config(choice)
-    };
+    let cfg = SandboxConfig { name: Some("t-ready".into()), console_output: Some(console.clone()), ..config(choice) };
     let sb = Sandbox::create(cfg).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
     let info = sb.info().clone();
     assert!(info.kernel_release.starts_with("6.1."), "{info:?}");
@@ -139,11 +119,7 @@ pub fn create_ready_stop(choice: EngineChoice, kind: EngineKind) {
     assert!(!info.engine_reason.is_empty() && !info.engine_detail.is_empty());
     assert_eq!(info.hostname, "t-ready", "the name becomes the hostname");
     assert_eq!((info.kernel.clone(), info.rootfs.clone()), (kernel, rootfs));
-    assert_ne!(
-        info.features & protocol::features::INIT,
-        0,
-        "the agent runs as PID 1"
-    );
+    assert_ne!(info.features & protocol::features::INIT, 0, "the agent runs as PID 1");
     assert!(info.boot_ms > 0.0 && info.boot_ms < 30_000.0, "{info:?}");
     match kind {
         EngineKind::Qemu => assert!(info.pid.is_some()),
@@ -159,36 +135,15 @@ pub fn create_ready_stop(choice: EngineChoice, kind: EngineKind) {
     let t = Instant::now();
     let exit = sb.stop(Duration::from_secs(10));
     let stop_ms = t.elapsed().as_millis();
-    assert_eq!(
-        exit,
-        VmExit::GuestReset,
-        "a graceful poweroff; console:\n{}",
-        sb.console_tail()
-    );
+    assert_eq!(exit, VmExit::GuestReset, "a graceful poweroff; console:\n{}", sb.console_tail());
     assert_eq!(sb.wait(), VmExit::GuestReset);
-    assert_eq!(
-        sb.stop(Duration::from_secs(1)),
-        VmExit::GuestReset,
-        "stop after the end is a no-op"
-    );
-    assert_eq!(
-        sb.ping(Duration::from_secs(1)).unwrap_err().code(),
-        "E_CHANNEL_CLOSED"
-    );
+    assert_eq!(sb.stop(Duration::from_secs(1)), VmExit::GuestReset, "stop after the end is a no-op");
+    assert_eq!(sb.ping(Duration::from_secs(1)).unwrap_err().code(), "E_CHANNEL_CLOSED");
     let log = std::fs::read_to_string(&console).unwrap();
-    assert!(
-        log.contains(&format!(
-            "microcell-agent ready (kernel {})",
-            info.kernel_release
-        )),
-        "{log}"
-    );
+    assert!(log.contains(&format!("microcell-agent ready (kernel {})", info.kernel_release)), "{log}");
     assert!(sb.console_tail().contains("microcell-agent ready"));
     let queued = sb.console().unwrap().try_read(1 << 20);
-    assert!(
-        matches!(queued, sandbox::console::TryRead::Data(ref d) if !d.is_empty()),
-        "{queued:?}"
-    );
+    assert!(matches!(queued, sandbox::console::TryRead::Data(ref d) if !d.is_empty()), "{queued:?}");
     drop(sb);
     assert_nothing_left("one sandbox");
     say(&format!(
@@ -204,23 +159,14 @@ pub fn cycles(choice: EngineChoice, kind: EngineKind, n: usize) -> Vec<f64> {
     let mut boot_ms = Vec::with_capacity(n);
     let t = Instant::now();
     for i in 0..n {
-        let sb = Sandbox::create(config(choice))
-            .unwrap_or_else(|e| panic!("cycle {i}: [{}] {e}", e.code()));
+        let sb = Sandbox::create(config(choice)).unwrap_or_else(|e| panic!("cycle {i}: [{}] {e}", e.code()));
         assert!(sb.info().kernel_release.starts_with("6.1."));
         boot_ms.push(sb.info().boot_ms);
         let pid = sb.info().pid;
         if kind == EngineKind::Qemu {
-            assert_eq!(
-                qemu_children(),
-                vec![pid.unwrap()],
-                "cycle {i}: exactly this sandbox's QEMU runs"
-            );
+            assert_eq!(qemu_children(), vec![pid.unwrap()], "cycle {i}: exactly this sandbox's QEMU runs");
         }
-        assert_eq!(
-            sb.stop(Duration::from_secs(10)),
-            VmExit::GuestReset,
-            "cycle {i}"
-        );
+        assert_eq!(sb.stop(Duration::from_secs(10)), VmExit::GuestReset, "cycle {i}");
         drop(sb);
         assert_nothing_left(&format!("cycle {i}"));
     }
@@ -242,13 +188,8 @@ pub fn cycles(choice: EngineChoice, kind: EngineKind, n: usize) -> Vec<f64> {
 pub fn missing_kernel(choice: EngineChoice) {
     images();
     let t = Instant::now();
-    let cfg = SandboxConfig {
-        kernel: Some("/nonexistent/vmlinux".into()),
-        ..config(choice)
-    };
-    let e = Sandbox::create(cfg)
-        .err()
-        .expect("no sandbox without a kernel");
+    let cfg = SandboxConfig { kernel: Some("/nonexistent/vmlinux".into()), ..config(choice) };
+    let e = Sandbox::create(cfg).err().expect("no sandbox without a kernel");
     assert_eq!(e.code(), "E_GUEST_IMAGE_MISSING", "{e}");
     assert!(e.to_string().contains("/nonexistent/vmlinux"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(1));
@@ -271,27 +212,15 @@ pub fn corrupt_root(choice: EngineChoice) {
     }
     std::fs::write(&disk, &bytes).unwrap();
     let t = Instant::now();
-    let cfg = SandboxConfig {
-        rootfs: Some(disk),
-        boot_timeout_ms: 60_000,
-        ..config(choice)
-    };
-    let e = Sandbox::create(cfg)
-        .err()
-        .expect("no sandbox on a corrupt root disk");
+    let cfg = SandboxConfig { rootfs: Some(disk), boot_timeout_ms: 60_000, ..config(choice) };
+    let e = Sandbox::create(cfg).err().expect("no sandbox on a corrupt root disk");
     let took = t.elapsed();
     assert_eq!(e.code(), "E_AGENT_EXITED", "{e}");
     let msg = e.to_string();
-    assert!(
-        msg.contains("Kernel panic") || msg.contains("VFS"),
-        "the console tail names the cause:\n{msg}"
-    );
+    assert!(msg.contains("Kernel panic") || msg.contains("VFS"), "the console tail names the cause:\n{msg}");
     assert!(took < Duration::from_secs(20), "took {took:?}");
     assert_nothing_left("a corrupt root disk");
-    say(&format!(
-        "corrupt root disk -> E_AGENT_EXITED in {} ms",
-        took.as_millis()
-    ));
+    say(&format!("corrupt root disk -> E_AGENT_EXITED in {} ms", took.as_millis()));
 }
 
 /// A guest whose agent never answers (`init=/bin/sh`): `E_BOOT_TIMEOUT` at the configured
@@ -300,25 +229,13 @@ pub fn silent_agent(choice: EngineChoice) {
     images();
     let timeout_ms = 3_000;
     let t = Instant::now();
-    let cfg = SandboxConfig {
-        kernel_args: Some("init=/bin/sh".into()),
-        boot_timeout_ms: timeout_ms,
-        ..config(choice)
-    };
-    let e = Sandbox::create(cfg)
-        .err()
-        .expect("no sandbox without an agent");
+    let cfg = SandboxConfig { kernel_args: Some("init=/bin/sh".into()), boot_timeout_ms: timeout_ms, ..config(choice) };
+    let e = Sandbox::create(cfg).err().expect("no sandbox without an agent");
     let took = t.elapsed();
     assert_eq!(e.code(), "E_BOOT_TIMEOUT", "{e}");
     assert!(e.to_string().contains("3000 ms"), "{e}");
-    assert!(
-        took >= Duration::from_millis(timeout_ms as u64),
-        "took {took:?}"
-    );
-    assert!(
-        took < Duration::from_millis(timeout_ms as u64 + 2_000),
-        "took {took:?}"
-    );
+    assert!(took >= Duration::from_millis(timeout_ms as u64), "took {took:?}");
+    assert!(took < Duration::from_millis(timeout_ms as u64 + 2_000), "took {took:?}");
     assert_nothing_left("a silent agent");
     say(&format!(
         "silent agent (init=/bin/sh, bootTimeoutMs {timeout_ms}) -> E_BOOT_TIMEOUT in {} ms",
@@ -341,7 +258,11 @@ pub fn exec_and_files(choice: EngineChoice) {
         ..config(choice)
     };
     let sb = Sandbox::create(cfg).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
-    assert_ne!(sb.info().features & protocol::features::EXEC, 0, "an agent with exec (rebuild the root disk: scripts/guest/build-rootfs.sh)");
+    assert_ne!(
+        sb.info().features & protocol::features::EXEC,
+        0,
+        "an agent with exec (rebuild the root disk: scripts/guest/build-rootfs.sh)"
+    );
     let t = Instant::now();
     let out = sb.exec_collect(&ExecRequest::shell("echo hi; exit 3"), T).unwrap();
     let first = t.elapsed();
@@ -349,13 +270,17 @@ pub fn exec_and_files(choice: EngineChoice) {
     let out = sb.exec_collect(&ExecRequest::shell("echo to-err >&2; echo to-out"), T).unwrap();
     assert_eq!((out.stdout_str().as_str(), out.stderr_str().as_str()), ("to-out\n", "to-err\n"));
     // The sandbox's env and workdir are the defaults; the request's own win.
-    let out = sb.exec_collect(&ExecRequest::shell("echo \"$FROM_CONFIG|$MINE\"; pwd; hostname").env("MINE", "a 'b' \"c\""), T).unwrap();
+    let out = sb
+        .exec_collect(&ExecRequest::shell("echo \"$FROM_CONFIG|$MINE\"; pwd; hostname").env("MINE", "a 'b' \"c\""), T)
+        .unwrap();
     assert_eq!(out.stdout_str(), "cfg value|a 'b' \"c\"\n/tmp\nt-exec\n");
     let out = sb.exec_collect(&ExecRequest::shell("pwd").cwd("/etc"), T).unwrap();
     assert_eq!(out.stdout_str(), "/etc\n");
     // A timeout kills the tree.
     let t2 = Instant::now();
-    let out = sb.exec_collect(&ExecRequest::shell("sleep 30 & sleep 30; echo never").timeout(Duration::from_millis(500)), T).unwrap();
+    let out = sb
+        .exec_collect(&ExecRequest::shell("sleep 30 & sleep 30; echo never").timeout(Duration::from_millis(500)), T)
+        .unwrap();
     assert!(out.exit.timed_out && out.exit.signal == Some(9), "{:?}", out.exit);
     assert!(t2.elapsed() < Duration::from_secs(10), "{:?}", t2.elapsed());
     let left = sb.exec_collect(&ExecRequest::shell("ps -o comm | grep -c '^sleep' || true"), T).unwrap();
@@ -411,14 +336,23 @@ pub fn workload(choice: EngineChoice) {
     let console = dir.path().join("console.log");
     let spec = spec_from_parts(
         "/bin/sh",
-        &s(&["-c", "printf '[%s]' \"$@\"; echo; echo \"env=$GREETING\"; pwd; ulimit -n; exit 0", "sh", "a b", "c \"d\" 'e'", "", "x=y"]),
+        &s(&[
+            "-c",
+            "printf '[%s]' \"$@\"; echo; echo \"env=$GREETING\"; pwd; ulimit -n; exit 0",
+            "sh",
+            "a b",
+            "c \"d\" 'e'",
+            "",
+            "x=y",
+        ]),
         &s(&["GREETING=hello  world \"q\""]),
         Some("/etc"),
         &s(&["RLIMIT_NOFILE=1024:1024"]),
     )
     .unwrap();
     let t = Instant::now();
-    let w = Workload::start(&spec, SandboxConfig { console_output: Some(console.clone()), ..workload_config(choice) }).unwrap();
+    let w = Workload::start(&spec, SandboxConfig { console_output: Some(console.clone()), ..workload_config(choice) })
+        .unwrap();
     let st = w.wait().unwrap();
     let ms = t.elapsed().as_millis();
     assert_eq!((st.code, st.signal, st.source), (Some(0), None, "channel"), "{st:?}\n{}", w.console_tail());
@@ -428,7 +362,10 @@ pub fn workload(choice: EngineChoice) {
     let raw = std::fs::read_to_string(&console).unwrap().replace("\r\n", "\n");
     let mut log = String::new();
     let mut rest = raw.as_str();
-    while let Some(at) = rest.find("[ ").filter(|&i| rest[i..].find("] ").is_some_and(|j| rest[i + 1..i + j].trim().parse::<f64>().is_ok())) {
+    while let Some(at) = rest
+        .find("[ ")
+        .filter(|&i| rest[i..].find("] ").is_some_and(|j| rest[i + 1..i + j].trim().parse::<f64>().is_ok()))
+    {
         log.push_str(&rest[..at]);
         rest = rest[at..].split_once('\n').map_or("", |(_, r)| r);
     }
@@ -438,19 +375,35 @@ pub fn workload(choice: EngineChoice) {
     assert!(log.contains("microcell-workload-exit: exited code=0"), "{log}");
     drop(w);
 
-    let st = Workload::run(&spec_from_parts("/bin/sh", &s(&["-c", "exit 3"]), &[], None, &[]).unwrap(), workload_config(choice)).unwrap();
+    let st = Workload::run(
+        &spec_from_parts("/bin/sh", &s(&["-c", "exit 3"]), &[], None, &[]).unwrap(),
+        workload_config(choice),
+    )
+    .unwrap();
     assert_eq!(st.code, Some(3));
-    let st = Workload::run(&spec_from_parts("/bin/sh", &s(&["-c", "kill -KILL $$"]), &[], None, &[]).unwrap(), workload_config(choice)).unwrap();
+    let st = Workload::run(
+        &spec_from_parts("/bin/sh", &s(&["-c", "kill -KILL $$"]), &[], None, &[]).unwrap(),
+        workload_config(choice),
+    )
+    .unwrap();
     assert_eq!((st.code, st.signal, st.signal_name.as_deref()), (None, Some(9), Some("SIGKILL")));
     let t2 = Instant::now();
-    let st = Workload::run(&spec_from_parts("/no/such/program", &[], &[], None, &[]).unwrap(), workload_config(choice)).unwrap();
+    let st = Workload::run(&spec_from_parts("/no/such/program", &[], &[], None, &[]).unwrap(), workload_config(choice))
+        .unwrap();
     let e = st.error.expect("a start error");
     assert_eq!((e.code.as_str(), e.path.as_deref()), ("ENOENT", Some("/no/such/program")), "{e:?}");
     let missing_ms = t2.elapsed().as_millis();
     // signal(): waits for the agent to come up, then reaches the program (SIGTERM: 15); once it
     // has ended there is nothing to signal.
     // ("ar""med": the agent echoes the command line, the shell prints "armed" once the trap is set)
-    let spec = spec_from_parts("/bin/sh", &s(&["-c", "trap 'exit 42' TERM; echo ar\"\"med; while :; do sleep 0.1; done"]), &[], None, &[]).unwrap();
+    let spec = spec_from_parts(
+        "/bin/sh",
+        &s(&["-c", "trap 'exit 42' TERM; echo ar\"\"med; while :; do sleep 0.1; done"]),
+        &[],
+        None,
+        &[],
+    )
+    .unwrap();
     let w = Workload::start(&spec, workload_config(choice)).unwrap();
     let t3 = Instant::now();
     while !w.console_tail().contains("armed") {
@@ -464,5 +417,7 @@ pub fn workload(choice: EngineChoice) {
     assert!(!w.signal(15).unwrap(), "an ended workload has nothing to signal");
     drop(w);
     assert_nothing_left("workloads");
-    say(&format!("{choice:?} workload: boot+run+report+poweroff {ms} ms; missing execPath reported in {missing_ms} ms"));
+    say(&format!(
+        "{choice:?} workload: boot+run+report+poweroff {ms} ms; missing execPath reported in {missing_ms} ms"
+    ));
 }

@@ -341,7 +341,7 @@ pub(crate) fn validate(state: &MachineState) -> std::result::Result<(), String> 
     }
     let ids = config.virtio_ids();
     let wanted: std::collections::BTreeSet<&String> = ids.iter().collect();
-    if !state.virtio.keys().eq(wanted.into_iter()) {
+    if !state.virtio.keys().eq(wanted) {
         let found: Vec<_> = state.virtio.keys().collect();
         return Err(format!("virtio: device states for {found:?}, the configuration has devices {ids:?}"));
     }
