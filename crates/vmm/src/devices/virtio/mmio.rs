@@ -378,6 +378,18 @@ mod tests {
         (MmioTransport::new(Box::new(dev), mem, Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())), a, n, r)
     }
 
+    /// Sets up both queues of a negotiated transport (16 entries, rings in the first pages).
+    fn ready_queues(t: &mut MmioTransport) {
+        for q in 0..2u32 {
+            wr(t, 0x30, q);
+            wr(t, 0x38, 16);
+            wr(t, 0x80, 0x1000 * (q + 1));
+            wr(t, 0x90, 0x1000 * (q + 1) + 0x100);
+            wr(t, 0xa0, 0x1000 * (q + 1) + 0x200);
+            wr(t, 0x44, 1);
+        }
+    }
+
     fn rd(t: &mut MmioTransport, off: u64) -> u32 {
         let mut b = [0u8; 4];
         t.read(off, &mut b);
@@ -430,14 +442,7 @@ mod tests {
         assert_ne!(rd(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
         wr(&mut t, QUEUE_NOTIFY_OFFSET, 0);
         assert_eq!(notified.load(Ordering::SeqCst), 0, "no notifications before activation");
-        for q in 0..2u32 {
-            wr(&mut t, 0x30, q);
-            wr(&mut t, 0x38, 16);
-            wr(&mut t, 0x80, 0x1000 * (q + 1));
-            wr(&mut t, 0x90, 0x1000 * (q + 1) + 0x100);
-            wr(&mut t, 0xa0, 0x1000 * (q + 1) + 0x200);
-            wr(&mut t, 0x44, 1);
-        }
+        ready_queues(&mut t);
         wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
         wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
         assert_eq!(act.load(Ordering::SeqCst), 1);
@@ -475,14 +480,7 @@ mod tests {
 
         let (mut t, _, _) = transport();
         negotiate(&mut t, 1);
-        for q in 0..2u32 {
-            wr(&mut t, 0x30, q);
-            wr(&mut t, 0x38, 16);
-            wr(&mut t, 0x80, 0x1000 * (q + 1));
-            wr(&mut t, 0x90, 0x1000 * (q + 1) + 0x100);
-            wr(&mut t, 0xa0, 0x1000 * (q + 1) + 0x200);
-            wr(&mut t, 0x44, 1);
-        }
+        ready_queues(&mut t);
         wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
         let active = t.save().unwrap();
         assert!(active.activated);
