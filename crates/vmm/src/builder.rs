@@ -33,7 +33,7 @@ use crate::run_dir::RunDir;
 use crate::seccomp::ThreadFilter;
 use crate::snapshot;
 use crate::state::Persist;
-use crate::vmm::{lock, HostEnds, Machine, Vm};
+use crate::handle::{lock, HostEnds, Machine, Vm};
 use crate::vstate::lifecycle::{monotonic_ns, ExitReason, Lifecycle};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{RunContext, Vcpu};

@@ -3,7 +3,7 @@
 //! Layout (Firecracker's `src/vmm` is the model): `arch/` (layout, boot protocols, CPU state),
 //! `vstate/` (VM, memory, vCPU threads, lifecycle), `devices/` (one bus, one device trait),
 //! `host` (what this host's KVM can run), `config` (what a VM is made of), `builder` (boot and
-//! restore), `persist` (snapshots), `vmm` (the running VM's handle).
+//! restore), `persist` (snapshots), `handle` (the running VM's handle).
 
 pub mod arch;
 mod builder;
@@ -19,7 +19,7 @@ pub mod run_dir;
 mod seccomp;
 pub mod snapshot;
 pub mod state;
-mod vmm;
+mod handle;
 pub mod vstate;
 
 pub use builder::VmShell;
@@ -30,5 +30,5 @@ pub use devices::virtio::net::{size_stream_buffers, MAX_FRAME};
 pub use egress::{EgressPolicy, Ipv4Net, LivePolicy};
 pub use error::{Error, Result};
 pub use persist::{LoadedSnapshot, SNAPSHOT_MEMORY_FILE, SNAPSHOT_STATE_FILE};
-pub use vmm::{Timings, Vm};
+pub use handle::{Timings, Vm};
 pub use vstate::lifecycle::ExitReason;

@@ -14,7 +14,7 @@ use crate::devices::virtio::persist::TransportState;
 use crate::error::{Error, Result};
 use crate::snapshot::{self, MachineState};
 use crate::state::Persist;
-use crate::vmm::{lock, Vm};
+use crate::handle::{lock, Vm};
 
 /// Held while a snapshot is written into a directory (see `snapshot_paused`).
 struct DirLock(PathBuf);
