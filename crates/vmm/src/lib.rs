@@ -13,13 +13,13 @@ pub mod devices;
 pub mod egress;
 mod error;
 pub mod event_loop;
+mod handle;
 pub mod host;
 mod persist;
 pub mod run_dir;
 mod seccomp;
 pub mod snapshot;
 pub mod state;
-mod handle;
 pub mod vstate;
 
 pub use builder::VmShell;
@@ -29,6 +29,6 @@ pub use config::{
 pub use devices::virtio::net::{size_stream_buffers, MAX_FRAME};
 pub use egress::{EgressPolicy, Ipv4Net, LivePolicy};
 pub use error::{Error, Result};
-pub use persist::{LoadedSnapshot, SNAPSHOT_MEMORY_FILE, SNAPSHOT_STATE_FILE};
 pub use handle::{Timings, Vm};
+pub use persist::{LoadedSnapshot, SNAPSHOT_MEMORY_FILE, SNAPSHOT_STATE_FILE};
 pub use vstate::lifecycle::ExitReason;

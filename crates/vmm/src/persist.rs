@@ -12,9 +12,9 @@ use crate::config::VmConfig;
 use crate::devices::legacy::serial::SerialState;
 use crate::devices::virtio::persist::TransportState;
 use crate::error::{Error, Result};
+use crate::handle::{lock, Vm};
 use crate::snapshot::{self, MachineState};
 use crate::state::Persist;
-use crate::handle::{lock, Vm};
 
 /// Held while a snapshot is written into a directory (see `snapshot_paused`).
 struct DirLock(PathBuf);
