@@ -193,19 +193,11 @@ fn mutate_field(state: &mut MachineState, rng: &mut XorShift) -> String {
             "a network device".into()
         }
         12 => {
-            let t = TransportState {
-                device_type: rng.below(5) as u32,
-                queues: Vec::new(),
-                queue_select: 0,
-                device_features_select: 0,
-                driver_features_select: 0,
-                acked_features: 0,
-                status: 0,
-                activated: rng.below(2) == 0,
-                config_generation: 0,
-                interrupt_status: 0,
-                device: if rng.below(2) == 0 { DeviceState::Block } else { DeviceState::Net },
-            };
+            let t = transport_state(
+                rng.below(5) as u32,
+                rng.below(2) == 0,
+                if rng.below(2) == 0 { DeviceState::Block } else { DeviceState::Net },
+            );
             state.virtio.insert(format!("extra{}", rng.below(4)), t);
             "an extra virtio device state".into()
         }
@@ -516,14 +508,9 @@ fn a_fifo_as_the_state_file_is_refused_at_once() {
     let dir = work.0.join("case");
     prepare(&good, &dir, &Case::Special { file: "vm.state", kind: "fifo" });
     let t = std::time::Instant::now();
-    match load(&dir, "fifo") {
-        Outcome::Refused(code, msg) => {
-            assert_eq!(code, "E_SNAPSHOT_CORRUPT", "{msg}");
-            assert!(msg.contains("is a FIFO, not a regular file"), "{msg}");
-        }
-        Outcome::Loaded(_) => panic!("a FIFO as vm.state loaded"),
-        Outcome::Panicked(p) => panic!("a FIFO as vm.state: panic {p}"),
-    }
+    let (code, msg) = refused(&dir, "a FIFO as vm.state");
+    assert_eq!(code, "E_SNAPSHOT_CORRUPT", "{msg}");
+    assert!(msg.contains("is a FIFO, not a regular file"), "{msg}");
     assert!(t.elapsed() < Duration::from_secs(1), "took {:?}", t.elapsed());
 }
 
@@ -536,14 +523,9 @@ fn a_memory_file_longer_than_the_state_says_is_refused() {
     let dir = work.0.join("case");
     let len = std::fs::metadata(good.join("vm.mem")).unwrap().len();
     prepare(&good, &dir, &Case::Memory { len: len + 4096, flips: Vec::new() });
-    match load(&dir, "long") {
-        Outcome::Refused(code, msg) => {
-            assert_eq!(code, "E_SNAPSHOT_CORRUPT", "{msg}");
-            assert!(msg.contains("the state says"), "{msg}");
-        }
-        Outcome::Loaded(_) => panic!("a memory file a page too long loaded"),
-        Outcome::Panicked(p) => panic!("a memory file a page too long: panic {p}"),
-    }
+    let (code, msg) = refused(&dir, "a memory file a page too long");
+    assert_eq!(code, "E_SNAPSHOT_CORRUPT", "{msg}");
+    assert!(msg.contains("the state says"), "{msg}");
 }
 
 /// A disk named `../../x` in the state pointed outside the snapshot directory before.
@@ -554,22 +536,7 @@ fn a_disk_path_escaping_the_snapshot_directory_is_refused() {
     synthetic_snapshot(&dir);
     let mut state = snapshot::load_state(&dir.join("vm.state")).unwrap();
     state.config.block_devices.push(BlockDeviceConfig { path: "../s/vm.mem".into(), read_only: false });
-    state.virtio.insert(
-        "block0".into(),
-        TransportState {
-            device_type: 2,
-            queues: Vec::new(),
-            queue_select: 0,
-            device_features_select: 0,
-            driver_features_select: 0,
-            acked_features: 0,
-            status: 0,
-            activated: false,
-            config_generation: 0,
-            interrupt_status: 0,
-            device: DeviceState::Block,
-        },
-    );
+    state.virtio.insert("block0".into(), transport_state(2, false, DeviceState::Block));
     snapshot::save_state(&dir.join("vm.state"), &state).unwrap();
     let e = LoadedSnapshot::load(&dir).err().expect("refused");
     assert_eq!(e.code(), "E_SNAPSHOT_CORRUPT", "{e}");
@@ -585,19 +552,7 @@ fn a_device_state_under_another_id_is_refused() {
     synthetic_snapshot(&dir);
     let mut state = snapshot::load_state(&dir.join("vm.state")).unwrap();
     state.config.control_channel = true;
-    let console = TransportState {
-        device_type: 3,
-        queues: Vec::new(),
-        queue_select: 0,
-        device_features_select: 0,
-        driver_features_select: 0,
-        acked_features: 0,
-        status: 0,
-        activated: false,
-        config_generation: 0,
-        interrupt_status: 0,
-        device: DeviceState::Console(Default::default()),
-    };
+    let console = transport_state(3, false, DeviceState::Console(Default::default()));
     state.virtio.insert("console0".into(), console.clone());
     snapshot::save_state(&dir.join("vm.state"), &state).unwrap();
     LoadedSnapshot::load(&dir).expect("the console's state under its id loads");
@@ -607,6 +562,32 @@ fn a_device_state_under_another_id_is_refused() {
     let e = LoadedSnapshot::load(&dir).err().expect("refused");
     assert_eq!(e.code(), "E_SNAPSHOT_CORRUPT", "{e}");
     assert!(e.to_string().contains("console1") && e.to_string().contains("console0"), "{e}");
+}
+
+/// A transport state with no queues set up: `device_type`, whether it was active, its device's.
+fn transport_state(device_type: u32, activated: bool, device: DeviceState) -> TransportState {
+    TransportState {
+        device_type,
+        queues: Vec::new(),
+        queue_select: 0,
+        device_features_select: 0,
+        driver_features_select: 0,
+        acked_features: 0,
+        status: 0,
+        activated,
+        config_generation: 0,
+        interrupt_status: 0,
+        device,
+    }
+}
+
+/// `load`'s refusal of a case, or a panic naming it.
+fn refused(dir: &Path, what: &str) -> (&'static str, String) {
+    match load(dir, what) {
+        Outcome::Refused(code, msg) => (code, msg),
+        Outcome::Loaded(_) => panic!("{what}: loaded"),
+        Outcome::Panicked(p) => panic!("{what}: panic {p}"),
+    }
 }
 
 // ---- T1: restore what loads ----

@@ -198,9 +198,7 @@ impl Persist for Block {
     fn restore(&mut self, state: &DeviceState) -> Result<(), StateError> {
         match state {
             DeviceState::Block => Ok(()),
-            other => {
-                Err(StateError::new("virtio-block", format!("the snapshot holds a {} state for it", other.model())))
-            }
+            other => Err(other.mismatch("virtio-block")),
         }
     }
 }

@@ -361,7 +361,7 @@ impl Persist for Console {
     fn restore(&mut self, state: &DeviceState) -> Result<(), StateError> {
         let err = |reason: String| StateError::new("virtio-console", reason);
         let DeviceState::Console(state) = state else {
-            return Err(err(format!("the snapshot holds a {} state for it", state.model())));
+            return Err(state.mismatch("virtio-console"));
         };
         // Bounded like the live device: a few control messages, and a pending transmit chain
         // that is one of the guest's descriptors, in guest memory.

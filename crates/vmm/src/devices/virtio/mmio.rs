@@ -120,14 +120,19 @@ impl MmioTransport {
                 self.status |= STATUS_FAILED;
                 return;
             };
-            self.device.activate(Activation {
-                mem: self.mem.clone(),
-                queues,
-                interrupt: self.interrupt.clone(),
-                acked_features: self.acked_features,
-            });
-            self.activated = true;
+            self.activate_device(queues);
         }
+    }
+
+    /// Hands the device its queues (DRIVER_OK, or a restore of an active transport).
+    fn activate_device(&mut self, queues: Vec<Queue>) {
+        self.device.activate(Activation {
+            mem: self.mem.clone(),
+            queues,
+            interrupt: self.interrupt.clone(),
+            acked_features: self.acked_features,
+        });
+        self.activated = true;
     }
 
     fn read_register(&self, offset: u64) -> u32 {
@@ -267,13 +272,7 @@ impl Persist for MmioTransport {
                 .map(QueueSnapshot::to_queue)
                 .collect::<Result<_, _>>()
                 .map_err(|e| err(format!("virtio queue: {e:?}")))?;
-            t.device.activate(Activation {
-                mem: t.mem.clone(),
-                queues,
-                interrupt: t.interrupt.clone(),
-                acked_features: t.acked_features,
-            });
-            t.activated = true;
+            t.activate_device(queues);
             t.device.restore(&state.device)?;
         }
         Ok(())

@@ -83,6 +83,11 @@ impl DeviceState {
             DeviceState::Net => "virtio-net",
         }
     }
+
+    /// The error of a `device` handed a state of another model.
+    pub fn mismatch(&self, device: &'static str) -> crate::state::StateError {
+        crate::state::StateError::new(device, format!("the snapshot holds a {} state for it", self.model()))
+    }
 }
 
 /// What a snapshot keeps of the console beyond its queues.

@@ -372,7 +372,7 @@ impl Persist for Net {
     fn restore(&mut self, state: &DeviceState) -> Result<(), StateError> {
         match state {
             DeviceState::Net => Ok(()),
-            other => Err(StateError::new("virtio-net", format!("the snapshot holds a {} state for it", other.model()))),
+            other => Err(other.mismatch("virtio-net")),
         }
     }
 
