@@ -70,7 +70,8 @@ pub fn take_refused() -> Option<Refused> {
 }
 
 /// The VM ending for a system call the filter refused on this thread since the last call.
-pub fn take_refused_exit(thread: &str) -> Option<ExitReason> {
+/// `thread` is formatted only when there is one (this runs after every vCPU exit).
+pub fn take_refused_exit(thread: impl std::fmt::Display) -> Option<ExitReason> {
     take_refused().map(|r| ExitReason::crashed(Refused::CODE, r.message(thread)))
 }
 
@@ -85,7 +86,7 @@ impl Refused {
     pub const CODE: &'static str = "E_SECCOMP";
 
     /// What to tell the user, naming the thread.
-    pub fn message(&self, thread: &str) -> String {
+    pub fn message(&self, thread: impl std::fmt::Display) -> String {
         format!(
             "the VMM's {thread} made system call {} ({}), which its seccomp filter forbids: the VM was stopped \
              (a device may have been driven by a hostile guest, or it needs a call the filter lacks: \

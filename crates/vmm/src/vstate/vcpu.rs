@@ -136,7 +136,7 @@ impl Vcpu {
             }
             // The exit just handled made a call the filter refused: the device it drove is
             // suspect, the VM ends.
-            if let Some(reason) = seccomp::take_refused_exit(&format!("vCPU {index} thread")) {
+            if let Some(reason) = seccomp::take_refused_exit(format_args!("vCPU {index} thread")) {
                 return Some(reason);
             }
             if ctx.lifecycle.park_requested() {
