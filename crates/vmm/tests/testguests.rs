@@ -218,26 +218,33 @@ fn vmm_threads_run_under_seccomp_and_the_callers_do_not() {
         std::thread::sleep(Duration::from_millis(2));
     }
     // Other tests' VMs run in this process too: every vCPU and event thread must be filtered,
-    // and this VM's are among them.
-    let mut seen = std::collections::BTreeSet::new();
-    for task in std::fs::read_dir("/proc/self/task").unwrap() {
-        let task = task.unwrap().path();
-        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default().trim().to_owned();
-        if name.starts_with("mc-vcpu") || name == "mc-events" {
-            // Another test's thread may be between its start and its first instruction (where it
-            // installs the filter): give it a moment. A thread that ended reads as "?".
-            let t = Instant::now();
-            let mut mode = seccomp_mode(&task);
-            while mode == "0" && t.elapsed() < Duration::from_secs(1) {
-                std::thread::sleep(Duration::from_millis(5));
-                mode = seccomp_mode(&task);
+    // and this VM's are among them (a thread takes its name once it first runs: look again for
+    // a moment until all three are there).
+    let wanted = ["mc-events", "mc-vcpu0", "mc-vcpu1"];
+    let t = Instant::now();
+    loop {
+        let mut seen = std::collections::BTreeSet::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap() {
+            let task = task.unwrap().path();
+            let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default().trim().to_owned();
+            if name.starts_with("mc-vcpu") || name == "mc-events" {
+                // Another test's thread may be between its start and its first instruction
+                // (where it installs the filter): give it a moment. A thread that ended reads "?".
+                let t = Instant::now();
+                let mut mode = seccomp_mode(&task);
+                while mode == "0" && t.elapsed() < Duration::from_secs(1) {
+                    std::thread::sleep(Duration::from_millis(5));
+                    mode = seccomp_mode(&task);
+                }
+                assert!(mode == "2" || mode == "?", "{name} is filtered (Seccomp: {mode})");
+                seen.insert(name);
             }
-            assert!(mode == "2" || mode == "?", "{name} is filtered (Seccomp: {mode})");
-            seen.insert(name);
         }
-    }
-    for name in ["mc-events", "mc-vcpu0", "mc-vcpu1"] {
-        assert!(seen.contains(name), "{name} running: {seen:?}");
+        if wanted.iter().all(|n| seen.contains(*n)) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "{wanted:?} running: {seen:?}");
+        std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(seccomp_mode(std::path::Path::new("/proc/thread-self")), "0", "the caller's thread is not");
     vm.kill();
