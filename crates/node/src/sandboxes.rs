@@ -143,12 +143,17 @@ impl NativeSandbox {
     }
 
     /// The sandbox, paused or not (snapshots, pause, resume); `E_CHANNEL_CLOSED` once it has ended.
+    /// A VM whose end is known but not yet released (`wait()` hands the release to the blocking
+    /// pool) counts as ended too, so a call right after `wait()` names the end, not the channel.
     fn any_state(&self) -> Result<Arc<Sandbox>> {
+        let ended =
+            |exit: &VmExit| coded("E_CHANNEL_CLOSED", format!("the sandbox has ended ({exit}): create a new one"));
         match &*lock(&self.state) {
-            State::Live(s) => Ok(s.clone()),
-            State::Ended { exit, .. } => {
-                Err(coded("E_CHANNEL_CLOSED", format!("the sandbox has ended ({exit}): create a new one")))
-            }
+            State::Live(s) => match s.try_wait() {
+                Some(exit) => Err(ended(&exit)),
+                None => Ok(s.clone()),
+            },
+            State::Ended { exit, .. } => Err(ended(exit)),
         }
     }
 }
