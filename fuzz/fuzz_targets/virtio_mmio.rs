@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
     let [device, count, rest @ ..] = data else { return };
     let (ops, memory) = rest.split_at(rest.len().min(usize::from(*count) * 7));
     let memory = &memory[..memory.len().min(SEEDED)];
-    let mem = vmm::vstate::memory::GuestRam::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
+    let mem = vmm::memory::GuestRam::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
     mem.write_slice(memory, GuestAddress(0)).unwrap();
     let el = EventLoop::new().unwrap();
     let mut host_end: Option<UnixStream> = None;

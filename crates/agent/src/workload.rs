@@ -12,7 +12,8 @@
 
 use std::time::{Duration, Instant};
 
-use protocol::workload::{self, WorkloadSpec};
+use protocol::workload;
+use protocol::WorkloadSpec;
 use protocol::{ErrorCode, ErrorMsg, Message, WorkloadExit};
 
 use crate::cgroup::{Cgroup, Cgroups};

@@ -11,7 +11,8 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use protocol::workload::{parse_status_line, WorkloadSpec};
+use protocol::workload::parse_status_line;
+use protocol::WorkloadSpec;
 use protocol::{Rlimit, WorkloadExit};
 use sandbox::agent_client::AgentClient;
 

@@ -65,7 +65,6 @@
 
 use crate::wire::{Chunk, Reader, Wire, WireResult};
 use crate::wire_struct;
-pub use crate::workload::WorkloadSpec;
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u16 = 2;
@@ -518,6 +517,21 @@ pub struct WriteTree {
 wire_struct!(WriteTree { path, parents });
 
 /// guest → host: how the boot workload (`microcell.exec=`) ended.
+/// What the boot workload runs (sent in `StartWorkload`, or on the kernel command line:
+/// [`crate::workload`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadSpec {
+    /// `argv[0]` is the program (a path, or a name looked up in `PATH`).
+    pub argv: Vec<String>,
+    /// Added to the agent's environment (`PATH`, `HOME`).
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    pub rlimits: Vec<Rlimit>,
+    /// As [`crate::Exec::user`].
+    pub user: Option<String>,
+}
+wire_struct!(WorkloadSpec { argv, env, cwd, rlimits, user });
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkloadExit {
     /// Exit code, when it exited.

@@ -17,28 +17,13 @@
 //! ```
 //! (`path` is base64url, `-` when there is none; the message runs to the end of the line.)
 
-use crate::messages::{ErrorCode, ErrorMsg, Rlimit, WorkloadExit};
+use crate::messages::{ErrorCode, ErrorMsg, WorkloadExit, WorkloadSpec};
 use crate::wire::{Reader, Wire};
-use crate::wire_struct;
 
 /// The kernel command-line key of the spec.
 pub const CMDLINE_KEY: &str = "microcell.exec";
 /// The console line's prefix.
 pub const STATUS_PREFIX: &str = "microcell-workload-exit: ";
-
-/// What the workload runs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct WorkloadSpec {
-    /// `argv[0]` is the program (a path, or a name looked up in `PATH`).
-    pub argv: Vec<String>,
-    /// Added to the agent's environment (`PATH`, `HOME`).
-    pub env: Vec<(String, String)>,
-    pub cwd: Option<String>,
-    pub rlimits: Vec<Rlimit>,
-    /// As [`crate::Exec::user`].
-    pub user: Option<String>,
-}
-wire_struct!(WorkloadSpec { argv, env, cwd, rlimits, user });
 
 impl WorkloadSpec {
     /// `microcell.exec=<base64url>`.
@@ -164,6 +149,7 @@ pub fn parse_status_line(line: &str) -> Option<WorkloadExit> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::messages::Rlimit;
 
     #[test]
     fn base64url_round_trips_and_is_strict() {

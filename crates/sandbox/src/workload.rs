@@ -20,7 +20,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use protocol::workload::{parse_status_line, WorkloadSpec};
+use protocol::workload::parse_status_line;
+use protocol::WorkloadSpec;
 use protocol::{Message, Signal, WorkloadExit};
 use serde::Serialize;
 

@@ -13,7 +13,7 @@ use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::boot::{self, KernelKind};
-use crate::arch::mptable;
+use crate::arch::{layout, mptable};
 use crate::config::{RestoreOptions, VmConfig, CONTROL_PORT_NAME};
 use crate::device_manager::DeviceManager;
 use crate::devices::legacy::serial::SerialState;
@@ -27,18 +27,19 @@ use crate::devices::Bus;
 use crate::egress::LivePolicy;
 use crate::error::{Error, Result};
 use crate::event_loop::EventLoop;
+use crate::exit::ExitReason;
 use crate::handle::{lock, HostEnds, Machine, Vm};
 use crate::host;
+use crate::memory::{self, GuestRam};
 use crate::persist::LoadedSnapshot;
 use crate::run_dir::RunDir;
 use crate::seccomp::ThreadFilter;
 use crate::snapshot;
 use crate::state::Persist;
-use crate::vstate::lifecycle::{monotonic_ns, ExitReason, Lifecycle};
-use crate::vstate::memory::GuestRam;
+use crate::vstate::lifecycle::{monotonic_ns, Lifecycle};
 use crate::vstate::vcpu::{RunContext, Vcpu};
+use crate::vstate::vm;
 use crate::vstate::vm::kvm;
-use crate::vstate::{memory, vm};
 
 /// A VM's devices, before any vCPU runs: what `start` and `restore` share.
 struct Assembly {
@@ -189,7 +190,7 @@ impl VmShell {
         config.check()?;
         let (memory_mib, vcpus) = (config.memory_mib, config.vcpus);
         let kvm = kvm()?;
-        let memory = memory::create(memory_mib)?;
+        let memory = memory::create(memory_mib, &layout::ram_regions(u64::from(memory_mib) << 20))?;
         let vm = vm::Vm::new(kvm, &memory, config.track_dirty_pages)?;
         let vcpus = if boot {
             let cpuid = supported_cpuid(kvm)?;

@@ -5,7 +5,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::vstate::memory::GuestRam;
+use crate::memory::GuestRam;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};

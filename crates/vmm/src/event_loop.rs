@@ -9,8 +9,8 @@ use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::exit::ExitReason;
 use crate::seccomp::{self, ThreadFilter};
-use crate::vstate::lifecycle::ExitReason;
 
 /// Runs on the event loop thread when its fd is ready; gets the ready set.
 pub type Handler = Box<dyn FnMut(EventSet) + Send>;

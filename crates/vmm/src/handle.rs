@@ -15,9 +15,10 @@ use crate::devices::virtio::MmioTransport;
 use crate::egress::{EgressPolicy, LivePolicy};
 use crate::error::{Error, Result};
 use crate::event_loop::EventLoopHandle;
+use crate::exit::ExitReason;
+use crate::memory::GuestRam;
 use crate::run_dir::RunDir;
-use crate::vstate::lifecycle::{ExitReason, Lifecycle};
-use crate::vstate::memory::GuestRam;
+use crate::vstate::lifecycle::Lifecycle;
 use crate::vstate::vm;
 
 /// Timestamps on CLOCK_MONOTONIC (ns), the clock callers time against.

@@ -13,8 +13,10 @@ pub mod devices;
 pub mod egress;
 mod error;
 pub mod event_loop;
+mod exit;
 mod handle;
 pub mod host;
+pub mod memory;
 mod persist;
 pub mod run_dir;
 mod seccomp;
@@ -29,6 +31,6 @@ pub use config::{
 pub use devices::virtio::net::{size_stream_buffers, MAX_FRAME};
 pub use egress::{EgressPolicy, Ipv4Net, LivePolicy};
 pub use error::{Error, Result};
+pub use exit::ExitReason;
 pub use handle::{Timings, Vm};
 pub use persist::{LoadedSnapshot, SNAPSHOT_MEMORY_FILE, SNAPSHOT_STATE_FILE};
-pub use vstate::lifecycle::ExitReason;

@@ -1005,7 +1005,7 @@ mod tests {
         let (head, word) = vm.cmdline.split_once(' ').unwrap();
         assert_eq!(head, "console=ttyS0");
         let value = word.strip_prefix("microcell.exec=").unwrap();
-        let spec = protocol::workload::WorkloadSpec::from_cmdline_value(value).unwrap();
+        let spec = protocol::WorkloadSpec::from_cmdline_value(value).unwrap();
         assert_eq!(spec.argv, ["/bin/sh", "-c", "echo \"a b\" 'c'"]);
         assert_eq!(spec.env, [("K".to_owned(), "v w".to_owned())]);
         assert_eq!(spec.cwd.as_deref(), Some("/w"));

@@ -2,8 +2,8 @@
 //! `workdirPath`, `rlimits`) and its size limits: here, below `crate::workload`, because config
 //! validation checks them too (and so config imports nothing above it).
 
-use protocol::workload::WorkloadSpec;
 use protocol::Rlimit;
+use protocol::WorkloadSpec;
 
 use super::{EnvPair, LinuxRlimit, MicroVmConfig};
 use crate::error::{Result, SandboxError};

@@ -8,7 +8,7 @@ use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use crate::vstate::memory::GuestRam;
+use crate::memory::GuestRam;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::MemoryRegionState;

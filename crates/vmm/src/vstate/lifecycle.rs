@@ -7,8 +7,9 @@ use std::sync::{Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use serde::Serialize;
 use vmm_sys_util::signal::{Killable, SIGRTMIN};
+
+use crate::exit::ExitReason;
 
 /// Offset of our kick signal above SIGRTMIN (glibc reserves none of these for itself).
 const KICK_SIGNAL_OFFSET: i32 = 2;
@@ -16,26 +17,6 @@ const KICK_SIGNAL_OFFSET: i32 = 2;
 /// The signal that kicks a vCPU thread out of `KVM_RUN` (its handler is `vcpu`'s).
 pub fn kick_signal() -> i32 {
     SIGRTMIN() + KICK_SIGNAL_OFFSET
-}
-
-/// Why a VM ended.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "reason", rename_all = "camelCase")]
-pub enum ExitReason {
-    /// The guest reset the machine (i8042 `0xfe`, Linux `reboot`): a clean end.
-    Reset,
-    /// The host asked it to stop.
-    Stopped,
-    /// The host killed it.
-    Killed,
-    /// The guest or KVM failed; `code` is stable (`E_GUEST_TRIPLE_FAULT`, `E_KVM_INTERNAL_ERROR`, ...).
-    Crashed { code: String, message: String },
-}
-
-impl ExitReason {
-    pub fn crashed(code: &str, message: impl Into<String>) -> Self {
-        ExitReason::Crashed { code: code.to_owned(), message: message.into() }
-    }
 }
 
 #[derive(Default)]

@@ -1,6 +1,5 @@
-//! KVM state: the VM, its memory, its vCPUs.
+//! KVM state: the VM (with guest RAM mapped into it), its vCPUs, how they pause and end.
 
 pub(crate) mod lifecycle;
-pub mod memory;
 pub(crate) mod vcpu;
 pub(crate) mod vm;

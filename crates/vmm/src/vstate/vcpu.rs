@@ -7,16 +7,17 @@
 use std::cell::Cell;
 use std::sync::{Arc, Mutex, Once};
 
-use crate::vstate::memory::GuestRam;
+use crate::memory::GuestRam;
 use kvm_bindings::{kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::signal::register_signal_handler;
 
-use super::lifecycle::{kick_signal, ExitReason, Lifecycle};
+use super::lifecycle::{kick_signal, Lifecycle};
 use crate::arch::vcpu_state::{self, VcpuState};
 use crate::arch::{cpuid, interrupts, msr, regs};
 use crate::devices::Bus;
 use crate::error::{Error, Result};
+use crate::exit::ExitReason;
 use crate::seccomp::{self, ThreadFilter};
 use crate::state::Persist;
 

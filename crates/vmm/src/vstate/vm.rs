@@ -1,7 +1,7 @@
 //! The KVM VM: memory slots first, then TSS, in-kernel irqchip and PIT (HOST.md: registering
 //! memory after the irqchip exists costs ~7.6 ms per 256 MiB slot on PVM hosts).
 
-use crate::vstate::memory::GuestRam;
+use crate::memory::GuestRam;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};

@@ -1,6 +1,6 @@
 //! Intel MultiProcessor Specification 1.4 table: how an SMP guest finds its CPUs and IOAPIC.
 
-use crate::vstate::memory::GuestRam;
+use crate::memory::GuestRam;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{EBDA_START, IOAPIC_ADDR, LAPIC_ADDR};

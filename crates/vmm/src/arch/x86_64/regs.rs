@@ -1,6 +1,6 @@
 //! Initial register state of the boot vCPU: GDT, segments, control registers, page tables.
 
-use crate::vstate::memory::GuestRam;
+use crate::memory::GuestRam;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};

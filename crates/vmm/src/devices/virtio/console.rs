@@ -403,7 +403,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::{Interrupt, INT_USED_RING};
     use crate::event_loop::EventLoop;
-    use crate::vstate::memory::GuestRam;
+    use crate::memory::GuestRam;
     use std::io::{Read, Write};
     use std::os::fd::AsRawFd;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};

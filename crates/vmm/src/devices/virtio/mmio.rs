@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::vstate::memory::GuestRam;
+use crate::memory::GuestRam;
 use virtio_queue::{Queue, QueueT};
 
 use super::persist::{QueueSnapshot, TransportState};

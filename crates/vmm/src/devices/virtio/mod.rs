@@ -16,8 +16,8 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::event_loop::Interest;
+use crate::memory::GuestRam;
 use crate::state::{Persist, StateError};
-use crate::vstate::memory::GuestRam;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::MmioTransport;

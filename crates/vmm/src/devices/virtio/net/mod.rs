@@ -22,8 +22,8 @@ use super::persist::DeviceState;
 use super::{read_config_bytes, Activation, ActiveQueues, SocketInterest, VirtioDevice, TYPE_NET};
 use crate::egress::LivePolicy;
 use crate::event_loop::Interest;
+use crate::memory::GuestRam;
 use crate::state::{Persist, StateError};
-use crate::vstate::memory::GuestRam;
 
 const F_MAC: u64 = 1 << 5;
 const QUEUE_SIZE: u16 = 256;
@@ -447,7 +447,7 @@ mod tests {
     use crate::devices::virtio::{Interrupt, INT_USED_RING};
     use crate::egress::EgressPolicy;
     use crate::event_loop::EventLoop;
-    use crate::vstate::memory::GuestRam;
+    use crate::memory::GuestRam;
     use std::os::fd::AsRawFd;
     use std::time::Duration;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
