@@ -98,7 +98,9 @@ function count(name, log, status, { ava, tap = false }) {
   }
   const n = (what) => [...log.matchAll(new RegExp(`^\\s*(\\d+) tests? ${what}`, 'gm'))].reduce((k, m) => k + +m[1], 0)
   passed += n('passed'); f += n('failed'); skipped += n('skipped')
-  // ava prints no "passed" line when some failed; it says "N tests failed" and lists them.
+  // ava prints no "passed" line when some failed ("N tests failed", then the list): its passes
+  // are then its "✔ " result lines (one per passed test, on a reporter without a TTY).
+  if (ava && n('passed') === 0 && n('failed') > 0) passed += (log.match(/^\s*✔ /gm) ?? []).length
   if (ava && !/tests? (passed|failed)/.test(log)) { console.error(`test.sh: ${name}: cannot find ava's result line`); f += 1 }
   if (status !== 0 && f === 0) { console.error(`test.sh: ${name} exited ${status} without a failed test`); f += 1 }
   failed += f
