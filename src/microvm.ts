@@ -17,7 +17,7 @@ import type {
 import { MicrocellError } from './errors.js'
 import { prepareGuest } from './guest.js'
 import { configTypeError, stringList, stringRecord } from './internal/check.js'
-import { consoleDelivered, consoleReadable, nativeConsoleOptions } from './internal/console.js'
+import { consoleDelivered, consoleReadable, nativeConsoleOptions, type ConsoleSource } from './internal/console.js'
 import * as native from './internal/native.js'
 import { registerMicroVm } from './internal/vm-wrap.js'
 import { DEFAULT_STOP_TIMEOUT_MS, LIMITS } from './limits.js'
@@ -269,16 +269,119 @@ function workloadEnd(e: native.NativeWorkloadEnd): ExitStatus {
   return status
 }
 
-/** A workload VM (`rootfs: { disk }`) seen as a VM: its end, console, timings. */
-class WorkloadVm {
+/** Where a `MicroVm` runs: one interface, so `MicroVm`'s methods never ask which. */
+interface VmBackend {
+  /** The console queue, for `console`. */
+  readonly consoleSource: ConsoleSource
+  /** The engine that runs it, for `engineInfo` (null: the built-in VMM in this process). */
+  readonly engineInfo: EngineInfo | null
+  wait(): Promise<ExitStatus>
+  exitStatus(): ExitStatus | null
+  consoleStats(): ConsoleStats
+  timings(): Timings
+  pause(): Promise<void>
+  resume(): Promise<void>
+  isPaused(): boolean
+  /** Asks the VM to end on its own; resolves with whether the request went out. */
+  requestStop(): Promise<boolean>
+  /** Ends a VM that did not end in time after `requestStop`. */
+  forceStop(): void
+  kill(): void
+  /** Signals the VM's program; `E_VM_STATE` where there is none. */
+  signal(signal: number): Promise<boolean>
+  snapshot(dir: string, options: SnapshotOptions): Promise<Snapshot>
+}
+
+/** `MicroVm.engineInfo`. */
+export interface EngineInfo {
+  engine: 'kvm' | 'qemu'
+  engineReason: string
+  /** QEMU's pid; null on the built-in VMM. */
+  pid: number | null
+}
+
+/** A kernel on the built-in VMM, in this process. */
+class NativeVm implements VmBackend {
+  readonly engineInfo = null
+  readonly #handle: native.NativeVmHandle
+
+  constructor(handle: native.NativeVmHandle) {
+    this.#handle = handle
+  }
+
+  get consoleSource(): ConsoleSource {
+    return this.#handle
+  }
+
+  wait(): Promise<ExitStatus> {
+    return this.#handle.wait()
+  }
+
+  exitStatus(): ExitStatus | null {
+    return this.#handle.exitStatus()
+  }
+
+  consoleStats(): ConsoleStats {
+    return this.#handle.consoleStats()
+  }
+
+  timings(): Timings {
+    return this.#handle.timings()
+  }
+
+  pause(): Promise<void> {
+    return this.#handle.pause()
+  }
+
+  async resume(): Promise<void> {
+    this.#handle.resume()
+  }
+
+  isPaused(): boolean {
+    return this.#handle.isPaused()
+  }
+
+  async requestStop(): Promise<boolean> {
+    this.#handle.stop()
+    return true
+  }
+
+  forceStop(): void {
+    this.#handle.kill()
+  }
+
+  kill(): void {
+    this.#handle.kill()
+  }
+
+  async signal(): Promise<boolean> {
+    throw new MicrocellError('E_VM_STATE', 'only a workload VM (rootfs: { disk } + execPath) has a program to signal')
+  }
+
+  async snapshot(dir: string, options: SnapshotOptions): Promise<Snapshot> {
+    return snapshotTaken(dir, await this.#handle.snapshot(dir, options.incremental === true))
+  }
+}
+
+/** A workload VM (`rootfs: { disk }`) on a sandbox engine: its agent runs the program. */
+class WorkloadVm implements VmBackend {
   readonly handle: native.NativeWorkloadHandle
-  readonly timings: Timings
+  readonly #timings: Timings
   /** Why the status is missing (for `run()`), once the end is known. */
   missing: MicrocellError | null = null
 
   constructor(handle: native.NativeWorkloadHandle, startNs: bigint, runningNs: bigint) {
     this.handle = handle
-    this.timings = { startNs, firstExitNs: null, runningNs }
+    this.#timings = { startNs, firstExitNs: null, runningNs }
+  }
+
+  get consoleSource(): ConsoleSource {
+    return this.handle
+  }
+
+  get engineInfo(): EngineInfo {
+    const i = this.handle.info() as { engine: 'kvm' | 'qemu'; engineReason: string; pid?: number | null }
+    return { engine: i.engine, engineReason: i.engineReason, pid: i.pid ?? null }
   }
 
   #map(e: native.NativeWorkloadEnd): ExitStatus {
@@ -296,29 +399,69 @@ class WorkloadVm {
     const e = this.handle.exitStatus()
     return e == null ? null : this.#map(e)
   }
+
+  consoleStats(): ConsoleStats {
+    return this.handle.consoleStats()
+  }
+
+  timings(): Timings {
+    return this.#timings
+  }
+
+  pause(): Promise<void> {
+    return this.handle.pause()
+  }
+
+  resume(): Promise<void> {
+    return this.handle.resume()
+  }
+
+  isPaused(): boolean {
+    return this.handle.isPaused()
+  }
+
+  /** SIGTERM to the program's process group; it waits for an agent still booting. */
+  requestStop(): Promise<boolean> {
+    return this.handle.signal(signalNumber('SIGTERM')).catch(() => false)
+  }
+
+  forceStop(): void {
+    this.handle.stop()
+  }
+
+  kill(): void {
+    this.handle.kill()
+  }
+
+  signal(signal: number): Promise<boolean> {
+    return this.handle.signal(signal)
+  }
+
+  async snapshot(dir: string, options: SnapshotOptions): Promise<Snapshot> {
+    if (options.incremental === true) {
+      throw new MicrocellError('E_INVALID_ARGUMENT', 'a workload VM is snapshotted by its engine, whole: incremental snapshots are for VMs on the built-in VMM')
+    }
+    return workloadSnapshotTaken(dir, await this.handle.snapshot(dir))
+  }
 }
 
 /** A running microVM. `await using vm = await MicroVm.start(...)` stops it at scope end. */
 export class MicroVm implements AsyncDisposable {
-  /** The VM on the built-in VMM; null for a workload VM. */
-  readonly #native: native.NativeVmHandle | null
-  /** A workload VM on a sandbox engine (`rootfs: { disk }`); null otherwise. */
-  readonly #workload: WorkloadVm | null
+  readonly #vm: VmBackend
   readonly #consoleEnabled: boolean
   #console: Readable | undefined
   #exit: Promise<ExitStatus> | undefined
 
   static {
     registerMicroVm({
-      native: (handle, consoleEnabled) => new MicroVm(handle, null, consoleEnabled),
+      native: (handle, consoleEnabled) => new MicroVm(new NativeVm(handle), consoleEnabled),
       workload: (handle, startNs, consoleEnabled) =>
-        new MicroVm(null, new WorkloadVm(handle, startNs, process.hrtime.bigint()), consoleEnabled),
+        new MicroVm(new WorkloadVm(handle, startNs, process.hrtime.bigint()), consoleEnabled),
     })
   }
 
-  private constructor(handle: native.NativeVmHandle | null, workload: WorkloadVm | null, consoleEnabled: boolean) {
-    this.#native = handle
-    this.#workload = workload
+  private constructor(vm: VmBackend, consoleEnabled: boolean) {
+    this.#vm = vm
     this.#consoleEnabled = consoleEnabled
   }
 
@@ -365,11 +508,10 @@ export class MicroVm implements AsyncDisposable {
       prepareGuest({ kernel: validated.kernel, rootfs: rootfs.disk })
       const startNs = process.hrtime.bigint()
       const handle = await native.startWorkload(JSON.stringify(validated), workloadOptions)
-      const vm = new WorkloadVm(handle, startNs, process.hrtime.bigint())
-      return new MicroVm(null, vm, nativeOptions.consoleStream)
+      return new MicroVm(new WorkloadVm(handle, startNs, process.hrtime.bigint()), nativeOptions.consoleStream)
     }
     const handle = await native.startVm(JSON.stringify(validated), nativeOptions)
-    return new MicroVm(handle, null, nativeOptions.consoleStream)
+    return new MicroVm(new NativeVm(handle), nativeOptions.consoleStream)
   }
 
   /**
@@ -393,7 +535,7 @@ export class MicroVm implements AsyncDisposable {
     await piped
     const status = exit.workload
     if (status == null) {
-      throw vm.#workload!.missing ?? new MicrocellError('E_AGENT_EXITED', `the VM ended (${exit.reason}) before the workload's status was known`)
+      throw (vm.#vm as WorkloadVm).missing ?? new MicrocellError('E_AGENT_EXITED', `the VM ended (${exit.reason}) before the workload's status was known`)
     }
     if (status.error !== null) {
       const e = status.error
@@ -406,15 +548,13 @@ export class MicroVm implements AsyncDisposable {
    * For a workload VM: the engine that runs it, why (`auto: ...` or `asked for`) and QEMU's pid
    * (null on the built-in VMM); null for other VMs (they run on the built-in VMM, in this process).
    */
-  get engineInfo(): { engine: 'kvm' | 'qemu'; engineReason: string; pid: number | null } | null {
-    if (this.#workload === null) return null
-    const i = this.#workload.handle.info() as { engine: 'kvm' | 'qemu'; engineReason: string; pid?: number | null }
-    return { engine: i.engine, engineReason: i.engineReason, pid: i.pid ?? null }
+  get engineInfo(): EngineInfo | null {
+    return this.#vm.engineInfo
   }
 
   /** Whether this is a workload VM (`rootfs: { disk }` + `execPath`). */
   get isWorkload(): boolean {
-    return this.#workload !== null
+    return this.#vm instanceof WorkloadVm
   }
 
   /** A workload VM's program status once it has ended (null before, and for other VMs). */
@@ -428,7 +568,7 @@ export class MicroVm implements AsyncDisposable {
    * mode or by an async iterator must be read to its end). `consoleOutput` is complete too.
    */
   wait(): Promise<ExitStatus> {
-    this.#exit ??= (this.#workload ? this.#workload.wait() : this.#native!.wait()).then(async (e) => {
+    this.#exit ??= this.#vm.wait().then(async (e) => {
       await consoleDelivered(this.#console)
       return e
     })
@@ -437,7 +577,7 @@ export class MicroVm implements AsyncDisposable {
 
   /** How the VM ended, or null while it runs. */
   get exitStatus(): ExitStatus | null {
-    return this.#workload ? this.#workload.exitStatus() : this.#native!.exitStatus()
+    return this.#vm.exitStatus()
   }
 
   /**
@@ -450,19 +590,13 @@ export class MicroVm implements AsyncDisposable {
   async stop(options: StopOptions = {}): Promise<ExitStatus> {
     const done = this.wait()
     if (this.exitStatus !== null) return done
-    const workload = this.#workload?.handle
     // A paused guest cannot end its program or power itself off.
     if (this.paused) await this.resume().catch(() => undefined)
-    // A workload's agent may still be booting: the signal waits for it, within the same limit.
-    const graceful = async (): Promise<ExitStatus | 'not sent'> => {
-      if (!workload) return (this.#native!.stop(), done)
-      return (await workload.signal(signalNumber('SIGTERM')).catch(() => false)) ? done : 'not sent'
-    }
-    const ended = graceful()
+    // A workload's agent may still be booting: the request waits for it, within the same limit.
+    const ended = (async (): Promise<ExitStatus | 'not sent'> => ((await this.#vm.requestStop()) ? done : 'not sent'))()
     const first = await settledWithin(ended, options.timeoutMs ?? DEFAULT_STOP_TIMEOUT_MS)
     if (first !== 'timeout' && first !== 'not sent') return first
-    if (workload) workload.stop()
-    else this.#native!.kill()
+    this.#vm.forceStop()
     return done
   }
 
@@ -472,17 +606,13 @@ export class MicroVm implements AsyncDisposable {
    * has ended). Rejects with `E_VM_STATE` for a VM without a workload.
    */
   async signal(signal: NodeJS.Signals | number): Promise<boolean> {
-    if (this.#workload === null) {
-      throw new MicrocellError('E_VM_STATE', 'only a workload VM (rootfs: { disk } + execPath) has a program to signal')
-    }
-    return this.#workload.handle.signal(signalNumber(signal))
+    return this.#vm.signal(signalNumber(signal))
   }
 
   /** Ends the VM at once and resolves when it has ended. */
   kill(): Promise<ExitStatus> {
     const done = this.wait()
-    if (this.#workload) this.#workload.handle.kill()
-    else this.#native!.kill()
+    this.#vm.kill()
     return done
   }
 
@@ -497,13 +627,13 @@ export class MicroVm implements AsyncDisposable {
         'this VM keeps no console stream: start it with { consoleStream: true } (or use consoleOutput for a file)',
       )
     }
-    this.#console ??= consoleReadable(this.#workload ? this.#workload.handle : this.#native!)
+    this.#console ??= consoleReadable(this.#vm.consoleSource)
     return this.#console
   }
 
   /** Counters of the console (bytes written, dropped for a slow reader, ...). */
   get consoleStats(): ConsoleStats {
-    return this.#workload ? this.#workload.handle.consoleStats() : this.#native!.consoleStats()
+    return this.#vm.consoleStats()
   }
 
   /**
@@ -511,27 +641,25 @@ export class MicroVm implements AsyncDisposable {
    * when `start()` began and returned (`firstExitNs` null: the engine does not say).
    */
   get timings(): Timings {
-    return this.#workload ? this.#workload.timings : this.#native!.timings()
+    return this.#vm.timings()
   }
 
   /**
    * Stops every vCPU outside the guest (a paused VM uses no CPU; a workload's program stops
    * with it); resolves once they have stopped. Rejects with `E_VM_STATE` when the VM has ended.
    */
-  async pause(): Promise<void> {
-    if (this.#workload) return this.#workload.handle.pause()
-    return this.#native!.pause()
+  pause(): Promise<void> {
+    return this.#vm.pause()
   }
 
   /** Lets a paused VM run again; nothing to do when it is not paused. */
-  async resume(): Promise<void> {
-    if (this.#workload) return this.#workload.handle.resume()
-    this.#native!.resume()
+  resume(): Promise<void> {
+    return this.#vm.resume()
   }
 
   /** Whether the VM is paused (by `pause()`). */
   get paused(): boolean {
-    return this.#workload ? this.#workload.handle.isPaused() : this.#native!.isPaused()
+    return this.#vm.isPaused()
   }
 
   /**
@@ -551,14 +679,7 @@ export class MicroVm implements AsyncDisposable {
     if (typeof dir !== 'string' || dir.length === 0) {
       throw new MicrocellError('E_INVALID_ARGUMENT', 'snapshot() needs a directory path (a non-empty string)')
     }
-    if (this.#workload) {
-      if (options.incremental === true) {
-        throw new MicrocellError('E_INVALID_ARGUMENT', 'a workload VM is snapshotted by its engine, whole: incremental snapshots are for VMs on the built-in VMM')
-      }
-      return workloadSnapshotTaken(dir, await this.#workload.handle.snapshot(dir))
-    }
-    const bytes = await this.#native!.snapshot(dir, options.incremental === true)
-    return snapshotTaken(dir, bytes)
+    return this.#vm.snapshot(dir, options)
   }
 
   /** Stops the VM (see `stop()`); nothing to do when it has already ended. */
