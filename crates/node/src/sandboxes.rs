@@ -270,8 +270,9 @@ impl NativeSandbox {
         };
         let exit = exit.await;
         let state = self.state.clone();
-        // The teardown joins a thread and removes files: not on this (runtime) thread.
-        spawn_blocking(move || drop(release(&state)));
+        // The teardown joins a thread and removes files: not on this (runtime) thread. It is
+        // awaited, so when `wait()` resolves the VM's files are gone, as after `stop()`.
+        let _ = spawn_blocking(move || drop(release(&state))).await;
         Ok(exit.into())
     }
 

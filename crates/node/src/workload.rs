@@ -279,9 +279,10 @@ impl NativeWorkload {
         drop(w);
         let stop = self.stop_requested.load(Ordering::SeqCst);
         let released = Self::release(&self.state, status);
-        // The teardown reaps QEMU and removes the VM's root disk copy: not on this thread.
+        // The teardown reaps QEMU and removes the VM's root disk copy: not on this thread, and
+        // awaited, so when `wait()` resolves nothing of the VM is left.
         if let Some(w) = released {
-            spawn_blocking(move || drop(w));
+            let _ = spawn_blocking(move || drop(w)).await;
         }
         match &*lock(&self.state) {
             State::Ended { end, .. } => Ok(end_info(&end.0, stop, &end.1)),
