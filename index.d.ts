@@ -25,6 +25,7 @@ export {
 } from './dist/index.js'
 export type {
   BuiltMicroVmConfig,
+  EngineInfo,
   MetricsOptions,
   NetworkConfig,
   NetworkUpdate,
@@ -58,6 +59,7 @@ export type {
   PoolCloseOptions,
   SandboxConfig,
   SandboxConfigInput,
+  SandboxRunOptions,
   SandboxEngine,
   SandboxInfo,
   SandboxStopOptions,

@@ -16,7 +16,7 @@
  * ```
  */
 export { MicroVm, MicroVmBuilder } from './microvm.js'
-export type { BuiltMicroVmConfig, RunOptions, StopOptions } from './microvm.js'
+export type { BuiltMicroVmConfig, EngineInfo, RunOptions, StopOptions } from './microvm.js'
 export { defaultGuest, guestImages } from './guest.js'
 export type { GuestImages, GuestImageSource, GuestPackageInfo } from './guest.js'
 export { ExecProcess, ExecResult } from './exec.js'
@@ -30,7 +30,7 @@ export type { CloneOptions, RestoreOptions, SnapshotConfig, SnapshotDisk, Snapsh
 export { RestorePool, SandboxPool, VmPool } from './pool.js'
 export type { PoolCloseOptions, PoolStats, RestorePoolOptions, SandboxPoolOptions, VmPoolOptions } from './pool.js'
 export { Sandbox, SandboxBuilder } from './sandbox.js'
-export type { NetworkConfig, NetworkUpdate, SandboxConfig, Volume, SandboxConfigInput, SandboxEngine, SandboxInfo, SandboxStopOptions } from './sandbox.js'
+export type { NetworkConfig, NetworkUpdate, SandboxConfig, Volume, SandboxConfigInput, SandboxEngine, SandboxInfo, SandboxRunOptions, SandboxStopOptions } from './sandbox.js'
 export { hostInfo } from './host.js'
 export type { HostInfo } from './host.js'
 export { MicrocellError, CONFIG_ERROR_CODES, SANDBOX_ERROR_CODES } from './errors.js'

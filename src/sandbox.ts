@@ -276,6 +276,22 @@ export class SandboxBuilder {
   create(): Promise<Sandbox> {
     return Sandbox.create(this.#config)
   }
+
+  /** `Sandbox.run(cmd, args, { ...options, config: this.build() })`: one command in a fresh sandbox. */
+  run(cmd: string, args?: readonly string[] | ExecOptions, options?: ExecOptions): Promise<ExecResult> {
+    try {
+      const [argv, opts] = splitArgs(args, options)
+      return Sandbox.run(cmd, argv, { ...opts, config: this.#config })
+    } catch (err) {
+      return Promise.reject(err)
+    }
+  }
+}
+
+/** Options of `Sandbox.run()`: the command's (as `exec()`) and the sandbox's configuration. */
+export interface SandboxRunOptions extends ExecOptions {
+  /** The sandbox to run it in (as `Sandbox.create()` takes; default: the defaults). */
+  config?: SandboxConfigInput
 }
 
 /**
@@ -403,6 +419,24 @@ export class Sandbox implements AsyncDisposable {
     prepareGuest(typeof config === 'object' && config !== null ? config : {})
     const handle = await native.createSandbox(json)
     return new Sandbox(handle)
+  }
+
+  /**
+   * Runs one command in a fresh sandbox and ends the sandbox: `create(options.config)`, then
+   * `exec(cmd, args, options)`, then the sandbox is killed (nothing in it is kept), also when
+   * the command or the boot fails. Resolves with the `ExecResult` (a non-zero exit is a result,
+   * not an error); rejects as `create()` and `exec()` do. For one-shot jobs: untrusted code,
+   * a build, a test run.
+   */
+  static async run(cmd: string, args?: readonly string[] | SandboxRunOptions, options?: SandboxRunOptions): Promise<ExecResult> {
+    const [argv, opts] = splitArgs(args, options)
+    const { config = {}, ...execOptions } = opts as SandboxRunOptions
+    const sandbox = await Sandbox.create(config)
+    try {
+      return await sandbox.exec(cmd, argv, execOptions)
+    } finally {
+      await sandbox.kill()
+    }
   }
 
   /**
