@@ -22,6 +22,7 @@ export {
   MicrocellError,
   CONFIG_ERROR_CODES,
   SANDBOX_ERROR_CODES,
+  VMM_ERROR_CODES,
 } from './dist/index.js'
 export type {
   BuiltMicroVmConfig,
@@ -64,6 +65,7 @@ export type {
   SandboxInfo,
   SandboxStopOptions,
   SandboxErrorCode,
+  VmmErrorCode,
   HostInfo,
   ConfigErrorCode,
   ConsoleStats,

@@ -14,7 +14,7 @@ import path from 'node:path'
 
 import test from 'ava'
 
-import { CONFIG_ERROR_CODES, SANDBOX_ERROR_CODES, guestImages, hostInfo } from 'microcell'
+import { CONFIG_ERROR_CODES, SANDBOX_ERROR_CODES, VMM_ERROR_CODES, guestImages, hostInfo } from 'microcell'
 
 import { root } from './helpers.mjs'
 
@@ -114,8 +114,8 @@ test('host facts are cited from docs/host.md, not from outside the repo (../shar
 
 test('docs/api.md names every error code the package exports', (t) => {
   const api = fs.readFileSync(path.join(root, 'docs', 'api.md'), 'utf8')
-  const missing = [...CONFIG_ERROR_CODES, ...SANDBOX_ERROR_CODES].filter((code) => !new RegExp(`\\b${code}\\b`).test(api))
-  t.true(CONFIG_ERROR_CODES.length > 0 && SANDBOX_ERROR_CODES.length > 0)
+  const missing = [...CONFIG_ERROR_CODES, ...SANDBOX_ERROR_CODES, ...VMM_ERROR_CODES].filter((code) => !new RegExp(`\\b${code}\\b`).test(api))
+  t.true(CONFIG_ERROR_CODES.length > 0 && SANDBOX_ERROR_CODES.length > 0 && VMM_ERROR_CODES.length > 0)
   t.deepEqual(missing, [], 'add them to the Errors section of docs/api.md')
 })
 

@@ -44,8 +44,8 @@ test('the TS error-code lists and limits are the Rust ones', (t) => {
   // SANDBOX_ERROR_CODES = SandboxError::CODES + the VMM codes every engine uses (vmm::Error).
   const vmmOnly = ['E_VM_STATE']
   t.deepEqual([...esm.SANDBOX_ERROR_CODES].sort(), [...rust.sandbox, ...vmmOnly].sort(), 'SANDBOX_ERROR_CODES vs SandboxError::CODES')
-  const vmmSource = fs.readFileSync(path.join(root, 'crates', 'vmm', 'src', 'error.rs'), 'utf8')
-  for (const code of vmmOnly) t.true(vmmSource.includes(`"${code}"`), `${code} is a vmm::Error code`)
+  for (const code of vmmOnly) t.true(rust.vmm.includes(code), `${code} is a vmm::Error code`)
+  t.deepEqual([...esm.VMM_ERROR_CODES], rust.vmm, 'VMM_ERROR_CODES vs vmm::Error::CODES')
   const { LIMITS } = require(path.join(root, 'dist', 'limits.js'))
   t.deepEqual(LIMITS, native.limits())
 })

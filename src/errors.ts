@@ -94,3 +94,32 @@ export const SANDBOX_ERROR_CODES = [
 ] as const
 
 export type SandboxErrorCode = (typeof SANDBOX_ERROR_CODES)[number]
+
+/**
+ * The built-in VMM's own codes (`MicroVm` on any kernel, and sandboxes on engine `kvm`):
+ * `E_NO_KVM`, `E_CONFIG` (a VM configuration the VMM cannot run), `E_KERNEL_NOT_FOUND`,
+ * `E_KERNEL_FORMAT`, `E_INITRD`, `E_UNSUPPORTED_GUEST` (a Linux kernel where KVM cannot boot
+ * one), `E_MEMORY`, `E_KVM` (a KVM ioctl failed), `E_THREAD`, snapshots (`E_SNAPSHOT_CORRUPT`,
+ * `E_SNAPSHOT_VERSION`, `E_SNAPSHOT_HOST`, `E_SNAPSHOT_IO`, `E_SNAPSHOT`) and `E_VM_STATE`.
+ * The Rust list is `vmm::Error::CODES`; a test checks that the two agree.
+ */
+export const VMM_ERROR_CODES = [
+  'E_NO_KVM',
+  'E_CONFIG',
+  'E_KERNEL_NOT_FOUND',
+  'E_KERNEL_FORMAT',
+  'E_INITRD',
+  'E_UNSUPPORTED_GUEST',
+  'E_MEMORY',
+  'E_KVM',
+  'E_THREAD',
+  'E_SNAPSHOT_CORRUPT',
+  'E_SNAPSHOT_VERSION',
+  'E_SNAPSHOT_HOST',
+  'E_SNAPSHOT_IO',
+  'E_SNAPSHOT',
+  'E_VM_STATE',
+] as const
+
+export type VmmErrorCode = (typeof VMM_ERROR_CODES)[number]
+

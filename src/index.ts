@@ -33,8 +33,8 @@ export { Sandbox, SandboxBuilder } from './sandbox.js'
 export type { NetworkConfig, NetworkUpdate, SandboxConfig, Volume, SandboxConfigInput, SandboxEngine, SandboxInfo, SandboxRunOptions, SandboxStopOptions } from './sandbox.js'
 export { hostInfo } from './host.js'
 export type { HostInfo } from './host.js'
-export { MicrocellError, CONFIG_ERROR_CODES, SANDBOX_ERROR_CODES } from './errors.js'
-export type { ConfigErrorCode, SandboxErrorCode } from './errors.js'
+export { MicrocellError, CONFIG_ERROR_CODES, SANDBOX_ERROR_CODES, VMM_ERROR_CODES } from './errors.js'
+export type { ConfigErrorCode, SandboxErrorCode, VmmErrorCode } from './errors.js'
 export type {
   ConsoleStats,
   ExitReason,

@@ -53,13 +53,15 @@ pub fn validate_config(config_json: String) -> Result<String> {
     guard(|| sandbox::validate_config_json(&config_json).map_err(|e| coded(e.code(), e)))
 }
 
-/// Every error code the host core produces itself, by its Rust list: `{ config, sandbox }`
-/// (`ConfigError::CODES`, `SandboxError::CODES`). The TS lists are checked against it.
-#[napi(ts_return_type = "{ config: string[]; sandbox: string[] }")]
+/// Every error code the host core produces itself, by its Rust list: `{ config, sandbox, vmm }`
+/// (`ConfigError::CODES`, `SandboxError::CODES`, `vmm::Error::CODES`). The TS lists are
+/// checked against it.
+#[napi(ts_return_type = "{ config: string[]; sandbox: string[]; vmm: string[] }")]
 pub fn error_codes() -> serde_json::Value {
     serde_json::json!({
         "config": sandbox::ConfigError::CODES,
         "sandbox": sandbox::SandboxError::CODES,
+        "vmm": vmm::Error::CODES,
     })
 }
 

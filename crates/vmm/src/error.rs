@@ -61,9 +61,70 @@ impl Error {
         }
     }
 
+    /// Every code [`Error::code`] gives, once each (the addon's `errorCodes().vmm`; the TS
+    /// `VMM_ERROR_CODES` is checked against it).
+    pub const CODES: &'static [&'static str] = &[
+        "E_NO_KVM",
+        "E_CONFIG",
+        "E_KERNEL_NOT_FOUND",
+        "E_KERNEL_FORMAT",
+        "E_INITRD",
+        "E_UNSUPPORTED_GUEST",
+        "E_MEMORY",
+        "E_KVM",
+        "E_THREAD",
+        "E_SNAPSHOT_CORRUPT",
+        "E_SNAPSHOT_VERSION",
+        "E_SNAPSHOT_HOST",
+        "E_SNAPSHOT_IO",
+        "E_SNAPSHOT",
+        "E_VM_STATE",
+    ];
+
     pub(crate) fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
         move |source| Error::Kvm { what, source }
     }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One error of each variant, in the enum's order.
+    fn samples() -> Vec<Error> {
+        let kvm = || kvm_ioctls::Error::new(libc::EINVAL);
+        let io = || std::io::Error::other("x");
+        let s = || "x".to_owned();
+        let path = PathBuf::from("/x");
+        vec![
+            Error::NoKvm(kvm()),
+            Error::Config(s()),
+            Error::KernelNotFound { path: path.clone(), source: io() },
+            Error::KernelFormat { path: path.clone(), reason: s() },
+            Error::Initrd { path: path.clone(), reason: s() },
+            Error::UnsupportedGuest(s()),
+            Error::Memory { mib: 1, reason: s() },
+            Error::Kvm { what: "x", source: kvm() },
+            Error::Thread(io()),
+            Error::SnapshotCorrupt { path: path.clone(), reason: s() },
+            Error::SnapshotVersion { path: path.clone(), found: 1, supported: 2 },
+            Error::SnapshotHost(s()),
+            Error::SnapshotIo { path, source: io() },
+            Error::Snapshot(s()),
+            Error::VmState(s()),
+        ]
+    }
+
+    #[test]
+    fn codes_lists_each_variants_code_once() {
+        let produced: Vec<&str> = samples().iter().map(Error::code).collect();
+        assert_eq!(produced, Error::CODES, "CODES is the variants' codes, in their order");
+        let mut distinct = produced.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), produced.len(), "two variants share a code: {produced:?}");
+        assert!(samples().iter().all(|e| !e.to_string().is_empty()));
+    }
+}
