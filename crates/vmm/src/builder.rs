@@ -16,6 +16,7 @@ use crate::arch::boot::{self, KernelKind};
 use crate::arch::{layout, mptable};
 use crate::config::{RestoreOptions, VmConfig, CONTROL_PORT_NAME};
 use crate::device_manager::DeviceManager;
+use crate::devices::legacy::i8042::I8042State;
 use crate::devices::legacy::serial::SerialState;
 use crate::devices::legacy::{i8042, serial, Serial, I8042};
 use crate::devices::virtio::block::Block;
@@ -49,6 +50,7 @@ struct Assembly {
     mmio_bus: Bus,
     event_loop: EventLoop,
     serial: Arc<Mutex<Serial>>,
+    i8042: Arc<Mutex<I8042>>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     host_ends: HostEnds,
     /// The devices' ends of the host streams (clones), shut down when the VM ends.
@@ -60,6 +62,7 @@ struct Assembly {
 /// Device state to start from (a snapshot's), or None for fresh devices.
 struct DeviceStates<'a> {
     serial: &'a SerialState,
+    i8042: &'a I8042State,
     /// By device id (`VmConfig::virtio_ids`).
     virtio: &'a BTreeMap<String, TransportState>,
 }
@@ -82,14 +85,18 @@ fn assemble(
     }
     let serial = Arc::new(Mutex::new(serial));
     let weak = Arc::downgrade(&lifecycle);
-    let i8042 = I8042::new(Box::new(move || {
+    let mut i8042 = I8042::new(Box::new(move || {
         if let Some(l) = weak.upgrade() {
             l.request_exit(ExitReason::Reset);
         }
     }));
+    if let Some(s) = &states {
+        i8042.restore(s.i8042)?;
+    }
+    let i8042 = Arc::new(Mutex::new(i8042));
     // Fixed, disjoint port ranges: insertion cannot overlap.
     pio_bus.insert(serial.clone(), serial::COM1_PORT, serial::COM1_PORT_LEN).ok();
-    pio_bus.insert(Arc::new(Mutex::new(i8042)), i8042::I8042_PORT, i8042::I8042_PORT_LEN).ok();
+    pio_bus.insert(i8042.clone(), i8042::I8042_PORT, i8042::I8042_PORT_LEN).ok();
 
     let mut mmio_bus = Bus::default();
     let mut event_loop = EventLoop::new().map_err(Error::Thread)?;
@@ -159,6 +166,7 @@ fn assemble(
         mmio_bus,
         event_loop,
         serial,
+        i8042,
         virtio,
         host_ends: HostEnds { channel, network },
         device_ends,
@@ -327,7 +335,7 @@ impl Vm {
             });
         }
         snapshot::memory::map_over(&shell.memory, &snapshot.memory_file, &snapshot.memory_path, &state.memory)?;
-        let states = DeviceStates { serial: &state.serial, virtio: &state.virtio };
+        let states = DeviceStates { serial: &state.serial, i8042: &state.i8042, virtio: &state.virtio };
         let a = assemble(&shell.vm, &config, shell.memory, console, Some(states))?;
         let mut kvm_vm = shell.vm;
         kvm_vm.restore(&state.vm)?;
@@ -336,6 +344,7 @@ impl Vm {
         }
         // Every part is restored: what needs the whole VM runs now, before any vCPU does.
         lock(&a.serial).after_restore()?;
+        lock(&a.i8042).after_restore()?;
         for t in &a.virtio {
             lock(t).after_restore()?;
         }
@@ -373,6 +382,7 @@ impl Vm {
             vm,
             _event_loop: event_loop,
             serial: a.serial,
+            i8042: a.i8042,
             virtio: a.virtio,
             memory: a.memory,
             config,

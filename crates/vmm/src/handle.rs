@@ -10,7 +10,7 @@ use kvm_ioctls::VcpuFd;
 use serde::Serialize;
 
 use crate::config::VmConfig;
-use crate::devices::legacy::Serial;
+use crate::devices::legacy::{Serial, I8042};
 use crate::devices::virtio::MmioTransport;
 use crate::egress::{EgressPolicy, LivePolicy};
 use crate::error::{Error, Result};
@@ -42,6 +42,7 @@ pub(crate) struct Machine {
     /// Kept for its Drop, which stops the event thread.
     pub(crate) _event_loop: Option<EventLoopHandle>,
     pub(crate) serial: Arc<Mutex<Serial>>,
+    pub(crate) i8042: Arc<Mutex<I8042>>,
     pub(crate) virtio: Vec<Arc<Mutex<MmioTransport>>>,
     pub(crate) memory: GuestRam,
     pub(crate) config: VmConfig,

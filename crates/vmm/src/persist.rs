@@ -9,12 +9,19 @@ use std::sync::Mutex;
 
 use crate::arch::{vcpu_state, vm_state};
 use crate::config::VmConfig;
+use crate::devices::legacy::i8042::I8042State;
 use crate::devices::legacy::serial::SerialState;
 use crate::devices::virtio::persist::TransportState;
 use crate::error::{Error, Result};
 use crate::handle::{lock, Vm};
 use crate::snapshot::{self, MachineState};
 use crate::state::Persist;
+
+/// The legacy devices' states, as one snapshot takes them.
+struct LegacyStates {
+    serial: SerialState,
+    i8042: I8042State,
+}
 
 /// Held while a snapshot is written into a directory (see `snapshot_paused`).
 struct DirLock(PathBuf);
@@ -139,6 +146,7 @@ impl Vm {
         let vm = m.vm.save()?;
         let vcpus = m.vcpus.iter().map(|fd| lock(fd).save()).collect::<Result<Vec<_>>>()?;
         let serial = lock(&m.serial).save()?;
+        let i8042 = lock(&m.i8042).save()?;
         let virtio = m
             .config
             .virtio_ids()
@@ -158,7 +166,8 @@ impl Vm {
             None
         };
         let base = base.filter(|_| incremental);
-        let result = self.write_snapshot(dir, base, dirty.as_deref(), vm, vcpus, serial, virtio);
+        let legacy = LegacyStates { serial, i8042 };
+        let result = self.write_snapshot(dir, base, dirty.as_deref(), vm, vcpus, legacy, virtio);
         if let (Err(_), Some(dirty)) = (&result, dirty) {
             or_into(&mut lock(&m.carried_dirty), &dirty);
         }
@@ -175,7 +184,7 @@ impl Vm {
         dirty: Option<&[Vec<u64>]>,
         vm: vm_state::VmState,
         vcpus: Vec<vcpu_state::VcpuState>,
-        serial: SerialState,
+        legacy: LegacyStates,
         virtio: BTreeMap<String, TransportState>,
     ) -> Result<u64> {
         let m = self.machine();
@@ -237,7 +246,8 @@ impl Vm {
             memory_id,
             vm,
             vcpus,
-            serial,
+            serial: legacy.serial,
+            i8042: legacy.i8042,
             virtio,
         };
         let state = snapshot::stage_state(&dir.join(SNAPSHOT_STATE_FILE), &state)?;

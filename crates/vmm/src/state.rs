@@ -1,5 +1,5 @@
-//! The one save/restore trait: serial, virtio transports and devices, the VM and each vCPU
-//! implement it, and `persist` (save) and `builder` (restore) drive it.
+//! The one save/restore trait: every device (serial, i8042, virtio transports and devices),
+//! the VM and each vCPU implement it, and `persist` (save) and `builder` (restore) drive it.
 //!
 //! A restore builds the part fresh from the configuration (fds, sockets, files), then
 //! `restore`s the snapshot's state into it; once every part of the VM is restored, and before

@@ -17,6 +17,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{require_kvm, Capture};
+use vmm::devices::legacy::i8042::I8042State;
 use vmm::devices::legacy::serial::SerialState;
 use vmm::devices::virtio::persist::{DeviceState, TransportState};
 use vmm::snapshot::{self, CpuFingerprint, MachineState, MemoryRegionState};
@@ -98,6 +99,7 @@ fn synthetic_snapshot(dir: &Path) {
             tsc_khz: None,
         }],
         serial: SerialState { registers: [0; 10], in_buffer: Vec::new() },
+        i8042: I8042State::default(),
         virtio: Default::default(),
     };
     snapshot::save_state(&dir.join("vm.state"), &state).unwrap();
@@ -132,7 +134,7 @@ enum Case {
 /// (valid magic, version and CRC). Returns what was changed.
 fn mutate_field(state: &mut MachineState, rng: &mut XorShift) -> String {
     let host_mib = vmm::host::cached().host_memory_mib;
-    match rng.below(18) {
+    match rng.below(19) {
         0 => {
             let v = [0, 1, (1 << 31) - 1, u32::MAX, (host_mib + 1) as u32, rng.next() as u32][rng.below(6) as usize];
             state.config.memory_mib = v;
@@ -223,6 +225,21 @@ fn mutate_field(state: &mut MachineState, rng: &mut XorShift) -> String {
             state.config.cmdline = "x".repeat(n);
             format!("cmdline of {n} bytes")
         }
+        17 => match rng.below(3) {
+            0 => {
+                let n = 17 + rng.below(1 << 16) as usize;
+                state.i8042.output = vec![0x55; n];
+                format!("i8042 output of {n} bytes")
+            }
+            1 => {
+                state.i8042.status = 1 << (4 + rng.below(4));
+                format!("i8042 status {:#04x}", state.i8042.status)
+            }
+            _ => {
+                state.i8042.awaiting = Some(0xaa);
+                "i8042 awaiting a parameter of 0xaa".into()
+            }
+        },
         _ => {
             if let Some(m) = state.vcpus[0].msrs.get_mut(0) {
                 m.data = rng.next();
@@ -562,6 +579,24 @@ fn a_device_state_under_another_id_is_refused() {
     let e = LoadedSnapshot::load(&dir).err().expect("refused");
     assert_eq!(e.code(), "E_SNAPSHOT_CORRUPT", "{e}");
     assert!(e.to_string().contains("console1") && e.to_string().contains("console0"), "{e}");
+}
+
+/// The i8042 state is checked at load like every other field: an output queue beyond the
+/// controller's 16 bytes is refused with the field named.
+#[test]
+fn an_i8042_state_the_controller_cannot_reach_is_refused_at_load() {
+    let work = TempDir::new("i8042");
+    let dir = work.0.join("s");
+    synthetic_snapshot(&dir);
+    let mut state = snapshot::load_state(&dir.join("vm.state")).unwrap();
+    state.i8042.output = vec![0x55; 16];
+    snapshot::save_state(&dir.join("vm.state"), &state).unwrap();
+    LoadedSnapshot::load(&dir).expect("16 unread bytes load");
+    state.i8042.output.push(0x55);
+    snapshot::save_state(&dir.join("vm.state"), &state).unwrap();
+    let e = LoadedSnapshot::load(&dir).err().expect("refused");
+    assert_eq!(e.code(), "E_SNAPSHOT_CORRUPT", "{e}");
+    assert!(e.to_string().contains("i8042") && e.to_string().contains("17 output bytes"), "{e}");
 }
 
 /// A transport state with no queues set up: `device_type`, whether it was active, its device's.

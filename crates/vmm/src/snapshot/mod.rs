@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::arch::vcpu_state::VcpuState;
 use crate::arch::vm_state::VmState;
 use crate::config::VmConfig;
+use crate::devices::legacy::i8042::I8042State;
 use crate::devices::legacy::serial::SerialState;
 use crate::devices::virtio::persist::TransportState;
 use crate::error::{Error, Result};
@@ -30,7 +31,8 @@ pub const MAGIC: &[u8; 8] = b"MCELLSNP";
 /// 2: the state names its memory file (`memory_id`, matched against the file's trailer).
 /// 3: the configuration may have a network device (`VmConfig::network`).
 /// 5: virtio states keyed by device id (`VmConfig::virtio_ids`); device states typed.
-pub const FORMAT_VERSION: u32 = 5;
+/// 6: the i8042 controller's state (its configuration byte, unread replies).
+pub const FORMAT_VERSION: u32 = 6;
 const HEADER_LEN: usize = 8 + 4 + 8;
 /// No state file is this big; a larger length field means a damaged file.
 const MAX_BODY: u64 = 64 << 20;
@@ -72,6 +74,7 @@ pub struct MachineState {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialState,
+    pub i8042: I8042State,
     /// By device id (`VmConfig::virtio_ids`), not by position.
     pub virtio: BTreeMap<String, TransportState>,
 }
@@ -345,6 +348,7 @@ pub(crate) fn validate(state: &MachineState) -> std::result::Result<(), String> 
         let found: Vec<_> = state.virtio.keys().collect();
         return Err(format!("virtio: device states for {found:?}, the configuration has devices {ids:?}"));
     }
+    state.i8042.check().map_err(|e| e.to_string())?;
     for (i, v) in state.vcpus.iter().enumerate() {
         if v.cpuid.len() > kvm_bindings::KVM_MAX_CPUID_ENTRIES {
             return Err(format!(

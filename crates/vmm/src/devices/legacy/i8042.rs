@@ -9,7 +9,10 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
+
 use crate::devices::bus::BusDevice;
+use crate::state::{Persist, StateError};
 
 pub const I8042_PORT: u64 = 0x60;
 pub const I8042_PORT_LEN: u64 = 5;
@@ -100,6 +103,56 @@ impl I8042 {
     }
 }
 
+/// The controller as a snapshot keeps it: what the guest's driver wrote and has not read yet.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    pub ctr: u8,
+    pub status: u8,
+    pub output: Vec<u8>,
+    pub awaiting: Option<u8>,
+}
+
+impl I8042State {
+    /// Only states this controller can reach: at most its output capacity, known status bits,
+    /// a pending parameter only for the commands that take one (a snapshot's is checked at load).
+    pub fn check(&self) -> Result<(), StateError> {
+        let invalid = |reason: String| Err(StateError::new("i8042", reason));
+        if self.output.len() > OUTPUT_CAPACITY {
+            return invalid(format!("{} output bytes (at most {OUTPUT_CAPACITY})", self.output.len()));
+        }
+        if self.status & !(STATUS_SYSTEM | STATUS_COMMAND) != 0 {
+            return invalid(format!("status {:#04x} has bits this controller never sets", self.status));
+        }
+        if let Some(cmd) = self.awaiting.filter(|c| ![CMD_WRITE_CTR, CMD_WRITE_OUTPUT_PORT].contains(c)) {
+            return invalid(format!("command {cmd:#04x} takes no parameter byte"));
+        }
+        Ok(())
+    }
+}
+
+impl Persist for I8042 {
+    type State = I8042State;
+    type Error = StateError;
+
+    fn save(&self) -> Result<I8042State, StateError> {
+        Ok(I8042State {
+            ctr: self.ctr,
+            status: self.status,
+            output: self.output.iter().copied().collect(),
+            awaiting: self.awaiting,
+        })
+    }
+
+    fn restore(&mut self, state: &I8042State) -> Result<(), StateError> {
+        state.check()?;
+        self.ctr = state.ctr;
+        self.status = state.status;
+        self.output = state.output.iter().copied().collect();
+        self.awaiting = state.awaiting;
+        Ok(())
+    }
+}
+
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
@@ -186,6 +239,38 @@ mod tests {
         dev.write(COMMAND, &[CMD_KBD_TEST]);
         assert_eq!(read(&mut dev, DATA), PORT_TEST_PASSED);
         assert_ne!(read(&mut dev, COMMAND) & STATUS_SYSTEM, 0);
+    }
+
+    #[test]
+    fn a_restored_controller_answers_as_the_saved_one() {
+        let (mut saved, _) = dev();
+        saved.write(COMMAND, &[CMD_WRITE_CTR]);
+        saved.write(DATA, &[0x47]);
+        saved.write(COMMAND, &[CMD_SELF_TEST]);
+        saved.write(COMMAND, &[CMD_WRITE_CTR]); // its parameter comes after the restore
+        let state = saved.save().unwrap();
+        let (mut restored, _) = dev();
+        restored.restore(&state).unwrap();
+        assert_eq!(restored.save().unwrap(), state);
+        assert_eq!(read(&mut restored, DATA), SELF_TEST_PASSED, "the unread reply survives");
+        restored.write(DATA, &[0x65]);
+        restored.write(COMMAND, &[CMD_READ_CTR]);
+        assert_eq!(read(&mut restored, DATA), 0x65, "the pending CTR write completes");
+    }
+
+    #[test]
+    fn states_it_cannot_reach_are_refused() {
+        let (mut d, _) = dev();
+        let ok = d.save().unwrap();
+        for bad in [
+            I8042State { output: vec![0; OUTPUT_CAPACITY + 1], ..ok.clone() },
+            I8042State { status: STATUS_OUTPUT_FULL, ..ok.clone() },
+            I8042State { awaiting: Some(CMD_SELF_TEST), ..ok.clone() },
+        ] {
+            let e = d.restore(&bad).unwrap_err();
+            assert_eq!(e.device, "i8042", "{e}");
+        }
+        assert_eq!(d.save().unwrap(), ok, "a refused state changes nothing");
     }
 
     #[test]
