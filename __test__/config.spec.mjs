@@ -109,6 +109,14 @@ test('convenience forms: rootfs as a string, env as a record, iterables', (t) =>
   t.deepEqual(config.args, ['-c', 'print(1)'])
 })
 
+test("the Sandbox builder's words (memory, cpus, workdir) set what the seeds' names set", (t) => {
+  const shared = base().memory(128).cpus(2).workdir('/srv').build()
+  const seeds = base().memoryMib(128).numVcpus(2).workdirPath('/srv').build()
+  t.deepEqual(shared, seeds)
+  t.like(shared, { memoryMib: 128, numVcpus: 2, workdirPath: '/srv' })
+  t.is(t.throws(() => base().memory(0).build(), { instanceOf: MicrocellError }).code, 'E_CONFIG_MEMORY')
+})
+
 test('E_CONFIG_JSON: unknown options and wrong types', (t) => {
   rejects(t, () => MicroVm.validate({ kernel, numVcpu: 2 }), 'E_CONFIG_JSON', 'numVcpu')
   rejects(t, () => base().logLevel('loud').build(), 'E_CONFIG_JSON', 'loud')

@@ -75,14 +75,24 @@ export class MicroVmBuilder {
     return this.#set('rootfs', file ? { disk: rootfs } : { native: rootfs })
   }
 
-  /** Number of vCPUs, 1 to 32 (default 1). */
+  /** Number of vCPUs, 1 to 32 (default 1). The seeds' name of `cpus()`. */
   numVcpus(count: number): this {
     return this.#set('numVcpus', count)
   }
 
-  /** Guest memory in MiB (default 512), at most the host's RAM. */
+  /** Number of vCPUs, 1 to 32 (default 1): the word `Sandbox.builder()` uses. */
+  cpus(count: number): this {
+    return this.numVcpus(count)
+  }
+
+  /** Guest memory in MiB (default 512), at most the host's RAM. The seeds' name of `memory()`. */
   memoryMib(mib: number): this {
     return this.#set('memoryMib', mib)
+  }
+
+  /** Guest memory in MiB (default 512): the word `Sandbox.builder()` uses. */
+  memory(mib: number): this {
+    return this.memoryMib(mib)
   }
 
   /** Host directories shared with the guest: `"host:guest"` or `"path"`. Replaces earlier ones. */
@@ -119,9 +129,14 @@ export class MicroVmBuilder {
     return this.#set('rlimits', stringList('rlimits', limits))
   }
 
-  /** Working directory of the guest process (absolute guest path). */
+  /** Working directory of the guest process (absolute guest path). The seeds' name of `workdir()`. */
   workdirPath(path: string): this {
     return this.#set('workdirPath', path)
+  }
+
+  /** Working directory of the guest process: the word `Sandbox.builder()` uses. */
+  workdir(path: string): this {
+    return this.workdirPath(path)
   }
 
   /** Program to run in the guest. */
