@@ -34,7 +34,7 @@ use crate::host;
 use crate::memory::{self, GuestRam};
 use crate::persist::LoadedSnapshot;
 use crate::run_dir::RunDir;
-use crate::seccomp::ThreadFilter;
+use crate::seccomp::{FilteredThread, ThreadFilter};
 use crate::snapshot;
 use crate::state::Persist;
 use crate::vstate::lifecycle::{monotonic_ns, Lifecycle};
@@ -182,8 +182,28 @@ pub struct VmShell {
     vm: vm::Vm,
     memory: GuestRam,
     vcpus: Vec<Vcpu>,
+    threads: ShellThreads,
     memory_mib: u32,
     track_dirty: bool,
+}
+
+/// The VM's threads, started with the shell (their seccomp filters installed meanwhile) and
+/// given their work at launch.
+struct ShellThreads {
+    vcpus: Vec<FilteredThread>,
+    events: FilteredThread,
+}
+
+impl ShellThreads {
+    fn spawn(vcpus: u8) -> Result<ShellThreads> {
+        let seccomp = ThreadFilter::for_vmm_threads().map_err(|e| Error::Thread(std::io::Error::other(e)))?;
+        let vcpus = (0..vcpus)
+            .map(|i| FilteredThread::spawn(format!("mc-vcpu{i}"), seccomp))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(Error::Thread)?;
+        let events = FilteredThread::spawn("mc-events".into(), seccomp).map_err(Error::Thread)?;
+        Ok(ShellThreads { vcpus, events })
+    }
 }
 
 impl VmShell {
@@ -206,7 +226,8 @@ impl VmShell {
         } else {
             (0..vcpus).map(|i| Vcpu::new_bare(vm.fd(), i)).collect::<Result<Vec<_>>>()?
         };
-        Ok(VmShell { vm, memory, vcpus, memory_mib, track_dirty: config.track_dirty_pages })
+        let threads = ShellThreads::spawn(config.vcpus)?;
+        Ok(VmShell { vm, memory, vcpus, threads, memory_mib, track_dirty: config.track_dirty_pages })
     }
 }
 
@@ -259,7 +280,7 @@ impl Vm {
         mptable::write(&a.memory, config.vcpus)?;
 
         shell.vcpus[0].configure_boot(&a.memory, kernel.entry)?;
-        Self::launch(shell.vm, a, shell.vcpus, config.clone(), start_ns, None)
+        Self::launch(shell.vm, a, shell.vcpus, shell.threads, config.clone(), start_ns, None)
     }
 
     /// Builds a VM from a loaded snapshot and runs it from where the snapshot was taken.
@@ -352,7 +373,7 @@ impl Vm {
         let dup =
             || snapshot.memory_file.try_clone().map_err(|source| Error::SnapshotIo { path: path.clone(), source });
         let (backing, base) = (dup()?, dup()?);
-        let vm = Self::launch(kvm_vm, a, shell.vcpus, config, start_ns, Some(backing))?;
+        let vm = Self::launch(kvm_vm, a, shell.vcpus, shell.threads, config, start_ns, Some(backing))?;
         if let Some(dir) = scratch {
             lock(&vm.machine().scratch).replace(dir);
         }
@@ -361,21 +382,22 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Starts the event loop and one thread per vCPU. `backing_memory`: the snapshot memory
-    /// file a restored VM's RAM is mapped from.
+    /// Gives the shell's threads their work: the event loop, and each vCPU's loop.
+    /// `backing_memory`: the snapshot memory file a restored VM's RAM is mapped from.
+    #[allow(clippy::too_many_arguments)]
     fn launch(
         vm: vm::Vm,
         a: Assembly,
         vcpus: Vec<Vcpu>,
+        threads: ShellThreads,
         config: VmConfig,
         start_ns: u64,
         backing_memory: Option<File>,
     ) -> Result<Vm> {
-        let seccomp = ThreadFilter::for_vmm_threads().map_err(|e| Error::Thread(std::io::Error::other(e)))?;
         let loop_lifecycle = a.lifecycle.clone();
         let event_loop = a
             .event_loop
-            .spawn_if_needed("mc-events".into(), seccomp, Box::new(move |reason| loop_lifecycle.request_exit(reason)))
+            .run_on(threads.events, Box::new(move |reason| loop_lifecycle.request_exit(reason)))
             .map_err(Error::Thread)?;
         let machine = Arc::new(Machine {
             vcpus: vcpus.iter().map(Vcpu::fd).collect(),
@@ -405,20 +427,19 @@ impl Vm {
             mmio_bus: a.mmio_bus,
             lifecycle: lifecycle.clone(),
             _keep_alive: Box::new(machine.clone()),
-            seccomp,
         });
         let total = vcpus.len();
-        for (spawned, vcpu) in vcpus.into_iter().enumerate() {
+        for (started, (vcpu, thread)) in vcpus.into_iter().zip(threads.vcpus).enumerate() {
             let thread_ctx = ctx.clone();
-            let name = format!("mc-vcpu{}", vcpu.index());
-            match std::thread::Builder::new().name(name).spawn(move || vcpu.run_loop(thread_ctx)) {
+            match thread.run(Box::new(move |filter| vcpu.run_loop(thread_ctx, filter))) {
                 Ok(handle) => lifecycle.add_vcpu_thread(handle),
-                Err(e) => {
-                    lifecycle.request_exit(ExitReason::crashed("E_THREAD", format!("cannot start a vCPU thread: {e}")));
-                    for _ in spawned..total {
+                Err(_) => {
+                    let why = "a vCPU thread ended before it got its work";
+                    lifecycle.request_exit(ExitReason::crashed("E_THREAD", why));
+                    for _ in started..total {
                         lifecycle.vcpu_stopped();
                     }
-                    return Err(Error::Thread(e));
+                    return Err(Error::Thread(std::io::Error::other(why)));
                 }
             }
         }

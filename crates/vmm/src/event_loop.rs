@@ -10,7 +10,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::exit::ExitReason;
-use crate::seccomp::{self, ThreadFilter};
+use crate::seccomp::{self, FilteredThread};
 
 /// Runs on the event loop thread when its fd is ready; gets the ready set.
 pub type Handler = Box<dyn FnMut(EventSet) + Send>;
@@ -63,32 +63,33 @@ impl EventLoop {
         Interest { epoll: self.epoll.clone(), fd, token: fd as u64 }
     }
 
-    /// Starts the loop thread of a VM under `seccomp` (installed by the thread before its first
-    /// event); a system call the filter refuses in a handler ends the VM through `end_vm`. With
-    /// nothing to watch no thread is started (it would only cost start-up time).
-    pub fn spawn_if_needed(
+    /// Runs the loop of a VM on `thread` (started earlier, its seccomp filter installed); a
+    /// system call the filter refuses in a handler ends the VM through `end_vm`. With nothing
+    /// to watch the thread is let go unused (it ends).
+    pub fn run_on(
         mut self,
-        name: String,
-        seccomp: Option<ThreadFilter>,
+        thread: FilteredThread,
         end_vm: Box<dyn Fn(ExitReason) + Send>,
     ) -> std::io::Result<Option<EventLoopHandle>> {
         if self.handlers.is_empty() {
             return Ok(None);
         }
         let stop = self.stop.try_clone()?;
-        let thread = std::thread::Builder::new().name(name).spawn(move || {
-            const THREAD: &str = "event loop thread";
-            if let Some(Err(e)) = seccomp.map(ThreadFilter::install) {
-                return end_vm(ExitReason::crashed(seccomp::Refused::CODE, format!("{THREAD}: {e}")));
-            }
-            self.run(&mut || match seccomp::take_refused_exit(THREAD) {
-                Some(reason) => {
-                    end_vm(reason);
-                    false
+        let thread = thread
+            .run(Box::new(move |installed| {
+                const THREAD: &str = "event loop thread";
+                if let Err(e) = installed {
+                    return end_vm(ExitReason::crashed(seccomp::Refused::CODE, format!("{THREAD}: {e}")));
                 }
-                None => true,
-            })
-        })?;
+                self.run(&mut || match seccomp::take_refused_exit(THREAD) {
+                    Some(reason) => {
+                        end_vm(reason);
+                        false
+                    }
+                    None => true,
+                })
+            }))
+            .map_err(|_| std::io::Error::other("the event loop thread ended before it got its work"))?;
         Ok(Some(EventLoopHandle { stop, thread: Mutex::new(Some(thread)) }))
     }
 
@@ -186,15 +187,12 @@ mod tests {
         )
         .unwrap();
         let (tx, rx) = mpsc::channel();
-        let filter = ThreadFilter::for_vmm_threads().unwrap();
+        let filter = crate::seccomp::ThreadFilter::for_vmm_threads().unwrap();
         assert!(filter.is_some(), "the filter is on unless MICROCELL_SECCOMP=0");
         let tx = Mutex::new(tx);
+        let thread = FilteredThread::spawn("test-loop".into(), filter).unwrap();
         let handle = el
-            .spawn_if_needed(
-                "test-loop".into(),
-                filter,
-                Box::new(move |reason| tx.lock().unwrap().send(reason).unwrap()),
-            )
+            .run_on(thread, Box::new(move |reason| tx.lock().unwrap().send(reason).unwrap()))
             .unwrap()
             .expect("a thread: one fd is watched");
         evt.write(1).unwrap();

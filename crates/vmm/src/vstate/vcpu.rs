@@ -18,7 +18,7 @@ use crate::arch::{cpuid, interrupts, msr, regs};
 use crate::devices::Bus;
 use crate::error::{Error, Result};
 use crate::exit::ExitReason;
-use crate::seccomp::{self, ThreadFilter};
+use crate::seccomp;
 use crate::state::Persist;
 
 thread_local! {
@@ -53,8 +53,6 @@ pub struct RunContext {
     pub lifecycle: Arc<Lifecycle>,
     /// Keeps guest memory (and whatever else the VM owns) alive while any vCPU runs.
     pub _keep_alive: Box<dyn Send + Sync>,
-    /// Installed by each vCPU thread before it first enters the guest (None: filters off).
-    pub seccomp: Option<ThreadFilter>,
 }
 
 pub struct Vcpu {
@@ -101,17 +99,15 @@ impl Vcpu {
         self.fd.clone()
     }
 
-    pub fn index(&self) -> u8 {
-        self.index
-    }
-
     /// Runs until the VM ends. Always reports to the lifecycle, whatever happens.
-    pub fn run_loop(mut self, ctx: Arc<RunContext>) {
+    /// Runs on the vCPU's thread; `filter`: whether the thread's seccomp filter went in (a
+    /// thread without it never enters the guest: the VM ends with `E_SECCOMP`).
+    pub fn run_loop(mut self, ctx: Arc<RunContext>, filter: std::result::Result<(), String>) {
         // The kvm_run mapping lives as long as the VcpuFd, which this thread keeps alive.
         let kvm_run = self.fd.lock().unwrap_or_else(|p| p.into_inner()).get_kvm_run() as *mut kvm_run;
         KVM_RUN.with(|p| p.set(kvm_run));
         let thread = format!("vCPU {} thread", self.index);
-        let outcome = match ctx.seccomp.map(ThreadFilter::install).transpose() {
+        let outcome = match filter {
             Err(e) => Ok(Some(ExitReason::crashed(seccomp::Refused::CODE, format!("{thread}: {e}")))),
             Ok(_) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_until_exit(&ctx))),
         };
