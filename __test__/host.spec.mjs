@@ -26,6 +26,7 @@ test('the package exports exactly its public API', (t) => {
       'SandboxFs',
       'SandboxPool',
       'Snapshot',
+      'VMM_ERROR_CODES',
       'VmPool',
       'defaultGuest',
       'guestImages',
