@@ -191,17 +191,22 @@ pub struct VmShell {
 /// given their work at launch.
 struct ShellThreads {
     vcpus: Vec<FilteredThread>,
-    events: FilteredThread,
+    /// Only for a VM with virtio devices: nothing else has events to wait for (`run_on` starts
+    /// one late for a shell made for a config without them).
+    events: Option<FilteredThread>,
 }
 
 impl ShellThreads {
-    fn spawn(vcpus: u8) -> Result<ShellThreads> {
+    fn spawn(config: &VmConfig) -> Result<ShellThreads> {
         let seccomp = ThreadFilter::for_vmm_threads().map_err(|e| Error::Thread(std::io::Error::other(e)))?;
-        let vcpus = (0..vcpus)
+        let vcpus = (0..config.vcpus)
             .map(|i| FilteredThread::spawn(format!("mc-vcpu{i}"), seccomp))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(Error::Thread)?;
-        let events = FilteredThread::spawn("mc-events".into(), seccomp).map_err(Error::Thread)?;
+        let events = match config.virtio_ids().is_empty() {
+            true => None,
+            false => Some(FilteredThread::spawn("mc-events".into(), seccomp).map_err(Error::Thread)?),
+        };
         Ok(ShellThreads { vcpus, events })
     }
 }
@@ -226,7 +231,7 @@ impl VmShell {
         } else {
             (0..vcpus).map(|i| Vcpu::new_bare(vm.fd(), i)).collect::<Result<Vec<_>>>()?
         };
-        let threads = ShellThreads::spawn(config.vcpus)?;
+        let threads = ShellThreads::spawn(config)?;
         Ok(VmShell { vm, memory, vcpus, threads, memory_mib, track_dirty: config.track_dirty_pages })
     }
 }

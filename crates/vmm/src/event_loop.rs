@@ -10,7 +10,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::exit::ExitReason;
-use crate::seccomp::{self, FilteredThread};
+use crate::seccomp::{self, FilteredThread, ThreadFilter};
 
 /// Runs on the event loop thread when its fd is ready; gets the ready set.
 pub type Handler = Box<dyn FnMut(EventSet) + Send>;
@@ -63,17 +63,25 @@ impl EventLoop {
         Interest { epoll: self.epoll.clone(), fd, token: fd as u64 }
     }
 
-    /// Runs the loop of a VM on `thread` (started earlier, its seccomp filter installed); a
-    /// system call the filter refuses in a handler ends the VM through `end_vm`. With nothing
-    /// to watch the thread is let go unused (it ends).
+    /// Runs the loop of a VM on `thread` (started earlier, its seccomp filter installed; one is
+    /// started now when there is none); a system call the filter refuses in a handler ends the
+    /// VM through `end_vm`. A VM with nothing to watch gets no thread (it would only cost
+    /// start-up time).
     pub fn run_on(
         mut self,
-        thread: FilteredThread,
+        thread: Option<FilteredThread>,
         end_vm: Box<dyn Fn(ExitReason) + Send>,
     ) -> std::io::Result<Option<EventLoopHandle>> {
         if self.handlers.is_empty() {
             return Ok(None);
         }
+        let thread = match thread {
+            Some(t) => t,
+            None => FilteredThread::spawn(
+                "mc-events".into(),
+                ThreadFilter::for_vmm_threads().map_err(std::io::Error::other)?,
+            )?,
+        };
         let stop = self.stop.try_clone()?;
         let thread = thread
             .run(Box::new(move |installed| {
@@ -190,7 +198,7 @@ mod tests {
         let filter = crate::seccomp::ThreadFilter::for_vmm_threads().unwrap();
         assert!(filter.is_some(), "the filter is on unless MICROCELL_SECCOMP=0");
         let tx = Mutex::new(tx);
-        let thread = FilteredThread::spawn("test-loop".into(), filter).unwrap();
+        let thread = Some(FilteredThread::spawn("test-loop".into(), filter).unwrap());
         let handle = el
             .run_on(thread, Box::new(move |reason| tx.lock().unwrap().send(reason).unwrap()))
             .unwrap()
