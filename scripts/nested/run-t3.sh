@@ -19,9 +19,6 @@
 # The T3 suite: the Rust T3 tests (`--ignored`: they are #[ignore]d where the host itself cannot
 # run them) and the ava suites' T3 tests (MICROCELL_TIERS=T3, --match 'T3*'), on engine kvm.
 # Exit status: the job's; 124 when L1 ran past MICROCELL_NESTED_TIMEOUT (seconds, default 2400).
-# Known fault (why the tier is opt-in): now and then L1's own kernel double-faults inside KVM's
-# svm_vcpu_run (a not-present direct-map page, two vCPUs at once) under QEMU 7.2's multi-threaded
-# TCG; the L2 guest's xAPIC-EOI crashes seen before are gone with x2APIC (guest/kernel.config).
 # Environment: MICROCELL_NESTED_MEM (MiB, default 6144), MICROCELL_NESTED_CPUS (default: nproc).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
