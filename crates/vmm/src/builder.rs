@@ -203,9 +203,10 @@ impl ShellThreads {
             .map(|i| FilteredThread::spawn(format!("mc-vcpu{i}"), seccomp))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(Error::Thread)?;
-        let events = match config.virtio_ids().is_empty() {
-            true => None,
-            false => Some(FilteredThread::spawn("mc-events".into(), seccomp).map_err(Error::Thread)?),
+        let events = if config.virtio_ids().is_empty() {
+            None
+        } else {
+            Some(EventLoop::spawn_thread(seccomp).map_err(Error::Thread)?)
         };
         Ok(ShellThreads { vcpus, events })
     }

@@ -63,6 +63,11 @@ impl EventLoop {
         Interest { epoll: self.epoll.clone(), fd, token: fd as u64 }
     }
 
+    /// Starts the thread a VM's loop will run on (its work comes with `run_on`).
+    pub fn spawn_thread(filter: Option<ThreadFilter>) -> std::io::Result<FilteredThread> {
+        FilteredThread::spawn("mc-events".into(), filter)
+    }
+
     /// Runs the loop of a VM on `thread` (started earlier, its seccomp filter installed; one is
     /// started now when there is none); a system call the filter refuses in a handler ends the
     /// VM through `end_vm`. A VM with nothing to watch gets no thread (it would only cost
@@ -77,10 +82,7 @@ impl EventLoop {
         }
         let thread = match thread {
             Some(t) => t,
-            None => FilteredThread::spawn(
-                "mc-events".into(),
-                ThreadFilter::for_vmm_threads().map_err(std::io::Error::other)?,
-            )?,
+            None => Self::spawn_thread(ThreadFilter::for_vmm_threads().map_err(std::io::Error::other)?)?,
         };
         let stop = self.stop.try_clone()?;
         let thread = thread
