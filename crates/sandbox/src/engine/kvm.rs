@@ -3,7 +3,7 @@
 //! - The root disk is virtio-blk `/dev/vda`, the control channel the VMM's virtio-console port
 //!   named `agent` (`VmConfig::control_channel`), the serial console goes to the console sink.
 //! - Command line: `vmm::DEFAULT_CMDLINE` (serial console, `reboot=k`: the VMM ends the VM on the
-//!   i8042 reset) + `root=/dev/vda rw` + the spec's extra arguments.
+//!   i8042 reset) + [`super::GUEST_CMDLINE`] (root disk, `no_timer_check`) + the spec's extras.
 //! - **Writable root, never shared:** each VM gets its own copy of the cached image in a per-VM
 //!   directory (`$TMPDIR/microcell-<pid>-<n>-kvm/rootfs.img`), removed when the VM is dropped.
 //!   The copy is a reflink where the file system has them (btrfs, XFS: instant, blocks shared
@@ -43,13 +43,7 @@ impl KvmEngine {
 
     /// The kernel command line for a spec.
     pub fn cmdline(spec: &BootSpec) -> String {
-        let extra = spec.extra_cmdline.trim();
-        let mut s = format!("{} root=/dev/vda rw", vmm::DEFAULT_CMDLINE);
-        if !extra.is_empty() {
-            s.push(' ');
-            s.push_str(extra);
-        }
-        s
+        super::guest_cmdline(vmm::DEFAULT_CMDLINE, spec)
     }
 }
 
@@ -296,8 +290,11 @@ mod tests {
     #[test]
     fn cmdline_is_the_vmm_default_plus_root_and_extra() {
         let mut spec = BootSpec::new("/k", "/r");
-        assert_eq!(KvmEngine::cmdline(&spec), format!("{} root=/dev/vda rw", vmm::DEFAULT_CMDLINE));
+        assert_eq!(KvmEngine::cmdline(&spec), format!("{} root=/dev/vda rw no_timer_check", vmm::DEFAULT_CMDLINE));
         spec.extra_cmdline = "init=/bin/sh".into();
-        assert_eq!(KvmEngine::cmdline(&spec), format!("{} root=/dev/vda rw init=/bin/sh", vmm::DEFAULT_CMDLINE));
+        assert_eq!(
+            KvmEngine::cmdline(&spec),
+            format!("{} root=/dev/vda rw no_timer_check init=/bin/sh", vmm::DEFAULT_CMDLINE)
+        );
     }
 }

@@ -208,6 +208,23 @@ pub struct PortForward {
     pub udp: bool,
 }
 
+/// What both engines put on the guest kernel's command line after their machine's own
+/// arguments: the root disk, and `no_timer_check`, which skips the boot-time IO-APIC timer
+/// self-test (a 10 ms busy-wait that a loaded TCG or nested host can fail with `IO-APIC + timer
+/// doesn't work!`; virtual timers do not need it).
+pub const GUEST_CMDLINE: &str = "root=/dev/vda rw no_timer_check";
+
+/// A guest command line: the machine's arguments, [`GUEST_CMDLINE`], then the spec's extras.
+pub fn guest_cmdline(machine_args: &str, spec: &BootSpec) -> String {
+    let mut s = format!("{machine_args} {GUEST_CMDLINE}");
+    let extra = spec.extra_cmdline.trim();
+    if !extra.is_empty() {
+        s.push(' ');
+        s.push_str(extra);
+    }
+    s
+}
+
 /// The guest side of [`NetSpec`] (slirp's defaults): address/prefix, gateway, DNS server.
 pub const GUEST_NET: (&str, &str, &str) = ("10.0.2.15/24", "10.0.2.2", "10.0.2.3");
 

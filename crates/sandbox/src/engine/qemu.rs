@@ -52,9 +52,9 @@ pub const MACHINE: &str = "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=o
 /// capabilities), no scheduler/resource changes. `spawn` stays allowed: snapshots migrate
 /// through `exec:cat` (QEMU 7.2 has no `file:` migration).
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny";
-/// The kernel command line before the spec's extra arguments. `reboot=t`: the microvm machine
-/// has no i8042, and `reboot=k` would spend ~1.2 s in fallbacks before the triple fault.
-pub const BASE_CMDLINE: &str = "console=ttyS0 root=/dev/vda rw reboot=t panic=1";
+/// The machine's kernel arguments (before [`super::GUEST_CMDLINE`]). `reboot=t`: the microvm
+/// machine has no i8042, and `reboot=k` would spend ~1.2 s in fallbacks before the triple fault.
+pub const MACHINE_CMDLINE: &str = "console=ttyS0 reboot=t panic=1";
 /// The fd number QEMU finds the control channel's socket at.
 const CHANNEL_FD: RawFd = 3;
 /// The fd number QEMU finds its QMP monitor socket at.
@@ -149,12 +149,7 @@ impl QemuEngine {
 
     /// The kernel command line for a spec.
     pub fn cmdline(spec: &BootSpec) -> String {
-        let extra = spec.extra_cmdline.trim();
-        if extra.is_empty() {
-            BASE_CMDLINE.to_owned()
-        } else {
-            format!("{BASE_CMDLINE} {extra}")
-        }
+        super::guest_cmdline(MACHINE_CMDLINE, spec)
     }
 
     /// QEMU's arguments for a spec (the control channel is fd 3, QMP fd 4), booting from
@@ -736,7 +731,10 @@ mod tests {
         let s: Vec<String> = tcg.iter().map(|a| a.to_string_lossy().into_owned()).collect();
         let joined = s.join(" ");
         assert!(joined.starts_with("-M microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off -sandbox on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny -accel tcg -m 256 -smp 2 -kernel /k/vmlinux"), "{joined}");
-        assert!(s.contains(&"console=ttyS0 root=/dev/vda rw reboot=t panic=1 init=/bin/sh".to_string()), "{s:?}");
+        assert!(
+            s.contains(&"console=ttyS0 reboot=t panic=1 root=/dev/vda rw no_timer_check init=/bin/sh".to_string()),
+            "{s:?}"
+        );
         assert!(s.contains(&"if=none,id=root,file=/img,,with,,commas/rootfs.ext4,format=raw".to_string()));
         assert!(joined.contains("-chardev socket,id=qmp,fd=4 -mon chardev=qmp,mode=control"));
         assert!(joined.contains("-incoming exec:cat '/s/it'\\''s/qemu.mig'"), "{joined}");
