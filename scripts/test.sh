@@ -17,9 +17,9 @@
 #
 # Tests that need KVM are #[ignore]d in Rust (counted as skipped by a plain `cargo test`); this
 # script includes them where the host can run them. The nested tier runs with MICROCELL_NESTED=1
-# (opt-in for now: under QEMU-TCG's emulated SVM the L2 guest kernel crashes now and then in an
-# APIC access, which would make every run a gamble); without it T3 counts as skipped, with the
-# reason printed.
+# (opt-in for now: under QEMU-TCG's emulated SVM the L2 guest now and then takes an exception
+# with an all-zero frame and dies, which makes every run a gamble: scripts/nested/run-t3.sh);
+# without it T3 counts as skipped, with the reason printed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

@@ -19,6 +19,13 @@
 # The T3 suite: the Rust T3 tests (`--ignored`: they are #[ignore]d where the host itself cannot
 # run them) and the ava suites' T3 tests (MICROCELL_TIERS=T3, --match 'T3*'), on engine kvm.
 # Exit status: the job's; 124 when L1 ran past MICROCELL_NESTED_TIMEOUT (seconds, default 2400).
+# L1's QEMU: bookworm-backports' QEMU 10 (scripts/nested/l1-qemu.sh says why), or MICROCELL_NESTED_QEMU.
+# Known fault (why the tier is opt-in): now and then an L2 guest takes an exception whose frame
+# is all zeros (`RIP: 0000:0x0`, `RSP: 0`, `EFLAGS: 0`, RCX at native_irq_return_iret), at boot
+# or under a long transfer, and panics or triple-faults. No real CPU pushes CS 0 for a fault in
+# kernel mode: the event was delivered wrongly below L2 (TCG's emulated SVM re-injecting an
+# interrupted event is the suspect). It is seen with and without concurrent L2 VMs, on QEMU 7.2
+# and 10.0; the sequential Rust T3 tests pass (7/7, two runs).
 # Environment: MICROCELL_NESTED_MEM (MiB, default 6144), MICROCELL_NESTED_CPUS (default: nproc).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -27,8 +34,8 @@ t0=$SECONDS
 say() { printf '[nested %4ds] %s\n' "$((SECONDS - t0))" "$*" >&2; }
 die() { printf '[nested] ERROR: %s\n' "$*" >&2; exit 1; }
 
-qemu=${MICROCELL_QEMU:-qemu-system-x86_64}
-command -v "$qemu" >/dev/null || die "$qemu is not installed (apt-get install qemu-system-x86, or run ./scripts/setup.sh)"
+say "L1 QEMU (scripts/nested/l1-qemu.sh)"
+qemu=$("$here/l1-qemu.sh") || die "no QEMU for L1 (scripts/nested/l1-qemu.sh above says why; MICROCELL_NESTED_QEMU names one)"
 
 say "L1 kernel (scripts/guest/build-kernel.sh nested)"
 l1_kernel=$("$repo/scripts/guest/build-kernel.sh" nested)
@@ -75,7 +82,7 @@ rc=0
 timeout --foreground -k 10 "$limit" "$qemu" \
   -M microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off -accel tcg,thread=multi -cpu max \
   -smp "$cpus" -m "$mem" -nodefaults -no-user-config -nographic -serial stdio -monitor none \
-  -kernel "$l1_kernel" \
+  -L /usr/share/seabios -kernel "$l1_kernel" \
   -append "console=ttyS0 quiet loglevel=3 panic=-1 root=hostroot rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=512000,cache=loose ro init=$here/l1-init.sh" \
   -fsdev local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap \
   -device virtio-9p-device,fsdev=hostroot,mount_tag=hostroot \
