@@ -1,9 +1,10 @@
 // `npm run bench:compare -- REV [ROUNDS]`: is this checkout slower than REV? Builds REV in a git
 // worktree (build/compare-REV, sharing node_modules and target/ with this checkout), then runs
-// bench/start.mjs and bench/restore.mjs of each tree in alternating rounds on this host (so host
-// drift hits both alike), this tree also with seccomp off (MICROCELL_SECCOMP=0). Each result row
-// is the median over the rounds of each round's p50 and p90 (n: all samples); QEMU's rows come
-// from this tree's runs. Not a test: the figures go to bench/results/compare.{json,md}.
+// this checkout's bench/start.mjs and bench/restore.mjs against each tree's build, in alternating
+// rounds on this host (so host drift hits both alike), this tree also with seccomp off
+// (MICROCELL_SECCOMP=0). Each result row is the median over the rounds of each round's p50 and
+// p90 (n: all samples); QEMU's rows come from this tree's runs. Not a test: the figures go to
+// bench/results/compare.{json,md}.
 import { execFileSync } from 'node:child_process'
 import fs from 'node:fs'
 import path from 'node:path'
@@ -34,6 +35,9 @@ if (!fs.existsSync(path.join(base, 'dist', 'index.js'))) {
 /** Runs one benchmark of one tree; returns its results (read from that tree's bench/results). */
 function runOnce(tree, bench, env) {
   const out = path.join(root, 'build', 'compare-results', path.basename(tree))
+  // Both trees are measured by this checkout's bench scripts: a change in how a figure is
+  // measured must not read as a change in speed. (`import 'microcell'` resolves to the tree's own build.)
+  if (tree !== root) for (const f of [`${bench}.mjs`, 'lib.mjs']) fs.copyFileSync(path.join(root, 'bench', f), path.join(tree, 'bench', f))
   sh(process.execPath, [path.join(tree, 'bench', `${bench}.mjs`)], {
     cwd: tree,
     stdio: ['ignore', 'ignore', 'inherit'],
@@ -42,7 +46,7 @@ function runOnce(tree, bench, env) {
   // Older trees write to their own bench/results whatever the variable says.
   const file = [path.join(out, `${bench}.json`), path.join(tree, 'bench', 'results', `${bench}.json`)].find(fs.existsSync)
   const doc = JSON.parse(fs.readFileSync(file, 'utf8'))
-  if (tree !== root) sh('git', ['checkout', '--', 'bench/results'], { cwd: tree })
+  if (tree !== root) sh('git', ['checkout', '--', 'bench'], { cwd: tree })
   fs.rmSync(out, { recursive: true, force: true })
   return doc.results
 }
