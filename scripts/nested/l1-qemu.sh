@@ -3,7 +3,8 @@
 #
 # L1 runs on QEMU 10 from Debian's bookworm-backports, not on bookworm's QEMU 7.2: under 7.2's
 # multi-threaded TCG, L1's own kernel now and then double-faulted inside KVM's svm_vcpu_run (a
-# not-present direct-map page, one vCPU thread on two L1 CPUs at once), which ended whole runs.
+# not-present direct-map page, one vCPU thread on two L1 CPUs at once), which ended the run;
+# on 10.0 it was not seen in two runs.
 # The package is fetched with `apt-get download` (its own sources list and state under the
 # cache, so the host's apt setup and its installed QEMU stay as they are) and unpacked with
 # `dpkg -x` into ${MICROCELL_CACHE:-~/.cache/microcell}/qemu-<version>/, keyed by its version.

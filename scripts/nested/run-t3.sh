@@ -24,8 +24,8 @@
 # is all zeros (`RIP: 0000:0x0`, `RSP: 0`, `EFLAGS: 0`, RCX at native_irq_return_iret), at boot
 # or under a long transfer, and panics or triple-faults. No real CPU pushes CS 0 for a fault in
 # kernel mode: the event was delivered wrongly below L2 (TCG's emulated SVM re-injecting an
-# interrupted event is the suspect). It is seen with and without concurrent L2 VMs, on QEMU 7.2
-# and 10.0; the sequential Rust T3 tests pass (7/7, two runs).
+# interrupted event is the suspect, not proven). Seen on QEMU 10.0 with and without concurrent
+# L2 VMs (on 7.2 L1 itself faulted before the ava half got far); the Rust T3 tests pass (7/7).
 # Environment: MICROCELL_NESTED_MEM (MiB, default 6144), MICROCELL_NESTED_CPUS (default: nproc).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
